@@ -1,0 +1,64 @@
+//! ferrogate's plugins: the registry, the shared plugin vocabulary and one
+//! module per plugin.
+//!
+//! A plugin mirrors an APISIX plugin: a name, a priority (higher runs first),
+//! a JSON schema with defaults and a `check`. Its configuration is compiled
+//! once per config snapshot into a value that can wrap a tower service
+//! ([`CompiledPlugin::wrap`]); the data plane stacks those layers around the
+//! proxy service, highest priority outermost, so a plugin that answers early
+//! (ip-restriction's 403) stops the request before anything inside it runs.
+//!
+//! Adding a plugin: one module beside `ip_restriction`, one entry in
+//! [`registry`].
+
+pub mod cidr;
+pub mod ip_restriction;
+pub mod registry;
+pub mod schema;
+
+use std::convert::Infallible;
+use std::net::IpAddr;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
+
+pub use registry::{compile, find, CompiledPlugin, PluginError, PluginSpec, PLUGINS};
+
+/// Error type carried by response bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body type of every response in the plugin chain.
+pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// The service type plugin layers wrap and produce: every failure has already
+/// become a response, so the error type is [`Infallible`].
+pub type HttpService<ReqBody> =
+    tower::util::BoxCloneSyncService<http::Request<ReqBody>, Response<ResponseBody>, Infallible>;
+
+/// The address the gateway judges a request by: the TCP peer, or the address
+/// a trusted proxy reported. The data plane puts it in the request
+/// extensions before the plugin chain runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientIp(pub IpAddr);
+
+/// A body from a byte buffer.
+pub fn full_body(bytes: impl Into<Bytes>) -> ResponseBody {
+    Full::new(bytes.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed_unsync()
+}
+
+/// A JSON response as APISIX's `core.response.exit` writes it: the encoded
+/// value followed by a newline, `Content-Type: application/json`.
+pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<ResponseBody> {
+    let mut text = value.to_string();
+    text.push('\n');
+    let mut resp = Response::new(full_body(text));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}

@@ -1,0 +1,526 @@
+//! A small JSON-schema checker that answers with the messages APISIX users know.
+//!
+//! APISIX validates Admin API input with the `jsonschema` Lua library, and its
+//! error strings (`property "retries" validation failed: expected -1 to be at
+//! least 0`) are part of the Admin API contract: tooling greps for them. This
+//! module implements the subset of JSON schema that routes, upstreams and
+//! plugins use, producing the same wording, and can print itself as JSON
+//! schema for `GET /apisix/admin/schema/...`.
+//!
+//! Checks run in a fixed order for objects: `required`, then each declared
+//! property in declaration order, then `additionalProperties`, then
+//! `oneOf`/`anyOf`. The first failure is reported.
+
+use serde_json::{json, Map, Value};
+
+/// A custom check: returns `Err(message)` when the value is not acceptable.
+pub type CustomCheck = fn(&Value) -> Result<(), String>;
+
+/// One node of a schema.
+#[derive(Clone)]
+pub enum Schema {
+    /// Anything at all.
+    Any,
+    Boolean,
+    String(StringRule),
+    /// An integer (a JSON number without fraction).
+    Integer(NumberRule),
+    Number(NumberRule),
+    Array(Box<ArrayRule>),
+    Object(Box<ObjectRule>),
+    /// Valid when at least one alternative is; else "object matches none of the required".
+    AnyOf(Vec<Schema>),
+    /// Valid when exactly one alternative is.
+    OneOf(Vec<Schema>),
+    /// A hand-written check, with the JSON schema text it stands for.
+    Custom(CustomCheck, fn() -> Value),
+}
+
+#[derive(Clone, Default)]
+pub struct StringRule {
+    pub min_len: Option<usize>,
+    pub max_len: Option<usize>,
+    pub one_of: Option<&'static [&'static str]>,
+    /// A pattern check with the pattern text it reports.
+    pub pattern: Option<(&'static str, fn(&str) -> bool)>,
+}
+
+#[derive(Clone, Default)]
+pub struct NumberRule {
+    pub minimum: Option<f64>,
+    pub maximum: Option<f64>,
+    pub exclusive_minimum: Option<f64>,
+    pub one_of: Option<&'static [i64]>,
+}
+
+#[derive(Clone)]
+pub struct ArrayRule {
+    pub items: Schema,
+    pub min_items: Option<usize>,
+    pub max_items: Option<usize>,
+    pub unique: bool,
+}
+
+#[derive(Clone, Default)]
+pub struct ObjectRule {
+    pub properties: Vec<(&'static str, Schema)>,
+    pub required: Vec<&'static str>,
+    /// `None`: any extra property is allowed; `Some(None)`: forbidden;
+    /// `Some(Some(schema))`: extra properties must match `schema`.
+    pub additional: Option<Option<Schema>>,
+    /// Exactly one of these `required` sets must be satisfied.
+    pub one_of_required: Vec<Vec<&'static str>>,
+    /// At least one of these `required` sets must be satisfied.
+    pub any_of_required: Vec<Vec<&'static str>>,
+    pub min_properties: Option<usize>,
+}
+
+impl Schema {
+    pub fn string() -> StringRule {
+        StringRule::default()
+    }
+
+    pub fn object() -> ObjectRule {
+        ObjectRule::default()
+    }
+
+    pub fn integer() -> NumberRule {
+        NumberRule::default()
+    }
+
+    pub fn array(items: Schema) -> ArrayRule {
+        ArrayRule {
+            items,
+            min_items: None,
+            max_items: None,
+            unique: false,
+        }
+    }
+
+    /// Checks `value`; the error is the message APISIX would give, without
+    /// any "invalid configuration: " prefix.
+    pub fn validate(&self, value: &Value) -> Result<(), String> {
+        match self {
+            Schema::Any => Ok(()),
+            Schema::Boolean => expect_type(value, "boolean", value.is_boolean()),
+            Schema::String(rule) => rule.validate(value),
+            Schema::Integer(rule) => {
+                let is_int = value.as_i64().is_some()
+                    || value.as_u64().is_some()
+                    || value.as_f64().is_some_and(|f| f.fract() == 0.0);
+                expect_type(value, "integer", is_int)?;
+                rule.validate(value)
+            }
+            Schema::Number(rule) => {
+                expect_type(value, "number", value.is_number())?;
+                rule.validate(value)
+            }
+            Schema::Array(rule) => rule.validate(value),
+            Schema::Object(rule) => rule.validate(value),
+            Schema::AnyOf(alts) => {
+                if alts.iter().any(|s| s.validate(value).is_ok()) {
+                    Ok(())
+                } else {
+                    Err("object matches none of the required".to_string())
+                }
+            }
+            Schema::OneOf(alts) => {
+                let matched: Vec<usize> = alts
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| s.validate(value).is_ok())
+                    .map(|(i, _)| i + 1)
+                    .collect();
+                one_of_outcome(&matched)
+            }
+            Schema::Custom(check, _) => check(value),
+        }
+    }
+
+    /// The JSON schema this node stands for.
+    pub fn to_json(&self) -> Value {
+        match self {
+            Schema::Any => json!({}),
+            Schema::Boolean => json!({"type": "boolean"}),
+            Schema::String(r) => {
+                let mut m = type_map("string");
+                put_opt(&mut m, "minLength", r.min_len.map(Value::from));
+                put_opt(&mut m, "maxLength", r.max_len.map(Value::from));
+                put_opt(&mut m, "enum", r.one_of.map(|e| json!(e)));
+                put_opt(&mut m, "pattern", r.pattern.map(|(p, _)| json!(p)));
+                Value::Object(m)
+            }
+            Schema::Integer(r) => r.to_json("integer"),
+            Schema::Number(r) => r.to_json("number"),
+            Schema::Array(r) => {
+                let mut m = type_map("array");
+                m.insert("items".into(), r.items.to_json());
+                put_opt(&mut m, "minItems", r.min_items.map(Value::from));
+                put_opt(&mut m, "maxItems", r.max_items.map(Value::from));
+                if r.unique {
+                    m.insert("uniqueItems".into(), Value::Bool(true));
+                }
+                Value::Object(m)
+            }
+            Schema::Object(r) => r.to_json(),
+            Schema::AnyOf(alts) => json!({"anyOf": alts.iter().map(Schema::to_json).collect::<Vec<_>>()}),
+            Schema::OneOf(alts) => json!({"oneOf": alts.iter().map(Schema::to_json).collect::<Vec<_>>()}),
+            Schema::Custom(_, doc) => doc(),
+        }
+    }
+}
+
+fn type_map(ty: &str) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("type".into(), json!(ty));
+    m
+}
+
+fn put_opt(m: &mut Map<String, Value>, key: &str, v: Option<Value>) {
+    if let Some(v) = v {
+        m.insert(key.into(), v);
+    }
+}
+
+fn one_of_outcome(matched: &[usize]) -> Result<(), String> {
+    match matched {
+        [_] => Ok(()),
+        [] => Err("value should match only one schema, but matches none".to_string()),
+        [a, b, ..] => Err(format!(
+            "value should match only one schema, but matches both schemas {a} and {b}"
+        )),
+    }
+}
+
+/// The JSON type name of a value, as the Lua jsonschema library reports it.
+pub fn type_name(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+fn expect_type(value: &Value, expected: &str, ok: bool) -> Result<(), String> {
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "wrong type: expected {expected}, got {}",
+            type_name(value)
+        ))
+    }
+}
+
+/// Formats a number the way Lua prints it: integers without a fraction.
+fn num(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{}", v as i64)
+    } else {
+        format!("{v}")
+    }
+}
+
+impl StringRule {
+    pub fn min(mut self, n: usize) -> Self {
+        self.min_len = Some(n);
+        self
+    }
+    pub fn max(mut self, n: usize) -> Self {
+        self.max_len = Some(n);
+        self
+    }
+    pub fn enumerated(mut self, values: &'static [&'static str]) -> Self {
+        self.one_of = Some(values);
+        self
+    }
+    pub fn pattern(mut self, text: &'static str, check: fn(&str) -> bool) -> Self {
+        self.pattern = Some((text, check));
+        self
+    }
+    pub fn done(self) -> Schema {
+        Schema::String(self)
+    }
+
+    fn validate(&self, value: &Value) -> Result<(), String> {
+        let Some(s) = value.as_str() else {
+            return expect_type(value, "string", false);
+        };
+        // Lua counts bytes; utf8 code points are what users mean, and for
+        // the ASCII names this guards it is the same number.
+        let len = s.chars().count();
+        if let Some(min) = self.min_len {
+            if len < min {
+                return Err(format!(
+                    "string too short, expected at least {min}, got {len}"
+                ));
+            }
+        }
+        if let Some(max) = self.max_len {
+            if len > max {
+                return Err(format!("string too long, expected at most {max}, got {len}"));
+            }
+        }
+        if let Some((text, check)) = self.pattern {
+            if !check(s) {
+                return Err(format!("failed to match pattern {text:?} with {s:?}"));
+            }
+        }
+        if let Some(values) = self.one_of {
+            if !values.contains(&s) {
+                return Err("matches none of the enum values".to_string());
+            }
+        }
+        Ok(())
+    }
+}
+
+impl NumberRule {
+    pub fn min(mut self, v: f64) -> Self {
+        self.minimum = Some(v);
+        self
+    }
+    pub fn max(mut self, v: f64) -> Self {
+        self.maximum = Some(v);
+        self
+    }
+    pub fn greater_than(mut self, v: f64) -> Self {
+        self.exclusive_minimum = Some(v);
+        self
+    }
+    pub fn enumerated(mut self, values: &'static [i64]) -> Self {
+        self.one_of = Some(values);
+        self
+    }
+    pub fn int(self) -> Schema {
+        Schema::Integer(self)
+    }
+    pub fn number(self) -> Schema {
+        Schema::Number(self)
+    }
+
+    fn validate(&self, value: &Value) -> Result<(), String> {
+        let v = value.as_f64().unwrap_or(0.0);
+        if let Some(min) = self.minimum {
+            if v < min {
+                return Err(format!("expected {} to be at least {}", num(v), num(min)));
+            }
+        }
+        if let Some(min) = self.exclusive_minimum {
+            if v <= min {
+                return Err(format!("expected {} to be greater than {}", num(v), num(min)));
+            }
+        }
+        if let Some(max) = self.maximum {
+            if v > max {
+                return Err(format!("expected {} to be at most {}", num(v), num(max)));
+            }
+        }
+        if let Some(values) = self.one_of {
+            if !values.iter().any(|&e| e as f64 == v) {
+                return Err("matches none of the enum values".to_string());
+            }
+        }
+        Ok(())
+    }
+
+    fn to_json(&self, ty: &str) -> Value {
+        let mut m = type_map(ty);
+        put_opt(&mut m, "minimum", self.minimum.map(|v| json!(v)));
+        put_opt(&mut m, "maximum", self.maximum.map(|v| json!(v)));
+        put_opt(&mut m, "exclusiveMinimum", self.exclusive_minimum.map(|v| json!(v)));
+        put_opt(&mut m, "enum", self.one_of.map(|e| json!(e)));
+        Value::Object(m)
+    }
+}
+
+impl ArrayRule {
+    pub fn min(mut self, n: usize) -> Self {
+        self.min_items = Some(n);
+        self
+    }
+    pub fn max(mut self, n: usize) -> Self {
+        self.max_items = Some(n);
+        self
+    }
+    pub fn unique(mut self) -> Self {
+        self.unique = true;
+        self
+    }
+    pub fn done(self) -> Schema {
+        Schema::Array(Box::new(self))
+    }
+
+    fn validate(&self, value: &Value) -> Result<(), String> {
+        let Some(items) = value.as_array() else {
+            return expect_type(value, "array", false);
+        };
+        if let Some(min) = self.min_items {
+            if items.len() < min {
+                return Err(format!("expect array to have at least {min} items"));
+            }
+        }
+        if let Some(max) = self.max_items {
+            if items.len() > max {
+                return Err(format!("expect array to have at most {max} items"));
+            }
+        }
+        for (i, item) in items.iter().enumerate() {
+            self.items
+                .validate(item)
+                .map_err(|e| format!("failed to validate item {}: {e}", i + 1))?;
+        }
+        if self.unique {
+            for i in 0..items.len() {
+                for j in i + 1..items.len() {
+                    if items[i] == items[j] {
+                        return Err(format!(
+                            "expected unique items but items {} and {} are equal",
+                            i + 1,
+                            j + 1
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ObjectRule {
+    pub fn prop(mut self, name: &'static str, schema: Schema) -> Self {
+        self.properties.push((name, schema));
+        self
+    }
+    pub fn required(mut self, names: &[&'static str]) -> Self {
+        self.required.extend_from_slice(names);
+        self
+    }
+    pub fn no_additional(mut self) -> Self {
+        self.additional = Some(None);
+        self
+    }
+    pub fn additional(mut self, schema: Schema) -> Self {
+        self.additional = Some(Some(schema));
+        self
+    }
+    pub fn one_of_required(mut self, sets: &[&[&'static str]]) -> Self {
+        self.one_of_required = sets.iter().map(|s| s.to_vec()).collect();
+        self
+    }
+    pub fn any_of_required(mut self, sets: &[&[&'static str]]) -> Self {
+        self.any_of_required = sets.iter().map(|s| s.to_vec()).collect();
+        self
+    }
+    pub fn min_properties(mut self, n: usize) -> Self {
+        self.min_properties = Some(n);
+        self
+    }
+    pub fn done(self) -> Schema {
+        Schema::Object(Box::new(self))
+    }
+
+    /// The schema of a declared property.
+    pub fn property(&self, name: &str) -> Option<&Schema> {
+        self.properties
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, s)| s)
+    }
+
+    fn validate(&self, value: &Value) -> Result<(), String> {
+        let Some(obj) = value.as_object() else {
+            return expect_type(value, "object", false);
+        };
+        if let Some(min) = self.min_properties {
+            if obj.len() < min {
+                return Err(format!("expect object to have at least {min} properties"));
+            }
+        }
+        for name in &self.required {
+            if !obj.contains_key(*name) {
+                return Err(format!("property \"{name}\" is required"));
+            }
+        }
+        for (name, schema) in &self.properties {
+            if let Some(v) = obj.get(*name) {
+                schema
+                    .validate(v)
+                    .map_err(|e| format!("property \"{name}\" validation failed: {e}"))?;
+            }
+        }
+        match &self.additional {
+            None => {}
+            Some(extra) => {
+                for (key, v) in obj {
+                    if self.property(key).is_some() {
+                        continue;
+                    }
+                    match extra {
+                        None => return Err(format!("additional properties forbidden, found {key}")),
+                        Some(schema) => schema.validate(v).map_err(|e| {
+                            format!("failed to validate additional property {key}: {e}")
+                        })?,
+                    }
+                }
+            }
+        }
+        if !self.one_of_required.is_empty() {
+            let matched: Vec<usize> = self
+                .one_of_required
+                .iter()
+                .enumerate()
+                .filter(|(_, set)| set.iter().all(|k| obj.contains_key(*k)))
+                .map(|(i, _)| i + 1)
+                .collect();
+            one_of_outcome(&matched)?;
+        }
+        if !self.any_of_required.is_empty()
+            && !self
+                .any_of_required
+                .iter()
+                .any(|set| set.iter().all(|k| obj.contains_key(*k)))
+        {
+            return Err("object matches none of the required".to_string());
+        }
+        Ok(())
+    }
+
+    fn to_json(&self) -> Value {
+        let mut m = type_map("object");
+        let props: Map<String, Value> = self
+            .properties
+            .iter()
+            .map(|(n, s)| (n.to_string(), s.to_json()))
+            .collect();
+        m.insert("properties".into(), Value::Object(props));
+        if !self.required.is_empty() {
+            m.insert("required".into(), json!(self.required));
+        }
+        match &self.additional {
+            None => {}
+            Some(None) => {
+                m.insert("additionalProperties".into(), Value::Bool(false));
+            }
+            Some(Some(s)) => {
+                m.insert("additionalProperties".into(), s.to_json());
+            }
+        }
+        let sets = |sets: &Vec<Vec<&str>>| -> Value {
+            sets.iter().map(|s| json!({ "required": s })).collect()
+        };
+        if !self.one_of_required.is_empty() {
+            m.insert("oneOf".into(), sets(&self.one_of_required));
+        }
+        if !self.any_of_required.is_empty() {
+            m.insert("anyOf".into(), sets(&self.any_of_required));
+        }
+        Value::Object(m)
+    }
+}
+
+#[cfg(test)]
+mod tests;
