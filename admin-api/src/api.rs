@@ -1,0 +1,283 @@
+//! The Admin API's HTTP face: APISIX's paths under `/apisix/admin`.
+//!
+//! | path | methods |
+//! |---|---|
+//! | `/apisix/admin` | HEAD (liveness, no key needed) |
+//! | `/apisix/admin/{routes,services,upstreams,global_rules}[/{id}[/{sub_path}]]` | GET PUT POST PATCH DELETE |
+//! | `/apisix/admin/plugins/list`, `/apisix/admin/plugins/{name}` | GET |
+//! | `/apisix/admin/schema/{route,service,upstream,global_rule}`, `/apisix/admin/schema/plugins/{name}` | GET |
+//!
+//! Every request is checked against `allow_admin` and the admin key first.
+//! Bodies are limited to [`MAX_BODY_BYTES`]; larger, malformed or
+//! non-JSON bodies get APISIX's 400 `invalid request body: ...`. Writes are
+//! serialised, so reference checks (an `upstream_id` exists, an upstream is
+//! not in use) cannot race with each other.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, head};
+use axum::Router;
+use http::{HeaderValue, Method, StatusCode};
+use serde_json::{json, Value};
+
+use crate::auth::{percent_decode, AuthPolicy};
+use crate::error::{json_body, AdminError};
+use crate::ops::{self, ListQuery, Reply};
+use crate::resource::{Kind, KNOWN_UNSERVED};
+use crate::store::Store;
+use crate::validate::schema_of;
+
+/// APISIX's Admin API request body limit: 1.5 MiB.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024 * 3 / 2;
+/// Admin API version header value.
+pub const API_VERSION: &str = "v3";
+
+/// Shared state of the Admin API.
+pub struct AdminState {
+    pub store: Arc<dyn Store>,
+    pub auth: AuthPolicy,
+    /// Value of the `Server` header on every answer.
+    pub server_header: HeaderValue,
+    writes: Mutex<()>,
+}
+
+impl AdminState {
+    pub fn new(store: Arc<dyn Store>, auth: AuthPolicy, server_header: HeaderValue) -> Self {
+        AdminState {
+            store,
+            auth,
+            server_header,
+            writes: Mutex::new(()),
+        }
+    }
+}
+
+/// The Admin API router. Serve it with
+/// `into_make_service_with_connect_info::<SocketAddr>()` so that
+/// `allow_admin` can see the peer address.
+pub fn router(state: Arc<AdminState>) -> Router {
+    let headers_state = state.clone();
+    Router::new()
+        .route("/apisix/admin", head(|| async { StatusCode::OK }))
+        .route("/apisix/admin/{*rest}", any(handle))
+        .fallback(|| async {
+            AdminError::new(StatusCode::NOT_FOUND, "404 Route Not Found").into_response()
+        })
+        .with_state(state)
+        .layer(axum::middleware::map_response(move |mut resp: Response| {
+            let server = headers_state.server_header.clone();
+            async move {
+                let h = resp.headers_mut();
+                h.insert(http::header::SERVER, server);
+                h.insert("x-api-version", HeaderValue::from_static(API_VERSION));
+                resp
+            }
+        }))
+}
+
+async fn handle(State(state): State<Arc<AdminState>>, req: Request) -> Response {
+    match dispatch(state, req).await {
+        Ok((status, value)) => json_body(status, &value),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The parts of an admin path: `/apisix/admin/{resource}/{id}/{sub_path}`.
+struct Target {
+    resource: String,
+    id: Option<String>,
+    sub_path: Option<String>,
+}
+
+fn parse_target(path: &str) -> Target {
+    let rest = path.strip_prefix("/apisix/admin/").unwrap_or_default();
+    let mut parts = rest.splitn(3, '/');
+    let resource = parts.next().unwrap_or_default().to_string();
+    let id = parts.next().filter(|s| !s.is_empty()).map(str::to_string);
+    let sub_path = parts.next().filter(|s| !s.is_empty()).map(str::to_string);
+    Target {
+        resource,
+        id,
+        sub_path,
+    }
+}
+
+fn query_args(query: Option<&str>) -> Vec<(String, String)> {
+    query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+async fn read_json(body: Body, declared_len: Option<usize>) -> Result<Option<Value>, AdminError> {
+    let too_big = |size: String| {
+        AdminError::bad_request(format!(
+            "invalid request body: request size {size} is greater than the maximum size {MAX_BODY_BYTES} allowed"
+        ))
+    };
+    if let Some(len) = declared_len.filter(|l| *l > MAX_BODY_BYTES) {
+        return Err(too_big(len.to_string()));
+    }
+    let bytes = axum::body::to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|_| too_big(format!("> {MAX_BODY_BYTES}")))?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    serde_json::from_slice(&bytes).map(Some).map_err(|e| AdminError {
+        status: StatusCode::BAD_REQUEST,
+        body: json!({
+            "error_msg": format!("invalid request body: {e}"),
+            "req_body": String::from_utf8_lossy(&bytes),
+        }),
+    })
+}
+
+async fn dispatch(state: Arc<AdminState>, req: Request) -> Result<Reply, AdminError> {
+    let (parts, body) = req.into_parts();
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    let query = parts.uri.query();
+    state
+        .auth
+        .check(peer, &parts.method, query, &parts.headers)?;
+    let target = parse_target(parts.uri.path());
+    let args = query_args(query);
+    let arg = |name: &str| args.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+
+    match target.resource.as_str() {
+        "plugins" => return plugin_info(&parts.method, target.id.as_deref()),
+        "schema" => return schema_info(&parts.method, &target),
+        _ => {}
+    }
+    let Some(kind) = Kind::from_collection(&target.resource) else {
+        if KNOWN_UNSERVED.contains(&target.resource.as_str()) && parts.method == Method::GET {
+            return match target.id {
+                None => Ok((StatusCode::OK, json!({"list": [], "total": 0}))),
+                Some(_) => Err(AdminError::key_not_found()),
+            };
+        }
+        return Err(AdminError::new(
+            StatusCode::NOT_FOUND,
+            format!("Unsupported resource type: {}", target.resource),
+        ));
+    };
+
+    let declared_len = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    let conf = match parts.method {
+        Method::PUT | Method::POST | Method::PATCH => read_json(body, declared_len).await?,
+        _ => None,
+    };
+    let parse_num = |name: &str| -> Result<Option<usize>, AdminError> {
+        match arg(name) {
+            None => Ok(None),
+            Some(v) => v
+                .parse()
+                .map(Some)
+                .map_err(|_| AdminError::bad_request(format!("invalid argument {name}: should be a number"))),
+        }
+    };
+    let list_query = ListQuery {
+        page: parse_num("page")?,
+        page_size: parse_num("page_size")?,
+        name: arg("name"),
+        label: arg("label"),
+        uri: arg("uri"),
+        filter: arg("filter").and_then(|f| {
+            let (k, v) = f.split_once('=')?;
+            Some((k.to_string(), v.to_string()))
+        }),
+    };
+    let force = arg("force").is_some_and(|v| v == "true");
+    let method = parts.method.clone();
+
+    tokio::task::spawn_blocking(move || {
+        let store = state.store.as_ref();
+        let id = target.id.as_deref();
+        match method {
+            Method::GET => match id {
+                Some(id) => ops::get(store, kind, id),
+                None => ops::list(store, kind, &list_query),
+            },
+            _ => {
+                let _writer = state.writes.lock().unwrap_or_else(|p| p.into_inner());
+                match method {
+                    Method::PUT => ops::put(store, kind, id, conf),
+                    Method::POST => ops::post(store, kind, conf),
+                    Method::PATCH => ops::patch(store, kind, id, target.sub_path.as_deref(), conf),
+                    Method::DELETE => ops::delete(store, kind, id, force),
+                    other => Err(AdminError::new(
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        format!("not supported `{other}` method for {}", kind.label()),
+                    )),
+                }
+            }
+        }
+    })
+    .await
+    .map_err(|e| AdminError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("admin task failed: {e}")))?
+}
+
+fn plugin_info(method: &Method, name: Option<&str>) -> Result<Reply, AdminError> {
+    if method != Method::GET {
+        return Err(AdminError::new(StatusCode::METHOD_NOT_ALLOWED, "not supported method for plugins"));
+    }
+    match name {
+        Some("list") | None => Ok((
+            StatusCode::OK,
+            json!(plugins::PLUGINS.iter().map(|p| p.name).collect::<Vec<_>>()),
+        )),
+        Some(name) => plugin_schema(name),
+    }
+}
+
+fn plugin_schema(name: &str) -> Result<Reply, AdminError> {
+    match plugins::find(name) {
+        Some(spec) => {
+            let mut schema = (spec.schema)().to_json();
+            if let Value::Object(map) = &mut schema {
+                map.insert("priority".into(), json!(spec.priority));
+            }
+            Ok((StatusCode::OK, schema))
+        }
+        None => Err(AdminError::bad_request(format!("unknown plugin [{name}]"))),
+    }
+}
+
+fn schema_info(method: &Method, target: &Target) -> Result<Reply, AdminError> {
+    if method != Method::GET {
+        return Err(AdminError::new(StatusCode::METHOD_NOT_ALLOWED, "not supported method for schema"));
+    }
+    let kind = match target.id.as_deref() {
+        Some("plugins") => return plugin_schema(target.sub_path.as_deref().unwrap_or_default()),
+        Some("route") => Kind::Routes,
+        Some("service") => Kind::Services,
+        Some("upstream") => Kind::Upstreams,
+        Some("global_rule") => Kind::GlobalRules,
+        other => {
+            return Err(AdminError::bad_request(format!(
+                "unsupported schema: {}",
+                other.unwrap_or_default()
+            )))
+        }
+    };
+    Ok((StatusCode::OK, schema_of(kind).to_json()))
+}
+
+#[cfg(test)]
+mod tests;

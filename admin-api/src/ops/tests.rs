@@ -1,0 +1,126 @@
+use super::*;
+use crate::store::MemoryStore;
+use serde_json::json;
+
+fn route(uri: &str) -> Value {
+    json!({"uri": uri, "upstream": {"type": "roundrobin", "nodes": {"127.0.0.1:1980": 1}}})
+}
+
+#[test]
+fn put_creates_then_replaces_keeping_create_time() {
+    let s = MemoryStore::new();
+    let (st, body) = put(&s, Kind::Routes, Some("1"), Some(route("/a"))).unwrap();
+    assert_eq!(st, StatusCode::CREATED);
+    assert_eq!(body["key"], "/apisix/routes/1");
+    assert_eq!(body["value"]["id"], "1");
+    let created = body["value"]["create_time"].clone();
+    assert!(created.is_i64());
+    let (st, body) = put(&s, Kind::Routes, Some("1"), Some(route("/b"))).unwrap();
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(body["value"]["create_time"], created);
+    assert_eq!(body["value"]["uri"], "/b");
+}
+
+#[test]
+fn id_rules() {
+    let s = MemoryStore::new();
+    let mut with_id = route("/a");
+    with_id["id"] = json!("2");
+    assert_eq!(put(&s, Kind::Routes, Some("1"), Some(with_id.clone())).unwrap_err().body["error_msg"], "wrong route id");
+    assert_eq!(put(&s, Kind::Routes, None, Some(route("/a"))).unwrap_err().body["error_msg"], "missing route id");
+    assert_eq!(post(&s, Kind::Routes, Some(with_id.clone())).unwrap_err().body["error_msg"], "wrong route id, do not need it");
+    let (st, body) = put(&s, Kind::Routes, None, Some(with_id)).unwrap();
+    assert_eq!((st, body["key"].as_str()), (StatusCode::CREATED, Some("/apisix/routes/2")));
+    let mut int_id = route("/i");
+    int_id["id"] = json!(7);
+    let (_, body) = put(&s, Kind::Routes, Some("7"), Some(int_id)).unwrap();
+    assert_eq!(body["value"]["id"], 7);
+    assert_eq!(put(&s, Kind::Routes, Some("1"), None).unwrap_err().body["error_msg"], "missing configurations");
+    let mut ct = route("/a");
+    ct["create_time"] = json!(1);
+    let msg = put(&s, Kind::Routes, Some("1"), Some(ct)).unwrap_err().body["error_msg"].as_str().unwrap().to_string();
+    assert!(msg.starts_with("the property is forbidden:") && msg.ends_with("create_time"), "{msg}");
+}
+
+#[test]
+fn post_generates_distinct_ids_and_global_rules_refuse_post() {
+    let s = MemoryStore::new();
+    let (st, a) = post(&s, Kind::Routes, Some(route("/a"))).unwrap();
+    let (_, b) = post(&s, Kind::Routes, Some(route("/b"))).unwrap();
+    assert_eq!(st, StatusCode::CREATED);
+    assert_ne!(a["value"]["id"], b["value"]["id"]);
+    assert_eq!(a["value"]["id"].as_str().unwrap().len(), 20);
+    let err = post(&s, Kind::GlobalRules, Some(json!({"plugins": {}}))).unwrap_err();
+    assert_eq!(err.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(err.body["error_msg"], "not supported `POST` method for global rule");
+}
+
+#[test]
+fn invalid_input_changes_nothing() {
+    let s = MemoryStore::new();
+    put(&s, Kind::Routes, Some("1"), Some(route("/a"))).unwrap();
+    let rev = s.revision().unwrap();
+    let mut bad = route("/b");
+    bad["plugins"] = json!({"ip-restriction": {"whitelist": []}});
+    assert_eq!(put(&s, Kind::Routes, Some("1"), Some(bad)).unwrap_err().status, StatusCode::BAD_REQUEST);
+    assert!(patch(&s, Kind::Routes, Some("1"), None, Some(json!({"methods": ["NOPE"]}))).is_err());
+    assert_eq!(s.revision().unwrap(), rev);
+    assert_eq!(get(&s, Kind::Routes, "1").unwrap().1["value"]["uri"], "/a");
+}
+
+#[test]
+fn patch_merges_removes_and_sets_sub_paths() {
+    let s = MemoryStore::new();
+    let mut r = route("/a");
+    r["desc"] = json!("d");
+    r["methods"] = json!(["GET", "POST"]);
+    r["upstream"]["nodes"]["127.0.0.1:1981"] = json!(1);
+    put(&s, Kind::Routes, Some("1"), Some(r)).unwrap();
+    let (st, body) = patch(
+        &s,
+        Kind::Routes,
+        Some("1"),
+        None,
+        Some(json!({"desc": null, "methods": ["PUT"], "upstream": {"nodes": {"127.0.0.1:1980": null}}})),
+    )
+    .unwrap();
+    assert_eq!(st, StatusCode::OK);
+    let v = &body["value"];
+    assert!(v.get("desc").is_none());
+    assert_eq!(v["methods"], json!(["PUT"]));
+    assert_eq!(v["upstream"]["nodes"], json!({"127.0.0.1:1981": 1}));
+    assert_eq!(v["upstream"]["type"], "roundrobin");
+    let (_, body) = patch(&s, Kind::Routes, Some("1"), Some("methods"), Some(json!(["POST"]))).unwrap();
+    assert_eq!(body["value"]["methods"], json!(["POST"]));
+    assert_eq!(patch(&s, Kind::Routes, Some("9"), None, Some(json!({}))).unwrap_err().status, StatusCode::NOT_FOUND);
+    assert_eq!(patch(&s, Kind::Routes, Some("1"), None, None).unwrap_err().body["error_msg"], "missing new configuration");
+}
+
+#[test]
+fn delete_guards_references_unless_forced() {
+    let s = MemoryStore::new();
+    put(&s, Kind::Upstreams, Some("u"), Some(json!({"nodes": {"127.0.0.1:1980": 1}}))).unwrap();
+    put(&s, Kind::Routes, Some("r"), Some(json!({"uri": "/x", "upstream_id": "u"}))).unwrap();
+    let err = delete(&s, Kind::Upstreams, Some("u"), false).unwrap_err();
+    assert_eq!(err.body["error_msg"], "can not delete this upstream, route [r] is still using it now");
+    let (st, body) = delete(&s, Kind::Upstreams, Some("u"), true).unwrap();
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(body, json!({"deleted": "1", "key": "/apisix/upstreams/u"}));
+    assert_eq!(delete(&s, Kind::Upstreams, Some("u"), false).unwrap_err(), AdminError::key_not_found());
+}
+
+#[test]
+fn list_envelope_and_paging() {
+    let s = MemoryStore::new();
+    assert_eq!(list(&s, Kind::Routes, &ListQuery::default()).unwrap().1, json!({"list": [], "total": 0}));
+    for i in 0..12 {
+        put(&s, Kind::Routes, Some(&format!("r{i:02}")), Some(route(&format!("/p{i}")))).unwrap();
+    }
+    let (_, all) = list(&s, Kind::Routes, &ListQuery::default()).unwrap();
+    assert_eq!(all["total"], 12);
+    assert!(all["list"][0]["createdIndex"].is_u64());
+    let q = ListQuery { page: Some(2), page_size: Some(10), ..Default::default() };
+    assert_eq!(list(&s, Kind::Routes, &q).unwrap().1["list"].as_array().unwrap().len(), 2);
+    let q = ListQuery { page_size: Some(5), ..Default::default() };
+    assert!(list(&s, Kind::Routes, &q).is_err());
+}

@@ -1,0 +1,178 @@
+//! The embedded default store: one redb database file in the data directory.
+//!
+//! Each object is one key in the `objects` table, so a change costs the same
+//! with 10 or 10,000 routes. Every put and delete is its own write
+//! transaction committed with redb's default immediate durability: when
+//! [`Store::put`] returns, the change survives a crash or `kill -9`, and a
+//! torn write is never visible (redb's commit is atomic).
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde_json::Value;
+
+use super::{prefix_end, Entry, Event, PutOutcome, Store, StoreError, Watcher};
+
+const OBJECTS: TableDefinition<&str, &[u8]> = TableDefinition::new("objects");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const REVISION: &str = "revision";
+
+/// A [`Store`] backed by a redb database file.
+pub struct RedbStore {
+    db: Database,
+    /// Serialises writers so that watchers see changes in commit order.
+    write_lock: Mutex<()>,
+    watchers: RwLock<Vec<Arc<dyn Watcher>>>,
+}
+
+impl RedbStore {
+    /// Opens (or creates) the database at `path`. Fails when another process
+    /// holds it open.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(path).map_err(StoreError::backend)?;
+        // Make sure both tables exist so that readers never fail on a fresh file.
+        let txn = db.begin_write().map_err(StoreError::backend)?;
+        {
+            txn.open_table(OBJECTS).map_err(StoreError::backend)?;
+            txn.open_table(META).map_err(StoreError::backend)?;
+        }
+        txn.commit().map_err(StoreError::backend)?;
+        Ok(RedbStore {
+            db,
+            write_lock: Mutex::new(()),
+            watchers: RwLock::new(Vec::new()),
+        })
+    }
+
+    fn notify(&self, event: Event) {
+        let watchers = match self.watchers.read() {
+            Ok(w) => w,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        for w in watchers.iter() {
+            w.on_change(&event);
+        }
+    }
+
+    fn decode(key: &str, bytes: &[u8]) -> Result<Entry, StoreError> {
+        serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+            key: key.to_string(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+impl Store for RedbStore {
+    fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+        let txn = self.db.begin_read().map_err(StoreError::backend)?;
+        let table = txn.open_table(OBJECTS).map_err(StoreError::backend)?;
+        match table.get(key).map_err(StoreError::backend)? {
+            Some(v) => Ok(Some(Self::decode(key, v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<Entry>, StoreError> {
+        let txn = self.db.begin_read().map_err(StoreError::backend)?;
+        let table = txn.open_table(OBJECTS).map_err(StoreError::backend)?;
+        let end = prefix_end(prefix);
+        let mut out = Vec::new();
+        for item in table
+            .range(prefix..end.as_str())
+            .map_err(StoreError::backend)?
+        {
+            let (k, v) = item.map_err(StoreError::backend)?;
+            out.push(Self::decode(k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    fn put(&self, key: &str, value: &Value) -> Result<PutOutcome, StoreError> {
+        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let txn = self.db.begin_write().map_err(StoreError::backend)?;
+        let outcome = {
+            let mut meta = txn.open_table(META).map_err(StoreError::backend)?;
+            let mut objects = txn.open_table(OBJECTS).map_err(StoreError::backend)?;
+            let revision = meta
+                .get(REVISION)
+                .map_err(StoreError::backend)?
+                .map(|v| v.value())
+                .unwrap_or(0)
+                + 1;
+            let previous = match objects.get(key).map_err(StoreError::backend)? {
+                Some(v) => Some(Self::decode(key, v.value())?),
+                None => None,
+            };
+            let entry = Entry {
+                key: key.to_string(),
+                value: value.clone(),
+                created_index: previous.as_ref().map_or(revision, |p| p.created_index),
+                modified_index: revision,
+            };
+            let bytes = serde_json::to_vec(&entry).map_err(StoreError::backend)?;
+            objects
+                .insert(key, bytes.as_slice())
+                .map_err(StoreError::backend)?;
+            meta.insert(REVISION, revision)
+                .map_err(StoreError::backend)?;
+            PutOutcome {
+                entry,
+                created: previous.is_none(),
+            }
+        };
+        txn.commit().map_err(StoreError::backend)?;
+        self.notify(Event::Put(outcome.entry.clone()));
+        Ok(outcome)
+    }
+
+    fn delete(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let txn = self.db.begin_write().map_err(StoreError::backend)?;
+        let removed = {
+            let mut meta = txn.open_table(META).map_err(StoreError::backend)?;
+            let mut objects = txn.open_table(OBJECTS).map_err(StoreError::backend)?;
+            let removed = match objects.remove(key).map_err(StoreError::backend)? {
+                Some(v) => Some(Self::decode(key, v.value())?),
+                None => None,
+            };
+            if removed.is_some() {
+                let revision = meta
+                    .get(REVISION)
+                    .map_err(StoreError::backend)?
+                    .map(|v| v.value())
+                    .unwrap_or(0)
+                    + 1;
+                meta.insert(REVISION, revision)
+                    .map_err(StoreError::backend)?;
+            }
+            removed
+        };
+        if removed.is_none() {
+            txn.abort().map_err(StoreError::backend)?;
+            return Ok(None);
+        }
+        txn.commit().map_err(StoreError::backend)?;
+        self.notify(Event::Delete {
+            key: key.to_string(),
+        });
+        Ok(removed)
+    }
+
+    fn revision(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read().map_err(StoreError::backend)?;
+        let meta = txn.open_table(META).map_err(StoreError::backend)?;
+        Ok(meta
+            .get(REVISION)
+            .map_err(StoreError::backend)?
+            .map(|v| v.value())
+            .unwrap_or(0))
+    }
+
+    fn subscribe(&self, watcher: Arc<dyn Watcher>) {
+        match self.watchers.write() {
+            Ok(mut w) => w.push(watcher),
+            Err(poisoned) => poisoned.into_inner().push(watcher),
+        }
+    }
+}

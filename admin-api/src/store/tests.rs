@@ -1,0 +1,70 @@
+use super::*;
+use serde_json::json;
+use std::sync::Mutex;
+
+#[derive(Default)]
+struct Recorder(Mutex<Vec<String>>);
+
+impl Watcher for Recorder {
+    fn on_change(&self, event: &Event) {
+        let line = match event {
+            Event::Put(e) => format!("put {} {}", e.key, e.modified_index),
+            Event::Delete { key } => format!("delete {key}"),
+        };
+        self.0.lock().unwrap().push(line);
+    }
+}
+
+fn exercise(store: &dyn Store) {
+    let rec = Arc::new(Recorder::default());
+    store.subscribe(rec.clone());
+    assert_eq!(store.revision().unwrap(), 0);
+    let a = store.put("/apisix/routes/1", &json!({"uri": "/a"})).unwrap();
+    assert!(a.created);
+    assert_eq!((a.entry.created_index, a.entry.modified_index), (1, 1));
+    let b = store.put("/apisix/routes/1", &json!({"uri": "/b"})).unwrap();
+    assert!(!b.created);
+    assert_eq!((b.entry.created_index, b.entry.modified_index), (1, 2));
+    store.put("/apisix/routes/2", &json!({"uri": "/c"})).unwrap();
+    store.put("/apisix/routes0", &json!({})).unwrap();
+    store.put("/apisix/upstreams/1", &json!({})).unwrap();
+    let routes = store.list("/apisix/routes/").unwrap();
+    let keys: Vec<_> = routes.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(keys, ["/apisix/routes/1", "/apisix/routes/2"]);
+    assert_eq!(store.get("/apisix/routes/1").unwrap().unwrap().value, json!({"uri": "/b"}));
+    assert!(store.delete("/apisix/routes/1").unwrap().is_some());
+    assert!(store.delete("/apisix/routes/1").unwrap().is_none());
+    assert!(store.get("/apisix/routes/1").unwrap().is_none());
+    assert_eq!(store.revision().unwrap(), 6);
+    assert_eq!(
+        *rec.0.lock().unwrap(),
+        [
+            "put /apisix/routes/1 1",
+            "put /apisix/routes/1 2",
+            "put /apisix/routes/2 3",
+            "put /apisix/routes0 4",
+            "put /apisix/upstreams/1 5",
+            "delete /apisix/routes/1",
+        ]
+    );
+}
+
+#[test]
+fn memory_store_contract() {
+    exercise(&MemoryStore::new());
+}
+
+#[test]
+fn redb_store_contract_and_durability() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.redb");
+    {
+        let store = RedbStore::open(&path).unwrap();
+        exercise(&store);
+    }
+    let reopened = RedbStore::open(&path).unwrap();
+    assert_eq!(reopened.revision().unwrap(), 6);
+    let e = reopened.get("/apisix/routes/2").unwrap().unwrap();
+    assert_eq!(e.value, json!({"uri": "/c"}));
+    assert_eq!(e.created_index, 3);
+}

@@ -1,0 +1,329 @@
+//! Validation of Admin API objects, with APISIX's schemas and messages.
+//!
+//! Each check returns the message APISIX gives for the same input. Schema
+//! failures carry the `invalid configuration: ` prefix; the checks APISIX runs
+//! after the schema (`only one of host or hosts is allowed`, plugin checks,
+//! references) do not.
+
+use std::sync::OnceLock;
+
+use serde_json::Value;
+
+use plugins::schema::Schema;
+
+use crate::expr;
+use crate::model::{split_host_port, Nodes, UpstreamConf};
+use crate::resource::Kind;
+
+/// Longest `name`/`desc` APISIX accepts.
+pub const MAX_NAME_LEN: usize = 256;
+/// HTTP methods a route may list.
+pub const METHODS: &[&str] = &[
+    "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE", "PURGE",
+];
+const ID_PATTERN: &str = "^[a-zA-Z0-9-_.]+$";
+const HOST_PATTERN: &str = "^\\*?[0-9a-zA-Z-._\\[\\]:]+$";
+
+fn is_id_text(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+fn is_host(s: &str) -> bool {
+    let body = s.strip_prefix('*').unwrap_or(s);
+    !body.is_empty()
+        && body
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._[]:".contains(&b))
+}
+
+fn id_schema() -> Schema {
+    Schema::AnyOf(vec![
+        Schema::string().min(1).max(64).pattern(ID_PATTERN, is_id_text).done(),
+        Schema::integer().min(1.0).int(),
+    ])
+}
+
+fn host_schema() -> Schema {
+    Schema::string().pattern(HOST_PATTERN, is_host).done()
+}
+
+fn ip_schema() -> Schema {
+    Schema::Custom(
+        |v| match v.as_str().map(plugins::cidr::parse_entry) {
+            Some(Ok(_)) => Ok(()),
+            _ => Err("object matches none of the required".to_string()),
+        },
+        || serde_json::json!({"type": "string", "anyOf": [{"title": "IPv4"}, {"title": "IPv4/CIDR"}, {"title": "IPv6"}, {"title": "IPv6/CIDR"}]}),
+    )
+}
+
+fn timeout_schema() -> Schema {
+    let secs = || Schema::integer().greater_than(0.0).number();
+    Schema::object()
+        .prop("connect", secs())
+        .prop("send", secs())
+        .prop("read", secs())
+        .required(&["connect", "send", "read"])
+        .done()
+}
+
+fn labels_schema() -> Schema {
+    Schema::object()
+        .additional(Schema::string().min(1).max(256).done())
+        .done()
+}
+
+fn common(o: plugins::schema::ObjectRule) -> plugins::schema::ObjectRule {
+    o.prop("id", id_schema())
+        .prop("name", Schema::string().min(1).max(MAX_NAME_LEN).done())
+        .prop("desc", Schema::string().max(MAX_NAME_LEN).done())
+        .prop("labels", labels_schema())
+        .prop("create_time", Schema::integer().int())
+        .prop("update_time", Schema::integer().int())
+}
+
+fn nodes_schema() -> Schema {
+    let weight = || Schema::integer().min(0.0).int();
+    let hash = Schema::object().additional(weight()).done();
+    let node = Schema::object()
+        .prop("host", host_schema())
+        .prop("port", Schema::integer().min(1.0).max(65535.0).int())
+        .prop("weight", weight())
+        .prop("priority", Schema::integer().int())
+        .prop("metadata", Schema::object().done())
+        .required(&["host", "weight"])
+        .done();
+    Schema::AnyOf(vec![hash, Schema::array(node).done()])
+}
+
+fn build_upstream_schema() -> Schema {
+    common(Schema::object())
+        .prop("nodes", nodes_schema())
+        .prop("retries", Schema::integer().min(0.0).int())
+        .prop("retry_timeout", Schema::integer().min(0.0).number())
+        .prop("timeout", timeout_schema())
+        .prop(
+            "type",
+            Schema::string()
+                .enumerated(&["roundrobin", "chash", "ewma", "least_conn"])
+                .done(),
+        )
+        .prop(
+            "scheme",
+            Schema::string()
+                .enumerated(&["grpc", "grpcs", "http", "https", "tcp", "tls", "udp", "kafka"])
+                .done(),
+        )
+        .prop("pass_host", Schema::string().enumerated(&["pass", "node", "rewrite"]).done())
+        .prop("upstream_host", host_schema())
+        .prop(
+            "hash_on",
+            Schema::string()
+                .enumerated(&["vars", "header", "cookie", "consumer", "vars_combinations"])
+                .done(),
+        )
+        .prop("key", Schema::string().done())
+        .prop("checks", Schema::object().done())
+        .prop("keepalive_pool", Schema::object().done())
+        .prop("tls", Schema::object().done())
+        .prop("service_name", Schema::string().min(1).max(256).done())
+        .prop("discovery_type", Schema::string().done())
+        .prop("discovery_args", Schema::object().done())
+        .no_additional()
+        .one_of_required(&[&["nodes"], &["service_name", "discovery_type"]])
+        .done()
+}
+
+fn plugins_schema() -> Schema {
+    Schema::object().done()
+}
+
+fn build_route_schema() -> Schema {
+    let path = || Schema::string().min(1).max(4096).done();
+    common(Schema::object())
+        .prop("uri", path())
+        .prop("uris", Schema::array(path()).min(1).unique().done())
+        .prop("priority", Schema::integer().int())
+        .prop(
+            "methods",
+            Schema::array(Schema::string().enumerated(METHODS).done())
+                .unique()
+                .done(),
+        )
+        .prop("host", host_schema())
+        .prop("hosts", Schema::array(host_schema()).min(1).unique().done())
+        .prop("remote_addr", ip_schema())
+        .prop("remote_addrs", Schema::array(ip_schema()).min(1).unique().done())
+        .prop("vars", Schema::array(Schema::Any).done())
+        .prop("filter_func", Schema::string().min(10).done())
+        .prop("script", Schema::string().min(10).max(102400).done())
+        .prop("plugins", plugins_schema())
+        .prop("plugin_config_id", id_schema())
+        .prop("upstream", upstream_schema().clone())
+        .prop("upstream_id", id_schema())
+        .prop("service_id", id_schema())
+        .prop("service_protocol", Schema::string().enumerated(&["grpc", "http"]).done())
+        .prop("enable_websocket", Schema::Boolean)
+        .prop("timeout", timeout_schema())
+        .prop("status", Schema::integer().enumerated(&[1, 0]).int())
+        .no_additional()
+        .one_of_required(&[&["uri"], &["uris"]])
+        .any_of_required(&[
+            &["plugins"],
+            &["upstream"],
+            &["upstream_id"],
+            &["service_id"],
+            &["script"],
+            &["plugin_config_id"],
+        ])
+        .done()
+}
+
+fn build_service_schema() -> Schema {
+    common(Schema::object())
+        .prop("plugins", plugins_schema())
+        .prop("upstream", upstream_schema().clone())
+        .prop("upstream_id", id_schema())
+        .prop("script", Schema::string().min(10).max(102400).done())
+        .prop("enable_websocket", Schema::Boolean)
+        .prop("hosts", Schema::array(host_schema()).min(1).unique().done())
+        .no_additional()
+        .done()
+}
+
+fn build_global_rule_schema() -> Schema {
+    Schema::object()
+        .prop("id", id_schema())
+        .prop("plugins", plugins_schema())
+        .prop("create_time", Schema::integer().int())
+        .prop("update_time", Schema::integer().int())
+        .required(&["id", "plugins"])
+        .no_additional()
+        .done()
+}
+
+macro_rules! cached_schema {
+    ($name:ident, $build:ident) => {
+        pub fn $name() -> &'static Schema {
+            static CELL: OnceLock<Schema> = OnceLock::new();
+            CELL.get_or_init($build)
+        }
+    };
+}
+
+cached_schema!(upstream_schema, build_upstream_schema);
+cached_schema!(route_schema, build_route_schema);
+cached_schema!(service_schema, build_service_schema);
+cached_schema!(global_rule_schema, build_global_rule_schema);
+
+/// The schema of one kind of object.
+pub fn schema_of(kind: Kind) -> &'static Schema {
+    match kind {
+        Kind::Routes => route_schema(),
+        Kind::Services => service_schema(),
+        Kind::Upstreams => upstream_schema(),
+        Kind::GlobalRules => global_rule_schema(),
+    }
+}
+
+/// Looks up other objects while checking references.
+pub trait Lookup {
+    /// Whether `/apisix/{kind}/{id}` exists.
+    fn exists(&self, kind: Kind, id: &str) -> bool;
+}
+
+/// Checks an object whose `id` has already been set; `Err` is the
+/// `error_msg` of a 400.
+pub fn check(kind: Kind, conf: &Value, lookup: &dyn Lookup) -> Result<(), String> {
+    schema_of(kind)
+        .validate(conf)
+        .map_err(|e| format!("invalid configuration: {e}"))?;
+    match kind {
+        Kind::Routes => check_route(conf, lookup),
+        Kind::Services => check_service(conf, lookup),
+        Kind::Upstreams => check_upstream(conf),
+        Kind::GlobalRules => check_plugins(conf.get("plugins")),
+    }
+}
+
+fn check_route(conf: &Value, lookup: &dyn Lookup) -> Result<(), String> {
+    if conf.get("host").is_some() && conf.get("hosts").is_some() {
+        return Err("only one of host or hosts is allowed".into());
+    }
+    if conf.get("remote_addr").is_some() && conf.get("remote_addrs").is_some() {
+        return Err("only one of remote_addr or remote_addrs is allowed".into());
+    }
+    if let Some(up) = conf.get("upstream") {
+        check_upstream(up)?;
+    }
+    check_reference(conf, "upstream_id", Kind::Upstreams, lookup)?;
+    check_reference(conf, "service_id", Kind::Services, lookup)?;
+    check_plugins(conf.get("plugins"))?;
+    if let Some(vars) = conf.get("vars") {
+        expr::compile(vars).map_err(|e| format!("failed to validate the 'vars' expression: {e}"))?;
+    }
+    Ok(())
+}
+
+fn check_service(conf: &Value, lookup: &dyn Lookup) -> Result<(), String> {
+    if let Some(up) = conf.get("upstream") {
+        check_upstream(up)?;
+    }
+    check_reference(conf, "upstream_id", Kind::Upstreams, lookup)?;
+    check_plugins(conf.get("plugins"))
+}
+
+fn check_reference(conf: &Value, field: &str, kind: Kind, lookup: &dyn Lookup) -> Result<(), String> {
+    let Some(id) = conf.get(field).and_then(crate::model::id_text) else {
+        return Ok(());
+    };
+    if lookup.exists(kind, &id) {
+        Ok(())
+    } else {
+        Err(format!(
+            "failed to fetch {label} info by {label} id [{id}], response code: 404",
+            label = kind.label()
+        ))
+    }
+}
+
+/// Checks the semantic rules APISIX applies to an upstream after its schema.
+pub fn check_upstream(conf: &Value) -> Result<(), String> {
+    if conf.get("pass_host").and_then(Value::as_str) == Some("rewrite")
+        && conf.get("upstream_host").is_none()
+    {
+        return Err("`upstream_host` can't be empty when `pass_host` is `rewrite`".into());
+    }
+    if let Some(Value::Object(map)) = conf.get("nodes") {
+        for addr in map.keys() {
+            split_host_port(addr)?;
+        }
+    }
+    let up: UpstreamConf = serde_json::from_value(conf.clone())
+        .map_err(|e| format!("invalid configuration: {e}"))?;
+    if let Some(Nodes::List(list)) = &up.nodes {
+        for n in list {
+            if n.host.is_empty() {
+                return Err("invalid configuration: empty node host".into());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks every plugin of a `plugins` object.
+pub fn check_plugins(plugins_conf: Option<&Value>) -> Result<(), String> {
+    let Some(Value::Object(map)) = plugins_conf else {
+        return Ok(());
+    };
+    for (name, conf) in map {
+        plugins::compile(name, conf).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
