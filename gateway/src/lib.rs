@@ -1,1 +1,173 @@
+//! ferrogate: an API gateway that speaks Apache APISIX's Admin API, plugins
+//! and config files.
+//!
+//! [`start`] brings up a whole gateway from a [`GatewayConfig`]: the store
+//! (embedded redb database, or `conf/apisix.yaml` in standalone mode), the
+//! snapshot publisher, the data-plane listeners and the Admin API. The
+//! `ferrogate` binary is a thin wrapper around it; tests start it in-process
+//! on port 0 the same way.
 
+pub mod balancer;
+pub mod config;
+pub mod keys;
+pub mod proxy;
+pub mod router;
+pub mod server;
+pub mod snapshot;
+pub mod standalone;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use http::HeaderValue;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use admin_api::store::{RedbStore, Store};
+use admin_api::{AdminState, AuthPolicy};
+
+pub use config::GatewayConfig;
+
+use crate::config::Provider;
+use crate::proxy::ProxyOptions;
+use crate::server::DataPlane;
+use crate::snapshot::{Publisher, SharedSnapshot};
+
+/// The gateway's version, as sent in the `Server` header.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// A started gateway.
+pub struct Running {
+    /// Where the data plane listens (ports resolved when 0 was asked for).
+    pub data_addrs: Vec<SocketAddr>,
+    /// Where the Admin API listens, when enabled.
+    pub admin_addr: Option<SocketAddr>,
+    pub live: SharedSnapshot,
+    shutdown: watch::Sender<bool>,
+    graceful: Arc<GracefulShutdown>,
+    tasks: JoinSet<()>,
+}
+
+impl Running {
+    /// Stops accepting, lets requests in flight finish for up to `grace`,
+    /// then returns.
+    pub async fn shutdown(mut self, grace: Duration) {
+        let _ = self.shutdown.send(true);
+        // Listeners stop first; then every connection is told to finish.
+        while self.tasks.join_next().await.is_some() {}
+        let graceful = Arc::try_unwrap(self.graceful).ok();
+        if let Some(g) = graceful {
+            if tokio::time::timeout(grace, g.shutdown()).await.is_err() {
+                tracing::warn!(?grace, "grace period over; remaining connections dropped");
+            }
+        }
+    }
+}
+
+/// Starts everything `config` describes.
+pub async fn start(config: GatewayConfig) -> anyhow::Result<Running> {
+    if !config.unused_keys.is_empty() {
+        tracing::info!(
+            keys = %config.unused_keys.join(", "),
+            "config keys accepted but not used by this ferrogate version"
+        );
+    }
+    let server_header = if config.server_tokens {
+        HeaderValue::from_str(&format!("ferrogate/{VERSION}"))?
+    } else {
+        HeaderValue::from_static("ferrogate")
+    };
+    let options = ProxyOptions {
+        always_show_upstream_status: config.show_upstream_status,
+    };
+
+    let (store, standalone): (Arc<dyn Store>, Option<_>) = match &config.provider {
+        Provider::Embedded => {
+            keys::ensure_private_dir(&config.data_dir)?;
+            let path = config.data_dir.join("config.redb");
+            let store = RedbStore::open(&path)
+                .with_context(|| format!("cannot open the config store {}", path.display()))?;
+            tracing::info!(path = %path.display(), "embedded config store");
+            (Arc::new(store), None)
+        }
+        Provider::Yaml(path) => {
+            let store = standalone::load(path)?;
+            tracing::info!(file = %path.display(), "standalone mode: configuration from file");
+            (store.clone(), Some((path.clone(), store)))
+        }
+    };
+    let publisher = Publisher::start(store.as_ref(), options)?;
+    store.subscribe(publisher.clone());
+    let live = publisher.live();
+
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let graceful = Arc::new(GracefulShutdown::new());
+    let mut tasks = JoinSet::new();
+
+    let plane = DataPlane {
+        live: live.clone(),
+        server_header: server_header.clone(),
+        real_ip: config.real_ip.clone().map(Arc::new),
+        header_timeout: config.client_header_timeout,
+        keepalive_timeout: config.keepalive_timeout,
+    };
+    let mut data_addrs = Vec::new();
+    for addr in &config.node_listen {
+        let listener = server::bind(*addr, "data plane").await?;
+        let bound = listener.local_addr()?;
+        tracing::info!(addr = %bound, "data plane listening");
+        data_addrs.push(bound);
+        tasks.spawn(server::serve_data_plane(
+            listener,
+            plane.clone(),
+            shutdown_rx.clone(),
+            graceful.clone(),
+        ));
+    }
+
+    let admin_addr = if config.enable_admin && standalone.is_none() {
+        let admin_keys = keys::admin_keys(&config)?;
+        let auth = AuthPolicy {
+            keys: admin_keys,
+            key_required: config.admin_key_required,
+            allow: config.allow_admin.clone(),
+        };
+        if !config.admin_key_required {
+            tracing::warn!("admin_key_required is false: the Admin API accepts requests without a key");
+        }
+        if !config.admin_listen.ip().is_loopback() {
+            tracing::warn!(addr = %config.admin_listen, "the Admin API listens beyond this machine");
+        }
+        let state = Arc::new(AdminState::new(store.clone(), auth, server_header));
+        let listener = server::bind(config.admin_listen, "Admin API").await?;
+        let bound = listener.local_addr()?;
+        tracing::info!(addr = %bound, "Admin API listening");
+        tasks.spawn(server::serve_admin(listener, admin_api::router(state), shutdown_rx.clone()));
+        Some(bound)
+    } else {
+        None
+    };
+
+    if let Some((path, store)) = standalone {
+        let mut rx = shutdown_rx.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = standalone::watch(path, store) => {}
+                _ = rx.changed() => {}
+            }
+        });
+    }
+
+    Ok(Running {
+        data_addrs,
+        admin_addr,
+        live,
+        shutdown,
+        graceful,
+        tasks,
+    })
+}

@@ -1,1 +1,55 @@
-fn main(){}
+//! The `ferrogate` binary: `ferrogate [--config conf/config.yaml]`.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use gateway::GatewayConfig;
+
+/// An API gateway compatible with Apache APISIX.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// APISIX-style config file. Relative paths in it (the data directory)
+    /// are resolved against PATH when the file is PATH/conf/config.yaml.
+    #[arg(long, short = 'c', default_value = "conf/config.yaml")]
+    config: PathBuf,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_target(false)
+        .init();
+    let args = Args::parse();
+    let config = GatewayConfig::load(&args.config)
+        .with_context(|| format!("invalid configuration in {}", args.config.display()))?;
+    let grace = config.shutdown_grace;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let running = gateway::start(config).await?;
+        wait_for_signal().await?;
+        tracing::info!(?grace, "shutting down: finishing requests in flight");
+        running.shutdown(grace).await;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut quit = signal(SignalKind::quit())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+        _ = quit.recv() => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,480 @@
+//! `conf/config.yaml`, read with APISIX's key paths.
+//!
+//! A real APISIX config.yaml starts ferrogate: keys it does not use yet are
+//! accepted and listed once in the log. A wrong type or value in a key it does
+//! use is an error at start that names the key. `${{VAR}}` and
+//! `${{VAR:=default}}` in string values are replaced from the environment,
+//! as APISIX does; a variable that is not set and has no default is an error.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use plugins::cidr::IpSet;
+
+/// Data plane port when `apisix.node_listen` is absent.
+pub const DEFAULT_NODE_PORT: u16 = 9080;
+/// Admin API port when `deployment.admin.admin_listen.port` is absent.
+pub const DEFAULT_ADMIN_PORT: u16 = 9180;
+/// Admin API address when `deployment.admin.admin_listen.ip` is absent.
+/// APISIX listens on 0.0.0.0; ferrogate keeps the Admin API local unless told.
+pub const DEFAULT_ADMIN_IP: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+/// `deployment.admin.allow_admin` default.
+pub const DEFAULT_ALLOW_ADMIN: &str = "127.0.0.0/24";
+/// APISIX's old well-known default admin key; ferrogate refuses to run with it.
+pub const PUBLIC_DEFAULT_KEY: &str = "edd1c9f034335f136f87ad84b625c8f1";
+/// `nginx_config.worker_shutdown_timeout` default.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(240);
+/// `nginx_config.http.client_header_timeout` default.
+pub const DEFAULT_CLIENT_HEADER_TIMEOUT: Duration = Duration::from_secs(60);
+/// `nginx_config.http.keepalive_timeout` default.
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Key paths this version reads. Everything else is listed as unused.
+const USED_KEYS: &[&str] = &[
+    "apisix.node_listen",
+    "apisix.enable_admin",
+    "apisix.enable_server_tokens",
+    "apisix.show_upstream_status_in_response_header",
+    "deployment.role",
+    "deployment.role_traditional.config_provider",
+    "deployment.role_data_plane.config_provider",
+    "deployment.admin.admin_key",
+    "deployment.admin.admin_key_required",
+    "deployment.admin.allow_admin",
+    "deployment.admin.admin_listen",
+    "nginx_config.http.real_ip_from",
+    "nginx_config.http.real_ip_header",
+    "nginx_config.http.real_ip_recursive",
+    "nginx_config.http.client_header_timeout",
+    "nginx_config.http.keepalive_timeout",
+    "nginx_config.worker_shutdown_timeout",
+];
+
+/// A config error, naming the key it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not valid YAML: {message}")]
+    Yaml { path: PathBuf, message: String },
+    #[error("config key `{key}`: {message}")]
+    Key { key: String, message: String },
+}
+
+fn key_err(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Key {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+/// Where the stored configuration comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Provider {
+    /// The embedded database in the data directory, edited by the Admin API.
+    Embedded,
+    /// `conf/apisix.yaml`, re-read when it changes; no Admin API.
+    Yaml(PathBuf),
+}
+
+/// One admin key from `deployment.admin.admin_key`.
+#[derive(Clone)]
+pub struct KeyConf {
+    pub name: String,
+    pub key: String,
+    pub role: admin_api::Role,
+}
+
+impl std::fmt::Debug for KeyConf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyConf")
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Trusted-proxy settings (nginx's realip module).
+#[derive(Debug, Clone)]
+pub struct RealIp {
+    /// `real_ip_from`: peers whose header is believed.
+    pub trusted: IpSet,
+    /// `real_ip_header`, lower-cased. Default `x-real-ip`.
+    pub header: String,
+    /// `real_ip_recursive`. Default off.
+    pub recursive: bool,
+}
+
+/// Everything ferrogate takes from config.yaml.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Directory relative paths are resolved against (`PATH` of `PATH/conf/config.yaml`).
+    pub prefix: PathBuf,
+    pub data_dir: PathBuf,
+    pub node_listen: Vec<SocketAddr>,
+    pub enable_admin: bool,
+    pub admin_listen: SocketAddr,
+    pub admin_keys: Vec<KeyConf>,
+    pub admin_key_required: bool,
+    /// `None`: allow every address.
+    pub allow_admin: Option<IpSet>,
+    pub provider: Provider,
+    pub server_tokens: bool,
+    pub show_upstream_status: bool,
+    pub real_ip: Option<RealIp>,
+    pub client_header_timeout: Duration,
+    pub keepalive_timeout: Duration,
+    pub shutdown_grace: Duration,
+    /// Keys present in the file that this version does not use.
+    pub unused_keys: Vec<String>,
+}
+
+impl GatewayConfig {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let prefix = prefix_of(path);
+        Self::from_yaml(&text, path, prefix)
+    }
+
+    /// Parses config text; `path` only names the file in errors.
+    pub fn from_yaml(text: &str, path: &Path, prefix: PathBuf) -> Result<Self, ConfigError> {
+        let mut doc: Value = if text.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_norway::from_str(text).map_err(|e| ConfigError::Yaml {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?
+        };
+        substitute_env(&mut doc, "")?;
+        if !(doc.is_object() || doc.is_null()) {
+            return Err(key_err("(root)", "expected a mapping"));
+        }
+        Self::from_value(&doc, prefix)
+    }
+
+    fn from_value(doc: &Value, prefix: PathBuf) -> Result<Self, ConfigError> {
+        let get = |path: &str| lookup(doc, path);
+        let node_listen = match get("apisix.node_listen") {
+            None => vec![SocketAddr::from(([0, 0, 0, 0], DEFAULT_NODE_PORT))],
+            Some(v) => parse_listen("apisix.node_listen", v)?,
+        };
+        let admin_listen = {
+            let ip = match get("deployment.admin.admin_listen.ip") {
+                None => DEFAULT_ADMIN_IP,
+                Some(v) => v
+                    .as_str()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| key_err("deployment.admin.admin_listen.ip", "expected an IP address"))?,
+            };
+            let port = match get("deployment.admin.admin_listen.port") {
+                None => DEFAULT_ADMIN_PORT,
+                Some(v) => port_of("deployment.admin.admin_listen.port", v)?,
+            };
+            SocketAddr::new(ip, port)
+        };
+        let admin_keys = match get("deployment.admin.admin_key") {
+            None | Some(Value::Null) => vec![KeyConf {
+                name: "admin".into(),
+                key: String::new(),
+                role: admin_api::Role::Admin,
+            }],
+            Some(Value::Array(items)) => items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| parse_key(i, item))
+                .collect::<Result<_, _>>()?,
+            Some(_) => return Err(key_err("deployment.admin.admin_key", "expected a list of {name, key, role}")),
+        };
+        if admin_keys.iter().any(|k| k.key == PUBLIC_DEFAULT_KEY) {
+            return Err(key_err(
+                "deployment.admin.admin_key",
+                "this is APISIX's old public default key; anyone can guess it. Set your own key, or leave it empty to have one generated",
+            ));
+        }
+        let allow_admin = match get("deployment.admin.allow_admin") {
+            None => Some(IpSet::from_entries(&[DEFAULT_ALLOW_ADMIN]).map_err(|e| key_err("deployment.admin.allow_admin", e.to_string()))?),
+            Some(Value::Null) => None,
+            Some(v) => Some(ip_list("deployment.admin.allow_admin", v)?),
+        };
+        let role = opt_str(doc, "deployment.role")?.unwrap_or_else(|| "traditional".into());
+        let provider = match role.as_str() {
+            "traditional" | "control_plane" => {
+                // etcd is what APISIX means here; until ferrogate speaks etcd,
+                // the embedded store serves the same Admin API.
+                Provider::Embedded
+            }
+            "data_plane" => match opt_str(doc, "deployment.role_data_plane.config_provider")?.as_deref() {
+                Some("yaml") | None => Provider::Yaml(prefix.join("conf").join("apisix.yaml")),
+                Some(other) => {
+                    return Err(key_err(
+                        "deployment.role_data_plane.config_provider",
+                        format!("`{other}` is not supported; use `yaml`"),
+                    ))
+                }
+            },
+            other => return Err(key_err("deployment.role", format!("unknown role `{other}`"))),
+        };
+        let real_ip = match get("nginx_config.http.real_ip_from") {
+            None => None,
+            Some(v) => {
+                let entries: Vec<String> = match v {
+                    Value::Array(a) => a.iter().map(|x| x.as_str().map(str::to_string)).collect::<Option<_>>(),
+                    Value::String(s) => Some(vec![s.clone()]),
+                    _ => None,
+                }
+                .ok_or_else(|| key_err("nginx_config.http.real_ip_from", "expected a list of addresses or CIDRs"))?;
+                // "unix:" trusts unix-socket peers; the gateway has none.
+                let ips: Vec<&String> = entries.iter().filter(|e| !e.starts_with("unix:")).collect();
+                let trusted = IpSet::from_entries(&ips).map_err(|e| key_err("nginx_config.http.real_ip_from", e.to_string()))?;
+                let header = opt_str(doc, "nginx_config.http.real_ip_header")?
+                    .unwrap_or_else(|| "X-Real-IP".into())
+                    .to_ascii_lowercase();
+                let recursive = match get("nginx_config.http.real_ip_recursive") {
+                    None => false,
+                    Some(Value::String(s)) if s == "on" => true,
+                    Some(Value::String(s)) if s == "off" => false,
+                    Some(Value::Bool(b)) => *b,
+                    Some(_) => return Err(key_err("nginx_config.http.real_ip_recursive", "expected on or off")),
+                };
+                Some(RealIp { trusted, header, recursive })
+            }
+        };
+        let unused_keys = unused_keys(doc);
+        Ok(GatewayConfig {
+            data_dir: prefix.join("data"),
+            prefix,
+            node_listen,
+            enable_admin: opt_bool(doc, "apisix.enable_admin")?.unwrap_or(true),
+            admin_listen,
+            admin_keys,
+            admin_key_required: opt_bool(doc, "deployment.admin.admin_key_required")?.unwrap_or(true),
+            allow_admin,
+            provider,
+            server_tokens: opt_bool(doc, "apisix.enable_server_tokens")?.unwrap_or(true),
+            show_upstream_status: opt_bool(doc, "apisix.show_upstream_status_in_response_header")?.unwrap_or(false),
+            real_ip,
+            client_header_timeout: opt_duration(doc, "nginx_config.http.client_header_timeout")?
+                .unwrap_or(DEFAULT_CLIENT_HEADER_TIMEOUT),
+            keepalive_timeout: opt_duration(doc, "nginx_config.http.keepalive_timeout")?.unwrap_or(DEFAULT_KEEPALIVE_TIMEOUT),
+            shutdown_grace: opt_duration(doc, "nginx_config.worker_shutdown_timeout")?.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
+            unused_keys,
+        })
+    }
+}
+
+/// `PATH` for `PATH/conf/config.yaml`; otherwise the current directory.
+fn prefix_of(path: &Path) -> PathBuf {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
+    match dir {
+        Some(d) if d.file_name().is_some_and(|n| n == "conf") => d
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from(".")),
+        _ => PathBuf::from("."),
+    }
+}
+
+fn lookup<'a>(doc: &'a Value, path: &str) -> Option<&'a Value> {
+    path.split('.').try_fold(doc, |v, k| v.get(k))
+}
+
+fn opt_str(doc: &Value, path: &str) -> Result<Option<String>, ConfigError> {
+    match lookup(doc, path) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(key_err(path, "expected a string")),
+    }
+}
+
+fn opt_bool(doc: &Value, path: &str) -> Result<Option<bool>, ConfigError> {
+    match lookup(doc, path) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(_) => Err(key_err(path, "expected true or false")),
+    }
+}
+
+/// nginx time: `60s`, `500ms`, `2m`, `1h`, or a number of seconds.
+fn opt_duration(doc: &Value, path: &str) -> Result<Option<Duration>, ConfigError> {
+    let bad = || key_err(path, "expected a duration such as 60s, 500ms, 2m");
+    match lookup(doc, path) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n.as_f64().filter(|f| *f >= 0.0).map(Duration::from_secs_f64).map(Some).ok_or_else(bad),
+        Some(Value::String(s)) => parse_duration(s).map(Some).ok_or_else(bad),
+        Some(_) => Err(bad()),
+    }
+}
+
+/// Parses nginx time syntax.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let secs = match unit {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        "d" => n * 86400.0,
+        _ => return None,
+    };
+    Some(Duration::from_secs_f64(secs))
+}
+
+fn port_of(key: &str, v: &Value) -> Result<u16, ConfigError> {
+    let n = match v {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) => s.parse().ok(),
+        _ => None,
+    };
+    n.filter(|p| (1..=65535).contains(p))
+        .map(|p| p as u16)
+        .ok_or_else(|| key_err(key, format!("expected a port number 1..65535, got {v}")))
+}
+
+fn parse_listen(key: &str, v: &Value) -> Result<Vec<SocketAddr>, ConfigError> {
+    let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+    let one = |item: &Value| -> Result<SocketAddr, ConfigError> {
+        match item {
+            Value::Object(map) => {
+                let port = map.get("port").map(|p| port_of(key, p)).transpose()?.unwrap_or(DEFAULT_NODE_PORT);
+                let ip = match map.get("ip") {
+                    None => any,
+                    Some(Value::String(s)) => s
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .parse()
+                        .map_err(|_| key_err(key, format!("invalid ip {s}")))?,
+                    Some(other) => return Err(key_err(key, format!("invalid ip {other}"))),
+                };
+                Ok(SocketAddr::new(ip, port))
+            }
+            other => Ok(SocketAddr::new(any, port_of(key, other)?)),
+        }
+    };
+    match v {
+        Value::Array(items) if !items.is_empty() => items.iter().map(one).collect(),
+        Value::Array(_) => Err(key_err(key, "expected at least one port")),
+        other => Ok(vec![one(other)?]),
+    }
+}
+
+fn parse_key(i: usize, item: &Value) -> Result<KeyConf, ConfigError> {
+    let key = format!("deployment.admin.admin_key[{i}]");
+    let field = |name: &str| -> Result<String, ConfigError> {
+        match item.get(name) {
+            None | Some(Value::Null) => Ok(String::new()),
+            Some(Value::String(s)) => Ok(s.clone()),
+            Some(Value::Number(n)) => Ok(n.to_string()),
+            Some(_) => Err(key_err(&format!("{key}.{name}"), "expected a string")),
+        }
+    };
+    let role = match field("role")?.as_str() {
+        "admin" | "" => admin_api::Role::Admin,
+        "viewer" => admin_api::Role::Viewer,
+        other => return Err(key_err(&format!("{key}.role"), format!("expected admin or viewer, got {other}"))),
+    };
+    Ok(KeyConf {
+        name: field("name")?,
+        key: field("key")?,
+        role,
+    })
+}
+
+fn ip_list(key: &str, v: &Value) -> Result<IpSet, ConfigError> {
+    let entries: Vec<String> = match v {
+        Value::Array(items) => items
+            .iter()
+            .map(|x| x.as_str().map(str::to_string))
+            .collect::<Option<_>>()
+            .ok_or_else(|| key_err(key, "expected a list of addresses or CIDRs"))?,
+        Value::String(s) => vec![s.clone()],
+        _ => return Err(key_err(key, "expected a list of addresses or CIDRs")),
+    };
+    IpSet::from_entries(&entries).map_err(|e| key_err(key, e.to_string()))
+}
+
+/// Replaces `${{VAR}}` / `${{VAR:=default}}` in every string value.
+fn substitute_env(v: &mut Value, path: &str) -> Result<(), ConfigError> {
+    match v {
+        Value::String(s) if s.contains("${{") => {
+            let mut out = String::new();
+            let mut rest = s.as_str();
+            while let Some(start) = rest.find("${{") {
+                out.push_str(&rest[..start]);
+                let after = &rest[start + 3..];
+                let end = after
+                    .find("}}")
+                    .ok_or_else(|| key_err(path, "unterminated ${{ in value"))?;
+                let expr = after[..end].trim();
+                let (name, default) = match expr.split_once(":=") {
+                    Some((n, d)) => (n.trim(), Some(d.trim())),
+                    None => (expr, None),
+                };
+                match (std::env::var(name), default) {
+                    (Ok(val), _) => out.push_str(&val),
+                    (Err(_), Some(d)) => out.push_str(d),
+                    (Err(_), None) => {
+                        return Err(key_err(path, format!("environment variable {name} is not set")))
+                    }
+                }
+                rest = &after[end + 2..];
+            }
+            out.push_str(rest);
+            *s = out;
+            Ok(())
+        }
+        Value::Array(items) => items
+            .iter_mut()
+            .enumerate()
+            .try_for_each(|(i, x)| substitute_env(x, &format!("{path}[{i}]"))),
+        Value::Object(map) => map.iter_mut().try_for_each(|(k, x)| {
+            let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+            substitute_env(x, &p)
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Key paths (up to three levels deep) present in `doc` but not read.
+fn unused_keys(doc: &Value) -> Vec<String> {
+    let mut out = BTreeSet::new();
+    fn walk(v: &Value, path: String, depth: usize, out: &mut BTreeSet<String>) {
+        let used = USED_KEYS.iter().any(|k| *k == path || k.starts_with(&format!("{path}.")) || path.starts_with(&format!("{k}.")));
+        if USED_KEYS.contains(&path.as_str()) {
+            return;
+        }
+        match v {
+            Value::Object(map) if depth < 3 || used => {
+                for (k, x) in map {
+                    let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                    walk(x, p, depth + 1, out);
+                }
+            }
+            _ => {
+                if !path.is_empty() && !used {
+                    out.insert(path);
+                }
+            }
+        }
+    }
+    walk(doc, String::new(), 0, &mut out);
+    out.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,88 @@
+use super::*;
+
+fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
+    GatewayConfig::from_yaml(text, Path::new("conf/config.yaml"), PathBuf::from("/srv/gw"))
+}
+
+#[test]
+fn defaults_are_safe() {
+    let c = parse("").unwrap();
+    assert_eq!(c.node_listen, vec!["0.0.0.0:9080".parse().unwrap()]);
+    assert_eq!(c.admin_listen, "127.0.0.1:9180".parse().unwrap());
+    assert!(c.admin_key_required);
+    assert_eq!(c.admin_keys.len(), 1);
+    assert!(c.admin_keys[0].key.is_empty());
+    assert!(c.allow_admin.as_ref().unwrap().contains("127.0.0.9".parse().unwrap()));
+    assert!(!c.allow_admin.as_ref().unwrap().contains("127.0.1.9".parse().unwrap()));
+    assert!(c.real_ip.is_none(), "no trusted proxy unless configured");
+    assert_eq!(c.data_dir, PathBuf::from("/srv/gw/data"));
+    assert_eq!(c.provider, Provider::Embedded);
+}
+
+#[test]
+fn apisix_key_paths() {
+    let c = parse(
+        "apisix:\n  node_listen:\n    - 9081\n    - ip: 127.0.0.1\n      port: 9082\n\
+         deployment:\n  admin:\n    admin_key:\n      - name: a\n        key: abc\n        role: viewer\n    \
+         admin_listen:\n      ip: 127.0.0.1\n      port: 9999\n    allow_admin: ~\n\
+         nginx_config:\n  http:\n    real_ip_from: [\"10.0.0.0/8\", \"unix:\"]\n    real_ip_header: X-Forwarded-For\n    real_ip_recursive: \"on\"\n",
+    )
+    .unwrap();
+    assert_eq!(c.node_listen, vec!["0.0.0.0:9081".parse().unwrap(), "127.0.0.1:9082".parse().unwrap()]);
+    assert_eq!(c.admin_listen.port(), 9999);
+    assert_eq!(c.admin_keys[0].role, admin_api::Role::Viewer);
+    assert!(c.allow_admin.is_none());
+    let rip = c.real_ip.unwrap();
+    assert_eq!(rip.header, "x-forwarded-for");
+    assert!(rip.recursive);
+}
+
+#[test]
+fn wrong_types_name_the_key() {
+    for (text, key) in [
+        ("apisix:\n  node_listen: abc\n", "apisix.node_listen"),
+        ("apisix:\n  node_listen: 70000\n", "apisix.node_listen"),
+        ("deployment:\n  admin:\n    admin_key: 5\n", "deployment.admin.admin_key"),
+        ("deployment:\n  admin:\n    admin_key_required: maybe\n", "deployment.admin.admin_key_required"),
+        ("deployment:\n  admin:\n    allow_admin: [\"300.1.1.1\"]\n", "deployment.admin.allow_admin"),
+        ("deployment:\n  role: chef\n", "deployment.role"),
+    ] {
+        let err = parse(text).unwrap_err().to_string();
+        assert!(err.contains(key), "{err} should name {key}");
+    }
+}
+
+#[test]
+fn refuses_public_default_key() {
+    let err = parse("deployment:\n  admin:\n    admin_key:\n      - name: admin\n        key: edd1c9f034335f136f87ad84b625c8f1\n        role: admin\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("public default key"));
+}
+
+#[test]
+fn env_substitution() {
+    std::env::set_var("FERROGATE_TEST_PORT", "9555");
+    let c = parse("apisix:\n  node_listen: \"${{FERROGATE_TEST_PORT}}\"\ndeployment:\n  admin:\n    admin_listen:\n      port: \"${{NOPE_NOT_SET:=9444}}\"\n").unwrap();
+    assert_eq!(c.node_listen[0].port(), 9555);
+    assert_eq!(c.admin_listen.port(), 9444);
+    assert!(parse("apisix:\n  node_listen: \"${{NOPE_NOT_SET_EITHER}}\"\n").is_err());
+}
+
+#[test]
+fn reads_apisix_shipped_files() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf/apisix-examples");
+    let c = GatewayConfig::load(&dir.join("config.yaml")).unwrap();
+    assert_eq!(c.provider, Provider::Embedded);
+    let example = GatewayConfig::load(&dir.join("config.yaml.example")).unwrap();
+    assert!(!example.unused_keys.is_empty());
+    assert!(example.unused_keys.iter().all(|k| !k.starts_with("deployment.admin.admin_key")));
+}
+
+#[test]
+fn nginx_durations() {
+    assert_eq!(parse_duration("60s"), Some(Duration::from_secs(60)));
+    assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+    assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+    assert_eq!(parse_duration("soon"), None);
+}

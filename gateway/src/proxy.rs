@@ -1,0 +1,382 @@
+//! The innermost service of every route: forwards the request to a node of
+//! its upstream and streams the answer back.
+//!
+//! What the upstream sees, as under APISIX (nginx `proxy_pass`):
+//! HTTP/1.1; `Host` by `pass_host`; `X-Real-IP` = the client address;
+//! `X-Forwarded-For` = the client's own value + `, ` + the client address;
+//! `X-Forwarded-Proto/Host/Port` set by the gateway (a client cannot forge
+//! them); `Forwarded` and hop-by-hop headers (`Connection` and what it names,
+//! `Keep-Alive`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`,
+//! `Proxy-Connection`) removed.
+//!
+//! Failures: a refused, reset or closed upstream is 502, a timeout is 504,
+//! each with `X-APISIX-Upstream-Status`; with `retries` left, the next node
+//! is tried instead (nginx's `proxy_next_upstream error timeout`). Retrying
+//! needs the request body again, so bodies up to [`RETRY_BODY_LIMIT`] are
+//! read before the first try; larger ones are streamed and not retried.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{PathAndQuery, Scheme};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Either, Full};
+use hyper::body::Incoming;
+
+use plugins::{full_body, ClientIp, ResponseBody};
+
+use crate::upstream::{CompiledUpstream, PassHost, Timeouts, UpstreamClient};
+
+/// Request bodies up to this size are buffered so that a retry can resend
+/// them; larger bodies stream straight through without retries.
+pub const RETRY_BODY_LIMIT: u64 = 64 * 1024;
+
+/// The body sent upstream: buffered (replayable) or streamed.
+pub type ProxyBody = Either<Full<Bytes>, Incoming>;
+
+/// Facts about the client connection, set by the listener.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnMeta {
+    pub local_port: u16,
+    pub scheme: &'static str,
+}
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "expect",
+];
+
+/// Data-plane options that are the same for every route.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProxyOptions {
+    /// `apisix.show_upstream_status_in_response_header`.
+    pub always_show_upstream_status: bool,
+}
+
+/// Forwards to one upstream.
+#[derive(Clone)]
+pub struct ProxyService {
+    pub upstream: Option<Arc<CompiledUpstream>>,
+    pub timeouts: Timeouts,
+    pub client: UpstreamClient,
+    pub options: ProxyOptions,
+}
+
+impl tower::Service<Request<Incoming>> for ProxyService {
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move { Ok(this.forward(req).await) })
+    }
+}
+
+/// Why a try failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// Refused, reset, closed: 502.
+    Broken,
+    /// No answer within the timeout: 504.
+    Timeout,
+    /// No node can be picked: 502 (nginx: no live upstreams).
+    NoNode,
+}
+
+impl Failure {
+    fn status(self) -> StatusCode {
+        match self {
+            Failure::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Failure::Broken | Failure::NoNode => StatusCode::BAD_GATEWAY,
+        }
+    }
+}
+
+enum RequestBody {
+    Buffered(Bytes),
+    Streaming(Option<Incoming>),
+}
+
+impl ProxyService {
+    async fn forward(self, req: Request<Incoming>) -> Response<ResponseBody> {
+        let Some(up) = self.upstream.clone() else {
+            return error_page(StatusCode::BAD_GATEWAY, true);
+        };
+        let (parts, body) = req.into_parts();
+        let client_ip = parts.extensions.get::<ClientIp>().map(|c| c.0);
+        let meta = parts.extensions.get::<ConnMeta>().copied().unwrap_or(ConnMeta {
+            local_port: 0,
+            scheme: "http",
+        });
+        let client_host = parts
+            .headers
+            .get(header::HOST)
+            .cloned()
+            .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+        let mut headers = parts.headers;
+        prepare_request_headers(&mut headers, client_ip, client_host.as_ref(), meta);
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+
+        let mut body = match body.size_hint().exact() {
+            Some(0) => RequestBody::Buffered(Bytes::new()),
+            Some(n) if n <= RETRY_BODY_LIMIT => match body.collect().await {
+                Ok(collected) => RequestBody::Buffered(collected.to_bytes()),
+                Err(_) => return error_page(StatusCode::BAD_REQUEST, false),
+            },
+            _ => RequestBody::Streaming(Some(body)),
+        };
+        let tries = match body {
+            RequestBody::Buffered(_) => 1 + up.retries,
+            RequestBody::Streaming(_) => 1,
+        };
+        let started = Instant::now();
+        let mut tried: Vec<usize> = Vec::with_capacity(tries);
+        let mut failure = Failure::NoNode;
+        for attempt in 0..tries {
+            if attempt > 0 && up.retry_timeout.is_some_and(|limit| started.elapsed() >= limit) {
+                break;
+            }
+            let Some(i) = up.balancer.pick_excluding(&tried) else {
+                break;
+            };
+            tried.push(i);
+            let target = &up.targets[i];
+            let uri = Uri::builder()
+                .scheme(Scheme::HTTP)
+                .authority(target.authority.clone())
+                .path_and_query(path.clone())
+                .build();
+            let Ok(uri) = uri else {
+                return error_page(StatusCode::BAD_REQUEST, false);
+            };
+            let last = attempt + 1 == tries;
+            let mut out_headers = if last { std::mem::take(&mut headers) } else { headers.clone() };
+            let host = match &up.pass_host {
+                PassHost::Pass => client_host.clone(),
+                PassHost::Node => Some(target.host_header.clone()),
+                PassHost::Rewrite(h) => Some(h.clone()),
+            };
+            if let Some(h) = host {
+                out_headers.insert(header::HOST, h);
+            }
+            let out_body: ProxyBody = match &mut body {
+                RequestBody::Buffered(b) => Either::Left(Full::new(b.clone())),
+                RequestBody::Streaming(s) => match s.take() {
+                    Some(b) => Either::Right(b),
+                    None => break,
+                },
+            };
+            let mut out = Request::new(out_body);
+            *out.method_mut() = parts.method.clone();
+            *out.uri_mut() = uri;
+            *out.version_mut() = Version::HTTP_11;
+            *out.headers_mut() = out_headers;
+
+            let wait = self.timeouts.connect + self.timeouts.read;
+            match tokio::time::timeout(wait, self.client.request(out)).await {
+                Ok(Ok(resp)) => return self.finish(resp),
+                Ok(Err(e)) => {
+                    tracing::warn!(upstream = %target.authority, error = %e, "upstream request failed");
+                    failure = if is_timeout(&e) { Failure::Timeout } else { Failure::Broken };
+                }
+                Err(_) => {
+                    tracing::warn!(upstream = %target.authority, timeout = ?wait, "upstream timed out");
+                    failure = Failure::Timeout;
+                }
+            }
+        }
+        error_page(failure.status(), true)
+    }
+
+    fn finish(&self, resp: Response<Incoming>) -> Response<ResponseBody> {
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        if parts.status.is_server_error() || self.options.always_show_upstream_status {
+            parts.headers.insert(
+                "x-apisix-upstream-status",
+                HeaderValue::from(parts.status.as_u16()),
+            );
+        }
+        let body = body.map_err(|e| -> plugins::BoxError { Box::new(e) }).boxed_unsync();
+        Response::from_parts(parts, body)
+    }
+}
+
+fn is_timeout(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return true;
+            }
+        }
+        source = err.source();
+    }
+    false
+}
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Sets the forwarding headers APISIX's nginx template sets.
+pub fn prepare_request_headers(
+    headers: &mut HeaderMap,
+    client_ip: Option<std::net::IpAddr>,
+    client_host: Option<&HeaderValue>,
+    meta: ConnMeta,
+) {
+    strip_hop_by_hop(headers);
+    headers.remove("forwarded");
+    if let Some(ip) = client_ip {
+        let ip_text = ip.to_string();
+        let previous: Vec<&str> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        let xff = if previous.is_empty() {
+            ip_text.clone()
+        } else {
+            format!("{}, {ip_text}", previous.join(", "))
+        };
+        if let Ok(v) = HeaderValue::from_str(&xff) {
+            headers.insert("x-forwarded-for", v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&ip_text) {
+            headers.insert("x-real-ip", v);
+        }
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static(meta.scheme));
+    let host_port = client_host.and_then(|h| h.to_str().ok()).and_then(|h| {
+        let (_, port) = h.rsplit_once(':')?;
+        (!h.ends_with(']') && port.bytes().all(|b| b.is_ascii_digit()) && !port.is_empty()).then(|| port.to_string())
+    });
+    match client_host {
+        Some(h) => {
+            headers.insert("x-forwarded-host", h.clone());
+        }
+        None => {
+            headers.remove("x-forwarded-host");
+        }
+    }
+    let port = host_port.unwrap_or_else(|| meta.local_port.to_string());
+    if let Ok(v) = HeaderValue::from_str(&port) {
+        headers.insert("x-forwarded-port", v);
+    }
+}
+
+/// The gateway's own error page for `status` (nginx-style HTML, which is what
+/// APISIX clients see for 502/504), with `X-APISIX-Upstream-Status` when the
+/// status comes from the upstream side.
+pub fn error_page(status: StatusCode, upstream: bool) -> Response<ResponseBody> {
+    let line = format!(
+        "{} {}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("Error")
+    );
+    // nginx spells 504's reason "Gateway Time-out"; clients grep for it.
+    let line = if status == StatusCode::GATEWAY_TIMEOUT {
+        "504 Gateway Time-out".to_string()
+    } else {
+        line
+    };
+    let html = format!(
+        "<html>\r\n<head><title>{line}</title></head>\r\n<body>\r\n<center><h1>{line}</h1></center>\r\n<hr><center>ferrogate</center>\r\n</body>\r\n</html>\r\n"
+    );
+    let mut resp = Response::new(full_body(html));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+    if upstream {
+        resp.headers_mut()
+            .insert("x-apisix-upstream-status", HeaderValue::from(status.as_u16()));
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> ConnMeta {
+        ConnMeta {
+            local_port: 9080,
+            scheme: "http",
+        }
+    }
+
+    #[test]
+    fn forwarding_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.1.2.3"));
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        h.insert("connection", HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("forwarded", HeaderValue::from_static("for=1.1.1.1"));
+        let host = HeaderValue::from_static("fwd.test:8443");
+        prepare_request_headers(&mut h, Some("127.0.0.1".parse().unwrap()), Some(&host), meta());
+        assert_eq!(h["x-forwarded-for"], "10.1.2.3, 127.0.0.1");
+        assert_eq!(h["x-real-ip"], "127.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "http", "clients cannot forge the scheme");
+        assert_eq!(h["x-forwarded-host"], "fwd.test:8443");
+        assert_eq!(h["x-forwarded-port"], "8443");
+        for gone in ["connection", "x-secret", "te", "forwarded"] {
+            assert!(!h.contains_key(gone), "{gone} must be removed");
+        }
+    }
+
+    #[test]
+    fn forwarded_port_falls_back_to_listener() {
+        let mut h = HeaderMap::new();
+        let host = HeaderValue::from_static("fwd.test");
+        prepare_request_headers(&mut h, Some("::1".parse().unwrap()), Some(&host), meta());
+        assert_eq!(h["x-forwarded-port"], "9080");
+        assert_eq!(h["x-forwarded-for"], "::1");
+    }
+
+    #[test]
+    fn error_pages() {
+        let r = error_page(StatusCode::GATEWAY_TIMEOUT, true);
+        assert_eq!(r.status(), 504);
+        assert_eq!(r.headers()["x-apisix-upstream-status"], "504");
+        let r = error_page(StatusCode::BAD_GATEWAY, true);
+        assert_eq!(r.headers()["x-apisix-upstream-status"], "502");
+    }
+}

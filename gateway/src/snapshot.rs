@@ -1,0 +1,517 @@
+//! Compiled configuration snapshots and their hot swap.
+//!
+//! A [`Snapshot`] holds everything a request needs: the router, every
+//! route's plugin chain and upstream picker, and the global rules wrapped
+//! around them, as one tower service. The [`Compiler`] keeps the stored
+//! objects and their compiled forms; on every store change it recompiles
+//! what the change touches (one route; the routes of a changed service or
+//! upstream; the global chain), rebuilds the router from the compiled routes
+//! and publishes the new snapshot with a single `ArcSwap::store`. A request
+//! loads the snapshot once, at the edge, so the request after an Admin API
+//! answer always sees the change, on new and on kept-alive connections alike,
+//! and a request in flight finishes on the snapshot it started with.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use arc_swap::ArcSwap;
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde_json::{json, Value};
+use tower::{Service, ServiceExt};
+
+use admin_api::expr::{self, Vars};
+use admin_api::model::{id_text, GlobalRuleConf, RouteConf, ServiceConf, UpstreamConf};
+use admin_api::store::{Entry, Event, Store, StoreError, Watcher};
+use admin_api::Kind;
+use plugins::cidr::IpSet;
+use plugins::registry::build_chain;
+use plugins::{json_response, ClientIp, CompiledPlugin, HttpService, ResponseBody};
+
+use crate::proxy::{ConnMeta, ProxyOptions, ProxyService};
+use crate::router::{normalize_host, Candidate, HostSet, Matcher, MethodSet, RequestView, Router, RouterBuilder};
+use crate::upstream::{BalancerCache, Clients, CompiledUpstream, Timeouts};
+
+/// The service every request goes through.
+pub type GatewayService = HttpService<Incoming>;
+
+/// One immutable, complete compiled configuration.
+pub struct Snapshot {
+    /// Increases with every published snapshot.
+    pub version: u64,
+    pub service: GatewayService,
+    pub routes: usize,
+}
+
+/// The live snapshot, shared by the listeners and the compiler.
+pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
+
+/// A route compiled for the router.
+pub struct CompiledRoute {
+    pub id: String,
+    pub uris: Vec<String>,
+    pub priority: i64,
+    pub order: u64,
+    pub matcher: Arc<Matcher>,
+    pub service: GatewayService,
+}
+
+struct RouteRecord {
+    conf: RouteConf,
+    order: u64,
+    compiled: Option<Arc<CompiledRoute>>,
+}
+
+/// Keeps stored objects and their compiled forms; builds snapshots.
+pub struct Compiler {
+    routes: BTreeMap<String, RouteRecord>,
+    services: BTreeMap<String, ServiceConf>,
+    upstreams: BTreeMap<String, UpstreamConf>,
+    upstream_cache: BTreeMap<String, Arc<CompiledUpstream>>,
+    global_rules: BTreeMap<String, GlobalRuleConf>,
+    balancers: BalancerCache,
+    clients: Clients,
+    options: ProxyOptions,
+    version: AtomicU64,
+}
+
+impl Compiler {
+    pub fn new(options: ProxyOptions) -> Self {
+        Compiler {
+            routes: BTreeMap::new(),
+            services: BTreeMap::new(),
+            upstreams: BTreeMap::new(),
+            upstream_cache: BTreeMap::new(),
+            global_rules: BTreeMap::new(),
+            balancers: BalancerCache::default(),
+            clients: Clients::default(),
+            options,
+            version: AtomicU64::new(0),
+        }
+    }
+
+    /// Loads every object of `store`, compiles, and returns the first snapshot.
+    pub fn load(&mut self, store: &dyn Store) -> Result<Snapshot, StoreError> {
+        for kind in [Kind::Upstreams, Kind::Services, Kind::GlobalRules, Kind::Routes] {
+            for entry in store.list(&kind.prefix())? {
+                self.record(&Event::Put(entry));
+            }
+        }
+        let ids: Vec<String> = self.routes.keys().cloned().collect();
+        for id in ids {
+            self.compile_route(&id);
+        }
+        Ok(self.snapshot())
+    }
+
+    /// Applies one change; returns the snapshot to publish.
+    pub fn apply(&mut self, event: &Event) -> Snapshot {
+        let touched = self.record(event);
+        for id in touched {
+            self.compile_route(&id);
+        }
+        self.snapshot()
+    }
+
+    /// Stores the parsed object; returns the routes that must be recompiled.
+    fn record(&mut self, event: &Event) -> Vec<String> {
+        let (key, entry) = match event {
+            Event::Put(e) => (e.key.as_str(), Some(e)),
+            Event::Delete { key } => (key.as_str(), None),
+        };
+        let Some((kind, id)) = Kind::parse_key(key) else {
+            return Vec::new();
+        };
+        let id = id.to_string();
+        match kind {
+            Kind::Routes => {
+                match entry.and_then(|e| parse::<RouteConf>(e).map(|c| (c, e.created_index))) {
+                    Some((conf, order)) => {
+                        self.routes.insert(id.clone(), RouteRecord { conf, order, compiled: None });
+                    }
+                    None => {
+                        self.routes.remove(&id);
+                        self.balancers.forget(&format!("routes/{id}"));
+                    }
+                }
+                vec![id]
+            }
+            Kind::Services => {
+                match entry.and_then(parse::<ServiceConf>) {
+                    Some(conf) => {
+                        self.services.insert(id.clone(), conf);
+                    }
+                    None => {
+                        self.services.remove(&id);
+                        self.balancers.forget(&format!("services/{id}"));
+                    }
+                }
+                self.routes_where(|r| r.service_id.as_ref().and_then(id_text).as_deref() == Some(id.as_str()))
+            }
+            Kind::Upstreams => {
+                self.upstream_cache.remove(&id);
+                match entry.and_then(parse::<UpstreamConf>) {
+                    Some(conf) => {
+                        self.upstreams.insert(id.clone(), conf);
+                    }
+                    None => {
+                        self.upstreams.remove(&id);
+                        self.balancers.forget(&format!("upstreams/{id}"));
+                    }
+                }
+                let services: Vec<String> = self
+                    .services
+                    .iter()
+                    .filter(|(_, s)| s.upstream_id.as_ref().and_then(id_text).as_deref() == Some(id.as_str()))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                self.routes_where(|r| {
+                    let sid = r.service_id.as_ref().and_then(id_text);
+                    r.upstream_id.as_ref().and_then(id_text).as_deref() == Some(id.as_str())
+                        || sid.is_some_and(|s| services.contains(&s))
+                })
+            }
+            Kind::GlobalRules => {
+                match entry.and_then(parse::<GlobalRuleConf>) {
+                    Some(conf) => {
+                        self.global_rules.insert(id, conf);
+                    }
+                    None => {
+                        self.global_rules.remove(&id);
+                    }
+                }
+                Vec::new()
+            }
+        }
+    }
+
+    fn routes_where(&self, pred: impl Fn(&RouteConf) -> bool) -> Vec<String> {
+        self.routes
+            .iter()
+            .filter(|(_, r)| pred(&r.conf))
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    fn upstream_object(&mut self, id: &str) -> Option<Arc<CompiledUpstream>> {
+        if let Some(up) = self.upstream_cache.get(id) {
+            return Some(up.clone());
+        }
+        let conf = self.upstreams.get(id)?;
+        match CompiledUpstream::compile(conf, &format!("upstreams/{id}"), &mut self.balancers) {
+            Ok(up) => {
+                let up = Arc::new(up);
+                self.upstream_cache.insert(id.to_string(), up.clone());
+                Some(up)
+            }
+            Err(e) => {
+                tracing::error!(upstream = id, error = %e, "skipping upstream that does not compile");
+                None
+            }
+        }
+    }
+
+    fn compile_route(&mut self, id: &str) {
+        let Some(record) = self.routes.get(id) else { return };
+        let conf = record.conf.clone();
+        let order = record.order;
+        let compiled = if conf.status == 0 {
+            None
+        } else {
+            match self.build_route(id, &conf, order) {
+                Ok(r) => Some(Arc::new(r)),
+                Err(e) => {
+                    tracing::error!(route = id, error = %e, "route left out of the router");
+                    None
+                }
+            }
+        };
+        if let Some(record) = self.routes.get_mut(id) {
+            record.compiled = compiled;
+        }
+    }
+
+    fn build_route(&mut self, id: &str, conf: &RouteConf, order: u64) -> Result<CompiledRoute, String> {
+        let service = conf
+            .service_id
+            .as_ref()
+            .and_then(id_text)
+            .and_then(|sid| self.services.get(&sid).cloned().map(|s| (sid, s)));
+        // Route fields win over the service's: upstream, plugins, hosts.
+        let upstream = if let Some(up) = &conf.upstream {
+            let compiled = CompiledUpstream::compile(up, &format!("routes/{id}"), &mut self.balancers)
+                .map_err(|e| e.to_string())?;
+            Some(Arc::new(compiled))
+        } else if let Some(uid) = conf.upstream_id.as_ref().and_then(id_text) {
+            self.upstream_object(&uid)
+        } else if let Some((sid, svc)) = &service {
+            if let Some(up) = &svc.upstream {
+                let compiled = CompiledUpstream::compile(up, &format!("services/{sid}"), &mut self.balancers)
+                    .map_err(|e| e.to_string())?;
+                Some(Arc::new(compiled))
+            } else {
+                svc.upstream_id
+                    .as_ref()
+                    .and_then(id_text)
+                    .and_then(|uid| self.upstream_object(&uid))
+            }
+        } else {
+            None
+        };
+        let mut plugin_confs: BTreeMap<String, Value> = service
+            .as_ref()
+            .and_then(|(_, s)| s.plugins.clone())
+            .unwrap_or_default();
+        plugin_confs.extend(conf.plugins.clone().unwrap_or_default());
+        let chain = compile_plugins(&plugin_confs)?;
+
+        let timeouts = Timeouts::from_conf(conf.timeout.as_ref())
+            .or_else(|| upstream.as_ref().map(|u| u.timeouts))
+            .unwrap_or(Timeouts::DEFAULT);
+        let proxy = ProxyService {
+            upstream,
+            timeouts,
+            client: self.clients.get(timeouts.connect),
+            options: self.options,
+        };
+        let service_chain = build_chain(&chain, HttpService::new(proxy));
+
+        let hosts: Vec<String> = match (&conf.host, &conf.hosts) {
+            (Some(h), _) => vec![h.clone()],
+            (None, Some(hs)) => hs.clone(),
+            (None, None) => service.as_ref().and_then(|(_, s)| s.hosts.clone()).unwrap_or_default(),
+        };
+        let remote_addrs: Option<Vec<String>> = match (&conf.remote_addr, &conf.remote_addrs) {
+            (Some(a), _) => Some(vec![a.clone()]),
+            (None, Some(list)) => Some(list.clone()),
+            _ => None,
+        };
+        let matcher = Matcher {
+            methods: MethodSet::from_names(conf.methods.as_deref().unwrap_or_default()),
+            hosts: HostSet::new(&hosts),
+            remote_addrs: remote_addrs
+                .map(|l| IpSet::from_entries(&l))
+                .transpose()
+                .map_err(|e| e.to_string())?,
+            vars: conf.vars.as_ref().map(expr::compile).transpose()?,
+        };
+        let uris = match (&conf.uri, &conf.uris) {
+            (Some(u), _) => vec![u.clone()],
+            (None, Some(us)) => us.clone(),
+            (None, None) => return Err("route has no uri".into()),
+        };
+        Ok(CompiledRoute {
+            id: id.to_string(),
+            uris,
+            priority: conf.priority,
+            order,
+            matcher: Arc::new(matcher),
+            service: service_chain,
+        })
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let mut builder = RouterBuilder::default();
+        let mut count = 0;
+        for record in self.routes.values() {
+            if let Some(route) = &record.compiled {
+                count += 1;
+                builder.add(
+                    &route.uris,
+                    Candidate {
+                        priority: route.priority,
+                        order: route.order,
+                        matcher: route.matcher.clone(),
+                        target: route.clone(),
+                    },
+                );
+            }
+        }
+        let dispatch = HttpService::new(Dispatch {
+            router: Arc::new(builder.build()),
+        });
+        let mut global = Vec::new();
+        for (id, rule) in &self.global_rules {
+            match compile_plugins(&rule.plugins) {
+                Ok(chain) => global.extend(chain),
+                Err(e) => tracing::error!(global_rule = %id, error = %e, "global rule skipped"),
+            }
+        }
+        Snapshot {
+            version: self.version.fetch_add(1, Ordering::Relaxed) + 1,
+            service: build_chain(&global, dispatch),
+            routes: count,
+        }
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(entry: &Entry) -> Option<T> {
+    match serde_json::from_value(entry.value.clone()) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::error!(key = %entry.key, error = %e, "stored object does not parse; ignored");
+            None
+        }
+    }
+}
+
+fn compile_plugins(confs: &BTreeMap<String, Value>) -> Result<Vec<(i32, CompiledPlugin)>, String> {
+    confs
+        .iter()
+        .map(|(name, conf)| plugins::compile(name, conf).map_err(|e| e.to_string()))
+        .collect()
+}
+
+/// Finds the route and hands the request to its chain.
+#[derive(Clone)]
+struct Dispatch {
+    router: Arc<Router<Arc<CompiledRoute>>>,
+}
+
+impl Service<Request<Incoming>> for Dispatch {
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let route = find_route(&self.router, &req);
+        match route {
+            Some(route) => Box::pin(route.service.clone().oneshot(req)),
+            None => Box::pin(std::future::ready(Ok(route_not_found()))),
+        }
+    }
+}
+
+fn find_route<B>(router: &Router<Arc<CompiledRoute>>, req: &Request<B>) -> Option<Arc<CompiledRoute>> {
+    let raw_host = request_host(req);
+    let host = raw_host.map(normalize_host);
+    let client_ip = req.extensions().get::<ClientIp>().map(|c| c.0);
+    let vars = RequestVars { req, host: host.as_deref() };
+    let view = RequestView {
+        method: req.method(),
+        path: req.uri().path(),
+        host: host.as_deref(),
+        client_ip,
+        vars: &vars,
+    };
+    router.find(&view).cloned()
+}
+
+/// APISIX's 404 for an unmatched request.
+pub fn route_not_found() -> Response<ResponseBody> {
+    json_response(StatusCode::NOT_FOUND, &json!({"error_msg": "404 Route Not Found"}))
+}
+
+fn request_host<B>(req: &Request<B>) -> Option<&str> {
+    req.headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+}
+
+/// Request variables for `vars`, read on demand.
+struct RequestVars<'a, B> {
+    req: &'a Request<B>,
+    host: Option<&'a str>,
+}
+
+impl<B> Vars for RequestVars<'_, B> {
+    fn var(&self, name: &str) -> Option<Cow<'_, str>> {
+        let req = self.req;
+        if let Some(arg) = name.strip_prefix("arg_") {
+            let query = req.uri().query()?;
+            return query.split('&').find_map(|pair| {
+                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                (k == arg).then(|| Cow::Owned(admin_api::auth::percent_decode(v)))
+            });
+        }
+        if let Some(h) = name.strip_prefix("http_") {
+            let header = h.replace('_', "-");
+            let values: Vec<&str> = req
+                .headers()
+                .get_all(header.as_str())
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            return match values.as_slice() {
+                [] => None,
+                [one] => Some(Cow::Borrowed(one)),
+                many => Some(Cow::Owned(many.join(", "))),
+            };
+        }
+        if let Some(c) = name.strip_prefix("cookie_") {
+            return req
+                .headers()
+                .get_all(http::header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .find_map(|kv| {
+                    let (k, v) = kv.trim().split_once('=')?;
+                    (k == c).then(|| Cow::Borrowed(v))
+                });
+        }
+        match name {
+            "uri" => Some(Cow::Borrowed(req.uri().path())),
+            "request_uri" => Some(Cow::Borrowed(
+                req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+            )),
+            "args" | "query_string" => req.uri().query().map(Cow::Borrowed),
+            "host" => self.host.map(Cow::Borrowed),
+            "request_method" => Some(Cow::Borrowed(req.method().as_str())),
+            "remote_addr" => req
+                .extensions()
+                .get::<ClientIp>()
+                .map(|c| Cow::Owned(c.0.to_string())),
+            "scheme" => req.extensions().get::<ConnMeta>().map(|m| Cow::Borrowed(m.scheme)),
+            "server_port" => req
+                .extensions()
+                .get::<ConnMeta>()
+                .map(|m| Cow::Owned(m.local_port.to_string())),
+            _ => None,
+        }
+    }
+}
+
+/// Publishes a new snapshot for every store change.
+pub struct Publisher {
+    compiler: Mutex<Compiler>,
+    live: SharedSnapshot,
+}
+
+impl Publisher {
+    /// Loads `store`, publishes the first snapshot and returns the publisher
+    /// (subscribe it to the store to follow changes).
+    pub fn start(store: &dyn Store, options: ProxyOptions) -> Result<Arc<Self>, StoreError> {
+        let mut compiler = Compiler::new(options);
+        let first = compiler.load(store)?;
+        tracing::info!(routes = first.routes, version = first.version, "configuration loaded");
+        Ok(Arc::new(Publisher {
+            compiler: Mutex::new(compiler),
+            live: Arc::new(ArcSwap::from_pointee(first)),
+        }))
+    }
+
+    pub fn live(&self) -> SharedSnapshot {
+        self.live.clone()
+    }
+}
+
+impl Watcher for Publisher {
+    fn on_change(&self, event: &Event) {
+        let mut compiler = self.compiler.lock().unwrap_or_else(|p| p.into_inner());
+        let next = compiler.apply(event);
+        tracing::debug!(version = next.version, routes = next.routes, "configuration swapped");
+        self.live.store(Arc::new(next));
+    }
+}

@@ -1,0 +1,199 @@
+//! Upstreams compiled for the data plane: nodes, balancer, timeouts, Host
+//! policy and the pooled HTTP client that reaches them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::uri::Authority;
+use http::HeaderValue;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use admin_api::model::{default_port, Node, Timeout, UpstreamConf};
+
+use crate::balancer::RoundRobin;
+use crate::proxy::ProxyBody;
+
+/// Connect/send/read timeout when neither route nor upstream sets one
+/// (nginx's `proxy_*_timeout` default, which APISIX keeps).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Idle upstream connections kept per node (APISIX's `upstream.keepalive`).
+pub const POOL_MAX_IDLE_PER_HOST: usize = 320;
+/// How long an idle upstream connection is kept
+/// (APISIX's `upstream.keepalive_timeout`).
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The HTTP client used towards upstreams.
+pub type UpstreamClient = Client<HttpConnector, ProxyBody>;
+
+/// One client per distinct connect timeout, shared by every upstream that
+/// uses it, so that keep-alive pools survive config swaps.
+#[derive(Default)]
+pub struct Clients {
+    by_connect_ms: Mutex<HashMap<u64, UpstreamClient>>,
+}
+
+impl Clients {
+    pub fn get(&self, connect: Duration) -> UpstreamClient {
+        let ms = connect.as_millis() as u64;
+        let mut map = self.by_connect_ms.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(ms)
+            .or_insert_with(|| {
+                let mut conn = HttpConnector::new();
+                conn.set_connect_timeout(Some(connect));
+                conn.set_nodelay(true);
+                conn.enforce_http(true);
+                Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+                    .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
+                    .pool_timer(TokioTimer::new())
+                    .timer(TokioTimer::new())
+                    .build(conn)
+            })
+            .clone()
+    }
+}
+
+/// Which Host header the upstream sees.
+#[derive(Debug, Clone)]
+pub enum PassHost {
+    /// The client's Host (default).
+    Pass,
+    /// The node's `host[:port]`.
+    Node,
+    /// A fixed `upstream_host`.
+    Rewrite(HeaderValue),
+}
+
+/// A node ready to be dialled.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub authority: Authority,
+    /// Host header for `pass_host: node`: port omitted when it is the
+    /// scheme's default.
+    pub host_header: HeaderValue,
+}
+
+/// Per-phase timeouts, seconds converted once.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub send: Duration,
+    pub read: Duration,
+}
+
+impl Timeouts {
+    pub fn from_conf(t: Option<&Timeout>) -> Option<Self> {
+        let secs = |v: f64| Duration::try_from_secs_f64(v).unwrap_or(DEFAULT_TIMEOUT);
+        t.map(|t| Timeouts {
+            connect: secs(t.connect),
+            send: secs(t.send),
+            read: secs(t.read),
+        })
+    }
+
+    pub const DEFAULT: Timeouts = Timeouts {
+        connect: DEFAULT_TIMEOUT,
+        send: DEFAULT_TIMEOUT,
+        read: DEFAULT_TIMEOUT,
+    };
+}
+
+/// An upstream compiled for one snapshot.
+#[derive(Debug)]
+pub struct CompiledUpstream {
+    pub targets: Vec<Target>,
+    pub balancer: Arc<RoundRobin>,
+    /// Extra tries after the first.
+    pub retries: usize,
+    /// Bound on all tries together; `None`: unbounded.
+    pub retry_timeout: Option<Duration>,
+    pub timeouts: Timeouts,
+    pub pass_host: PassHost,
+}
+
+/// Why an upstream could not be compiled (only a corrupt store gets here).
+#[derive(Debug, thiserror::Error)]
+#[error("upstream: {0}")]
+pub struct UpstreamError(String);
+
+/// Balancers kept across snapshots, keyed by the object that owns the
+/// upstream (`upstreams/1`, `routes/7`), reused while the nodes are equal.
+#[derive(Default)]
+pub struct BalancerCache {
+    by_owner: HashMap<String, (Vec<Node>, Arc<RoundRobin>)>,
+}
+
+impl BalancerCache {
+    pub fn get(&mut self, owner: &str, nodes: &[Node]) -> Arc<RoundRobin> {
+        if let Some((known, rr)) = self.by_owner.get(owner) {
+            if known.as_slice() == nodes {
+                return rr.clone();
+            }
+        }
+        let rr = Arc::new(RoundRobin::new(nodes.iter().map(|n| n.weight).collect()));
+        self.by_owner.insert(owner.to_string(), (nodes.to_vec(), rr.clone()));
+        rr
+    }
+
+    /// Forgets every balancer whose owner starts with `prefix`.
+    pub fn forget(&mut self, prefix: &str) {
+        self.by_owner.retain(|k, _| !k.starts_with(prefix));
+    }
+}
+
+impl CompiledUpstream {
+    pub fn compile(conf: &UpstreamConf, owner: &str, balancers: &mut BalancerCache) -> Result<Self, UpstreamError> {
+        let nodes = conf.resolved_nodes().map_err(UpstreamError)?;
+        let default = default_port(&conf.scheme);
+        let targets = nodes
+            .iter()
+            .map(|n| {
+                let host = if n.host.contains(':') {
+                    format!("[{}]", n.host)
+                } else {
+                    n.host.clone()
+                };
+                let authority: Authority = format!("{host}:{}", n.port)
+                    .parse()
+                    .map_err(|e| UpstreamError(format!("node {host}: {e}")))?;
+                let header = if n.port == default {
+                    host.clone()
+                } else {
+                    format!("{host}:{}", n.port)
+                };
+                let host_header =
+                    HeaderValue::from_str(&header).map_err(|e| UpstreamError(format!("node {host}: {e}")))?;
+                Ok(Target {
+                    authority,
+                    host_header,
+                })
+            })
+            .collect::<Result<Vec<_>, UpstreamError>>()?;
+        let live = nodes.iter().filter(|n| n.weight > 0).count();
+        let pass_host = match conf.pass_host.as_str() {
+            "node" => PassHost::Node,
+            "rewrite" => PassHost::Rewrite(
+                HeaderValue::from_str(conf.upstream_host.as_deref().unwrap_or_default())
+                    .map_err(|e| UpstreamError(format!("upstream_host: {e}")))?,
+            ),
+            _ => PassHost::Pass,
+        };
+        Ok(CompiledUpstream {
+            balancer: balancers.get(owner, &nodes),
+            targets,
+            retries: conf
+                .retries
+                .map(|r| r as usize)
+                .unwrap_or_else(|| live.saturating_sub(1)),
+            retry_timeout: conf
+                .retry_timeout
+                .filter(|t| *t > 0.0)
+                .and_then(|t| Duration::try_from_secs_f64(t).ok()),
+            timeouts: Timeouts::from_conf(conf.timeout.as_ref()).unwrap_or(Timeouts::DEFAULT),
+            pass_host,
+        })
+    }
+}
