@@ -133,13 +133,15 @@ async fn read_json(body: Body, declared_len: Option<usize>) -> Result<Option<Val
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }
-    serde_json::from_slice(&bytes).map(Some).map_err(|e| AdminError {
-        status: StatusCode::BAD_REQUEST,
-        body: json!({
-            "error_msg": format!("invalid request body: {e}"),
-            "req_body": String::from_utf8_lossy(&bytes),
-        }),
-    })
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| AdminError {
+            status: StatusCode::BAD_REQUEST,
+            body: json!({
+                "error_msg": format!("invalid request body: {e}"),
+                "req_body": String::from_utf8_lossy(&bytes),
+            }),
+        })
 }
 
 async fn dispatch(state: Arc<AdminState>, req: Request) -> Result<Reply, AdminError> {
@@ -186,10 +188,9 @@ async fn dispatch(state: Arc<AdminState>, req: Request) -> Result<Reply, AdminEr
     let parse_num = |name: &str| -> Result<Option<usize>, AdminError> {
         match arg(name) {
             None => Ok(None),
-            Some(v) => v
-                .parse()
-                .map(Some)
-                .map_err(|_| AdminError::bad_request(format!("invalid argument {name}: should be a number"))),
+            Some(v) => v.parse().map(Some).map_err(|_| {
+                AdminError::bad_request(format!("invalid argument {name}: should be a number"))
+            }),
         }
     };
     let list_query = ListQuery {
@@ -230,12 +231,20 @@ async fn dispatch(state: Arc<AdminState>, req: Request) -> Result<Reply, AdminEr
         }
     })
     .await
-    .map_err(|e| AdminError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("admin task failed: {e}")))?
+    .map_err(|e| {
+        AdminError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("admin task failed: {e}"),
+        )
+    })?
 }
 
 fn plugin_info(method: &Method, name: Option<&str>) -> Result<Reply, AdminError> {
     if method != Method::GET {
-        return Err(AdminError::new(StatusCode::METHOD_NOT_ALLOWED, "not supported method for plugins"));
+        return Err(AdminError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "not supported method for plugins",
+        ));
     }
     match name {
         Some("list") | None => Ok((
@@ -261,7 +270,10 @@ fn plugin_schema(name: &str) -> Result<Reply, AdminError> {
 
 fn schema_info(method: &Method, target: &Target) -> Result<Reply, AdminError> {
     if method != Method::GET {
-        return Err(AdminError::new(StatusCode::METHOD_NOT_ALLOWED, "not supported method for schema"));
+        return Err(AdminError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "not supported method for schema",
+        ));
     }
     let kind = match target.id.as_deref() {
         Some("plugins") => return plugin_schema(target.sub_path.as_deref().unwrap_or_default()),

@@ -60,13 +60,17 @@ impl AuthPolicy {
     ) -> Result<(), AdminError> {
         if let Some(allow) = &self.allow {
             if !peer.is_some_and(|ip| allow.contains(ip)) {
-                return Err(AdminError::new(http::StatusCode::FORBIDDEN, "403 Forbidden"));
+                return Err(AdminError::new(
+                    http::StatusCode::FORBIDDEN,
+                    "403 Forbidden",
+                ));
             }
         }
         if !self.key_required {
             return Ok(());
         }
-        let presented = presented_key(query, headers).ok_or_else(|| AdminError::unauthorized("missing apikey"))?;
+        let presented = presented_key(query, headers)
+            .ok_or_else(|| AdminError::unauthorized("missing apikey"))?;
         // Compare against every key so timing does not tell which matched.
         let mut matched: Option<Role> = None;
         for k in &self.keys {
@@ -148,8 +152,16 @@ mod tests {
     fn policy() -> AuthPolicy {
         AuthPolicy {
             keys: vec![
-                AdminKey { name: "admin".into(), key: "secret-admin".into(), role: Role::Admin },
-                AdminKey { name: "viewer".into(), key: "secret-viewer".into(), role: Role::Viewer },
+                AdminKey {
+                    name: "admin".into(),
+                    key: "secret-admin".into(),
+                    role: Role::Admin,
+                },
+                AdminKey {
+                    name: "viewer".into(),
+                    key: "secret-viewer".into(),
+                    role: Role::Viewer,
+                },
             ],
             key_required: true,
             allow: Some(IpSet::from_entries(&["127.0.0.0/24"]).unwrap()),
@@ -167,24 +179,41 @@ mod tests {
     #[test]
     fn key_sources_and_roles() {
         let p = policy();
-        assert!(p.check(LOCAL, &Method::PUT, None, &headers("secret-admin")).is_ok());
-        assert!(p.check(LOCAL, &Method::GET, Some("a=1&api_key=secret-admin"), &HeaderMap::new()).is_ok());
+        assert!(p
+            .check(LOCAL, &Method::PUT, None, &headers("secret-admin"))
+            .is_ok());
+        assert!(p
+            .check(
+                LOCAL,
+                &Method::GET,
+                Some("a=1&api_key=secret-admin"),
+                &HeaderMap::new()
+            )
+            .is_ok());
         let mut cookie = HeaderMap::new();
         cookie.insert("cookie", "x=1; X-API-KEY=secret-admin".parse().unwrap());
         assert!(p.check(LOCAL, &Method::GET, None, &cookie).is_ok());
-        assert!(p.check(LOCAL, &Method::GET, None, &headers("secret-viewer")).is_ok());
-        let err = p.check(LOCAL, &Method::PUT, None, &headers("secret-viewer")).unwrap_err();
+        assert!(p
+            .check(LOCAL, &Method::GET, None, &headers("secret-viewer"))
+            .is_ok());
+        let err = p
+            .check(LOCAL, &Method::PUT, None, &headers("secret-viewer"))
+            .unwrap_err();
         assert_eq!(err.body["description"], "invalid method for role viewer");
     }
 
     #[test]
     fn missing_wrong_and_partial_keys() {
         let p = policy();
-        let missing = p.check(LOCAL, &Method::GET, None, &HeaderMap::new()).unwrap_err();
+        let missing = p
+            .check(LOCAL, &Method::GET, None, &HeaderMap::new())
+            .unwrap_err();
         assert_eq!(missing.status, 401);
         assert_eq!(missing.body["description"], "missing apikey");
         for bad in ["secret-admi", "secret-admin0", ""] {
-            let err = p.check(LOCAL, &Method::GET, None, &headers(bad)).unwrap_err();
+            let err = p
+                .check(LOCAL, &Method::GET, None, &headers(bad))
+                .unwrap_err();
             assert_eq!(err.body["description"], "wrong apikey", "{bad:?}");
         }
     }
@@ -193,8 +222,18 @@ mod tests {
     fn allow_admin_is_checked_first() {
         let p = policy();
         let outside = Some("127.0.1.9".parse().unwrap());
-        assert_eq!(p.check(outside, &Method::GET, None, &headers("secret-admin")).unwrap_err().status, 403);
-        assert_eq!(p.check(None, &Method::GET, None, &headers("secret-admin")).unwrap_err().status, 403);
+        assert_eq!(
+            p.check(outside, &Method::GET, None, &headers("secret-admin"))
+                .unwrap_err()
+                .status,
+            403
+        );
+        assert_eq!(
+            p.check(None, &Method::GET, None, &headers("secret-admin"))
+                .unwrap_err()
+                .status,
+            403
+        );
     }
 
     #[test]

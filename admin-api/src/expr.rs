@@ -32,7 +32,7 @@ pub enum Expr {
     All(Vec<Expr>),
     Any(Vec<Expr>),
     Not(Box<Expr>),
-    Rule { var: String, op: Op },
+    Rule { var: String, op: Box<Op> },
 }
 
 #[derive(Debug, Clone)]
@@ -43,10 +43,10 @@ pub enum Op {
     Lt(f64),
     Ge(f64),
     Le(f64),
-    Regex(Regex),
+    Regex(Box<Regex>),
     In(Vec<String>),
     Has(String),
-    IpMatch(IpSet),
+    IpMatch(Box<IpSet>),
 }
 
 /// The right-hand side of `==` / `~=`: numbers compare as numbers.
@@ -65,7 +65,10 @@ pub fn compile(vars: &Value) -> Result<Expr, ExprError> {
     let list = vars
         .as_array()
         .ok_or_else(|| "rule should be wrapped inside brackets".to_string())?;
-    list.iter().map(compile_rule).collect::<Result<_, _>>().map(Expr::All)
+    list.iter()
+        .map(compile_rule)
+        .collect::<Result<_, _>>()
+        .map(Expr::All)
 }
 
 fn compile_rule(rule: &Value) -> Result<Expr, ExprError> {
@@ -100,7 +103,10 @@ fn compile_leaf(items: &[Value]) -> Result<Expr, ExprError> {
         _ => (false, 1),
     };
     if items.len() != op_at + 2 {
-        return Err(format!("rule too short or too long: {}", Value::Array(items.to_vec())));
+        return Err(format!(
+            "rule too short or too long: {}",
+            Value::Array(items.to_vec())
+        ));
     }
     let var = items[0]
         .as_str()
@@ -140,8 +146,8 @@ fn compile_leaf(items: &[Value]) -> Result<Expr, ExprError> {
         "<" => Op::Lt(number()?),
         ">=" => Op::Ge(number()?),
         "<=" => Op::Le(number()?),
-        "~~" => Op::Regex(regex(false)?),
-        "~*" => Op::Regex(regex(true)?),
+        "~~" => Op::Regex(Box::new(regex(false)?)),
+        "~*" => Op::Regex(Box::new(regex(true)?)),
         "in" => Op::In(
             value
                 .as_array()
@@ -157,11 +163,16 @@ fn compile_leaf(items: &[Value]) -> Result<Expr, ExprError> {
                 Value::Array(a) => a.iter().map(text).collect(),
                 _ => return Err("invalid value for operator 'ipmatch'".to_string()),
             };
-            Op::IpMatch(IpSet::from_entries(&entries).map_err(|e| e.to_string())?)
+            Op::IpMatch(Box::new(
+                IpSet::from_entries(&entries).map_err(|e| e.to_string())?,
+            ))
         }
         other => return Err(format!("invalid operator '{other}'")),
     };
-    let leaf = Expr::Rule { var, op };
+    let leaf = Expr::Rule {
+        var,
+        op: Box::new(op),
+    };
     Ok(if negated {
         Expr::Not(Box::new(leaf))
     } else {
@@ -232,18 +243,39 @@ mod tests {
 
     #[test]
     fn operators() {
-        assert!(eval(json!([["arg_env", "==", "prod"]]), &[("arg_env", "prod")]));
-        assert!(!eval(json!([["arg_env", "==", "prod"]]), &[("arg_env", "dev")]));
+        assert!(eval(
+            json!([["arg_env", "==", "prod"]]),
+            &[("arg_env", "prod")]
+        ));
+        assert!(!eval(
+            json!([["arg_env", "==", "prod"]]),
+            &[("arg_env", "dev")]
+        ));
         assert!(!eval(json!([["arg_env", "==", "prod"]]), &[]));
         assert!(eval(json!([["arg_env", "~=", "prod"]]), &[]));
         assert!(eval(json!([["arg_age", ">", 18]]), &[("arg_age", "20")]));
         assert!(!eval(json!([["arg_age", "<=", 18]]), &[("arg_age", "20")]));
         assert!(eval(json!([["arg_n", "==", 5]]), &[("arg_n", "5.0")]));
-        assert!(eval(json!([["uri", "~~", "^/a/[0-9]+$"]]), &[("uri", "/a/12")]));
-        assert!(eval(json!([["http_x", "~*", "^abc$"]]), &[("http_x", "ABC")]));
-        assert!(eval(json!([["http_x", "in", ["a", "b"]]]), &[("http_x", "b")]));
-        assert!(eval(json!([["remote_addr", "ipmatch", ["10.0.0.0/8"]]]), &[("remote_addr", "10.2.3.4")]));
-        assert!(eval(json!([["arg_env", "!", "==", "prod"]]), &[("arg_env", "dev")]));
+        assert!(eval(
+            json!([["uri", "~~", "^/a/[0-9]+$"]]),
+            &[("uri", "/a/12")]
+        ));
+        assert!(eval(
+            json!([["http_x", "~*", "^abc$"]]),
+            &[("http_x", "ABC")]
+        ));
+        assert!(eval(
+            json!([["http_x", "in", ["a", "b"]]]),
+            &[("http_x", "b")]
+        ));
+        assert!(eval(
+            json!([["remote_addr", "ipmatch", ["10.0.0.0/8"]]]),
+            &[("remote_addr", "10.2.3.4")]
+        ));
+        assert!(eval(
+            json!([["arg_env", "!", "==", "prod"]]),
+            &[("arg_env", "dev")]
+        ));
         assert!(eval(
             json!([["OR", ["arg_a", "==", "1"], ["arg_b", "==", "2"]]]),
             &[("arg_b", "2")]

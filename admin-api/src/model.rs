@@ -203,7 +203,11 @@ impl UpstreamConf {
             Some(Nodes::List(list)) => Ok(list
                 .iter()
                 .map(|n| Node {
-                    host: n.host.trim_start_matches('[').trim_end_matches(']').to_string(),
+                    host: n
+                        .host
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .to_string(),
                     port: port_or_default(n.port),
                     weight: n.weight,
                 })
@@ -228,8 +232,14 @@ mod tests {
 
     #[test]
     fn host_port_forms() {
-        assert_eq!(split_host_port("127.0.0.1:1980"), Ok(("127.0.0.1".into(), Some(1980))));
-        assert_eq!(split_host_port("example.com"), Ok(("example.com".into(), None)));
+        assert_eq!(
+            split_host_port("127.0.0.1:1980"),
+            Ok(("127.0.0.1".into(), Some(1980)))
+        );
+        assert_eq!(
+            split_host_port("example.com"),
+            Ok(("example.com".into(), None))
+        );
         assert_eq!(split_host_port("[::1]:80"), Ok(("::1".into(), Some(80))));
         assert_eq!(split_host_port("::1"), Ok(("::1".into(), None)));
         assert_eq!(split_host_port("a:0"), Err("invalid port 0".into()));
@@ -244,7 +254,14 @@ mod tests {
         .unwrap();
         assert_eq!(up.kind, "roundrobin");
         let nodes = up.resolved_nodes().unwrap();
-        assert_eq!(nodes[0], Node { host: "127.0.0.1".into(), port: 1980, weight: 1 });
+        assert_eq!(
+            nodes[0],
+            Node {
+                host: "127.0.0.1".into(),
+                port: 1980,
+                weight: 1
+            }
+        );
         assert_eq!(nodes[1].port, 80);
         let up: UpstreamConf = serde_json::from_value(json!({
             "scheme": "https",

@@ -98,13 +98,21 @@ fn missing_id(kind: Kind) -> AdminError {
 }
 
 /// `PUT /apisix/admin/{kind}[/{id}]`.
-pub fn put(store: &dyn Store, kind: Kind, url_id: Option<&str>, conf: Option<Value>) -> Result<Reply, AdminError> {
+pub fn put(
+    store: &dyn Store,
+    kind: Kind,
+    url_id: Option<&str>,
+    conf: Option<Value>,
+) -> Result<Reply, AdminError> {
     let mut conf = conf.ok_or_else(|| AdminError::bad_request("missing configurations"))?;
     forbid_client_timestamps(&conf)?;
     let body_id = conf.get("id").and_then(id_text);
     let id = match (url_id, &body_id) {
         (Some(u), Some(b)) if u != b => {
-            return Err(AdminError::bad_request(format!("wrong {} id", kind.label())))
+            return Err(AdminError::bad_request(format!(
+                "wrong {} id",
+                kind.label()
+            )))
         }
         (Some(u), _) => u.to_string(),
         (None, Some(b)) => b.clone(),
@@ -181,18 +189,28 @@ pub struct ListQuery {
 pub fn list(store: &dyn Store, kind: Kind, q: &ListQuery) -> Result<Reply, AdminError> {
     if let Some(size) = q.page_size {
         if !PAGE_SIZE_RANGE.contains(&size) {
-            return Err(AdminError::bad_request("page_size must be between 10 and 500"));
+            return Err(AdminError::bad_request(
+                "page_size must be between 10 and 500",
+            ));
         }
     }
     let entries = store.list(&kind.prefix())?;
     let matches = |e: &Entry| {
         let v = &e.value;
-        let text = |f: &str| v.get(f).and_then(Value::as_str).unwrap_or_default().to_string();
-        q.name.as_ref().is_none_or(|n| text("name").contains(n.as_str()))
+        let text = |f: &str| {
+            v.get(f)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string()
+        };
+        q.name
+            .as_ref()
+            .is_none_or(|n| text("name").contains(n.as_str()))
             && q.uri.as_ref().is_none_or(|u| {
                 text("uri").contains(u.as_str())
                     || v.get("uris").and_then(Value::as_array).is_some_and(|l| {
-                        l.iter().any(|x| x.as_str().is_some_and(|s| s.contains(u.as_str())))
+                        l.iter()
+                            .any(|x| x.as_str().is_some_and(|s| s.contains(u.as_str())))
                     })
             })
             && q.label.as_ref().is_none_or(|l| {
@@ -202,16 +220,22 @@ pub fn list(store: &dyn Store, kind: Kind, q: &ListQuery) -> Result<Reply, Admin
                     .and_then(Value::as_str)
                     .is_some_and(|x| val.is_empty() || x == val)
             })
-            && q.filter.as_ref().is_none_or(|(f, want)| {
-                v.get(f).and_then(id_text).is_some_and(|x| &x == want)
-            })
+            && q.filter
+                .as_ref()
+                .is_none_or(|(f, want)| v.get(f).and_then(id_text).is_some_and(|x| &x == want))
     };
-    let filtered: Vec<Value> = entries.iter().filter(|e| matches(e)).map(with_indexes).collect();
+    let filtered: Vec<Value> = entries
+        .iter()
+        .filter(|e| matches(e))
+        .map(with_indexes)
+        .collect();
     let total = filtered.len();
     let list: Vec<Value> = match (q.page, q.page_size) {
-        (Some(page), Some(size)) if page >= 1 => {
-            filtered.into_iter().skip((page - 1) * size).take(size).collect()
-        }
+        (Some(page), Some(size)) if page >= 1 => filtered
+            .into_iter()
+            .skip((page - 1) * size)
+            .take(size)
+            .collect(),
         _ => filtered,
     };
     Ok((StatusCode::OK, json!({ "list": list, "total": total })))
@@ -246,7 +270,9 @@ fn set_at_path(target: &mut Value, path: &str, value: Value) -> Result<(), Admin
         let Value::Object(map) = cur else {
             return Err(AdminError::bad_request(format!("invalid sub path: {path}")));
         };
-        cur = map.entry((*p).to_string()).or_insert_with(|| Value::Object(Map::new()));
+        cur = map
+            .entry((*p).to_string())
+            .or_insert_with(|| Value::Object(Map::new()));
     }
     match cur {
         Value::Object(map) => {
@@ -271,7 +297,9 @@ pub fn patch(
 ) -> Result<Reply, AdminError> {
     let id = id.ok_or_else(|| missing_id(kind))?;
     let conf = conf.ok_or_else(|| AdminError::bad_request("missing new configuration"))?;
-    let existing = store.get(&kind.key(id))?.ok_or_else(AdminError::key_not_found)?;
+    let existing = store
+        .get(&kind.key(id))?
+        .ok_or_else(AdminError::key_not_found)?;
     let mut merged = existing.value.clone();
     match sub_path.filter(|p| !p.is_empty()) {
         Some(path) => set_at_path(&mut merged, path, conf)?,
@@ -286,18 +314,28 @@ pub fn patch(
     }
     if let Some(body_id) = merged.get("id").and_then(id_text) {
         if body_id != id {
-            return Err(AdminError::bad_request(format!("wrong {} id", kind.label())));
+            return Err(AdminError::bad_request(format!(
+                "wrong {} id",
+                kind.label()
+            )));
         }
     }
     store_checked(store, kind, id, merged, Some(&existing))
 }
 
 /// Routes (and services) still referring to `/apisix/{kind}/{id}`.
-fn users_of(store: &dyn Store, field: &str, id: &str, user_kinds: &[Kind]) -> Result<Option<(Kind, String)>, AdminError> {
+fn users_of(
+    store: &dyn Store,
+    field: &str,
+    id: &str,
+    user_kinds: &[Kind],
+) -> Result<Option<(Kind, String)>, AdminError> {
     for kind in user_kinds {
         for entry in store.list(&kind.prefix())? {
             if entry.value.get(field).and_then(id_text).as_deref() == Some(id) {
-                let user_id = Kind::parse_key(&entry.key).map(|(_, i)| i.to_string()).unwrap_or_default();
+                let user_id = Kind::parse_key(&entry.key)
+                    .map(|(_, i)| i.to_string())
+                    .unwrap_or_default();
                 return Ok(Some((*kind, user_id)));
             }
         }
@@ -306,15 +344,29 @@ fn users_of(store: &dyn Store, field: &str, id: &str, user_kinds: &[Kind]) -> Re
 }
 
 /// `DELETE /apisix/admin/{kind}/{id}[?force=true]`.
-pub fn delete(store: &dyn Store, kind: Kind, id: Option<&str>, force: bool) -> Result<Reply, AdminError> {
+pub fn delete(
+    store: &dyn Store,
+    kind: Kind,
+    id: Option<&str>,
+    force: bool,
+) -> Result<Reply, AdminError> {
     let id = id.ok_or_else(|| missing_id(kind))?;
     let key = kind.key(id);
     if !force {
         let in_use = match kind {
             Kind::Upstreams => users_of(store, "upstream_id", id, &[Kind::Routes, Kind::Services])?
-                .map(|(k, u)| format!("can not delete this upstream, {} [{u}] is still using it now", k.label())),
-            Kind::Services => users_of(store, "service_id", id, &[Kind::Routes])?
-                .map(|(k, u)| format!("can not delete this service directly, {} [{u}] is still using it now", k.label())),
+                .map(|(k, u)| {
+                    format!(
+                        "can not delete this upstream, {} [{u}] is still using it now",
+                        k.label()
+                    )
+                }),
+            Kind::Services => users_of(store, "service_id", id, &[Kind::Routes])?.map(|(k, u)| {
+                format!(
+                    "can not delete this service directly, {} [{u}] is still using it now",
+                    k.label()
+                )
+            }),
             _ => None,
         };
         if let Some(msg) = in_use {

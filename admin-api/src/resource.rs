@@ -10,7 +10,12 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Routes, Kind::Services, Kind::Upstreams, Kind::GlobalRules];
+    pub const ALL: [Kind; 4] = [
+        Kind::Routes,
+        Kind::Services,
+        Kind::Upstreams,
+        Kind::GlobalRules,
+    ];
 
     /// The collection name in URLs and keys (`routes`).
     pub fn collection(self) -> &'static str {

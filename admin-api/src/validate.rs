@@ -41,7 +41,11 @@ fn is_host(s: &str) -> bool {
 
 fn id_schema() -> Schema {
     Schema::AnyOf(vec![
-        Schema::string().min(1).max(64).pattern(ID_PATTERN, is_id_text).done(),
+        Schema::string()
+            .min(1)
+            .max(64)
+            .pattern(ID_PATTERN, is_id_text)
+            .done(),
         Schema::integer().min(1.0).int(),
     ])
 }
@@ -114,10 +118,17 @@ fn build_upstream_schema() -> Schema {
         .prop(
             "scheme",
             Schema::string()
-                .enumerated(&["grpc", "grpcs", "http", "https", "tcp", "tls", "udp", "kafka"])
+                .enumerated(&[
+                    "grpc", "grpcs", "http", "https", "tcp", "tls", "udp", "kafka",
+                ])
                 .done(),
         )
-        .prop("pass_host", Schema::string().enumerated(&["pass", "node", "rewrite"]).done())
+        .prop(
+            "pass_host",
+            Schema::string()
+                .enumerated(&["pass", "node", "rewrite"])
+                .done(),
+        )
         .prop("upstream_host", host_schema())
         .prop(
             "hash_on",
@@ -156,7 +167,10 @@ fn build_route_schema() -> Schema {
         .prop("host", host_schema())
         .prop("hosts", Schema::array(host_schema()).min(1).unique().done())
         .prop("remote_addr", ip_schema())
-        .prop("remote_addrs", Schema::array(ip_schema()).min(1).unique().done())
+        .prop(
+            "remote_addrs",
+            Schema::array(ip_schema()).min(1).unique().done(),
+        )
         .prop("vars", Schema::array(Schema::Any).done())
         .prop("filter_func", Schema::string().min(10).done())
         .prop("script", Schema::string().min(10).max(102400).done())
@@ -165,7 +179,10 @@ fn build_route_schema() -> Schema {
         .prop("upstream", upstream_schema().clone())
         .prop("upstream_id", id_schema())
         .prop("service_id", id_schema())
-        .prop("service_protocol", Schema::string().enumerated(&["grpc", "http"]).done())
+        .prop(
+            "service_protocol",
+            Schema::string().enumerated(&["grpc", "http"]).done(),
+        )
         .prop("enable_websocket", Schema::Boolean)
         .prop("timeout", timeout_schema())
         .prop("status", Schema::integer().enumerated(&[1, 0]).int())
@@ -263,7 +280,8 @@ fn check_route(conf: &Value, lookup: &dyn Lookup) -> Result<(), String> {
     check_reference(conf, "service_id", Kind::Services, lookup)?;
     check_plugins(conf.get("plugins"))?;
     if let Some(vars) = conf.get("vars") {
-        expr::compile(vars).map_err(|e| format!("failed to validate the 'vars' expression: {e}"))?;
+        expr::compile(vars)
+            .map_err(|e| format!("failed to validate the 'vars' expression: {e}"))?;
     }
     Ok(())
 }
@@ -276,7 +294,12 @@ fn check_service(conf: &Value, lookup: &dyn Lookup) -> Result<(), String> {
     check_plugins(conf.get("plugins"))
 }
 
-fn check_reference(conf: &Value, field: &str, kind: Kind, lookup: &dyn Lookup) -> Result<(), String> {
+fn check_reference(
+    conf: &Value,
+    field: &str,
+    kind: Kind,
+    lookup: &dyn Lookup,
+) -> Result<(), String> {
     let Some(id) = conf.get(field).and_then(crate::model::id_text) else {
         return Ok(());
     };
@@ -302,8 +325,8 @@ pub fn check_upstream(conf: &Value) -> Result<(), String> {
             split_host_port(addr)?;
         }
     }
-    let up: UpstreamConf = serde_json::from_value(conf.clone())
-        .map_err(|e| format!("invalid configuration: {e}"))?;
+    let up: UpstreamConf =
+        serde_json::from_value(conf.clone()).map_err(|e| format!("invalid configuration: {e}"))?;
     if let Some(Nodes::List(list)) = &up.nodes {
         for n in list {
             if n.host.is_empty() {

@@ -149,6 +149,16 @@ impl GatewayConfig {
 
     /// Parses config text; `path` only names the file in errors.
     pub fn from_yaml(text: &str, path: &Path, prefix: PathBuf) -> Result<Self, ConfigError> {
+        Self::from_yaml_with_env(text, path, prefix, &|name| std::env::var(name).ok())
+    }
+
+    /// Like [`Self::from_yaml`], reading `${{VAR}}` values through `env`.
+    pub fn from_yaml_with_env(
+        text: &str,
+        path: &Path,
+        prefix: PathBuf,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
         let mut doc: Value = if text.trim().is_empty() {
             Value::Null
         } else {
@@ -157,7 +167,7 @@ impl GatewayConfig {
                 message: e.to_string(),
             })?
         };
-        substitute_env(&mut doc, "")?;
+        substitute_env(&mut doc, "", env)?;
         if !(doc.is_object() || doc.is_null()) {
             return Err(key_err("(root)", "expected a mapping"));
         }
@@ -173,10 +183,9 @@ impl GatewayConfig {
         let admin_listen = {
             let ip = match get("deployment.admin.admin_listen.ip") {
                 None => DEFAULT_ADMIN_IP,
-                Some(v) => v
-                    .as_str()
-                    .and_then(|s| s.parse().ok())
-                    .ok_or_else(|| key_err("deployment.admin.admin_listen.ip", "expected an IP address"))?,
+                Some(v) => v.as_str().and_then(|s| s.parse().ok()).ok_or_else(|| {
+                    key_err("deployment.admin.admin_listen.ip", "expected an IP address")
+                })?,
             };
             let port = match get("deployment.admin.admin_listen.port") {
                 None => DEFAULT_ADMIN_PORT,
@@ -195,7 +204,12 @@ impl GatewayConfig {
                 .enumerate()
                 .map(|(i, item)| parse_key(i, item))
                 .collect::<Result<_, _>>()?,
-            Some(_) => return Err(key_err("deployment.admin.admin_key", "expected a list of {name, key, role}")),
+            Some(_) => {
+                return Err(key_err(
+                    "deployment.admin.admin_key",
+                    "expected a list of {name, key, role}",
+                ))
+            }
         };
         if admin_keys.iter().any(|k| k.key == PUBLIC_DEFAULT_KEY) {
             return Err(key_err(
@@ -204,7 +218,10 @@ impl GatewayConfig {
             ));
         }
         let allow_admin = match get("deployment.admin.allow_admin") {
-            None => Some(IpSet::from_entries(&[DEFAULT_ALLOW_ADMIN]).map_err(|e| key_err("deployment.admin.allow_admin", e.to_string()))?),
+            None => Some(
+                IpSet::from_entries(&[DEFAULT_ALLOW_ADMIN])
+                    .map_err(|e| key_err("deployment.admin.allow_admin", e.to_string()))?,
+            ),
             Some(Value::Null) => None,
             Some(v) => Some(ip_list("deployment.admin.allow_admin", v)?),
         };
@@ -215,29 +232,46 @@ impl GatewayConfig {
                 // the embedded store serves the same Admin API.
                 Provider::Embedded
             }
-            "data_plane" => match opt_str(doc, "deployment.role_data_plane.config_provider")?.as_deref() {
-                Some("yaml") | None => Provider::Yaml(prefix.join("conf").join("apisix.yaml")),
-                Some(other) => {
-                    return Err(key_err(
-                        "deployment.role_data_plane.config_provider",
-                        format!("`{other}` is not supported; use `yaml`"),
-                    ))
+            "data_plane" => {
+                match opt_str(doc, "deployment.role_data_plane.config_provider")?.as_deref() {
+                    Some("yaml") | None => Provider::Yaml(prefix.join("conf").join("apisix.yaml")),
+                    Some(other) => {
+                        return Err(key_err(
+                            "deployment.role_data_plane.config_provider",
+                            format!("`{other}` is not supported; use `yaml`"),
+                        ))
+                    }
                 }
-            },
-            other => return Err(key_err("deployment.role", format!("unknown role `{other}`"))),
+            }
+            other => {
+                return Err(key_err(
+                    "deployment.role",
+                    format!("unknown role `{other}`"),
+                ))
+            }
         };
         let real_ip = match get("nginx_config.http.real_ip_from") {
             None => None,
             Some(v) => {
                 let entries: Vec<String> = match v {
-                    Value::Array(a) => a.iter().map(|x| x.as_str().map(str::to_string)).collect::<Option<_>>(),
+                    Value::Array(a) => a
+                        .iter()
+                        .map(|x| x.as_str().map(str::to_string))
+                        .collect::<Option<_>>(),
                     Value::String(s) => Some(vec![s.clone()]),
                     _ => None,
                 }
-                .ok_or_else(|| key_err("nginx_config.http.real_ip_from", "expected a list of addresses or CIDRs"))?;
+                .ok_or_else(|| {
+                    key_err(
+                        "nginx_config.http.real_ip_from",
+                        "expected a list of addresses or CIDRs",
+                    )
+                })?;
                 // "unix:" trusts unix-socket peers; the gateway has none.
-                let ips: Vec<&String> = entries.iter().filter(|e| !e.starts_with("unix:")).collect();
-                let trusted = IpSet::from_entries(&ips).map_err(|e| key_err("nginx_config.http.real_ip_from", e.to_string()))?;
+                let ips: Vec<&String> =
+                    entries.iter().filter(|e| !e.starts_with("unix:")).collect();
+                let trusted = IpSet::from_entries(&ips)
+                    .map_err(|e| key_err("nginx_config.http.real_ip_from", e.to_string()))?;
                 let header = opt_str(doc, "nginx_config.http.real_ip_header")?
                     .unwrap_or_else(|| "X-Real-IP".into())
                     .to_ascii_lowercase();
@@ -246,9 +280,18 @@ impl GatewayConfig {
                     Some(Value::String(s)) if s == "on" => true,
                     Some(Value::String(s)) if s == "off" => false,
                     Some(Value::Bool(b)) => *b,
-                    Some(_) => return Err(key_err("nginx_config.http.real_ip_recursive", "expected on or off")),
+                    Some(_) => {
+                        return Err(key_err(
+                            "nginx_config.http.real_ip_recursive",
+                            "expected on or off",
+                        ))
+                    }
                 };
-                Some(RealIp { trusted, header, recursive })
+                Some(RealIp {
+                    trusted,
+                    header,
+                    recursive,
+                })
             }
         };
         let unused_keys = unused_keys(doc);
@@ -259,16 +302,20 @@ impl GatewayConfig {
             enable_admin: opt_bool(doc, "apisix.enable_admin")?.unwrap_or(true),
             admin_listen,
             admin_keys,
-            admin_key_required: opt_bool(doc, "deployment.admin.admin_key_required")?.unwrap_or(true),
+            admin_key_required: opt_bool(doc, "deployment.admin.admin_key_required")?
+                .unwrap_or(true),
             allow_admin,
             provider,
             server_tokens: opt_bool(doc, "apisix.enable_server_tokens")?.unwrap_or(true),
-            show_upstream_status: opt_bool(doc, "apisix.show_upstream_status_in_response_header")?.unwrap_or(false),
+            show_upstream_status: opt_bool(doc, "apisix.show_upstream_status_in_response_header")?
+                .unwrap_or(false),
             real_ip,
             client_header_timeout: opt_duration(doc, "nginx_config.http.client_header_timeout")?
                 .unwrap_or(DEFAULT_CLIENT_HEADER_TIMEOUT),
-            keepalive_timeout: opt_duration(doc, "nginx_config.http.keepalive_timeout")?.unwrap_or(DEFAULT_KEEPALIVE_TIMEOUT),
-            shutdown_grace: opt_duration(doc, "nginx_config.worker_shutdown_timeout")?.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
+            keepalive_timeout: opt_duration(doc, "nginx_config.http.keepalive_timeout")?
+                .unwrap_or(DEFAULT_KEEPALIVE_TIMEOUT),
+            shutdown_grace: opt_duration(doc, "nginx_config.worker_shutdown_timeout")?
+                .unwrap_or(DEFAULT_SHUTDOWN_GRACE),
             unused_keys,
         })
     }
@@ -312,7 +359,12 @@ fn opt_duration(doc: &Value, path: &str) -> Result<Option<Duration>, ConfigError
     let bad = || key_err(path, "expected a duration such as 60s, 500ms, 2m");
     match lookup(doc, path) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => n.as_f64().filter(|f| *f >= 0.0).map(Duration::from_secs_f64).map(Some).ok_or_else(bad),
+        Some(Value::Number(n)) => n
+            .as_f64()
+            .filter(|f| *f >= 0.0)
+            .map(Duration::from_secs_f64)
+            .map(Some)
+            .ok_or_else(bad),
         Some(Value::String(s)) => parse_duration(s).map(Some).ok_or_else(bad),
         Some(_) => Err(bad()),
     }
@@ -321,7 +373,9 @@ fn opt_duration(doc: &Value, path: &str) -> Result<Option<Duration>, ConfigError
 /// Parses nginx time syntax.
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let n: f64 = num.parse().ok()?;
     let secs = match unit {
@@ -341,9 +395,10 @@ fn port_of(key: &str, v: &Value) -> Result<u16, ConfigError> {
         Value::String(s) => s.parse().ok(),
         _ => None,
     };
-    n.filter(|p| (1..=65535).contains(p))
+    // 0 asks the OS for a free port (the log and tests read the bound one).
+    n.filter(|p| *p <= 65535)
         .map(|p| p as u16)
-        .ok_or_else(|| key_err(key, format!("expected a port number 1..65535, got {v}")))
+        .ok_or_else(|| key_err(key, format!("expected a port number 0..65535, got {v}")))
 }
 
 fn parse_listen(key: &str, v: &Value) -> Result<Vec<SocketAddr>, ConfigError> {
@@ -351,7 +406,11 @@ fn parse_listen(key: &str, v: &Value) -> Result<Vec<SocketAddr>, ConfigError> {
     let one = |item: &Value| -> Result<SocketAddr, ConfigError> {
         match item {
             Value::Object(map) => {
-                let port = map.get("port").map(|p| port_of(key, p)).transpose()?.unwrap_or(DEFAULT_NODE_PORT);
+                let port = map
+                    .get("port")
+                    .map(|p| port_of(key, p))
+                    .transpose()?
+                    .unwrap_or(DEFAULT_NODE_PORT);
                 let ip = match map.get("ip") {
                     None => any,
                     Some(Value::String(s)) => s
@@ -386,7 +445,12 @@ fn parse_key(i: usize, item: &Value) -> Result<KeyConf, ConfigError> {
     let role = match field("role")?.as_str() {
         "admin" | "" => admin_api::Role::Admin,
         "viewer" => admin_api::Role::Viewer,
-        other => return Err(key_err(&format!("{key}.role"), format!("expected admin or viewer, got {other}"))),
+        other => {
+            return Err(key_err(
+                &format!("{key}.role"),
+                format!("expected admin or viewer, got {other}"),
+            ))
+        }
     };
     Ok(KeyConf {
         name: field("name")?,
@@ -409,7 +473,11 @@ fn ip_list(key: &str, v: &Value) -> Result<IpSet, ConfigError> {
 }
 
 /// Replaces `${{VAR}}` / `${{VAR:=default}}` in every string value.
-fn substitute_env(v: &mut Value, path: &str) -> Result<(), ConfigError> {
+fn substitute_env(
+    v: &mut Value,
+    path: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(), ConfigError> {
     match v {
         Value::String(s) if s.contains("${{") => {
             let mut out = String::new();
@@ -425,11 +493,14 @@ fn substitute_env(v: &mut Value, path: &str) -> Result<(), ConfigError> {
                     Some((n, d)) => (n.trim(), Some(d.trim())),
                     None => (expr, None),
                 };
-                match (std::env::var(name), default) {
-                    (Ok(val), _) => out.push_str(&val),
-                    (Err(_), Some(d)) => out.push_str(d),
-                    (Err(_), None) => {
-                        return Err(key_err(path, format!("environment variable {name} is not set")))
+                match (env(name), default) {
+                    (Some(val), _) => out.push_str(&val),
+                    (None, Some(d)) => out.push_str(d),
+                    (None, None) => {
+                        return Err(key_err(
+                            path,
+                            format!("environment variable {name} is not set"),
+                        ))
                     }
                 }
                 rest = &after[end + 2..];
@@ -441,10 +512,14 @@ fn substitute_env(v: &mut Value, path: &str) -> Result<(), ConfigError> {
         Value::Array(items) => items
             .iter_mut()
             .enumerate()
-            .try_for_each(|(i, x)| substitute_env(x, &format!("{path}[{i}]"))),
+            .try_for_each(|(i, x)| substitute_env(x, &format!("{path}[{i}]"), env)),
         Value::Object(map) => map.iter_mut().try_for_each(|(k, x)| {
-            let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
-            substitute_env(x, &p)
+            let p = if path.is_empty() {
+                k.clone()
+            } else {
+                format!("{path}.{k}")
+            };
+            substitute_env(x, &p, env)
         }),
         _ => Ok(()),
     }
@@ -454,14 +529,20 @@ fn substitute_env(v: &mut Value, path: &str) -> Result<(), ConfigError> {
 fn unused_keys(doc: &Value) -> Vec<String> {
     let mut out = BTreeSet::new();
     fn walk(v: &Value, path: String, depth: usize, out: &mut BTreeSet<String>) {
-        let used = USED_KEYS.iter().any(|k| *k == path || k.starts_with(&format!("{path}.")) || path.starts_with(&format!("{k}.")));
+        let used = USED_KEYS.iter().any(|k| {
+            *k == path || k.starts_with(&format!("{path}.")) || path.starts_with(&format!("{k}."))
+        });
         if USED_KEYS.contains(&path.as_str()) {
             return;
         }
         match v {
             Value::Object(map) if depth < 3 || used => {
                 for (k, x) in map {
-                    let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                    let p = if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    };
                     walk(x, p, depth + 1, out);
                 }
             }

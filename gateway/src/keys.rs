@@ -114,7 +114,10 @@ mod tests {
         assert_eq!(first.len(), 1);
         assert_eq!(first[0].key.len(), GENERATED_KEY_LEN);
         let path = dir.path().join("data").join(KEY_FILE);
-        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let again = admin_keys(&c).unwrap();
         assert_eq!(first[0].key, again[0].key);
     }

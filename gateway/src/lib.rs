@@ -137,7 +137,9 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<Running> {
             allow: config.allow_admin.clone(),
         };
         if !config.admin_key_required {
-            tracing::warn!("admin_key_required is false: the Admin API accepts requests without a key");
+            tracing::warn!(
+                "admin_key_required is false: the Admin API accepts requests without a key"
+            );
         }
         if !config.admin_listen.ip().is_loopback() {
             tracing::warn!(addr = %config.admin_listen, "the Admin API listens beyond this machine");
@@ -146,7 +148,11 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<Running> {
         let listener = server::bind(config.admin_listen, "Admin API").await?;
         let bound = listener.local_addr()?;
         tracing::info!(addr = %bound, "Admin API listening");
-        tasks.spawn(server::serve_admin(listener, admin_api::router(state), shutdown_rx.clone()));
+        tasks.spawn(server::serve_admin(
+            listener,
+            admin_api::router(state),
+            shutdown_rx.clone(),
+        ));
         Some(bound)
     } else {
         None

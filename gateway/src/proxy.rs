@@ -122,15 +122,20 @@ impl ProxyService {
         };
         let (parts, body) = req.into_parts();
         let client_ip = parts.extensions.get::<ClientIp>().map(|c| c.0);
-        let meta = parts.extensions.get::<ConnMeta>().copied().unwrap_or(ConnMeta {
-            local_port: 0,
-            scheme: "http",
+        let meta = parts
+            .extensions
+            .get::<ConnMeta>()
+            .copied()
+            .unwrap_or(ConnMeta {
+                local_port: 0,
+                scheme: "http",
+            });
+        let client_host = parts.headers.get(header::HOST).cloned().or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
-        let client_host = parts
-            .headers
-            .get(header::HOST)
-            .cloned()
-            .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
         let mut headers = parts.headers;
         prepare_request_headers(&mut headers, client_ip, client_host.as_ref(), meta);
         let path = parts
@@ -155,7 +160,11 @@ impl ProxyService {
         let mut tried: Vec<usize> = Vec::with_capacity(tries);
         let mut failure = Failure::NoNode;
         for attempt in 0..tries {
-            if attempt > 0 && up.retry_timeout.is_some_and(|limit| started.elapsed() >= limit) {
+            if attempt > 0
+                && up
+                    .retry_timeout
+                    .is_some_and(|limit| started.elapsed() >= limit)
+            {
                 break;
             }
             let Some(i) = up.balancer.pick_excluding(&tried) else {
@@ -172,7 +181,11 @@ impl ProxyService {
                 return error_page(StatusCode::BAD_REQUEST, false);
             };
             let last = attempt + 1 == tries;
-            let mut out_headers = if last { std::mem::take(&mut headers) } else { headers.clone() };
+            let mut out_headers = if last {
+                std::mem::take(&mut headers)
+            } else {
+                headers.clone()
+            };
             let host = match &up.pass_host {
                 PassHost::Pass => client_host.clone(),
                 PassHost::Node => Some(target.host_header.clone()),
@@ -199,7 +212,11 @@ impl ProxyService {
                 Ok(Ok(resp)) => return self.finish(resp),
                 Ok(Err(e)) => {
                     tracing::warn!(upstream = %target.authority, error = %e, "upstream request failed");
-                    failure = if is_timeout(&e) { Failure::Timeout } else { Failure::Broken };
+                    failure = if is_timeout(&e) {
+                        Failure::Timeout
+                    } else {
+                        Failure::Broken
+                    };
                 }
                 Err(_) => {
                     tracing::warn!(upstream = %target.authority, timeout = ?wait, "upstream timed out");
@@ -219,7 +236,9 @@ impl ProxyService {
                 HeaderValue::from(parts.status.as_u16()),
             );
         }
-        let body = body.map_err(|e| -> plugins::BoxError { Box::new(e) }).boxed_unsync();
+        let body = body
+            .map_err(|e| -> plugins::BoxError { Box::new(e) })
+            .boxed_unsync();
         Response::from_parts(parts, body)
     }
 }
@@ -285,7 +304,8 @@ pub fn prepare_request_headers(
     headers.insert("x-forwarded-proto", HeaderValue::from_static(meta.scheme));
     let host_port = client_host.and_then(|h| h.to_str().ok()).and_then(|h| {
         let (_, port) = h.rsplit_once(':')?;
-        (!h.ends_with(']') && port.bytes().all(|b| b.is_ascii_digit()) && !port.is_empty()).then(|| port.to_string())
+        (!h.ends_with(']') && port.bytes().all(|b| b.is_ascii_digit()) && !port.is_empty())
+            .then(|| port.to_string())
     });
     match client_host {
         Some(h) => {
@@ -324,8 +344,10 @@ pub fn error_page(status: StatusCode, upstream: bool) -> Response<ResponseBody> 
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
     if upstream {
-        resp.headers_mut()
-            .insert("x-apisix-upstream-status", HeaderValue::from(status.as_u16()));
+        resp.headers_mut().insert(
+            "x-apisix-upstream-status",
+            HeaderValue::from(status.as_u16()),
+        );
     }
     resp
 }
@@ -346,15 +368,26 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("10.1.2.3"));
         h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
-        h.insert("connection", HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("te", HeaderValue::from_static("trailers"));
         h.insert("forwarded", HeaderValue::from_static("for=1.1.1.1"));
         let host = HeaderValue::from_static("fwd.test:8443");
-        prepare_request_headers(&mut h, Some("127.0.0.1".parse().unwrap()), Some(&host), meta());
+        prepare_request_headers(
+            &mut h,
+            Some("127.0.0.1".parse().unwrap()),
+            Some(&host),
+            meta(),
+        );
         assert_eq!(h["x-forwarded-for"], "10.1.2.3, 127.0.0.1");
         assert_eq!(h["x-real-ip"], "127.0.0.1");
-        assert_eq!(h["x-forwarded-proto"], "http", "clients cannot forge the scheme");
+        assert_eq!(
+            h["x-forwarded-proto"], "http",
+            "clients cannot forge the scheme"
+        );
         assert_eq!(h["x-forwarded-host"], "fwd.test:8443");
         assert_eq!(h["x-forwarded-port"], "8443");
         for gone in ["connection", "x-secret", "te", "forwarded"] {

@@ -97,7 +97,8 @@ impl HostSet {
     /// `host` must already be lower-cased without port.
     pub fn matches(&self, host: Option<&str>) -> bool {
         let Some(host) = host else { return false };
-        self.exact.iter().any(|h| h == host) || self.suffixes.iter().any(|s| host.ends_with(s.as_str()))
+        self.exact.iter().any(|h| h == host)
+            || self.suffixes.iter().any(|s| host.ends_with(s.as_str()))
     }
 }
 
@@ -213,17 +214,30 @@ impl<T: Clone> RouterBuilder<T> {
 impl<T> Router<T> {
     /// The route that serves `req`, if any.
     pub fn find(&self, req: &RequestView<'_>) -> Option<&T> {
-        fn first_accepting<'a, T>(list: &'a [Candidate<T>], req: &RequestView<'_>) -> Option<&'a T> {
-            list.iter().find(|c| c.matcher.accepts(req)).map(|c| &c.target)
+        fn first_accepting<'a, T>(
+            list: &'a [Candidate<T>],
+            req: &RequestView<'_>,
+        ) -> Option<&'a T> {
+            list.iter()
+                .find(|c| c.matcher.accepts(req))
+                .map(|c| &c.target)
         }
-        if let Some(hit) = self.exact.get(req.path).and_then(|l| first_accepting(l, req)) {
+        if let Some(hit) = self
+            .exact
+            .get(req.path)
+            .and_then(|l| first_accepting(l, req))
+        {
             return Some(hit);
         }
         for &len in &self.prefix_lens {
             if len > req.path.len() || !req.path.is_char_boundary(len) {
                 continue;
             }
-            if let Some(hit) = self.prefix.get(&req.path[..len]).and_then(|l| first_accepting(l, req)) {
+            if let Some(hit) = self
+                .prefix
+                .get(&req.path[..len])
+                .and_then(|l| first_accepting(l, req))
+            {
                 return Some(hit);
             }
         }
@@ -232,7 +246,8 @@ impl<T> Router<T> {
 
     /// Number of (uri, route) entries.
     pub fn len(&self) -> usize {
-        self.exact.values().map(Vec::len).sum::<usize>() + self.prefix.values().map(Vec::len).sum::<usize>()
+        self.exact.values().map(Vec::len).sum::<usize>()
+            + self.prefix.values().map(Vec::len).sum::<usize>()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -57,10 +57,17 @@ pub fn client_ip(peer: IpAddr, headers: &http::HeaderMap, real_ip: Option<&RealI
     if !rip.trusted.contains(peer) {
         return peer;
     }
-    let Some(value) = headers.get(rip.header.as_str()).and_then(|v| v.to_str().ok()) else {
+    let Some(value) = headers
+        .get(rip.header.as_str())
+        .and_then(|v| v.to_str().ok())
+    else {
         return peer;
     };
-    let addrs: Vec<&str> = value.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    let addrs: Vec<&str> = value
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
     let parsed = |s: &str| s.parse::<IpAddr>().ok().map(|ip| ip.to_canonical());
     if rip.recursive {
         // Walk from the right, skipping trusted hops; the first untrusted
@@ -129,7 +136,14 @@ pub async fn serve_data_plane(
             },
             _ = shutdown.changed() => break,
         };
-        serve_connection(stream, peer, local_port, plane.clone(), builder.clone(), &graceful);
+        serve_connection(
+            stream,
+            peer,
+            local_port,
+            plane.clone(),
+            builder.clone(),
+            &graceful,
+        );
     }
 }
 
@@ -153,7 +167,11 @@ fn serve_connection(
 }
 
 /// Serves the Admin API until `shutdown` flips to true.
-pub async fn serve_admin(listener: TcpListener, app: axum::Router, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve_admin(
+    listener: TcpListener,
+    app: axum::Router,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let service = app.into_make_service_with_connect_info::<SocketAddr>();
     let result = axum::serve(listener, service)
         .with_graceful_shutdown(async move {
@@ -187,7 +205,10 @@ mod tests {
     #[test]
     fn untrusted_peer_cannot_claim_an_address() {
         let peer: IpAddr = "192.0.2.7".parse().unwrap();
-        assert_eq!(client_ip(peer, &headers("127.0.0.1"), Some(&rip(false))), peer);
+        assert_eq!(
+            client_ip(peer, &headers("127.0.0.1"), Some(&rip(false))),
+            peer
+        );
         assert_eq!(client_ip(peer, &headers("127.0.0.1"), None), peer);
     }
 
@@ -195,8 +216,17 @@ mod tests {
     fn trusted_proxy_reports_the_client() {
         let proxy: IpAddr = "10.0.0.5".parse().unwrap();
         let h = headers("198.51.100.1, 203.0.113.9, 10.0.0.9");
-        assert_eq!(client_ip(proxy, &h, Some(&rip(false))), "10.0.0.9".parse::<IpAddr>().unwrap());
-        assert_eq!(client_ip(proxy, &h, Some(&rip(true))), "203.0.113.9".parse::<IpAddr>().unwrap());
-        assert_eq!(client_ip(proxy, &headers("garbage"), Some(&rip(false))), proxy);
+        assert_eq!(
+            client_ip(proxy, &h, Some(&rip(false))),
+            "10.0.0.9".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            client_ip(proxy, &h, Some(&rip(true))),
+            "203.0.113.9".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            client_ip(proxy, &headers("garbage"), Some(&rip(false))),
+            proxy
+        );
     }
 }

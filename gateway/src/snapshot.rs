@@ -35,7 +35,9 @@ use plugins::registry::build_chain;
 use plugins::{json_response, ClientIp, CompiledPlugin, HttpService, ResponseBody};
 
 use crate::proxy::{ConnMeta, ProxyOptions, ProxyService};
-use crate::router::{normalize_host, Candidate, HostSet, Matcher, MethodSet, RequestView, Router, RouterBuilder};
+use crate::router::{
+    normalize_host, Candidate, HostSet, Matcher, MethodSet, RequestView, Router, RouterBuilder,
+};
 use crate::upstream::{BalancerCache, Clients, CompiledUpstream, Timeouts};
 
 /// The service every request goes through.
@@ -98,7 +100,12 @@ impl Compiler {
 
     /// Loads every object of `store`, compiles, and returns the first snapshot.
     pub fn load(&mut self, store: &dyn Store) -> Result<Snapshot, StoreError> {
-        for kind in [Kind::Upstreams, Kind::Services, Kind::GlobalRules, Kind::Routes] {
+        for kind in [
+            Kind::Upstreams,
+            Kind::Services,
+            Kind::GlobalRules,
+            Kind::Routes,
+        ] {
             for entry in store.list(&kind.prefix())? {
                 self.record(&Event::Put(entry));
             }
@@ -133,7 +140,14 @@ impl Compiler {
             Kind::Routes => {
                 match entry.and_then(|e| parse::<RouteConf>(e).map(|c| (c, e.created_index))) {
                     Some((conf, order)) => {
-                        self.routes.insert(id.clone(), RouteRecord { conf, order, compiled: None });
+                        self.routes.insert(
+                            id.clone(),
+                            RouteRecord {
+                                conf,
+                                order,
+                                compiled: None,
+                            },
+                        );
                     }
                     None => {
                         self.routes.remove(&id);
@@ -152,7 +166,9 @@ impl Compiler {
                         self.balancers.forget(&format!("services/{id}"));
                     }
                 }
-                self.routes_where(|r| r.service_id.as_ref().and_then(id_text).as_deref() == Some(id.as_str()))
+                self.routes_where(|r| {
+                    r.service_id.as_ref().and_then(id_text).as_deref() == Some(id.as_str())
+                })
             }
             Kind::Upstreams => {
                 self.upstream_cache.remove(&id);
@@ -168,7 +184,9 @@ impl Compiler {
                 let services: Vec<String> = self
                     .services
                     .iter()
-                    .filter(|(_, s)| s.upstream_id.as_ref().and_then(id_text).as_deref() == Some(id.as_str()))
+                    .filter(|(_, s)| {
+                        s.upstream_id.as_ref().and_then(id_text).as_deref() == Some(id.as_str())
+                    })
                     .map(|(k, _)| k.clone())
                     .collect();
                 self.routes_where(|r| {
@@ -218,7 +236,9 @@ impl Compiler {
     }
 
     fn compile_route(&mut self, id: &str) {
-        let Some(record) = self.routes.get(id) else { return };
+        let Some(record) = self.routes.get(id) else {
+            return;
+        };
         let conf = record.conf.clone();
         let order = record.order;
         let compiled = if conf.status == 0 {
@@ -237,7 +257,12 @@ impl Compiler {
         }
     }
 
-    fn build_route(&mut self, id: &str, conf: &RouteConf, order: u64) -> Result<CompiledRoute, String> {
+    fn build_route(
+        &mut self,
+        id: &str,
+        conf: &RouteConf,
+        order: u64,
+    ) -> Result<CompiledRoute, String> {
         let service = conf
             .service_id
             .as_ref()
@@ -245,15 +270,17 @@ impl Compiler {
             .and_then(|sid| self.services.get(&sid).cloned().map(|s| (sid, s)));
         // Route fields win over the service's: upstream, plugins, hosts.
         let upstream = if let Some(up) = &conf.upstream {
-            let compiled = CompiledUpstream::compile(up, &format!("routes/{id}"), &mut self.balancers)
-                .map_err(|e| e.to_string())?;
+            let compiled =
+                CompiledUpstream::compile(up, &format!("routes/{id}"), &mut self.balancers)
+                    .map_err(|e| e.to_string())?;
             Some(Arc::new(compiled))
         } else if let Some(uid) = conf.upstream_id.as_ref().and_then(id_text) {
             self.upstream_object(&uid)
         } else if let Some((sid, svc)) = &service {
             if let Some(up) = &svc.upstream {
-                let compiled = CompiledUpstream::compile(up, &format!("services/{sid}"), &mut self.balancers)
-                    .map_err(|e| e.to_string())?;
+                let compiled =
+                    CompiledUpstream::compile(up, &format!("services/{sid}"), &mut self.balancers)
+                        .map_err(|e| e.to_string())?;
                 Some(Arc::new(compiled))
             } else {
                 svc.upstream_id
@@ -285,7 +312,10 @@ impl Compiler {
         let hosts: Vec<String> = match (&conf.host, &conf.hosts) {
             (Some(h), _) => vec![h.clone()],
             (None, Some(hs)) => hs.clone(),
-            (None, None) => service.as_ref().and_then(|(_, s)| s.hosts.clone()).unwrap_or_default(),
+            (None, None) => service
+                .as_ref()
+                .and_then(|(_, s)| s.hosts.clone())
+                .unwrap_or_default(),
         };
         let remote_addrs: Option<Vec<String>> = match (&conf.remote_addr, &conf.remote_addrs) {
             (Some(a), _) => Some(vec![a.clone()]),
@@ -392,11 +422,17 @@ impl Service<Request<Incoming>> for Dispatch {
     }
 }
 
-fn find_route<B>(router: &Router<Arc<CompiledRoute>>, req: &Request<B>) -> Option<Arc<CompiledRoute>> {
+fn find_route<B>(
+    router: &Router<Arc<CompiledRoute>>,
+    req: &Request<B>,
+) -> Option<Arc<CompiledRoute>> {
     let raw_host = request_host(req);
     let host = raw_host.map(normalize_host);
     let client_ip = req.extensions().get::<ClientIp>().map(|c| c.0);
-    let vars = RequestVars { req, host: host.as_deref() };
+    let vars = RequestVars {
+        req,
+        host: host.as_deref(),
+    };
     let view = RequestView {
         method: req.method(),
         path: req.uri().path(),
@@ -409,7 +445,10 @@ fn find_route<B>(router: &Router<Arc<CompiledRoute>>, req: &Request<B>) -> Optio
 
 /// APISIX's 404 for an unmatched request.
 pub fn route_not_found() -> Response<ResponseBody> {
-    json_response(StatusCode::NOT_FOUND, &json!({"error_msg": "404 Route Not Found"}))
+    json_response(
+        StatusCode::NOT_FOUND,
+        &json!({"error_msg": "404 Route Not Found"}),
+    )
 }
 
 fn request_host<B>(req: &Request<B>) -> Option<&str> {
@@ -458,13 +497,16 @@ impl<B> Vars for RequestVars<'_, B> {
                 .flat_map(|v| v.split(';'))
                 .find_map(|kv| {
                     let (k, v) = kv.trim().split_once('=')?;
-                    (k == c).then(|| Cow::Borrowed(v))
+                    (k == c).then_some(Cow::Borrowed(v))
                 });
         }
         match name {
             "uri" => Some(Cow::Borrowed(req.uri().path())),
             "request_uri" => Some(Cow::Borrowed(
-                req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+                req.uri()
+                    .path_and_query()
+                    .map(|p| p.as_str())
+                    .unwrap_or("/"),
             )),
             "args" | "query_string" => req.uri().query().map(Cow::Borrowed),
             "host" => self.host.map(Cow::Borrowed),
@@ -473,7 +515,10 @@ impl<B> Vars for RequestVars<'_, B> {
                 .extensions()
                 .get::<ClientIp>()
                 .map(|c| Cow::Owned(c.0.to_string())),
-            "scheme" => req.extensions().get::<ConnMeta>().map(|m| Cow::Borrowed(m.scheme)),
+            "scheme" => req
+                .extensions()
+                .get::<ConnMeta>()
+                .map(|m| Cow::Borrowed(m.scheme)),
             "server_port" => req
                 .extensions()
                 .get::<ConnMeta>()
@@ -495,7 +540,11 @@ impl Publisher {
     pub fn start(store: &dyn Store, options: ProxyOptions) -> Result<Arc<Self>, StoreError> {
         let mut compiler = Compiler::new(options);
         let first = compiler.load(store)?;
-        tracing::info!(routes = first.routes, version = first.version, "configuration loaded");
+        tracing::info!(
+            routes = first.routes,
+            version = first.version,
+            "configuration loaded"
+        );
         Ok(Arc::new(Publisher {
             compiler: Mutex::new(compiler),
             live: Arc::new(ArcSwap::from_pointee(first)),
@@ -511,7 +560,11 @@ impl Watcher for Publisher {
     fn on_change(&self, event: &Event) {
         let mut compiler = self.compiler.lock().unwrap_or_else(|p| p.into_inner());
         let next = compiler.apply(event);
-        tracing::debug!(version = next.version, routes = next.routes, "configuration swapped");
+        tracing::debug!(
+            version = next.version,
+            routes = next.routes,
+            "configuration swapped"
+        );
         self.live.store(Arc::new(next));
     }
 }

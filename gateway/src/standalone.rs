@@ -45,14 +45,21 @@ impl Lookup for Pending<'_> {
 
 /// Reads the file into `key → object`, validated.
 pub fn read_objects(path: &Path) -> Result<BTreeMap<String, Value>, StandaloneError> {
-    let text = std::fs::read_to_string(path).map_err(|e| StandaloneError::Read(path.to_path_buf(), e))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| StandaloneError::Read(path.to_path_buf(), e))?;
     if !text.lines().any(|l| l.trim() == "#END") {
         return Err(StandaloneError::Incomplete(path.to_path_buf()));
     }
-    let doc: Value = serde_norway::from_str(&text).map_err(|e| StandaloneError::Yaml(path.to_path_buf(), e.to_string()))?;
+    let doc: Value = serde_norway::from_str(&text)
+        .map_err(|e| StandaloneError::Yaml(path.to_path_buf(), e.to_string()))?;
     let mut objects = BTreeMap::new();
     // Referenced kinds first, so that reference checks can see them.
-    for kind in [Kind::Upstreams, Kind::Services, Kind::GlobalRules, Kind::Routes] {
+    for kind in [
+        Kind::Upstreams,
+        Kind::Services,
+        Kind::GlobalRules,
+        Kind::Routes,
+    ] {
         let Some(items) = doc.get(kind.collection()).and_then(Value::as_array) else {
             continue;
         };
@@ -69,7 +76,9 @@ pub fn read_objects(path: &Path) -> Result<BTreeMap<String, Value>, StandaloneEr
                 Ok(()) => {
                     objects.insert(kind.key(&id), item);
                 }
-                Err(e) => tracing::error!(file = %path.display(), kind = kind.label(), id, error = %e, "object skipped"),
+                Err(e) => {
+                    tracing::error!(file = %path.display(), kind = kind.label(), id, error = %e, "object skipped")
+                }
             }
         }
     }
@@ -123,7 +132,9 @@ pub async fn watch(path: PathBuf, store: Arc<MemoryStore>) {
         })
         .await;
         match result {
-            Ok(Ok(n)) => tracing::info!(file = %path.display(), objects = n, "standalone configuration reloaded"),
+            Ok(Ok(n)) => {
+                tracing::info!(file = %path.display(), objects = n, "standalone configuration reloaded")
+            }
             Ok(Err(e)) => tracing::warn!(error = %e, "standalone configuration kept as it was"),
             Err(e) => tracing::error!(error = %e, "standalone reload task failed"),
         }
@@ -136,7 +147,8 @@ mod tests {
 
     #[test]
     fn reads_apisix_example_file() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf/apisix-examples/apisix.yaml");
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf/apisix-examples/apisix.yaml");
         let objects = read_objects(&path).unwrap();
         let route = &objects["/apisix/routes/1"];
         assert_eq!(route["uri"], "/hello");
@@ -146,8 +158,15 @@ mod tests {
     fn incomplete_file_is_not_loaded_and_invalid_objects_are_skipped() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("apisix.yaml");
-        std::fs::write(&path, "routes:\n  - uri: /a\n    upstream:\n      nodes:\n        \"127.0.0.1:1\": 1\n").unwrap();
-        assert!(matches!(read_objects(&path), Err(StandaloneError::Incomplete(_))));
+        std::fs::write(
+            &path,
+            "routes:\n  - uri: /a\n    upstream:\n      nodes:\n        \"127.0.0.1:1\": 1\n",
+        )
+        .unwrap();
+        assert!(matches!(
+            read_objects(&path),
+            Err(StandaloneError::Incomplete(_))
+        ));
         std::fs::write(
             &path,
             "routes:\n  - id: ok\n    uri: /a\n    upstream:\n      nodes:\n        \"127.0.0.1:1\": 1\n  - id: bad\n    uri: 5\n#END\n",
@@ -160,6 +179,10 @@ mod tests {
         sync(&store, &objects).unwrap();
         let rev = store.revision().unwrap();
         sync(&store, &objects).unwrap();
-        assert_eq!(store.revision().unwrap(), rev, "unchanged objects are not rewritten");
+        assert_eq!(
+            store.revision().unwrap(),
+            rev,
+            "unchanged objects are not rewritten"
+        );
     }
 }

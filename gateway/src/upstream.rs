@@ -134,7 +134,8 @@ impl BalancerCache {
             }
         }
         let rr = Arc::new(RoundRobin::new(nodes.iter().map(|n| n.weight).collect()));
-        self.by_owner.insert(owner.to_string(), (nodes.to_vec(), rr.clone()));
+        self.by_owner
+            .insert(owner.to_string(), (nodes.to_vec(), rr.clone()));
         rr
     }
 
@@ -145,7 +146,11 @@ impl BalancerCache {
 }
 
 impl CompiledUpstream {
-    pub fn compile(conf: &UpstreamConf, owner: &str, balancers: &mut BalancerCache) -> Result<Self, UpstreamError> {
+    pub fn compile(
+        conf: &UpstreamConf,
+        owner: &str,
+        balancers: &mut BalancerCache,
+    ) -> Result<Self, UpstreamError> {
         let nodes = conf.resolved_nodes().map_err(UpstreamError)?;
         let default = default_port(&conf.scheme);
         let targets = nodes
@@ -164,8 +169,8 @@ impl CompiledUpstream {
                 } else {
                     format!("{host}:{}", n.port)
                 };
-                let host_header =
-                    HeaderValue::from_str(&header).map_err(|e| UpstreamError(format!("node {host}: {e}")))?;
+                let host_header = HeaderValue::from_str(&header)
+                    .map_err(|e| UpstreamError(format!("node {host}: {e}")))?;
                 Ok(Target {
                     authority,
                     host_header,

@@ -30,9 +30,7 @@ pub fn parse_entry(entry: &str) -> Result<IpNet, InvalidIp> {
         }
         IpNet::from_str(entry).map(|n| n.trunc()).map_err(|_| bad())
     } else {
-        IpAddr::from_str(entry)
-            .map(IpNet::from)
-            .map_err(|_| bad())
+        IpAddr::from_str(entry).map(IpNet::from).map_err(|_| bad())
     }
 }
 

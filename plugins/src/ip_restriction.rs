@@ -217,7 +217,10 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        if self.rule.blocks(req.extensions().get::<ClientIp>().copied()) {
+        if self
+            .rule
+            .blocks(req.extensions().get::<ClientIp>().copied())
+        {
             Either::Left(ready(Ok(self.rule.rejection())))
         } else {
             Either::Right(self.inner.call(req))

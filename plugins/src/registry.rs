@@ -30,7 +30,9 @@ pub static PLUGINS: &[PluginSpec] = &[PluginSpec {
     priority: ip_restriction::PRIORITY,
     schema: ip_restriction::schema,
     check: ip_restriction::check,
-    compile: |conf| ip_restriction::compile(conf).map(|c| CompiledPlugin::IpRestriction(Arc::new(c))),
+    compile: |conf| {
+        ip_restriction::compile(conf).map(|c| CompiledPlugin::IpRestriction(Arc::new(c)))
+    },
 }];
 
 /// Looks a plugin up by its APISIX name.
@@ -72,9 +74,10 @@ impl CompiledPlugin {
         B: Send + 'static,
     {
         match self {
-            CompiledPlugin::IpRestriction(rule) => HttpService::new(
-                tower::Layer::layer(&ip_restriction::IpRestrictionLayer::new(rule.clone()), inner),
-            ),
+            CompiledPlugin::IpRestriction(rule) => HttpService::new(tower::Layer::layer(
+                &ip_restriction::IpRestrictionLayer::new(rule.clone()),
+                inner,
+            )),
         }
     }
 }

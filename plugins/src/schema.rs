@@ -16,6 +16,9 @@ use serde_json::{json, Map, Value};
 /// A custom check: returns `Err(message)` when the value is not acceptable.
 pub type CustomCheck = fn(&Value) -> Result<(), String>;
 
+/// A pattern: the regex text reported in errors and the check that implements it.
+pub type Pattern = (&'static str, fn(&str) -> bool);
+
 /// One node of a schema.
 #[derive(Clone)]
 pub enum Schema {
@@ -42,7 +45,7 @@ pub struct StringRule {
     pub max_len: Option<usize>,
     pub one_of: Option<&'static [&'static str]>,
     /// A pattern check with the pattern text it reports.
-    pub pattern: Option<(&'static str, fn(&str) -> bool)>,
+    pub pattern: Option<Pattern>,
 }
 
 #[derive(Clone, Default)]
@@ -163,8 +166,12 @@ impl Schema {
                 Value::Object(m)
             }
             Schema::Object(r) => r.to_json(),
-            Schema::AnyOf(alts) => json!({"anyOf": alts.iter().map(Schema::to_json).collect::<Vec<_>>()}),
-            Schema::OneOf(alts) => json!({"oneOf": alts.iter().map(Schema::to_json).collect::<Vec<_>>()}),
+            Schema::AnyOf(alts) => {
+                json!({"anyOf": alts.iter().map(Schema::to_json).collect::<Vec<_>>()})
+            }
+            Schema::OneOf(alts) => {
+                json!({"oneOf": alts.iter().map(Schema::to_json).collect::<Vec<_>>()})
+            }
             Schema::Custom(_, doc) => doc(),
         }
     }
@@ -261,7 +268,9 @@ impl StringRule {
         }
         if let Some(max) = self.max_len {
             if len > max {
-                return Err(format!("string too long, expected at most {max}, got {len}"));
+                return Err(format!(
+                    "string too long, expected at most {max}, got {len}"
+                ));
             }
         }
         if let Some((text, check)) = self.pattern {
@@ -311,7 +320,11 @@ impl NumberRule {
         }
         if let Some(min) = self.exclusive_minimum {
             if v <= min {
-                return Err(format!("expected {} to be greater than {}", num(v), num(min)));
+                return Err(format!(
+                    "expected {} to be greater than {}",
+                    num(v),
+                    num(min)
+                ));
             }
         }
         if let Some(max) = self.maximum {
@@ -331,7 +344,11 @@ impl NumberRule {
         let mut m = type_map(ty);
         put_opt(&mut m, "minimum", self.minimum.map(|v| json!(v)));
         put_opt(&mut m, "maximum", self.maximum.map(|v| json!(v)));
-        put_opt(&mut m, "exclusiveMinimum", self.exclusive_minimum.map(|v| json!(v)));
+        put_opt(
+            &mut m,
+            "exclusiveMinimum",
+            self.exclusive_minimum.map(|v| json!(v)),
+        );
         put_opt(&mut m, "enum", self.one_of.map(|e| json!(e)));
         Value::Object(m)
     }
@@ -460,7 +477,9 @@ impl ObjectRule {
                         continue;
                     }
                     match extra {
-                        None => return Err(format!("additional properties forbidden, found {key}")),
+                        None => {
+                            return Err(format!("additional properties forbidden, found {key}"))
+                        }
                         Some(schema) => schema.validate(v).map_err(|e| {
                             format!("failed to validate additional property {key}: {e}")
                         })?,

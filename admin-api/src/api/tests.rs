@@ -65,12 +65,22 @@ async fn crud_round_trip_with_headers() {
     assert!(v["createdIndex"].is_u64());
     let (_, _, v) = call(&app, "GET", "/apisix/admin/routes", "", Some(KEY)).await;
     assert_eq!(v["total"], 1);
-    let (st, _, _) = call(&app, "PATCH", "/apisix/admin/routes/1/methods", r#"["GET"]"#, Some(KEY)).await;
+    let (st, _, _) = call(
+        &app,
+        "PATCH",
+        "/apisix/admin/routes/1/methods",
+        r#"["GET"]"#,
+        Some(KEY),
+    )
+    .await;
     assert_eq!(st, StatusCode::OK);
     let (st, _, v) = call(&app, "DELETE", "/apisix/admin/routes/1", "", Some(KEY)).await;
     assert_eq!(
         (st, v),
-        (StatusCode::OK, json!({"deleted": "1", "key": "/apisix/routes/1"}))
+        (
+            StatusCode::OK,
+            json!({"deleted": "1", "key": "/apisix/routes/1"})
+        )
     );
     let (st, _, v) = call(&app, "GET", "/apisix/admin/routes/1", "", Some(KEY)).await;
     assert_eq!(
@@ -82,7 +92,14 @@ async fn crud_round_trip_with_headers() {
 #[tokio::test]
 async fn malformed_and_oversized_bodies() {
     let app = app();
-    let (st, _, v) = call(&app, "PUT", "/apisix/admin/routes/1", r#"{"uri": "/x", "#, Some(KEY)).await;
+    let (st, _, v) = call(
+        &app,
+        "PUT",
+        "/apisix/admin/routes/1",
+        r#"{"uri": "/x", "#,
+        Some(KEY),
+    )
+    .await;
     assert_eq!(st, StatusCode::BAD_REQUEST);
     assert!(v["error_msg"]
         .as_str()
@@ -123,7 +140,14 @@ async fn auth_and_unknown_resources() {
     );
     let (st, _, v) = call(&app, "GET", "/apisix/admin/plugins/list", "", Some(KEY)).await;
     assert_eq!((st, v), (StatusCode::OK, json!(["ip-restriction"])));
-    let (st, _, v) = call(&app, "GET", "/apisix/admin/schema/plugins/ip-restriction", "", Some(KEY)).await;
+    let (st, _, v) = call(
+        &app,
+        "GET",
+        "/apisix/admin/schema/plugins/ip-restriction",
+        "",
+        Some(KEY),
+    )
+    .await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(v["priority"], 3000);
     let (st, _, _) = call(&app, "HEAD", "/apisix/admin", "", None).await;

@@ -26,20 +26,47 @@ fn id_rules() {
     let s = MemoryStore::new();
     let mut with_id = route("/a");
     with_id["id"] = json!("2");
-    assert_eq!(put(&s, Kind::Routes, Some("1"), Some(with_id.clone())).unwrap_err().body["error_msg"], "wrong route id");
-    assert_eq!(put(&s, Kind::Routes, None, Some(route("/a"))).unwrap_err().body["error_msg"], "missing route id");
-    assert_eq!(post(&s, Kind::Routes, Some(with_id.clone())).unwrap_err().body["error_msg"], "wrong route id, do not need it");
+    assert_eq!(
+        put(&s, Kind::Routes, Some("1"), Some(with_id.clone()))
+            .unwrap_err()
+            .body["error_msg"],
+        "wrong route id"
+    );
+    assert_eq!(
+        put(&s, Kind::Routes, None, Some(route("/a")))
+            .unwrap_err()
+            .body["error_msg"],
+        "missing route id"
+    );
+    assert_eq!(
+        post(&s, Kind::Routes, Some(with_id.clone()))
+            .unwrap_err()
+            .body["error_msg"],
+        "wrong route id, do not need it"
+    );
     let (st, body) = put(&s, Kind::Routes, None, Some(with_id)).unwrap();
-    assert_eq!((st, body["key"].as_str()), (StatusCode::CREATED, Some("/apisix/routes/2")));
+    assert_eq!(
+        (st, body["key"].as_str()),
+        (StatusCode::CREATED, Some("/apisix/routes/2"))
+    );
     let mut int_id = route("/i");
     int_id["id"] = json!(7);
     let (_, body) = put(&s, Kind::Routes, Some("7"), Some(int_id)).unwrap();
     assert_eq!(body["value"]["id"], 7);
-    assert_eq!(put(&s, Kind::Routes, Some("1"), None).unwrap_err().body["error_msg"], "missing configurations");
+    assert_eq!(
+        put(&s, Kind::Routes, Some("1"), None).unwrap_err().body["error_msg"],
+        "missing configurations"
+    );
     let mut ct = route("/a");
     ct["create_time"] = json!(1);
-    let msg = put(&s, Kind::Routes, Some("1"), Some(ct)).unwrap_err().body["error_msg"].as_str().unwrap().to_string();
-    assert!(msg.starts_with("the property is forbidden:") && msg.ends_with("create_time"), "{msg}");
+    let msg = put(&s, Kind::Routes, Some("1"), Some(ct)).unwrap_err().body["error_msg"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        msg.starts_with("the property is forbidden:") && msg.ends_with("create_time"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -52,7 +79,10 @@ fn post_generates_distinct_ids_and_global_rules_refuse_post() {
     assert_eq!(a["value"]["id"].as_str().unwrap().len(), 20);
     let err = post(&s, Kind::GlobalRules, Some(json!({"plugins": {}}))).unwrap_err();
     assert_eq!(err.status, StatusCode::METHOD_NOT_ALLOWED);
-    assert_eq!(err.body["error_msg"], "not supported `POST` method for global rule");
+    assert_eq!(
+        err.body["error_msg"],
+        "not supported `POST` method for global rule"
+    );
 }
 
 #[test]
@@ -62,8 +92,20 @@ fn invalid_input_changes_nothing() {
     let rev = s.revision().unwrap();
     let mut bad = route("/b");
     bad["plugins"] = json!({"ip-restriction": {"whitelist": []}});
-    assert_eq!(put(&s, Kind::Routes, Some("1"), Some(bad)).unwrap_err().status, StatusCode::BAD_REQUEST);
-    assert!(patch(&s, Kind::Routes, Some("1"), None, Some(json!({"methods": ["NOPE"]}))).is_err());
+    assert_eq!(
+        put(&s, Kind::Routes, Some("1"), Some(bad))
+            .unwrap_err()
+            .status,
+        StatusCode::BAD_REQUEST
+    );
+    assert!(patch(
+        &s,
+        Kind::Routes,
+        Some("1"),
+        None,
+        Some(json!({"methods": ["NOPE"]}))
+    )
+    .is_err());
     assert_eq!(s.revision().unwrap(), rev);
     assert_eq!(get(&s, Kind::Routes, "1").unwrap().1["value"]["uri"], "/a");
 }
@@ -90,37 +132,94 @@ fn patch_merges_removes_and_sets_sub_paths() {
     assert_eq!(v["methods"], json!(["PUT"]));
     assert_eq!(v["upstream"]["nodes"], json!({"127.0.0.1:1981": 1}));
     assert_eq!(v["upstream"]["type"], "roundrobin");
-    let (_, body) = patch(&s, Kind::Routes, Some("1"), Some("methods"), Some(json!(["POST"]))).unwrap();
+    let (_, body) = patch(
+        &s,
+        Kind::Routes,
+        Some("1"),
+        Some("methods"),
+        Some(json!(["POST"])),
+    )
+    .unwrap();
     assert_eq!(body["value"]["methods"], json!(["POST"]));
-    assert_eq!(patch(&s, Kind::Routes, Some("9"), None, Some(json!({}))).unwrap_err().status, StatusCode::NOT_FOUND);
-    assert_eq!(patch(&s, Kind::Routes, Some("1"), None, None).unwrap_err().body["error_msg"], "missing new configuration");
+    assert_eq!(
+        patch(&s, Kind::Routes, Some("9"), None, Some(json!({})))
+            .unwrap_err()
+            .status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        patch(&s, Kind::Routes, Some("1"), None, None)
+            .unwrap_err()
+            .body["error_msg"],
+        "missing new configuration"
+    );
 }
 
 #[test]
 fn delete_guards_references_unless_forced() {
     let s = MemoryStore::new();
-    put(&s, Kind::Upstreams, Some("u"), Some(json!({"nodes": {"127.0.0.1:1980": 1}}))).unwrap();
-    put(&s, Kind::Routes, Some("r"), Some(json!({"uri": "/x", "upstream_id": "u"}))).unwrap();
+    put(
+        &s,
+        Kind::Upstreams,
+        Some("u"),
+        Some(json!({"nodes": {"127.0.0.1:1980": 1}})),
+    )
+    .unwrap();
+    put(
+        &s,
+        Kind::Routes,
+        Some("r"),
+        Some(json!({"uri": "/x", "upstream_id": "u"})),
+    )
+    .unwrap();
     let err = delete(&s, Kind::Upstreams, Some("u"), false).unwrap_err();
-    assert_eq!(err.body["error_msg"], "can not delete this upstream, route [r] is still using it now");
+    assert_eq!(
+        err.body["error_msg"],
+        "can not delete this upstream, route [r] is still using it now"
+    );
     let (st, body) = delete(&s, Kind::Upstreams, Some("u"), true).unwrap();
     assert_eq!(st, StatusCode::OK);
     assert_eq!(body, json!({"deleted": "1", "key": "/apisix/upstreams/u"}));
-    assert_eq!(delete(&s, Kind::Upstreams, Some("u"), false).unwrap_err(), AdminError::key_not_found());
+    assert_eq!(
+        delete(&s, Kind::Upstreams, Some("u"), false).unwrap_err(),
+        AdminError::key_not_found()
+    );
 }
 
 #[test]
 fn list_envelope_and_paging() {
     let s = MemoryStore::new();
-    assert_eq!(list(&s, Kind::Routes, &ListQuery::default()).unwrap().1, json!({"list": [], "total": 0}));
+    assert_eq!(
+        list(&s, Kind::Routes, &ListQuery::default()).unwrap().1,
+        json!({"list": [], "total": 0})
+    );
     for i in 0..12 {
-        put(&s, Kind::Routes, Some(&format!("r{i:02}")), Some(route(&format!("/p{i}")))).unwrap();
+        put(
+            &s,
+            Kind::Routes,
+            Some(&format!("r{i:02}")),
+            Some(route(&format!("/p{i}"))),
+        )
+        .unwrap();
     }
     let (_, all) = list(&s, Kind::Routes, &ListQuery::default()).unwrap();
     assert_eq!(all["total"], 12);
     assert!(all["list"][0]["createdIndex"].is_u64());
-    let q = ListQuery { page: Some(2), page_size: Some(10), ..Default::default() };
-    assert_eq!(list(&s, Kind::Routes, &q).unwrap().1["list"].as_array().unwrap().len(), 2);
-    let q = ListQuery { page_size: Some(5), ..Default::default() };
+    let q = ListQuery {
+        page: Some(2),
+        page_size: Some(10),
+        ..Default::default()
+    };
+    assert_eq!(
+        list(&s, Kind::Routes, &q).unwrap().1["list"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    let q = ListQuery {
+        page_size: Some(5),
+        ..Default::default()
+    };
     assert!(list(&s, Kind::Routes, &q).is_err());
 }

@@ -19,19 +19,28 @@ fn exercise(store: &dyn Store) {
     let rec = Arc::new(Recorder::default());
     store.subscribe(rec.clone());
     assert_eq!(store.revision().unwrap(), 0);
-    let a = store.put("/apisix/routes/1", &json!({"uri": "/a"})).unwrap();
+    let a = store
+        .put("/apisix/routes/1", &json!({"uri": "/a"}))
+        .unwrap();
     assert!(a.created);
     assert_eq!((a.entry.created_index, a.entry.modified_index), (1, 1));
-    let b = store.put("/apisix/routes/1", &json!({"uri": "/b"})).unwrap();
+    let b = store
+        .put("/apisix/routes/1", &json!({"uri": "/b"}))
+        .unwrap();
     assert!(!b.created);
     assert_eq!((b.entry.created_index, b.entry.modified_index), (1, 2));
-    store.put("/apisix/routes/2", &json!({"uri": "/c"})).unwrap();
+    store
+        .put("/apisix/routes/2", &json!({"uri": "/c"}))
+        .unwrap();
     store.put("/apisix/routes0", &json!({})).unwrap();
     store.put("/apisix/upstreams/1", &json!({})).unwrap();
     let routes = store.list("/apisix/routes/").unwrap();
     let keys: Vec<_> = routes.iter().map(|e| e.key.as_str()).collect();
     assert_eq!(keys, ["/apisix/routes/1", "/apisix/routes/2"]);
-    assert_eq!(store.get("/apisix/routes/1").unwrap().unwrap().value, json!({"uri": "/b"}));
+    assert_eq!(
+        store.get("/apisix/routes/1").unwrap().unwrap().value,
+        json!({"uri": "/b"})
+    );
     assert!(store.delete("/apisix/routes/1").unwrap().is_some());
     assert!(store.delete("/apisix/routes/1").unwrap().is_none());
     assert!(store.get("/apisix/routes/1").unwrap().is_none());

@@ -29,12 +29,20 @@ fn route_err(extra: Value) -> String {
 
 #[test]
 fn valid_route_passes() {
-    check(Kind::Routes, &route(json!({"methods": ["GET"], "hosts": ["*.a.com"], "priority": 3})), &Has(&[])).unwrap();
+    check(
+        Kind::Routes,
+        &route(json!({"methods": ["GET"], "hosts": ["*.a.com"], "priority": 3})),
+        &Has(&[]),
+    )
+    .unwrap();
 }
 
 #[test]
 fn route_messages() {
-    assert_eq!(route_err(json!({"host": "a.com", "hosts": ["b.com"]})), "only one of host or hosts is allowed");
+    assert_eq!(
+        route_err(json!({"host": "a.com", "hosts": ["b.com"]})),
+        "only one of host or hosts is allowed"
+    );
     assert_eq!(
         route_err(json!({"remote_addr": "127.0.0.1", "remote_addrs": ["127.0.0.1"]})),
         "only one of remote_addr or remote_addrs is allowed"
@@ -51,11 +59,17 @@ fn route_messages() {
         route_err(json!({"id": "bad!id"})),
         "invalid configuration: property \"id\" validation failed: object matches none of the required"
     );
-    assert_eq!(route_err(json!({"bogus": 1})), "invalid configuration: additional properties forbidden, found bogus");
+    assert_eq!(
+        route_err(json!({"bogus": 1})),
+        "invalid configuration: additional properties forbidden, found bogus"
+    );
     assert!(route_err(json!({"uris": ["/b"]})).contains("value should match only one schema"));
     assert!(route_err(json!({"uri": null})).starts_with("invalid configuration: "));
     assert!(route_err(json!({"uri": 12})).starts_with("invalid configuration: "));
-    assert_eq!(route_err(json!({"plugins": {"nope": {}}})), "unknown plugin [nope]");
+    assert_eq!(
+        route_err(json!({"plugins": {"nope": {}}})),
+        "unknown plugin [nope]"
+    );
     assert_eq!(
         route_err(json!({"vars": [["arg_name", "=", "json"]]})),
         "failed to validate the 'vars' expression: invalid operator '='"
@@ -68,7 +82,12 @@ fn route_messages() {
         route_err(json!({"service_id": 77})),
         "failed to fetch service info by service id [77], response code: 404"
     );
-    check(Kind::Routes, &route(json!({"upstream": null, "upstream_id": "9"})), &Has(&[(Kind::Upstreams, "9")])).unwrap();
+    check(
+        Kind::Routes,
+        &route(json!({"upstream": null, "upstream_id": "9"})),
+        &Has(&[(Kind::Upstreams, "9")]),
+    )
+    .unwrap();
 }
 
 fn upstream_err(conf: Value) -> String {
@@ -95,7 +114,10 @@ fn upstream_messages() {
         upstream_err(json!({"nodes": {"127.0.0.1:80": 1}, "pass_host": "rewrite"})),
         "`upstream_host` can't be empty when `pass_host` is `rewrite`"
     );
-    assert_eq!(upstream_err(json!({"nodes": {"127.0.0.1:70000": 1}})), "invalid port 70000");
+    assert_eq!(
+        upstream_err(json!({"nodes": {"127.0.0.1:70000": 1}})),
+        "invalid port 70000"
+    );
     assert!(upstream_err(json!({"nodes": "x"})).starts_with("invalid configuration: "));
     check(
         Kind::Upstreams,

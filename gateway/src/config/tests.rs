@@ -1,7 +1,11 @@
 use super::*;
 
 fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
-    GatewayConfig::from_yaml(text, Path::new("conf/config.yaml"), PathBuf::from("/srv/gw"))
+    GatewayConfig::from_yaml(
+        text,
+        Path::new("conf/config.yaml"),
+        PathBuf::from("/srv/gw"),
+    )
 }
 
 #[test]
@@ -12,8 +16,16 @@ fn defaults_are_safe() {
     assert!(c.admin_key_required);
     assert_eq!(c.admin_keys.len(), 1);
     assert!(c.admin_keys[0].key.is_empty());
-    assert!(c.allow_admin.as_ref().unwrap().contains("127.0.0.9".parse().unwrap()));
-    assert!(!c.allow_admin.as_ref().unwrap().contains("127.0.1.9".parse().unwrap()));
+    assert!(c
+        .allow_admin
+        .as_ref()
+        .unwrap()
+        .contains("127.0.0.9".parse().unwrap()));
+    assert!(!c
+        .allow_admin
+        .as_ref()
+        .unwrap()
+        .contains("127.0.1.9".parse().unwrap()));
     assert!(c.real_ip.is_none(), "no trusted proxy unless configured");
     assert_eq!(c.data_dir, PathBuf::from("/srv/gw/data"));
     assert_eq!(c.provider, Provider::Embedded);
@@ -28,7 +40,13 @@ fn apisix_key_paths() {
          nginx_config:\n  http:\n    real_ip_from: [\"10.0.0.0/8\", \"unix:\"]\n    real_ip_header: X-Forwarded-For\n    real_ip_recursive: \"on\"\n",
     )
     .unwrap();
-    assert_eq!(c.node_listen, vec!["0.0.0.0:9081".parse().unwrap(), "127.0.0.1:9082".parse().unwrap()]);
+    assert_eq!(
+        c.node_listen,
+        vec![
+            "0.0.0.0:9081".parse().unwrap(),
+            "127.0.0.1:9082".parse().unwrap()
+        ]
+    );
     assert_eq!(c.admin_listen.port(), 9999);
     assert_eq!(c.admin_keys[0].role, admin_api::Role::Viewer);
     assert!(c.allow_admin.is_none());
@@ -42,9 +60,18 @@ fn wrong_types_name_the_key() {
     for (text, key) in [
         ("apisix:\n  node_listen: abc\n", "apisix.node_listen"),
         ("apisix:\n  node_listen: 70000\n", "apisix.node_listen"),
-        ("deployment:\n  admin:\n    admin_key: 5\n", "deployment.admin.admin_key"),
-        ("deployment:\n  admin:\n    admin_key_required: maybe\n", "deployment.admin.admin_key_required"),
-        ("deployment:\n  admin:\n    allow_admin: [\"300.1.1.1\"]\n", "deployment.admin.allow_admin"),
+        (
+            "deployment:\n  admin:\n    admin_key: 5\n",
+            "deployment.admin.admin_key",
+        ),
+        (
+            "deployment:\n  admin:\n    admin_key_required: maybe\n",
+            "deployment.admin.admin_key_required",
+        ),
+        (
+            "deployment:\n  admin:\n    allow_admin: [\"300.1.1.1\"]\n",
+            "deployment.admin.allow_admin",
+        ),
         ("deployment:\n  role: chef\n", "deployment.role"),
     ] {
         let err = parse(text).unwrap_err().to_string();
@@ -62,7 +89,10 @@ fn refuses_public_default_key() {
 
 #[test]
 fn env_substitution() {
-    std::env::set_var("FERROGATE_TEST_PORT", "9555");
+    let env = |name: &str| (name == "FERROGATE_TEST_PORT").then(|| "9555".to_string());
+    let parse = |text: &str| {
+        GatewayConfig::from_yaml_with_env(text, Path::new("c.yaml"), PathBuf::from("/srv"), &env)
+    };
     let c = parse("apisix:\n  node_listen: \"${{FERROGATE_TEST_PORT}}\"\ndeployment:\n  admin:\n    admin_listen:\n      port: \"${{NOPE_NOT_SET:=9444}}\"\n").unwrap();
     assert_eq!(c.node_listen[0].port(), 9555);
     assert_eq!(c.admin_listen.port(), 9444);
@@ -76,7 +106,10 @@ fn reads_apisix_shipped_files() {
     assert_eq!(c.provider, Provider::Embedded);
     let example = GatewayConfig::load(&dir.join("config.yaml.example")).unwrap();
     assert!(!example.unused_keys.is_empty());
-    assert!(example.unused_keys.iter().all(|k| !k.starts_with("deployment.admin.admin_key")));
+    assert!(example
+        .unused_keys
+        .iter()
+        .all(|k| !k.starts_with("deployment.admin.admin_key")));
 }
 
 #[test]

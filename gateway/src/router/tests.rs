@@ -18,11 +18,27 @@ fn matcher(methods: &[&str], hosts: &[&str]) -> Arc<Matcher> {
 }
 
 fn cand(id: &'static str, priority: i64, order: u64, m: Arc<Matcher>) -> Candidate<&'static str> {
-    Candidate { priority, order, matcher: m, target: id }
+    Candidate {
+        priority,
+        order,
+        matcher: m,
+        target: id,
+    }
 }
 
-fn find<'a>(r: &'a Router<&'static str>, method: Method, path: &str, host: Option<&str>) -> Option<&'a str> {
-    let view = RequestView { method: &method, path, host, client_ip: None, vars: &NoVars };
+fn find<'a>(
+    r: &'a Router<&'static str>,
+    method: Method,
+    path: &str,
+    host: Option<&str>,
+) -> Option<&'a str> {
+    let view = RequestView {
+        method: &method,
+        path,
+        host,
+        client_ip: None,
+        vars: &NoVars,
+    };
     r.find(&view).copied()
 }
 
@@ -55,21 +71,39 @@ fn priority_then_age_and_fallthrough() {
     assert_eq!(find(&r, Method::GET, "/p", None), Some("high"));
     assert_eq!(find(&r, Method::GET, "/q", None), Some("older"));
     assert_eq!(find(&r, Method::GET, "/m", None), Some("get-only"));
-    assert_eq!(find(&r, Method::POST, "/m", None), Some("catch-all"), "falls through to the prefix");
+    assert_eq!(
+        find(&r, Method::POST, "/m", None),
+        Some("catch-all"),
+        "falls through to the prefix"
+    );
 }
 
 #[test]
 fn hosts_and_methods() {
     let mut b = RouterBuilder::default();
     b.add(&["/h"], cand("foo", 0, 1, matcher(&[], &["foo.test"])));
-    b.add(&["/h"], cand("wild", 0, 2, matcher(&["GET", "PURGE"], &["*.bar.test"])));
+    b.add(
+        &["/h"],
+        cand("wild", 0, 2, matcher(&["GET", "PURGE"], &["*.bar.test"])),
+    );
     let r = b.build();
     assert_eq!(find(&r, Method::GET, "/h", Some("foo.test")), Some("foo"));
-    assert_eq!(find(&r, Method::GET, "/h", Some("a.b.bar.test")), Some("wild"));
+    assert_eq!(
+        find(&r, Method::GET, "/h", Some("a.b.bar.test")),
+        Some("wild")
+    );
     assert_eq!(find(&r, Method::GET, "/h", Some(".bar.test")), Some("wild"));
     assert_eq!(find(&r, Method::GET, "/h", Some("bar.test")), None);
     assert_eq!(find(&r, Method::POST, "/h", Some("x.bar.test")), None);
-    assert_eq!(find(&r, Method::from_bytes(b"PURGE").unwrap(), "/h", Some("x.bar.test")), Some("wild"));
+    assert_eq!(
+        find(
+            &r,
+            Method::from_bytes(b"PURGE").unwrap(),
+            "/h",
+            Some("x.bar.test")
+        ),
+        Some("wild")
+    );
     assert_eq!(find(&r, Method::GET, "/h", None), None);
 }
 
@@ -92,7 +126,13 @@ fn oracle(routes: &[(String, i64, u64, &'static str)], path: &str) -> Option<&'s
         if !hit {
             continue;
         }
-        let key = (if exact { usize::MAX } else { len }, exact, *prio, u64::MAX - order, *id);
+        let key = (
+            if exact { usize::MAX } else { len },
+            exact,
+            *prio,
+            u64::MAX - order,
+            *id,
+        );
         if best.is_none_or(|b| (key.0, key.2, key.3) > (b.0, b.2, b.3)) {
             best = Some(key);
         }

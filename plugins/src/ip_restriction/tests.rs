@@ -27,17 +27,23 @@ fn schema_errors_use_apisix_wording() {
     assert!(check_err(json!({"blacklist": []})).contains("expect array to have at least 1 items"));
     assert!(check_err(json!({"whitelist": ["10.255.256.0/24"]}))
         .contains("failed to validate item 1: object matches none of the required"));
-    assert!(check_err(json!({"whitelist": ["1.1.1.1", "::ffgg"]})).contains("failed to validate item 2"));
-    assert!(check_err(json!({"whitelist": ["::1/129"]})).contains("object matches none of the required"));
+    assert!(check_err(json!({"whitelist": ["1.1.1.1", "::ffgg"]}))
+        .contains("failed to validate item 2"));
+    assert!(check_err(json!({"whitelist": ["::1/129"]}))
+        .contains("object matches none of the required"));
     assert!(check_err(json!({"whitelist": ["1.1.1.1"], "message": ""}))
         .contains("string too short, expected at least 1, got 0"));
-    assert!(check_err(json!({"whitelist": ["1.1.1.1"], "message": "m".repeat(1025)}))
-        .contains("string too long, expected at most 1024, got 1025"));
+    assert!(
+        check_err(json!({"whitelist": ["1.1.1.1"], "message": "m".repeat(1025)}))
+            .contains("string too long, expected at most 1024, got 1025")
+    );
     assert_eq!(
         check_err(json!({"whitelist": ["1.1.1.1"], "response_code": 409})),
         "property \"response_code\" validation failed: expected 409 to be at most 404"
     );
-    let full = compile_plugin(NAME, &json!({"whitelist": []})).unwrap_err().to_string();
+    let full = compile_plugin(NAME, &json!({"whitelist": []}))
+        .unwrap_err()
+        .to_string();
     assert!(full.starts_with(PREFIX), "{full}");
 }
 
@@ -56,7 +62,10 @@ fn whitelist_and_blacklist_decisions() {
     let allow = compile(&json!({"whitelist": ["127.0.0.0/30"]})).unwrap();
     assert!(!allow.blocks(ip("127.0.0.3")));
     assert!(allow.blocks(ip("127.0.0.5")));
-    assert!(allow.blocks(None), "unknown address fails closed on a whitelist");
+    assert!(
+        allow.blocks(None),
+        "unknown address fails closed on a whitelist"
+    );
 
     let deny = compile(&json!({"blacklist": ["127.0.0.2", "::1"]})).unwrap();
     assert!(deny.blocks(ip("127.0.0.2")));
@@ -73,7 +82,8 @@ fn ok_service() -> HttpService<()> {
 
 async fn call(svc: HttpService<()>, client: &str) -> (StatusCode, String) {
     let mut req = Request::new(());
-    req.extensions_mut().insert(ClientIp(client.parse().unwrap()));
+    req.extensions_mut()
+        .insert(ClientIp(client.parse().unwrap()));
     let resp = svc.oneshot(req).await.unwrap();
     let status = resp.status();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
@@ -82,18 +92,29 @@ async fn call(svc: HttpService<()>, client: &str) -> (StatusCode, String) {
 
 #[tokio::test]
 async fn layer_blocks_before_inner_service() {
-    let chain = vec![compile_plugin(NAME, &json!({"blacklist": ["10.0.0.0/8"], "message": "Go away"})).unwrap()];
+    let chain = vec![compile_plugin(
+        NAME,
+        &json!({"blacklist": ["10.0.0.0/8"], "message": "Go away"}),
+    )
+    .unwrap()];
     let svc = build_chain(&chain, ok_service());
     assert_eq!(
         call(svc.clone(), "10.1.2.3").await,
-        (StatusCode::FORBIDDEN, "{\"message\":\"Go away\"}\n".to_string())
+        (
+            StatusCode::FORBIDDEN,
+            "{\"message\":\"Go away\"}\n".to_string()
+        )
     );
-    assert_eq!(call(svc, "192.0.2.1").await, (StatusCode::OK, "upstream".to_string()));
+    assert_eq!(
+        call(svc, "192.0.2.1").await,
+        (StatusCode::OK, "upstream".to_string())
+    );
 }
 
 #[tokio::test]
 async fn custom_response_code_and_default_message() {
-    let chain = vec![compile_plugin(NAME, &json!({"whitelist": ["::1"], "response_code": 404})).unwrap()];
+    let chain =
+        vec![compile_plugin(NAME, &json!({"whitelist": ["::1"], "response_code": 404})).unwrap()];
     let svc = build_chain(&chain, ok_service());
     assert_eq!(
         call(svc, "127.0.0.1").await,

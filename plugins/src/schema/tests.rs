@@ -40,12 +40,17 @@ fn messages_match_apisix_wording() {
     for (value, want) in cases {
         assert_eq!(s.validate(&value).unwrap_err(), want, "for {value}");
     }
-    assert!(s.validate(&json!({"a": 1, "retries": 0, "methods": ["GET"]})).is_ok());
+    assert!(s
+        .validate(&json!({"a": 1, "retries": 0, "methods": ["GET"]}))
+        .is_ok());
 }
 
 #[test]
 fn any_of_reports_none_of_the_required() {
-    let s = Schema::AnyOf(vec![Schema::string().min(2).done(), Schema::integer().int()]);
+    let s = Schema::AnyOf(vec![
+        Schema::string().min(2).done(),
+        Schema::integer().int(),
+    ]);
     assert!(s.validate(&json!(3)).is_ok());
     assert!(s.validate(&json!("ab")).is_ok());
     assert_eq!(

@@ -1,0 +1,314 @@
+//! The real `ferrogate` binary, started as an operator would: APISIX's own
+//! config files, key generation, restarts, `kill -9`, bad config, SIGTERM.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ferrogate");
+const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../conf/apisix-examples");
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One HTTP/1.1 request with `Connection: close`; returns (status, body).
+fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: &str,
+) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let key = key
+        .map(|k| format!("X-API-KEY: {k}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: test\r\n{key}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status = out.get(9..12)?.parse().ok()?;
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// A tiny upstream answering `200 hello` to everything.
+fn upstream() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf);
+                let _ = s.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+                );
+            });
+        }
+    });
+    addr
+}
+
+struct Proc {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Proc {
+    fn start(dir: &Path) -> Proc {
+        let child = Command::new(BIN)
+            .arg("--config")
+            .arg(dir.join("conf/config.yaml"))
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("gateway.log")).unwrap())
+            .spawn()
+            .unwrap();
+        Proc {
+            child,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("gateway.log")).unwrap_or_default()
+    }
+
+    fn wait_ready(&mut self, port: u16) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("gateway exited with {status}: {}", self.log());
+            }
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("gateway did not come up: {}", self.log());
+    }
+
+    fn signal(&self, sig: &str) {
+        Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write_config(dir: &Path, text: &str) {
+    std::fs::create_dir_all(dir.join("conf")).unwrap();
+    std::fs::write(dir.join("conf/config.yaml"), text).unwrap();
+}
+
+#[test]
+fn apisix_shipped_config_generates_a_private_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, admin) = (free_port(), free_port());
+    // APISIX's file as shipped, plus where to listen (the defaults 9080/9180
+    // may be taken on a test machine).
+    let shipped = std::fs::read_to_string(Path::new(EXAMPLES).join("config.yaml")).unwrap();
+    let text = shipped.replace(
+        "  admin:\n",
+        &format!("  admin:\n    admin_listen:\n      ip: 127.0.0.1\n      port: {admin}\n"),
+    ) + &format!("apisix:\n  node_listen: {data}\n");
+    write_config(dir.path(), &text);
+    let mut p = Proc::start(dir.path());
+    p.wait_ready(admin);
+    let key_path = dir.path().join("data/admin_key");
+    let key = std::fs::read_to_string(&key_path)
+        .unwrap()
+        .trim()
+        .to_string();
+    assert_eq!(key.len(), 32);
+    assert_eq!(
+        std::fs::metadata(&key_path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(
+        p.log().contains("data/admin_key"),
+        "the log says where the key is"
+    );
+    assert!(!p.log().contains(&key), "the key itself is never logged");
+    assert_eq!(
+        http(admin, "GET", "/apisix/admin/routes", None, "")
+            .unwrap()
+            .0,
+        401
+    );
+    assert_eq!(
+        http(admin, "GET", "/apisix/admin/routes", Some(&key), "")
+            .unwrap()
+            .0,
+        200
+    );
+    assert_eq!(http(data, "GET", "/x", None, "").unwrap().0, 404);
+}
+
+#[test]
+fn apisix_example_config_with_every_key_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, admin) = (free_port(), free_port());
+    let example = std::fs::read_to_string(Path::new(EXAMPLES).join("config.yaml.example")).unwrap();
+    let text = example
+        .replacen("    - 9080", &format!("    - {data}"), 1)
+        .replacen(
+            "      ip: 0.0.0.0                 # Set listening IP.",
+            "      ip: 127.0.0.1",
+            1,
+        )
+        .replacen("      port: 9180 ", &format!("      port: {admin} "), 1);
+    write_config(dir.path(), &text);
+    let mut p = Proc::start(dir.path());
+    p.wait_ready(admin);
+    assert_eq!(http(data, "GET", "/x", None, "").unwrap().0, 404);
+    assert!(
+        p.log().contains("not used by this ferrogate version"),
+        "unused keys are listed once"
+    );
+}
+
+fn basic_config(data: u16, admin: u16) -> String {
+    format!(
+        "apisix:\n  node_listen: {data}\ndeployment:\n  admin:\n    admin_key:\n      - name: admin\n        key: k3y-k3y-k3y\n        role: admin\n    admin_listen:\n      ip: 127.0.0.1\n      port: {admin}\n"
+    )
+}
+
+#[test]
+fn acknowledged_writes_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, admin) = (free_port(), free_port());
+    write_config(dir.path(), &basic_config(data, admin));
+    let up = upstream();
+    let mut p = Proc::start(dir.path());
+    p.wait_ready(admin);
+    for i in 0..20 {
+        let body = format!("{{\"uri\":\"/r{i}\",\"upstream\":{{\"nodes\":{{\"{up}\":1}}}}}}");
+        let (st, _) = http(
+            admin,
+            "PUT",
+            &format!("/apisix/admin/routes/{i}"),
+            Some("k3y-k3y-k3y"),
+            &body,
+        )
+        .unwrap();
+        assert_eq!(st, 201);
+    }
+    p.signal("KILL");
+    let _ = p.child.wait();
+    drop(p);
+    let mut p = Proc::start(dir.path());
+    p.wait_ready(admin);
+    for i in 0..20 {
+        assert_eq!(
+            http(data, "GET", &format!("/r{i}"), None, "").unwrap(),
+            (200, "hello".to_string())
+        );
+    }
+    let (_, list) = http(
+        admin,
+        "GET",
+        "/apisix/admin/routes",
+        Some("k3y-k3y-k3y"),
+        "",
+    )
+    .unwrap();
+    assert!(list.contains("\"total\":20"), "{list}");
+}
+
+#[test]
+fn sigterm_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, admin) = (free_port(), free_port());
+    write_config(dir.path(), &basic_config(data, admin));
+    let mut p = Proc::start(dir.path());
+    p.wait_ready(admin);
+    p.signal("TERM");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = p.child.try_wait().unwrap() {
+            assert!(status.success(), "exit status {status}: {}", p.log());
+            break;
+        }
+        assert!(Instant::now() < deadline, "did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn bad_config_is_a_clear_error() {
+    for (text, key) in [
+        ("apisix:\n  node_listen: nope\n", "apisix.node_listen"),
+        (
+            "deployment:\n  admin:\n    admin_key:\n      - name: admin\n        key: edd1c9f034335f136f87ad84b625c8f1\n        role: admin\n",
+            "public default key",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        write_config(dir.path(), text);
+        let out = Command::new(BIN)
+            .arg("--config")
+            .arg(dir.path().join("conf/config.yaml"))
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(key), "stderr should mention {key}: {err}");
+    }
+}
+
+#[test]
+fn standalone_yaml_mode_serves_and_reloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = free_port();
+    let up = upstream();
+    write_config(
+        dir.path(),
+        &format!("apisix:\n  node_listen: {data}\ndeployment:\n  role: data_plane\n  role_data_plane:\n    config_provider: yaml\n"),
+    );
+    let rules = |uri: &str| {
+        format!("routes:\n  -\n    uri: {uri}\n    upstream:\n      nodes:\n        \"{up}\": 1\n      type: roundrobin\n#END\n")
+    };
+    std::fs::write(dir.path().join("conf/apisix.yaml"), rules("/hello")).unwrap();
+    let mut p = Proc::start(dir.path());
+    p.wait_ready(data);
+    assert_eq!(
+        http(data, "GET", "/hello", None, "").unwrap(),
+        (200, "hello".to_string())
+    );
+    std::fs::write(dir.path().join("conf/apisix.yaml"), rules("/bye")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http(data, "GET", "/bye", None, "").unwrap().0 != 200 {
+        assert!(Instant::now() < deadline, "file change not picked up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(http(data, "GET", "/hello", None, "").unwrap().0, 404);
+}

@@ -1,0 +1,180 @@
+#![allow(clippy::unwrap_used)]
+//! What upstreams and clients see through the proxy, and failures.
+
+use std::time::Instant;
+
+use harness::serde_json::json;
+use harness::{refused_addr, send, upstream, Conn, Gateway, Upstream};
+
+#[tokio::test]
+async fn forwarding_headers_and_passthrough() {
+    let gw = Gateway::start().await;
+    let u1 = Upstream::start("u1").await;
+    gw.put(
+        "routes/e",
+        json!({"uri": "/e/*", "upstream": upstream(&[(&u1.node(), 1)])}),
+    )
+    .await;
+    let r = send(
+        gw.data,
+        "POST",
+        "/e/deep/path?a=1&b=two%20words",
+        &[
+            ("host", "client.test".into()),
+            ("x-forwarded-for", "10.1.2.3".into()),
+            ("x-forwarded-proto", "https".into()),
+            ("keep-alive", "timeout=5".into()),
+            ("te", "trailers".into()),
+            ("x-custom", "abc 123".into()),
+        ],
+        "payload".into(),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let up = r.json();
+    let h = &up["headers"];
+    assert_eq!(up["path"], "/e/deep/path?a=1&b=two%20words");
+    assert_eq!(up["method"], "POST");
+    assert_eq!(up["version"], "HTTP/1.1");
+    assert_eq!(up["body_len"], 7);
+    assert_eq!(h["host"], "client.test");
+    assert_eq!(h["x-real-ip"], "127.0.0.1");
+    assert_eq!(h["x-forwarded-for"], "10.1.2.3, 127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], "client.test");
+    assert_eq!(h["x-forwarded-port"], gw.data.port().to_string());
+    assert_eq!(h["x-custom"], "abc 123");
+    assert!(h.get("keep-alive").is_none() && h.get("te").is_none());
+    assert_eq!(r.header("x-upstream-name"), Some("u1"));
+    assert!(r.header("server").unwrap().starts_with("ferrogate/"));
+    assert!(
+        r.header("keep-alive").is_none(),
+        "hop-by-hop response headers are dropped"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn pass_host_modes() {
+    let gw = Gateway::start().await;
+    let u1 = Upstream::start("u1").await;
+    let mut node = upstream(&[(&u1.node(), 1)]);
+    node["pass_host"] = json!("node");
+    gw.put("routes/n", json!({"uri": "/n", "upstream": node}))
+        .await;
+    let mut rewrite = upstream(&[(&u1.node(), 1)]);
+    rewrite["pass_host"] = json!("rewrite");
+    rewrite["upstream_host"] = json!("backend.internal");
+    gw.put("routes/r", json!({"uri": "/r", "upstream": rewrite}))
+        .await;
+    let host = [("host", "client.test".to_string())];
+    assert_eq!(
+        send(gw.data, "GET", "/n", &host, String::new(), None)
+            .await
+            .json()["headers"]["host"],
+        u1.node()
+    );
+    assert_eq!(
+        send(gw.data, "GET", "/r", &host, String::new(), None)
+            .await
+            .json()["headers"]["host"],
+        "backend.internal"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn large_bodies_stream_both_ways() {
+    let gw = Gateway::start().await;
+    let u1 = Upstream::start("u1").await;
+    gw.put(
+        "routes/b",
+        json!({"uri": "/big", "upstream": upstream(&[(&u1.node(), 1)])}),
+    )
+    .await;
+    let body: String = (0..(1 << 20))
+        .map(|i| (b'a' + (i % 26) as u8) as char)
+        .collect();
+    let sum: u64 = body.bytes().map(u64::from).sum();
+    let r = send(gw.data, "PUT", "/big", &[], body, None).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["body_len"], 1 << 20);
+    assert_eq!(r.json()["body_sum"], sum);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn failures_map_to_502_504_and_retries() {
+    let gw = Gateway::start().await;
+    let u1 = Upstream::start("u1").await;
+    let down = refused_addr().to_string();
+    gw.put(
+        "routes/down",
+        json!({"uri": "/down", "upstream": upstream(&[(&down, 1)])}),
+    )
+    .await;
+    let r = gw.get("/down").await;
+    assert_eq!(r.status, 502);
+    assert!(r.text().contains("502 Bad Gateway"));
+    assert_eq!(r.header("x-apisix-upstream-status"), Some("502"));
+
+    gw.put(
+        "routes/retry",
+        json!({"uri": "/retry", "upstream": upstream(&[(&down, 1), (&u1.node(), 1)])}),
+    )
+    .await;
+    for _ in 0..6 {
+        assert_eq!(gw.get("/retry").await.upstream(), "u1");
+    }
+    let mut no_retry = upstream(&[(&down, 1), (&u1.node(), 1)]);
+    no_retry["retries"] = json!(0);
+    gw.put("routes/r0", json!({"uri": "/r0", "upstream": no_retry}))
+        .await;
+    let mut statuses = Vec::new();
+    for _ in 0..10 {
+        statuses.push(gw.get("/r0").await.status.as_u16());
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 502).count(),
+        5,
+        "{statuses:?}"
+    );
+
+    let mut slow = upstream(&[(&u1.node(), 1)]);
+    slow["timeout"] = json!({"connect": 0.2, "send": 0.2, "read": 0.2});
+    gw.put("routes/slow", json!({"uri": "/slow", "upstream": slow}))
+        .await;
+    let t = Instant::now();
+    let r = gw.get("/slow?sleep_ms=2000").await;
+    assert_eq!(r.status, 504);
+    assert!(t.elapsed().as_millis() < 1500);
+    assert!(r.text().contains("504 Gateway Time-out"));
+    assert_eq!(r.header("x-apisix-upstream-status"), Some("504"));
+
+    gw.put(
+        "routes/five",
+        json!({"uri": "/five", "upstream": upstream(&[(&u1.node(), 1)])}),
+    )
+    .await;
+    let r = gw.get("/five?status=503").await;
+    assert_eq!(
+        (r.status.as_u16(), r.header("x-apisix-upstream-status")),
+        (503, Some("503"))
+    );
+    assert_eq!(
+        gw.get("/five").await.header("x-apisix-upstream-status"),
+        None
+    );
+    // The client connection survives upstream failures.
+    let mut conn = Conn::open(gw.data, None).await.unwrap();
+    assert_eq!(
+        conn.send("GET", "/down", &[], String::new()).await.status,
+        502
+    );
+    assert_eq!(
+        conn.send("GET", "/five", &[], String::new()).await.status,
+        200
+    );
+    gw.stop().await;
+}
