@@ -61,6 +61,7 @@ impl AdminState {
 /// `allow_admin` can see the peer address.
 pub fn router(state: Arc<AdminState>) -> Router {
     let headers_state = state.clone();
+    let peer_state = state.clone();
     Router::new()
         .route("/apisix/admin", head(|| async { StatusCode::OK }))
         .route("/apisix/admin/{*rest}", any(handle))
@@ -68,6 +69,23 @@ pub fn router(state: Arc<AdminState>) -> Router {
             AdminError::new(StatusCode::NOT_FOUND, "404 Route Not Found").into_response()
         })
         .with_state(state)
+        // allow_admin guards everything on this listener, as nginx's
+        // allow/deny does for APISIX's admin server.
+        .layer(axum::middleware::from_fn(
+            move |req: Request, next: axum::middleware::Next| {
+                let state = peer_state.clone();
+                async move {
+                    let peer = req
+                        .extensions()
+                        .get::<ConnectInfo<SocketAddr>>()
+                        .map(|c| c.0.ip());
+                    match state.auth.check_peer(peer) {
+                        Ok(()) => next.run(req).await,
+                        Err(e) => e.into_response(),
+                    }
+                }
+            },
+        ))
         .layer(axum::middleware::map_response(move |mut resp: Response| {
             let server = headers_state.server_header.clone();
             async move {
@@ -146,14 +164,8 @@ async fn read_json(body: Body, declared_len: Option<usize>) -> Result<Option<Val
 
 async fn dispatch(state: Arc<AdminState>, req: Request) -> Result<Reply, AdminError> {
     let (parts, body) = req.into_parts();
-    let peer = parts
-        .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip());
     let query = parts.uri.query();
-    state
-        .auth
-        .check(peer, &parts.method, query, &parts.headers)?;
+    state.auth.check_key(&parts.method, query, &parts.headers)?;
     let target = parse_target(parts.uri.path());
     let args = query_args(query);
     let arg = |name: &str| args.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
@@ -185,17 +197,11 @@ async fn dispatch(state: Arc<AdminState>, req: Request) -> Result<Reply, AdminEr
         Method::PUT | Method::POST | Method::PATCH => read_json(body, declared_len).await?,
         _ => None,
     };
-    let parse_num = |name: &str| -> Result<Option<usize>, AdminError> {
-        match arg(name) {
-            None => Ok(None),
-            Some(v) => v.parse().map(Some).map_err(|_| {
-                AdminError::bad_request(format!("invalid argument {name}: should be a number"))
-            }),
-        }
-    };
+    // APISIX ignores paging arguments that are not numbers.
+    let parse_num = |name: &str| arg(name).and_then(|v| v.parse::<usize>().ok());
     let list_query = ListQuery {
-        page: parse_num("page")?,
-        page_size: parse_num("page_size")?,
+        page: parse_num("page"),
+        page_size: parse_num("page_size"),
         name: arg("name"),
         label: arg("label"),
         uri: arg("uri"),
@@ -264,7 +270,10 @@ fn plugin_schema(name: &str) -> Result<Reply, AdminError> {
             }
             Ok((StatusCode::OK, schema))
         }
-        None => Err(AdminError::bad_request(format!("unknown plugin [{name}]"))),
+        None => Err(AdminError::new(
+            StatusCode::NOT_FOUND,
+            "plugin not found in subsystem http",
+        )),
     }
 }
 
@@ -283,7 +292,7 @@ fn schema_info(method: &Method, target: &Target) -> Result<Reply, AdminError> {
         Some("global_rule") => Kind::GlobalRules,
         other => {
             return Err(AdminError::bad_request(format!(
-                "unsupported schema: {}",
+                "not found schema: {}",
                 other.unwrap_or_default()
             )))
         }

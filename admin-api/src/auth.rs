@@ -58,6 +58,12 @@ impl AuthPolicy {
         query: Option<&str>,
         headers: &HeaderMap,
     ) -> Result<(), AdminError> {
+        self.check_peer(peer)?;
+        self.check_key(method, query, headers)
+    }
+
+    /// `allow_admin`: 403 for peers outside it.
+    pub fn check_peer(&self, peer: Option<IpAddr>) -> Result<(), AdminError> {
         if let Some(allow) = &self.allow {
             if !peer.is_some_and(|ip| allow.contains(ip)) {
                 return Err(AdminError::new(
@@ -66,6 +72,16 @@ impl AuthPolicy {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// The admin key and its role.
+    pub fn check_key(
+        &self,
+        method: &Method,
+        query: Option<&str>,
+        headers: &HeaderMap,
+    ) -> Result<(), AdminError> {
         if !self.key_required {
             return Ok(());
         }
@@ -80,7 +96,7 @@ impl AuthPolicy {
         }
         match matched {
             None => Err(AdminError::unauthorized("wrong apikey")),
-            Some(Role::Viewer) if method != Method::GET && method != Method::HEAD => {
+            Some(Role::Viewer) if method != Method::GET => {
                 Err(AdminError::unauthorized("invalid method for role viewer"))
             }
             Some(_) => Ok(()),

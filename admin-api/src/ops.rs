@@ -75,6 +75,7 @@ fn store_checked(
     mut conf: Value,
     previous: Option<&Entry>,
 ) -> Result<Reply, AdminError> {
+    integral_numbers(&mut conf);
     validate::check(kind, &conf, &StoreLookup(store)).map_err(AdminError::bad_request)?;
     let t = now();
     if let Value::Object(map) = &mut conf {
@@ -93,6 +94,23 @@ fn store_checked(
     Ok((status, single(&outcome.entry)))
 }
 
+/// Turns whole-number floats (`1.0`) into integers, as Lua does not tell
+/// them apart: APISIX accepts `"priority": 1.0` or `"weight": 2.0`.
+fn integral_numbers(v: &mut Value) {
+    match v {
+        Value::Number(n) if n.is_f64() => {
+            if let Some(f) = n.as_f64() {
+                if f.fract() == 0.0 && f.abs() < 9.0e15 {
+                    *v = json!(f as i64);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(integral_numbers),
+        Value::Object(map) => map.values_mut().for_each(integral_numbers),
+        _ => {}
+    }
+}
+
 fn missing_id(kind: Kind) -> AdminError {
     AdminError::bad_request(format!("missing {} id", kind.label()))
 }
@@ -105,7 +123,6 @@ pub fn put(
     conf: Option<Value>,
 ) -> Result<Reply, AdminError> {
     let mut conf = conf.ok_or_else(|| AdminError::bad_request("missing configurations"))?;
-    forbid_client_timestamps(&conf)?;
     let body_id = conf.get("id").and_then(id_text);
     let id = match (url_id, &body_id) {
         (Some(u), Some(b)) if u != b => {
@@ -118,6 +135,7 @@ pub fn put(
         (None, Some(b)) => b.clone(),
         (None, None) => return Err(missing_id(kind)),
     };
+    forbid_client_timestamps(&conf)?;
     if let Value::Object(map) = &mut conf {
         // A body id is kept as sent (APISIX keeps `"id": 1`).
         map.entry("id").or_insert_with(|| Value::String(id.clone()));
@@ -143,13 +161,13 @@ pub fn post(store: &dyn Store, kind: Kind, conf: Option<Value>) -> Result<Reply,
         ));
     }
     let mut conf = conf.ok_or_else(|| AdminError::bad_request("missing configurations"))?;
-    forbid_client_timestamps(&conf)?;
     if conf.get("id").is_some() {
         return Err(AdminError::bad_request(format!(
             "wrong {} id, do not need it",
             kind.label()
         )));
     }
+    forbid_client_timestamps(&conf)?;
     // Like etcd's push: the zero-padded revision the object is created at.
     let mut next = store.revision()? + 1;
     let id = loop {
@@ -224,19 +242,18 @@ pub fn list(store: &dyn Store, kind: Kind, q: &ListQuery) -> Result<Reply, Admin
                 .as_ref()
                 .is_none_or(|(f, want)| v.get(f).and_then(id_text).is_some_and(|x| &x == want))
     };
-    let filtered: Vec<Value> = entries
-        .iter()
-        .filter(|e| matches(e))
-        .map(with_indexes)
-        .collect();
+    let mut filtered: Vec<&Entry> = entries.iter().filter(|e| matches(e)).collect();
+    // APISIX lists in creation order.
+    filtered.sort_by_key(|e| e.created_index);
     let total = filtered.len();
     let list: Vec<Value> = match (q.page, q.page_size) {
-        (Some(page), Some(size)) if page >= 1 => filtered
+        (Some(page), Some(size)) => filtered
             .into_iter()
-            .skip((page - 1) * size)
+            .skip(page.max(1).saturating_sub(1).saturating_mul(size))
             .take(size)
+            .map(with_indexes)
             .collect(),
-        _ => filtered,
+        _ => filtered.into_iter().map(with_indexes).collect(),
     };
     Ok((StatusCode::OK, json!({ "list": list, "total": total })))
 }
@@ -268,7 +285,7 @@ fn set_at_path(target: &mut Value, path: &str, value: Value) -> Result<(), Admin
     };
     for p in init {
         let Value::Object(map) = cur else {
-            return Err(AdminError::bad_request(format!("invalid sub path: {path}")));
+            return Err(AdminError::bad_request("invalid configuration"));
         };
         cur = map
             .entry((*p).to_string())
@@ -283,7 +300,7 @@ fn set_at_path(target: &mut Value, path: &str, value: Value) -> Result<(), Admin
             }
             Ok(())
         }
-        _ => Err(AdminError::bad_request(format!("invalid sub path: {path}"))),
+        _ => Err(AdminError::bad_request("invalid configuration")),
     }
 }
 

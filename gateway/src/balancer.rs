@@ -24,6 +24,8 @@ pub const MAX_SCHEDULE_LEN: u64 = 1 << 16;
 #[derive(Debug)]
 pub struct RoundRobin {
     weights: Vec<u64>,
+    /// Nodes with a weight above 0.
+    live: usize,
     kind: Kind,
 }
 
@@ -91,8 +93,12 @@ impl RoundRobin {
         let kind = match Stepper::new(&weights) {
             None => Kind::Empty,
             Some(mut stepper) => {
-                let cycle: u64 = weights.iter().map(|w| w / stepper.gcd).sum();
-                if cycle <= MAX_SCHEDULE_LEN {
+                // Weights come from users: a sum that overflows just means
+                // "too long to tabulate".
+                let cycle = weights
+                    .iter()
+                    .try_fold(0u64, |acc, w| acc.checked_add(w / stepper.gcd));
+                if let Some(cycle) = cycle.filter(|c| (1..=MAX_SCHEDULE_LEN).contains(c)) {
                     let schedule = (0..cycle).map(|_| stepper.step() as u32).collect();
                     Kind::Table {
                         schedule,
@@ -103,7 +109,12 @@ impl RoundRobin {
                 }
             }
         };
-        RoundRobin { weights, kind }
+        let live = weights.iter().filter(|w| **w > 0).count();
+        RoundRobin {
+            weights,
+            live,
+            kind,
+        }
     }
 
     /// The weights this picker was built from.
@@ -126,20 +137,24 @@ impl RoundRobin {
         }
     }
 
-    /// The next node index not in `tried`; `None` when none is left.
+    /// Number of nodes that can be picked.
+    pub fn live(&self) -> usize {
+        self.live
+    }
+
+    /// The next node index not in `tried`; `None` when none is left. When
+    /// the scheduled node was tried already, the next untried live node in
+    /// declaration order is taken, so a retry costs O(nodes), never a scan
+    /// of the whole cycle.
     pub fn pick_excluding(&self, tried: &[usize]) -> Option<usize> {
-        let live = self.weights.iter().filter(|w| **w > 0).count();
-        if tried.len() >= live {
+        if tried.len() >= self.live {
             return None;
         }
-        // Each live node comes up within one cycle; bound the scan anyway.
-        for _ in 0..MAX_SCHEDULE_LEN {
-            let i = self.pick()?;
-            if !tried.contains(&i) {
-                return Some(i);
-            }
-        }
-        None
+        let first = self.pick()?;
+        let n = self.weights.len();
+        (0..n)
+            .map(|k| (first + k) % n)
+            .find(|i| self.weights[*i] > 0 && !tried.contains(i))
     }
 }
 
@@ -178,6 +193,14 @@ mod tests {
     }
 
     #[test]
+    fn overflowing_weights_do_not_panic() {
+        let rr = RoundRobin::new(vec![u64::MAX, u64::MAX - 1, 1 << 63]);
+        for _ in 0..10 {
+            assert!(rr.pick().is_some());
+        }
+    }
+
+    #[test]
     fn all_zero_picks_nothing() {
         assert_eq!(RoundRobin::new(vec![0, 0]).pick(), None);
         assert_eq!(RoundRobin::new(vec![]).pick(), None);
@@ -195,6 +218,7 @@ mod tests {
     fn exclusion_skips_tried_nodes() {
         let rr = RoundRobin::new(vec![1, 1, 0]);
         assert_eq!(rr.pick_excluding(&[0]), Some(1));
+        assert_eq!(rr.pick_excluding(&[1]), Some(0));
         assert_eq!(rr.pick_excluding(&[0, 1]), None);
     }
 

@@ -26,6 +26,8 @@ pub const DEFAULT_ADMIN_IP: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 pub const DEFAULT_ALLOW_ADMIN: &str = "127.0.0.0/24";
 /// APISIX's old well-known default admin key; ferrogate refuses to run with it.
 pub const PUBLIC_DEFAULT_KEY: &str = "edd1c9f034335f136f87ad84b625c8f1";
+/// APISIX's well-known example viewer key; refused as well.
+pub const PUBLIC_VIEWER_KEY: &str = "4054f7cf07e344346cd3f287985e76a2";
 /// `nginx_config.worker_shutdown_timeout` default.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(240);
 /// `nginx_config.http.client_header_timeout` default.
@@ -211,10 +213,13 @@ impl GatewayConfig {
                 ))
             }
         };
-        if admin_keys.iter().any(|k| k.key == PUBLIC_DEFAULT_KEY) {
+        if admin_keys
+            .iter()
+            .any(|k| k.key == PUBLIC_DEFAULT_KEY || k.key == PUBLIC_VIEWER_KEY)
+        {
             return Err(key_err(
                 "deployment.admin.admin_key",
-                "this is APISIX's old public default key; anyone can guess it. Set your own key, or leave it empty to have one generated",
+                "this is one of APISIX's published example keys (public default key); anyone can guess it. Set your own key, or leave it empty to have one generated",
             ));
         }
         let allow_admin = match get("deployment.admin.allow_admin") {
@@ -361,8 +366,7 @@ fn opt_duration(doc: &Value, path: &str) -> Result<Option<Duration>, ConfigError
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => n
             .as_f64()
-            .filter(|f| *f >= 0.0)
-            .map(Duration::from_secs_f64)
+            .and_then(|f| Duration::try_from_secs_f64(f).ok())
             .map(Some)
             .ok_or_else(bad),
         Some(Value::String(s)) => parse_duration(s).map(Some).ok_or_else(bad),
@@ -386,7 +390,7 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         "d" => n * 86400.0,
         _ => return None,
     };
-    Some(Duration::from_secs_f64(secs))
+    Duration::try_from_secs_f64(secs).ok()
 }
 
 fn port_of(key: &str, v: &Value) -> Result<u16, ConfigError> {

@@ -74,7 +74,8 @@ fn generated_key(data_dir: &Path) -> anyhow::Result<String> {
         if !key.is_empty() {
             let mode = fs::metadata(&path)?.permissions().mode() & 0o777;
             if mode & 0o077 != 0 {
-                tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "admin key file is readable by others; chmod 600 it");
+                fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
+                tracing::warn!(path = %path.display(), was = format!("{mode:o}"), "admin key file was readable by others; made it 0600");
             }
             tracing::info!(path = %path.display(), "admin key loaded from the data directory");
             return Ok(key);

@@ -11,7 +11,8 @@
 //!
 //! Failures: a refused, reset or closed upstream is 502, a timeout is 504,
 //! each with `X-APISIX-Upstream-Status`; with `retries` left, the next node
-//! is tried instead (nginx's `proxy_next_upstream error timeout`). Retrying
+//! is tried instead (nginx's `proxy_next_upstream error timeout`; POST and
+//! PATCH only when the connection could not be made). Retrying
 //! needs the request body again, so bodies up to [`RETRY_BODY_LIMIT`] are
 //! read before the first try; larger ones are streamed and not retried.
 
@@ -25,7 +26,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Scheme};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
@@ -97,17 +98,25 @@ enum Failure {
     Broken,
     /// No answer within the timeout: 504.
     Timeout,
-    /// No node can be picked: 502 (nginx: no live upstreams).
-    NoNode,
 }
 
 impl Failure {
     fn status(self) -> StatusCode {
         match self {
             Failure::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            Failure::Broken | Failure::NoNode => StatusCode::BAD_GATEWAY,
+            Failure::Broken => StatusCode::BAD_GATEWAY,
         }
     }
+}
+
+/// `502, 200`: every try's status, as nginx's `$upstream_status`.
+fn status_list(statuses: &[u16]) -> Option<HeaderValue> {
+    let text = statuses
+        .iter()
+        .map(u16::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    HeaderValue::from_str(&text).ok()
 }
 
 enum RequestBody {
@@ -118,7 +127,7 @@ enum RequestBody {
 impl ProxyService {
     async fn forward(self, req: Request<Incoming>) -> Response<ResponseBody> {
         let Some(up) = self.upstream.clone() else {
-            return error_page(StatusCode::BAD_GATEWAY, true);
+            return error_page(StatusCode::BAD_GATEWAY, None);
         };
         let (parts, body) = req.into_parts();
         let client_ip = parts.extensions.get::<ClientIp>().map(|c| c.0);
@@ -144,21 +153,27 @@ impl ProxyService {
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
 
+        // A body is kept for a retry only when a retry is possible.
+        let retryable_body = up.max_tries > 1;
         let mut body = match body.size_hint().exact() {
             Some(0) => RequestBody::Buffered(Bytes::new()),
-            Some(n) if n <= RETRY_BODY_LIMIT => match body.collect().await {
+            Some(n) if retryable_body && n <= RETRY_BODY_LIMIT => match body.collect().await {
                 Ok(collected) => RequestBody::Buffered(collected.to_bytes()),
-                Err(_) => return error_page(StatusCode::BAD_REQUEST, false),
+                Err(_) => return error_page(StatusCode::BAD_REQUEST, None),
             },
             _ => RequestBody::Streaming(Some(body)),
         };
         let tries = match body {
-            RequestBody::Buffered(_) => 1 + up.retries,
+            RequestBody::Buffered(_) => up.max_tries,
             RequestBody::Streaming(_) => 1,
         };
+        // nginx does not pass a non-idempotent request to the next node once
+        // it may have reached one (proxy_next_upstream without non_idempotent).
+        let idempotent = !matches!(parts.method, Method::POST | Method::PATCH)
+            && parts.method.as_str() != "LOCK";
         let started = Instant::now();
         let mut tried: Vec<usize> = Vec::with_capacity(tries);
-        let mut failure = Failure::NoNode;
+        let mut statuses: Vec<u16> = Vec::with_capacity(tries);
         for attempt in 0..tries {
             if attempt > 0
                 && up
@@ -178,7 +193,7 @@ impl ProxyService {
                 .path_and_query(path.clone())
                 .build();
             let Ok(uri) = uri else {
-                return error_page(StatusCode::BAD_REQUEST, false);
+                return error_page(StatusCode::BAD_REQUEST, None);
             };
             let last = attempt + 1 == tries;
             let mut out_headers = if last {
@@ -207,34 +222,48 @@ impl ProxyService {
             *out.version_mut() = Version::HTTP_11;
             *out.headers_mut() = out_headers;
 
-            let wait = self.timeouts.connect + self.timeouts.read;
-            match tokio::time::timeout(wait, self.client.request(out)).await {
-                Ok(Ok(resp)) => return self.finish(resp),
+            let wait = self.timeouts.response_head();
+            let failure = match tokio::time::timeout(wait, self.client.request(out)).await {
+                Ok(Ok(resp)) => {
+                    statuses.push(resp.status().as_u16());
+                    return self.finish(resp, &statuses);
+                }
                 Ok(Err(e)) => {
                     tracing::warn!(upstream = %target.authority, error = %e, "upstream request failed");
-                    failure = if is_timeout(&e) {
+                    let kind = if is_timeout(&e) {
                         Failure::Timeout
                     } else {
                         Failure::Broken
                     };
+                    (kind, e.is_connect())
                 }
                 Err(_) => {
                     tracing::warn!(upstream = %target.authority, timeout = ?wait, "upstream timed out");
-                    failure = Failure::Timeout;
+                    (Failure::Timeout, false)
                 }
+            };
+            statuses.push(failure.0.status().as_u16());
+            if !idempotent && !failure.1 {
+                break;
             }
         }
-        error_page(failure.status(), true)
+        match statuses.last() {
+            Some(&code) => error_page(
+                StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY),
+                Some(&statuses),
+            ),
+            // No node could be picked: the gateway's own 502, no upstream status.
+            None => error_page(StatusCode::BAD_GATEWAY, None),
+        }
     }
 
-    fn finish(&self, resp: Response<Incoming>) -> Response<ResponseBody> {
+    fn finish(&self, resp: Response<Incoming>, statuses: &[u16]) -> Response<ResponseBody> {
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         if parts.status.is_server_error() || self.options.always_show_upstream_status {
-            parts.headers.insert(
-                "x-apisix-upstream-status",
-                HeaderValue::from(parts.status.as_u16()),
-            );
+            if let Some(v) = status_list(statuses) {
+                parts.headers.insert("x-apisix-upstream-status", v);
+            }
         }
         let body = body
             .map_err(|e| -> plugins::BoxError { Box::new(e) })
@@ -322,9 +351,9 @@ pub fn prepare_request_headers(
 }
 
 /// The gateway's own error page for `status` (nginx-style HTML, which is what
-/// APISIX clients see for 502/504), with `X-APISIX-Upstream-Status` when the
-/// status comes from the upstream side.
-pub fn error_page(status: StatusCode, upstream: bool) -> Response<ResponseBody> {
+/// APISIX clients see for 502/504), with `X-APISIX-Upstream-Status` listing
+/// the tries when upstreams were contacted.
+pub fn error_page(status: StatusCode, upstream_statuses: Option<&[u16]>) -> Response<ResponseBody> {
     let line = format!(
         "{} {}",
         status.as_u16(),
@@ -343,11 +372,8 @@ pub fn error_page(status: StatusCode, upstream: bool) -> Response<ResponseBody> 
     *resp.status_mut() = status;
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
-    if upstream {
-        resp.headers_mut().insert(
-            "x-apisix-upstream-status",
-            HeaderValue::from(status.as_u16()),
-        );
+    if let Some(v) = upstream_statuses.and_then(status_list) {
+        resp.headers_mut().insert("x-apisix-upstream-status", v);
     }
     resp
 }
@@ -406,10 +432,12 @@ mod tests {
 
     #[test]
     fn error_pages() {
-        let r = error_page(StatusCode::GATEWAY_TIMEOUT, true);
+        let r = error_page(StatusCode::GATEWAY_TIMEOUT, Some(&[504]));
         assert_eq!(r.status(), 504);
         assert_eq!(r.headers()["x-apisix-upstream-status"], "504");
-        let r = error_page(StatusCode::BAD_GATEWAY, true);
-        assert_eq!(r.headers()["x-apisix-upstream-status"], "502");
+        let r = error_page(StatusCode::BAD_GATEWAY, Some(&[502, 502]));
+        assert_eq!(r.headers()["x-apisix-upstream-status"], "502, 502");
+        let r = error_page(StatusCode::BAD_GATEWAY, None);
+        assert!(!r.headers().contains_key("x-apisix-upstream-status"));
     }
 }

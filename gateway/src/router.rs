@@ -15,7 +15,8 @@
 //! the number of routes.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -157,26 +158,189 @@ where
     }
 }
 
-/// The compiled router of one snapshot.
-#[derive(Debug)]
+/// Number of copy-on-write shards per table. A change copies only the shards
+/// holding the changed paths, so its cost is about `routes / SHARDS` entries.
+pub const SHARDS: usize = 256;
+
+type Shard<T> = HashMap<Box<str>, Vec<Candidate<T>>>;
+
+/// One map from path (exact) or prefix to its ordered candidates, split into
+/// shards by the hash of the key.
+struct Table<T> {
+    shards: Vec<Arc<Shard<T>>>,
+}
+
+impl<T> Clone for Table<T> {
+    fn clone(&self) -> Self {
+        Table {
+            shards: self.shards.clone(),
+        }
+    }
+}
+
+impl<T> Table<T> {
+    fn new() -> Self {
+        Table {
+            shards: (0..SHARDS).map(|_| Arc::new(HashMap::new())).collect(),
+        }
+    }
+
+    fn get(&self, hasher: &RandomState, key: &str) -> Option<&Vec<Candidate<T>>> {
+        self.shards[shard_of(hasher, key)].get(key)
+    }
+}
+
+fn shard_of(hasher: &RandomState, key: &str) -> usize {
+    (hasher.hash_one(key) as usize) % SHARDS
+}
+
+fn by_precedence<T>(a: &Candidate<T>, b: &Candidate<T>) -> std::cmp::Ordering {
+    b.priority.cmp(&a.priority).then(a.order.cmp(&b.order))
+}
+
+/// The router of one snapshot: cheap to clone, immutable.
 pub struct Router<T> {
-    exact: HashMap<Box<str>, Vec<Candidate<T>>>,
-    prefix: HashMap<Box<str>, Vec<Candidate<T>>>,
+    exact: Table<T>,
+    prefix: Table<T>,
     /// Distinct prefix lengths, longest first.
-    prefix_lens: Vec<usize>,
+    prefix_lens: Arc<Vec<usize>>,
+    hasher: RandomState,
+    len: usize,
+}
+
+impl<T> std::fmt::Debug for Router<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("entries", &self.len)
+            .finish()
+    }
+}
+
+/// The mutable route table the compiler keeps between snapshots. Adding or
+/// removing a route touches only the shards of its paths; [`Self::router`]
+/// then shares every untouched shard with the previous snapshot.
+pub struct RouteTable<T> {
+    exact: Table<T>,
+    prefix: Table<T>,
+    prefix_len_counts: BTreeMap<usize, usize>,
+    prefix_lens: Arc<Vec<usize>>,
+    hasher: RandomState,
+    len: usize,
+}
+
+impl<T: Clone> Default for RouteTable<T> {
+    fn default() -> Self {
+        RouteTable {
+            exact: Table::new(),
+            prefix: Table::new(),
+            prefix_len_counts: BTreeMap::new(),
+            prefix_lens: Arc::new(Vec::new()),
+            hasher: RandomState::new(),
+            len: 0,
+        }
+    }
+}
+
+/// Splits `/foo/*` into (`/foo/`, prefix) and `/foo` into (`/foo`, exact).
+fn classify(uri: &str) -> (&str, bool) {
+    match uri.strip_suffix('*') {
+        Some(prefix) => (prefix, true),
+        None => (uri, false),
+    }
+}
+
+impl<T: Clone> RouteTable<T> {
+    /// Adds a route under every one of its `uris`.
+    pub fn add<S: AsRef<str>>(&mut self, uris: &[S], candidate: Candidate<T>) {
+        for uri in uris {
+            let (key, is_prefix) = classify(uri.as_ref());
+            let shard = shard_of(&self.hasher, key);
+            let table = if is_prefix {
+                &mut self.prefix
+            } else {
+                &mut self.exact
+            };
+            let list = Arc::make_mut(&mut table.shards[shard])
+                .entry(key.into())
+                .or_default();
+            let at = list.partition_point(|c| by_precedence(c, &candidate).is_le());
+            list.insert(at, candidate.clone());
+            self.len += 1;
+            if is_prefix {
+                *self.prefix_len_counts.entry(key.len()).or_default() += 1;
+            }
+        }
+        self.refresh_lens();
+    }
+
+    /// Removes, under each of `uris`, the candidates `pred` selects.
+    pub fn remove_where<S: AsRef<str>>(
+        &mut self,
+        uris: &[S],
+        pred: impl Fn(&Candidate<T>) -> bool,
+    ) {
+        for uri in uris {
+            let (key, is_prefix) = classify(uri.as_ref());
+            let shard = shard_of(&self.hasher, key);
+            let table = if is_prefix {
+                &mut self.prefix
+            } else {
+                &mut self.exact
+            };
+            if !table.shards[shard].contains_key(key) {
+                continue;
+            }
+            let map = Arc::make_mut(&mut table.shards[shard]);
+            let Some(list) = map.get_mut(key) else {
+                continue;
+            };
+            let before = list.len();
+            list.retain(|c| !pred(c));
+            let removed = before - list.len();
+            if list.is_empty() {
+                map.remove(key);
+            }
+            self.len -= removed;
+            if is_prefix && removed > 0 {
+                if let Some(n) = self.prefix_len_counts.get_mut(&key.len()) {
+                    *n -= removed.min(*n);
+                    if *n == 0 {
+                        self.prefix_len_counts.remove(&key.len());
+                    }
+                }
+            }
+        }
+        self.refresh_lens();
+    }
+
+    fn refresh_lens(&mut self) {
+        let lens: Vec<usize> = self.prefix_len_counts.keys().rev().copied().collect();
+        if *self.prefix_lens != lens {
+            self.prefix_lens = Arc::new(lens);
+        }
+    }
+
+    /// An immutable router sharing this table's current shards.
+    pub fn router(&self) -> Router<T> {
+        Router {
+            exact: self.exact.clone(),
+            prefix: self.prefix.clone(),
+            prefix_lens: self.prefix_lens.clone(),
+            hasher: self.hasher.clone(),
+            len: self.len,
+        }
+    }
 }
 
 /// Collects routes, then freezes them into a [`Router`].
 pub struct RouterBuilder<T> {
-    exact: HashMap<Box<str>, Vec<Candidate<T>>>,
-    prefix: HashMap<Box<str>, Vec<Candidate<T>>>,
+    table: RouteTable<T>,
 }
 
-impl<T> Default for RouterBuilder<T> {
+impl<T: Clone> Default for RouterBuilder<T> {
     fn default() -> Self {
         RouterBuilder {
-            exact: HashMap::new(),
-            prefix: HashMap::new(),
+            table: RouteTable::default(),
         }
     }
 }
@@ -184,30 +348,11 @@ impl<T> Default for RouterBuilder<T> {
 impl<T: Clone> RouterBuilder<T> {
     /// Adds a route under every one of its `uris`.
     pub fn add<S: AsRef<str>>(&mut self, uris: &[S], candidate: Candidate<T>) {
-        for uri in uris {
-            let uri = uri.as_ref();
-            let (map, key) = match uri.strip_suffix('*') {
-                Some(prefix) => (&mut self.prefix, prefix),
-                None => (&mut self.exact, uri),
-            };
-            map.entry(key.into()).or_default().push(candidate.clone());
-        }
+        self.table.add(uris, candidate);
     }
 
-    pub fn build(mut self) -> Router<T> {
-        let order = |list: &mut Vec<Candidate<T>>| {
-            list.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.order.cmp(&b.order)));
-        };
-        self.exact.values_mut().for_each(order);
-        self.prefix.values_mut().for_each(order);
-        let mut prefix_lens: Vec<usize> = self.prefix.keys().map(|k| k.len()).collect();
-        prefix_lens.sort_unstable_by(|a, b| b.cmp(a));
-        prefix_lens.dedup();
-        Router {
-            exact: self.exact,
-            prefix: self.prefix,
-            prefix_lens,
-        }
+    pub fn build(self) -> Router<T> {
+        self.table.router()
     }
 }
 
@@ -224,18 +369,18 @@ impl<T> Router<T> {
         }
         if let Some(hit) = self
             .exact
-            .get(req.path)
+            .get(&self.hasher, req.path)
             .and_then(|l| first_accepting(l, req))
         {
             return Some(hit);
         }
-        for &len in &self.prefix_lens {
+        for &len in self.prefix_lens.iter() {
             if len > req.path.len() || !req.path.is_char_boundary(len) {
                 continue;
             }
             if let Some(hit) = self
                 .prefix
-                .get(&req.path[..len])
+                .get(&self.hasher, &req.path[..len])
                 .and_then(|l| first_accepting(l, req))
             {
                 return Some(hit);
@@ -246,13 +391,68 @@ impl<T> Router<T> {
 
     /// Number of (uri, route) entries.
     pub fn len(&self) -> usize {
-        self.exact.values().map(Vec::len).sum::<usize>()
-            + self.prefix.values().map(Vec::len).sum::<usize>()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len == 0
     }
+}
+
+/// The path routes are matched against, made as nginx makes `$uri`:
+/// `%XX` decoded, repeated slashes merged, `.` and `..` segments resolved.
+/// Routing on the raw path would let `/public/../admin` or `/%61dmin` reach
+/// a route other than the one the upstream ends up serving. `None` when the
+/// path is malformed (a bad `%` escape, a NUL, `..` above the root): 400.
+/// The upstream still receives the path exactly as the client sent it.
+pub fn normalize_path(raw: &str) -> Option<Cow<'_, str>> {
+    let suspicious = raw.contains('%') || raw.contains("//") || raw.contains("/.");
+    if !suspicious {
+        return Some(Cow::Borrowed(raw));
+    }
+    let bytes = raw.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3)?;
+            let value = std::str::from_utf8(hex)
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())?;
+            if value == 0 {
+                return None;
+            }
+            decoded.push(value);
+            i += 3;
+        } else {
+            decoded.push(bytes[i]);
+            i += 1;
+        }
+    }
+    let text = String::from_utf8_lossy(&decoded);
+    if !text.starts_with('/') {
+        return Some(Cow::Owned(text.into_owned()));
+    }
+    let mut segments: Vec<&str> = Vec::new();
+    for seg in text.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                segments.pop()?;
+            }
+            s => segments.push(s),
+        }
+    }
+    let trailing = text.ends_with('/') || text.ends_with("/.") || text.ends_with("/..");
+    let mut out = String::with_capacity(text.len());
+    for seg in &segments {
+        out.push('/');
+        out.push_str(seg);
+    }
+    if trailing || out.is_empty() {
+        out.push('/');
+    }
+    Some(Cow::Owned(out))
 }
 
 /// Lower-cases a Host value and strips its port (`[::1]:80` → `[::1]`).

@@ -32,7 +32,10 @@ pub struct DataPlane {
     pub live: SharedSnapshot,
     pub server_header: HeaderValue,
     pub real_ip: Option<Arc<RealIp>>,
+    /// `client_header_timeout`: time to send a request head.
     pub header_timeout: Duration,
+    /// `keepalive_timeout`: hyper times the wait for the next request head
+    /// with the same timer, so the shorter of the two bounds both.
     pub keepalive_timeout: Duration,
 }
 
@@ -118,7 +121,7 @@ pub async fn serve_data_plane(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(plane.header_timeout)
+        .header_read_timeout(plane.header_timeout.min(plane.keepalive_timeout))
         .keep_alive(true);
     builder.http2().timer(TokioTimer::new());
     let builder = Arc::new(builder);

@@ -36,7 +36,8 @@ use plugins::{json_response, ClientIp, CompiledPlugin, HttpService, ResponseBody
 
 use crate::proxy::{ConnMeta, ProxyOptions, ProxyService};
 use crate::router::{
-    normalize_host, Candidate, HostSet, Matcher, MethodSet, RequestView, Router, RouterBuilder,
+    normalize_host, normalize_path, Candidate, HostSet, Matcher, MethodSet, RequestView,
+    RouteTable, Router,
 };
 use crate::upstream::{BalancerCache, Clients, CompiledUpstream, Timeouts};
 
@@ -77,6 +78,9 @@ pub struct Compiler {
     upstreams: BTreeMap<String, UpstreamConf>,
     upstream_cache: BTreeMap<String, Arc<CompiledUpstream>>,
     global_rules: BTreeMap<String, GlobalRuleConf>,
+    /// Compiled plugins of every global rule, rebuilt when a rule changes.
+    global_chain: Vec<(i32, CompiledPlugin)>,
+    table: RouteTable<Arc<CompiledRoute>>,
     balancers: BalancerCache,
     clients: Clients,
     options: ProxyOptions,
@@ -91,6 +95,8 @@ impl Compiler {
             upstreams: BTreeMap::new(),
             upstream_cache: BTreeMap::new(),
             global_rules: BTreeMap::new(),
+            global_chain: Vec::new(),
+            table: RouteTable::default(),
             balancers: BalancerCache::default(),
             clients: Clients::default(),
             options,
@@ -114,6 +120,7 @@ impl Compiler {
         for id in ids {
             self.compile_route(&id);
         }
+        self.compile_global_rules();
         Ok(self.snapshot())
     }
 
@@ -140,17 +147,22 @@ impl Compiler {
             Kind::Routes => {
                 match entry.and_then(|e| parse::<RouteConf>(e).map(|c| (c, e.created_index))) {
                     Some((conf, order)) => {
+                        // The old compiled form stays until the new one
+                        // replaces it in the route table.
+                        let compiled = self.routes.get_mut(&id).and_then(|r| r.compiled.take());
                         self.routes.insert(
                             id.clone(),
                             RouteRecord {
                                 conf,
                                 order,
-                                compiled: None,
+                                compiled,
                             },
                         );
                     }
                     None => {
-                        self.routes.remove(&id);
+                        if let Some(old) = self.routes.remove(&id).and_then(|r| r.compiled) {
+                            self.unroute(&old);
+                        }
                         self.balancers.forget(&format!("routes/{id}"));
                     }
                 }
@@ -204,6 +216,7 @@ impl Compiler {
                         self.global_rules.remove(&id);
                     }
                 }
+                self.compile_global_rules();
                 Vec::new()
             }
         }
@@ -252,9 +265,40 @@ impl Compiler {
                 }
             }
         };
-        if let Some(record) = self.routes.get_mut(id) {
-            record.compiled = compiled;
+        let previous = self
+            .routes
+            .get_mut(id)
+            .and_then(|record| std::mem::replace(&mut record.compiled, compiled.clone()));
+        if let Some(old) = previous {
+            self.unroute(&old);
         }
+        if let Some(route) = compiled {
+            self.table.add(
+                &route.uris,
+                Candidate {
+                    priority: route.priority,
+                    order: route.order,
+                    matcher: route.matcher.clone(),
+                    target: route.clone(),
+                },
+            );
+        }
+    }
+
+    fn unroute(&mut self, old: &Arc<CompiledRoute>) {
+        self.table
+            .remove_where(&old.uris, |c| Arc::ptr_eq(&c.target, old));
+    }
+
+    fn compile_global_rules(&mut self) {
+        let mut chain = Vec::new();
+        for (id, rule) in &self.global_rules {
+            match compile_plugins(&rule.plugins) {
+                Ok(plugins) => chain.extend(plugins),
+                Err(e) => tracing::error!(global_rule = %id, error = %e, "global rule skipped"),
+            }
+        }
+        self.global_chain = chain;
     }
 
     fn build_route(
@@ -347,36 +391,19 @@ impl Compiler {
     }
 
     fn snapshot(&self) -> Snapshot {
-        let mut builder = RouterBuilder::default();
-        let mut count = 0;
-        for record in self.routes.values() {
-            if let Some(route) = &record.compiled {
-                count += 1;
-                builder.add(
-                    &route.uris,
-                    Candidate {
-                        priority: route.priority,
-                        order: route.order,
-                        matcher: route.matcher.clone(),
-                        target: route.clone(),
-                    },
-                );
-            }
-        }
+        let router = self.table.router();
+        let routes = self
+            .routes
+            .values()
+            .filter(|r| r.compiled.is_some())
+            .count();
         let dispatch = HttpService::new(Dispatch {
-            router: Arc::new(builder.build()),
+            router: Arc::new(router),
         });
-        let mut global = Vec::new();
-        for (id, rule) in &self.global_rules {
-            match compile_plugins(&rule.plugins) {
-                Ok(chain) => global.extend(chain),
-                Err(e) => tracing::error!(global_rule = %id, error = %e, "global rule skipped"),
-            }
-        }
         Snapshot {
             version: self.version.fetch_add(1, Ordering::Relaxed) + 1,
-            service: build_chain(&global, dispatch),
-            routes: count,
+            service: build_chain(&self.global_chain, dispatch),
+            routes,
         }
     }
 }
@@ -414,10 +441,10 @@ impl Service<Request<Incoming>> for Dispatch {
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        let route = find_route(&self.router, &req);
-        match route {
-            Some(route) => Box::pin(route.service.clone().oneshot(req)),
-            None => Box::pin(std::future::ready(Ok(route_not_found()))),
+        match find_route(&self.router, &req) {
+            Ok(Some(route)) => Box::pin(route.service.clone().oneshot(req)),
+            Ok(None) => Box::pin(std::future::ready(Ok(route_not_found()))),
+            Err(bad) => Box::pin(std::future::ready(Ok(*bad))),
         }
     }
 }
@@ -425,22 +452,29 @@ impl Service<Request<Incoming>> for Dispatch {
 fn find_route<B>(
     router: &Router<Arc<CompiledRoute>>,
     req: &Request<B>,
-) -> Option<Arc<CompiledRoute>> {
+) -> Result<Option<Arc<CompiledRoute>>, Box<Response<ResponseBody>>> {
+    let Some(path) = normalize_path(req.uri().path()) else {
+        return Err(Box::new(crate::proxy::error_page(
+            StatusCode::BAD_REQUEST,
+            None,
+        )));
+    };
     let raw_host = request_host(req);
     let host = raw_host.map(normalize_host);
     let client_ip = req.extensions().get::<ClientIp>().map(|c| c.0);
     let vars = RequestVars {
         req,
         host: host.as_deref(),
+        path: &path,
     };
     let view = RequestView {
         method: req.method(),
-        path: req.uri().path(),
+        path: &path,
         host: host.as_deref(),
         client_ip,
         vars: &vars,
     };
-    router.find(&view).cloned()
+    Ok(router.find(&view).cloned())
 }
 
 /// APISIX's 404 for an unmatched request.
@@ -462,6 +496,8 @@ fn request_host<B>(req: &Request<B>) -> Option<&str> {
 struct RequestVars<'a, B> {
     req: &'a Request<B>,
     host: Option<&'a str>,
+    /// The normalised path (`$uri`).
+    path: &'a str,
 }
 
 impl<B> Vars for RequestVars<'_, B> {
@@ -501,7 +537,7 @@ impl<B> Vars for RequestVars<'_, B> {
                 });
         }
         match name {
-            "uri" => Some(Cow::Borrowed(req.uri().path())),
+            "uri" => Some(Cow::Borrowed(self.path)),
             "request_uri" => Some(Cow::Borrowed(
                 req.uri()
                     .path_and_query()

@@ -76,6 +76,9 @@ pub struct Target {
     pub host_header: HeaderValue,
 }
 
+/// Longest timeout honoured; larger configured values are capped to it.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// Per-phase timeouts, seconds converted once.
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
@@ -86,12 +89,18 @@ pub struct Timeouts {
 
 impl Timeouts {
     pub fn from_conf(t: Option<&Timeout>) -> Option<Self> {
-        let secs = |v: f64| Duration::try_from_secs_f64(v).unwrap_or(DEFAULT_TIMEOUT);
+        let secs =
+            |v: f64| Duration::try_from_secs_f64(v).map_or(MAX_TIMEOUT, |d| d.min(MAX_TIMEOUT));
         t.map(|t| Timeouts {
             connect: secs(t.connect),
             send: secs(t.send),
             read: secs(t.read),
         })
+    }
+
+    /// How long to wait for a response head: connecting plus reading.
+    pub fn response_head(&self) -> Duration {
+        self.connect.saturating_add(self.read)
     }
 
     pub const DEFAULT: Timeouts = Timeouts {
@@ -106,8 +115,8 @@ impl Timeouts {
 pub struct CompiledUpstream {
     pub targets: Vec<Target>,
     pub balancer: Arc<RoundRobin>,
-    /// Extra tries after the first.
-    pub retries: usize,
+    /// Tries in all (first + retries), never more than the live nodes.
+    pub max_tries: usize,
     /// Bound on all tries together; `None`: unbounded.
     pub retry_timeout: Option<Duration>,
     pub timeouts: Timeouts,
@@ -178,6 +187,20 @@ impl CompiledUpstream {
             })
             .collect::<Result<Vec<_>, UpstreamError>>()?;
         let live = nodes.iter().filter(|n| n.weight > 0).count();
+        // Until these are implemented, refuse rather than quietly proxy
+        // differently from what the configuration asks.
+        if conf.kind != "roundrobin" {
+            return Err(UpstreamError(format!(
+                "balancer type `{}` is not supported yet",
+                conf.kind
+            )));
+        }
+        if conf.scheme != "http" {
+            return Err(UpstreamError(format!(
+                "scheme `{}` is not supported yet",
+                conf.scheme
+            )));
+        }
         let pass_host = match conf.pass_host.as_str() {
             "node" => PassHost::Node,
             "rewrite" => PassHost::Rewrite(
@@ -189,10 +212,11 @@ impl CompiledUpstream {
         Ok(CompiledUpstream {
             balancer: balancers.get(owner, &nodes),
             targets,
-            retries: conf
+            max_tries: conf
                 .retries
-                .map(|r| r as usize)
-                .unwrap_or_else(|| live.saturating_sub(1)),
+                .map_or(live, |r| (r as usize).saturating_add(1))
+                .min(live)
+                .max(1),
             retry_timeout: conf
                 .retry_timeout
                 .filter(|t| *t > 0.0)

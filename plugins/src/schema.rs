@@ -391,15 +391,16 @@ impl ArrayRule {
                 .map_err(|e| format!("failed to validate item {}: {e}", i + 1))?;
         }
         if self.unique {
-            for i in 0..items.len() {
-                for j in i + 1..items.len() {
-                    if items[i] == items[j] {
-                        return Err(format!(
-                            "expected unique items but items {} and {} are equal",
-                            i + 1,
-                            j + 1
-                        ));
-                    }
+            // Linear in the number of items: bodies can hold 100k of them.
+            let mut seen: std::collections::HashMap<String, usize> =
+                std::collections::HashMap::new();
+            for (j, item) in items.iter().enumerate() {
+                if let Some(i) = seen.insert(item.to_string(), j) {
+                    return Err(format!(
+                        "expected unique items but items {} and {} are equal",
+                        i + 1,
+                        j + 1
+                    ));
                 }
             }
         }

@@ -34,8 +34,25 @@ async fn next_request_sees_the_change_on_a_kept_connection() {
     );
     gw.put("routes/k", json!({"uri": "/k", "upstream": upstream(&[(&u2.node(), 1)]), "plugins": {"ip-restriction": {"blacklist": ["127.0.0.1"]}}})).await;
     assert_eq!(conn.send("GET", "/k", &[], String::new()).await.status, 403);
+    gw.put(
+        "routes/k",
+        json!({"uri": "/k2", "upstream": upstream(&[(&u1.node(), 1)])}),
+    )
+    .await;
+    assert_eq!(
+        conn.send("GET", "/k", &[], String::new()).await.status,
+        404,
+        "the old uri is gone"
+    );
+    assert_eq!(
+        conn.send("GET", "/k2", &[], String::new()).await.upstream(),
+        "u1"
+    );
     gw.admin("DELETE", "routes/k", None).await;
-    assert_eq!(conn.send("GET", "/k", &[], String::new()).await.status, 404);
+    assert_eq!(
+        conn.send("GET", "/k2", &[], String::new()).await.status,
+        404
+    );
     gw.stop().await;
 }
 

@@ -22,6 +22,11 @@ async fn radixtree_rules() {
     assert_eq!(gw.get("/x/y").await.upstream(), "u2");
     assert_eq!(gw.get("/x/z").await.upstream(), "u1");
     assert_eq!(gw.get("/x/a/b/c").await.upstream(), "u3");
+    // Routing sees the path as nginx's $uri: decoded and resolved.
+    assert_eq!(gw.get("/x/%79").await.upstream(), "u2");
+    assert_eq!(gw.get("/x/z/../y").await.upstream(), "u2");
+    assert_eq!(gw.get("//x//y").await.upstream(), "u2");
+    assert_eq!(gw.get("/../x/y").await.status, 400);
     let miss = gw.get("/nothing").await;
     assert_eq!(miss.status, 404);
     assert_eq!(miss.text(), "{\"error_msg\":\"404 Route Not Found\"}\n");

@@ -118,4 +118,6 @@ fn nginx_durations() {
     assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
     assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
     assert_eq!(parse_duration("soon"), None);
+    assert_eq!(parse_duration("99999999999999999999999s"), None);
+    assert_eq!(parse_duration("-5s"), None);
 }

@@ -108,6 +108,44 @@ fn hosts_and_methods() {
 }
 
 #[test]
+fn path_normalization_like_nginx() {
+    let n = |p| normalize_path(p).map(|c| c.into_owned());
+    assert_eq!(n("/plain/path").as_deref(), Some("/plain/path"));
+    assert_eq!(n("/%61dmin").as_deref(), Some("/admin"));
+    assert_eq!(n("/public/../admin").as_deref(), Some("/admin"));
+    assert_eq!(n("/public/%2e%2e/admin").as_deref(), Some("/admin"));
+    assert_eq!(n("//a///b/").as_deref(), Some("/a/b/"));
+    assert_eq!(n("/a/./b/.").as_deref(), Some("/a/b/"));
+    assert_eq!(n("/a/b/..").as_deref(), Some("/a/"));
+    assert_eq!(n("/.."), None);
+    assert_eq!(n("/a/%zz"), None);
+    assert_eq!(n("/a/%0"), None);
+    assert_eq!(n("/a%00b"), None);
+}
+
+#[test]
+fn incremental_table_equals_fresh_build() {
+    let mut t: RouteTable<&'static str> = RouteTable::default();
+    t.add(&["/a", "/b/*"], cand("one", 0, 1, matcher(&[], &[])));
+    t.add(&["/a"], cand("two", 5, 2, matcher(&[], &[])));
+    let before = t.router();
+    t.remove_where(&["/a"], |c| c.target == "two");
+    t.remove_where(&["/a", "/b/*"], |c| c.target == "one");
+    t.add(&["/c/*"], cand("three", 0, 3, matcher(&[], &[])));
+    let after = t.router();
+    assert_eq!(
+        find(&before, Method::GET, "/a", None),
+        Some("two"),
+        "old snapshots are unaffected"
+    );
+    assert_eq!(find(&before, Method::GET, "/b/x", None), Some("one"));
+    assert_eq!(find(&after, Method::GET, "/a", None), None);
+    assert_eq!(find(&after, Method::GET, "/b/x", None), None);
+    assert_eq!(find(&after, Method::GET, "/c/x", None), Some("three"));
+    assert_eq!(after.len(), 1);
+}
+
+#[test]
 fn host_normalization() {
     assert_eq!(normalize_host("FOO.test:8080"), "foo.test");
     assert_eq!(normalize_host("[::1]:80"), "[::1]");
