@@ -16,7 +16,11 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
+
+/// Seeded per process, so route keys cannot be chosen to collide; much
+/// cheaper than SipHash on short paths.
+type RandomState = foldhash::fast::RandomState;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -162,7 +166,7 @@ where
 /// holding the changed paths, so its cost is about `routes / SHARDS` entries.
 pub const SHARDS: usize = 256;
 
-type Shard<T> = HashMap<Box<str>, Vec<Candidate<T>>>;
+type Shard<T> = HashMap<Box<str>, Vec<Candidate<T>>, RandomState>;
 
 /// One map from path (exact) or prefix to its ordered candidates, split into
 /// shards by the hash of the key.
@@ -181,7 +185,9 @@ impl<T> Clone for Table<T> {
 impl<T> Table<T> {
     fn new() -> Self {
         Table {
-            shards: (0..SHARDS).map(|_| Arc::new(HashMap::new())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Arc::new(HashMap::with_hasher(RandomState::default())))
+                .collect(),
         }
     }
 
@@ -235,7 +241,7 @@ impl<T: Clone> Default for RouteTable<T> {
             prefix: Table::new(),
             prefix_len_counts: BTreeMap::new(),
             prefix_lens: Arc::new(Vec::new()),
-            hasher: RandomState::new(),
+            hasher: RandomState::default(),
             len: 0,
         }
     }
