@@ -54,6 +54,7 @@ const USED_KEYS: &[&str] = &[
     "nginx_config.http.client_header_timeout",
     "nginx_config.http.keepalive_timeout",
     "nginx_config.worker_shutdown_timeout",
+    "nginx_config.worker_processes",
 ];
 
 /// A config error, naming the key it is about.
@@ -134,6 +135,9 @@ pub struct GatewayConfig {
     pub client_header_timeout: Duration,
     pub keepalive_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// `nginx_config.worker_processes`: threads serving requests; `None`
+    /// for `auto` (one per CPU).
+    pub worker_threads: Option<usize>,
     /// Keys present in the file that this version does not use.
     pub unused_keys: Vec<String>,
 }
@@ -321,6 +325,22 @@ impl GatewayConfig {
                 .unwrap_or(DEFAULT_KEEPALIVE_TIMEOUT),
             shutdown_grace: opt_duration(doc, "nginx_config.worker_shutdown_timeout")?
                 .unwrap_or(DEFAULT_SHUTDOWN_GRACE),
+            worker_threads: match get("nginx_config.worker_processes") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) if s == "auto" => None,
+                Some(v) => Some(
+                    v.as_u64()
+                        .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+                        .filter(|n| (1..=1024).contains(n))
+                        .map(|n| n as usize)
+                        .ok_or_else(|| {
+                            key_err(
+                                "nginx_config.worker_processes",
+                                "expected auto or a number 1..1024",
+                            )
+                        })?,
+                ),
+            },
             unused_keys,
         })
     }

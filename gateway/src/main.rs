@@ -30,10 +30,21 @@ fn main() -> anyhow::Result<()> {
     let config = GatewayConfig::load(&args.config)
         .with_context(|| format!("invalid configuration in {}", args.config.display()))?;
     let grace = config.shutdown_grace;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    // worker_processes: 1 runs everything on one thread, like one nginx
+    // worker; more (or auto) gives a work-stealing pool of that size.
+    let runtime = match config.worker_threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        Some(n) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+        None => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+    }
+    .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let running = gateway::start(config).await?;
         wait_for_signal().await?;

@@ -67,13 +67,22 @@ pub struct ProxyOptions {
     pub always_show_upstream_status: bool,
 }
 
-/// Forwards to one upstream.
+/// Forwards to one upstream. Cloned per request, so it is one `Arc`.
 #[derive(Clone)]
-pub struct ProxyService {
+pub struct ProxyService(Arc<ProxyTarget>);
+
+/// What a route forwards to.
+pub struct ProxyTarget {
     pub upstream: Option<Arc<CompiledUpstream>>,
     pub timeouts: Timeouts,
     pub client: UpstreamClient,
     pub options: ProxyOptions,
+}
+
+impl ProxyService {
+    pub fn new(target: ProxyTarget) -> Self {
+        ProxyService(Arc::new(target))
+    }
 }
 
 impl tower::Service<Request<Incoming>> for ProxyService {
@@ -86,7 +95,7 @@ impl tower::Service<Request<Incoming>> for ProxyService {
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        let this = self.clone();
+        let this = self.0.clone();
         Box::pin(async move { Ok(this.forward(req).await) })
     }
 }
@@ -124,8 +133,8 @@ enum RequestBody {
     Streaming(Option<Incoming>),
 }
 
-impl ProxyService {
-    async fn forward(self, req: Request<Incoming>) -> Response<ResponseBody> {
+impl ProxyTarget {
+    async fn forward(&self, req: Request<Incoming>) -> Response<ResponseBody> {
         let Some(up) = self.upstream.clone() else {
             return error_page(StatusCode::BAD_GATEWAY, None);
         };

@@ -34,7 +34,7 @@ use plugins::cidr::IpSet;
 use plugins::registry::build_chain;
 use plugins::{json_response, ClientIp, CompiledPlugin, HttpService, ResponseBody};
 
-use crate::proxy::{ConnMeta, ProxyOptions, ProxyService};
+use crate::proxy::{ConnMeta, ProxyOptions, ProxyService, ProxyTarget};
 use crate::router::{
     normalize_host, normalize_path, Candidate, HostSet, Matcher, MethodSet, RequestView,
     RouteTable, Router,
@@ -345,12 +345,12 @@ impl Compiler {
         let timeouts = Timeouts::from_conf(conf.timeout.as_ref())
             .or_else(|| upstream.as_ref().map(|u| u.timeouts))
             .unwrap_or(Timeouts::DEFAULT);
-        let proxy = ProxyService {
+        let proxy = ProxyService::new(ProxyTarget {
             upstream,
             timeouts,
             client: self.clients.get(timeouts.connect),
             options: self.options,
-        };
+        });
         let service_chain = build_chain(&chain, HttpService::new(proxy));
 
         let hosts: Vec<String> = match (&conf.host, &conf.hosts) {

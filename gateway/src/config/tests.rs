@@ -29,6 +29,14 @@ fn defaults_are_safe() {
     assert!(c.real_ip.is_none(), "no trusted proxy unless configured");
     assert_eq!(c.data_dir, PathBuf::from("/srv/gw/data"));
     assert_eq!(c.provider, Provider::Embedded);
+    assert_eq!(c.worker_threads, None);
+    assert_eq!(
+        parse("nginx_config:\n  worker_processes: 1\n")
+            .unwrap()
+            .worker_threads,
+        Some(1)
+    );
+    assert!(parse("nginx_config:\n  worker_processes: lots\n").is_err());
 }
 
 #[test]
