@@ -25,6 +25,7 @@ fn main() -> anyhow::Result<()> {
         )
         .with_target(false)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
     let config = GatewayConfig::load(&args.config)

@@ -268,6 +268,9 @@ impl ProxyTarget {
 
     fn finish(&self, resp: Response<Incoming>, statuses: &[u16]) -> Response<ResponseBody> {
         let (mut parts, body) = resp.into_parts();
+        // The client gets the gateway's protocol, whatever the upstream spoke
+        // (an HTTP/1.0 upstream must not turn the answer into HTTP/1.0).
+        parts.version = Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers);
         if parts.status.is_server_error() || self.options.always_show_upstream_status {
             if let Some(v) = status_list(statuses) {
