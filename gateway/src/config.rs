@@ -55,6 +55,9 @@ const USED_KEYS: &[&str] = &[
     "nginx_config.http.keepalive_timeout",
     "nginx_config.worker_shutdown_timeout",
     "nginx_config.worker_processes",
+    "nginx_config.http.client_max_body_size",
+    "nginx_config.http.client_body_timeout",
+    "nginx_config.event.worker_connections",
 ];
 
 /// A config error, naming the key it is about.
@@ -138,6 +141,12 @@ pub struct GatewayConfig {
     /// `nginx_config.worker_processes`: threads serving requests; `None`
     /// for `auto` (one per CPU).
     pub worker_threads: Option<usize>,
+    /// `nginx_config.http.client_max_body_size`; `None`: unlimited (0).
+    pub client_max_body_size: Option<u64>,
+    /// `nginx_config.http.client_body_timeout`.
+    pub client_body_timeout: Duration,
+    /// `nginx_config.event.worker_connections`: client connections at once.
+    pub max_connections: usize,
     /// Keys present in the file that this version does not use.
     pub unused_keys: Vec<String>,
 }
@@ -340,6 +349,38 @@ impl GatewayConfig {
                             )
                         })?,
                 ),
+            },
+            client_max_body_size: match get("nginx_config.http.client_max_body_size") {
+                None | Some(Value::Null) => None,
+                Some(v) => {
+                    let n = match v {
+                        Value::Number(n) => n.as_u64(),
+                        Value::String(s) => crate::limits::parse_size(s),
+                        _ => None,
+                    }
+                    .ok_or_else(|| {
+                        key_err(
+                            "nginx_config.http.client_max_body_size",
+                            "expected a size such as 0, 8k, 10m",
+                        )
+                    })?;
+                    (n > 0).then_some(n)
+                }
+            },
+            client_body_timeout: opt_duration(doc, "nginx_config.http.client_body_timeout")?
+                .unwrap_or(crate::limits::DEFAULT_CLIENT_BODY_TIMEOUT),
+            max_connections: match get("nginx_config.event.worker_connections") {
+                None | Some(Value::Null) => crate::limits::DEFAULT_MAX_CONNECTIONS,
+                Some(v) => v
+                    .as_u64()
+                    .filter(|n| *n >= 1)
+                    .map(|n| n as usize)
+                    .ok_or_else(|| {
+                        key_err(
+                            "nginx_config.event.worker_connections",
+                            "expected a positive number",
+                        )
+                    })?,
             },
             unused_keys,
         })

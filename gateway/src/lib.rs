@@ -8,8 +8,10 @@
 //! on port 0 the same way.
 
 pub mod balancer;
+pub mod body;
 pub mod config;
 pub mod keys;
+pub mod limits;
 pub mod proxy;
 pub mod router;
 pub mod server;
@@ -114,6 +116,11 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<Running> {
         real_ip: config.real_ip.clone().map(Arc::new),
         header_timeout: config.client_header_timeout,
         keepalive_timeout: config.keepalive_timeout,
+        body: limits::BodyLimits {
+            max_size: config.client_max_body_size,
+            idle_timeout: config.client_body_timeout,
+        },
+        connections: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
     };
     let mut data_addrs = Vec::new();
     for addr in &config.node_listen {

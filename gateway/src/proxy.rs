@@ -31,6 +31,8 @@ use http_body::Body as _;
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 
+use crate::body::{BodyFault, BodyState, ClientBody};
+
 use plugins::{full_body, ClientIp, ResponseBody};
 
 use crate::upstream::{CompiledUpstream, PassHost, Timeouts, UpstreamClient};
@@ -40,7 +42,7 @@ use crate::upstream::{CompiledUpstream, PassHost, Timeouts, UpstreamClient};
 pub const RETRY_BODY_LIMIT: u64 = 64 * 1024;
 
 /// The body sent upstream: buffered (replayable) or streamed.
-pub type ProxyBody = Either<Full<Bytes>, Incoming>;
+pub type ProxyBody = Either<Full<Bytes>, ClientBody>;
 
 /// Facts about the client connection, set by the listener.
 #[derive(Debug, Clone, Copy)]
@@ -85,7 +87,7 @@ impl ProxyService {
     }
 }
 
-impl tower::Service<Request<Incoming>> for ProxyService {
+impl tower::Service<Request<ClientBody>> for ProxyService {
     type Response = Response<ResponseBody>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
@@ -94,7 +96,7 @@ impl tower::Service<Request<Incoming>> for ProxyService {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, req: Request<ClientBody>) -> Self::Future {
         let this = self.0.clone();
         Box::pin(async move { Ok(this.forward(req).await) })
     }
@@ -130,11 +132,11 @@ fn status_list(statuses: &[u16]) -> Option<HeaderValue> {
 
 enum RequestBody {
     Buffered(Bytes),
-    Streaming(Option<Incoming>),
+    Streaming(Option<ClientBody>),
 }
 
 impl ProxyTarget {
-    async fn forward(&self, req: Request<Incoming>) -> Response<ResponseBody> {
+    async fn forward(&self, req: Request<ClientBody>) -> Response<ResponseBody> {
         let Some(up) = self.upstream.clone() else {
             return error_page(StatusCode::BAD_GATEWAY, None);
         };
@@ -164,12 +166,25 @@ impl ProxyTarget {
 
         // A body is kept for a retry only when a retry is possible.
         let retryable_body = up.max_tries > 1;
-        let mut body = match body.size_hint().exact() {
-            Some(0) => RequestBody::Buffered(Bytes::new()),
-            Some(n) if retryable_body && n <= RETRY_BODY_LIMIT => match body.collect().await {
-                Ok(collected) => RequestBody::Buffered(collected.to_bytes()),
-                Err(_) => return error_page(StatusCode::BAD_REQUEST, None),
-            },
+        let body_state = parts.extensions.get::<Arc<BodyState>>().cloned();
+        let client_fault = |state: &Option<Arc<BodyState>>| {
+            state.as_ref().and_then(|s| s.fault()).map(|f| match f {
+                BodyFault::Broken => error_page(StatusCode::BAD_REQUEST, None),
+                BodyFault::TimedOut => error_page(StatusCode::REQUEST_TIMEOUT, None),
+            })
+        };
+        let mut body = match (body.buffered(), body.size_hint().exact()) {
+            (Some(bytes), _) => RequestBody::Buffered(bytes),
+            (None, Some(0)) => RequestBody::Buffered(Bytes::new()),
+            (None, Some(n)) if retryable_body && n <= RETRY_BODY_LIMIT => {
+                match body.collect().await {
+                    Ok(collected) => RequestBody::Buffered(collected.to_bytes()),
+                    Err(_) => {
+                        return client_fault(&body_state)
+                            .unwrap_or_else(|| error_page(StatusCode::BAD_REQUEST, None))
+                    }
+                }
+            }
             _ => RequestBody::Streaming(Some(body)),
         };
         let tries = match body {
@@ -238,6 +253,11 @@ impl ProxyTarget {
                     return self.finish(resp, &statuses);
                 }
                 Ok(Err(e)) => {
+                    // A client body that broke or stalled is the client's
+                    // fault: no retry, and no blame on the upstream.
+                    if let Some(resp) = client_fault(&body_state) {
+                        return with_close(resp);
+                    }
                     tracing::warn!(upstream = %target.authority, error = %e, "upstream request failed");
                     let kind = if is_timeout(&e) {
                         Failure::Timeout
@@ -295,6 +315,14 @@ fn is_timeout(e: &hyper_util::client::legacy::Error) -> bool {
         source = err.source();
     }
     false
+}
+
+/// Marks a response as the last on its connection (nginx closes after 400,
+/// 408, 413, 414 and 501).
+pub fn with_close(mut resp: Response<ResponseBody>) -> Response<ResponseBody> {
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
 }
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.

@@ -12,18 +12,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderValue, Request, Response};
+use http_body::Body as _;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tower::ServiceExt;
 
 use plugins::{ClientIp, ResponseBody};
 
+use crate::body::{BodyFault, ClientBody};
 use crate::config::RealIp;
-use crate::proxy::ConnMeta;
+use crate::limits::{self, BodyLimits};
+use crate::proxy::{error_page, with_close, ConnMeta};
 use crate::snapshot::SharedSnapshot;
 
 /// Settings of the data-plane listeners.
@@ -37,6 +41,9 @@ pub struct DataPlane {
     /// `keepalive_timeout`: hyper times the wait for the next request head
     /// with the same timer, so the shorter of the two bounds both.
     pub keepalive_timeout: Duration,
+    pub body: BodyLimits,
+    /// Client connections served at once (`event.worker_connections`).
+    pub connections: Arc<Semaphore>,
 }
 
 /// Binds a listener, with a clear error naming the address.
@@ -92,20 +99,69 @@ async fn handle(
     plane: Arc<DataPlane>,
     peer: SocketAddr,
     local_port: u16,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
-    let snapshot = plane.live.load_full();
-    let ip = client_ip(peer.ip(), req.headers(), plane.real_ip.as_deref());
-    let ext = req.extensions_mut();
-    ext.insert(ClientIp(ip));
-    ext.insert(ConnMeta {
-        local_port,
-        scheme: "http",
-    });
-    let mut resp = snapshot.service.clone().oneshot(req).await?;
+    let mut resp = match admit(&plane, peer, local_port, req).await {
+        Ok(req) => {
+            let snapshot = plane.live.load_full();
+            snapshot.service.clone().oneshot(req).await?
+        }
+        Err(refusal) => refusal,
+    };
     resp.headers_mut()
         .insert(http::header::SERVER, plane.server_header.clone());
     Ok(resp)
+}
+
+fn refuse(status: http::StatusCode) -> Response<ResponseBody> {
+    with_close(error_page(status, None))
+}
+
+/// Edge checks (see [`crate::limits`]) and the request as the chain sees it:
+/// client address, connection facts, body wrapped for timeouts.
+async fn admit(
+    plane: &DataPlane,
+    peer: SocketAddr,
+    local_port: u16,
+    req: Request<Incoming>,
+) -> Result<Request<ClientBody>, Response<ResponseBody>> {
+    let (mut parts, incoming) = req.into_parts();
+    limits::check_head(&parts.method, &parts.uri, parts.version, &parts.headers).map_err(refuse)?;
+    let ip = client_ip(peer.ip(), &parts.headers, plane.real_ip.as_deref());
+    parts.extensions.insert(ClientIp(ip));
+    parts.extensions.insert(ConnMeta {
+        local_port,
+        scheme: "http",
+    });
+    let declared = incoming.size_hint().exact();
+    if let (Some(max), Some(len)) = (plane.body.max_size, declared) {
+        if len > max {
+            return Err(refuse(http::StatusCode::PAYLOAD_TOO_LARGE));
+        }
+    }
+    if incoming.is_end_stream() || declared == Some(0) {
+        return Ok(Request::from_parts(parts, ClientBody::empty()));
+    }
+    let (body, state) = ClientBody::stream(incoming, plane.body.idle_timeout);
+    parts.extensions.insert(state.clone());
+    match (plane.body.max_size, declared) {
+        // A chunked body under a size limit is read here, so that an
+        // oversized one is refused before any upstream is contacted.
+        (Some(max), None) => match Limited::new(body, max as usize).collect().await {
+            Ok(collected) => Ok(Request::from_parts(
+                parts,
+                ClientBody::full(collected.to_bytes()),
+            )),
+            Err(e) if e.is::<LengthLimitError>() => {
+                Err(refuse(http::StatusCode::PAYLOAD_TOO_LARGE))
+            }
+            Err(_) => Err(refuse(match state.fault() {
+                Some(BodyFault::TimedOut) => http::StatusCode::REQUEST_TIMEOUT,
+                _ => http::StatusCode::BAD_REQUEST,
+            })),
+        },
+        _ => Ok(Request::from_parts(parts, body)),
+    }
 }
 
 /// Serves the data plane on `listener` until `shutdown` flips to true.
@@ -122,8 +178,13 @@ pub async fn serve_data_plane(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(plane.header_timeout.min(plane.keepalive_timeout))
+        .max_buf_size(limits::READ_BUFFER)
         .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits::H2_MAX_CONCURRENT_STREAMS)
+        .max_pending_accept_reset_streams(limits::H2_MAX_PENDING_RESETS);
     let builder = Arc::new(builder);
     loop {
         let (stream, peer) = tokio::select! {
@@ -139,6 +200,11 @@ pub async fn serve_data_plane(
             },
             _ = shutdown.changed() => break,
         };
+        let Ok(permit) = plane.connections.clone().try_acquire_owned() else {
+            // Over the connection cap: shed at once rather than queue.
+            shed(stream);
+            continue;
+        };
         serve_connection(
             stream,
             peer,
@@ -146,6 +212,7 @@ pub async fn serve_data_plane(
             plane.clone(),
             builder.clone(),
             &graceful,
+            permit,
         );
     }
 }
@@ -157,16 +224,25 @@ fn serve_connection(
     plane: Arc<DataPlane>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     graceful: &GracefulShutdown,
+    permit: OwnedSemaphorePermit,
 ) {
     let _ = stream.set_nodelay(true);
     let svc = hyper::service::service_fn(move |req| handle(plane.clone(), peer, local_port, req));
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
     let conn = graceful.watch(conn.into_owned());
     tokio::spawn(async move {
+        let _permit = permit;
         if let Err(e) = conn.await {
             tracing::debug!(%peer, error = %e, "client connection ended with an error");
         }
     });
+}
+
+/// Answers 503 and closes, without reading the request.
+fn shed(stream: TcpStream) {
+    const BUSY: &[u8] = b"HTTP/1.1 503 Service Temporarily Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+    let _ = stream.try_write(BUSY);
+    tracing::warn!("connection limit reached; connection shed");
 }
 
 /// Serves the Admin API until `shutdown` flips to true.

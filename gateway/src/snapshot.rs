@@ -22,7 +22,6 @@ use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 use serde_json::{json, Value};
 use tower::{Service, ServiceExt};
 
@@ -34,6 +33,7 @@ use plugins::cidr::IpSet;
 use plugins::registry::build_chain;
 use plugins::{json_response, ClientIp, CompiledPlugin, HttpService, ResponseBody};
 
+use crate::body::ClientBody;
 use crate::proxy::{ConnMeta, ProxyOptions, ProxyService, ProxyTarget};
 use crate::router::{
     normalize_host, normalize_path, Candidate, HostSet, Matcher, MethodSet, RequestView,
@@ -42,7 +42,7 @@ use crate::router::{
 use crate::upstream::{BalancerCache, Clients, CompiledUpstream, Timeouts};
 
 /// The service every request goes through.
-pub type GatewayService = HttpService<Incoming>;
+pub type GatewayService = HttpService<ClientBody>;
 
 /// One immutable, complete compiled configuration.
 pub struct Snapshot {
@@ -431,7 +431,7 @@ struct Dispatch {
     router: Arc<Router<Arc<CompiledRoute>>>,
 }
 
-impl Service<Request<Incoming>> for Dispatch {
+impl Service<Request<ClientBody>> for Dispatch {
     type Response = Response<ResponseBody>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
@@ -440,7 +440,7 @@ impl Service<Request<Incoming>> for Dispatch {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, req: Request<ClientBody>) -> Self::Future {
         match find_route(&self.router, &req) {
             Ok(Some(route)) => Box::pin(route.service.clone().oneshot(req)),
             Ok(None) => Box::pin(std::future::ready(Ok(route_not_found()))),

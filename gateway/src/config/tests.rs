@@ -30,6 +30,14 @@ fn defaults_are_safe() {
     assert_eq!(c.data_dir, PathBuf::from("/srv/gw/data"));
     assert_eq!(c.provider, Provider::Embedded);
     assert_eq!(c.worker_threads, None);
+    assert_eq!(c.client_max_body_size, None);
+    assert_eq!(
+        parse("nginx_config:\n  http:\n    client_max_body_size: 1m\n")
+            .unwrap()
+            .client_max_body_size,
+        Some(1 << 20)
+    );
+    assert!(parse("nginx_config:\n  http:\n    client_max_body_size: huge\n").is_err());
     assert_eq!(
         parse("nginx_config:\n  worker_processes: 1\n")
             .unwrap()

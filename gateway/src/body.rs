@@ -1,0 +1,148 @@
+//! Request bodies as the gateway carries them: already read, or streamed
+//! from the client with nginx's `client_body_timeout` between reads and a
+//! record of why the stream failed, so that a broken client body becomes the
+//! client's fault (400/408) and not the upstream's (502).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::{sleep, Sleep};
+
+use plugins::BoxError;
+
+/// How a streamed client body ended badly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFault {
+    /// Malformed framing (bad chunk size) or the client went away.
+    Broken,
+    /// No data for `client_body_timeout`.
+    TimedOut,
+}
+
+/// Shared between the body and whoever forwards it.
+#[derive(Debug, Default)]
+pub struct BodyState(AtomicU8);
+
+impl BodyState {
+    fn set(&self, fault: BodyFault) {
+        let v = match fault {
+            BodyFault::Broken => 1,
+            BodyFault::TimedOut => 2,
+        };
+        self.0.store(v, Ordering::Relaxed);
+    }
+
+    pub fn fault(&self) -> Option<BodyFault> {
+        match self.0.load(Ordering::Relaxed) {
+            1 => Some(BodyFault::Broken),
+            2 => Some(BodyFault::TimedOut),
+            _ => None,
+        }
+    }
+}
+
+/// A client's request body.
+pub enum ClientBody {
+    /// Read completely at the edge (empty bodies too).
+    Full(Option<Bytes>),
+    Stream(Box<Streaming>),
+}
+
+/// A body still arriving from the client.
+pub struct Streaming {
+    inner: Incoming,
+    idle: Duration,
+    timer: Pin<Box<Sleep>>,
+    state: Arc<BodyState>,
+}
+
+impl ClientBody {
+    pub fn full(bytes: Bytes) -> Self {
+        ClientBody::Full(Some(bytes))
+    }
+
+    pub fn empty() -> Self {
+        ClientBody::Full(None)
+    }
+
+    /// Streams `inner`, failing after `idle` without data.
+    pub fn stream(inner: Incoming, idle: Duration) -> (Self, Arc<BodyState>) {
+        let state = Arc::new(BodyState::default());
+        let body = ClientBody::Stream(Box::new(Streaming {
+            inner,
+            idle,
+            timer: Box::pin(sleep(idle)),
+            state: state.clone(),
+        }));
+        (body, state)
+    }
+
+    /// The whole body when it was read at the edge.
+    pub fn buffered(&self) -> Option<Bytes> {
+        match self {
+            ClientBody::Full(b) => Some(b.clone().unwrap_or_default()),
+            ClientBody::Stream(_) => None,
+        }
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ClientBody::Full(b) => Poll::Ready(
+                b.take()
+                    .filter(|b| !b.is_empty())
+                    .map(|b| Ok(Frame::data(b))),
+            ),
+            ClientBody::Stream(s) => {
+                let s = s.as_mut();
+                match Pin::new(&mut s.inner).poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        let deadline = tokio::time::Instant::now() + s.idle;
+                        s.timer.as_mut().reset(deadline);
+                        Poll::Ready(Some(Ok(frame)))
+                    }
+                    Poll::Ready(Some(Err(e))) => {
+                        s.state.set(BodyFault::Broken);
+                        Poll::Ready(Some(Err(Box::new(e))))
+                    }
+                    Poll::Ready(None) => Poll::Ready(None),
+                    Poll::Pending => match s.timer.as_mut().poll(cx) {
+                        Poll::Ready(()) => {
+                            s.state.set(BodyFault::TimedOut);
+                            Poll::Ready(Some(Err("client body timed out".into())))
+                        }
+                        Poll::Pending => Poll::Pending,
+                    },
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Full(b) => b.as_ref().is_none_or(Bytes::is_empty),
+            ClientBody::Stream(s) => s.inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            ClientBody::Stream(s) => s.inner.size_hint(),
+        }
+    }
+}
