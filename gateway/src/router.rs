@@ -256,16 +256,22 @@ fn classify(uri: &str) -> (&str, bool) {
 }
 
 impl<T: Clone> RouteTable<T> {
+    /// The table and shard a key lives in.
+    fn locate(&mut self, key: &str, is_prefix: bool) -> (&mut Table<T>, usize) {
+        let shard = shard_of(&self.hasher, key);
+        let table = if is_prefix {
+            &mut self.prefix
+        } else {
+            &mut self.exact
+        };
+        (table, shard)
+    }
+
     /// Adds a route under every one of its `uris`.
     pub fn add<S: AsRef<str>>(&mut self, uris: &[S], candidate: Candidate<T>) {
         for uri in uris {
             let (key, is_prefix) = classify(uri.as_ref());
-            let shard = shard_of(&self.hasher, key);
-            let table = if is_prefix {
-                &mut self.prefix
-            } else {
-                &mut self.exact
-            };
+            let (table, shard) = self.locate(key, is_prefix);
             let list = Arc::make_mut(&mut table.shards[shard])
                 .entry(key.into())
                 .or_default();
@@ -287,12 +293,7 @@ impl<T: Clone> RouteTable<T> {
     ) {
         for uri in uris {
             let (key, is_prefix) = classify(uri.as_ref());
-            let shard = shard_of(&self.hasher, key);
-            let table = if is_prefix {
-                &mut self.prefix
-            } else {
-                &mut self.exact
-            };
+            let (table, shard) = self.locate(key, is_prefix);
             if !table.shards[shard].contains_key(key) {
                 continue;
             }

@@ -63,6 +63,19 @@ impl RedbStore {
     }
 }
 
+/// Increments and returns the store revision, inside the caller's transaction.
+fn next_revision(meta: &mut redb::Table<'_, &'static str, u64>) -> Result<u64, StoreError> {
+    let revision = meta
+        .get(REVISION)
+        .map_err(StoreError::backend)?
+        .map(|v| v.value())
+        .unwrap_or(0)
+        + 1;
+    meta.insert(REVISION, revision)
+        .map_err(StoreError::backend)?;
+    Ok(revision)
+}
+
 impl Store for RedbStore {
     fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
         let txn = self.db.begin_read().map_err(StoreError::backend)?;
@@ -94,12 +107,7 @@ impl Store for RedbStore {
         let outcome = {
             let mut meta = txn.open_table(META).map_err(StoreError::backend)?;
             let mut objects = txn.open_table(OBJECTS).map_err(StoreError::backend)?;
-            let revision = meta
-                .get(REVISION)
-                .map_err(StoreError::backend)?
-                .map(|v| v.value())
-                .unwrap_or(0)
-                + 1;
+            let revision = next_revision(&mut meta)?;
             let previous = match objects.get(key).map_err(StoreError::backend)? {
                 Some(v) => Some(Self::decode(key, v.value())?),
                 None => None,
@@ -113,8 +121,6 @@ impl Store for RedbStore {
             let bytes = serde_json::to_vec(&entry).map_err(StoreError::backend)?;
             objects
                 .insert(key, bytes.as_slice())
-                .map_err(StoreError::backend)?;
-            meta.insert(REVISION, revision)
                 .map_err(StoreError::backend)?;
             PutOutcome {
                 entry,
@@ -137,14 +143,7 @@ impl Store for RedbStore {
                 None => None,
             };
             if removed.is_some() {
-                let revision = meta
-                    .get(REVISION)
-                    .map_err(StoreError::backend)?
-                    .map(|v| v.value())
-                    .unwrap_or(0)
-                    + 1;
-                meta.insert(REVISION, revision)
-                    .map_err(StoreError::backend)?;
+                next_revision(&mut meta)?;
             }
             removed
         };
