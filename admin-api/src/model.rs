@@ -96,6 +96,18 @@ pub struct UpstreamConf {
     pub pass_host: String,
     #[serde(default)]
     pub upstream_host: Option<String>,
+    /// chash: where the key comes from (`vars`, `header`, `cookie`,
+    /// `consumer`, `vars_combinations`). Default `vars`.
+    #[serde(default = "vars")]
+    pub hash_on: String,
+    /// chash: the variable, header or cookie name (or template for
+    /// `vars_combinations`). Default `remote_addr`.
+    #[serde(default)]
+    pub key: Option<String>,
+}
+
+fn vars() -> String {
+    "vars".into()
 }
 
 fn roundrobin() -> String {

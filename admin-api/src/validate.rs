@@ -317,15 +317,6 @@ fn check_reference(
 pub fn check_upstream(conf: &Value) -> Result<(), String> {
     // Accepted by APISIX's schema but not served by ferrogate yet: refuse
     // rather than proxy differently from what was asked.
-    if let Some(t) = conf
-        .get("type")
-        .and_then(Value::as_str)
-        .filter(|t| *t != "roundrobin")
-    {
-        return Err(format!(
-            "invalid configuration: upstream type `{t}` is not supported by ferrogate yet"
-        ));
-    }
     if let Some(s) = conf
         .get("scheme")
         .and_then(Value::as_str)

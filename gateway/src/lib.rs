@@ -18,6 +18,7 @@ pub mod server;
 pub mod snapshot;
 pub mod standalone;
 pub mod upstream;
+pub mod vars;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -35,7 +35,10 @@ use crate::body::{BodyFault, BodyState, ClientBody};
 
 use plugins::{full_body, ClientIp, ResponseBody};
 
-use crate::upstream::{CompiledUpstream, PassHost, Timeouts, UpstreamClient};
+use crate::upstream::{CompiledUpstream, HashKey, PassHost, Timeouts, UpstreamClient};
+use crate::vars::RequestVars;
+use admin_api::expr::Vars;
+use std::borrow::Cow;
 
 /// Request bodies up to this size are buffered so that a retry can resend
 /// them; larger bodies stream straight through without retries.
@@ -140,6 +143,7 @@ impl ProxyTarget {
         let Some(up) = self.upstream.clone() else {
             return error_page(StatusCode::BAD_GATEWAY, None);
         };
+        let hash_key = up.hash_key.as_ref().map(|k| hash_key_of(k, &req));
         let (parts, body) = req.into_parts();
         let client_ip = parts.extensions.get::<ClientIp>().map(|c| c.0);
         let meta = parts
@@ -206,7 +210,7 @@ impl ProxyTarget {
             {
                 break;
             }
-            let Some(i) = up.balancer.pick_excluding(&tried) else {
+            let Some(i) = up.balancer.pick(hash_key.as_deref(), &tried) else {
                 break;
             };
             tried.push(i);
@@ -247,7 +251,11 @@ impl ProxyTarget {
             *out.headers_mut() = out_headers;
 
             let wait = self.timeouts.response_head();
-            let failure = match tokio::time::timeout(wait, self.client.request(out)).await {
+            let sent = Instant::now();
+            up.balancer.started(i);
+            let result = tokio::time::timeout(wait, self.client.request(out)).await;
+            up.balancer.finished(i, sent.elapsed());
+            let failure = match result {
                 Ok(Ok(resp)) => {
                     statuses.push(resp.status().as_u16());
                     return self.finish(resp, &statuses);
@@ -315,6 +323,35 @@ fn is_timeout(e: &hyper_util::client::legacy::Error) -> bool {
         source = err.source();
     }
     false
+}
+
+/// The `chash` key of a request.
+fn hash_key_of(key: &HashKey, req: &Request<ClientBody>) -> String {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(crate::router::normalize_host);
+    let vars = RequestVars {
+        req,
+        host: host.as_deref(),
+        path: req.uri().path(),
+    };
+    let value = match key {
+        HashKey::Var(name) => vars.var(name),
+        HashKey::Header(name) => req
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(Cow::Borrowed),
+        HashKey::Cookie(name) => vars.var(&format!("cookie_{name}")),
+        HashKey::Combination(template) => Some(Cow::Owned(vars.expand(template))),
+    };
+    // A request without the key still needs a node: hash its address.
+    value
+        .map(Cow::into_owned)
+        .or_else(|| vars.var("remote_addr").map(Cow::into_owned))
+        .unwrap_or_default()
 }
 
 /// Marks a response as the last on its connection (nginx closes after 400,

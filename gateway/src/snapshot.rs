@@ -11,7 +11,6 @@
 //! answer always sees the change, on new and on kept-alive connections alike,
 //! and a request in flight finishes on the snapshot it started with.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
@@ -25,7 +24,7 @@ use http::{Request, Response, StatusCode};
 use serde_json::{json, Value};
 use tower::{Service, ServiceExt};
 
-use admin_api::expr::{self, Vars};
+use admin_api::expr;
 use admin_api::model::{id_text, GlobalRuleConf, RouteConf, ServiceConf, UpstreamConf};
 use admin_api::store::{Entry, Event, Store, StoreError, Watcher};
 use admin_api::Kind;
@@ -34,12 +33,13 @@ use plugins::registry::build_chain;
 use plugins::{json_response, ClientIp, CompiledPlugin, HttpService, ResponseBody};
 
 use crate::body::ClientBody;
-use crate::proxy::{ConnMeta, ProxyOptions, ProxyService, ProxyTarget};
+use crate::proxy::{ProxyOptions, ProxyService, ProxyTarget};
 use crate::router::{
     normalize_host, normalize_path, Candidate, HostSet, Matcher, MethodSet, RequestView,
     RouteTable, Router,
 };
 use crate::upstream::{BalancerCache, Clients, CompiledUpstream, Timeouts};
+use crate::vars::RequestVars;
 
 /// The service every request goes through.
 pub type GatewayService = HttpService<ClientBody>;
@@ -490,78 +490,6 @@ fn request_host<B>(req: &Request<B>) -> Option<&str> {
         .get(http::header::HOST)
         .and_then(|h| h.to_str().ok())
         .or_else(|| req.uri().authority().map(|a| a.as_str()))
-}
-
-/// Request variables for `vars`, read on demand.
-struct RequestVars<'a, B> {
-    req: &'a Request<B>,
-    host: Option<&'a str>,
-    /// The normalised path (`$uri`).
-    path: &'a str,
-}
-
-impl<B> Vars for RequestVars<'_, B> {
-    fn var(&self, name: &str) -> Option<Cow<'_, str>> {
-        let req = self.req;
-        if let Some(arg) = name.strip_prefix("arg_") {
-            let query = req.uri().query()?;
-            return query.split('&').find_map(|pair| {
-                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                (k == arg).then(|| Cow::Owned(admin_api::auth::percent_decode(v)))
-            });
-        }
-        if let Some(h) = name.strip_prefix("http_") {
-            let header = h.replace('_', "-");
-            let values: Vec<&str> = req
-                .headers()
-                .get_all(header.as_str())
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .collect();
-            return match values.as_slice() {
-                [] => None,
-                [one] => Some(Cow::Borrowed(one)),
-                many => Some(Cow::Owned(many.join(", "))),
-            };
-        }
-        if let Some(c) = name.strip_prefix("cookie_") {
-            return req
-                .headers()
-                .get_all(http::header::COOKIE)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(';'))
-                .find_map(|kv| {
-                    let (k, v) = kv.trim().split_once('=')?;
-                    (k == c).then_some(Cow::Borrowed(v))
-                });
-        }
-        match name {
-            "uri" => Some(Cow::Borrowed(self.path)),
-            "request_uri" => Some(Cow::Borrowed(
-                req.uri()
-                    .path_and_query()
-                    .map(|p| p.as_str())
-                    .unwrap_or("/"),
-            )),
-            "args" | "query_string" => req.uri().query().map(Cow::Borrowed),
-            "host" => self.host.map(Cow::Borrowed),
-            "request_method" => Some(Cow::Borrowed(req.method().as_str())),
-            "remote_addr" => req
-                .extensions()
-                .get::<ClientIp>()
-                .map(|c| Cow::Owned(c.0.to_string())),
-            "scheme" => req
-                .extensions()
-                .get::<ConnMeta>()
-                .map(|m| Cow::Borrowed(m.scheme)),
-            "server_port" => req
-                .extensions()
-                .get::<ConnMeta>()
-                .map(|m| Cow::Owned(m.local_port.to_string())),
-            _ => None,
-        }
-    }
 }
 
 /// Publishes a new snapshot for every store change.

@@ -13,7 +13,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use admin_api::model::{default_port, Node, Timeout, UpstreamConf};
 
-use crate::balancer::RoundRobin;
+use crate::balancer::Balancer;
 use crate::proxy::ProxyBody;
 
 /// Connect/send/read timeout when neither route nor upstream sets one
@@ -114,7 +114,9 @@ impl Timeouts {
 #[derive(Debug)]
 pub struct CompiledUpstream {
     pub targets: Vec<Target>,
-    pub balancer: Arc<RoundRobin>,
+    pub balancer: Arc<Balancer>,
+    /// Where a `chash` upstream takes its key from; `None` for the others.
+    pub hash_key: Option<HashKey>,
     /// Tries in all (first + retries), never more than the live nodes.
     pub max_tries: usize,
     /// Bound on all tries together; `None`: unbounded.
@@ -128,24 +130,69 @@ pub struct CompiledUpstream {
 #[error("upstream: {0}")]
 pub struct UpstreamError(String);
 
+/// The request key of a `chash` upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    /// A request variable (`remote_addr`, `uri`, `arg_id`, ...).
+    Var(String),
+    /// A request header.
+    Header(http::HeaderName),
+    /// A cookie.
+    Cookie(String),
+    /// A template of variables: `$host$request_uri`.
+    Combination(String),
+}
+
+impl HashKey {
+    fn from_conf(conf: &UpstreamConf) -> Result<Option<Self>, UpstreamError> {
+        if conf.kind != "chash" {
+            return Ok(None);
+        }
+        let key = conf.key.clone().unwrap_or_else(|| "remote_addr".into());
+        Ok(Some(match conf.hash_on.as_str() {
+            "header" => HashKey::Header(
+                http::HeaderName::from_bytes(key.as_bytes())
+                    .map_err(|e| UpstreamError(format!("chash key {key}: {e}")))?,
+            ),
+            "cookie" => HashKey::Cookie(key),
+            "vars_combinations" => HashKey::Combination(key),
+            // No consumers yet: hash on the client address, as APISIX does
+            // for a request without one.
+            "consumer" => HashKey::Var("remote_addr".into()),
+            _ => HashKey::Var(key),
+        }))
+    }
+}
+
 /// Balancers kept across snapshots, keyed by the object that owns the
-/// upstream (`upstreams/1`, `routes/7`), reused while the nodes are equal.
+/// upstream (`upstreams/1`, `routes/7`), reused while the balancer type and
+/// the nodes are equal.
 #[derive(Default)]
 pub struct BalancerCache {
-    by_owner: HashMap<String, (Vec<Node>, Arc<RoundRobin>)>,
+    by_owner: HashMap<String, (String, Vec<Node>, Arc<Balancer>)>,
 }
 
 impl BalancerCache {
-    pub fn get(&mut self, owner: &str, nodes: &[Node]) -> Arc<RoundRobin> {
-        if let Some((known, rr)) = self.by_owner.get(owner) {
-            if known.as_slice() == nodes {
-                return rr.clone();
+    pub fn get(&mut self, owner: &str, kind: &str, nodes: &[Node]) -> Arc<Balancer> {
+        if let Some((known_kind, known, b)) = self.by_owner.get(owner) {
+            if known.as_slice() == nodes && known_kind == kind {
+                return b.clone();
             }
         }
-        let rr = Arc::new(RoundRobin::new(nodes.iter().map(|n| n.weight).collect()));
-        self.by_owner
-            .insert(owner.to_string(), (nodes.to_vec(), rr.clone()));
-        rr
+        let ids: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("{}:{}", n.host, n.port))
+            .collect();
+        let b = Arc::new(Balancer::new(
+            kind,
+            nodes.iter().map(|n| n.weight).collect(),
+            &ids,
+        ));
+        self.by_owner.insert(
+            owner.to_string(),
+            (kind.to_string(), nodes.to_vec(), b.clone()),
+        );
+        b
     }
 
     /// Forgets every balancer whose owner starts with `prefix`.
@@ -187,14 +234,8 @@ impl CompiledUpstream {
             })
             .collect::<Result<Vec<_>, UpstreamError>>()?;
         let live = nodes.iter().filter(|n| n.weight > 0).count();
-        // Until these are implemented, refuse rather than quietly proxy
-        // differently from what the configuration asks.
-        if conf.kind != "roundrobin" {
-            return Err(UpstreamError(format!(
-                "balancer type `{}` is not supported yet",
-                conf.kind
-            )));
-        }
+        // Until TLS to upstreams exists, refuse rather than send in clear
+        // what the configuration asks to encrypt.
         if conf.scheme != "http" {
             return Err(UpstreamError(format!(
                 "scheme `{}` is not supported yet",
@@ -210,7 +251,8 @@ impl CompiledUpstream {
             _ => PassHost::Pass,
         };
         Ok(CompiledUpstream {
-            balancer: balancers.get(owner, &nodes),
+            balancer: balancers.get(owner, &conf.kind, &nodes),
+            hash_key: HashKey::from_conf(conf)?,
             targets,
             max_tries: conf
                 .retries

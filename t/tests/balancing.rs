@@ -75,3 +75,62 @@ async fn position_survives_unrelated_updates() {
     }
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn chash_keeps_a_key_on_one_node() {
+    let gw = Gateway::start().await;
+    let (u1, u2, u3) = (
+        Upstream::start("u1").await,
+        Upstream::start("u2").await,
+        Upstream::start("u3").await,
+    );
+    let mut up = upstream(&[(&u1.node(), 1), (&u2.node(), 1), (&u3.node(), 1)]);
+    up["type"] = json!("chash");
+    up["hash_on"] = json!("header");
+    up["key"] = json!("x-user");
+    gw.put("routes/h", json!({"uri": "/h", "upstream": up}))
+        .await;
+    let mut seen = std::collections::BTreeSet::new();
+    for user in 0..30 {
+        let headers = [("x-user", format!("user-{user}"))];
+        let first = harness::send(gw.data, "GET", "/h", &headers, String::new(), None)
+            .await
+            .upstream();
+        for _ in 0..3 {
+            let again = harness::send(gw.data, "GET", "/h", &headers, String::new(), None)
+                .await
+                .upstream();
+            assert_eq!(again, first, "user-{user} moved");
+        }
+        seen.insert(first);
+    }
+    assert_eq!(seen.len(), 3, "keys spread over every node: {seen:?}");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn least_conn_avoids_the_busy_node() {
+    let gw = std::sync::Arc::new(Gateway::start().await);
+    let (u1, u2) = (Upstream::start("u1").await, Upstream::start("u2").await);
+    let mut up = upstream(&[(&u1.node(), 1), (&u2.node(), 1)]);
+    up["type"] = json!("least_conn");
+    gw.put("routes/l", json!({"uri": "/l", "upstream": up}))
+        .await;
+    // Hold one slow request on whichever node takes it...
+    let slow_gw = gw.clone();
+    let slow = tokio::spawn(async move { slow_gw.get("/l?sleep_ms=800").await.upstream() });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // ...then every quick request goes to the other one.
+    let quick: Vec<String> = {
+        let mut v = Vec::new();
+        for _ in 0..6 {
+            v.push(gw.get("/l").await.upstream());
+        }
+        v
+    };
+    let busy = slow.await.unwrap();
+    assert!(
+        quick.iter().all(|n| *n != busy),
+        "busy {busy}, quick went to {quick:?}"
+    );
+}
