@@ -82,6 +82,9 @@ pub struct ProxyTarget {
     pub timeouts: Timeouts,
     pub client: UpstreamClient,
     pub options: ProxyOptions,
+    /// `enable_websocket`: pass `Upgrade: websocket` through and splice the
+    /// two connections once the upstream agrees (101).
+    pub websocket: bool,
 }
 
 impl ProxyService {
@@ -144,7 +147,12 @@ impl ProxyTarget {
             return error_page(StatusCode::BAD_GATEWAY, None);
         };
         let hash_key = up.hash_key.as_ref().map(|k| hash_key_of(k, &req));
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
+        let upgrade = if self.websocket && wants_websocket(&parts.headers) {
+            parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+        } else {
+            None
+        };
         let client_ip = parts.extensions.get::<ClientIp>().map(|c| c.0);
         let meta = parts
             .extensions
@@ -162,6 +170,10 @@ impl ProxyTarget {
         });
         let mut headers = parts.headers;
         prepare_request_headers(&mut headers, client_ip, client_host.as_ref(), meta);
+        if upgrade.is_some() {
+            headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
         let path = parts
             .uri
             .path_and_query()
@@ -256,8 +268,15 @@ impl ProxyTarget {
             let result = tokio::time::timeout(wait, self.client.request(out)).await;
             up.balancer.finished(i, sent.elapsed());
             let failure = match result {
-                Ok(Ok(resp)) => {
+                Ok(Ok(mut resp)) => {
                     statuses.push(resp.status().as_u16());
+                    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                        return match upgrade {
+                            Some(client_side) => splice(client_side, &mut resp),
+                            // An upgrade nobody asked for cannot be honoured.
+                            None => error_page(StatusCode::BAD_GATEWAY, Some(&statuses)),
+                        };
+                    }
                     return self.finish(resp, &statuses);
                 }
                 Ok(Err(e)) => {
@@ -323,6 +342,48 @@ fn is_timeout(e: &hyper_util::client::legacy::Error) -> bool {
         source = err.source();
     }
     false
+}
+
+/// `Upgrade: websocket` with `Connection: upgrade`.
+fn wants_websocket(headers: &HeaderMap) -> bool {
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    has_token(header::UPGRADE, "websocket") && has_token(header::CONNECTION, "upgrade")
+}
+
+/// Answers 101 to the client and copies bytes both ways between the two
+/// upgraded connections until either side closes.
+fn splice(
+    client_side: hyper::upgrade::OnUpgrade,
+    resp: &mut Response<Incoming>,
+) -> Response<ResponseBody> {
+    let upstream_side = hyper::upgrade::on(&mut *resp);
+    tokio::spawn(async move {
+        match tokio::try_join!(client_side, upstream_side) {
+            Ok((client, upstream)) => {
+                let mut client = hyper_util::rt::TokioIo::new(client);
+                let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+                if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                    tracing::debug!(error = %e, "websocket connection ended");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "websocket upgrade failed"),
+        }
+    });
+    let mut out = Response::new(full_body(Bytes::new()));
+    *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    for (name, value) in resp.headers() {
+        if name != header::CONTENT_LENGTH && name != header::TRANSFER_ENCODING {
+            out.headers_mut().append(name.clone(), value.clone());
+        }
+    }
+    out
 }
 
 /// The `chash` key of a request.

@@ -345,11 +345,16 @@ impl Compiler {
         let timeouts = Timeouts::from_conf(conf.timeout.as_ref())
             .or_else(|| upstream.as_ref().map(|u| u.timeouts))
             .unwrap_or(Timeouts::DEFAULT);
+        let websocket = conf
+            .enable_websocket
+            .or_else(|| service.as_ref().and_then(|(_, s)| s.enable_websocket))
+            .unwrap_or(false);
         let proxy = ProxyService::new(ProxyTarget {
             upstream,
             timeouts,
             client: self.clients.get(timeouts.connect),
             options: self.options,
+            websocket,
         });
         let service_chain = build_chain(&chain, HttpService::new(proxy));
 
