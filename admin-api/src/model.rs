@@ -104,6 +104,9 @@ pub struct UpstreamConf {
     /// `vars_combinations`). Default `remote_addr`.
     #[serde(default)]
     pub key: Option<String>,
+    /// Health checks (`active`, `passive`), compiled by the data plane.
+    #[serde(default)]
+    pub checks: Option<serde_json::Value>,
 }
 
 fn vars() -> String {

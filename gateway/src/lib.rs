@@ -10,6 +10,7 @@
 pub mod balancer;
 pub mod body;
 pub mod config;
+pub mod health;
 pub mod keys;
 pub mod limits;
 pub mod proxy;

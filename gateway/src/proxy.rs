@@ -35,6 +35,7 @@ use crate::body::{BodyFault, BodyState, ClientBody};
 
 use plugins::{full_body, ClientIp, ResponseBody};
 
+use crate::health::Outcome;
 use crate::upstream::{CompiledUpstream, HashKey, PassHost, Timeouts, UpstreamClient};
 use crate::vars::RequestVars;
 use admin_api::expr::Vars;
@@ -222,7 +223,14 @@ impl ProxyTarget {
             {
                 break;
             }
-            let Some(i) = up.balancer.pick(hash_key.as_deref(), &tried) else {
+            // Unhealthy nodes are skipped like tried ones.
+            let mut skip = up
+                .health
+                .as_ref()
+                .map(|h| h.health.excluded())
+                .unwrap_or_default();
+            skip.extend_from_slice(&tried);
+            let Some(i) = up.balancer.pick(hash_key.as_deref(), &skip) else {
                 break;
             };
             tried.push(i);
@@ -267,6 +275,17 @@ impl ProxyTarget {
             up.balancer.started(i);
             let result = tokio::time::timeout(wait, self.client.request(out)).await;
             up.balancer.finished(i, sent.elapsed());
+            if let Some(checked) = &up.health {
+                checked.health.observe_passive(
+                    i,
+                    match &result {
+                        Ok(Ok(resp)) => Outcome::Status(resp.status().as_u16()),
+                        Ok(Err(e)) if is_timeout(e) => Outcome::Timeout,
+                        Ok(Err(_)) => Outcome::TcpFailure,
+                        Err(_) => Outcome::Timeout,
+                    },
+                );
+            }
             let failure = match result {
                 Ok(Ok(mut resp)) => {
                     statuses.push(resp.status().as_u16());

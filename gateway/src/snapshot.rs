@@ -97,7 +97,7 @@ impl Compiler {
             global_rules: BTreeMap::new(),
             global_chain: Vec::new(),
             table: RouteTable::default(),
-            balancers: BalancerCache::default(),
+            balancers: BalancerCache::new(tokio::runtime::Handle::try_current().ok()),
             clients: Clients::default(),
             options,
             version: AtomicU64::new(0),

@@ -14,6 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use admin_api::model::{default_port, Node, Timeout, UpstreamConf};
 
 use crate::balancer::Balancer;
+use crate::health::{Checked, ChecksConf};
 use crate::proxy::ProxyBody;
 
 /// Connect/send/read timeout when neither route nor upstream sets one
@@ -115,6 +116,8 @@ impl Timeouts {
 pub struct CompiledUpstream {
     pub targets: Vec<Target>,
     pub balancer: Arc<Balancer>,
+    /// Health of the nodes when `checks` is configured.
+    pub health: Option<Arc<Checked>>,
     /// Where a `chash` upstream takes its key from; `None` for the others.
     pub hash_key: Option<HashKey>,
     /// Tries in all (first + retries), never more than the live nodes.
@@ -169,30 +172,66 @@ impl HashKey {
 /// the nodes are equal.
 #[derive(Default)]
 pub struct BalancerCache {
-    by_owner: HashMap<String, (String, Vec<Node>, Arc<Balancer>)>,
+    by_owner: HashMap<String, CacheEntry>,
+    /// Where active health probers run.
+    runtime: Option<tokio::runtime::Handle>,
+}
+
+struct CacheEntry {
+    kind: String,
+    nodes: Vec<Node>,
+    checks: Option<ChecksConf>,
+    balancer: Arc<Balancer>,
+    health: Option<Arc<Checked>>,
 }
 
 impl BalancerCache {
-    pub fn get(&mut self, owner: &str, kind: &str, nodes: &[Node]) -> Arc<Balancer> {
-        if let Some((known_kind, known, b)) = self.by_owner.get(owner) {
-            if known.as_slice() == nodes && known_kind == kind {
-                return b.clone();
+    pub fn new(runtime: Option<tokio::runtime::Handle>) -> Self {
+        BalancerCache {
+            by_owner: HashMap::new(),
+            runtime,
+        }
+    }
+
+    /// The balancer (and health state) for `owner`, reused while type,
+    /// nodes and checks are unchanged.
+    pub fn get(
+        &mut self,
+        owner: &str,
+        kind: &str,
+        nodes: &[Node],
+        checks: Option<&ChecksConf>,
+    ) -> (Arc<Balancer>, Option<Arc<Checked>>) {
+        if let Some(e) = self.by_owner.get(owner) {
+            if e.nodes.as_slice() == nodes && e.kind == kind && e.checks.as_ref() == checks {
+                return (e.balancer.clone(), e.health.clone());
             }
         }
         let ids: Vec<String> = nodes
             .iter()
             .map(|n| format!("{}:{}", n.host, n.port))
             .collect();
-        let b = Arc::new(Balancer::new(
+        let balancer = Arc::new(Balancer::new(
             kind,
             nodes.iter().map(|n| n.weight).collect(),
             &ids,
         ));
+        let health = checks.map(|c| {
+            let addrs: Vec<(String, u16)> =
+                nodes.iter().map(|n| (n.host.clone(), n.port)).collect();
+            Arc::new(Checked::start(c, &addrs, self.runtime.as_ref()))
+        });
         self.by_owner.insert(
             owner.to_string(),
-            (kind.to_string(), nodes.to_vec(), b.clone()),
+            CacheEntry {
+                kind: kind.to_string(),
+                nodes: nodes.to_vec(),
+                checks: checks.cloned(),
+                balancer: balancer.clone(),
+                health: health.clone(),
+            },
         );
-        b
+        (balancer, health)
     }
 
     /// Forgets every balancer whose owner starts with `prefix`.
@@ -250,8 +289,20 @@ impl CompiledUpstream {
             ),
             _ => PassHost::Pass,
         };
+        let checks: Option<ChecksConf> = match &conf.checks {
+            None => None,
+            Some(v) => match serde_json::from_value(v.clone()) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::error!(owner, error = %e, "health checks ignored: invalid `checks`");
+                    None
+                }
+            },
+        };
+        let (balancer, health) = balancers.get(owner, &conf.kind, &nodes, checks.as_ref());
         Ok(CompiledUpstream {
-            balancer: balancers.get(owner, &conf.kind, &nodes),
+            balancer,
+            health,
             hash_key: HashKey::from_conf(conf)?,
             targets,
             max_tries: conf
