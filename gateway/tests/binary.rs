@@ -312,3 +312,60 @@ fn standalone_yaml_mode_serves_and_reloads() {
     }
     assert_eq!(http(data, "GET", "/hello", None, "").unwrap().0, 404);
 }
+
+#[test]
+fn sigterm_lets_requests_in_flight_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, admin) = (free_port(), free_port());
+    write_config(dir.path(), &basic_config(data, admin));
+    // An upstream that takes a second to answer.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let up = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf);
+                std::thread::sleep(Duration::from_millis(1000));
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nslow");
+            });
+        }
+    });
+    let mut p = Proc::start(dir.path());
+    p.wait_ready(admin);
+    let body = format!("{{\"uri\":\"/slow\",\"upstream\":{{\"nodes\":{{\"{up}\":1}}}}}}");
+    assert_eq!(
+        http(
+            admin,
+            "PUT",
+            "/apisix/admin/routes/s",
+            Some("k3y-k3y-k3y"),
+            &body
+        )
+        .unwrap()
+        .0,
+        201
+    );
+    let client = std::thread::spawn(move || http(data, "GET", "/slow", None, ""));
+    std::thread::sleep(Duration::from_millis(300));
+    p.signal("TERM");
+    assert_eq!(
+        client.join().unwrap(),
+        Some((200, "slow".to_string())),
+        "in-flight request finished"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = p.child.try_wait().unwrap() {
+            assert!(status.success(), "exit status {status}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "did not exit after the request finished"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // New connections are refused once shutting down.
+    assert!(TcpStream::connect(("127.0.0.1", data)).is_err());
+}
