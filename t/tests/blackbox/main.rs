@@ -1,0 +1,12 @@
+//! One test binary for every black-box test: linking the gateway once
+//! instead of once per file keeps the suite quick to build.
+
+mod admin_api;
+mod balancing;
+mod health;
+mod hot_reload;
+mod ip_restriction;
+mod limits;
+mod proxy;
+mod routing;
+mod websocket;
