@@ -107,6 +107,9 @@ pub struct UpstreamConf {
     /// Health checks (`active`, `passive`), compiled by the data plane.
     #[serde(default)]
     pub checks: Option<serde_json::Value>,
+    /// `{"verify": bool}` for `https` upstreams.
+    #[serde(default)]
+    pub tls: Option<serde_json::Value>,
 }
 
 fn vars() -> String {

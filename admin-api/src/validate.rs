@@ -320,7 +320,7 @@ pub fn check_upstream(conf: &Value) -> Result<(), String> {
     if let Some(s) = conf
         .get("scheme")
         .and_then(Value::as_str)
-        .filter(|s| *s != "http")
+        .filter(|s| *s != "http" && *s != "https")
     {
         return Err(format!(
             "invalid configuration: upstream scheme `{s}` is not supported by ferrogate yet"

@@ -58,6 +58,7 @@ const USED_KEYS: &[&str] = &[
     "nginx_config.http.client_max_body_size",
     "nginx_config.http.client_body_timeout",
     "nginx_config.event.worker_connections",
+    "apisix.ssl.ssl_trusted_certificate",
 ];
 
 /// A config error, naming the key it is about.
@@ -147,6 +148,9 @@ pub struct GatewayConfig {
     pub client_body_timeout: Duration,
     /// `nginx_config.event.worker_connections`: client connections at once.
     pub max_connections: usize,
+    /// `apisix.ssl.ssl_trusted_certificate`: extra CA certificates (PEM) for
+    /// `https` upstreams, besides the system store (`system`, the default).
+    pub ssl_trusted_certificate: Option<PathBuf>,
     /// Keys present in the file that this version does not use.
     pub unused_keys: Vec<String>,
 }
@@ -313,6 +317,15 @@ impl GatewayConfig {
             }
         };
         let unused_keys = unused_keys(doc);
+        let ssl_trusted_certificate =
+            match opt_str(doc, "apisix.ssl.ssl_trusted_certificate")?.as_deref() {
+                None | Some("system") => None,
+                Some(path) => {
+                    let p = PathBuf::from(path);
+                    Some(if p.is_absolute() { p } else { prefix.join(p) })
+                }
+            };
+
         Ok(GatewayConfig {
             data_dir: prefix.join("data"),
             prefix,
@@ -382,6 +395,7 @@ impl GatewayConfig {
                         )
                     })?,
             },
+            ssl_trusted_certificate,
             unused_keys,
         })
     }

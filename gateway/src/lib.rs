@@ -18,6 +18,7 @@ pub mod router;
 pub mod server;
 pub mod snapshot;
 pub mod standalone;
+pub mod tls;
 pub mod upstream;
 pub mod vars;
 
@@ -104,7 +105,8 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<Running> {
             (store.clone(), Some((path.clone(), store)))
         }
     };
-    let publisher = Publisher::start(store.as_ref(), options)?;
+    let roots = tls::trust_store(config.ssl_trusted_certificate.as_deref())?;
+    let publisher = Publisher::start(store.as_ref(), options, Arc::new(roots))?;
     store.subscribe(publisher.clone());
     let live = publisher.live();
 

@@ -25,7 +25,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::{PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Either, Full};
@@ -236,7 +236,7 @@ impl ProxyTarget {
             tried.push(i);
             let target = &up.targets[i];
             let uri = Uri::builder()
-                .scheme(Scheme::HTTP)
+                .scheme(up.scheme.clone())
                 .authority(target.authority.clone())
                 .path_and_query(path.clone())
                 .build();

@@ -349,10 +349,11 @@ impl Compiler {
             .enable_websocket
             .or_else(|| service.as_ref().and_then(|(_, s)| s.enable_websocket))
             .unwrap_or(false);
+        let verify = upstream.as_ref().is_none_or(|u| u.verify);
         let proxy = ProxyService::new(ProxyTarget {
             upstream,
             timeouts,
-            client: self.clients.get(timeouts.connect),
+            client: self.clients.get(timeouts.connect, verify),
             options: self.options,
             websocket,
         });
@@ -506,8 +507,13 @@ pub struct Publisher {
 impl Publisher {
     /// Loads `store`, publishes the first snapshot and returns the publisher
     /// (subscribe it to the store to follow changes).
-    pub fn start(store: &dyn Store, options: ProxyOptions) -> Result<Arc<Self>, StoreError> {
+    pub fn start(
+        store: &dyn Store,
+        options: ProxyOptions,
+        roots: Arc<rustls::RootCertStore>,
+    ) -> Result<Arc<Self>, StoreError> {
         let mut compiler = Compiler::new(options);
+        compiler.clients = Clients::new(roots);
         let first = compiler.load(store)?;
         tracing::info!(
             routes = first.routes,
@@ -528,7 +534,17 @@ impl Publisher {
 impl Watcher for Publisher {
     fn on_change(&self, event: &Event) {
         let mut compiler = self.compiler.lock().unwrap_or_else(|p| p.into_inner());
-        let next = compiler.apply(event);
+        // A bug in compiling one object must not take the gateway down or
+        // leave it half-updated: keep serving the previous snapshot.
+        let applied =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| compiler.apply(event)));
+        let Ok(next) = applied else {
+            tracing::error!(
+                ?event,
+                "compiling a configuration change failed; previous configuration kept"
+            );
+            return;
+        };
         tracing::debug!(
             version = next.version,
             routes = next.routes,

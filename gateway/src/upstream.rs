@@ -16,6 +16,9 @@ use admin_api::model::{default_port, Node, Timeout, UpstreamConf};
 use crate::balancer::Balancer;
 use crate::health::{Checked, ChecksConf};
 use crate::proxy::ProxyBody;
+use crate::tls;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use rustls::RootCertStore;
 
 /// Connect/send/read timeout when neither route nor upstream sets one
 /// (nginx's `proxy_*_timeout` default, which APISIX keeps).
@@ -26,26 +29,48 @@ pub const POOL_MAX_IDLE_PER_HOST: usize = 320;
 /// (APISIX's `upstream.keepalive_timeout`).
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The HTTP client used towards upstreams.
-pub type UpstreamClient = Client<HttpConnector, ProxyBody>;
+/// The HTTP client used towards upstreams (plain or TLS by the URI scheme).
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
 
-/// One client per distinct connect timeout, shared by every upstream that
-/// uses it, so that keep-alive pools survive config swaps.
-#[derive(Default)]
+/// One client per distinct connect timeout and TLS verification mode,
+/// shared by every upstream that uses it, so that keep-alive pools survive
+/// config swaps.
 pub struct Clients {
-    by_connect_ms: Mutex<HashMap<u64, UpstreamClient>>,
+    roots: Arc<RootCertStore>,
+    by_key: Mutex<HashMap<(u64, bool), UpstreamClient>>,
+}
+
+impl Default for Clients {
+    fn default() -> Self {
+        Clients::new(Arc::new(RootCertStore::empty()))
+    }
 }
 
 impl Clients {
-    pub fn get(&self, connect: Duration) -> UpstreamClient {
+    /// Clients verifying upstream certificates against `roots`.
+    pub fn new(roots: Arc<RootCertStore>) -> Self {
+        Clients {
+            roots,
+            by_key: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The client for this connect timeout; `verify` only matters for
+    /// `https` upstreams.
+    pub fn get(&self, connect: Duration, verify: bool) -> UpstreamClient {
         let ms = connect.as_millis() as u64;
-        let mut map = self.by_connect_ms.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry(ms)
+        let mut map = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry((ms, verify))
             .or_insert_with(|| {
                 let mut conn = HttpConnector::new();
                 conn.set_connect_timeout(Some(connect));
                 conn.set_nodelay(true);
-                conn.enforce_http(true);
+                conn.enforce_http(false);
+                let conn = HttpsConnectorBuilder::new()
+                    .with_tls_config(tls::client_config(self.roots.clone(), verify))
+                    .https_or_http()
+                    .enable_http1()
+                    .wrap_connector(conn);
                 Client::builder(TokioExecutor::new())
                     .pool_idle_timeout(POOL_IDLE_TIMEOUT)
                     .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
@@ -115,6 +140,10 @@ impl Timeouts {
 #[derive(Debug)]
 pub struct CompiledUpstream {
     pub targets: Vec<Target>,
+    /// `http` or `https`.
+    pub scheme: http::uri::Scheme,
+    /// `tls.verify` (default true): check the upstream's certificate.
+    pub verify: bool,
     pub balancer: Arc<Balancer>,
     /// Health of the nodes when `checks` is configured.
     pub health: Option<Arc<Checked>>,
@@ -275,7 +304,7 @@ impl CompiledUpstream {
         let live = nodes.iter().filter(|n| n.weight > 0).count();
         // Until TLS to upstreams exists, refuse rather than send in clear
         // what the configuration asks to encrypt.
-        if conf.scheme != "http" {
+        if conf.scheme != "http" && conf.scheme != "https" {
             return Err(UpstreamError(format!(
                 "scheme `{}` is not supported yet",
                 conf.scheme
@@ -300,7 +329,25 @@ impl CompiledUpstream {
             },
         };
         let (balancer, health) = balancers.get(owner, &conf.kind, &nodes, checks.as_ref());
+        let verify = conf
+            .tls
+            .as_ref()
+            .and_then(|t| t.get("verify"))
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(true);
+        if conf.scheme == "https" && !verify {
+            tracing::warn!(
+                owner,
+                "tls.verify is false: upstream certificates are not checked"
+            );
+        }
         Ok(CompiledUpstream {
+            scheme: if conf.scheme == "https" {
+                http::uri::Scheme::HTTPS
+            } else {
+                http::uri::Scheme::HTTP
+            },
+            verify,
             balancer,
             health,
             hash_key: HashKey::from_conf(conf)?,

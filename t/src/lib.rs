@@ -39,9 +39,18 @@ impl Gateway {
     /// Starts a gateway with the default test config plus `extra` YAML
     /// appended (top-level sections).
     pub async fn start_with(extra: &str) -> Gateway {
+        Self::start_full("", extra).await
+    }
+
+    /// Like [`Self::start_with`], with extra lines inside the `apisix:` section.
+    pub async fn start_with_apisix(apisix_extra: &str) -> Gateway {
+        Self::start_full(apisix_extra, "").await
+    }
+
+    async fn start_full(apisix_extra: &str, extra: &str) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let yaml = format!(
-            "apisix:\n  node_listen:\n    - ip: 127.0.0.1\n      port: 0\n\
+            "apisix:\n  node_listen:\n    - ip: 127.0.0.1\n      port: 0\n{apisix_extra}\
              deployment:\n  role: traditional\n  admin:\n    admin_key:\n      - name: admin\n        key: {KEY}\n        role: admin\n      - name: viewer\n        key: viewer-{KEY}\n        role: viewer\n    admin_listen:\n      ip: 127.0.0.1\n      port: 0\n{extra}"
         );
         let path = dir.path().join("conf").join("config.yaml");

@@ -9,4 +9,5 @@ mod ip_restriction;
 mod limits;
 mod proxy;
 mod routing;
+mod tls_upstream;
 mod websocket;

@@ -1,0 +1,112 @@
+//! TLS towards upstreams (`scheme: https`), with rustls.
+//!
+//! Certificates are verified by default, against the system's trust store
+//! plus `apisix.ssl.ssl_trusted_certificate` when it names a PEM file. An
+//! upstream with `"tls": {"verify": false}` skips verification (its traffic is
+//! still encrypted, but anyone on the path can impersonate it); ferrogate
+//! logs that once per upstream compile.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+/// Why the trust store could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("trusted certificates: {0}")]
+pub struct TlsError(String);
+
+/// The roots upstream certificates are checked against.
+pub fn trust_store(extra_pem: Option<&Path>) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for cert in native.certs {
+        // A system store may hold certificates rustls cannot use; skip them.
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = extra_pem {
+        let certs = CertificateDer::pem_file_iter(path)
+            .map_err(|e| TlsError(format!("{}: {e}", path.display())))?;
+        for cert in certs {
+            let cert = cert.map_err(|e| TlsError(format!("{}: {e}", path.display())))?;
+            roots
+                .add(cert)
+                .map_err(|e| TlsError(format!("{}: {e}", path.display())))?;
+        }
+    }
+    Ok(roots)
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A client configuration: verifying (`verify`) or not.
+pub fn client_config(roots: Arc<RootCertStore>, verify: bool) -> ClientConfig {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap_or_else(|_| ClientConfig::builder());
+    // hyper-rustls sets ALPN itself (HTTP/1.1 only).
+    if verify {
+        builder.with_root_certificates(roots).with_no_client_auth()
+    } else {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
+            .with_no_client_auth()
+    }
+}
+
+/// Accepts any certificate (`tls.verify: false`), still checking that the
+/// handshake is signed by the key in it.
+#[derive(Debug)]
+struct NoVerify(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
