@@ -110,6 +110,9 @@ pub struct UpstreamConf {
     /// `{"verify": bool}` for `https` upstreams.
     #[serde(default)]
     pub tls: Option<serde_json::Value>,
+    /// `{"size", "idle_timeout", "requests"}` of idle upstream connections.
+    #[serde(default)]
+    pub keepalive_pool: Option<serde_json::Value>,
 }
 
 fn vars() -> String {

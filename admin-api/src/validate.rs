@@ -138,7 +138,14 @@ fn build_upstream_schema() -> Schema {
         )
         .prop("key", Schema::string().done())
         .prop("checks", Schema::object().done())
-        .prop("keepalive_pool", Schema::object().done())
+        .prop(
+            "keepalive_pool",
+            Schema::object()
+                .prop("size", Schema::integer().min(1.0).int())
+                .prop("idle_timeout", Schema::integer().min(0.0).number())
+                .prop("requests", Schema::integer().min(1.0).int())
+                .done(),
+        )
         .prop("tls", Schema::object().done())
         .prop("service_name", Schema::string().min(1).max(256).done())
         .prop("discovery_type", Schema::string().done())

@@ -350,10 +350,14 @@ impl Compiler {
             .or_else(|| service.as_ref().and_then(|(_, s)| s.enable_websocket))
             .unwrap_or(false);
         let verify = upstream.as_ref().is_none_or(|u| u.verify);
+        let pool = upstream
+            .as_ref()
+            .map(|u| u.keepalive_pool)
+            .unwrap_or_default();
         let proxy = ProxyService::new(ProxyTarget {
             upstream,
             timeouts,
-            client: self.clients.get(timeouts.connect, verify),
+            client: self.clients.get(timeouts.connect, verify, pool),
             options: self.options,
             websocket,
         });

@@ -37,7 +37,7 @@ pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
 /// config swaps.
 pub struct Clients {
     roots: Arc<RootCertStore>,
-    by_key: Mutex<HashMap<(u64, bool), UpstreamClient>>,
+    by_key: Mutex<HashMap<ClientKey, UpstreamClient>>,
 }
 
 impl Default for Clients {
@@ -55,12 +55,16 @@ impl Clients {
         }
     }
 
-    /// The client for this connect timeout; `verify` only matters for
-    /// `https` upstreams.
-    pub fn get(&self, connect: Duration, verify: bool) -> UpstreamClient {
-        let ms = connect.as_millis() as u64;
+    /// The client for this connect timeout and keep-alive pool; `verify`
+    /// only matters for `https` upstreams.
+    pub fn get(&self, connect: Duration, verify: bool, pool: KeepalivePool) -> UpstreamClient {
+        let key = ClientKey {
+            connect_ms: connect.as_millis() as u64,
+            verify,
+            pool,
+        };
         let mut map = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry((ms, verify))
+        map.entry(key)
             .or_insert_with(|| {
                 let mut conn = HttpConnector::new();
                 conn.set_connect_timeout(Some(connect));
@@ -72,13 +76,58 @@ impl Clients {
                     .enable_http1()
                     .wrap_connector(conn);
                 Client::builder(TokioExecutor::new())
-                    .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-                    .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
+                    .pool_idle_timeout(Duration::from_millis(pool.idle_timeout_ms))
+                    .pool_max_idle_per_host(pool.size)
                     .pool_timer(TokioTimer::new())
                     .timer(TokioTimer::new())
                     .build(conn)
             })
             .clone()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct ClientKey {
+    connect_ms: u64,
+    verify: bool,
+    pool: KeepalivePool,
+}
+
+/// An upstream's `keepalive_pool`: idle connections kept per node and for
+/// how long. (`requests`, the cap on requests per connection, is accepted
+/// but not enforced: the HTTP client has no such limit.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KeepalivePool {
+    pub size: usize,
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for KeepalivePool {
+    fn default() -> Self {
+        KeepalivePool {
+            size: POOL_MAX_IDLE_PER_HOST,
+            idle_timeout_ms: POOL_IDLE_TIMEOUT.as_millis() as u64,
+        }
+    }
+}
+
+impl KeepalivePool {
+    fn from_conf(v: Option<&serde_json::Value>) -> Self {
+        let d = KeepalivePool::default();
+        let Some(v) = v else { return d };
+        KeepalivePool {
+            size: v
+                .get("size")
+                .and_then(serde_json::Value::as_u64)
+                .map_or(d.size, |n| n as usize),
+            idle_timeout_ms: v
+                .get("idle_timeout")
+                .and_then(serde_json::Value::as_f64)
+                .filter(|s| *s >= 0.0)
+                .map_or(d.idle_timeout_ms, |s| {
+                    (s * 1000.0).min(MAX_TIMEOUT.as_millis() as f64) as u64
+                }),
+        }
     }
 }
 
@@ -144,6 +193,7 @@ pub struct CompiledUpstream {
     pub scheme: http::uri::Scheme,
     /// `tls.verify` (default true): check the upstream's certificate.
     pub verify: bool,
+    pub keepalive_pool: KeepalivePool,
     pub balancer: Arc<Balancer>,
     /// Health of the nodes when `checks` is configured.
     pub health: Option<Arc<Checked>>,
@@ -348,6 +398,7 @@ impl CompiledUpstream {
                 http::uri::Scheme::HTTP
             },
             verify,
+            keepalive_pool: KeepalivePool::from_conf(conf.keepalive_pool.as_ref()),
             balancer,
             health,
             hash_key: HashKey::from_conf(conf)?,
@@ -364,5 +415,48 @@ impl CompiledUpstream {
             timeouts: Timeouts::from_conf(conf.timeout.as_ref()).unwrap_or(Timeouts::DEFAULT),
             pass_host,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn compile(v: serde_json::Value) -> CompiledUpstream {
+        let conf: UpstreamConf = serde_json::from_value(v).unwrap();
+        CompiledUpstream::compile(&conf, "upstreams/t", &mut BalancerCache::default()).unwrap()
+    }
+
+    #[test]
+    fn defaults_and_options() {
+        let up = compile(json!({"nodes": {"127.0.0.1:80": 1, "127.0.0.2:8080": 1}}));
+        assert_eq!(up.max_tries, 2, "retries default to nodes - 1");
+        assert!(up.verify);
+        assert_eq!(up.keepalive_pool, KeepalivePool::default());
+        assert_eq!(up.targets[0].host_header, "127.0.0.1", "default port left out of Host");
+        assert_eq!(up.targets[1].host_header, "127.0.0.2:8080");
+        let up = compile(json!({
+            "nodes": {"a:443": 1}, "scheme": "https", "retries": 7, "tls": {"verify": false},
+            "keepalive_pool": {"size": 8, "idle_timeout": 1.5, "requests": 10}
+        }));
+        assert_eq!(up.max_tries, 1, "never more tries than nodes");
+        assert!(!up.verify);
+        assert_eq!(up.scheme, http::uri::Scheme::HTTPS);
+        assert_eq!(up.keepalive_pool, KeepalivePool { size: 8, idle_timeout_ms: 1500 });
+        assert_eq!(up.targets[0].host_header, "a");
+    }
+
+    #[test]
+    fn huge_timeouts_are_capped() {
+        let up = compile(json!({"nodes": {"a:80": 1}, "timeout": {"connect": 1e300, "send": 1, "read": 1e19}}));
+        assert_eq!(up.timeouts.connect, MAX_TIMEOUT);
+        assert_eq!(up.timeouts.response_head(), MAX_TIMEOUT + MAX_TIMEOUT);
+    }
+
+    #[test]
+    fn unsupported_schemes_do_not_compile() {
+        let conf: UpstreamConf = serde_json::from_value(json!({"nodes": {"a:80": 1}, "scheme": "grpc"})).unwrap();
+        assert!(CompiledUpstream::compile(&conf, "o", &mut BalancerCache::default()).is_err());
     }
 }
