@@ -24,6 +24,8 @@ use axum::Router;
 use http::{HeaderValue, Method, StatusCode};
 use serde_json::{json, Value};
 
+use arc_swap::ArcSwap;
+
 use crate::auth::{percent_decode, AuthPolicy};
 use crate::error::{json_body, AdminError};
 use crate::ops::{self, ListQuery, Reply};
@@ -39,7 +41,8 @@ pub const API_VERSION: &str = "v3";
 /// Shared state of the Admin API.
 pub struct AdminState {
     pub store: Arc<dyn Store>,
-    pub auth: AuthPolicy,
+    /// Replaced whole on a config reload (SIGHUP).
+    pub auth: ArcSwap<AuthPolicy>,
     /// Value of the `Server` header on every answer.
     pub server_header: HeaderValue,
     writes: Mutex<()>,
@@ -49,7 +52,7 @@ impl AdminState {
     pub fn new(store: Arc<dyn Store>, auth: AuthPolicy, server_header: HeaderValue) -> Self {
         AdminState {
             store,
-            auth,
+            auth: ArcSwap::from_pointee(auth),
             server_header,
             writes: Mutex::new(()),
         }
@@ -79,7 +82,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
                         .extensions()
                         .get::<ConnectInfo<SocketAddr>>()
                         .map(|c| c.0.ip());
-                    match state.auth.check_peer(peer) {
+                    match state.auth.load().check_peer(peer) {
                         Ok(()) => next.run(req).await,
                         Err(e) => e.into_response(),
                     }
@@ -165,7 +168,10 @@ async fn read_json(body: Body, declared_len: Option<usize>) -> Result<Option<Val
 async fn dispatch(state: Arc<AdminState>, req: Request) -> Result<Reply, AdminError> {
     let (parts, body) = req.into_parts();
     let query = parts.uri.query();
-    state.auth.check_key(&parts.method, query, &parts.headers)?;
+    state
+        .auth
+        .load()
+        .check_key(&parts.method, query, &parts.headers)?;
     let target = parse_target(parts.uri.path());
     let args = query_args(query);
     let arg = |name: &str| args.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());

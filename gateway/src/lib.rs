@@ -39,14 +39,18 @@ pub use config::GatewayConfig;
 
 use crate::config::Provider;
 use crate::proxy::ProxyOptions;
-use crate::server::DataPlane;
+use crate::server::{DataPlane, Edge};
 use crate::snapshot::{Publisher, SharedSnapshot};
+use arc_swap::ArcSwap;
 
 /// The gateway's version, as sent in the `Server` header.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// A started gateway.
 pub struct Running {
+    edge: Arc<ArcSwap<Edge>>,
+    admin: Option<Arc<AdminState>>,
+    started_with: GatewayConfig,
     /// Where the data plane listens (ports resolved when 0 was asked for).
     pub data_addrs: Vec<SocketAddr>,
     /// Where the Admin API listens, when enabled.
@@ -58,6 +62,43 @@ pub struct Running {
 }
 
 impl Running {
+    /// Applies a re-read config.yaml (SIGHUP): admin keys, `allow_admin`,
+    /// `admin_key_required`, trusted proxies and body limits change at once;
+    /// keys that need a restart (listeners, data directory, threads,
+    /// timeouts, connection cap) are named in the log and left as they are.
+    pub fn reload(&self, config: GatewayConfig) -> anyhow::Result<()> {
+        let auth = auth_of(&config)?;
+        if let Some(admin) = &self.admin {
+            admin.auth.store(Arc::new(auth));
+        }
+        self.edge.store(Arc::new(edge_of(&config)));
+        let old = &self.started_with;
+        let mut restart = Vec::new();
+        if old.node_listen != config.node_listen {
+            restart.push("apisix.node_listen");
+        }
+        if old.admin_listen != config.admin_listen || old.enable_admin != config.enable_admin {
+            restart.push("deployment.admin.admin_listen");
+        }
+        if old.provider != config.provider || old.data_dir != config.data_dir {
+            restart.push("deployment.role");
+        }
+        if old.worker_threads != config.worker_threads {
+            restart.push("nginx_config.worker_processes");
+        }
+        if old.client_header_timeout != config.client_header_timeout
+            || old.keepalive_timeout != config.keepalive_timeout
+            || old.max_connections != config.max_connections
+        {
+            restart.push("nginx_config timeouts / worker_connections");
+        }
+        if !restart.is_empty() {
+            tracing::warn!(keys = %restart.join(", "), "changed keys take effect after a restart");
+        }
+        tracing::info!("configuration reloaded");
+        Ok(())
+    }
+
     /// Stops accepting, lets requests in flight finish for up to `grace`,
     /// then returns.
     pub async fn shutdown(mut self, grace: Duration) {
@@ -114,16 +155,13 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<Running> {
     let graceful = Arc::new(GracefulShutdown::new());
     let mut tasks = JoinSet::new();
 
+    let edge = Arc::new(ArcSwap::from_pointee(edge_of(&config)));
     let plane = DataPlane {
         live: live.clone(),
         server_header: server_header.clone(),
-        real_ip: config.real_ip.clone().map(Arc::new),
+        edge: edge.clone(),
         header_timeout: config.client_header_timeout,
         keepalive_timeout: config.keepalive_timeout,
-        body: limits::BodyLimits {
-            max_size: config.client_max_body_size,
-            idle_timeout: config.client_body_timeout,
-        },
         connections: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
     };
     let mut data_addrs = Vec::new();
@@ -140,13 +178,9 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<Running> {
         ));
     }
 
+    let mut admin_state = None;
     let admin_addr = if config.enable_admin && standalone.is_none() {
-        let admin_keys = keys::admin_keys(&config)?;
-        let auth = AuthPolicy {
-            keys: admin_keys,
-            key_required: config.admin_key_required,
-            allow: config.allow_admin.clone(),
-        };
+        let auth = auth_of(&config)?;
         if !config.admin_key_required {
             tracing::warn!(
                 "admin_key_required is false: the Admin API accepts requests without a key"
@@ -156,6 +190,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<Running> {
             tracing::warn!(addr = %config.admin_listen, "the Admin API listens beyond this machine");
         }
         let state = Arc::new(AdminState::new(store.clone(), auth, server_header));
+        admin_state = Some(state.clone());
         let listener = server::bind(config.admin_listen, "Admin API").await?;
         let bound = listener.local_addr()?;
         tracing::info!(addr = %bound, "Admin API listening");
@@ -186,5 +221,26 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<Running> {
         shutdown,
         graceful,
         tasks,
+        edge,
+        admin: admin_state,
+        started_with: config,
+    })
+}
+
+fn edge_of(config: &GatewayConfig) -> Edge {
+    Edge {
+        real_ip: config.real_ip.clone(),
+        body: limits::BodyLimits {
+            max_size: config.client_max_body_size,
+            idle_timeout: config.client_body_timeout,
+        },
+    }
+}
+
+fn auth_of(config: &GatewayConfig) -> anyhow::Result<AuthPolicy> {
+    Ok(AuthPolicy {
+        keys: keys::admin_keys(config)?,
+        key_required: config.admin_key_required,
+        allow: config.allow_admin.clone(),
     })
 }

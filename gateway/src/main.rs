@@ -48,7 +48,7 @@ fn main() -> anyhow::Result<()> {
     .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let running = gateway::start(config).await?;
-        wait_for_signal().await?;
+        wait_for_signal(&running, &args.config).await?;
         tracing::info!(?grace, "shutting down: finishing requests in flight");
         running.shutdown(grace).await;
         tracing::info!("stopped");
@@ -56,15 +56,27 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+/// Waits for TERM, INT or QUIT (graceful stop); on HUP re-reads the config
+/// file and applies what can change while running.
+async fn wait_for_signal(running: &gateway::Running, path: &std::path::Path) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut quit = signal(SignalKind::quit())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-        _ = quit.recv() => {}
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = quit.recv() => return Ok(()),
+            _ = hup.recv() => match GatewayConfig::load(path) {
+                Ok(config) => {
+                    if let Err(e) = running.reload(config) {
+                        tracing::error!(error = %e, "reload failed; previous configuration kept");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "config file invalid; previous configuration kept"),
+            },
+        }
     }
-    Ok(())
 }

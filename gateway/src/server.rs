@@ -25,6 +25,8 @@ use tower::ServiceExt;
 use plugins::{ClientIp, ResponseBody};
 
 use crate::body::{BodyFault, ClientBody};
+use arc_swap::ArcSwap;
+
 use crate::config::RealIp;
 use crate::limits::{self, BodyLimits};
 use crate::proxy::{error_page, with_close, ConnMeta};
@@ -35,15 +37,22 @@ use crate::snapshot::SharedSnapshot;
 pub struct DataPlane {
     pub live: SharedSnapshot,
     pub server_header: HeaderValue,
-    pub real_ip: Option<Arc<RealIp>>,
+    /// What a config reload (SIGHUP) may change without a restart.
+    pub edge: Arc<ArcSwap<Edge>>,
     /// `client_header_timeout`: time to send a request head.
     pub header_timeout: Duration,
     /// `keepalive_timeout`: hyper times the wait for the next request head
     /// with the same timer, so the shorter of the two bounds both.
     pub keepalive_timeout: Duration,
-    pub body: BodyLimits,
     /// Client connections served at once (`event.worker_connections`).
     pub connections: Arc<Semaphore>,
+}
+
+/// Edge settings that can change while running.
+#[derive(Debug, Clone)]
+pub struct Edge {
+    pub real_ip: Option<RealIp>,
+    pub body: BodyLimits,
 }
 
 /// Binds a listener, with a clear error naming the address.
@@ -127,14 +136,15 @@ async fn admit(
 ) -> Result<Request<ClientBody>, Response<ResponseBody>> {
     let (mut parts, incoming) = req.into_parts();
     limits::check_head(&parts.method, &parts.uri, parts.version, &parts.headers).map_err(refuse)?;
-    let ip = client_ip(peer.ip(), &parts.headers, plane.real_ip.as_deref());
+    let edge = plane.edge.load();
+    let ip = client_ip(peer.ip(), &parts.headers, edge.real_ip.as_ref());
     parts.extensions.insert(ClientIp(ip));
     parts.extensions.insert(ConnMeta {
         local_port,
         scheme: "http",
     });
     let declared = incoming.size_hint().exact();
-    if let (Some(max), Some(len)) = (plane.body.max_size, declared) {
+    if let (Some(max), Some(len)) = (edge.body.max_size, declared) {
         if len > max {
             return Err(refuse(http::StatusCode::PAYLOAD_TOO_LARGE));
         }
@@ -142,9 +152,9 @@ async fn admit(
     if incoming.is_end_stream() || declared == Some(0) {
         return Ok(Request::from_parts(parts, ClientBody::empty()));
     }
-    let (body, state) = ClientBody::stream(incoming, plane.body.idle_timeout);
+    let (body, state) = ClientBody::stream(incoming, edge.body.idle_timeout);
     parts.extensions.insert(state.clone());
-    match (plane.body.max_size, declared) {
+    match (edge.body.max_size, declared) {
         // A chunked body under a size limit is read here, so that an
         // oversized one is refused before any upstream is contacted.
         (Some(max), None) => match Limited::new(body, max as usize).collect().await {

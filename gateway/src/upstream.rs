@@ -434,7 +434,10 @@ mod tests {
         assert_eq!(up.max_tries, 2, "retries default to nodes - 1");
         assert!(up.verify);
         assert_eq!(up.keepalive_pool, KeepalivePool::default());
-        assert_eq!(up.targets[0].host_header, "127.0.0.1", "default port left out of Host");
+        assert_eq!(
+            up.targets[0].host_header, "127.0.0.1",
+            "default port left out of Host"
+        );
         assert_eq!(up.targets[1].host_header, "127.0.0.2:8080");
         let up = compile(json!({
             "nodes": {"a:443": 1}, "scheme": "https", "retries": 7, "tls": {"verify": false},
@@ -443,20 +446,29 @@ mod tests {
         assert_eq!(up.max_tries, 1, "never more tries than nodes");
         assert!(!up.verify);
         assert_eq!(up.scheme, http::uri::Scheme::HTTPS);
-        assert_eq!(up.keepalive_pool, KeepalivePool { size: 8, idle_timeout_ms: 1500 });
+        assert_eq!(
+            up.keepalive_pool,
+            KeepalivePool {
+                size: 8,
+                idle_timeout_ms: 1500
+            }
+        );
         assert_eq!(up.targets[0].host_header, "a");
     }
 
     #[test]
     fn huge_timeouts_are_capped() {
-        let up = compile(json!({"nodes": {"a:80": 1}, "timeout": {"connect": 1e300, "send": 1, "read": 1e19}}));
+        let up = compile(
+            json!({"nodes": {"a:80": 1}, "timeout": {"connect": 1e300, "send": 1, "read": 1e19}}),
+        );
         assert_eq!(up.timeouts.connect, MAX_TIMEOUT);
         assert_eq!(up.timeouts.response_head(), MAX_TIMEOUT + MAX_TIMEOUT);
     }
 
     #[test]
     fn unsupported_schemes_do_not_compile() {
-        let conf: UpstreamConf = serde_json::from_value(json!({"nodes": {"a:80": 1}, "scheme": "grpc"})).unwrap();
+        let conf: UpstreamConf =
+            serde_json::from_value(json!({"nodes": {"a:80": 1}, "scheme": "grpc"})).unwrap();
         assert!(CompiledUpstream::compile(&conf, "o", &mut BalancerCache::default()).is_err());
     }
 }

@@ -369,3 +369,74 @@ fn sigterm_lets_requests_in_flight_finish() {
     // New connections are refused once shutting down.
     assert!(TcpStream::connect(("127.0.0.1", data)).is_err());
 }
+
+#[test]
+fn sighup_reloads_admin_keys_and_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, admin) = (free_port(), free_port());
+    write_config(dir.path(), &basic_config(data, admin));
+    let up = upstream();
+    let mut p = Proc::start(dir.path());
+    p.wait_ready(admin);
+    let body = format!("{{\"uri\":\"/r\",\"upstream\":{{\"nodes\":{{\"{up}\":1}}}}}}");
+    assert_eq!(
+        http(
+            admin,
+            "PUT",
+            "/apisix/admin/routes/r",
+            Some("k3y-k3y-k3y"),
+            &body
+        )
+        .unwrap()
+        .0,
+        201
+    );
+    assert_eq!(
+        http(data, "POST", "/r", None, &"x".repeat(2000)).unwrap().0,
+        200
+    );
+    let reloaded = basic_config(data, admin).replace("k3y-k3y-k3y", "n3w-k3y")
+        + "nginx_config:\n  http:\n    client_max_body_size: 1k\n";
+    write_config(dir.path(), &reloaded);
+    p.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http(admin, "GET", "/apisix/admin/routes", Some("n3w-k3y"), "")
+        .unwrap()
+        .0
+        != 200
+    {
+        assert!(
+            Instant::now() < deadline,
+            "new key never accepted: {}",
+            p.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        http(
+            admin,
+            "GET",
+            "/apisix/admin/routes",
+            Some("k3y-k3y-k3y"),
+            ""
+        )
+        .unwrap()
+        .0,
+        401
+    );
+    assert_eq!(
+        http(data, "POST", "/r", None, &"x".repeat(2000)).unwrap().0,
+        413
+    );
+    // A broken file keeps what runs.
+    write_config(dir.path(), "apisix:\n  node_listen: nope\n");
+    p.signal("HUP");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        http(admin, "GET", "/apisix/admin/routes", Some("n3w-k3y"), "")
+            .unwrap()
+            .0,
+        200
+    );
+    assert!(p.child.try_wait().unwrap().is_none(), "still running");
+}
