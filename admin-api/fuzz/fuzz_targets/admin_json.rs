@@ -24,10 +24,20 @@ fuzz_target!(|data: &[u8]| {
         let before = store.revision().unwrap_or(0);
         let put = ops::put(&store, kind, Some("1"), Some(value.clone()));
         if put.is_err() {
-            assert_eq!(store.revision().unwrap_or(0), before, "a rejected PUT wrote something");
+            assert_eq!(
+                store.revision().unwrap_or(0),
+                before,
+                "a rejected PUT wrote something"
+            );
         }
         let _ = ops::post(&store, kind, Some(value.clone()));
         let _ = ops::patch(&store, kind, Some("1"), None, Some(value.clone()));
-        let _ = ops::patch(&store, kind, Some("1"), Some("plugins/ip-restriction"), Some(value.clone()));
+        let _ = ops::patch(
+            &store,
+            kind,
+            Some("1"),
+            Some("plugins/ip-restriction"),
+            Some(value.clone()),
+        );
     }
 });
