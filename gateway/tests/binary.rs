@@ -195,6 +195,27 @@ fn apisix_example_config_with_every_key_starts() {
     );
 }
 
+/// A prefix holding [`basic_config`] on two free ports.
+fn basic_gateway_dir() -> (tempfile::TempDir, u16, u16) {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, admin) = (free_port(), free_port());
+    write_config(dir.path(), &basic_config(data, admin));
+    (dir, data, admin)
+}
+
+/// Waits (bounded) for the process to exit and checks it exited 0.
+fn assert_clean_exit(p: &mut Proc) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = p.child.try_wait().unwrap() {
+            assert!(status.success(), "exit status {status}: {}", p.log());
+            return;
+        }
+        assert!(Instant::now() < deadline, "did not exit: {}", p.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn basic_config(data: u16, admin: u16) -> String {
     format!(
         "apisix:\n  node_listen: {data}\ndeployment:\n  admin:\n    admin_key:\n      - name: admin\n        key: k3y-k3y-k3y\n        role: admin\n    admin_listen:\n      ip: 127.0.0.1\n      port: {admin}\n"
@@ -203,9 +224,7 @@ fn basic_config(data: u16, admin: u16) -> String {
 
 #[test]
 fn acknowledged_writes_survive_kill_9() {
-    let dir = tempfile::tempdir().unwrap();
-    let (data, admin) = (free_port(), free_port());
-    write_config(dir.path(), &basic_config(data, admin));
+    let (dir, data, admin) = basic_gateway_dir();
     let up = upstream();
     let mut p = Proc::start(dir.path());
     p.wait_ready(admin);
@@ -245,21 +264,11 @@ fn acknowledged_writes_survive_kill_9() {
 
 #[test]
 fn sigterm_exits_cleanly() {
-    let dir = tempfile::tempdir().unwrap();
-    let (data, admin) = (free_port(), free_port());
-    write_config(dir.path(), &basic_config(data, admin));
+    let (dir, _data, admin) = basic_gateway_dir();
     let mut p = Proc::start(dir.path());
     p.wait_ready(admin);
     p.signal("TERM");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(status) = p.child.try_wait().unwrap() {
-            assert!(status.success(), "exit status {status}: {}", p.log());
-            break;
-        }
-        assert!(Instant::now() < deadline, "did not exit after SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert_clean_exit(&mut p);
 }
 
 #[test]
@@ -315,9 +324,7 @@ fn standalone_yaml_mode_serves_and_reloads() {
 
 #[test]
 fn sigterm_lets_requests_in_flight_finish() {
-    let dir = tempfile::tempdir().unwrap();
-    let (data, admin) = (free_port(), free_port());
-    write_config(dir.path(), &basic_config(data, admin));
+    let (dir, data, admin) = basic_gateway_dir();
     // An upstream that takes a second to answer.
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let up = l.local_addr().unwrap();
@@ -354,27 +361,14 @@ fn sigterm_lets_requests_in_flight_finish() {
         Some((200, "slow".to_string())),
         "in-flight request finished"
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(status) = p.child.try_wait().unwrap() {
-            assert!(status.success(), "exit status {status}");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "did not exit after the request finished"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert_clean_exit(&mut p);
     // New connections are refused once shutting down.
     assert!(TcpStream::connect(("127.0.0.1", data)).is_err());
 }
 
 #[test]
 fn sighup_reloads_admin_keys_and_limits() {
-    let dir = tempfile::tempdir().unwrap();
-    let (data, admin) = (free_port(), free_port());
-    write_config(dir.path(), &basic_config(data, admin));
+    let (dir, data, admin) = basic_gateway_dir();
     let up = upstream();
     let mut p = Proc::start(dir.path());
     p.wait_ready(admin);
