@@ -48,6 +48,67 @@ impl BodyState {
     }
 }
 
+/// Any body that fails when no frame arrives for `idle` (nginx's
+/// `proxy_read_timeout` and `client_body_timeout` are both "between two
+/// successive reads", not for the whole body).
+pub struct IdleTimeout<B> {
+    inner: B,
+    idle: Duration,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl<B> IdleTimeout<B> {
+    pub fn new(inner: B, idle: Duration) -> Self {
+        IdleTimeout {
+            inner,
+            idle,
+            timer: Box::pin(sleep(idle)),
+        }
+    }
+}
+
+/// Why an [`IdleTimeout`] body failed.
+#[derive(Debug, thiserror::Error)]
+#[error("no data for {0:?}")]
+pub struct Idle(pub Duration);
+
+impl<B> Body for IdleTimeout<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let deadline = tokio::time::Instant::now() + this.idle;
+                this.timer.as_mut().reset(deadline);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => match this.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(Idle(this.idle))))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// A client's request body.
 pub enum ClientBody {
     /// Read completely at the edge (empty bodies too).
@@ -57,9 +118,7 @@ pub enum ClientBody {
 
 /// A body still arriving from the client.
 pub struct Streaming {
-    inner: Incoming,
-    idle: Duration,
-    timer: Pin<Box<Sleep>>,
+    inner: IdleTimeout<Incoming>,
     state: Arc<BodyState>,
 }
 
@@ -76,9 +135,7 @@ impl ClientBody {
     pub fn stream(inner: Incoming, idle: Duration) -> (Self, Arc<BodyState>) {
         let state = Arc::new(BodyState::default());
         let body = ClientBody::Stream(Box::new(Streaming {
-            inner,
-            idle,
-            timer: Box::pin(sleep(idle)),
+            inner: IdleTimeout::new(inner, idle),
             state: state.clone(),
         }));
         (body, state)
@@ -110,23 +167,16 @@ impl Body for ClientBody {
             ClientBody::Stream(s) => {
                 let s = s.as_mut();
                 match Pin::new(&mut s.inner).poll_frame(cx) {
-                    Poll::Ready(Some(Ok(frame))) => {
-                        let deadline = tokio::time::Instant::now() + s.idle;
-                        s.timer.as_mut().reset(deadline);
-                        Poll::Ready(Some(Ok(frame)))
-                    }
                     Poll::Ready(Some(Err(e))) => {
-                        s.state.set(BodyFault::Broken);
-                        Poll::Ready(Some(Err(Box::new(e))))
+                        let fault = if e.is::<Idle>() {
+                            BodyFault::TimedOut
+                        } else {
+                            BodyFault::Broken
+                        };
+                        s.state.set(fault);
+                        Poll::Ready(Some(Err(e)))
                     }
-                    Poll::Ready(None) => Poll::Ready(None),
-                    Poll::Pending => match s.timer.as_mut().poll(cx) {
-                        Poll::Ready(()) => {
-                            s.state.set(BodyFault::TimedOut);
-                            Poll::Ready(Some(Err("client body timed out".into())))
-                        }
-                        Poll::Pending => Poll::Pending,
-                    },
+                    other => other,
                 }
             }
         }

@@ -59,6 +59,7 @@ const USED_KEYS: &[&str] = &[
     "nginx_config.http.client_body_timeout",
     "nginx_config.event.worker_connections",
     "apisix.ssl.ssl_trusted_certificate",
+    "nginx_config.http.send_timeout",
 ];
 
 /// A config error, naming the key it is about.
@@ -146,6 +147,9 @@ pub struct GatewayConfig {
     pub client_max_body_size: Option<u64>,
     /// `nginx_config.http.client_body_timeout`.
     pub client_body_timeout: Duration,
+    /// `nginx_config.http.send_timeout`: a client that reads nothing for
+    /// this long while the gateway writes to it is disconnected.
+    pub send_timeout: Duration,
     /// `nginx_config.event.worker_connections`: client connections at once.
     pub max_connections: usize,
     /// `apisix.ssl.ssl_trusted_certificate`: extra CA certificates (PEM) for
@@ -380,6 +384,8 @@ impl GatewayConfig {
                     (n > 0).then_some(n)
                 }
             },
+            send_timeout: opt_duration(doc, "nginx_config.http.send_timeout")?
+                .unwrap_or(crate::limits::DEFAULT_SEND_TIMEOUT),
             client_body_timeout: opt_duration(doc, "nginx_config.http.client_body_timeout")?
                 .unwrap_or(crate::limits::DEFAULT_CLIENT_BODY_TIMEOUT),
             max_connections: match get("nginx_config.event.worker_connections") {

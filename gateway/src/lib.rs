@@ -11,6 +11,7 @@ pub mod balancer;
 pub mod body;
 pub mod config;
 pub mod health;
+pub mod io;
 pub mod keys;
 pub mod limits;
 pub mod proxy;
@@ -162,6 +163,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<Running> {
         edge: edge.clone(),
         header_timeout: config.client_header_timeout,
         keepalive_timeout: config.keepalive_timeout,
+        send_timeout: config.send_timeout,
         connections: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
     };
     let mut data_addrs = Vec::new();

@@ -32,6 +32,9 @@ pub const READ_BUFFER: usize = 64 * 1024;
 /// `nginx_config.http.client_body_timeout` default: longest pause between
 /// two reads of a request body.
 pub const DEFAULT_CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
+/// `nginx_config.http.send_timeout` default: longest a write to a client
+/// may stay blocked.
+pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// `nginx_config.event.worker_connections` default (APISIX's): client
 /// connections served at once; more are answered 503 and closed.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10620;

@@ -343,9 +343,9 @@ impl ProxyTarget {
                 parts.headers.insert("x-apisix-upstream-status", v);
             }
         }
-        let body = body
-            .map_err(|e| -> plugins::BoxError { Box::new(e) })
-            .boxed_unsync();
+        // An upstream that stops sending mid-body is cut off after the read
+        // timeout; the client connection is then aborted, never left hanging.
+        let body = crate::body::IdleTimeout::new(body, self.timeouts.read).boxed_unsync();
         Response::from_parts(parts, body)
     }
 }

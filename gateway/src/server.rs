@@ -44,6 +44,8 @@ pub struct DataPlane {
     /// `keepalive_timeout`: hyper times the wait for the next request head
     /// with the same timer, so the shorter of the two bounds both.
     pub keepalive_timeout: Duration,
+    /// `send_timeout`: longest a client may leave a write blocked.
+    pub send_timeout: Duration,
     /// Client connections served at once (`event.worker_connections`).
     pub connections: Arc<Semaphore>,
 }
@@ -237,7 +239,9 @@ fn serve_connection(
     permit: OwnedSemaphorePermit,
 ) {
     let _ = stream.set_nodelay(true);
+    let send_timeout = plane.send_timeout;
     let svc = hyper::service::service_fn(move |req| handle(plane.clone(), peer, local_port, req));
+    let stream = crate::io::SendTimeout::new(stream, send_timeout);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
     let conn = graceful.watch(conn.into_owned());
     tokio::spawn(async move {

@@ -256,3 +256,102 @@ async fn h2c_prior_knowledge() {
     );
     gw.stop().await;
 }
+
+/// A raw upstream that sends `head` and `body` (in 64 KiB writes), then
+/// keeps the connection open for `hold`.
+async fn scripted_upstream(head: String, body_len: usize, hold: Duration) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let head = head.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 8192];
+                let _ = s.read(&mut buf).await;
+                if s.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let chunk = vec![b'z'; 64 * 1024];
+                let mut left = body_len;
+                while left > 0 {
+                    let n = left.min(chunk.len());
+                    if s.write_all(&chunk[..n]).await.is_err() {
+                        return;
+                    }
+                    left -= n;
+                }
+                tokio::time::sleep(hold).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn stalled_upstream_body_is_cut_after_the_read_timeout() {
+    let gw = Gateway::start().await;
+    let up = scripted_upstream(
+        "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n".into(),
+        10,
+        Duration::from_secs(30),
+    )
+    .await;
+    let mut conf = upstream(&[(&up.to_string(), 1)]);
+    conf["timeout"] = json!({"connect": 1, "send": 1, "read": 0.5});
+    gw.put("routes/s", json!({"uri": "/s", "upstream": conf}))
+        .await;
+    let t = Instant::now();
+    let (resp, closed) = raw(
+        gw.data,
+        b"GET /s HTTP/1.1\r\nHost: x\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(closed, "client connection aborted");
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(resp.starts_with("HTTP/1.1 200"));
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn client_that_stops_reading_is_dropped_after_send_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (gw, _u1) = gateway_with("nginx_config:\n  http:\n    send_timeout: 1s\n").await;
+    const SIZE: usize = 64 * 1024 * 1024;
+    let up = scripted_upstream(
+        format!("HTTP/1.1 200 OK\r\nContent-Length: {SIZE}\r\n\r\n"),
+        SIZE,
+        Duration::from_secs(1),
+    )
+    .await;
+    gw.put(
+        "routes/big",
+        json!({"uri": "/big", "upstream": upstream(&[(&up.to_string(), 1)])}),
+    )
+    .await;
+    let mut s = tokio::net::TcpStream::connect(gw.data).await.unwrap();
+    s.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    // Read nothing for a while: the gateway's writes block, then time out.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut total = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => total += n,
+            Err(_) => panic!("connection still open after send_timeout"),
+        }
+    }
+    assert!(
+        total < SIZE,
+        "the whole body arrived ({total} bytes): the slow reader was not dropped"
+    );
+    gw.stop().await;
+}
