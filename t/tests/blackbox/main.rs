@@ -9,5 +9,6 @@ mod ip_restriction;
 mod limits;
 mod proxy;
 mod routing;
+mod soak;
 mod tls_upstream;
 mod websocket;
