@@ -138,7 +138,8 @@ async fn admit(
 ) -> Result<Request<ClientBody>, Response<ResponseBody>> {
     let (mut parts, incoming) = req.into_parts();
     limits::check_head(&parts.method, &parts.uri, parts.version, &parts.headers).map_err(refuse)?;
-    let edge = plane.edge.load();
+    // An owned Arc: the guard must not be held across the body read below.
+    let edge = plane.edge.load_full();
     let ip = client_ip(peer.ip(), &parts.headers, edge.real_ip.as_ref());
     parts.extensions.insert(ClientIp(ip));
     parts.extensions.insert(ConnMeta {
