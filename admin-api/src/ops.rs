@@ -19,6 +19,8 @@ use crate::validate::{self, Lookup};
 
 /// Fields a client may not set: the gateway keeps them.
 const FORBIDDEN: &[&str] = &["create_time", "update_time"];
+/// Compiled-size cap for `name`/`uri` list filters (they come from clients).
+const LIST_FILTER_REGEX_LIMIT: usize = 1 << 20;
 /// `page_size` bounds for paged lists.
 const PAGE_SIZE_RANGE: std::ops::RangeInclusive<usize> = 10..=500;
 
@@ -212,23 +214,27 @@ pub fn list(store: &dyn Store, kind: Kind, q: &ListQuery) -> Result<Reply, Admin
             ));
         }
     }
+    // APISIX matches `name` and `uri` as regular expressions.
+    let pattern = |p: &Option<String>| -> Result<Option<regex::Regex>, AdminError> {
+        p.as_deref()
+            .map(|p| {
+                regex::RegexBuilder::new(p)
+                    .size_limit(LIST_FILTER_REGEX_LIMIT)
+                    .build()
+                    .map_err(|e| AdminError::bad_request(format!("invalid filter: {e}")))
+            })
+            .transpose()
+    };
+    let (name_re, uri_re) = (pattern(&q.name)?, pattern(&q.uri)?);
     let entries = store.list(&kind.prefix())?;
     let matches = |e: &Entry| {
         let v = &e.value;
-        let text = |f: &str| {
-            v.get(f)
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string()
-        };
-        q.name
-            .as_ref()
-            .is_none_or(|n| text("name").contains(n.as_str()))
-            && q.uri.as_ref().is_none_or(|u| {
-                text("uri").contains(u.as_str())
+        let text = |f: &str| v.get(f).and_then(Value::as_str).unwrap_or_default();
+        name_re.as_ref().is_none_or(|re| re.is_match(text("name")))
+            && uri_re.as_ref().is_none_or(|re| {
+                re.is_match(text("uri"))
                     || v.get("uris").and_then(Value::as_array).is_some_and(|l| {
-                        l.iter()
-                            .any(|x| x.as_str().is_some_and(|s| s.contains(u.as_str())))
+                        l.iter().any(|x| x.as_str().is_some_and(|s| re.is_match(s)))
                     })
             })
             && q.label.as_ref().is_none_or(|l| {

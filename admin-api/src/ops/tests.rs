@@ -222,4 +222,17 @@ fn list_envelope_and_paging() {
         ..Default::default()
     };
     assert!(list(&s, Kind::Routes, &q).is_err());
+    let q = ListQuery {
+        uri: Some("^/p1[01]$".into()),
+        ..Default::default()
+    };
+    assert_eq!(list(&s, Kind::Routes, &q).unwrap().1["total"], 2);
+    let q = ListQuery {
+        uri: Some("(".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        list(&s, Kind::Routes, &q).unwrap_err().status,
+        StatusCode::BAD_REQUEST
+    );
 }
