@@ -203,13 +203,22 @@ struct Rules {
     timeouts: u32,
 }
 
+/// Consecutive outcomes seen by one kind of check.
 #[derive(Debug, Default)]
-struct NodeHealth {
-    unhealthy: AtomicBool,
+struct Counters {
     successes: AtomicU32,
     http_failures: AtomicU32,
     tcp_failures: AtomicU32,
     timeouts: AtomicU32,
+}
+
+/// A node's health: one verdict, counted separately by the active prober
+/// and by passive observation so that neither eats the other's streak.
+#[derive(Debug, Default)]
+struct NodeHealth {
+    unhealthy: AtomicBool,
+    active: Counters,
+    passive: Counters,
 }
 
 /// Health of every node of one upstream.
@@ -265,36 +274,43 @@ impl Health {
     /// Records what proxied traffic saw (no-op without `passive`).
     pub fn observe_passive(&self, i: usize, outcome: Outcome) {
         if let Some(rules) = &self.passive {
-            self.record(rules, i, outcome);
+            self.record(rules, i, outcome, |n| &n.passive);
         }
     }
 
     fn observe_active(&self, i: usize, outcome: Outcome) {
         if let Some(rules) = &self.active {
-            self.record(rules, i, outcome);
+            self.record(rules, i, outcome, |n| &n.active);
         }
     }
 
-    fn record(&self, rules: &Rules, i: usize, outcome: Outcome) {
+    fn record(
+        &self,
+        rules: &Rules,
+        i: usize,
+        outcome: Outcome,
+        counters: fn(&NodeHealth) -> &Counters,
+    ) {
         let Some(node) = self.nodes.get(i) else {
             return;
         };
+        let c = counters(node);
         let bump = |counter: &AtomicU32, threshold: u32| {
             let n = counter.fetch_add(1, Ordering::Relaxed).saturating_add(1);
             threshold > 0 && n >= threshold
         };
         let reset_failures = || {
-            node.http_failures.store(0, Ordering::Relaxed);
-            node.tcp_failures.store(0, Ordering::Relaxed);
-            node.timeouts.store(0, Ordering::Relaxed);
+            c.http_failures.store(0, Ordering::Relaxed);
+            c.tcp_failures.store(0, Ordering::Relaxed);
+            c.timeouts.store(0, Ordering::Relaxed);
         };
         let turn_bad = match outcome {
             Outcome::Status(s) if rules.bad_statuses.contains(&s) => {
-                bump(&node.http_failures, rules.http_failures)
+                bump(&c.http_failures, rules.http_failures)
             }
             Outcome::Status(s) if rules.ok_statuses.contains(&s) => {
                 reset_failures();
-                if bump(&node.successes, rules.successes)
+                if bump(&c.successes, rules.successes)
                     && node.unhealthy.swap(false, Ordering::Relaxed)
                 {
                     tracing::info!(node = i, "upstream node healthy again");
@@ -302,10 +318,10 @@ impl Health {
                 return;
             }
             Outcome::Status(_) => return,
-            Outcome::TcpFailure => bump(&node.tcp_failures, rules.tcp_failures),
-            Outcome::Timeout => bump(&node.timeouts, rules.timeouts),
+            Outcome::TcpFailure => bump(&c.tcp_failures, rules.tcp_failures),
+            Outcome::Timeout => bump(&c.timeouts, rules.timeouts),
         };
-        node.successes.store(0, Ordering::Relaxed);
+        c.successes.store(0, Ordering::Relaxed);
         if turn_bad {
             reset_failures();
             if !node.unhealthy.swap(true, Ordering::Relaxed) {
@@ -477,6 +493,22 @@ mod tests {
         h.observe_passive(0, Outcome::Timeout);
         assert!(h.is_healthy(0));
         h.observe_passive(0, Outcome::TcpFailure);
+        assert!(!h.is_healthy(0));
+    }
+
+    #[test]
+    fn active_and_passive_count_their_own_streaks() {
+        let h = Health::new(
+            &conf(json!({
+                "active": {"unhealthy": {"http_failures": 2}},
+                "passive": {"unhealthy": {"http_statuses": [500], "http_failures": 2}}
+            })),
+            1,
+        );
+        h.observe_passive(0, Outcome::Status(500));
+        h.observe_active(0, Outcome::Status(500));
+        assert!(h.is_healthy(0), "one failure each is not two in a row");
+        h.observe_active(0, Outcome::Status(500));
         assert!(!h.is_healthy(0));
     }
 
