@@ -60,6 +60,7 @@ const USED_KEYS: &[&str] = &[
     "nginx_config.event.worker_connections",
     "apisix.ssl.ssl_trusted_certificate",
     "nginx_config.http.send_timeout",
+    "apisix.trusted_addresses",
 ];
 
 /// A config error, naming the key it is about.
@@ -152,6 +153,9 @@ pub struct GatewayConfig {
     pub send_timeout: Duration,
     /// `nginx_config.event.worker_connections`: client connections at once.
     pub max_connections: usize,
+    /// `apisix.trusted_addresses`: peers whose X-Forwarded-Proto/Host/Port
+    /// are passed on; `None`: always set by the gateway.
+    pub trusted_addresses: Option<IpSet>,
     /// `apisix.ssl.ssl_trusted_certificate`: extra CA certificates (PEM) for
     /// `https` upstreams, besides the system store (`system`, the default).
     pub ssl_trusted_certificate: Option<PathBuf>,
@@ -402,6 +406,10 @@ impl GatewayConfig {
                     })?,
             },
             ssl_trusted_certificate,
+            trusted_addresses: match get("apisix.trusted_addresses") {
+                None | Some(Value::Null) => None,
+                Some(v) => Some(ip_list("apisix.trusted_addresses", v)?),
+            },
             unused_keys,
         })
     }

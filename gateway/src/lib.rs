@@ -232,6 +232,7 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<Running> {
 fn edge_of(config: &GatewayConfig) -> Edge {
     Edge {
         real_ip: config.real_ip.clone(),
+        trusted_addresses: config.trusted_addresses.clone(),
         body: limits::BodyLimits {
             max_size: config.client_max_body_size,
             idle_timeout: config.client_body_timeout,

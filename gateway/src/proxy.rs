@@ -53,6 +53,9 @@ pub type ProxyBody = Either<Full<Bytes>, ClientBody>;
 pub struct ConnMeta {
     pub local_port: u16,
     pub scheme: &'static str,
+    /// The peer is in `apisix.trusted_addresses`: the X-Forwarded-Proto,
+    /// -Host and -Port it sent are passed on instead of replaced.
+    pub forwarded_trusted: bool,
 }
 
 const HOP_BY_HOP: [&str; 8] = [
@@ -162,6 +165,7 @@ impl ProxyTarget {
             .unwrap_or(ConnMeta {
                 local_port: 0,
                 scheme: "http",
+                forwarded_trusted: false,
             });
         let client_host = parts.headers.get(header::HOST).cloned().or_else(|| {
             parts
@@ -487,23 +491,33 @@ pub fn prepare_request_headers(
             headers.insert("x-real-ip", v);
         }
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static(meta.scheme));
-    let host_port = client_host.and_then(|h| h.to_str().ok()).and_then(|h| {
-        let (_, port) = h.rsplit_once(':')?;
-        (!h.ends_with(']') && port.bytes().all(|b| b.is_ascii_digit()) && !port.is_empty())
-            .then(|| port.to_string())
-    });
-    match client_host {
-        Some(h) => {
-            headers.insert("x-forwarded-host", h.clone());
-        }
-        None => {
-            headers.remove("x-forwarded-host");
+    // A trusted proxy's own X-Forwarded-* describe the original client and
+    // are passed on; anybody else's are replaced.
+    let keep =
+        |headers: &HeaderMap, name: &str| meta.forwarded_trusted && headers.contains_key(name);
+    if !keep(headers, "x-forwarded-proto") {
+        headers.insert("x-forwarded-proto", HeaderValue::from_static(meta.scheme));
+    }
+    if !keep(headers, "x-forwarded-host") {
+        match client_host {
+            Some(h) => {
+                headers.insert("x-forwarded-host", h.clone());
+            }
+            None => {
+                headers.remove("x-forwarded-host");
+            }
         }
     }
-    let port = host_port.unwrap_or_else(|| meta.local_port.to_string());
-    if let Ok(v) = HeaderValue::from_str(&port) {
-        headers.insert("x-forwarded-port", v);
+    if !keep(headers, "x-forwarded-port") {
+        let host_port = client_host.and_then(|h| h.to_str().ok()).and_then(|h| {
+            let (_, port) = h.rsplit_once(':')?;
+            (!h.ends_with(']') && port.bytes().all(|b| b.is_ascii_digit()) && !port.is_empty())
+                .then(|| port.to_string())
+        });
+        let port = host_port.unwrap_or_else(|| meta.local_port.to_string());
+        if let Ok(v) = HeaderValue::from_str(&port) {
+            headers.insert("x-forwarded-port", v);
+        }
     }
 }
 
@@ -543,6 +557,7 @@ mod tests {
         ConnMeta {
             local_port: 9080,
             scheme: "http",
+            forwarded_trusted: false,
         }
     }
 
@@ -576,6 +591,35 @@ mod tests {
         for gone in ["connection", "x-secret", "te", "forwarded"] {
             assert!(!h.contains_key(gone), "{gone} must be removed");
         }
+    }
+
+    #[test]
+    fn trusted_peers_keep_their_forwarded_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        h.insert(
+            "x-forwarded-host",
+            HeaderValue::from_static("public.example"),
+        );
+        h.insert("x-forwarded-port", HeaderValue::from_static("443"));
+        let trusted = ConnMeta {
+            forwarded_trusted: true,
+            ..meta()
+        };
+        let host = HeaderValue::from_static("internal:9080");
+        prepare_request_headers(
+            &mut h,
+            Some("10.0.0.9".parse().unwrap()),
+            Some(&host),
+            trusted,
+        );
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "public.example");
+        assert_eq!(h["x-forwarded-port"], "443");
+        assert_eq!(
+            h["x-real-ip"], "10.0.0.9",
+            "the address headers are still the gateway's"
+        );
     }
 
     #[test]

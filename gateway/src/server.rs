@@ -54,6 +54,8 @@ pub struct DataPlane {
 #[derive(Debug, Clone)]
 pub struct Edge {
     pub real_ip: Option<RealIp>,
+    /// `apisix.trusted_addresses`.
+    pub trusted_addresses: Option<plugins::cidr::IpSet>,
     pub body: BodyLimits,
 }
 
@@ -145,6 +147,10 @@ async fn admit(
     parts.extensions.insert(ConnMeta {
         local_port,
         scheme: "http",
+        forwarded_trusted: edge
+            .trusted_addresses
+            .as_ref()
+            .is_some_and(|set| set.contains(peer.ip())),
     });
     let declared = incoming.size_hint().exact();
     if let (Some(max), Some(len)) = (edge.body.max_size, declared) {

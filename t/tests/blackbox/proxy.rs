@@ -178,3 +178,27 @@ async fn failures_map_to_502_504_and_retries() {
     );
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn trusted_addresses_keep_forwarded_headers() {
+    let gw = Gateway::start_with_apisix("  trusted_addresses:\n    - 127.0.0.0/8\n").await;
+    let u1 = Upstream::start("u1").await;
+    gw.put(
+        "routes/t",
+        json!({"uri": "/t", "upstream": upstream(&[(&u1.node(), 1)])}),
+    )
+    .await;
+    let sent = [
+        ("x-forwarded-proto", "https".to_string()),
+        ("x-forwarded-host", "public.example".to_string()),
+        ("x-forwarded-port", "443".to_string()),
+    ];
+    let h = send(gw.data, "GET", "/t", &sent, String::new(), None)
+        .await
+        .json()["headers"]
+        .clone();
+    assert_eq!(h["x-forwarded-proto"], "https");
+    assert_eq!(h["x-forwarded-host"], "public.example");
+    assert_eq!(h["x-forwarded-port"], "443");
+    gw.stop().await;
+}
