@@ -8,7 +8,7 @@
 //! | one header line longer than [`MAX_HEADER_LINE`] | 400 |
 //! | whole head larger than [`MAX_HEAD`] | 400 |
 //! | HTTP/1.1 without `Host` | 400 |
-//! | both `Content-Length` and `Transfer-Encoding` (request smuggling) | 400 if both reach the gateway; hyper's parser already drops the length, frames by `chunked` and closes the connection after the answer |
+//! | both `Content-Length` and `Transfer-Encoding` (request smuggling) | 400, found on the raw bytes by [`crate::framing`] because hyper drops the length |
 //! | a transfer coding other than `chunked` | 501 |
 //! | body larger than `client_max_body_size` | 413 |
 //!

@@ -8,6 +8,7 @@
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +29,7 @@ use crate::body::{BodyFault, ClientBody};
 use arc_swap::ArcSwap;
 
 use crate::config::RealIp;
+use crate::framing::{FramingWatch, Verdict};
 use crate::limits::{self, BodyLimits};
 use crate::proxy::{error_page, with_close, ConnMeta};
 use crate::snapshot::SharedSnapshot;
@@ -108,13 +110,28 @@ pub fn client_ip(peer: IpAddr, headers: &http::HeaderMap, real_ip: Option<&RealI
     }
 }
 
-async fn handle(
-    plane: Arc<DataPlane>,
+/// One client connection, as each of its requests' handling sees it.
+struct ClientConn {
     peer: SocketAddr,
     local_port: u16,
+    framing: Arc<Verdict>,
+    /// Requests seen so far (HTTP/1 serves them in order).
+    requests: AtomicU64,
+}
+
+async fn handle(
+    plane: Arc<DataPlane>,
+    conn: Arc<ClientConn>,
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
-    let mut resp = match admit(&plane, peer, local_port, req).await {
+    let index = conn.requests.fetch_add(1, Ordering::Relaxed) + 1;
+    let admitted = if conn.framing.is_ambiguous(index) {
+        // Both Content-Length and Transfer-Encoding: refused unread.
+        Err(refuse(http::StatusCode::BAD_REQUEST))
+    } else {
+        admit(&plane, conn.peer, conn.local_port, req).await
+    };
+    let mut resp = match admitted {
         Ok(req) => {
             let snapshot = plane.live.load_full();
             snapshot.service.clone().oneshot(req).await?
@@ -247,8 +264,14 @@ fn serve_connection(
 ) {
     let _ = stream.set_nodelay(true);
     let send_timeout = plane.send_timeout;
-    let svc = hyper::service::service_fn(move |req| handle(plane.clone(), peer, local_port, req));
-    let stream = crate::io::SendTimeout::new(stream, send_timeout);
+    let (stream, framing) = FramingWatch::new(crate::io::SendTimeout::new(stream, send_timeout));
+    let client = Arc::new(ClientConn {
+        peer,
+        local_port,
+        framing,
+        requests: AtomicU64::new(0),
+    });
+    let svc = hyper::service::service_fn(move |req| handle(plane.clone(), client.clone(), req));
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
     let conn = graceful.watch(conn.into_owned());
     tokio::spawn(async move {
