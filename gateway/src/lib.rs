@@ -15,6 +15,7 @@ pub mod health;
 pub mod io;
 pub mod keys;
 pub mod limits;
+pub mod phases;
 pub mod proxy;
 pub mod router;
 pub mod server;

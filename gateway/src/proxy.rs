@@ -36,6 +36,7 @@ use crate::body::{BodyFault, BodyState, ClientBody};
 use plugins::{full_body, ClientIp, ResponseBody};
 
 use crate::health::Outcome;
+use crate::phases::{within_phases, Progress, SendWatch};
 use crate::upstream::{CompiledUpstream, HashKey, PassHost, Timeouts, UpstreamClient};
 use crate::vars::RequestVars;
 use admin_api::expr::Vars;
@@ -46,7 +47,7 @@ use std::borrow::Cow;
 pub const RETRY_BODY_LIMIT: u64 = 64 * 1024;
 
 /// The body sent upstream: buffered (replayable) or streamed.
-pub type ProxyBody = Either<Full<Bytes>, ClientBody>;
+pub type ProxyBody = Either<Full<Bytes>, SendWatch<ClientBody>>;
 
 /// Facts about the client connection, set by the listener.
 #[derive(Debug, Clone, Copy)]
@@ -261,10 +262,15 @@ impl ProxyTarget {
             if let Some(h) = host {
                 out_headers.insert(header::HOST, h);
             }
-            let out_body: ProxyBody = match &mut body {
-                RequestBody::Buffered(b) => Either::Left(Full::new(b.clone())),
+            let (out_body, progress): (ProxyBody, _) = match &mut body {
+                RequestBody::Buffered(b) => {
+                    (Either::Left(Full::new(b.clone())), Progress::complete())
+                }
                 RequestBody::Streaming(s) => match s.take() {
-                    Some(b) => Either::Right(b),
+                    Some(b) => {
+                        let (watched, progress) = SendWatch::new(b);
+                        (Either::Right(watched), progress)
+                    }
                     None => break,
                 },
             };
@@ -274,10 +280,9 @@ impl ProxyTarget {
             *out.version_mut() = Version::HTTP_11;
             *out.headers_mut() = out_headers;
 
-            let wait = self.timeouts.response_head();
             let sent = Instant::now();
             up.balancer.started(i);
-            let result = tokio::time::timeout(wait, self.client.request(out)).await;
+            let result = within_phases(self.client.request(out), &progress, &self.timeouts).await;
             up.balancer.finished(i, sent.elapsed());
             if let Some(checked) = &up.health {
                 checked.health.observe_passive(
@@ -317,7 +322,7 @@ impl ProxyTarget {
                     (kind, e.is_connect())
                 }
                 Err(_) => {
-                    tracing::warn!(upstream = %target.authority, timeout = ?wait, "upstream timed out");
+                    tracing::warn!(upstream = %target.authority, timeouts = ?self.timeouts, "upstream timed out");
                     (Failure::Timeout, false)
                 }
             };

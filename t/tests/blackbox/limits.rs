@@ -377,3 +377,95 @@ async fn client_that_stops_reading_is_dropped_after_send_timeout() {
     );
     gw.stop().await;
 }
+
+/// An upstream that reads one buffer of the request and then nothing more,
+/// holding the connection open.
+async fn deaf_upstream() -> std::net::SocketAddr {
+    use tokio::io::AsyncReadExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            });
+        }
+    });
+    addr
+}
+
+/// `timeout.send`: an upstream that stops taking the request body is given
+/// up on after `send`, not after `read` (which here is much longer).
+#[tokio::test]
+async fn upstream_that_stops_taking_the_body_times_out_after_send() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = Gateway::start().await;
+    let up = deaf_upstream().await;
+    let mut conf = upstream(&[(&up.to_string(), 1)]);
+    conf["timeout"] = json!({"connect": 1, "send": 1, "read": 20});
+    gw.put("routes/up", json!({"uri": "/up", "upstream": conf}))
+        .await;
+    const SIZE: usize = 256 * 1024 * 1024;
+    let s = tokio::net::TcpStream::connect(gw.data).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let t = Instant::now();
+    let writer = tokio::spawn(async move {
+        let head = format!("POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: {SIZE}\r\n\r\n");
+        wr.write_all(head.as_bytes()).await?;
+        let chunk = vec![b'u'; 256 * 1024];
+        for _ in 0..SIZE / chunk.len() {
+            wr.write_all(&chunk).await?;
+        }
+        Ok::<_, std::io::Error>(())
+    });
+    let mut resp = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !resp.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tokio::time::timeout(Duration::from_secs(10), rd.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => resp.extend_from_slice(&buf[..n]),
+            other => panic!("no answer: {other:?} after {:?}", t.elapsed()),
+        }
+    }
+    let resp = String::from_utf8_lossy(&resp);
+    assert!(resp.starts_with("HTTP/1.1 504"), "{resp}");
+    assert!(
+        t.elapsed() < Duration::from_secs(6),
+        "took {:?}",
+        t.elapsed()
+    );
+    writer.abort();
+    gw.stop().await;
+}
+
+/// An upload that takes longer than connect + send + read together still
+/// goes through, as long as no single phase stalls.
+#[tokio::test]
+async fn a_slow_steady_upload_is_not_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (gw, u1) = gateway_with("").await;
+    let mut conf = upstream(&[(&u1.node(), 1)]);
+    conf["timeout"] = json!({"connect": 0.5, "send": 0.5, "read": 0.5});
+    gw.put("routes/slow", json!({"uri": "/slow", "upstream": conf}))
+        .await;
+    let mut s = tokio::net::TcpStream::connect(gw.data).await.unwrap();
+    s.write_all(
+        b"POST /slow HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        s.write_all(b"4\r\nabcd\r\n").await.unwrap();
+    }
+    s.write_all(b"0\r\n\r\n").await.unwrap();
+    let mut resp = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut resp))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.contains(r#""body_len":32"#), "{resp}");
+    gw.stop().await;
+}

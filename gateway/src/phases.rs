@@ -1,0 +1,265 @@
+//! The upstream `timeout` of APISIX, phase by phase, as nginx applies it:
+//!
+//! - `connect`: establishing the connection (the connector enforces it);
+//! - `send`: the longest the upstream may leave the request unaccepted —
+//!   a body frame handed over and not taken up, or the head not written;
+//! - `read`: the longest wait for the answer once the whole request is
+//!   sent (and, in [`crate::body::IdleTimeout`], between two reads of its body).
+//!
+//! So an upload may take as long as the client needs, as long as neither
+//! side stalls; a client that pauses is bounded by `client_body_timeout`
+//! instead, which is not the upstream's fault.
+//!
+//! [`SendWatch`] wraps a streamed request body and records its progress;
+//! [`within_phases`] runs the exchange and fails it at the first phase
+//! deadline that passes. The deadline is looked at again only when a timer
+//! fires, at most every `min(send, read)`, so a long upload costs one timer
+//! per period, not one per frame.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::Instant;
+
+use crate::upstream::Timeouts;
+
+/// Stage values kept in [`Progress::stage`].
+const NOT_STARTED: u64 = 0;
+/// A frame was handed over; hyper has not asked for the next one.
+const HANDED_OVER: u64 = 1;
+/// hyper asked for more and the client has not sent it yet.
+const AWAITING_CLIENT: u64 = 2;
+/// The whole body has been handed over.
+const DONE: u64 = 3;
+/// The request was complete before it was sent (buffered or empty body).
+const COMPLETE_FROM_START: u64 = 4;
+
+/// How far a request body has got; shared by [`SendWatch`] and
+/// [`within_phases`].
+#[derive(Debug)]
+pub struct Progress {
+    origin: Instant,
+    stage: AtomicU64,
+    /// When the stage last changed, in microseconds since `origin`.
+    since: AtomicU64,
+}
+
+impl Progress {
+    fn new(done: bool) -> Self {
+        Progress {
+            origin: Instant::now(),
+            stage: AtomicU64::new(if done {
+                COMPLETE_FROM_START
+            } else {
+                NOT_STARTED
+            }),
+            since: AtomicU64::new(0),
+        }
+    }
+
+    /// Progress of a request whose body is already complete (buffered or
+    /// empty): only `connect` and `read` apply.
+    pub fn complete() -> Arc<Self> {
+        Arc::new(Progress::new(true))
+    }
+
+    fn set(&self, stage: u64) {
+        let micros = self.origin.elapsed().as_micros().min(u64::MAX as u128) as u64;
+        self.since.store(micros, Ordering::Relaxed);
+        self.stage.store(stage, Ordering::Relaxed);
+    }
+
+    /// The deadline of the current phase, or `None` while the client is
+    /// the one keeping the request waiting.
+    fn deadline(&self, t: &Timeouts) -> Option<Instant> {
+        let stage = self.stage.load(Ordering::Relaxed);
+        let since = self.origin + Duration::from_micros(self.since.load(Ordering::Relaxed));
+        match stage {
+            // Connecting (bounded by the connector) and writing the head.
+            NOT_STARTED => Some(self.origin + t.connect.saturating_add(t.send)),
+            HANDED_OVER => Some(since + t.send),
+            AWAITING_CLIENT => None,
+            DONE => Some(since + t.read),
+            // Connecting is part of this wait.
+            _ => Some(self.origin + t.response_head()),
+        }
+    }
+}
+
+/// A request body that reports its progress to a [`Progress`].
+pub struct SendWatch<B> {
+    inner: B,
+    progress: Arc<Progress>,
+}
+
+impl<B: Body> SendWatch<B> {
+    pub fn new(inner: B) -> (Self, Arc<Progress>) {
+        let progress = Arc::new(Progress::new(inner.is_end_stream()));
+        (
+            SendWatch {
+                inner,
+                progress: progress.clone(),
+            },
+            progress,
+        )
+    }
+}
+
+impl<B: Body + Unpin> Body for SendWatch<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_frame(cx);
+        match &poll {
+            Poll::Pending => this.progress.set(AWAITING_CLIENT),
+            Poll::Ready(Some(Ok(_))) if !this.inner.is_end_stream() => {
+                this.progress.set(HANDED_OVER);
+            }
+            Poll::Ready(_) => this.progress.set(DONE),
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The exchange took longer than one of its phases allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PhaseTimeout;
+
+/// Runs `exchange`, failing it once the current phase's deadline passes.
+pub async fn within_phases<F: Future>(
+    exchange: F,
+    progress: &Progress,
+    timeouts: &Timeouts,
+) -> Result<F::Output, PhaseTimeout> {
+    let mut exchange = std::pin::pin!(exchange);
+    // A phase that starts at time c ends no earlier than c + `step`, so
+    // looking again at least every `step` never notices a deadline late,
+    // even one that moved earlier than the one being slept towards.
+    let step = timeouts.send.min(timeouts.read);
+    loop {
+        let next_look = Instant::now() + step;
+        let wake = progress
+            .deadline(timeouts)
+            .map_or(next_look, |deadline| deadline.min(next_look));
+        tokio::select! {
+            out = &mut exchange => return Ok(out),
+            _ = tokio::time::sleep_until(wake) => {
+                if progress.deadline(timeouts).is_some_and(|d| d <= Instant::now()) {
+                    return Err(PhaseTimeout);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full, StreamBody};
+
+    fn timeouts(connect: u64, send: u64, read: u64) -> Timeouts {
+        Timeouts {
+            connect: Duration::from_millis(connect),
+            send: Duration::from_millis(send),
+            read: Duration::from_millis(read),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn body_less_request_waits_connect_plus_read() {
+        let p = Progress::complete();
+        let t = timeouts(100, 50, 200);
+        let slow = tokio::time::sleep(Duration::from_millis(290));
+        assert!(within_phases(slow, &p, &t).await.is_ok());
+        let slower = tokio::time::sleep(Duration::from_millis(310));
+        let p = Progress::complete();
+        assert_eq!(within_phases(slower, &p, &t).await, Err(PhaseTimeout));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_steady_upload_outlives_every_single_timeout() {
+        // A client body that yields a frame every 40 ms for 1 s, with
+        // connect, send and read of 100 ms each: never a stall.
+        let frames = futures_util::stream::unfold(0u32, |n| async move {
+            if n == 25 {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(40)).await;
+            Some((
+                Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"x"))),
+                n + 1,
+            ))
+        });
+        let (body, progress) = SendWatch::new(StreamBody::new(Box::pin(frames)));
+        let t = timeouts(100, 100, 100);
+        let exchange = async move { body.collect().await.map(|b| b.to_bytes().len()) };
+        let sent = within_phases(exchange, &progress, &t).await;
+        assert!(matches!(sent, Ok(Ok(25))), "{sent:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_upstream_that_stops_taking_the_body_times_out_after_send() {
+        let (mut body, progress) = SendWatch::new(StreamBody::new(futures_util::stream::iter(
+            [Ok::<_, std::convert::Infallible>(Frame::data(
+                Bytes::from_static(b"a"),
+            ))]
+            .into_iter()
+            .chain(std::iter::repeat_with(|| {
+                Ok(Frame::data(Bytes::from_static(b"b")))
+            })),
+        )));
+        let t = timeouts(1000, 100, 5000);
+        let started = Instant::now();
+        // Takes one frame, then never asks again: the upstream is full.
+        let exchange = async move {
+            let _ = body.frame().await;
+            std::future::pending::<()>().await
+        };
+        assert_eq!(
+            within_phases(exchange, &progress, &t).await,
+            Err(PhaseTimeout)
+        );
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(100) && waited < Duration::from_millis(300));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_the_body_the_answer_has_read_to_arrive() {
+        let (mut body, progress) = SendWatch::new(Full::new(Bytes::from_static(b"abc")));
+        let t = timeouts(1000, 1000, 100);
+        let started = Instant::now();
+        let exchange = async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = body.frame().await;
+            std::future::pending::<()>().await
+        };
+        assert_eq!(
+            within_phases(exchange, &progress, &t).await,
+            Err(PhaseTimeout)
+        );
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(150) && waited < Duration::from_millis(300),
+            "{waited:?}"
+        );
+    }
+}
