@@ -327,7 +327,7 @@ pub fn check_upstream(conf: &Value) -> Result<(), String> {
     if let Some(s) = conf
         .get("scheme")
         .and_then(Value::as_str)
-        .filter(|s| *s != "http" && *s != "https")
+        .filter(|s| !matches!(*s, "http" | "https" | "grpc" | "grpcs"))
     {
         return Err(format!(
             "invalid configuration: upstream scheme `{s}` is not supported by ferrogate yet"

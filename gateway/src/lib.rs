@@ -10,6 +10,7 @@
 pub mod balancer;
 pub mod body;
 pub mod config;
+pub mod connector;
 pub mod framing;
 pub mod health;
 pub mod io;

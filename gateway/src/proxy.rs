@@ -30,11 +30,13 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::capture_connection;
 
 use crate::body::{BodyFault, BodyState, ClientBody};
 
 use plugins::{full_body, ClientIp, ResponseBody};
 
+use crate::connector::RequestCount;
 use crate::health::Outcome;
 use crate::phases::{within_phases, Progress, SendWatch};
 use crate::upstream::{CompiledUpstream, HashKey, PassHost, Timeouts, UpstreamClient};
@@ -174,6 +176,10 @@ impl ProxyTarget {
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
+        let grpc = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
         let mut headers = parts.headers;
         prepare_request_headers(&mut headers, client_ip, client_host.as_ref(), meta);
         if upgrade.is_some() {
@@ -242,7 +248,7 @@ impl ProxyTarget {
             let target = &up.targets[i];
             let uri = Uri::builder()
                 .scheme(up.scheme.clone())
-                .authority(target.authority.clone())
+                .authority(target.dial.clone())
                 .path_and_query(path.clone())
                 .build();
             let Ok(uri) = uri else {
@@ -274,11 +280,22 @@ impl ProxyTarget {
                     None => break,
                 },
             };
+            if up.http2 && grpc {
+                // gRPC servers require it; it is the one TE value HTTP/2 allows.
+                out_headers.insert(header::TE, HeaderValue::from_static("trailers"));
+            }
             let mut out = Request::new(out_body);
             *out.method_mut() = parts.method.clone();
             *out.uri_mut() = uri;
-            *out.version_mut() = Version::HTTP_11;
+            *out.version_mut() = if up.http2 {
+                Version::HTTP_2
+            } else {
+                Version::HTTP_11
+            };
             *out.headers_mut() = out_headers;
+            // Which connection the request goes out on is known only once
+            // it has; the capture lets a served-out one be retired.
+            let connection = capture_connection(&mut out);
 
             let sent = Instant::now();
             up.balancer.started(i);
@@ -297,6 +314,15 @@ impl ProxyTarget {
             }
             let failure = match result {
                 Ok(Ok(mut resp)) => {
+                    let served_out = resp
+                        .extensions()
+                        .get::<RequestCount>()
+                        .is_some_and(|count| count.served_out(up.keepalive_pool.requests));
+                    if served_out {
+                        if let Some(conn) = connection.connection_metadata().as_ref() {
+                            conn.poison();
+                        }
+                    }
                     statuses.push(resp.status().as_u16());
                     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                         return match upgrade {

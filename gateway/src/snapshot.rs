@@ -350,6 +350,7 @@ impl Compiler {
             .or_else(|| service.as_ref().and_then(|(_, s)| s.enable_websocket))
             .unwrap_or(false);
         let verify = upstream.as_ref().is_none_or(|u| u.verify);
+        let http2 = upstream.as_ref().is_some_and(|u| u.http2);
         let pool = upstream
             .as_ref()
             .map(|u| u.keepalive_pool)
@@ -357,7 +358,7 @@ impl Compiler {
         let proxy = ProxyService::new(ProxyTarget {
             upstream,
             timeouts,
-            client: self.clients.get(timeouts.connect, verify, pool),
+            client: self.clients.get(timeouts.connect, verify, pool, http2),
             options: self.options,
             websocket,
         });

@@ -14,6 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use admin_api::model::{default_port, Node, Timeout, UpstreamConf};
 
 use crate::balancer::Balancer;
+use crate::connector::{self, CountingConnector};
 use crate::health::{Checked, ChecksConf};
 use crate::proxy::ProxyBody;
 use crate::tls;
@@ -29,12 +30,16 @@ pub const POOL_MAX_IDLE_PER_HOST: usize = 320;
 /// (APISIX's `upstream.keepalive_timeout`).
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The HTTP client used towards upstreams (plain or TLS by the URI scheme).
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
+/// Requests one upstream connection carries before it is closed
+/// (APISIX's `keepalive_pool.requests` default, nginx's `keepalive_requests`).
+pub const POOL_MAX_REQUESTS: u32 = 1000;
 
-/// One client per distinct connect timeout and TLS verification mode,
-/// shared by every upstream that uses it, so that keep-alive pools survive
-/// config swaps.
+/// The HTTP client used towards upstreams (plain or TLS by the URI scheme).
+pub type UpstreamClient = Client<CountingConnector<HttpsConnector<HttpConnector>>, ProxyBody>;
+
+/// One client per distinct connect timeout, TLS verification mode, pool
+/// shape and protocol, shared by every upstream that uses it, so that
+/// keep-alive pools survive config swaps.
 pub struct Clients {
     roots: Arc<RootCertStore>,
     by_key: Mutex<HashMap<ClientKey, UpstreamClient>>,
@@ -56,12 +61,22 @@ impl Clients {
     }
 
     /// The client for this connect timeout and keep-alive pool; `verify`
-    /// only matters for `https` upstreams.
-    pub fn get(&self, connect: Duration, verify: bool, pool: KeepalivePool) -> UpstreamClient {
+    /// only matters for TLS upstreams. `http2`: HTTP/2 only (h2c for plain
+    /// connections, ALPN `h2` over TLS), as `grpc` and `grpcs` upstreams
+    /// speak; otherwise HTTP/1.1.
+    pub fn get(
+        &self,
+        connect: Duration,
+        verify: bool,
+        pool: KeepalivePool,
+        http2: bool,
+    ) -> UpstreamClient {
         let key = ClientKey {
             connect_ms: connect.as_millis() as u64,
             verify,
-            pool,
+            pool_size: pool.size,
+            pool_idle_timeout_ms: pool.idle_timeout_ms,
+            http2,
         };
         let mut map = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
         map.entry(key)
@@ -70,17 +85,22 @@ impl Clients {
                 conn.set_connect_timeout(Some(connect));
                 conn.set_nodelay(true);
                 conn.enforce_http(false);
-                let conn = HttpsConnectorBuilder::new()
+                let tls = HttpsConnectorBuilder::new()
                     .with_tls_config(tls::client_config(self.roots.clone(), verify))
                     .https_or_http()
-                    .enable_http1()
-                    .wrap_connector(conn);
+                    .with_server_name_resolver(connector::server_name);
+                let conn = if http2 {
+                    tls.enable_http2().wrap_connector(conn)
+                } else {
+                    tls.enable_http1().wrap_connector(conn)
+                };
                 Client::builder(TokioExecutor::new())
                     .pool_idle_timeout(Duration::from_millis(pool.idle_timeout_ms))
                     .pool_max_idle_per_host(pool.size)
                     .pool_timer(TokioTimer::new())
                     .timer(TokioTimer::new())
-                    .build(conn)
+                    .http2_only(http2)
+                    .build(CountingConnector::new(conn))
             })
             .clone()
     }
@@ -90,16 +110,19 @@ impl Clients {
 struct ClientKey {
     connect_ms: u64,
     verify: bool,
-    pool: KeepalivePool,
+    pool_size: usize,
+    pool_idle_timeout_ms: u64,
+    http2: bool,
 }
 
-/// An upstream's `keepalive_pool`: idle connections kept per node and for
-/// how long. (`requests`, the cap on requests per connection, is accepted
-/// but not enforced: the HTTP client has no such limit.)
+/// An upstream's `keepalive_pool`: idle connections kept per node, for how
+/// long, and how many requests one connection carries before it is closed
+/// (enforced by the proxy, see [`crate::connector`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct KeepalivePool {
     pub size: usize,
     pub idle_timeout_ms: u64,
+    pub requests: u32,
 }
 
 impl Default for KeepalivePool {
@@ -107,6 +130,7 @@ impl Default for KeepalivePool {
         KeepalivePool {
             size: POOL_MAX_IDLE_PER_HOST,
             idle_timeout_ms: POOL_IDLE_TIMEOUT.as_millis() as u64,
+            requests: POOL_MAX_REQUESTS,
         }
     }
 }
@@ -127,6 +151,11 @@ impl KeepalivePool {
                 .map_or(d.idle_timeout_ms, |s| {
                     (s * 1000.0).min(MAX_TIMEOUT.as_millis() as f64) as u64
                 }),
+            requests: v
+                .get("requests")
+                .and_then(serde_json::Value::as_u64)
+                .filter(|n| *n >= 1)
+                .map_or(d.requests, |n| n.min(u32::MAX as u64) as u32),
         }
     }
 }
@@ -145,7 +174,12 @@ pub enum PassHost {
 /// A node ready to be dialled.
 #[derive(Debug, Clone)]
 pub struct Target {
+    /// `host:port` of the node.
     pub authority: Authority,
+    /// The authority of request URIs: [`Target::authority`], with the TLS
+    /// server name in front when it is not the node's host (see
+    /// [`crate::connector`]).
+    pub dial: Authority,
     /// Host header for `pass_host: node`: port omitted when it is the
     /// scheme's default.
     pub host_header: HeaderValue,
@@ -189,8 +223,10 @@ impl Timeouts {
 #[derive(Debug)]
 pub struct CompiledUpstream {
     pub targets: Vec<Target>,
-    /// `http` or `https`.
+    /// `http` (`http`, `grpc`) or `https` (`https`, `grpcs`).
     pub scheme: http::uri::Scheme,
+    /// HTTP/2 to the nodes (`grpc`, `grpcs`); HTTP/1.1 otherwise.
+    pub http2: bool,
     /// `tls.verify` (default true): check the upstream's certificate.
     pub verify: bool,
     pub keepalive_pool: KeepalivePool,
@@ -327,6 +363,13 @@ impl CompiledUpstream {
     ) -> Result<Self, UpstreamError> {
         let nodes = conf.resolved_nodes().map_err(UpstreamError)?;
         let default = default_port(&conf.scheme);
+        let tls = matches!(conf.scheme.as_str(), "https" | "grpcs");
+        // nginx's proxy_ssl_name is $upstream_host: with `rewrite`, the
+        // configured name is the one the certificate is checked against.
+        let server_name = match (tls, conf.pass_host.as_str()) {
+            (true, "rewrite") => conf.upstream_host.as_deref(),
+            _ => None,
+        };
         let targets = nodes
             .iter()
             .map(|n| {
@@ -345,16 +388,20 @@ impl CompiledUpstream {
                 };
                 let host_header = HeaderValue::from_str(&header)
                     .map_err(|e| UpstreamError(format!("node {host}: {e}")))?;
+                let dial = server_name
+                    .and_then(|name| connector::with_server_name(name, &authority))
+                    .unwrap_or_else(|| authority.clone());
                 Ok(Target {
                     authority,
+                    dial,
                     host_header,
                 })
             })
             .collect::<Result<Vec<_>, UpstreamError>>()?;
         let live = nodes.iter().filter(|n| n.weight > 0).count();
-        // Until TLS to upstreams exists, refuse rather than send in clear
-        // what the configuration asks to encrypt.
-        if conf.scheme != "http" && conf.scheme != "https" {
+        // Stream and kafka schemes are not HTTP: refuse rather than proxy
+        // them as something they are not.
+        if !matches!(conf.scheme.as_str(), "http" | "https" | "grpc" | "grpcs") {
             return Err(UpstreamError(format!(
                 "scheme `{}` is not supported yet",
                 conf.scheme
@@ -385,18 +432,19 @@ impl CompiledUpstream {
             .and_then(|t| t.get("verify"))
             .and_then(serde_json::Value::as_bool)
             .unwrap_or(true);
-        if conf.scheme == "https" && !verify {
+        if tls && !verify {
             tracing::warn!(
                 owner,
                 "tls.verify is false: upstream certificates are not checked"
             );
         }
         Ok(CompiledUpstream {
-            scheme: if conf.scheme == "https" {
+            scheme: if tls {
                 http::uri::Scheme::HTTPS
             } else {
                 http::uri::Scheme::HTTP
             },
+            http2: conf.scheme.starts_with("grpc"),
             verify,
             keepalive_pool: KeepalivePool::from_conf(conf.keepalive_pool.as_ref()),
             balancer,
@@ -450,7 +498,8 @@ mod tests {
             up.keepalive_pool,
             KeepalivePool {
                 size: 8,
-                idle_timeout_ms: 1500
+                idle_timeout_ms: 1500,
+                requests: 10,
             }
         );
         assert_eq!(up.targets[0].host_header, "a");
@@ -468,7 +517,36 @@ mod tests {
     #[test]
     fn unsupported_schemes_do_not_compile() {
         let conf: UpstreamConf =
-            serde_json::from_value(json!({"nodes": {"a:80": 1}, "scheme": "grpc"})).unwrap();
+            serde_json::from_value(json!({"nodes": {"a:80": 1}, "scheme": "kafka"})).unwrap();
         assert!(CompiledUpstream::compile(&conf, "o", &mut BalancerCache::default()).is_err());
+    }
+
+    #[test]
+    fn grpc_schemes_speak_http2() {
+        let up = compile(json!({"nodes": {"a:50051": 1}, "scheme": "grpc"}));
+        assert!(up.http2);
+        assert_eq!(up.scheme, http::uri::Scheme::HTTP);
+        let up = compile(json!({"nodes": {"a": 1}, "scheme": "grpcs"}));
+        assert!(up.http2);
+        assert_eq!(up.scheme, http::uri::Scheme::HTTPS);
+        assert_eq!(up.targets[0].authority.as_str(), "a:443");
+        assert!(!compile(json!({"nodes": {"a:80": 1}})).http2);
+    }
+
+    #[test]
+    fn rewritten_host_is_the_tls_server_name() {
+        let up = compile(json!({
+            "nodes": {"10.0.0.5:8443": 1}, "scheme": "https",
+            "pass_host": "rewrite", "upstream_host": "api.example.com"
+        }));
+        assert_eq!(up.targets[0].dial.as_str(), "api.example.com@10.0.0.5:8443");
+        assert_eq!(up.targets[0].authority.as_str(), "10.0.0.5:8443");
+        // Plain HTTP has no server name; other pass_host modes use the node.
+        let up = compile(json!({
+            "nodes": {"10.0.0.5:80": 1}, "pass_host": "rewrite", "upstream_host": "api.example.com"
+        }));
+        assert_eq!(up.targets[0].dial.as_str(), "10.0.0.5:80");
+        let up = compile(json!({"nodes": {"10.0.0.5:8443": 1}, "scheme": "https"}));
+        assert_eq!(up.targets[0].dial.as_str(), "10.0.0.5:8443");
     }
 }

@@ -239,7 +239,18 @@ pub struct Upstream {
 }
 
 impl Upstream {
+    /// An HTTP/1.1 echo upstream.
     pub async fn start(name: &'static str) -> Upstream {
+        Upstream::serve(name, false).await
+    }
+
+    /// An echo upstream that speaks only HTTP/2 without TLS (h2c, as gRPC
+    /// servers do).
+    pub async fn start_h2c(name: &'static str) -> Upstream {
+        Upstream::serve(name, true).await
+    }
+
+    async fn serve(name: &'static str, h2c: bool) -> Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
@@ -255,9 +266,18 @@ impl Upstream {
                         counter.fetch_add(1, Ordering::SeqCst);
                         echo(name, peer, req)
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
+                    let io = TokioIo::new(stream);
+                    if h2c {
+                        let _ = hyper::server::conn::http2::Builder::new(
+                            hyper_util::rt::TokioExecutor::new(),
+                        )
+                        .serve_connection(io, svc)
                         .await;
+                    } else {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, svc)
+                            .await;
+                    }
                 });
             }
         });
@@ -324,6 +344,7 @@ async fn echo(
         "body_len": body.len(),
         "body_sum": body.iter().map(|b| *b as u64).sum::<u64>(),
         "client": peer.ip().to_string(),
+        "peer": peer.to_string(),
     });
     let resp = Response::builder()
         .status(status)

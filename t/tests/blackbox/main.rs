@@ -11,4 +11,5 @@ mod proxy;
 mod routing;
 mod soak;
 mod tls_upstream;
+mod upstream_conn;
 mod websocket;

@@ -1,9 +1,10 @@
 #![allow(clippy::unwrap_used)]
 //! `scheme: https` upstreams: verified by default, `tls.verify: false`
-//! honoured, extra CAs from `apisix.ssl.ssl_trusted_certificate`.
+//! honoured, extra CAs from `apisix.ssl.ssl_trusted_certificate`, the
+//! rewritten host as server name; `grpcs` over HTTP/2.
 
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use harness::serde_json::json;
@@ -16,6 +17,17 @@ use tokio::net::TcpListener;
 /// An HTTPS upstream with a fresh self-signed certificate for `localhost`;
 /// returns its address and the certificate (PEM).
 async fn https_upstream() -> (std::net::SocketAddr, String) {
+    let (addr, pem, _) = tls_upstream(false).await;
+    (addr, pem)
+}
+
+/// Server names the upstream was asked for, one per connection.
+type SeenNames = Arc<Mutex<Vec<Option<String>>>>;
+
+/// A TLS upstream (certificate for `localhost`) answering
+/// `{"upstream":"tls","version":...}`; `h2`: offers only ALPN `h2` and
+/// speaks HTTP/2.
+async fn tls_upstream(h2: bool) -> (std::net::SocketAddr, String, SeenNames) {
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
     let pem = ck.cert.pem();
     let cert: CertificateDer<'static> = ck.cert.der().clone();
@@ -28,28 +40,50 @@ async fn https_upstream() -> (std::net::SocketAddr, String) {
     .with_no_client_auth()
     .with_single_cert(vec![cert], key)
     .unwrap();
+    let mut config = config;
+    if h2 {
+        config.alpn_protocols = vec![b"h2".to_vec()];
+    }
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
+    let seen = SeenNames::default();
+    let names = seen.clone();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = l.accept().await {
             let acceptor = acceptor.clone();
+            let names = names.clone();
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
-                let svc = hyper::service::service_fn(|_req| async {
-                    Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(
-                        b"{\"upstream\":\"tls\"}",
-                    ))))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tls), svc)
+                let sni = tls.get_ref().1.server_name().map(str::to_string);
+                names.lock().unwrap().push(sni);
+                let svc = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let doc =
+                            json!({"upstream": "tls", "version": format!("{:?}", req.version())});
+                        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(
+                            doc.to_string(),
+                        ))))
+                    },
+                );
+                let io = TokioIo::new(tls);
+                if h2 {
+                    let _ = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(io, svc)
                     .await;
+                } else {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, svc)
+                        .await;
+                }
             });
         }
     });
-    (addr, pem)
+    (addr, pem, seen)
 }
 
 #[tokio::test]
@@ -91,5 +125,56 @@ async fn trusted_certificate_from_config() {
         .await;
     let r = gw.get("/t").await;
     assert_eq!((r.status.as_u16(), r.upstream()), (200, "tls".to_string()));
+    gw.stop().await;
+}
+
+/// With `pass_host: rewrite`, `upstream_host` is the TLS server name sent
+/// and verified (nginx's `proxy_ssl_name $upstream_host`), so a node given
+/// by address can still be verified by name.
+#[tokio::test]
+async fn rewritten_host_is_the_server_name() {
+    let (addr, pem, seen) = tls_upstream(false).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, pem).unwrap();
+    let gw = Gateway::start_with_apisix(&format!(
+        "  ssl:\n    ssl_trusted_certificate: {}\n",
+        ca.display()
+    ))
+    .await;
+    let mut up = upstream(&[(&addr.to_string(), 1)]);
+    up["scheme"] = json!("https");
+    gw.put("routes/ip", json!({"uri": "/ip", "upstream": up.clone()}))
+        .await;
+    assert_eq!(
+        gw.get("/ip").await.status,
+        502,
+        "the certificate does not name 127.0.0.1"
+    );
+    up["pass_host"] = json!("rewrite");
+    up["upstream_host"] = json!("localhost");
+    gw.put("routes/named", json!({"uri": "/named", "upstream": up}))
+        .await;
+    let r = gw.get("/named").await;
+    assert_eq!((r.status.as_u16(), r.upstream()), (200, "tls".to_string()));
+    assert_eq!(
+        seen.lock().unwrap().last().cloned().flatten().as_deref(),
+        Some("localhost")
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn grpcs_speaks_http2_over_tls() {
+    let (addr, _, _) = tls_upstream(true).await;
+    let gw = Gateway::start().await;
+    let mut up = upstream(&[(&format!("localhost:{}", addr.port()), 1)]);
+    up["scheme"] = json!("grpcs");
+    up["tls"] = json!({"verify": false});
+    gw.put("routes/g", json!({"uri": "/g", "upstream": up}))
+        .await;
+    let r = gw.get("/g").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["version"], "HTTP/2.0");
     gw.stop().await;
 }

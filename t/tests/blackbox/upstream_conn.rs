@@ -1,0 +1,86 @@
+#![allow(clippy::unwrap_used)]
+//! How upstream connections are used: HTTP/2 for `grpc` upstreams, and
+//! `keepalive_pool.requests` retiring a connection after its share.
+
+use std::collections::HashSet;
+
+use bytes::Bytes;
+use harness::serde_json::json;
+use harness::{upstream, Conn, Gateway, Upstream};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+#[tokio::test]
+async fn grpc_upstreams_get_http2_with_te_trailers() {
+    let gw = Gateway::start().await;
+    let u = Upstream::start_h2c("h2").await;
+    let mut up = upstream(&[(&u.node(), 1)]);
+    up["scheme"] = json!("grpc");
+    gw.put("routes/g", json!({"uri": "/svc.Echo/*", "upstream": up}))
+        .await;
+
+    // An HTTP/1.1 client, proxied over HTTP/2.
+    let r = gw.get("/svc.Echo/Say").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["version"], "HTTP/2.0");
+
+    // A gRPC-shaped call from an h2c client: content type and TE pass on.
+    let tcp = tokio::net::TcpStream::connect(gw.data).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post(format!("http://{}/svc.Echo/Say", gw.data))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let echo: harness::serde_json::Value = harness::serde_json::from_slice(&body).unwrap();
+    assert_eq!(echo["version"], "HTTP/2.0");
+    assert_eq!(echo["headers"]["te"], "trailers");
+    assert_eq!(echo["headers"]["content-type"], "application/grpc");
+    assert_eq!(echo["body_len"], 5);
+    gw.stop().await;
+}
+
+/// Distinct upstream-side connections seen over `n` requests on one client
+/// connection.
+async fn upstream_connections(gw: &Gateway, path: &str, n: usize) -> usize {
+    let mut conn = Conn::open(gw.data, None).await.unwrap();
+    let mut peers = HashSet::new();
+    for _ in 0..n {
+        let r = conn.send("GET", path, &[], String::new()).await;
+        assert_eq!(r.status, 200);
+        peers.insert(r.json()["peer"].as_str().unwrap().to_string());
+    }
+    peers.len()
+}
+
+#[tokio::test]
+async fn keepalive_pool_requests_retires_connections() {
+    let gw = Gateway::start().await;
+    let u = Upstream::start("u").await;
+    let mut capped = upstream(&[(&u.node(), 1)]);
+    capped["keepalive_pool"] = json!({"size": 4, "idle_timeout": 30, "requests": 3});
+    gw.put(
+        "routes/capped",
+        json!({"uri": "/capped", "upstream": capped}),
+    )
+    .await;
+    gw.put(
+        "routes/default",
+        json!({"uri": "/default", "upstream": upstream(&[(&u.node(), 1)])}),
+    )
+    .await;
+    assert_eq!(upstream_connections(&gw, "/capped", 9).await, 3);
+    assert_eq!(
+        upstream_connections(&gw, "/default", 9).await,
+        1,
+        "APISIX's default of 1000 requests keeps one connection"
+    );
+    gw.stop().await;
+}
