@@ -84,3 +84,63 @@ async fn keepalive_pool_requests_retires_connections() {
     );
     gw.stop().await;
 }
+
+/// An h2c upstream answering like a gRPC server: a message, then
+/// `grpc-status` in trailers.
+async fn grpc_like_upstream() -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req| async {
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                    let frames = http_body_util::StreamBody::new(futures_util::stream::iter([
+                        Ok::<_, std::convert::Infallible>(http_body::Frame::data(
+                            Bytes::from_static(b"\0\0\0\0\x02hi"),
+                        )),
+                        Ok(http_body::Frame::trailers(trailers)),
+                    ]));
+                    let resp = http::Response::builder()
+                        .header("content-type", "application/grpc")
+                        .body(frames)
+                        .unwrap();
+                    Ok::<_, std::convert::Infallible>(resp)
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn grpc_trailers_reach_http2_clients() {
+    let gw = Gateway::start().await;
+    let node = grpc_like_upstream().await;
+    let mut up = upstream(&[(&node.to_string(), 1)]);
+    up["scheme"] = json!("grpc");
+    gw.put("routes/g", json!({"uri": "/svc.Echo/*", "upstream": up}))
+        .await;
+    let tcp = tokio::net::TcpStream::connect(gw.data).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post(format!("http://{}/svc.Echo/Say", gw.data))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let collected = resp.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().expect("trailers passed on");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(&collected.to_bytes()[..], b"\0\0\0\0\x02hi");
+    gw.stop().await;
+}
