@@ -61,16 +61,30 @@ pub struct ConnMeta {
     pub forwarded_trusted: bool,
 }
 
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "expect",
-];
+/// Header names the proxy touches on every request, parsed once.
+mod names {
+    use http::header::{self, HeaderName};
+
+    pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+    pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+    pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+    pub const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+    pub const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+    pub const FORWARDED: HeaderName = header::FORWARDED;
+    pub const X_APISIX_UPSTREAM_STATUS: HeaderName =
+        HeaderName::from_static("x-apisix-upstream-status");
+    pub const HOP_BY_HOP: [HeaderName; 8] = [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::EXPECT,
+    ];
+}
+use names::*;
 
 /// Data-plane options that are the same for every route.
 #[derive(Debug, Clone, Copy, Default)]
@@ -375,7 +389,7 @@ impl ProxyTarget {
         strip_hop_by_hop(&mut parts.headers);
         if parts.status.is_server_error() || self.options.always_show_upstream_status {
             if let Some(v) = status_list(statuses) {
-                parts.headers.insert("x-apisix-upstream-status", v);
+                parts.headers.insert(X_APISIX_UPSTREAM_STATUS, v);
             }
         }
         // An upstream that stops sending mid-body is cut off after the read
@@ -479,18 +493,22 @@ pub fn with_close(mut resp: Response<ResponseBody>) -> Response<ResponseBody> {
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
     }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
+    for name in &HOP_BY_HOP {
+        if headers.contains_key(name) {
+            headers.remove(name);
+        }
     }
 }
 
@@ -502,52 +520,55 @@ pub fn prepare_request_headers(
     meta: ConnMeta,
 ) {
     strip_hop_by_hop(headers);
-    headers.remove("forwarded");
+    if headers.contains_key(FORWARDED) {
+        headers.remove(FORWARDED);
+    }
     if let Some(ip) = client_ip {
         let ip_text = ip.to_string();
-        let previous: Vec<&str> = headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
-        let xff = if previous.is_empty() {
-            ip_text.clone()
-        } else {
+        let xff = if headers.contains_key(X_FORWARDED_FOR) {
+            let previous: Vec<&str> = headers
+                .get_all(X_FORWARDED_FOR)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
             format!("{}, {ip_text}", previous.join(", "))
+        } else {
+            ip_text.clone()
         };
-        if let Ok(v) = HeaderValue::from_str(&xff) {
-            headers.insert("x-forwarded-for", v);
+        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(xff)) {
+            headers.insert(X_FORWARDED_FOR, v);
         }
-        if let Ok(v) = HeaderValue::from_str(&ip_text) {
-            headers.insert("x-real-ip", v);
+        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(ip_text)) {
+            headers.insert(X_REAL_IP, v);
         }
     }
     // A trusted proxy's own X-Forwarded-* describe the original client and
     // are passed on; anybody else's are replaced.
-    let keep =
-        |headers: &HeaderMap, name: &str| meta.forwarded_trusted && headers.contains_key(name);
-    if !keep(headers, "x-forwarded-proto") {
-        headers.insert("x-forwarded-proto", HeaderValue::from_static(meta.scheme));
+    let keep = |headers: &HeaderMap, name: &HeaderName| {
+        meta.forwarded_trusted && headers.contains_key(name)
+    };
+    if !keep(headers, &X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(meta.scheme));
     }
-    if !keep(headers, "x-forwarded-host") {
+    if !keep(headers, &X_FORWARDED_HOST) {
         match client_host {
             Some(h) => {
-                headers.insert("x-forwarded-host", h.clone());
+                headers.insert(X_FORWARDED_HOST, h.clone());
             }
             None => {
-                headers.remove("x-forwarded-host");
+                headers.remove(X_FORWARDED_HOST);
             }
         }
     }
-    if !keep(headers, "x-forwarded-port") {
+    if !keep(headers, &X_FORWARDED_PORT) {
         let host_port = client_host.and_then(|h| h.to_str().ok()).and_then(|h| {
             let (_, port) = h.rsplit_once(':')?;
             (!h.ends_with(']') && port.bytes().all(|b| b.is_ascii_digit()) && !port.is_empty())
                 .then(|| port.to_string())
         });
         let port = host_port.unwrap_or_else(|| meta.local_port.to_string());
-        if let Ok(v) = HeaderValue::from_str(&port) {
-            headers.insert("x-forwarded-port", v);
+        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(port)) {
+            headers.insert(X_FORWARDED_PORT, v);
         }
     }
 }
@@ -575,7 +596,7 @@ pub fn error_page(status: StatusCode, upstream_statuses: Option<&[u16]>) -> Resp
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
     if let Some(v) = upstream_statuses.and_then(status_list) {
-        resp.headers_mut().insert("x-apisix-upstream-status", v);
+        resp.headers_mut().insert(X_APISIX_UPSTREAM_STATUS, v);
     }
     resp
 }
