@@ -11,6 +11,7 @@ pub mod balancer;
 pub mod body;
 pub mod config;
 pub mod connector;
+pub mod control;
 pub mod framing;
 pub mod health;
 pub mod io;

@@ -1,4 +1,6 @@
-//! The `ferrogate` binary: `ferrogate [--config conf/config.yaml]`.
+//! The `ferrogate` binary: `ferrogate [--config conf/config.yaml] [COMMAND]`,
+//! with APISIX's CLI commands: `start` (the default), `reload`, `quit`,
+//! `stop`, `test` and `version`.
 
 use std::path::PathBuf;
 
@@ -6,6 +8,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
+use gateway::control::{Command, PidFile};
 use gateway::GatewayConfig;
 
 /// A proxy allocates and frees small buffers and header maps on every
@@ -20,8 +23,26 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Args {
     /// APISIX-style config file. Relative paths in it (the data directory)
     /// are resolved against PATH when the file is PATH/conf/config.yaml.
-    #[arg(long, short = 'c', default_value = "conf/config.yaml")]
+    #[arg(long, short = 'c', default_value = "conf/config.yaml", global = true)]
     config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(clap::Subcommand, Debug, Clone, Copy)]
+enum Cmd {
+    /// Run the gateway in the foreground (the default).
+    Start,
+    /// Make the running gateway re-read its config file (SIGHUP).
+    Reload,
+    /// Stop the running gateway gracefully (SIGQUIT).
+    Quit,
+    /// Stop the running gateway; requests in flight still finish (SIGTERM).
+    Stop,
+    /// Check the config file and exit.
+    Test,
+    /// Print the version.
+    Version,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -34,8 +55,29 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
+    let command = args.command.unwrap_or(Cmd::Start);
+    if let Cmd::Version = command {
+        println!("ferrogate {}", gateway::VERSION);
+        return Ok(());
+    }
     let config = GatewayConfig::load(&args.config)
         .with_context(|| format!("invalid configuration in {}", args.config.display()))?;
+    let control = match command {
+        Cmd::Test => {
+            println!("configuration file {} is valid", args.config.display());
+            return Ok(());
+        }
+        Cmd::Reload => Some(Command::Reload),
+        Cmd::Quit => Some(Command::Quit),
+        Cmd::Stop => Some(Command::Stop),
+        Cmd::Start | Cmd::Version => None,
+    };
+    if let Some(control) = control {
+        let pid = gateway::control::send(&config.data_dir, control)?;
+        println!("sent {control:?} to ferrogate (PID {pid})");
+        return Ok(());
+    }
+    let data_dir = config.data_dir.clone();
     let grace = config.shutdown_grace;
     // worker_processes: 1 runs everything on one thread, like one nginx
     // worker; more (or auto) gives a work-stealing pool of that size.
@@ -54,6 +96,7 @@ fn main() -> anyhow::Result<()> {
     .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let running = gateway::start(config).await?;
+        let _pid_file = PidFile::create(&data_dir)?;
         wait_for_signal(&running, &args.config).await?;
         tracing::info!(?grace, "shutting down: finishing requests in flight");
         running.shutdown(grace).await;

@@ -434,3 +434,56 @@ fn sighup_reloads_admin_keys_and_limits() {
     );
     assert!(p.child.try_wait().unwrap().is_none(), "still running");
 }
+
+/// APISIX's CLI verbs: `test` checks the file, `reload` and `quit` signal
+/// the running gateway through its PID file, which a clean stop removes.
+#[test]
+fn cli_reload_and_quit_reach_the_running_gateway() {
+    let (dir, data, admin) = basic_gateway_dir();
+    let config = dir.path().join("conf/config.yaml");
+    let cli = |verb: &str| {
+        Command::new(BIN)
+            .arg("--config")
+            .arg(&config)
+            .arg(verb)
+            .current_dir(dir.path())
+            .output()
+            .unwrap()
+    };
+    let out = cli("test");
+    assert!(out.status.success(), "{out:?}");
+    let out = cli("reload");
+    assert!(!out.status.success(), "nothing to reload yet");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not running"),
+        "{out:?}"
+    );
+
+    let mut p = Proc::start(dir.path());
+    p.wait_ready(admin);
+    let pid_file = dir.path().join("data/ferrogate.pid");
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).unwrap().trim(),
+        p.child.id().to_string()
+    );
+    // A new key through `reload`.
+    write_config(
+        dir.path(),
+        &basic_config(data, admin).replace("k3y-k3y-k3y", "r3l0ad3d"),
+    );
+    let out = cli("reload");
+    assert!(out.status.success(), "{out:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http(admin, "GET", "/apisix/admin/routes", Some("r3l0ad3d"), "")
+        .unwrap()
+        .0
+        != 200
+    {
+        assert!(Instant::now() < deadline, "reload not applied: {}", p.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = cli("quit");
+    assert!(out.status.success(), "{out:?}");
+    assert_clean_exit(&mut p);
+    assert!(!pid_file.exists(), "PID file removed on a clean stop");
+}
