@@ -112,6 +112,39 @@ async fn invalid_input_is_rejected_and_changes_nothing() {
     )
     .await;
     assert_eq!(nested.status, 400);
+    // Over APISIX's 1.5 MiB limit, with a valid JSON shape.
+    let huge = format!(
+        "{{\"uri\":\"/keep\",\"desc\":\"{}\"}}",
+        "d".repeat(1024 * 1024 * 2)
+    );
+    let oversized = send(
+        gw.admin,
+        "PUT",
+        "/apisix/admin/routes/1",
+        &[("x-api-key", KEY.into())],
+        huge,
+        None,
+    )
+    .await;
+    assert_eq!(oversized.status, 400);
+    assert!(
+        oversized.json()["error_msg"]
+            .as_str()
+            .unwrap()
+            .contains("is greater than the maximum size 1572864 allowed"),
+        "{}",
+        oversized.text()
+    );
+    // Ill-typed fields.
+    for body in [
+        json!({"uri": 123, "upstream": upstream(&[(&u1.node(), 1)])}),
+        json!({"uri": "/keep", "upstream": {"nodes": "nope"}}),
+        json!({"uri": "/keep", "upstream": upstream(&[(&u1.node(), 1)]), "priority": "high"}),
+    ] {
+        let r = gw.admin("PUT", "routes/1", Some(body.clone())).await;
+        assert_eq!(r.status, 400, "{body} -> {}", r.text());
+        assert!(r.json()["error_msg"].is_string());
+    }
     // The route still serves exactly as before.
     let r = gw.get("/keep").await;
     assert_eq!((r.status.as_u16(), r.upstream()), (200, "u1".to_string()));

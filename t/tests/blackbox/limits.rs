@@ -469,3 +469,86 @@ async fn a_slow_steady_upload_is_not_cut_off() {
     assert!(resp.contains(r#""body_len":32"#), "{resp}");
     gw.stop().await;
 }
+
+/// Slowloris: 100 clients trickling their request heads are cut off after
+/// `client_header_timeout`, and meanwhile everybody else is served at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trickling_heads_are_cut_off_and_slow_nobody_down() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (gw, _u1) = gateway_with("nginx_config:\n  http:\n    client_header_timeout: 1s\n").await;
+    let mut tricklers = tokio::task::JoinSet::new();
+    for _ in 0..100 {
+        let addr = gw.data;
+        tricklers.spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let started = Instant::now();
+            let head =
+                b"GET /slow HTTP/1.1\r\nHost: x\r\nX-Trickle: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+            for byte in head.iter().cycle() {
+                if s.write_all(&[*byte]).await.is_err() {
+                    break;
+                }
+                // Has the gateway hung up?
+                let mut buf = [0u8; 64];
+                match tokio::time::timeout(Duration::from_millis(100), s.read(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => break,
+                    _ => {}
+                }
+                if started.elapsed() > Duration::from_secs(8) {
+                    break;
+                }
+            }
+            started.elapsed()
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..20 {
+        let t = Instant::now();
+        let r = gw.get("/fast").await;
+        assert_eq!(r.status, 200);
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "a normal request took {:?} beside the tricklers",
+            t.elapsed()
+        );
+    }
+    while let Some(lasted) = tricklers.join_next().await {
+        let lasted = lasted.unwrap();
+        assert!(
+            lasted < Duration::from_secs(4),
+            "a trickling client was kept {lasted:?}"
+        );
+    }
+    gw.stop().await;
+}
+
+/// `keepalive_timeout`: an idle kept-alive client connection is closed.
+#[tokio::test]
+async fn idle_keepalive_connections_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (gw, _u1) = gateway_with("nginx_config:\n  http:\n    keepalive_timeout: 1s\n").await;
+    let mut s = tokio::net::TcpStream::connect(gw.data).await.unwrap();
+    s.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 65536];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    let idle = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "idle connection still open after 5 s");
+    let waited = idle.elapsed();
+    assert!(
+        waited >= Duration::from_millis(800) && waited < Duration::from_secs(3),
+        "closed after {waited:?}"
+    );
+    gw.stop().await;
+}
