@@ -487,3 +487,46 @@ fn cli_reload_and_quit_reach_the_running_gateway() {
     assert_clean_exit(&mut p);
     assert!(!pid_file.exists(), "PID file removed on a clean stop");
 }
+
+/// Idle kept-alive client connections do not hold up a graceful stop: they
+/// are closed at once, and the process exits long before the 240 s grace.
+#[test]
+fn sigterm_closes_idle_keepalive_connections() {
+    let (dir, data, admin) = basic_gateway_dir();
+    let up = upstream();
+    let mut p = Proc::start(dir.path());
+    p.wait_ready(admin);
+    let body = format!("{{\"uri\":\"/r\",\"upstream\":{{\"nodes\":{{\"{up}\":1}}}}}}");
+    assert_eq!(
+        http(
+            admin,
+            "PUT",
+            "/apisix/admin/routes/r",
+            Some("k3y-k3y-k3y"),
+            &body
+        )
+        .unwrap()
+        .0,
+        201
+    );
+    let mut idle = TcpStream::connect(("127.0.0.1", data)).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    idle.write_all(b"GET /r HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = idle.read(&mut buf).unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    let t = Instant::now();
+    p.signal("TERM");
+    assert_clean_exit(&mut p);
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(
+        matches!(idle.read(&mut buf), Ok(0) | Err(_)),
+        "idle connection closed"
+    );
+}

@@ -300,3 +300,45 @@ async fn references_between_objects() {
     );
     gw.stop().await;
 }
+
+/// The Admin API lives on its own listener only: on the data plane,
+/// `/apisix/admin/...` is an ordinary path (404 without a route; with a
+/// catch-all route it goes to the upstream), even with the admin key.
+#[tokio::test]
+async fn data_plane_never_serves_the_admin_api() {
+    let gw = Gateway::start().await;
+    let key = [("x-api-key", KEY.to_string())];
+    let r = send(
+        gw.data,
+        "GET",
+        "/apisix/admin/routes",
+        &key,
+        String::new(),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json(), json!({"error_msg": "404 Route Not Found"}));
+    let u1 = Upstream::start("u1").await;
+    gw.put(
+        "routes/all",
+        json!({"uri": "/*", "upstream": upstream(&[(&u1.node(), 1)])}),
+    )
+    .await;
+    let r = send(
+        gw.data,
+        "PUT",
+        "/apisix/admin/routes/evil",
+        &key,
+        json!({"uri": "/evil"}).to_string(),
+        None,
+    )
+    .await;
+    assert_eq!((r.status.as_u16(), r.upstream()), (200, "u1".to_string()));
+    assert_eq!(
+        gw.admin("GET", "routes/evil", None).await.status,
+        404,
+        "nothing was written"
+    );
+    gw.stop().await;
+}

@@ -552,3 +552,70 @@ async fn idle_keepalive_connections_are_closed() {
     );
     gw.stop().await;
 }
+
+/// HTTP/2 limits: the gateway announces 128 concurrent streams, and a
+/// client that opens and immediately resets streams (CVE-2023-44487, rapid
+/// reset) is disconnected while everybody else goes on being served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_stream_limits_and_rapid_reset() {
+    use std::future::Future;
+    let (gw, _u1) = gateway_with("").await;
+    let tcp = tokio::net::TcpStream::connect(gw.data).await.unwrap();
+    let (client, mut conn) = h2::client::handshake(tcp).await.unwrap();
+    // What the server announced, read while the connection is driven.
+    let announced = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = announced.clone();
+    let conn = tokio::spawn(std::future::poll_fn(move |cx| {
+        let polled = std::pin::Pin::new(&mut conn).poll(cx);
+        seen.store(
+            conn.max_concurrent_send_streams(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        polled
+    }));
+    let mut client = client.ready().await.unwrap();
+    // The server's SETTINGS have arrived once a request has been answered.
+    let (resp, _) = client
+        .send_request(
+            http::Request::get(format!("http://{}/first", gw.data))
+                .body(())
+                .unwrap(),
+            true,
+        )
+        .unwrap();
+    assert_eq!(resp.await.unwrap().status(), 200);
+    assert_eq!(announced.load(std::sync::atomic::Ordering::Relaxed), 128);
+
+    let t = Instant::now();
+    let mut sent = 0;
+    let cut_off = loop {
+        let Ok(ready) = client.clone().ready().await else {
+            break true;
+        };
+        client = ready;
+        let req = http::Request::get(format!("http://{}/reset", gw.data))
+            .body(())
+            .unwrap();
+        match client.send_request(req, false) {
+            Ok((_, mut stream)) => stream.send_reset(h2::Reason::CANCEL),
+            Err(_) => break true,
+        }
+        sent += 1;
+        if sent >= 100_000 || t.elapsed() > Duration::from_secs(10) {
+            break false;
+        }
+        if sent % 64 == 0 {
+            tokio::task::yield_now().await;
+        }
+    };
+    assert!(
+        cut_off,
+        "{sent} rapid resets in {:?} were all accepted",
+        t.elapsed()
+    );
+    eprintln!("rapid reset: cut off after {sent} streams");
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    assert!(ended.is_ok(), "the flooding connection was closed");
+    assert_eq!(gw.get("/others").await.status, 200);
+    gw.stop().await;
+}
