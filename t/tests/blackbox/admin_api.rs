@@ -342,3 +342,36 @@ async fn data_plane_never_serves_the_admin_api() {
     );
     gw.stop().await;
 }
+
+/// `deployment.admin.admin_key_required: false` lets keyless requests in
+/// (APISIX's switch for trusted networks); `allow_admin` still applies.
+#[tokio::test]
+async fn admin_key_required_false_opens_the_api_to_allowed_peers() {
+    let keyless = |gw: &Gateway| {
+        let admin = gw.admin;
+        async move {
+            send(
+                admin,
+                "GET",
+                "/apisix/admin/routes",
+                &[],
+                String::new(),
+                None,
+            )
+            .await
+            .status
+        }
+    };
+    let gw = Gateway::start().await;
+    assert_eq!(keyless(&gw).await, 401);
+    gw.stop().await;
+    let gw = Gateway::start_with("    admin_key_required: false\n").await;
+    assert_eq!(keyless(&gw).await, 200);
+    gw.stop().await;
+    let gw = Gateway::start_with(
+        "    admin_key_required: false\n    allow_admin:\n      - 10.0.0.0/8\n",
+    )
+    .await;
+    assert_eq!(keyless(&gw).await, 403, "loopback is not in allow_admin");
+    gw.stop().await;
+}
