@@ -42,7 +42,15 @@ impl Verdict {
     /// Whether the `index`-th request (1-based) of the connection carried
     /// both `Content-Length` and `Transfer-Encoding`.
     pub fn is_ambiguous(&self, index: u64) -> bool {
-        index != 0 && self.ambiguous.load(Ordering::Relaxed) == index
+        self.first_ambiguous() == Some(index)
+    }
+
+    /// The 1-based index of the first request that carried both headers.
+    pub fn first_ambiguous(&self) -> Option<u64> {
+        match self.ambiguous.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(n),
+        }
     }
 }
 
