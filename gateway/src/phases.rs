@@ -5,6 +5,9 @@
 //!   a body frame handed over and not taken up, or the head not written;
 //! - `read`: the longest wait for the answer once the whole request is
 //!   sent (and, in [`crate::body::IdleTimeout`], between two reads of its body).
+//!   A request whose body was complete from the start counts from the moment
+//!   it is given a connection (new or pooled), which hyper reports through
+//!   its connection capture.
 //!
 //! So an upload may take as long as the client needs, as long as neither
 //! side stalls; a client that pauses is bounded by `client_body_timeout`
@@ -47,6 +50,9 @@ pub struct Progress {
     stage: AtomicU64,
     /// When the stage last changed, in microseconds since `origin`.
     since: AtomicU64,
+    /// When a connection was assigned (new or pooled), in microseconds
+    /// since `origin`, plus one; 0 while still waiting for one.
+    connected: AtomicU64,
 }
 
 impl Progress {
@@ -59,7 +65,17 @@ impl Progress {
                 NOT_STARTED
             }),
             since: AtomicU64::new(0),
+            connected: AtomicU64::new(0),
         }
+    }
+
+    fn micros(&self) -> u64 {
+        self.origin.elapsed().as_micros().min(u64::MAX as u128 - 1) as u64
+    }
+
+    /// The request has a connection: connecting is over.
+    fn mark_connected(&self) {
+        self.connected.store(self.micros() + 1, Ordering::Relaxed);
     }
 
     /// Progress of a request whose body is already complete (buffered or
@@ -69,8 +85,7 @@ impl Progress {
     }
 
     fn set(&self, stage: u64) {
-        let micros = self.origin.elapsed().as_micros().min(u64::MAX as u128) as u64;
-        self.since.store(micros, Ordering::Relaxed);
+        self.since.store(self.micros(), Ordering::Relaxed);
         self.stage.store(stage, Ordering::Relaxed);
     }
 
@@ -79,14 +94,20 @@ impl Progress {
     fn deadline(&self, t: &Timeouts) -> Option<Instant> {
         let stage = self.stage.load(Ordering::Relaxed);
         let since = self.origin + Duration::from_micros(self.since.load(Ordering::Relaxed));
-        match stage {
-            // Connecting (bounded by the connector) and writing the head.
-            NOT_STARTED => Some(self.origin + t.connect.saturating_add(t.send)),
-            HANDED_OVER => Some(since + t.send),
-            AWAITING_CLIENT => None,
-            DONE => Some(since + t.read),
-            // Connecting is part of this wait.
-            _ => Some(self.origin + t.response_head()),
+        let connected = match self.connected.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(self.origin + Duration::from_micros(n - 1)),
+        };
+        match (stage, connected) {
+            // Connecting (bounded by the connector), then writing the head.
+            (NOT_STARTED, None) => Some(self.origin + t.connect.saturating_add(t.send)),
+            (NOT_STARTED, Some(at)) => Some(at + t.send),
+            (HANDED_OVER, _) => Some(since + t.send),
+            (AWAITING_CLIENT, _) => None,
+            (DONE, _) => Some(since + t.read),
+            // Complete from the start: connecting, then the answer.
+            (_, None) => Some(self.origin + t.response_head()),
+            (_, Some(at)) => Some(at + t.read),
         }
     }
 }
@@ -144,12 +165,17 @@ impl<B: Body + Unpin> Body for SendWatch<B> {
 pub struct PhaseTimeout;
 
 /// Runs `exchange`, failing it once the current phase's deadline passes.
-pub async fn within_phases<F: Future>(
+/// `connected` resolves (true) once the request has been given a
+/// connection, new or pooled: from then on `connect` no longer counts.
+pub async fn within_phases<F: Future, C: Future<Output = bool>>(
     exchange: F,
+    connected: C,
     progress: &Progress,
     timeouts: &Timeouts,
 ) -> Result<F::Output, PhaseTimeout> {
     let mut exchange = std::pin::pin!(exchange);
+    let mut connected = std::pin::pin!(connected);
+    let mut connecting = true;
     // A phase that starts at time c ends no earlier than c + `step`, so
     // looking again at least every `step` never notices a deadline late,
     // even one that moved earlier than the one being slept towards.
@@ -161,6 +187,12 @@ pub async fn within_phases<F: Future>(
             .map_or(next_look, |deadline| deadline.min(next_look));
         tokio::select! {
             out = &mut exchange => return Ok(out),
+            has = &mut connected, if connecting => {
+                connecting = false;
+                if has {
+                    progress.mark_connected();
+                }
+            }
             _ = tokio::time::sleep_until(wake) => {
                 if progress.deadline(timeouts).is_some_and(|d| d <= Instant::now()) {
                     return Err(PhaseTimeout);
@@ -189,10 +221,15 @@ mod tests {
         let p = Progress::complete();
         let t = timeouts(100, 50, 200);
         let slow = tokio::time::sleep(Duration::from_millis(290));
-        assert!(within_phases(slow, &p, &t).await.is_ok());
+        assert!(within_phases(slow, std::future::pending(), &p, &t)
+            .await
+            .is_ok());
         let slower = tokio::time::sleep(Duration::from_millis(310));
         let p = Progress::complete();
-        assert_eq!(within_phases(slower, &p, &t).await, Err(PhaseTimeout));
+        assert_eq!(
+            within_phases(slower, std::future::pending(), &p, &t).await,
+            Err(PhaseTimeout)
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -212,7 +249,7 @@ mod tests {
         let (body, progress) = SendWatch::new(StreamBody::new(Box::pin(frames)));
         let t = timeouts(100, 100, 100);
         let exchange = async move { body.collect().await.map(|b| b.to_bytes().len()) };
-        let sent = within_phases(exchange, &progress, &t).await;
+        let sent = within_phases(exchange, std::future::pending(), &progress, &t).await;
         assert!(matches!(sent, Ok(Ok(25))), "{sent:?}");
     }
 
@@ -235,7 +272,7 @@ mod tests {
             std::future::pending::<()>().await
         };
         assert_eq!(
-            within_phases(exchange, &progress, &t).await,
+            within_phases(exchange, std::future::pending(), &progress, &t).await,
             Err(PhaseTimeout)
         );
         let waited = started.elapsed();
@@ -253,12 +290,33 @@ mod tests {
             std::future::pending::<()>().await
         };
         assert_eq!(
-            within_phases(exchange, &progress, &t).await,
+            within_phases(exchange, std::future::pending(), &progress, &t).await,
             Err(PhaseTimeout)
         );
         let waited = started.elapsed();
         assert!(
             waited >= Duration::from_millis(150) && waited < Duration::from_millis(300),
+            "{waited:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn once_connected_only_read_bounds_the_answer() {
+        let p = Progress::complete();
+        let t = timeouts(1000, 1000, 100);
+        let started = Instant::now();
+        let connected = async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            true
+        };
+        let never = std::future::pending::<()>();
+        assert_eq!(
+            within_phases(never, connected, &p, &t).await,
+            Err(PhaseTimeout)
+        );
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(300) && waited < Duration::from_millis(450),
             "{waited:?}"
         );
     }

@@ -309,11 +309,18 @@ impl ProxyTarget {
             *out.headers_mut() = out_headers;
             // Which connection the request goes out on is known only once
             // it has; the capture lets a served-out one be retired.
-            let connection = capture_connection(&mut out);
+            let mut connection = capture_connection(&mut out);
 
             let sent = Instant::now();
             up.balancer.started(i);
-            let result = within_phases(self.client.request(out), &progress, &self.timeouts).await;
+            let connected = async { connection.wait_for_connection_metadata().await.is_some() };
+            let result = within_phases(
+                self.client.request(out),
+                connected,
+                &progress,
+                &self.timeouts,
+            )
+            .await;
             up.balancer.finished(i, sent.elapsed());
             if let Some(checked) = &up.health {
                 checked.health.observe_passive(

@@ -202,3 +202,56 @@ async fn trusted_addresses_keep_forwarded_headers() {
     assert_eq!(h["x-forwarded-port"], "443");
     gw.stop().await;
 }
+
+/// `timeout.read` counts from the moment the request is sent, not from its
+/// start plus `connect`; `retry_timeout` stops further tries once it has
+/// passed.
+#[tokio::test]
+async fn read_timeout_and_retry_timeout() {
+    use std::time::{Duration, Instant};
+    let gw = Gateway::start().await;
+    // Three nodes that accept and never answer.
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        silent.push(l.local_addr().unwrap().to_string());
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                held.push(s);
+            }
+        });
+    }
+    let nodes: Vec<(&str, u64)> = silent.iter().map(|n| (n.as_str(), 1)).collect();
+    let mut up = upstream(&nodes);
+    up["timeout"] = json!({"connect": 2, "send": 2, "read": 0.3});
+    up["retries"] = json!(0);
+    gw.put("routes/one", json!({"uri": "/one", "upstream": up.clone()}))
+        .await;
+    let t = Instant::now();
+    let r = gw.get("/one").await;
+    assert_eq!(r.status, 504);
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "read, not connect + read, bounds the wait: {:?}",
+        t.elapsed()
+    );
+
+    up["retries"] = json!(2);
+    gw.put("routes/all", json!({"uri": "/all", "upstream": up.clone()}))
+        .await;
+    let r = gw.get("/all").await;
+    assert_eq!(r.header("x-apisix-upstream-status"), Some("504, 504, 504"));
+
+    up["retry_timeout"] = json!(0.5);
+    gw.put("routes/bounded", json!({"uri": "/bounded", "upstream": up}))
+        .await;
+    let r = gw.get("/bounded").await;
+    assert_eq!(r.status, 504);
+    assert_eq!(
+        r.header("x-apisix-upstream-status"),
+        Some("504, 504"),
+        "no third try after retry_timeout"
+    );
+    gw.stop().await;
+}
