@@ -2,6 +2,7 @@
 //! Weighted round robin as APISIX distributes, through the data plane.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use harness::serde_json::json;
 use harness::{upstream, Conn, Gateway, Upstream};
@@ -133,4 +134,47 @@ async fn least_conn_avoids_the_busy_node() {
         quick.iter().all(|n| *n != busy),
         "busy {busy}, quick went to {quick:?}"
     );
+}
+
+/// `ewma` sends most requests to the node that answers faster.
+#[tokio::test]
+async fn ewma_prefers_the_faster_node() {
+    let gw = Gateway::start().await;
+    let fast = Upstream::start("fast").await;
+    let slow = delaying_upstream(Duration::from_millis(20)).await;
+    let mut up = upstream(&[(&fast.node(), 1), (&slow.to_string(), 1)]);
+    up["type"] = json!("ewma");
+    gw.put("routes/e", json!({"uri": "/e", "upstream": up}))
+        .await;
+    let seen = counts(&gw, "/e", 100).await;
+    let to_fast = seen.get("fast").copied().unwrap_or(0);
+    assert!(to_fast >= 80, "{seen:?}");
+    gw.stop().await;
+}
+
+/// An HTTP/1.1 upstream named `delayed` that waits `delay` before answering.
+async fn delaying_upstream(delay: Duration) -> std::net::SocketAddr {
+    use http_body_util::Full;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req| async move {
+                    tokio::time::sleep(delay).await;
+                    let resp = http::Response::builder()
+                        .header("x-upstream-name", "delayed")
+                        .body(Full::new(bytes::Bytes::from_static(
+                            b"{\"upstream\":\"delayed\"}",
+                        )))
+                        .unwrap();
+                    Ok::<_, std::convert::Infallible>(resp)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
 }

@@ -134,3 +134,39 @@ async fn every_node_unhealthy_falls_back_to_all() {
     assert_eq!(r.header("x-apisix-upstream-status"), Some("502"));
     gw.stop().await;
 }
+
+/// Health state belongs to the nodes, not to one compiled snapshot: an
+/// update that keeps the nodes and checks (here, a new `desc` and a new
+/// route on the same upstream) does not bring a node marked unhealthy back.
+#[tokio::test]
+async fn health_survives_configuration_swaps() {
+    let gw = Gateway::start().await;
+    let u1 = Upstream::start("u1").await;
+    let bad =
+        raw_upstream(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n").await;
+    let mut up = upstream(&[(&u1.node(), 1), (&bad.to_string(), 1)]);
+    up["checks"] = json!({"passive": {"unhealthy": {"http_statuses": [500], "http_failures": 2}}});
+    gw.put("upstreams/shared", up.clone()).await;
+    gw.put("routes/p", json!({"uri": "/p", "upstream_id": "shared"}))
+        .await;
+    let warmup = served(&gw, "/p", 4).await;
+    assert_eq!(warmup.get("status 500"), Some(&2), "{warmup:?}");
+
+    up["desc"] = json!("same nodes, new description");
+    gw.put("upstreams/shared", up).await;
+    gw.put("routes/q", json!({"uri": "/q", "upstream_id": "shared"}))
+        .await;
+    let after = served(&gw, "/p", 10).await;
+    assert_eq!(
+        after,
+        BTreeMap::from([("u1".to_string(), 10)]),
+        "after the swap"
+    );
+    let other = served(&gw, "/q", 10).await;
+    assert_eq!(
+        other,
+        BTreeMap::from([("u1".to_string(), 10)]),
+        "new route, same upstream"
+    );
+    gw.stop().await;
+}

@@ -56,6 +56,8 @@ async fn upstream_connections(gw: &Gateway, path: &str, n: usize) -> usize {
         let r = conn.send("GET", path, &[], String::new()).await;
         assert_eq!(r.status, 200);
         peers.insert(r.json()["peer"].as_str().unwrap().to_string());
+        // Let the connection go back to the pool before the next request.
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     peers.len()
 }
@@ -142,5 +144,26 @@ async fn grpc_trailers_reach_http2_clients() {
     let trailers = collected.trailers().cloned().expect("trailers passed on");
     assert_eq!(trailers["grpc-status"], "0");
     assert_eq!(&collected.to_bytes()[..], b"\0\0\0\0\x02hi");
+    gw.stop().await;
+}
+
+/// `keepalive_pool.idle_timeout`: an upstream connection idle for longer is
+/// closed, and the next request opens a new one; within it, one is reused.
+#[tokio::test]
+async fn keepalive_pool_idle_timeout_closes_idle_connections() {
+    let gw = Gateway::start().await;
+    let u = Upstream::start("u").await;
+    let mut up = upstream(&[(&u.node(), 1)]);
+    up["keepalive_pool"] = json!({"size": 4, "idle_timeout": 0.3, "requests": 100});
+    gw.put("routes/idle", json!({"uri": "/idle", "upstream": up}))
+        .await;
+    let peer = |r: harness::Resp| r.json()["peer"].as_str().unwrap().to_string();
+    let first = peer(gw.get("/idle").await);
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let soon = peer(gw.get("/idle").await);
+    assert_eq!(first, soon, "reused while fresh");
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    let later = peer(gw.get("/idle").await);
+    assert_ne!(first, later, "a new connection after the idle timeout");
     gw.stop().await;
 }
