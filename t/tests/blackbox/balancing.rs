@@ -178,3 +178,73 @@ async fn delaying_upstream(delay: Duration) -> std::net::SocketAddr {
     });
     addr
 }
+
+/// Every `hash_on` source APISIX offers keeps a key on one node and
+/// spreads different keys: a cookie, a variable, a combination of
+/// variables; `consumer` (no consumer is ever authenticated here) falls back
+/// to the client address, as APISIX does.
+#[tokio::test]
+async fn chash_hash_on_sources() {
+    let gw = Gateway::start().await;
+    let (u1, u2, u3) = (
+        Upstream::start("u1").await,
+        Upstream::start("u2").await,
+        Upstream::start("u3").await,
+    );
+    let nodes = [
+        (&u1.node()[..], 1),
+        (&u2.node()[..], 1),
+        (&u3.node()[..], 1),
+    ];
+    let sources = [
+        ("cookie", json!({"hash_on": "cookie", "key": "sid"})),
+        ("vars", json!({"hash_on": "vars", "key": "arg_user"})),
+        (
+            "combo",
+            json!({"hash_on": "vars_combinations", "key": "$arg_user-$http_x_region"}),
+        ),
+        ("consumer", json!({"hash_on": "consumer"})),
+    ];
+    for (name, conf) in &sources {
+        let mut up = upstream(&nodes);
+        up["type"] = json!("chash");
+        for (k, v) in conf.as_object().unwrap() {
+            up[k] = v.clone();
+        }
+        gw.put(
+            &format!("routes/{name}"),
+            json!({"uri": format!("/{name}"), "upstream": up}),
+        )
+        .await;
+    }
+    for (name, _) in &sources {
+        let mut seen = std::collections::BTreeSet::new();
+        for user in 0..24 {
+            let path = format!("/{name}?user=u{user}");
+            let headers = [
+                ("cookie", format!("theme=dark; sid=s{user}")),
+                ("x-region", "eu".to_string()),
+            ];
+            let first = harness::send(gw.data, "GET", &path, &headers, String::new(), None)
+                .await
+                .upstream();
+            for _ in 0..2 {
+                let again = harness::send(gw.data, "GET", &path, &headers, String::new(), None)
+                    .await
+                    .upstream();
+                assert_eq!(again, first, "{name}: u{user} moved");
+            }
+            seen.insert(first);
+        }
+        if *name == "consumer" {
+            assert_eq!(seen.len(), 1, "one client address, one node: {seen:?}");
+        } else {
+            assert_eq!(
+                seen.len(),
+                3,
+                "{name}: keys spread over every node: {seen:?}"
+            );
+        }
+    }
+    gw.stop().await;
+}
