@@ -160,6 +160,9 @@ impl<B: Body + Unpin> Body for SendWatch<B> {
     }
 }
 
+/// Shortest interval between two looks at the phase deadline.
+const MIN_STEP: Duration = Duration::from_millis(1);
+
 /// The exchange took longer than one of its phases allows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PhaseTimeout;
@@ -178,8 +181,9 @@ pub async fn within_phases<F: Future, C: Future<Output = bool>>(
     let mut connecting = true;
     // A phase that starts at time c ends no earlier than c + `step`, so
     // looking again at least every `step` never notices a deadline late,
-    // even one that moved earlier than the one being slept towards.
-    let step = timeouts.send.min(timeouts.read);
+    // even one that moved earlier than the one being slept towards. The
+    // floor keeps sub-millisecond timeouts from turning this into a spin.
+    let step = timeouts.send.min(timeouts.read).max(MIN_STEP);
     loop {
         let next_look = Instant::now() + step;
         let wake = progress
