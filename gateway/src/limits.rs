@@ -43,6 +43,10 @@ pub const H2_MAX_CONCURRENT_STREAMS: u32 = 128;
 /// HTTP/2: streams a client may reset before the connection is closed
 /// (rapid-reset floods).
 pub const H2_MAX_PENDING_RESETS: usize = 20;
+/// HTTP/2: largest decoded header list (HPACK counts 32 bytes per field on
+/// top of name and value); hyper's own default is 16 MiB. Larger heads get
+/// 431 before they are held in memory.
+pub const H2_MAX_HEADER_LIST: u32 = 64 * 1024;
 
 /// Body limits of the data plane.
 #[derive(Debug, Clone, Copy)]

@@ -220,7 +220,8 @@ pub async fn serve_data_plane(
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits::H2_MAX_CONCURRENT_STREAMS)
-        .max_pending_accept_reset_streams(limits::H2_MAX_PENDING_RESETS);
+        .max_pending_accept_reset_streams(limits::H2_MAX_PENDING_RESETS)
+        .max_header_list_size(limits::H2_MAX_HEADER_LIST);
     let builder = Arc::new(builder);
     loop {
         let (stream, peer) = tokio::select! {

@@ -619,3 +619,37 @@ async fn http2_stream_limits_and_rapid_reset() {
     assert_eq!(gw.get("/others").await.status, 200);
     gw.stop().await;
 }
+
+/// HTTP/2 heads are bounded too: a 100 KiB header list is refused with
+/// 431 (nginx's answer for an oversized HTTP/2 head) and the upstream never
+/// sees it; normal h2 requests go on.
+#[tokio::test]
+async fn http2_oversized_head_is_refused() {
+    let (gw, u1) = gateway_with("").await;
+    let tcp = tokio::net::TcpStream::connect(gw.data).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let big = "v".repeat(100 * 1024);
+    let req = http::Request::get(format!("http://{}/big", gw.data))
+        .header("x-big", big.as_str())
+        .body(())
+        .unwrap();
+    let (resp, _) = client.send_request(req, true).unwrap();
+    match resp.await {
+        Ok(r) => assert_eq!(r.status(), 431, "answered"),
+        Err(e) => assert!(e.is_reset() || e.is_go_away(), "{e}"),
+    }
+    assert_eq!(u1.hits(), 0);
+    let mut client = client.ready().await.unwrap();
+    let (resp, _) = client
+        .send_request(
+            http::Request::get(format!("http://{}/small", gw.data))
+                .body(())
+                .unwrap(),
+            true,
+        )
+        .unwrap();
+    assert_eq!(resp.await.unwrap().status(), 200);
+    gw.stop().await;
+}
