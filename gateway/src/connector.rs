@@ -6,7 +6,8 @@
 //!   hyper's connection extra, so each answer says which connection it came
 //!   on; once a connection has served its share, the proxy poisons it and
 //!   the pool drops it instead of reusing it.
-//! - **TLS server name**: the name sent as SNI and checked against the
+//! - **TLS server name** (HTTP/1.1 upstreams; HTTP/2 ones are in
+//!   [`crate::h2_upstream`]): the name sent as SNI and checked against the
 //!   certificate is the URI's host, unless the URI's authority carries a
 //!   name in its user-info part (`name@10.0.0.5:443`). The proxy puts
 //!   `upstream_host` there for `pass_host: rewrite`, so the upstream sees the
@@ -145,9 +146,9 @@ pub fn server_name(
     ServerName::try_from(host.to_string())
 }
 
-/// `authority` dialled, with `name` as the TLS server name; `None` when
-/// `name` is not a DNS name (an IP address is verified as the node's own).
-pub fn with_server_name(name: &str, authority: &Authority) -> Option<Authority> {
+/// The DNS name in a `Host`-style `name[:port]`; `None` for an IP address
+/// (verified as the node's own) or anything that is not a DNS name.
+pub fn dns_name(name: &str) -> Option<&str> {
     let name = name.rsplit_once(':').map_or(name, |(host, port)| {
         if port.bytes().all(|b| b.is_ascii_digit()) {
             host
@@ -156,9 +157,15 @@ pub fn with_server_name(name: &str, authority: &Authority) -> Option<Authority> 
         }
     });
     match ServerName::try_from(name) {
-        Ok(ServerName::DnsName(_)) => format!("{name}@{authority}").parse().ok(),
+        Ok(ServerName::DnsName(_)) => Some(name),
         _ => None,
     }
+}
+
+/// `authority` dialled, with `name` as the TLS server name; `None` when
+/// `name` is not a DNS name (see [`dns_name`]).
+pub fn with_server_name(name: &str, authority: &Authority) -> Option<Authority> {
+    dns_name(name).and_then(|name| format!("{name}@{authority}").parse().ok())
 }
 
 #[cfg(test)]

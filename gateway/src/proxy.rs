@@ -25,7 +25,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::PathAndQuery;
+use http::uri::{Authority, PathAndQuery};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Either, Full};
@@ -37,9 +37,10 @@ use crate::body::{BodyFault, BodyState, ClientBody};
 use plugins::{full_body, ClientIp, ResponseBody};
 
 use crate::connector::RequestCount;
+use crate::h2_upstream::ConnectError;
 use crate::health::Outcome;
-use crate::phases::{within_phases, Progress, SendWatch};
-use crate::upstream::{CompiledUpstream, HashKey, PassHost, Timeouts, UpstreamClient};
+use crate::phases::{within_phases, PhaseTimeout, Progress, SendWatch};
+use crate::upstream::{CompiledUpstream, HashKey, PassHost, Target, Timeouts, UpstreamClient};
 use crate::vars::RequestVars;
 use admin_api::expr::Vars;
 use std::borrow::Cow;
@@ -260,14 +261,6 @@ impl ProxyTarget {
             };
             tried.push(i);
             let target = &up.targets[i];
-            let uri = Uri::builder()
-                .scheme(up.scheme.clone())
-                .authority(target.dial.clone())
-                .path_and_query(path.clone())
-                .build();
-            let Ok(uri) = uri else {
-                return error_page(StatusCode::BAD_REQUEST, None);
-            };
             let last = attempt + 1 == tries;
             let mut out_headers = if last {
                 std::mem::take(&mut headers)
@@ -279,9 +272,29 @@ impl ProxyTarget {
                 PassHost::Node => Some(target.host_header.clone()),
                 PassHost::Rewrite(h) => Some(h.clone()),
             };
-            if let Some(h) = host {
-                out_headers.insert(header::HOST, h);
-            }
+            // HTTP/2 carries the host as `:authority`, from the URI; HTTP/1.1
+            // as `Host`, with the URI naming the node to dial.
+            let authority = if up.http2 {
+                out_headers.remove(header::HOST);
+                let host = host.unwrap_or_else(|| target.host_header.clone());
+                match host.to_str().ok().and_then(|h| h.parse::<Authority>().ok()) {
+                    Some(a) => a,
+                    None => return error_page(StatusCode::BAD_REQUEST, None),
+                }
+            } else {
+                if let Some(h) = host {
+                    out_headers.insert(header::HOST, h);
+                }
+                target.dial.clone()
+            };
+            let uri = Uri::builder()
+                .scheme(up.scheme.clone())
+                .authority(authority)
+                .path_and_query(path.clone())
+                .build();
+            let Ok(uri) = uri else {
+                return error_page(StatusCode::BAD_REQUEST, None);
+            };
             let (out_body, progress): (ProxyBody, _) = match &mut body {
                 RequestBody::Buffered(b) => {
                     (Either::Left(Full::new(b.clone())), Progress::complete())
@@ -307,27 +320,17 @@ impl ProxyTarget {
                 Version::HTTP_11
             };
             *out.headers_mut() = out_headers;
-            // Which connection the request goes out on is known only once
-            // it has; the capture lets a served-out one be retired.
-            let mut connection = capture_connection(&mut out);
 
             let sent = Instant::now();
             up.balancer.started(i);
-            let connected = async { connection.wait_for_connection_metadata().await.is_some() };
-            let result = within_phases(
-                self.client.request(out),
-                connected,
-                &progress,
-                &self.timeouts,
-            )
-            .await;
+            let result = self.send(out, &progress, &up, target).await;
             up.balancer.finished(i, sent.elapsed());
             if let Some(checked) = &up.health {
                 checked.health.observe_passive(
                     i,
                     match &result {
                         Ok(Ok(resp)) => Outcome::Status(resp.status().as_u16()),
-                        Ok(Err(e)) if is_timeout(e) => Outcome::Timeout,
+                        Ok(Err(e)) if e.timed_out => Outcome::Timeout,
                         Ok(Err(_)) => Outcome::TcpFailure,
                         Err(_) => Outcome::Timeout,
                     },
@@ -335,15 +338,6 @@ impl ProxyTarget {
             }
             let failure = match result {
                 Ok(Ok(mut resp)) => {
-                    let served_out = resp
-                        .extensions()
-                        .get::<RequestCount>()
-                        .is_some_and(|count| count.served_out(up.keepalive_pool.requests));
-                    if served_out {
-                        if let Some(conn) = connection.connection_metadata().as_ref() {
-                            conn.poison();
-                        }
-                    }
                     statuses.push(resp.status().as_u16());
                     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                         return match upgrade {
@@ -360,13 +354,13 @@ impl ProxyTarget {
                     if let Some(resp) = client_fault(&body_state) {
                         return with_close(resp);
                     }
-                    tracing::warn!(upstream = %target.authority, error = %e, "upstream request failed");
-                    let kind = if is_timeout(&e) {
+                    tracing::warn!(upstream = %target.authority, error = %e.error, "upstream request failed");
+                    let kind = if e.timed_out {
                         Failure::Timeout
                     } else {
                         Failure::Broken
                     };
-                    (kind, e.is_connect())
+                    (kind, e.connect)
                 }
                 Err(_) => {
                     tracing::warn!(upstream = %target.authority, timeouts = ?self.timeouts, "upstream timed out");
@@ -388,6 +382,67 @@ impl ProxyTarget {
         }
     }
 
+    /// One try: `out` to the node `target`, within the timeout phases.
+    async fn send(
+        &self,
+        mut out: Request<ProxyBody>,
+        progress: &Progress,
+        up: &CompiledUpstream,
+        target: &Target,
+    ) -> Result<Result<Response<Incoming>, SendError>, PhaseTimeout> {
+        match &self.client {
+            UpstreamClient::Http1(client) => {
+                // Which connection the request goes out on is known only
+                // once it has; the capture lets a served-out one be retired.
+                let mut connection = capture_connection(&mut out);
+                let connected = async { connection.wait_for_connection_metadata().await.is_some() };
+                let result =
+                    within_phases(client.request(out), connected, progress, &self.timeouts).await;
+                if let Ok(Ok(resp)) = &result {
+                    let served_out = resp
+                        .extensions()
+                        .get::<RequestCount>()
+                        .is_some_and(|count| count.served_out(up.keepalive_pool.requests));
+                    if served_out {
+                        if let Some(conn) = connection.connection_metadata().as_ref() {
+                            conn.poison();
+                        }
+                    }
+                }
+                result.map(|r| r.map_err(SendError::from_legacy))
+            }
+            UpstreamClient::Http2(pool) => {
+                let server_name = target.server_name.as_deref().unwrap_or_else(|| {
+                    target
+                        .authority
+                        .host()
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                });
+                let sender = pool
+                    .sender(&target.authority, server_name, up.keepalive_pool.requests)
+                    .await;
+                let mut sender = match sender {
+                    Ok(s) => s,
+                    Err(e) => {
+                        return Ok(Err(SendError {
+                            timed_out: matches!(e, ConnectError::TimedOut(_)),
+                            connect: true,
+                            error: e.into(),
+                        }))
+                    }
+                };
+                let exchange = async move {
+                    sender.ready().await?;
+                    sender.send_request(out).await
+                };
+                within_phases(exchange, std::future::ready(true), progress, &self.timeouts)
+                    .await
+                    .map(|r| r.map_err(SendError::from_hyper))
+            }
+        }
+    }
+
     fn finish(&self, resp: Response<Incoming>, statuses: &[u16]) -> Response<ResponseBody> {
         let (mut parts, body) = resp.into_parts();
         // The client gets the gateway's protocol, whatever the upstream spoke
@@ -403,6 +458,33 @@ impl ProxyTarget {
         // timeout; the client connection is then aborted, never left hanging.
         let body = crate::body::IdleTimeout::new(body, self.timeouts.read).boxed_unsync();
         Response::from_parts(parts, body)
+    }
+}
+
+/// Why one try failed before an answer came.
+#[derive(Debug)]
+struct SendError {
+    /// The node could not be reached (a POST may still be retried).
+    connect: bool,
+    timed_out: bool,
+    error: plugins::BoxError,
+}
+
+impl SendError {
+    fn from_legacy(e: hyper_util::client::legacy::Error) -> Self {
+        SendError {
+            connect: e.is_connect(),
+            timed_out: is_timeout(&e),
+            error: e.into(),
+        }
+    }
+
+    fn from_hyper(e: hyper::Error) -> Self {
+        SendError {
+            connect: false,
+            timed_out: e.is_timeout(),
+            error: e.into(),
+        }
     }
 }
 

@@ -350,7 +350,10 @@ impl Compiler {
             .or_else(|| service.as_ref().and_then(|(_, s)| s.enable_websocket))
             .unwrap_or(false);
         let verify = upstream.as_ref().is_none_or(|u| u.verify);
-        let http2 = upstream.as_ref().is_some_and(|u| u.http2);
+        let http2 = upstream
+            .as_ref()
+            .filter(|u| u.http2)
+            .map(|u| u.scheme == http::uri::Scheme::HTTPS);
         let pool = upstream
             .as_ref()
             .map(|u| u.keepalive_pool)

@@ -15,6 +15,7 @@ use admin_api::model::{default_port, Node, Timeout, UpstreamConf};
 
 use crate::balancer::Balancer;
 use crate::connector::{self, CountingConnector};
+use crate::h2_upstream::H2Pool;
 use crate::health::{Checked, ChecksConf};
 use crate::proxy::ProxyBody;
 use crate::tls;
@@ -34,8 +35,17 @@ pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// (APISIX's `keepalive_pool.requests` default, nginx's `keepalive_requests`).
 pub const POOL_MAX_REQUESTS: u32 = 1000;
 
-/// The HTTP client used towards upstreams (plain or TLS by the URI scheme).
-pub type UpstreamClient = Client<CountingConnector<HttpsConnector<HttpConnector>>, ProxyBody>;
+/// The pooled HTTP/1.1 client (plain or TLS by the URI scheme).
+pub type Http1Client = Client<CountingConnector<HttpsConnector<HttpConnector>>, ProxyBody>;
+
+/// How a route reaches its upstream's nodes.
+#[derive(Clone)]
+pub enum UpstreamClient {
+    /// `http`, `https` (boxed: the client is large and routes hold many).
+    Http1(Box<Http1Client>),
+    /// `grpc`, `grpcs`.
+    Http2(Arc<H2Pool>),
+}
 
 /// One client per distinct connect timeout, TLS verification mode, pool
 /// shape and protocol, shared by every upstream that uses it, so that
@@ -61,15 +71,15 @@ impl Clients {
     }
 
     /// The client for this connect timeout and keep-alive pool; `verify`
-    /// only matters for TLS upstreams. `http2`: HTTP/2 only (h2c for plain
-    /// connections, ALPN `h2` over TLS), as `grpc` and `grpcs` upstreams
-    /// speak; otherwise HTTP/1.1.
+    /// only matters for TLS upstreams. `http2`: HTTP/2 (see
+    /// [`crate::h2_upstream`]) in clear (`tls` false) or over TLS, as `grpc`
+    /// and `grpcs` upstreams speak; otherwise HTTP/1.1.
     pub fn get(
         &self,
         connect: Duration,
         verify: bool,
         pool: KeepalivePool,
-        http2: bool,
+        http2: Option<bool>,
     ) -> UpstreamClient {
         let key = ClientKey {
             connect_ms: connect.as_millis() as u64,
@@ -81,6 +91,13 @@ impl Clients {
         let mut map = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
         map.entry(key)
             .or_insert_with(|| {
+                if let Some(tls) = http2 {
+                    return UpstreamClient::Http2(Arc::new(H2Pool::new(
+                        tls.then(|| tls::client_config(self.roots.clone(), verify)),
+                        connect,
+                        Duration::from_millis(pool.idle_timeout_ms),
+                    )));
+                }
                 let mut conn = HttpConnector::new();
                 conn.set_connect_timeout(Some(connect));
                 conn.set_nodelay(true);
@@ -89,18 +106,15 @@ impl Clients {
                     .with_tls_config(tls::client_config(self.roots.clone(), verify))
                     .https_or_http()
                     .with_server_name_resolver(connector::server_name);
-                let conn = if http2 {
-                    tls.enable_http2().wrap_connector(conn)
-                } else {
-                    tls.enable_http1().wrap_connector(conn)
-                };
-                Client::builder(TokioExecutor::new())
-                    .pool_idle_timeout(Duration::from_millis(pool.idle_timeout_ms))
-                    .pool_max_idle_per_host(pool.size)
-                    .pool_timer(TokioTimer::new())
-                    .timer(TokioTimer::new())
-                    .http2_only(http2)
-                    .build(CountingConnector::new(conn))
+                let conn = tls.enable_http1().wrap_connector(conn);
+                UpstreamClient::Http1(Box::new(
+                    Client::builder(TokioExecutor::new())
+                        .pool_idle_timeout(Duration::from_millis(pool.idle_timeout_ms))
+                        .pool_max_idle_per_host(pool.size)
+                        .pool_timer(TokioTimer::new())
+                        .timer(TokioTimer::new())
+                        .build(CountingConnector::new(conn)),
+                ))
             })
             .clone()
     }
@@ -112,7 +126,8 @@ struct ClientKey {
     verify: bool,
     pool_size: usize,
     pool_idle_timeout_ms: u64,
-    http2: bool,
+    /// `Some(tls)` for HTTP/2.
+    http2: Option<bool>,
 }
 
 /// An upstream's `keepalive_pool`: idle connections kept per node, for how
@@ -180,6 +195,9 @@ pub struct Target {
     /// server name in front when it is not the node's host (see
     /// [`crate::connector`]).
     pub dial: Authority,
+    /// TLS server name when it is not the node's host (`pass_host: rewrite`
+    /// with a DNS name as `upstream_host`).
+    pub server_name: Option<String>,
     /// Host header for `pass_host: node`: port omitted when it is the
     /// scheme's default.
     pub host_header: HeaderValue,
@@ -392,6 +410,9 @@ impl CompiledUpstream {
                     .and_then(|name| connector::with_server_name(name, &authority))
                     .unwrap_or_else(|| authority.clone());
                 Ok(Target {
+                    server_name: server_name
+                        .and_then(connector::dns_name)
+                        .map(str::to_string),
                     authority,
                     dial,
                     host_header,

@@ -61,8 +61,12 @@ async fn tls_upstream(h2: bool) -> (std::net::SocketAddr, String, SeenNames) {
                 names.lock().unwrap().push(sni);
                 let svc = hyper::service::service_fn(
                     |req: http::Request<hyper::body::Incoming>| async move {
-                        let doc =
-                            json!({"upstream": "tls", "version": format!("{:?}", req.version())});
+                        let doc = json!({
+                            "upstream": "tls",
+                            "version": format!("{:?}", req.version()),
+                            "authority": req.uri().authority().map(|a| a.to_string()),
+                            "host": req.headers().get("host").and_then(|h| h.to_str().ok()),
+                        });
                         Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(
                             doc.to_string(),
                         ))))
@@ -166,15 +170,37 @@ async fn rewritten_host_is_the_server_name() {
 
 #[tokio::test]
 async fn grpcs_speaks_http2_over_tls() {
-    let (addr, _, _) = tls_upstream(true).await;
-    let gw = Gateway::start().await;
+    let (addr, pem, seen) = tls_upstream(true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, pem).unwrap();
+    let gw = Gateway::start_with_apisix(&format!(
+        "  ssl:\n    ssl_trusted_certificate: {}\n",
+        ca.display()
+    ))
+    .await;
     let mut up = upstream(&[(&format!("localhost:{}", addr.port()), 1)]);
     up["scheme"] = json!("grpcs");
-    up["tls"] = json!({"verify": false});
     gw.put("routes/g", json!({"uri": "/g", "upstream": up}))
         .await;
     let r = gw.get("/g").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["version"], "HTTP/2.0");
+
+    // A node by address, verified and addressed by the rewritten name.
+    let mut up = upstream(&[(&addr.to_string(), 1)]);
+    up["scheme"] = json!("grpcs");
+    up["pass_host"] = json!("rewrite");
+    up["upstream_host"] = json!("localhost");
+    gw.put("routes/named", json!({"uri": "/named", "upstream": up}))
+        .await;
+    let r = gw.get("/named").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["authority"], "localhost");
+    assert!(r.json()["host"].is_null(), "{}", r.text());
+    assert_eq!(
+        seen.lock().unwrap().last().cloned().flatten().as_deref(),
+        Some("localhost")
+    );
     gw.stop().await;
 }

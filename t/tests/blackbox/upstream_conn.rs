@@ -19,10 +19,24 @@ async fn grpc_upstreams_get_http2_with_te_trailers() {
     gw.put("routes/g", json!({"uri": "/svc.Echo/*", "upstream": up}))
         .await;
 
-    // An HTTP/1.1 client, proxied over HTTP/2.
+    // An HTTP/1.1 client, proxied over HTTP/2: the client's Host becomes
+    // `:authority` (pass_host: pass), and no separate `host` header is sent.
     let r = gw.get("/svc.Echo/Say").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["version"], "HTTP/2.0");
+    assert_eq!(r.json()["path"], format!("http://{}/svc.Echo/Say", gw.data));
+    assert!(r.json()["headers"].get("host").is_none(), "{}", r.text());
+
+    // pass_host: rewrite sets `:authority`, while the node is still dialled.
+    let mut up = upstream(&[(&u.node(), 1)]);
+    up["scheme"] = json!("grpc");
+    up["pass_host"] = json!("rewrite");
+    up["upstream_host"] = json!("grpc.example.com");
+    gw.put("routes/r", json!({"uri": "/svc.Rewrite/*", "upstream": up}))
+        .await;
+    let r = gw.get("/svc.Rewrite/Say").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["path"], "http://grpc.example.com/svc.Rewrite/Say");
 
     // A gRPC-shaped call from an h2c client: content type and TE pass on.
     let tcp = tokio::net::TcpStream::connect(gw.data).await.unwrap();
