@@ -66,8 +66,10 @@ enum State {
     ChunkData(u64),
     /// Expecting the empty line that ends a chunk's data.
     ChunkEnd,
-    /// Reading trailer lines up to the empty one.
-    Trailers,
+    /// Reading trailer fields up to the empty line; `mid_field`: inside a
+    /// field whose CRLF has not come yet (a bare LF is data there, as in
+    /// hyper).
+    Trailers { mid_field: bool },
     /// Not following the stream any more.
     Stopped,
 }
@@ -130,7 +132,7 @@ impl FramingScan {
                         (_, n) => State::ChunkData(n),
                     };
                 }
-                State::Head | State::ChunkSize | State::ChunkEnd | State::Trailers => {
+                State::Head | State::ChunkSize | State::ChunkEnd | State::Trailers { .. } => {
                     let Some(end) = memchr::memchr(b'\n', data) else {
                         if self.partial.len() + data.len() > MAX_HEAD {
                             self.stop();
@@ -160,19 +162,32 @@ impl FramingScan {
         self.partial = Vec::new();
     }
 
-    fn line(&mut self, line: &[u8]) {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
+    /// One line, as split at LF (the LF not included). Heads accept bare
+    /// LF line ends, as httparse does; chunked framing is CRLF only in
+    /// hyper, so anything else there ends the connection and the scan.
+    fn line(&mut self, raw: &[u8]) {
         match self.state {
-            State::Head => self.head_line(line),
-            State::ChunkSize => match chunk_size(line) {
-                Some(0) => self.state = State::Trailers,
+            State::Head => self.head_line(raw.strip_suffix(b"\r").unwrap_or(raw)),
+            State::ChunkSize => match raw.strip_suffix(b"\r").and_then(chunk_size) {
+                Some(0) => self.state = State::Trailers { mid_field: false },
                 Some(n) => self.state = State::ChunkData(n),
                 None => self.stop(),
             },
-            State::ChunkEnd if line.is_empty() => self.state = State::ChunkSize,
+            State::ChunkEnd if raw == b"\r" => self.state = State::ChunkSize,
             State::ChunkEnd => self.stop(),
-            State::Trailers if line.is_empty() => self.state = State::Head,
-            _ => {}
+            State::Trailers { mid_field } => match memchr::memchr(b'\r', raw) {
+                // A bare LF: the field goes on.
+                None => self.state = State::Trailers { mid_field: true },
+                // CRLF at the start of a line ends the trailers; anywhere
+                // else it ends a field.
+                Some(0) if raw.len() == 1 && !mid_field => self.state = State::Head,
+                Some(cr) if cr + 1 == raw.len() => {
+                    self.state = State::Trailers { mid_field: false }
+                }
+                // A CR without its LF: hyper refuses the body.
+                Some(_) => self.stop(),
+            },
+            State::Fixed(_) | State::ChunkData(_) | State::Stopped => {}
         }
     }
 
@@ -242,31 +257,39 @@ impl FramingScan {
     }
 }
 
-/// A `Content-Length` value: digits, or a comma-separated list of equal ones.
+/// A `Content-Length` value as hyper reads it: decimal digits only, no
+/// overflow. (A comma-separated list is refused; repeated equal headers are
+/// fine, see `head_line`.)
 fn content_length(value: &[u8]) -> Option<u64> {
-    let mut found = None;
-    for part in value.split(|&b| b == b',') {
-        let part = part.trim_ascii();
-        if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
-            return None;
-        }
-        let n: u64 = std::str::from_utf8(part).ok()?.parse().ok()?;
-        if found.is_some_and(|f| f != n) {
-            return None;
-        }
-        found = Some(n);
-    }
-    found
-}
-
-/// The size on a chunk-size line (hex digits, then optional extensions).
-fn chunk_size(line: &[u8]) -> Option<u64> {
-    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
-    if digits == 0 || digits > 16 {
+    if value.is_empty() {
         return None;
     }
-    let text = std::str::from_utf8(&line[..digits]).ok()?;
-    u64::from_str_radix(text, 16).ok()
+    value.iter().try_fold(0u64, |n, &b| {
+        let digit = (b as char).to_digit(10)?;
+        n.checked_mul(10)?.checked_add(u64::from(digit))
+    })
+}
+
+/// The size on a chunk-size line (its CR removed) as hyper reads it: hex
+/// digits (leading zeros allowed, no overflow), optional spaces or tabs,
+/// then nothing or `;` extensions without a CR.
+fn chunk_size(line: &[u8]) -> Option<u64> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 {
+        return None;
+    }
+    let size = line[..digits].iter().try_fold(0u64, |n, &b| {
+        let digit = (b as char).to_digit(16)?;
+        n.checked_mul(16)?.checked_add(u64::from(digit))
+    })?;
+    let rest = &line[digits..];
+    let spaces = rest
+        .iter()
+        .take_while(|&&b| b == b' ' || b == b'\t')
+        .count();
+    let rest = &rest[spaces..];
+    let well_formed = (rest.is_empty() || rest[0] == b';') && memchr::memchr(b'\r', rest).is_none();
+    well_formed.then_some(size)
 }
 
 /// A client stream whose reads are followed by a [`FramingScan`].
