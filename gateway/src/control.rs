@@ -9,12 +9,16 @@
 //! | `quit` | QUIT | graceful stop within `worker_shutdown_timeout` |
 //! | `stop` | TERM | the same graceful stop (requests in flight still finish) |
 //!
-//! A PID file left behind by a process that is gone (after `kill -9`, say)
-//! is reported as "not running"; the file is removed on a clean stop.
+//! The running gateway holds an exclusive advisory lock (`flock`) on its
+//! PID file, so a file left behind by a process that is gone (after
+//! `kill -9`, say) is recognised as stale even if its PID has since been
+//! given to another process, and is never signalled; the file is removed on
+//! a clean stop.
 
 use std::path::{Path, PathBuf};
 
-use rustix::process::{kill_process, test_kill_process, Pid, Signal};
+use rustix::fs::{flock, FlockOperation};
+use rustix::process::{kill_process, Pid, Signal};
 
 /// File name of the PID file inside the data directory.
 pub const PID_FILE: &str = "ferrogate.pid";
@@ -44,16 +48,19 @@ pub enum ControlError {
     NoPidFile(PathBuf),
     #[error("PID file {0} is unreadable or does not hold a PID")]
     BadPidFile(PathBuf),
-    #[error("ferrogate is not running (PID {0} from {1} is gone)")]
-    Gone(i32, PathBuf),
+    #[error("ferrogate is not running (stale PID file {0})")]
+    Stale(PathBuf),
     #[error("cannot signal PID {0}: {1}")]
     Signal(i32, std::io::Error),
 }
 
-/// The running gateway's PID file: written at start, removed on drop.
+/// The running gateway's PID file: written and locked at start, removed
+/// on drop.
 #[derive(Debug)]
 pub struct PidFile {
     path: PathBuf,
+    /// Held open: the lock lives as long as the file descriptor.
+    _locked: std::fs::File,
 }
 
 impl PidFile {
@@ -61,11 +68,30 @@ impl PidFile {
     /// missing). Call it once the listeners are bound: a second instance
     /// that fails to start must not replace the first one's file.
     pub fn create(data_dir: &Path) -> anyhow::Result<Self> {
+        use std::io::Write;
         crate::keys::ensure_private_dir(data_dir)?;
         let path = data_dir.join(PID_FILE);
-        std::fs::write(&path, format!("{}\n", std::process::id()))
-            .map_err(|e| anyhow::anyhow!("cannot write the PID file {}: {e}", path.display()))?;
-        Ok(PidFile { path })
+        let fail = |e: &dyn std::fmt::Display| {
+            anyhow::anyhow!("cannot write the PID file {}: {e}", path.display())
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| fail(&e))?;
+        flock(&file, FlockOperation::NonBlockingLockExclusive).map_err(|_| {
+            anyhow::anyhow!(
+                "another ferrogate is running with the data directory {}",
+                data_dir.display()
+            )
+        })?;
+        file.set_len(0).map_err(|e| fail(&e))?;
+        writeln!(file, "{}", std::process::id()).map_err(|e| fail(&e))?;
+        Ok(PidFile {
+            path,
+            _locked: file,
+        })
     }
 }
 
@@ -79,18 +105,24 @@ impl Drop for PidFile {
 /// returns its PID.
 pub fn send(data_dir: &Path, command: Command) -> Result<i32, ControlError> {
     let path = data_dir.join(PID_FILE);
-    let text = std::fs::read_to_string(&path).map_err(|e| match e.kind() {
+    let file = std::fs::File::open(&path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => ControlError::NoPidFile(path.clone()),
         _ => ControlError::BadPidFile(path.clone()),
     })?;
+    // If the lock can be had, nobody holds it: the writer is gone.
+    if flock(&file, FlockOperation::NonBlockingLockShared).is_ok() {
+        return Err(ControlError::Stale(path));
+    }
+    let text = std::io::read_to_string(file).map_err(|_| ControlError::BadPidFile(path.clone()))?;
     let raw: i32 = text
         .trim()
         .parse()
         .map_err(|_| ControlError::BadPidFile(path.clone()))?;
-    let pid = Pid::from_raw(raw)
-        .filter(|p| !p.is_init())
-        .ok_or_else(|| ControlError::BadPidFile(path.clone()))?;
-    test_kill_process(pid).map_err(|_| ControlError::Gone(raw, path.clone()))?;
+    // 0 and negative numbers would signal process groups, 1 is init.
+    if raw <= 1 {
+        return Err(ControlError::BadPidFile(path));
+    }
+    let pid = Pid::from_raw(raw).ok_or_else(|| ControlError::BadPidFile(path.clone()))?;
     kill_process(pid, command.signal()).map_err(|e| ControlError::Signal(raw, e.into()))?;
     Ok(raw)
 }
@@ -100,28 +132,47 @@ mod tests {
     use super::*;
 
     #[test]
-    fn missing_bad_and_stale_pid_files_are_reported() {
+    fn missing_stale_and_bad_pid_files_are_reported() {
         let dir = tempfile::tempdir().unwrap();
         assert!(matches!(
             send(dir.path(), Command::Reload),
             Err(ControlError::NoPidFile(_))
         ));
-        std::fs::write(dir.path().join(PID_FILE), "not a pid").unwrap();
+        // Nobody holds the lock: stale, whatever number it names (here our
+        // own PID, which must not be signalled).
+        std::fs::write(dir.path().join(PID_FILE), std::process::id().to_string()).unwrap();
         assert!(matches!(
             send(dir.path(), Command::Reload),
-            Err(ControlError::BadPidFile(_))
+            Err(ControlError::Stale(_))
         ));
-        std::fs::write(dir.path().join(PID_FILE), "1").unwrap();
-        assert!(matches!(
-            send(dir.path(), Command::Reload),
-            Err(ControlError::BadPidFile(_))
-        ));
-        // PIDs above the kernel's maximum (4194304) never exist.
-        std::fs::write(dir.path().join(PID_FILE), "2147483000").unwrap();
-        assert!(matches!(
-            send(dir.path(), Command::Reload),
-            Err(ControlError::Gone(..))
-        ));
+    }
+
+    #[test]
+    fn a_locked_file_with_a_dangerous_number_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(PID_FILE);
+        for bad in ["-1", "0", "1", "not a pid"] {
+            std::fs::write(&path, bad).unwrap();
+            let held = std::fs::File::open(&path).unwrap();
+            flock(&held, FlockOperation::NonBlockingLockExclusive).unwrap();
+            assert!(
+                matches!(
+                    send(dir.path(), Command::Stop),
+                    Err(ControlError::BadPidFile(_))
+                ),
+                "{bad}"
+            );
+            drop(held);
+        }
+    }
+
+    #[test]
+    fn a_second_instance_cannot_take_the_pid_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = PidFile::create(dir.path()).unwrap();
+        assert!(PidFile::create(dir.path()).is_err());
+        drop(first);
+        assert!(PidFile::create(dir.path()).is_ok());
     }
 
     #[test]

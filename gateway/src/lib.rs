@@ -120,6 +120,17 @@ impl Running {
     }
 }
 
+/// Checks what [`start`] would read besides the config file itself (the
+/// trusted CA file, the standalone `apisix.yaml`), without binding or
+/// writing anything: `ferrogate test`.
+pub fn check(config: &GatewayConfig) -> anyhow::Result<()> {
+    tls::trust_store(config.ssl_trusted_certificate.as_deref())?;
+    if let Provider::Yaml(path) = &config.provider {
+        standalone::load(path)?;
+    }
+    Ok(())
+}
+
 /// Starts everything `config` describes.
 pub async fn start(config: GatewayConfig) -> anyhow::Result<Running> {
     if !config.unused_keys.is_empty() {

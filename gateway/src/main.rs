@@ -10,6 +10,7 @@ use tracing_subscriber::EnvFilter;
 
 use gateway::control::{Command, PidFile};
 use gateway::GatewayConfig;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 /// A proxy allocates and frees small buffers and header maps on every
 /// request, from several threads; mimalloc's per-thread free lists make that
@@ -64,6 +65,8 @@ fn main() -> anyhow::Result<()> {
         .with_context(|| format!("invalid configuration in {}", args.config.display()))?;
     let control = match command {
         Cmd::Test => {
+            gateway::check(&config)
+                .with_context(|| format!("invalid configuration in {}", args.config.display()))?;
             println!("configuration file {} is valid", args.config.display());
             return Ok(());
         }
@@ -96,36 +99,64 @@ fn main() -> anyhow::Result<()> {
     .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let running = gateway::start(config).await?;
+        // Handlers first: a `reload` sent as soon as the PID file exists
+        // must not meet SIGHUP's default action (exit).
+        let mut signals = Signals::install()?;
         let _pid_file = PidFile::create(&data_dir)?;
-        wait_for_signal(&running, &args.config).await?;
-        tracing::info!(?grace, "shutting down: finishing requests in flight");
-        running.shutdown(grace).await;
-        tracing::info!("stopped");
+        signals.wait_for_stop(&running, &args.config).await;
+        tracing::info!(?grace, "shutting down: finishing requests in flight (signal again to stop at once)");
+        tokio::select! {
+            _ = running.shutdown(grace) => tracing::info!("stopped"),
+            _ = signals.next_stop() => tracing::warn!("second stop signal: stopped without waiting"),
+        }
         Ok(())
     })
 }
 
-/// Waits for TERM, INT or QUIT (graceful stop); on HUP re-reads the config
-/// file and applies what can change while running.
-async fn wait_for_signal(running: &gateway::Running, path: &std::path::Path) -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut quit = signal(SignalKind::quit())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    loop {
+/// The signals the gateway answers.
+struct Signals {
+    term: Signal,
+    int: Signal,
+    quit: Signal,
+    hup: Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            quit: signal(SignalKind::quit())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// The next TERM, INT or QUIT.
+    async fn next_stop(&mut self) {
         tokio::select! {
-            _ = term.recv() => return Ok(()),
-            _ = int.recv() => return Ok(()),
-            _ = quit.recv() => return Ok(()),
-            _ = hup.recv() => match GatewayConfig::load(path) {
-                Ok(config) => {
-                    if let Err(e) = running.reload(config) {
-                        tracing::error!(error = %e, "reload failed; previous configuration kept");
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+            _ = self.quit.recv() => {}
+        }
+    }
+
+    /// Waits for TERM, INT or QUIT (graceful stop); on HUP re-reads the
+    /// config file and applies what can change while running.
+    async fn wait_for_stop(&mut self, running: &gateway::Running, path: &std::path::Path) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return,
+                _ = self.int.recv() => return,
+                _ = self.quit.recv() => return,
+                _ = self.hup.recv() => match GatewayConfig::load(path) {
+                    Ok(config) => {
+                        if let Err(e) = running.reload(config) {
+                            tracing::error!(error = %e, "reload failed; previous configuration kept");
+                        }
                     }
-                }
-                Err(e) => tracing::error!(error = %e, "config file invalid; previous configuration kept"),
-            },
+                    Err(e) => tracing::error!(error = %e, "config file invalid; previous configuration kept"),
+                },
+            }
         }
     }
 }

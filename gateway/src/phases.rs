@@ -31,7 +31,7 @@ use tokio::time::Instant;
 
 use crate::upstream::Timeouts;
 
-/// Stage values kept in [`Progress::stage`].
+/// Stage values kept in the low bits of [`Progress::stage`].
 const NOT_STARTED: u64 = 0;
 /// A frame was handed over; hyper has not asked for the next one.
 const HANDED_OVER: u64 = 1;
@@ -41,15 +41,18 @@ const AWAITING_CLIENT: u64 = 2;
 const DONE: u64 = 3;
 /// The request was complete before it was sent (buffered or empty body).
 const COMPLETE_FROM_START: u64 = 4;
+/// Bits of [`Progress::stage`] that hold the stage.
+const STAGE_BITS: u32 = 3;
 
 /// How far a request body has got; shared by [`SendWatch`] and
 /// [`within_phases`].
 #[derive(Debug)]
 pub struct Progress {
     origin: Instant,
+    /// The stage (low [`STAGE_BITS`] bits) and when it began, in
+    /// microseconds since `origin` (the rest): one word, so that a reader
+    /// never pairs a new stage with an old time.
     stage: AtomicU64,
-    /// When the stage last changed, in microseconds since `origin`.
-    since: AtomicU64,
     /// When a connection was assigned (new or pooled), in microseconds
     /// since `origin`, plus one; 0 while still waiting for one.
     connected: AtomicU64,
@@ -64,7 +67,6 @@ impl Progress {
             } else {
                 NOT_STARTED
             }),
-            since: AtomicU64::new(0),
             connected: AtomicU64::new(0),
         }
     }
@@ -85,15 +87,17 @@ impl Progress {
     }
 
     fn set(&self, stage: u64) {
-        self.since.store(self.micros(), Ordering::Relaxed);
-        self.stage.store(stage, Ordering::Relaxed);
+        let since = self.micros().min(u64::MAX >> STAGE_BITS);
+        self.stage
+            .store(since << STAGE_BITS | stage, Ordering::Relaxed);
     }
 
     /// The deadline of the current phase, or `None` while the client is
     /// the one keeping the request waiting.
     fn deadline(&self, t: &Timeouts) -> Option<Instant> {
-        let stage = self.stage.load(Ordering::Relaxed);
-        let since = self.origin + Duration::from_micros(self.since.load(Ordering::Relaxed));
+        let word = self.stage.load(Ordering::Relaxed);
+        let stage = word & ((1 << STAGE_BITS) - 1);
+        let since = self.origin + Duration::from_micros(word >> STAGE_BITS);
         let connected = match self.connected.load(Ordering::Relaxed) {
             0 => None,
             n => Some(self.origin + Duration::from_micros(n - 1)),

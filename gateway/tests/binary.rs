@@ -623,3 +623,36 @@ fn kill_9_during_a_write_storm_loses_no_acknowledged_write() {
     assert!(stored >= total, "{stored} stored < {total} acknowledged");
     drop(p);
 }
+
+/// After `kill -9` the PID file stays behind, unlocked: control commands
+/// call it stale instead of signalling whatever process has that number
+/// now, and the next start takes the file over.
+#[test]
+fn stale_pid_file_after_kill_9_is_not_signalled() {
+    let (dir, _data, admin) = basic_gateway_dir();
+    let mut p = Proc::start(dir.path());
+    p.wait_ready(admin);
+    p.signal("KILL");
+    let _ = p.child.wait();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(dir.path().join("conf/config.yaml"))
+        .arg("reload")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("stale PID file"),
+        "{out:?}"
+    );
+    drop(p);
+    let mut p = Proc::start(dir.path());
+    p.wait_ready(admin);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("data/ferrogate.pid"))
+            .unwrap()
+            .trim(),
+        p.child.id().to_string()
+    );
+}
