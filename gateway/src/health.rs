@@ -76,6 +76,11 @@ pub struct ChecksConf {
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct ActiveConf {
+    /// `http` (default) or `tcp` (a connection is the whole probe, for
+    /// nodes that do not speak HTTP/1.1, such as gRPC ones). `https` is
+    /// probed as `http`.
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
     #[serde(default = "root")]
     pub http_path: String,
     #[serde(default)]
@@ -188,6 +193,8 @@ impl Default for PassiveUnhealthy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Status(u16),
+    /// A `tcp` probe connected.
+    Connected,
     TcpFailure,
     Timeout,
 }
@@ -317,6 +324,15 @@ impl Health {
                 }
                 return;
             }
+            Outcome::Connected => {
+                reset_failures();
+                if bump(&c.successes, rules.successes)
+                    && node.unhealthy.swap(false, Ordering::Relaxed)
+                {
+                    tracing::info!(node = i, "upstream node healthy again");
+                }
+                return;
+            }
             Outcome::Status(_) => return,
             Outcome::TcpFailure => bump(&c.tcp_failures, rules.tcp_failures),
             Outcome::Timeout => bump(&c.timeouts, rules.timeouts),
@@ -341,6 +357,8 @@ pub struct ProbePlan {
     pub timeout: Duration,
     pub healthy_interval: Duration,
     pub unhealthy_interval: Duration,
+    /// `type: tcp`: connect only.
+    pub tcp_only: bool,
 }
 
 impl ProbePlan {
@@ -370,6 +388,7 @@ impl ProbePlan {
             timeout: secs(active.timeout, DEFAULT_PROBE_TIMEOUT_SECS),
             healthy_interval: secs(active.healthy.interval, DEFAULT_INTERVAL_SECS),
             unhealthy_interval: secs(active.unhealthy.interval, DEFAULT_INTERVAL_SECS),
+            tcp_only: active.kind.as_deref() == Some("tcp"),
         }
     }
 }
@@ -406,6 +425,15 @@ async fn probe(
     target: &str,
     plan: &ProbePlan,
 ) -> Outcome {
+    if plan.tcp_only {
+        return match tokio::time::timeout(plan.timeout, tokio::net::TcpStream::connect(target))
+            .await
+        {
+            Ok(Ok(_)) => Outcome::Connected,
+            Ok(Err(_)) => Outcome::TcpFailure,
+            Err(_) => Outcome::Timeout,
+        };
+    }
     let uri = format!("http://{target}{}", plan.path);
     let mut req = http::Request::get(uri.as_str());
     req = req.header(

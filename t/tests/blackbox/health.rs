@@ -170,3 +170,35 @@ async fn health_survives_configuration_swaps() {
     );
     gw.stop().await;
 }
+
+/// `checks.active.type: tcp` probes by connecting only, which is what a
+/// gRPC (HTTP/2-only) node can answer: the live node stays in, the one
+/// that refuses connections is taken out.
+#[tokio::test]
+async fn tcp_probes_for_grpc_nodes() {
+    let gw = Gateway::start().await;
+    let h2 = Upstream::start_h2c("h2").await;
+    let mut up = upstream(&[(&h2.node(), 1), (&refused_addr().to_string(), 1)]);
+    up["scheme"] = json!("grpc");
+    up["retries"] = json!(0);
+    up["checks"] = json!({"active": {
+        "type": "tcp", "timeout": 1,
+        "healthy": {"interval": 1, "successes": 1},
+        "unhealthy": {"interval": 1, "tcp_failures": 1}
+    }});
+    gw.put("routes/g", json!({"uri": "/g", "upstream": up}))
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let counts = served(&gw, "/g", 6).await;
+        if counts == BTreeMap::from([("h2".to_string(), 6)]) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "refusing node still served: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    gw.stop().await;
+}
