@@ -76,11 +76,14 @@ pub struct ChecksConf {
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct ActiveConf {
-    /// `http` (default) or `tcp` (a connection is the whole probe, for
-    /// nodes that do not speak HTTP/1.1, such as gRPC ones). `https` is
-    /// probed as `http`.
+    /// `http` (default), `https`, or `tcp` (a connection is the whole
+    /// probe, for nodes that do not speak HTTP/1.1, such as gRPC ones).
     #[serde(default, rename = "type")]
     pub kind: Option<String>,
+    /// `https` probes: check the node's certificate (default true), against
+    /// `host` when that is a DNS name, else the node's address.
+    #[serde(default)]
+    pub https_verify_certificate: Option<bool>,
     #[serde(default = "root")]
     pub http_path: String,
     #[serde(default)]
@@ -359,10 +362,16 @@ pub struct ProbePlan {
     pub unhealthy_interval: Duration,
     /// `type: tcp`: connect only.
     pub tcp_only: bool,
+    /// `type: https`: the TLS settings.
+    pub https: Option<rustls::ClientConfig>,
 }
 
 impl ProbePlan {
-    pub fn new(active: &ActiveConf, nodes: &[(String, u16)]) -> Self {
+    pub fn new(
+        active: &ActiveConf,
+        nodes: &[(String, u16)],
+        roots: &Arc<rustls::RootCertStore>,
+    ) -> Self {
         let secs = |v: f64, d: f64| {
             Duration::try_from_secs_f64(if v > 0.0 { v } else { d })
                 .unwrap_or(Duration::from_secs(1))
@@ -389,16 +398,33 @@ impl ProbePlan {
             healthy_interval: secs(active.healthy.interval, DEFAULT_INTERVAL_SECS),
             unhealthy_interval: secs(active.unhealthy.interval, DEFAULT_INTERVAL_SECS),
             tcp_only: active.kind.as_deref() == Some("tcp"),
+            https: (active.kind.as_deref() == Some("https")).then(|| {
+                crate::tls::client_config(
+                    roots.clone(),
+                    active.https_verify_certificate.unwrap_or(true),
+                )
+            }),
         }
     }
 }
 
 /// Probes every node until `health` is dropped.
 pub async fn run_prober(health: Weak<Health>, plan: ProbePlan) {
-    let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
+    let tls = plan.https.clone().unwrap_or_else(|| {
+        crate::tls::client_config(Arc::new(rustls::RootCertStore::empty()), true)
+    });
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .with_server_name_resolver(crate::connector::server_name)
+        .enable_http1()
+        .wrap_connector(http);
+    let client: ProbeClient =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .pool_max_idle_per_host(0)
-            .build_http();
+            .build(connector);
     loop {
         let Some(h) = health.upgrade() else { return };
         let mut any_unhealthy = false;
@@ -417,14 +443,13 @@ pub async fn run_prober(health: Weak<Health>, plan: ProbePlan) {
     }
 }
 
-async fn probe(
-    client: &hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        http_body_util::Empty<bytes::Bytes>,
-    >,
-    target: &str,
-    plan: &ProbePlan,
-) -> Outcome {
+/// The prober's HTTP client (plain or TLS by the probe URI's scheme).
+type ProbeClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    http_body_util::Empty<bytes::Bytes>,
+>;
+
+async fn probe(client: &ProbeClient, target: &str, plan: &ProbePlan) -> Outcome {
     if plan.tcp_only {
         return match tokio::time::timeout(plan.timeout, tokio::net::TcpStream::connect(target))
             .await
@@ -434,7 +459,19 @@ async fn probe(
             Err(_) => Outcome::Timeout,
         };
     }
-    let uri = format!("http://{target}{}", plan.path);
+    let uri = match (&plan.https, &plan.host_header) {
+        (None, _) => format!("http://{target}{}", plan.path),
+        // The `host` to verify travels as the URI's user-info (see
+        // crate::connector); an address is verified as itself.
+        (Some(_), Some(host)) if crate::connector::dns_name(host).is_some() => {
+            format!(
+                "https://{}@{target}{}",
+                crate::connector::dns_name(host).unwrap_or(host),
+                plan.path
+            )
+        }
+        (Some(_), _) => format!("https://{target}{}", plan.path),
+    };
     let mut req = http::Request::get(uri.as_str());
     req = req.header(
         http::header::HOST,
@@ -463,12 +500,13 @@ impl Checked {
         conf: &ChecksConf,
         nodes: &[(String, u16)],
         runtime: Option<&tokio::runtime::Handle>,
+        roots: &Arc<rustls::RootCertStore>,
     ) -> Self {
         let health = Arc::new(Health::new(conf, nodes.len()));
         let prober = match (conf.active.as_ref(), runtime) {
             (Some(active), Some(rt)) => Some(rt.spawn(run_prober(
                 Arc::downgrade(&health),
-                ProbePlan::new(active, nodes),
+                ProbePlan::new(active, nodes, roots),
             ))),
             _ => None,
         };

@@ -521,6 +521,7 @@ impl Publisher {
         roots: Arc<rustls::RootCertStore>,
     ) -> Result<Arc<Self>, StoreError> {
         let mut compiler = Compiler::new(options);
+        compiler.balancers.roots = roots.clone();
         compiler.clients = Clients::new(roots);
         let first = compiler.load(store)?;
         tracing::info!(

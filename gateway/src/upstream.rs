@@ -303,11 +303,12 @@ impl HashKey {
 /// Balancers kept across snapshots, keyed by the object that owns the
 /// upstream (`upstreams/1`, `routes/7`), reused while the balancer type and
 /// the nodes are equal.
-#[derive(Default)]
 pub struct BalancerCache {
     by_owner: HashMap<String, CacheEntry>,
     /// Where active health probers run.
     runtime: Option<tokio::runtime::Handle>,
+    /// Trust store of `https` probes.
+    pub(crate) roots: Arc<RootCertStore>,
 }
 
 struct CacheEntry {
@@ -318,11 +319,18 @@ struct CacheEntry {
     health: Option<Arc<Checked>>,
 }
 
+impl Default for BalancerCache {
+    fn default() -> Self {
+        BalancerCache::new(None)
+    }
+}
+
 impl BalancerCache {
     pub fn new(runtime: Option<tokio::runtime::Handle>) -> Self {
         BalancerCache {
             by_owner: HashMap::new(),
             runtime,
+            roots: Arc::new(RootCertStore::empty()),
         }
     }
 
@@ -352,7 +360,12 @@ impl BalancerCache {
         let health = checks.map(|c| {
             let addrs: Vec<(String, u16)> =
                 nodes.iter().map(|n| (n.host.clone(), n.port)).collect();
-            Arc::new(Checked::start(c, &addrs, self.runtime.as_ref()))
+            Arc::new(Checked::start(
+                c,
+                &addrs,
+                self.runtime.as_ref(),
+                &self.roots,
+            ))
         });
         self.by_owner.insert(
             owner.to_string(),

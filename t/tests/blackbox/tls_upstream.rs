@@ -204,3 +204,50 @@ async fn grpcs_speaks_http2_over_tls() {
     );
     gw.stop().await;
 }
+
+/// `checks.active.type: https` probes over TLS, verifying the certificate
+/// against `checks.active.host`: the live TLS node stays in, the refusing
+/// one is taken out.
+#[tokio::test]
+async fn https_active_checks() {
+    let (addr, pem, _) = tls_upstream(false).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, pem).unwrap();
+    let gw = Gateway::start_with_apisix(&format!(
+        "  ssl:\n    ssl_trusted_certificate: {}\n",
+        ca.display()
+    ))
+    .await;
+    let mut up = upstream(&[
+        (&addr.to_string(), 1),
+        (&harness::refused_addr().to_string(), 1),
+    ]);
+    up["scheme"] = json!("https");
+    up["pass_host"] = json!("rewrite");
+    up["upstream_host"] = json!("localhost");
+    up["retries"] = json!(0);
+    up["checks"] = json!({"active": {
+        "type": "https", "host": "localhost", "http_path": "/", "timeout": 1,
+        "healthy": {"interval": 1, "successes": 1},
+        "unhealthy": {"interval": 1, "tcp_failures": 1, "http_failures": 1}
+    }});
+    gw.put("routes/c", json!({"uri": "/c", "upstream": up}))
+        .await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let mut statuses = Vec::new();
+        for _ in 0..6 {
+            statuses.push(gw.get("/c").await.status.as_u16());
+        }
+        if statuses.iter().all(|s| *s == 200) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "refusing node still served: {statuses:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    gw.stop().await;
+}
