@@ -123,6 +123,18 @@ impl Drop for Proc {
     }
 }
 
+/// Creates route `id` for `uri` to the one node `node` (201 expected).
+fn put_route(admin: u16, id: &str, uri: &str, node: &str) {
+    let body = format!("{{\"uri\":\"{uri}\",\"upstream\":{{\"nodes\":{{\"{node}\":1}}}}}}");
+    let path = format!("/apisix/admin/routes/{id}");
+    assert_eq!(
+        http(admin, "PUT", &path, Some("k3y-k3y-k3y"), &body)
+            .unwrap()
+            .0,
+        201
+    );
+}
+
 fn write_config(dir: &Path, text: &str) {
     std::fs::create_dir_all(dir.join("conf")).unwrap();
     std::fs::write(dir.join("conf/config.yaml"), text).unwrap();
@@ -372,19 +384,7 @@ fn sighup_reloads_admin_keys_and_limits() {
     let up = upstream();
     let mut p = Proc::start(dir.path());
     p.wait_ready(admin);
-    let body = format!("{{\"uri\":\"/r\",\"upstream\":{{\"nodes\":{{\"{up}\":1}}}}}}");
-    assert_eq!(
-        http(
-            admin,
-            "PUT",
-            "/apisix/admin/routes/r",
-            Some("k3y-k3y-k3y"),
-            &body
-        )
-        .unwrap()
-        .0,
-        201
-    );
+    put_route(admin, "r", "/r", &up.to_string());
     assert_eq!(
         http(data, "POST", "/r", None, &"x".repeat(2000)).unwrap().0,
         200
@@ -496,19 +496,7 @@ fn sigterm_closes_idle_keepalive_connections() {
     let up = upstream();
     let mut p = Proc::start(dir.path());
     p.wait_ready(admin);
-    let body = format!("{{\"uri\":\"/r\",\"upstream\":{{\"nodes\":{{\"{up}\":1}}}}}}");
-    assert_eq!(
-        http(
-            admin,
-            "PUT",
-            "/apisix/admin/routes/r",
-            Some("k3y-k3y-k3y"),
-            &body
-        )
-        .unwrap()
-        .0,
-        201
-    );
+    put_route(admin, "r", "/r", &up.to_string());
     let mut idle = TcpStream::connect(("127.0.0.1", data)).unwrap();
     idle.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();

@@ -57,6 +57,23 @@ async fn served(gw: &Gateway, path: &str, n: usize) -> BTreeMap<String, usize> {
     out
 }
 
+/// Waits (up to 5 s) until every request to `path` is answered by `only`:
+/// the probes have taken the other nodes out.
+async fn until_only(gw: &Gateway, path: &str, only: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let counts = served(gw, path, 6).await;
+        if counts == BTreeMap::from([(only.to_string(), 6)]) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "other nodes still served: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test]
 async fn passive_checks_take_a_failing_node_out() {
     let gw = Gateway::start().await;
@@ -91,18 +108,7 @@ async fn active_checks_skip_a_dead_node_and_bring_it_back() {
     gw.put("routes/a", json!({"uri": "/a", "upstream": up}))
         .await;
     // The first probe round marks the toggle node unhealthy.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let counts = served(&gw, "/a", 6).await;
-        if counts == BTreeMap::from([("u1".to_string(), 6)]) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "dead node still served: {counts:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_only(&gw, "/a", "u1").await;
     // Healthy again: traffic comes back to it.
     status.store(200, Ordering::SeqCst);
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -188,17 +194,6 @@ async fn tcp_probes_for_grpc_nodes() {
     }});
     gw.put("routes/g", json!({"uri": "/g", "upstream": up}))
         .await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let counts = served(&gw, "/g", 6).await;
-        if counts == BTreeMap::from([("h2".to_string(), 6)]) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "refusing node still served: {counts:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_only(&gw, "/g", "h2").await;
     gw.stop().await;
 }

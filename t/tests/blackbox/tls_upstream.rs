@@ -21,6 +21,20 @@ async fn https_upstream() -> (std::net::SocketAddr, String) {
     (addr, pem)
 }
 
+/// A gateway that trusts the CA certificate `pem`
+/// (`apisix.ssl.ssl_trusted_certificate`); keep the returned dir alive.
+async fn gateway_trusting(pem: &str) -> (Gateway, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, pem).unwrap();
+    let gw = Gateway::start_with_apisix(&format!(
+        "  ssl:\n    ssl_trusted_certificate: {}\n",
+        ca.display()
+    ))
+    .await;
+    (gw, dir)
+}
+
 /// Server names the upstream was asked for, one per connection.
 type SeenNames = Arc<Mutex<Vec<Option<String>>>>;
 
@@ -115,14 +129,7 @@ async fn verified_by_default_and_verify_false_honoured() {
 #[tokio::test]
 async fn trusted_certificate_from_config() {
     let (addr, pem) = https_upstream().await;
-    let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, pem).unwrap();
-    let gw = Gateway::start_with_apisix(&format!(
-        "  ssl:\n    ssl_trusted_certificate: {}\n",
-        ca.display()
-    ))
-    .await;
+    let (gw, _ca) = gateway_trusting(&pem).await;
     let mut up = upstream(&[(&format!("localhost:{}", addr.port()), 1)]);
     up["scheme"] = json!("https");
     gw.put("routes/t", json!({"uri": "/t", "upstream": up}))
@@ -138,14 +145,7 @@ async fn trusted_certificate_from_config() {
 #[tokio::test]
 async fn rewritten_host_is_the_server_name() {
     let (addr, pem, seen) = tls_upstream(false).await;
-    let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, pem).unwrap();
-    let gw = Gateway::start_with_apisix(&format!(
-        "  ssl:\n    ssl_trusted_certificate: {}\n",
-        ca.display()
-    ))
-    .await;
+    let (gw, _ca) = gateway_trusting(&pem).await;
     let mut up = upstream(&[(&addr.to_string(), 1)]);
     up["scheme"] = json!("https");
     gw.put("routes/ip", json!({"uri": "/ip", "upstream": up.clone()}))
@@ -171,14 +171,7 @@ async fn rewritten_host_is_the_server_name() {
 #[tokio::test]
 async fn grpcs_speaks_http2_over_tls() {
     let (addr, pem, seen) = tls_upstream(true).await;
-    let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, pem).unwrap();
-    let gw = Gateway::start_with_apisix(&format!(
-        "  ssl:\n    ssl_trusted_certificate: {}\n",
-        ca.display()
-    ))
-    .await;
+    let (gw, _ca) = gateway_trusting(&pem).await;
     let mut up = upstream(&[(&format!("localhost:{}", addr.port()), 1)]);
     up["scheme"] = json!("grpcs");
     gw.put("routes/g", json!({"uri": "/g", "upstream": up}))
@@ -211,14 +204,7 @@ async fn grpcs_speaks_http2_over_tls() {
 #[tokio::test]
 async fn https_active_checks() {
     let (addr, pem, _) = tls_upstream(false).await;
-    let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, pem).unwrap();
-    let gw = Gateway::start_with_apisix(&format!(
-        "  ssl:\n    ssl_trusted_certificate: {}\n",
-        ca.display()
-    ))
-    .await;
+    let (gw, _ca) = gateway_trusting(&pem).await;
     let mut up = upstream(&[
         (&addr.to_string(), 1),
         (&harness::refused_addr().to_string(), 1),

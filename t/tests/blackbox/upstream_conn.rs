@@ -10,6 +10,22 @@ use harness::{upstream, Conn, Gateway, Upstream};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
+/// A gRPC-shaped call (an empty message) from an h2c client.
+async fn grpc_call(gw: &Gateway, path: &str) -> http::Response<hyper::body::Incoming> {
+    let tcp = tokio::net::TcpStream::connect(gw.data).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post(format!("http://{}{path}", gw.data))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+        .unwrap();
+    sender.send_request(req).await.unwrap()
+}
+
 #[tokio::test]
 async fn grpc_upstreams_get_http2_with_te_trailers() {
     let gw = Gateway::start().await;
@@ -39,18 +55,7 @@ async fn grpc_upstreams_get_http2_with_te_trailers() {
     assert_eq!(r.json()["path"], "http://grpc.example.com/svc.Rewrite/Say");
 
     // A gRPC-shaped call from an h2c client: content type and TE pass on.
-    let tcp = tokio::net::TcpStream::connect(gw.data).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let req = http::Request::post(format!("http://{}/svc.Echo/Say", gw.data))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
-        .unwrap();
-    let resp = sender.send_request(req).await.unwrap();
+    let resp = grpc_call(&gw, "/svc.Echo/Say").await;
     assert_eq!(resp.status(), 200);
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     let echo: harness::serde_json::Value = harness::serde_json::from_slice(&body).unwrap();
@@ -141,18 +146,7 @@ async fn grpc_trailers_reach_http2_clients() {
     up["scheme"] = json!("grpc");
     gw.put("routes/g", json!({"uri": "/svc.Echo/*", "upstream": up}))
         .await;
-    let tcp = tokio::net::TcpStream::connect(gw.data).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let req = http::Request::post(format!("http://{}/svc.Echo/Say", gw.data))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
-        .unwrap();
-    let resp = sender.send_request(req).await.unwrap();
+    let resp = grpc_call(&gw, "/svc.Echo/Say").await;
     assert_eq!(resp.status(), 200);
     let collected = resp.into_body().collect().await.unwrap();
     let trailers = collected.trailers().cloned().expect("trailers passed on");
