@@ -1,134 +1,15 @@
-//! How upstream connections are made and what the gateway keeps per
-//! connection.
+//! TLS server names for upstream connections.
 //!
-//! - **Requests per connection** (`keepalive_pool.requests`, nginx's
-//!   `keepalive_requests`): every connection carries a [`RequestCount`] as
-//!   hyper's connection extra, so each answer says which connection it came
-//!   on; once a connection has served its share, the proxy poisons it and
-//!   the pool drops it instead of reusing it.
-//! - **TLS server name** (HTTP/1.1 upstreams; HTTP/2 ones are in
-//!   [`crate::h2_upstream`]): the name sent as SNI and checked against the
-//!   certificate is the URI's host, unless the URI's authority carries a
-//!   name in its user-info part (`name@10.0.0.5:443`). The proxy puts
-//!   `upstream_host` there for `pass_host: rewrite`, so the upstream sees the
-//!   name the request is for, and because the pool is keyed by the whole
-//!   authority, a connection made for one name is never reused for another.
-//!   The user-info never reaches the wire: requests are sent in origin form
-//!   with their own `Host`.
-
-use std::future::Future;
-use std::io;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
-use std::task::{Context, Poll};
+//! The data plane's pools ([`crate::h1_upstream`], [`crate::h2_upstream`])
+//! are given the name to use directly. The active health prober goes through
+//! hyper-util's client, whose connector only sees a URI: there the name to
+//! verify travels in the URI's user-info part (`name@10.0.0.5:443`), which
+//! [`server_name`] reads back; the prober sends its requests in origin form,
+//! so the user-info never reaches the wire.
 
 use http::uri::Authority;
 use http::Uri;
-use hyper::rt::{Read, ReadBufCursor, Write};
-use hyper_util::client::legacy::connect::{Connected, Connection};
 use rustls_pki_types::ServerName;
-
-/// Requests sent on one upstream connection so far.
-#[derive(Debug, Clone, Default)]
-pub struct RequestCount(Arc<AtomicU32>);
-
-impl RequestCount {
-    /// Counts one more answer; true once `limit` answers have come on this
-    /// connection (it must not carry another request).
-    pub fn served_out(&self, limit: u32) -> bool {
-        self.0.fetch_add(1, Ordering::Relaxed).saturating_add(1) >= limit
-    }
-}
-
-/// Gives every connection made by `C` its own [`RequestCount`].
-#[derive(Debug, Clone)]
-pub struct CountingConnector<C> {
-    inner: C,
-}
-
-impl<C> CountingConnector<C> {
-    pub fn new(inner: C) -> Self {
-        CountingConnector { inner }
-    }
-}
-
-impl<C> tower::Service<Uri> for CountingConnector<C>
-where
-    C: tower::Service<Uri>,
-    C::Future: Send + 'static,
-{
-    type Response = Counted<C::Response>;
-    type Error = C::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, C::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, dst: Uri) -> Self::Future {
-        let connecting = self.inner.call(dst);
-        Box::pin(async move {
-            Ok(Counted {
-                io: connecting.await?,
-                requests: RequestCount::default(),
-            })
-        })
-    }
-}
-
-/// A connection with its [`RequestCount`].
-#[derive(Debug)]
-pub struct Counted<T> {
-    io: T,
-    requests: RequestCount,
-}
-
-impl<T: Connection> Connection for Counted<T> {
-    fn connected(&self) -> Connected {
-        self.io.connected().extra(self.requests.clone())
-    }
-}
-
-impl<T: Read + Unpin> Read for Counted<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: ReadBufCursor<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
-    }
-}
-
-impl<T: Write + Unpin> Write for Counted<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
-}
 
 /// The TLS server name for a connection to `uri` (see the module docs).
 pub fn server_name(
@@ -162,12 +43,6 @@ pub fn dns_name(name: &str) -> Option<&str> {
     }
 }
 
-/// `authority` dialled, with `name` as the TLS server name; `None` when
-/// `name` is not a DNS name (see [`dns_name`]).
-pub fn with_server_name(name: &str, authority: &Authority) -> Option<Authority> {
-    dns_name(name).and_then(|name| format!("{name}@{authority}").parse().ok())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,25 +64,11 @@ mod tests {
     }
 
     #[test]
-    fn only_dns_names_become_server_names() {
-        let node: Authority = "10.0.0.5:8443".parse().unwrap();
-        assert_eq!(
-            with_server_name("api.example.com:8443", &node)
-                .unwrap()
-                .as_str(),
-            "api.example.com@10.0.0.5:8443"
-        );
-        assert!(with_server_name("192.0.2.1", &node).is_none());
-        assert!(with_server_name("bad name", &node).is_none());
-        assert!(with_server_name("a/b@c", &node).is_none());
-    }
-
-    #[test]
-    fn a_connection_is_served_out_at_its_limit() {
-        let count = RequestCount::default();
-        assert!(!count.served_out(3));
-        assert!(!count.served_out(3));
-        assert!(count.served_out(3));
-        assert!(RequestCount::default().served_out(1));
+    fn only_dns_names_are_names() {
+        assert_eq!(dns_name("api.example.com:8443"), Some("api.example.com"));
+        assert_eq!(dns_name("api.example.com"), Some("api.example.com"));
+        assert_eq!(dns_name("192.0.2.1"), None);
+        assert_eq!(dns_name("bad name"), None);
+        assert_eq!(dns_name("a/b@c"), None);
     }
 }

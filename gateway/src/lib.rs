@@ -13,6 +13,7 @@ pub mod config;
 pub mod connector;
 pub mod control;
 pub mod framing;
+pub mod h1_upstream;
 pub mod h2_upstream;
 pub mod health;
 pub mod io;

@@ -6,8 +6,8 @@
 //! - `read`: the longest wait for the answer once the whole request is
 //!   sent (and, in [`crate::body::IdleTimeout`], between two reads of its body).
 //!   A request whose body was complete from the start counts from the moment
-//!   it is given a connection (new or pooled), which hyper reports through
-//!   its connection capture.
+//!   it is given a connection, new or pooled ([`Progress::mark_connected`],
+//!   called by the connection pools).
 //!
 //! So an upload may take as long as the client needs, as long as neither
 //! side stalls; a client that pauses is bounded by `client_body_timeout`
@@ -76,7 +76,7 @@ impl Progress {
     }
 
     /// The request has a connection: connecting is over.
-    fn mark_connected(&self) {
+    pub fn mark_connected(&self) {
         self.connected.store(self.micros() + 1, Ordering::Relaxed);
     }
 
@@ -173,7 +173,8 @@ pub struct PhaseTimeout;
 
 /// Runs `exchange`, failing it once the current phase's deadline passes.
 /// `connected` resolves (true) once the request has been given a
-/// connection, new or pooled: from then on `connect` no longer counts.
+/// connection, new or pooled: from then on `connect` no longer counts (a
+/// pool may instead call [`Progress::mark_connected`] itself).
 pub async fn within_phases<F: Future, C: Future<Output = bool>>(
     exchange: F,
     connected: C,

@@ -30,13 +30,12 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::capture_connection;
 
 use crate::body::{BodyFault, BodyState, ClientBody};
 
 use plugins::{full_body, ClientIp, ResponseBody};
 
-use crate::connector::RequestCount;
+use crate::h1_upstream::{self, Lease, Leased, SendFailure};
 use crate::h2_upstream::ConnectError;
 use crate::health::Outcome;
 use crate::phases::{within_phases, PhaseTimeout, Progress, SendWatch};
@@ -273,27 +272,26 @@ impl ProxyTarget {
                 PassHost::Rewrite(h) => Some(h.clone()),
             };
             // HTTP/2 carries the host as `:authority`, from the URI; HTTP/1.1
-            // as `Host`, with the URI naming the node to dial.
-            let authority = if up.http2 {
+            // as `Host`, with the request target in origin form.
+            let host = host.unwrap_or_else(|| target.host_header.clone());
+            let uri = if up.http2 {
                 out_headers.remove(header::HOST);
-                let host = host.unwrap_or_else(|| target.host_header.clone());
-                match host.to_str().ok().and_then(|h| h.parse::<Authority>().ok()) {
-                    Some(a) => a,
-                    None => return error_page(StatusCode::BAD_REQUEST, None),
-                }
+                let authority = host.to_str().ok().and_then(|h| h.parse::<Authority>().ok());
+                let Some(authority) = authority else {
+                    return error_page(StatusCode::BAD_REQUEST, None);
+                };
+                let uri = Uri::builder()
+                    .scheme(up.scheme.clone())
+                    .authority(authority)
+                    .path_and_query(path.clone())
+                    .build();
+                let Ok(uri) = uri else {
+                    return error_page(StatusCode::BAD_REQUEST, None);
+                };
+                uri
             } else {
-                if let Some(h) = host {
-                    out_headers.insert(header::HOST, h);
-                }
-                target.dial.clone()
-            };
-            let uri = Uri::builder()
-                .scheme(up.scheme.clone())
-                .authority(authority)
-                .path_and_query(path.clone())
-                .build();
-            let Ok(uri) = uri else {
-                return error_page(StatusCode::BAD_REQUEST, None);
+                out_headers.insert(header::HOST, host);
+                Uri::from(path.clone())
             };
             let (out_body, progress): (ProxyBody, _) = match &mut body {
                 RequestBody::Buffered(b) => {
@@ -329,7 +327,7 @@ impl ProxyTarget {
                 checked.health.observe_passive(
                     i,
                     match &result {
-                        Ok(Ok(resp)) => Outcome::Status(resp.status().as_u16()),
+                        Ok(Ok((resp, _))) => Outcome::Status(resp.status().as_u16()),
                         Ok(Err(e)) if e.timed_out => Outcome::Timeout,
                         Ok(Err(_)) => Outcome::TcpFailure,
                         Err(_) => Outcome::Timeout,
@@ -337,7 +335,7 @@ impl ProxyTarget {
                 );
             }
             let failure = match result {
-                Ok(Ok(mut resp)) => {
+                Ok(Ok((mut resp, lease))) => {
                     statuses.push(resp.status().as_u16());
                     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                         return match upgrade {
@@ -346,7 +344,7 @@ impl ProxyTarget {
                             None => error_page(StatusCode::BAD_GATEWAY, Some(&statuses)),
                         };
                     }
-                    return self.finish(resp, &statuses);
+                    return self.finish(resp, &statuses, lease);
                 }
                 Ok(Err(e)) => {
                     // A client body that broke or stalled is the client's
@@ -385,40 +383,29 @@ impl ProxyTarget {
     /// One try: `out` to the node `target`, within the timeout phases.
     async fn send(
         &self,
-        mut out: Request<ProxyBody>,
+        out: Request<ProxyBody>,
         progress: &Progress,
         up: &CompiledUpstream,
         target: &Target,
-    ) -> Result<Result<Response<Incoming>, SendError>, PhaseTimeout> {
+    ) -> Result<Result<(Response<Incoming>, Option<Lease>), SendError>, PhaseTimeout> {
         match &self.client {
-            UpstreamClient::Http1(client) => {
-                // Which connection the request goes out on is known only
-                // once it has; the capture lets a served-out one be retired.
-                let mut connection = capture_connection(&mut out);
-                let connected = async { connection.wait_for_connection_metadata().await.is_some() };
-                let result =
-                    within_phases(client.request(out), connected, progress, &self.timeouts).await;
-                if let Ok(Ok(resp)) = &result {
-                    let served_out = resp
-                        .extensions()
-                        .get::<RequestCount>()
-                        .is_some_and(|count| count.served_out(up.keepalive_pool.requests));
-                    if served_out {
-                        if let Some(conn) = connection.connection_metadata().as_ref() {
-                            conn.poison();
-                        }
-                    }
-                }
-                result.map(|r| r.map_err(SendError::from_legacy))
+            UpstreamClient::Http1(pool) => {
+                let exchange = pool.send(
+                    &target.authority,
+                    target.tls_name.as_deref(),
+                    up.keepalive_pool.requests,
+                    out,
+                    || progress.mark_connected(),
+                );
+                within_phases(exchange, std::future::pending(), progress, &self.timeouts)
+                    .await
+                    .map(|r| {
+                        r.map(|(resp, lease)| (resp, Some(lease)))
+                            .map_err(SendError::from_failure)
+                    })
             }
             UpstreamClient::Http2(pool) => {
-                let server_name = target.server_name.as_deref().unwrap_or_else(|| {
-                    target
-                        .authority
-                        .host()
-                        .trim_start_matches('[')
-                        .trim_end_matches(']')
-                });
+                let server_name = target.tls_name.as_deref().unwrap_or_default();
                 let sender = pool
                     .sender(&target.authority, server_name, up.keepalive_pool.requests)
                     .await;
@@ -438,12 +425,17 @@ impl ProxyTarget {
                 };
                 within_phases(exchange, std::future::ready(true), progress, &self.timeouts)
                     .await
-                    .map(|r| r.map_err(SendError::from_hyper))
+                    .map(|r| r.map(|resp| (resp, None)).map_err(SendError::from_hyper))
             }
         }
     }
 
-    fn finish(&self, resp: Response<Incoming>, statuses: &[u16]) -> Response<ResponseBody> {
+    fn finish(
+        &self,
+        resp: Response<Incoming>,
+        statuses: &[u16],
+        lease: Option<Lease>,
+    ) -> Response<ResponseBody> {
         let (mut parts, body) = resp.into_parts();
         // The client gets the gateway's protocol, whatever the upstream spoke
         // (an HTTP/1.0 upstream must not turn the answer into HTTP/1.0).
@@ -456,7 +448,17 @@ impl ProxyTarget {
         }
         // An upstream that stops sending mid-body is cut off after the read
         // timeout; the client connection is then aborted, never left hanging.
-        let body = crate::body::IdleTimeout::new(body, self.timeouts.read).boxed_unsync();
+        let body = crate::body::IdleTimeout::new(body, self.timeouts.read);
+        // The connection goes back to its pool once the answer has been
+        // read to the end.
+        let body = match lease {
+            Some(lease) if body.is_end_stream() => {
+                lease.release();
+                body.boxed_unsync()
+            }
+            Some(lease) => Leased::new(body, lease).boxed_unsync(),
+            None => body.boxed_unsync(),
+        };
         Response::from_parts(parts, body)
     }
 }
@@ -471,11 +473,14 @@ struct SendError {
 }
 
 impl SendError {
-    fn from_legacy(e: hyper_util::client::legacy::Error) -> Self {
-        SendError {
-            connect: e.is_connect(),
-            timed_out: is_timeout(&e),
-            error: e.into(),
+    fn from_failure(f: SendFailure) -> Self {
+        match f {
+            SendFailure::Connect(e) => SendError {
+                connect: true,
+                timed_out: matches!(e, h1_upstream::ConnectError::TimedOut(_)),
+                error: e.into(),
+            },
+            SendFailure::Request(e) => SendError::from_hyper(e),
         }
     }
 
@@ -486,19 +491,6 @@ impl SendError {
             error: e.into(),
         }
     }
-}
-
-fn is_timeout(e: &hyper_util::client::legacy::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = source {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::TimedOut {
-                return true;
-            }
-        }
-        source = err.source();
-    }
-    false
 }
 
 /// `Upgrade: websocket` with `Connection: upgrade`.

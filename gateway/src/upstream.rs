@@ -7,19 +7,15 @@ use std::time::Duration;
 
 use http::uri::Authority;
 use http::HeaderValue;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use admin_api::model::{default_port, Node, Timeout, UpstreamConf};
 
 use crate::balancer::Balancer;
-use crate::connector::{self, CountingConnector};
+use crate::connector;
+use crate::h1_upstream::H1Pool;
 use crate::h2_upstream::H2Pool;
 use crate::health::{Checked, ChecksConf};
-use crate::proxy::ProxyBody;
 use crate::tls;
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use rustls::RootCertStore;
 
 /// Connect/send/read timeout when neither route nor upstream sets one
@@ -35,14 +31,11 @@ pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// (APISIX's `keepalive_pool.requests` default, nginx's `keepalive_requests`).
 pub const POOL_MAX_REQUESTS: u32 = 1000;
 
-/// The pooled HTTP/1.1 client (plain or TLS by the URI scheme).
-pub type Http1Client = Client<CountingConnector<HttpsConnector<HttpConnector>>, ProxyBody>;
-
 /// How a route reaches its upstream's nodes.
 #[derive(Clone)]
 pub enum UpstreamClient {
-    /// `http`, `https` (boxed: the client is large and routes hold many).
-    Http1(Box<Http1Client>),
+    /// `http`, `https`.
+    Http1(H1Pool),
     /// `grpc`, `grpcs`.
     Http2(Arc<H2Pool>),
 }
@@ -98,22 +91,13 @@ impl Clients {
                         Duration::from_millis(pool.idle_timeout_ms),
                     )));
                 }
-                let mut conn = HttpConnector::new();
-                conn.set_connect_timeout(Some(connect));
-                conn.set_nodelay(true);
-                conn.enforce_http(false);
-                let tls = HttpsConnectorBuilder::new()
-                    .with_tls_config(tls::client_config(self.roots.clone(), verify))
-                    .https_or_http()
-                    .with_server_name_resolver(connector::server_name);
-                let conn = tls.enable_http1().wrap_connector(conn);
-                UpstreamClient::Http1(Box::new(
-                    Client::builder(TokioExecutor::new())
-                        .pool_idle_timeout(Duration::from_millis(pool.idle_timeout_ms))
-                        .pool_max_idle_per_host(pool.size)
-                        .pool_timer(TokioTimer::new())
-                        .timer(TokioTimer::new())
-                        .build(CountingConnector::new(conn)),
+                let mut tls = tls::client_config(self.roots.clone(), verify);
+                tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+                UpstreamClient::Http1(H1Pool::new(
+                    tls,
+                    connect,
+                    Duration::from_millis(pool.idle_timeout_ms),
+                    pool.size,
                 ))
             })
             .clone()
@@ -191,13 +175,10 @@ pub enum PassHost {
 pub struct Target {
     /// `host:port` of the node.
     pub authority: Authority,
-    /// The authority of request URIs: [`Target::authority`], with the TLS
-    /// server name in front when it is not the node's host (see
-    /// [`crate::connector`]).
-    pub dial: Authority,
-    /// TLS server name when it is not the node's host (`pass_host: rewrite`
-    /// with a DNS name as `upstream_host`).
-    pub server_name: Option<String>,
+    /// For TLS schemes, the name sent as SNI and verified: `upstream_host`
+    /// under `pass_host: rewrite` when it is a DNS name (nginx's
+    /// `proxy_ssl_name $upstream_host`), else the node's host.
+    pub tls_name: Option<String>,
     /// Host header for `pass_host: node`: port omitted when it is the
     /// scheme's default.
     pub host_header: HeaderValue,
@@ -419,15 +400,15 @@ impl CompiledUpstream {
                 };
                 let host_header = HeaderValue::from_str(&header)
                     .map_err(|e| UpstreamError(format!("node {host}: {e}")))?;
-                let dial = server_name
-                    .and_then(|name| connector::with_server_name(name, &authority))
-                    .unwrap_or_else(|| authority.clone());
-                Ok(Target {
-                    server_name: server_name
+                let tls_name = tls.then(|| {
+                    server_name
                         .and_then(connector::dns_name)
-                        .map(str::to_string),
+                        .unwrap_or(&n.host)
+                        .to_string()
+                });
+                Ok(Target {
                     authority,
-                    dial,
+                    tls_name,
                     host_header,
                 })
             })
@@ -573,14 +554,14 @@ mod tests {
             "nodes": {"10.0.0.5:8443": 1}, "scheme": "https",
             "pass_host": "rewrite", "upstream_host": "api.example.com"
         }));
-        assert_eq!(up.targets[0].dial.as_str(), "api.example.com@10.0.0.5:8443");
+        assert_eq!(up.targets[0].tls_name.as_deref(), Some("api.example.com"));
         assert_eq!(up.targets[0].authority.as_str(), "10.0.0.5:8443");
         // Plain HTTP has no server name; other pass_host modes use the node.
         let up = compile(json!({
             "nodes": {"10.0.0.5:80": 1}, "pass_host": "rewrite", "upstream_host": "api.example.com"
         }));
-        assert_eq!(up.targets[0].dial.as_str(), "10.0.0.5:80");
-        let up = compile(json!({"nodes": {"10.0.0.5:8443": 1}, "scheme": "https"}));
-        assert_eq!(up.targets[0].dial.as_str(), "10.0.0.5:8443");
+        assert_eq!(up.targets[0].tls_name, None);
+        let up = compile(json!({"nodes": {"[::1]:8443": 1}, "scheme": "https"}));
+        assert_eq!(up.targets[0].tls_name.as_deref(), Some("::1"));
     }
 }

@@ -1,0 +1,450 @@
+//! HTTP/1.1 keep-alive connections to the nodes of `http` and `https`
+//! upstreams, pooled per node as nginx's `keepalive` does.
+//!
+//! - A request takes the most recently used idle connection to its node
+//!   that is ready for another request, or makes a new one (TCP within the
+//!   `connect` timeout, then TLS for `https` with the node's or
+//!   `upstream_host`'s name).
+//! - A connection goes back to the pool once its answer has been read to
+//!   the end ([`Lease`] rides along with the answer's body); an answer that
+//!   is abandoned midway takes its connection down with it.
+//! - `keepalive_pool.size` idle connections are kept per node, for
+//!   `keepalive_pool.idle_timeout`; a connection is closed after it has
+//!   carried `keepalive_pool.requests` requests. A sweeper drops idle ones
+//!   that time out while nobody asks for them.
+//! - A pooled connection the node closed just as a request was handed to it
+//!   is detected by hyper before anything is written; the request then goes
+//!   out once more on a new connection.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::uri::Authority;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::proxy::ProxyBody;
+
+/// Why no connection to a node could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connect timed out after {0:?}")]
+    TimedOut(Duration),
+    #[error("connect: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("TLS server name {0:?} is invalid")]
+    ServerName(String),
+    #[error("HTTP/1.1 handshake: {0}")]
+    Handshake(#[from] hyper::Error),
+}
+
+/// Which connections a request may use: same node, same TLS name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct NodeKey {
+    node: Authority,
+    /// `Some(server name)` for TLS.
+    tls: Option<String>,
+}
+
+struct Idle {
+    sender: SendRequest<ProxyBody>,
+    requests: u32,
+    since: Instant,
+}
+
+/// The pool's settings and idle connections.
+struct Shared {
+    tls: Arc<ClientConfig>,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    max_idle: usize,
+    idle: Mutex<HashMap<NodeKey, Vec<Idle>>>,
+}
+
+/// Keep-alive HTTP/1.1 connections of one connect timeout, TLS setting and
+/// pool shape.
+#[derive(Clone)]
+pub struct H1Pool(Arc<Shared>);
+
+/// A connection lent to one request; give it back with [`Lease::release`]
+/// (or let the answer's body do it) once the answer has been read.
+pub struct Lease {
+    pool: Weak<Shared>,
+    key: NodeKey,
+    sender: SendRequest<ProxyBody>,
+    /// Requests this connection has carried, this one included.
+    requests: u32,
+    max_requests: u32,
+}
+
+impl Lease {
+    /// Returns the connection to the pool, unless it has carried its share
+    /// or is closed; then it is dropped, which closes it.
+    pub fn release(self) {
+        if self.requests >= self.max_requests || self.sender.is_closed() {
+            return;
+        }
+        let Some(shared) = self.pool.upgrade() else {
+            return;
+        };
+        let mut idle = shared.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.entry(self.key).or_default();
+        if list.len() < shared.max_idle {
+            list.push(Idle {
+                sender: self.sender,
+                requests: self.requests,
+                since: Instant::now(),
+            });
+        }
+    }
+}
+
+impl H1Pool {
+    /// A pool verifying TLS with `tls`, which must offer ALPN `http/1.1`
+    /// or nothing.
+    pub fn new(
+        tls: ClientConfig,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        max_idle: usize,
+    ) -> Self {
+        let shared = Arc::new(Shared {
+            tls: Arc::new(tls),
+            connect_timeout,
+            idle_timeout,
+            max_idle,
+            idle: Mutex::new(HashMap::new()),
+        });
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(sweep(Arc::downgrade(&shared)));
+        }
+        H1Pool(shared)
+    }
+
+    /// Sends `req` to `node` (TLS as `tls_name` when `Some`), on a pooled
+    /// connection or a new one. The error says whether connecting failed.
+    /// The lease goes with the answer; release it once its body is read.
+    pub async fn send(
+        &self,
+        node: &Authority,
+        tls_name: Option<&str>,
+        max_requests: u32,
+        req: Request<ProxyBody>,
+        connected: impl FnOnce(),
+    ) -> Result<(Response<Incoming>, Lease), SendFailure> {
+        let key = NodeKey {
+            node: node.clone(),
+            tls: tls_name.map(str::to_string),
+        };
+        let mut req = req;
+        let mut connected = Some(connected);
+        if let Some(mut lease) = self.take_idle(&key, max_requests) {
+            if let Some(signal) = connected.take() {
+                signal();
+            }
+            match lease.sender.try_send_request(req).await {
+                Ok(resp) => return Ok((resp, lease)),
+                Err(mut e) => match e.take_message() {
+                    // Closed by the node before the request was written:
+                    // safe to send again on a new connection.
+                    Some(unsent) => req = unsent,
+                    None => return Err(SendFailure::Request(e.into_error())),
+                },
+            }
+        }
+        let mut lease = self
+            .connect(key, max_requests)
+            .await
+            .map_err(SendFailure::Connect)?;
+        if let Some(signal) = connected.take() {
+            signal();
+        }
+        let resp = lease
+            .sender
+            .send_request(req)
+            .await
+            .map_err(SendFailure::Request)?;
+        Ok((resp, lease))
+    }
+
+    /// The newest idle connection to `key` that is ready; closed, timed-out
+    /// and served-out ones met on the way are dropped.
+    fn take_idle(&self, key: &NodeKey, max_requests: u32) -> Option<Lease> {
+        let shared = &self.0;
+        let mut idle = shared.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.get_mut(key)?;
+        let mut i = list.len();
+        while i > 0 {
+            i -= 1;
+            let entry = &list[i];
+            let stale = entry.sender.is_closed()
+                || entry.since.elapsed() >= shared.idle_timeout
+                || entry.requests >= max_requests;
+            if stale {
+                list.swap_remove(i);
+                continue;
+            }
+            if entry.sender.is_ready() {
+                let entry = list.swap_remove(i);
+                return Some(Lease {
+                    pool: Arc::downgrade(shared),
+                    key: key.clone(),
+                    sender: entry.sender,
+                    requests: entry.requests + 1,
+                    max_requests,
+                });
+            }
+        }
+        None
+    }
+
+    async fn connect(&self, key: NodeKey, max_requests: u32) -> Result<Lease, ConnectError> {
+        let shared = &self.0;
+        let timeout = shared.connect_timeout;
+        let sender = tokio::time::timeout(timeout, self.handshake(&key))
+            .await
+            .map_err(|_| ConnectError::TimedOut(timeout))??;
+        Ok(Lease {
+            pool: Arc::downgrade(shared),
+            key,
+            sender,
+            requests: 1,
+            max_requests,
+        })
+    }
+
+    async fn handshake(&self, key: &NodeKey) -> Result<SendRequest<ProxyBody>, ConnectError> {
+        let tcp = TcpStream::connect(key.node.as_str()).await?;
+        let _ = tcp.set_nodelay(true);
+        let builder = http1::Builder::new();
+        match &key.tls {
+            None => {
+                let (sender, conn) = builder.handshake(TokioIo::new(tcp)).await?;
+                tokio::spawn(drive(key.node.clone(), conn.with_upgrades()));
+                Ok(sender)
+            }
+            Some(name) => {
+                let server_name = ServerName::try_from(name.clone())
+                    .map_err(|_| ConnectError::ServerName(name.clone()))?;
+                let tls = tokio_rustls::TlsConnector::from(self.0.tls.clone())
+                    .connect(server_name, tcp)
+                    .await?;
+                let (sender, conn) = builder.handshake(TokioIo::new(tls)).await?;
+                tokio::spawn(drive(key.node.clone(), conn.with_upgrades()));
+                Ok(sender)
+            }
+        }
+    }
+}
+
+/// An answer's body that gives its connection back to the pool when it
+/// ends; dropped or failed early, it closes the connection instead.
+pub struct Leased<B> {
+    inner: B,
+    lease: Option<Lease>,
+}
+
+impl<B> Leased<B> {
+    pub fn new(inner: B, lease: Lease) -> Self {
+        Leased {
+            inner,
+            lease: Some(lease),
+        }
+    }
+}
+
+impl<B: Body + Unpin> Body for Leased<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_frame(cx);
+        let ended = match &poll {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
+            Poll::Ready(Some(Err(_))) => {
+                this.lease = None;
+                false
+            }
+            Poll::Pending => false,
+        };
+        if ended {
+            if let Some(lease) = this.lease.take() {
+                lease.release();
+            }
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Why a try got no answer.
+#[derive(Debug)]
+pub enum SendFailure {
+    /// No connection could be made.
+    Connect(ConnectError),
+    /// The request failed on its connection.
+    Request(hyper::Error),
+}
+
+/// Drives one connection until it ends.
+async fn drive<F: std::future::Future<Output = Result<(), hyper::Error>>>(
+    node: Authority,
+    conn: F,
+) {
+    if let Err(e) = conn.await {
+        tracing::debug!(%node, error = %e, "upstream connection ended");
+    }
+}
+
+/// Drops idle connections that have timed out, until the pool is gone.
+async fn sweep(pool: Weak<Shared>) {
+    loop {
+        let period = match pool.upgrade() {
+            Some(shared) => {
+                let mut idle = shared.idle.lock().unwrap_or_else(|p| p.into_inner());
+                idle.retain(|_, list| {
+                    list.retain(|e| {
+                        !e.sender.is_closed() && e.since.elapsed() < shared.idle_timeout
+                    });
+                    !list.is_empty()
+                });
+                (shared.idle_timeout / 2).max(Duration::from_millis(100))
+            }
+            None => return,
+        };
+        tokio::time::sleep(period).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Either, Full};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// An HTTP/1.1 server counting its connections.
+    async fn node() -> (Authority, Arc<AtomicUsize>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let counter = conns.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                            Bytes::from_static(b"ok"),
+                        )))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        (addr.to_string().parse().unwrap(), conns)
+    }
+
+    fn pool(idle_timeout: Duration) -> H1Pool {
+        let tls = crate::tls::client_config(Arc::new(rustls::RootCertStore::empty()), true);
+        H1Pool::new(tls, Duration::from_secs(1), idle_timeout, 4)
+    }
+
+    fn request(node: &Authority) -> Request<ProxyBody> {
+        Request::get(format!("http://{node}/"))
+            .body(Either::Left(Full::new(Bytes::new())))
+            .unwrap()
+    }
+
+    async fn exchange(pool: &H1Pool, node: &Authority, max_requests: u32) {
+        let (resp, lease) = pool
+            .send(node, None, max_requests, request(node), || {})
+            .await
+            .unwrap();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"ok");
+        lease.release();
+        // The connection turns ready once hyper has seen the body's end.
+        tokio::task::yield_now().await;
+    }
+
+    #[tokio::test]
+    async fn connections_are_reused_and_retired_after_max_requests() {
+        let (node, conns) = node().await;
+        let p = pool(Duration::from_secs(60));
+        for _ in 0..6 {
+            exchange(&p, &node, 1000).await;
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 1, "one kept-alive connection");
+        let (node, conns) = self::node().await;
+        for _ in 0..6 {
+            exchange(&p, &node, 2).await;
+        }
+        assert_eq!(
+            conns.load(Ordering::SeqCst),
+            3,
+            "a new one every 2 requests"
+        );
+    }
+
+    #[tokio::test]
+    async fn idle_connections_time_out() {
+        let (node, conns) = node().await;
+        let p = pool(Duration::from_millis(100));
+        exchange(&p, &node, 1000).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        exchange(&p, &node, 1000).await;
+        assert_eq!(conns.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn an_unreleased_lease_is_not_reused() {
+        let (node, conns) = node().await;
+        let p = pool(Duration::from_secs(60));
+        let (_resp, lease) = p
+            .send(&node, None, 1000, request(&node), || {})
+            .await
+            .unwrap();
+        drop(lease);
+        exchange(&p, &node, 1000).await;
+        assert_eq!(conns.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_refused_node_is_a_connect_failure() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let node: Authority = l.local_addr().unwrap().to_string().parse().unwrap();
+        drop(l);
+        let failure = pool(Duration::from_secs(60))
+            .send(&node, None, 10, request(&node), || {})
+            .await;
+        assert!(matches!(
+            failure,
+            Err(SendFailure::Connect(ConnectError::Io(_)))
+        ));
+    }
+}
