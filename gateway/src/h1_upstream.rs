@@ -111,12 +111,13 @@ impl Lease {
 
 impl H1Pool {
     /// A pool verifying TLS with `tls`, which must offer ALPN `http/1.1`
-    /// or nothing.
+    /// or nothing; its idle sweeper runs on `runtime` (or the current one).
     pub fn new(
         tls: ClientConfig,
         connect_timeout: Duration,
         idle_timeout: Duration,
         max_idle: usize,
+        runtime: Option<&tokio::runtime::Handle>,
     ) -> Self {
         let shared = Arc::new(Shared {
             tls: Arc::new(tls),
@@ -125,7 +126,10 @@ impl H1Pool {
             max_idle,
             idle: Mutex::new(HashMap::new()),
         });
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        let runtime = runtime
+            .cloned()
+            .or_else(|| tokio::runtime::Handle::try_current().ok());
+        if let Some(rt) = runtime {
             rt.spawn(sweep(Arc::downgrade(&shared)));
         }
         H1Pool(shared)
@@ -371,7 +375,7 @@ mod tests {
 
     fn pool(idle_timeout: Duration) -> H1Pool {
         let tls = crate::tls::client_config(Arc::new(rustls::RootCertStore::empty()), true);
-        H1Pool::new(tls, Duration::from_secs(1), idle_timeout, 4)
+        H1Pool::new(tls, Duration::from_secs(1), idle_timeout, 4, None)
     }
 
     fn request(node: &Authority) -> Request<ProxyBody> {

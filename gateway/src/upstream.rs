@@ -46,6 +46,8 @@ pub enum UpstreamClient {
 pub struct Clients {
     roots: Arc<RootCertStore>,
     by_key: Mutex<HashMap<ClientKey, UpstreamClient>>,
+    /// Where the pools' idle sweepers run (the runtime that made this).
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Default for Clients {
@@ -60,6 +62,7 @@ impl Clients {
         Clients {
             roots,
             by_key: Mutex::new(HashMap::new()),
+            runtime: tokio::runtime::Handle::try_current().ok(),
         }
     }
 
@@ -98,6 +101,7 @@ impl Clients {
                     connect,
                     Duration::from_millis(pool.idle_timeout_ms),
                     pool.size,
+                    self.runtime.as_ref(),
                 ))
             })
             .clone()

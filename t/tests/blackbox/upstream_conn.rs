@@ -175,3 +175,42 @@ async fn keepalive_pool_idle_timeout_closes_idle_connections() {
     assert_ne!(first, later, "a new connection after the idle timeout");
     gw.stop().await;
 }
+
+/// An upstream that closes every connection after one answer, without
+/// saying `Connection: close`: a pooled connection it closed is never used
+/// for the next request (or, if the close races the request, the request
+/// goes out again on a new connection), so every request succeeds.
+#[tokio::test]
+async fn upstream_closing_kept_alive_connections_costs_no_request() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let node = l.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await;
+                // Gone just after answering, as a server whose keep-alive
+                // timeout is tiny.
+            });
+        }
+    });
+    let gw = Gateway::start().await;
+    gw.put(
+        "routes/once",
+        json!({"uri": "/once", "upstream": upstream(&[(&node, 1)])}),
+    )
+    .await;
+    let mut conn = Conn::open(gw.data, None).await.unwrap();
+    for i in 0..50 {
+        let r = conn.send("GET", "/once", &[], String::new()).await;
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+        if i % 2 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    gw.stop().await;
+}
