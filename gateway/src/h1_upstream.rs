@@ -97,15 +97,23 @@ impl Lease {
         let Some(shared) = self.pool.upgrade() else {
             return;
         };
+        if shared.max_idle == 0 {
+            return;
+        }
         let mut idle = shared.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.entry(self.key).or_default();
-        if list.len() < shared.max_idle {
-            list.push(Idle {
-                sender: self.sender,
-                requests: self.requests,
-                since: Instant::now(),
-            });
+        if list.len() >= shared.max_idle {
+            list.retain(|e| !e.sender.is_closed());
         }
+        if list.len() >= shared.max_idle {
+            // Full: the longest idle one makes room.
+            list.remove(0);
+        }
+        list.push(Idle {
+            sender: self.sender,
+            requests: self.requests,
+            since: Instant::now(),
+        });
     }
 }
 
@@ -136,32 +144,35 @@ impl H1Pool {
     }
 
     /// Sends `req` to `node` (TLS as `tls_name` when `Some`), on a pooled
-    /// connection or a new one. The error says whether connecting failed.
-    /// The lease goes with the answer; release it once its body is read.
+    /// connection or a new one. `on_connection(true)` is called when the
+    /// request has a connection, `(false)` when it has to connect again.
+    /// The error says whether connecting failed. The lease goes with the
+    /// answer; release it once its body is read.
     pub async fn send(
         &self,
         node: &Authority,
         tls_name: Option<&str>,
         max_requests: u32,
         req: Request<ProxyBody>,
-        connected: impl FnOnce(),
+        on_connection: impl Fn(bool),
     ) -> Result<(Response<Incoming>, Lease), SendFailure> {
         let key = NodeKey {
             node: node.clone(),
             tls: tls_name.map(str::to_string),
         };
         let mut req = req;
-        let mut connected = Some(connected);
         if let Some(mut lease) = self.take_idle(&key, max_requests) {
-            if let Some(signal) = connected.take() {
-                signal();
-            }
+            on_connection(true);
             match lease.sender.try_send_request(req).await {
                 Ok(resp) => return Ok((resp, lease)),
                 Err(mut e) => match e.take_message() {
                     // Closed by the node before the request was written:
-                    // safe to send again on a new connection.
-                    Some(unsent) => req = unsent,
+                    // safe to send again on a new connection, which is
+                    // connecting time again.
+                    Some(unsent) => {
+                        on_connection(false);
+                        req = unsent;
+                    }
                     None => return Err(SendFailure::Request(e.into_error())),
                 },
             }
@@ -170,9 +181,7 @@ impl H1Pool {
             .connect(key, max_requests)
             .await
             .map_err(SendFailure::Connect)?;
-        if let Some(signal) = connected.take() {
-            signal();
-        }
+        on_connection(true);
         let resp = lease
             .sender
             .send_request(req)
@@ -194,12 +203,13 @@ impl H1Pool {
             let stale = entry.sender.is_closed()
                 || entry.since.elapsed() >= shared.idle_timeout
                 || entry.requests >= max_requests;
+            // `remove`, not `swap_remove`: the list stays oldest-first.
             if stale {
-                list.swap_remove(i);
+                list.remove(i);
                 continue;
             }
             if entry.sender.is_ready() {
-                let entry = list.swap_remove(i);
+                let entry = list.remove(i);
                 return Some(Lease {
                     pool: Arc::downgrade(shared),
                     key: key.clone(),
@@ -279,7 +289,8 @@ impl<B: Body + Unpin> Body for Leased<B> {
         let poll = Pin::new(&mut this.inner).poll_frame(cx);
         let ended = match &poll {
             Poll::Ready(None) => true,
-            Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
+            // hyper stops polling after trailers: they end the answer too.
+            Poll::Ready(Some(Ok(frame))) => frame.is_trailers() || this.inner.is_end_stream(),
             Poll::Ready(Some(Err(_))) => {
                 this.lease = None;
                 false
@@ -334,7 +345,8 @@ async fn sweep(pool: Weak<Shared>) {
                     });
                     !list.is_empty()
                 });
-                (shared.idle_timeout / 2).max(Duration::from_millis(100))
+                // A quarter of the timeout: nothing outlives it by more.
+                (shared.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(15))
             }
             None => return,
         };
@@ -386,7 +398,7 @@ mod tests {
 
     async fn exchange(pool: &H1Pool, node: &Authority, max_requests: u32) {
         let (resp, lease) = pool
-            .send(node, None, max_requests, request(node), || {})
+            .send(node, None, max_requests, request(node), |_| {})
             .await
             .unwrap();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
@@ -430,7 +442,7 @@ mod tests {
         let (node, conns) = node().await;
         let p = pool(Duration::from_secs(60));
         let (_resp, lease) = p
-            .send(&node, None, 1000, request(&node), || {})
+            .send(&node, None, 1000, request(&node), |_| {})
             .await
             .unwrap();
         drop(lease);
@@ -444,11 +456,37 @@ mod tests {
         let node: Authority = l.local_addr().unwrap().to_string().parse().unwrap();
         drop(l);
         let failure = pool(Duration::from_secs(60))
-            .send(&node, None, 10, request(&node), || {})
+            .send(&node, None, 10, request(&node), |_| {})
             .await;
         assert!(matches!(
             failure,
             Err(SendFailure::Connect(ConnectError::Io(_)))
         ));
+    }
+
+    fn idle_count(p: &H1Pool) -> usize {
+        p.0.idle.lock().unwrap().values().map(Vec::len).sum()
+    }
+
+    /// A body ending in trailers gives its connection back: hyper stops
+    /// polling after the trailers, so they count as the end.
+    #[tokio::test]
+    async fn a_body_ending_in_trailers_releases_its_connection() {
+        let (node, _) = node().await;
+        let p = pool(Duration::from_secs(60));
+        let (resp, lease) = p
+            .send(&node, None, 1000, request(&node), |_| {})
+            .await
+            .unwrap();
+        let _ = resp.into_body().collect().await;
+        let frames = futures_util::stream::iter([
+            Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"x"))),
+            Ok(Frame::trailers(http::HeaderMap::new())),
+        ]);
+        let mut body = Leased::new(http_body_util::StreamBody::new(frames), lease);
+        assert!(body.frame().await.is_some());
+        assert_eq!(idle_count(&p), 0);
+        assert!(body.frame().await.is_some(), "the trailers");
+        assert_eq!(idle_count(&p), 1);
     }
 }

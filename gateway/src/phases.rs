@@ -75,9 +75,11 @@ impl Progress {
         self.origin.elapsed().as_micros().min(u64::MAX as u128 - 1) as u64
     }
 
-    /// The request has a connection: connecting is over.
-    pub fn mark_connected(&self) {
-        self.connected.store(self.micros() + 1, Ordering::Relaxed);
+    /// The request has a connection: connecting is over (`true`), or it
+    /// has to connect again (`false`).
+    pub fn mark_connected(&self, connected: bool) {
+        let at = if connected { self.micros() + 1 } else { 0 };
+        self.connected.store(at, Ordering::Relaxed);
     }
 
     /// Progress of a request whose body is already complete (buffered or
@@ -199,7 +201,7 @@ pub async fn within_phases<F: Future, C: Future<Output = bool>>(
             has = &mut connected, if connecting => {
                 connecting = false;
                 if has {
-                    progress.mark_connected();
+                    progress.mark_connected(true);
                 }
             }
             _ = tokio::time::sleep_until(wake) => {

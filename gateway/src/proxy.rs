@@ -395,7 +395,7 @@ impl ProxyTarget {
                     target.tls_name.as_deref(),
                     up.keepalive_pool.requests,
                     out,
-                    || progress.mark_connected(),
+                    |connected| progress.mark_connected(connected),
                 );
                 within_phases(exchange, std::future::pending(), progress, &self.timeouts)
                     .await

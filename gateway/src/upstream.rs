@@ -82,6 +82,7 @@ impl Clients {
             verify,
             pool_size: pool.size,
             pool_idle_timeout_ms: pool.idle_timeout_ms,
+            pool_requests: pool.requests,
             http2,
         };
         let mut map = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
@@ -114,6 +115,9 @@ struct ClientKey {
     verify: bool,
     pool_size: usize,
     pool_idle_timeout_ms: u64,
+    /// Upstreams with different per-connection request limits keep apart,
+    /// so that one's limit never retires the other's connections.
+    pool_requests: u32,
     /// `Some(tls)` for HTTP/2.
     http2: Option<bool>,
 }
