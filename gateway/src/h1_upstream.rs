@@ -34,6 +34,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::proxy::ProxyBody;
+use http_body_util::Either;
 
 /// Why no connection to a node could be had.
 #[derive(Debug, thiserror::Error)]
@@ -161,19 +162,31 @@ impl H1Pool {
             tls: tls_name.map(str::to_string),
         };
         let mut req = req;
-        if let Some(mut lease) = self.take_idle(&key, max_requests) {
+        if let Some((mut lease, idle_for)) = self.take_idle(&key, max_requests) {
             on_connection(true);
+            // A connection idle for a while may be closed by the node just
+            // as the request goes out; keep a copy of a request that can
+            // safely go out twice (as nginx resends on a cached connection).
+            let spare = if idle_for >= RESEND_AFTER_IDLE {
+                resendable_copy(&req)
+            } else {
+                None
+            };
             match lease.sender.try_send_request(req).await {
                 Ok(resp) => return Ok((resp, lease)),
-                Err(mut e) => match e.take_message() {
+                Err(mut e) => match (e.take_message(), spare) {
                     // Closed by the node before the request was written:
                     // safe to send again on a new connection, which is
                     // connecting time again.
-                    Some(unsent) => {
+                    (Some(unsent), _) => {
                         on_connection(false);
                         req = unsent;
                     }
-                    None => return Err(SendFailure::Request(e.into_error())),
+                    (None, Some(copy)) if closed_by_node(e.error()) => {
+                        on_connection(false);
+                        req = copy;
+                    }
+                    (None, _) => return Err(SendFailure::Request(e.into_error())),
                 },
             }
         }
@@ -190,9 +203,10 @@ impl H1Pool {
         Ok((resp, lease))
     }
 
-    /// The newest idle connection to `key` that is ready; closed, timed-out
-    /// and served-out ones met on the way are dropped.
-    fn take_idle(&self, key: &NodeKey, max_requests: u32) -> Option<Lease> {
+    /// The newest idle connection to `key` that is ready, and how long it
+    /// was idle; closed, timed-out and served-out ones met on the way are
+    /// dropped.
+    fn take_idle(&self, key: &NodeKey, max_requests: u32) -> Option<(Lease, Duration)> {
         let shared = &self.0;
         let mut idle = shared.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(key)?;
@@ -210,13 +224,14 @@ impl H1Pool {
             }
             if entry.sender.is_ready() {
                 let entry = list.remove(i);
-                return Some(Lease {
+                let lease = Lease {
                     pool: Arc::downgrade(shared),
                     key: key.clone(),
                     sender: entry.sender,
                     requests: entry.requests + 1,
                     max_requests,
-                });
+                };
+                return Some((lease, entry.since.elapsed()));
             }
         }
         None
@@ -312,6 +327,45 @@ impl<B: Body + Unpin> Body for Leased<B> {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// Idle time after which a reused connection's request is kept for a
+/// resend, should the node turn out to have closed the connection.
+pub const RESEND_AFTER_IDLE: Duration = Duration::from_secs(1);
+
+/// A copy of `req` if it may be sent twice: an idempotent method and a body
+/// already in memory.
+fn resendable_copy(req: &Request<ProxyBody>) -> Option<Request<ProxyBody>> {
+    let Either::Left(body) = req.body() else {
+        return None;
+    };
+    if !req.method().is_idempotent() {
+        return None;
+    }
+    let mut copy = Request::new(Either::Left(body.clone()));
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy)
+}
+
+/// The node closed or reset the connection before any answer came.
+fn closed_by_node(e: &hyper::Error) -> bool {
+    if e.is_incomplete_message() {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+            );
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// Why a try got no answer.
@@ -488,5 +542,53 @@ mod tests {
         assert_eq!(idle_count(&p), 0);
         assert!(body.frame().await.is_some(), "the trailers");
         assert_eq!(idle_count(&p), 1);
+    }
+
+    /// A node that answers the first request of each connection and, for
+    /// any later one, reads it and hangs up without answering.
+    async fn one_shot_node() -> (Authority, Arc<AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let counter = conns.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    if s.read(&mut buf).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        .await;
+                    let _ = s.read(&mut buf).await;
+                });
+            }
+        });
+        (addr.to_string().parse().unwrap(), conns)
+    }
+
+    #[tokio::test]
+    async fn a_get_cut_off_on_a_long_idle_connection_is_sent_again() {
+        let (node, conns) = one_shot_node().await;
+        let p = pool(Duration::from_secs(60));
+        exchange(&p, &node, 1000).await;
+        tokio::time::sleep(RESEND_AFTER_IDLE + Duration::from_millis(100)).await;
+        exchange(&p, &node, 1000).await;
+        assert_eq!(
+            conns.load(Ordering::SeqCst),
+            2,
+            "sent again on a new connection"
+        );
+
+        // A POST is not sent twice.
+        tokio::time::sleep(RESEND_AFTER_IDLE + Duration::from_millis(100)).await;
+        let post = Request::post(format!("http://{node}/"))
+            .body(Either::Left(Full::new(Bytes::from_static(b"once"))))
+            .unwrap();
+        let failure = p.send(&node, None, 1000, post, |_| {}).await;
+        assert!(matches!(failure, Err(SendFailure::Request(_))));
     }
 }
