@@ -1,15 +1,57 @@
-//! TLS server names for upstream connections.
+//! Making upstream connections: TCP within the `connect` timeout's budget,
+//! then TLS with a given server name ([`dial`]), for the data plane's pools
+//! ([`crate::h1_upstream`], [`crate::h2_upstream`]); and TLS server names.
 //!
-//! The data plane's pools ([`crate::h1_upstream`], [`crate::h2_upstream`])
-//! are given the name to use directly. The active health prober goes through
+//! The active health prober goes through
 //! hyper-util's client, whose connector only sees a URI: there the name to
 //! verify travels in the URI's user-info part (`name@10.0.0.5:443`), which
 //! [`server_name`] reads back; the prober sends its requests in origin form,
 //! so the user-info never reaches the wire.
 
+use std::sync::Arc;
+
 use http::uri::Authority;
 use http::Uri;
+use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+/// Why no connection to a node could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connect timed out after {0:?}")]
+    TimedOut(std::time::Duration),
+    #[error("connect: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("TLS server name {0:?} is invalid")]
+    ServerName(String),
+    #[error("HTTP handshake: {0}")]
+    Handshake(#[from] hyper::Error),
+}
+
+/// A byte stream to a node, plain or TLS.
+pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
+
+/// Connects to `node` (a DNS name is resolved; each address is tried in
+/// turn), then, with `tls` = (config, server name), runs the TLS handshake.
+pub async fn dial(
+    node: &Authority,
+    tls: Option<(&Arc<ClientConfig>, &str)>,
+) -> Result<Box<dyn Stream>, ConnectError> {
+    let tcp = TcpStream::connect(node.as_str()).await?;
+    let _ = tcp.set_nodelay(true);
+    let Some((config, name)) = tls else {
+        return Ok(Box::new(tcp));
+    };
+    let server_name = ServerName::try_from(name.to_string())
+        .map_err(|_| ConnectError::ServerName(name.to_string()))?;
+    let stream = tokio_rustls::TlsConnector::from(config.clone())
+        .connect(server_name, tcp)
+        .await?;
+    Ok(Box::new(stream))
+}
 
 /// The TLS server name for a connection to `uri` (see the module docs).
 pub fn server_name(

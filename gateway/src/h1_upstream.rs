@@ -29,25 +29,12 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use rustls::ClientConfig;
-use rustls_pki_types::ServerName;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
+
+use crate::connector::{self, ConnectError};
 
 use crate::proxy::ProxyBody;
 use http_body_util::Either;
-
-/// Why no connection to a node could be had.
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    #[error("connect timed out after {0:?}")]
-    TimedOut(Duration),
-    #[error("connect: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("TLS server name {0:?} is invalid")]
-    ServerName(String),
-    #[error("HTTP/1.1 handshake: {0}")]
-    Handshake(#[from] hyper::Error),
-}
 
 /// Which connections a request may use: same node, same TLS name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -253,26 +240,11 @@ impl H1Pool {
     }
 
     async fn handshake(&self, key: &NodeKey) -> Result<SendRequest<ProxyBody>, ConnectError> {
-        let tcp = TcpStream::connect(key.node.as_str()).await?;
-        let _ = tcp.set_nodelay(true);
-        let builder = http1::Builder::new();
-        match &key.tls {
-            None => {
-                let (sender, conn) = builder.handshake(TokioIo::new(tcp)).await?;
-                tokio::spawn(drive(key.node.clone(), conn.with_upgrades()));
-                Ok(sender)
-            }
-            Some(name) => {
-                let server_name = ServerName::try_from(name.clone())
-                    .map_err(|_| ConnectError::ServerName(name.clone()))?;
-                let tls = tokio_rustls::TlsConnector::from(self.0.tls.clone())
-                    .connect(server_name, tcp)
-                    .await?;
-                let (sender, conn) = builder.handshake(TokioIo::new(tls)).await?;
-                tokio::spawn(drive(key.node.clone(), conn.with_upgrades()));
-                Ok(sender)
-            }
-        }
+        let tls = key.tls.as_deref().map(|name| (&self.0.tls, name));
+        let io = connector::dial(&key.node, tls).await?;
+        let (sender, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
+        tokio::spawn(drive(key.node.clone(), conn.with_upgrades()));
+        Ok(sender)
     }
 }
 

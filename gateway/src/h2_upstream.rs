@@ -20,24 +20,11 @@ use http::uri::Authority;
 use hyper::client::conn::http2::{self, SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::ClientConfig;
-use rustls_pki_types::ServerName;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::proxy::ProxyBody;
+use crate::connector::{self, ConnectError};
 
-/// Why no HTTP/2 connection to a node could be had.
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    #[error("connect timed out after {0:?}")]
-    TimedOut(Duration),
-    #[error("connect: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("TLS server name {0:?} is invalid")]
-    ServerName(String),
-    #[error("HTTP/2 handshake: {0}")]
-    Handshake(#[from] hyper::Error),
-}
+use crate::proxy::ProxyBody;
 
 /// One node's connection and what it has served.
 struct Live {
@@ -129,30 +116,13 @@ impl H2Pool {
         node: &Authority,
         server_name: &str,
     ) -> Result<SendRequest<ProxyBody>, ConnectError> {
-        let tcp = TcpStream::connect(node.as_str()).await?;
-        let _ = tcp.set_nodelay(true);
-        let builder = {
-            let mut b = http2::Builder::new(TokioExecutor::new());
-            b.timer(TokioTimer::new());
-            b
-        };
-        match &self.tls {
-            None => {
-                let (sender, conn) = builder.handshake(TokioIo::new(tcp)).await?;
-                tokio::spawn(finish(node.clone(), conn));
-                Ok(sender)
-            }
-            Some(config) => {
-                let name = ServerName::try_from(server_name.to_string())
-                    .map_err(|_| ConnectError::ServerName(server_name.to_string()))?;
-                let tls = tokio_rustls::TlsConnector::from(config.clone())
-                    .connect(name, tcp)
-                    .await?;
-                let (sender, conn) = builder.handshake(TokioIo::new(tls)).await?;
-                tokio::spawn(finish(node.clone(), conn));
-                Ok(sender)
-            }
-        }
+        let tls = self.tls.as_ref().map(|config| (config, server_name));
+        let io = connector::dial(node, tls).await?;
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        builder.timer(TokioTimer::new());
+        let (sender, conn) = builder.handshake(TokioIo::new(io)).await?;
+        tokio::spawn(finish(node.clone(), conn));
+        Ok(sender)
     }
 }
 

@@ -35,8 +35,8 @@ use crate::body::{BodyFault, BodyState, ClientBody};
 
 use plugins::{full_body, ClientIp, ResponseBody};
 
-use crate::h1_upstream::{self, Lease, Leased, SendFailure};
-use crate::h2_upstream::ConnectError;
+use crate::connector::ConnectError;
+use crate::h1_upstream::{Lease, Leased, SendFailure};
 use crate::health::Outcome;
 use crate::phases::{within_phases, PhaseTimeout, Progress, SendWatch};
 use crate::upstream::{CompiledUpstream, HashKey, PassHost, Target, Timeouts, UpstreamClient};
@@ -477,7 +477,7 @@ impl SendError {
         match f {
             SendFailure::Connect(e) => SendError {
                 connect: true,
-                timed_out: matches!(e, h1_upstream::ConnectError::TimedOut(_)),
+                timed_out: matches!(e, ConnectError::TimedOut(_)),
                 error: e.into(),
             },
             SendFailure::Request(e) => SendError::from_hyper(e),
