@@ -64,6 +64,15 @@ struct Shared {
 #[derive(Clone)]
 pub struct H1Pool(Arc<Shared>);
 
+/// A pool held without keeping it alive.
+pub struct WeakH1Pool(Weak<Shared>);
+
+impl WeakH1Pool {
+    pub fn upgrade(&self) -> Option<H1Pool> {
+        self.0.upgrade().map(H1Pool)
+    }
+}
+
 /// A connection lent to one request; give it back with [`Lease::release`]
 /// (or let the answer's body do it) once the answer has been read.
 pub struct Lease {
@@ -106,6 +115,15 @@ impl Lease {
 }
 
 impl H1Pool {
+    pub fn downgrade(&self) -> WeakH1Pool {
+        WeakH1Pool(Arc::downgrade(&self.0))
+    }
+
+    /// Whether both handles are the same pool.
+    pub fn same_pool(&self, other: &H1Pool) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
     /// A pool verifying TLS with `tls`, which must offer ALPN `http/1.1`
     /// or nothing; its idle sweeper runs on `runtime` (or the current one).
     pub fn new(

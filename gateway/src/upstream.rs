@@ -12,7 +12,7 @@ use admin_api::model::{default_port, Node, Timeout, UpstreamConf};
 
 use crate::balancer::Balancer;
 use crate::connector;
-use crate::h1_upstream::H1Pool;
+use crate::h1_upstream::{H1Pool, WeakH1Pool};
 use crate::h2_upstream::H2Pool;
 use crate::health::{Checked, ChecksConf};
 use crate::tls;
@@ -42,10 +42,11 @@ pub enum UpstreamClient {
 
 /// One client per distinct connect timeout, TLS verification mode, pool
 /// shape and protocol, shared by every upstream that uses it, so that
-/// keep-alive pools survive config swaps.
+/// keep-alive pools survive config swaps. Held weakly: a pool no compiled
+/// route uses any more goes away with its connections and sweeper.
 pub struct Clients {
     roots: Arc<RootCertStore>,
-    by_key: Mutex<HashMap<ClientKey, UpstreamClient>>,
+    by_key: Mutex<HashMap<ClientKey, WeakClient>>,
     /// Where the pools' idle sweepers run (the runtime that made this).
     runtime: Option<tokio::runtime::Handle>,
 }
@@ -86,26 +87,59 @@ impl Clients {
             http2,
         };
         let mut map = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry(key)
-            .or_insert_with(|| {
-                if let Some(tls) = http2 {
-                    return UpstreamClient::Http2(Arc::new(H2Pool::new(
-                        tls.then(|| tls::client_config(self.roots.clone(), verify)),
-                        connect,
-                        Duration::from_millis(pool.idle_timeout_ms),
-                    )));
-                }
-                let mut tls = tls::client_config(self.roots.clone(), verify);
-                tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-                UpstreamClient::Http1(H1Pool::new(
-                    tls,
-                    connect,
-                    Duration::from_millis(pool.idle_timeout_ms),
-                    pool.size,
-                    self.runtime.as_ref(),
-                ))
-            })
-            .clone()
+        if let Some(live) = map.get(&key).and_then(WeakClient::upgrade) {
+            return live;
+        }
+        map.retain(|_, weak| weak.upgrade().is_some());
+        let client = if let Some(tls) = http2 {
+            UpstreamClient::Http2(Arc::new(H2Pool::new(
+                tls.then(|| tls::client_config(self.roots.clone(), verify)),
+                connect,
+                Duration::from_millis(pool.idle_timeout_ms),
+            )))
+        } else {
+            let mut tls = tls::client_config(self.roots.clone(), verify);
+            tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+            UpstreamClient::Http1(H1Pool::new(
+                tls,
+                connect,
+                Duration::from_millis(pool.idle_timeout_ms),
+                pool.size,
+                self.runtime.as_ref(),
+            ))
+        };
+        map.insert(key, client.downgrade());
+        client
+    }
+
+    /// Pools alive (used by some compiled route).
+    pub fn live(&self) -> usize {
+        let map = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
+        map.values().filter(|w| w.upgrade().is_some()).count()
+    }
+}
+
+/// A pool as [`Clients`] remembers it.
+enum WeakClient {
+    Http1(WeakH1Pool),
+    Http2(std::sync::Weak<H2Pool>),
+}
+
+impl WeakClient {
+    fn upgrade(&self) -> Option<UpstreamClient> {
+        match self {
+            WeakClient::Http1(w) => w.upgrade().map(UpstreamClient::Http1),
+            WeakClient::Http2(w) => w.upgrade().map(UpstreamClient::Http2),
+        }
+    }
+}
+
+impl UpstreamClient {
+    fn downgrade(&self) -> WeakClient {
+        match self {
+            UpstreamClient::Http1(p) => WeakClient::Http1(p.downgrade()),
+            UpstreamClient::Http2(p) => WeakClient::Http2(Arc::downgrade(p)),
+        }
     }
 }
 
@@ -571,5 +605,21 @@ mod tests {
         assert_eq!(up.targets[0].tls_name, None);
         let up = compile(json!({"nodes": {"[::1]:8443": 1}, "scheme": "https"}));
         assert_eq!(up.targets[0].tls_name.as_deref(), Some("::1"));
+    }
+
+    #[tokio::test]
+    async fn pools_are_shared_while_used_and_dropped_after() {
+        let clients = Clients::default();
+        let pool = KeepalivePool::default();
+        let a = clients.get(Duration::from_secs(1), true, pool, None);
+        let b = clients.get(Duration::from_secs(1), true, pool, None);
+        let (UpstreamClient::Http1(a1), UpstreamClient::Http1(b1)) = (&a, &b) else {
+            panic!("HTTP/1.1 pools expected");
+        };
+        assert!(a1.same_pool(b1), "one pool for one setting");
+        let other = clients.get(Duration::from_secs(2), true, pool, None);
+        assert_eq!(clients.live(), 2);
+        drop((a, b, other));
+        assert_eq!(clients.live(), 0, "nobody uses them any more");
     }
 }
