@@ -36,12 +36,22 @@ use crate::connector::{self, ConnectError};
 use crate::proxy::ProxyBody;
 use http_body_util::Either;
 
-/// Which connections a request may use: same node, same TLS name.
+/// Which connections a request may use: same node, same TLS name. Built
+/// once per node when the upstream is compiled; cheap to clone.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct NodeKey {
+pub struct NodeKey {
     node: Authority,
     /// `Some(server name)` for TLS.
-    tls: Option<String>,
+    tls: Option<Arc<str>>,
+}
+
+impl NodeKey {
+    pub fn new(node: Authority, tls_name: Option<&str>) -> Self {
+        NodeKey {
+            node,
+            tls: tls_name.map(Arc::from),
+        }
+    }
 }
 
 struct Idle {
@@ -149,25 +159,20 @@ impl H1Pool {
         H1Pool(shared)
     }
 
-    /// Sends `req` to `node` (TLS as `tls_name` when `Some`), on a pooled
+    /// Sends `req` to the node of `key` (with TLS when it names a server), on a pooled
     /// connection or a new one. `on_connection(true)` is called when the
     /// request has a connection, `(false)` when it has to connect again.
     /// The error says whether connecting failed. The lease goes with the
     /// answer; release it once its body is read.
     pub async fn send(
         &self,
-        node: &Authority,
-        tls_name: Option<&str>,
+        key: &NodeKey,
         max_requests: u32,
         req: Request<ProxyBody>,
         on_connection: impl Fn(bool),
     ) -> Result<(Response<Incoming>, Lease), SendFailure> {
-        let key = NodeKey {
-            node: node.clone(),
-            tls: tls_name.map(str::to_string),
-        };
         let mut req = req;
-        if let Some((mut lease, idle_for)) = self.take_idle(&key, max_requests) {
+        if let Some((mut lease, idle_for)) = self.take_idle(key, max_requests) {
             on_connection(true);
             // A connection idle for a while may be closed by the node just
             // as the request goes out; keep a copy of a request that can
@@ -196,7 +201,7 @@ impl H1Pool {
             }
         }
         let mut lease = self
-            .connect(key, max_requests)
+            .connect(key.clone(), max_requests)
             .await
             .map_err(SendFailure::Connect)?;
         on_connection(true);
@@ -442,7 +447,12 @@ mod tests {
 
     async fn exchange(pool: &H1Pool, node: &Authority, max_requests: u32) {
         let (resp, lease) = pool
-            .send(node, None, max_requests, request(node), |_| {})
+            .send(
+                &NodeKey::new(node.clone(), None),
+                max_requests,
+                request(node),
+                |_| {},
+            )
             .await
             .unwrap();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
@@ -486,7 +496,12 @@ mod tests {
         let (node, conns) = node().await;
         let p = pool(Duration::from_secs(60));
         let (_resp, lease) = p
-            .send(&node, None, 1000, request(&node), |_| {})
+            .send(
+                &NodeKey::new(node.clone(), None),
+                1000,
+                request(&node),
+                |_| {},
+            )
             .await
             .unwrap();
         drop(lease);
@@ -500,7 +515,12 @@ mod tests {
         let node: Authority = l.local_addr().unwrap().to_string().parse().unwrap();
         drop(l);
         let failure = pool(Duration::from_secs(60))
-            .send(&node, None, 10, request(&node), |_| {})
+            .send(
+                &NodeKey::new(node.clone(), None),
+                10,
+                request(&node),
+                |_| {},
+            )
             .await;
         assert!(matches!(
             failure,
@@ -519,7 +539,12 @@ mod tests {
         let (node, _) = node().await;
         let p = pool(Duration::from_secs(60));
         let (resp, lease) = p
-            .send(&node, None, 1000, request(&node), |_| {})
+            .send(
+                &NodeKey::new(node.clone(), None),
+                1000,
+                request(&node),
+                |_| {},
+            )
             .await
             .unwrap();
         let _ = resp.into_body().collect().await;
@@ -578,7 +603,9 @@ mod tests {
         let post = Request::post(format!("http://{node}/"))
             .body(Either::Left(Full::new(Bytes::from_static(b"once"))))
             .unwrap();
-        let failure = p.send(&node, None, 1000, post, |_| {}).await;
+        let failure = p
+            .send(&NodeKey::new(node.clone(), None), 1000, post, |_| {})
+            .await;
         assert!(matches!(failure, Err(SendFailure::Request(_))));
     }
 }

@@ -391,8 +391,7 @@ impl ProxyTarget {
         match &self.client {
             UpstreamClient::Http1(pool) => {
                 let exchange = pool.send(
-                    &target.authority,
-                    target.tls_name.as_deref(),
+                    &target.pool_key,
                     up.keepalive_pool.requests,
                     out,
                     |connected| progress.mark_connected(connected),

@@ -12,7 +12,7 @@ use admin_api::model::{default_port, Node, Timeout, UpstreamConf};
 
 use crate::balancer::Balancer;
 use crate::connector;
-use crate::h1_upstream::{H1Pool, WeakH1Pool};
+use crate::h1_upstream::{H1Pool, NodeKey, WeakH1Pool};
 use crate::h2_upstream::H2Pool;
 use crate::health::{Checked, ChecksConf};
 use crate::tls;
@@ -221,6 +221,8 @@ pub struct Target {
     /// under `pass_host: rewrite` when it is a DNS name (nginx's
     /// `proxy_ssl_name $upstream_host`), else the node's host.
     pub tls_name: Option<String>,
+    /// The connection pool's key for this node (HTTP/1.1).
+    pub pool_key: NodeKey,
     /// Host header for `pass_host: node`: port omitted when it is the
     /// scheme's default.
     pub host_header: HeaderValue,
@@ -449,6 +451,7 @@ impl CompiledUpstream {
                         .to_string()
                 });
                 Ok(Target {
+                    pool_key: NodeKey::new(authority.clone(), tls_name.as_deref()),
                     authority,
                     tls_name,
                     host_header,
