@@ -123,6 +123,19 @@ impl Drop for Proc {
     }
 }
 
+/// The Admin API's route list, as text.
+fn route_list(admin: u16) -> String {
+    http(
+        admin,
+        "GET",
+        "/apisix/admin/routes",
+        Some("k3y-k3y-k3y"),
+        "",
+    )
+    .unwrap()
+    .1
+}
+
 /// Creates route `id` for `uri` to the one node `node` (201 expected).
 fn put_route(admin: u16, id: &str, uri: &str, node: &str) {
     let body = format!("{{\"uri\":\"{uri}\",\"upstream\":{{\"nodes\":{{\"{node}\":1}}}}}}");
@@ -263,14 +276,7 @@ fn acknowledged_writes_survive_kill_9() {
             (200, "hello".to_string())
         );
     }
-    let (_, list) = http(
-        admin,
-        "GET",
-        "/apisix/admin/routes",
-        Some("k3y-k3y-k3y"),
-        "",
-    )
-    .unwrap();
+    let list = route_list(admin);
     assert!(list.contains("\"total\":20"), "{list}");
 }
 
@@ -592,14 +598,7 @@ fn kill_9_during_a_write_storm_loses_no_acknowledged_write() {
     assert!(total > 20, "only {total} writes were made");
     let mut p = Proc::start(dir.path());
     p.wait_ready(admin);
-    let (_, list) = http(
-        admin,
-        "GET",
-        "/apisix/admin/routes",
-        Some("k3y-k3y-k3y"),
-        "",
-    )
-    .unwrap();
+    let list = route_list(admin);
     let stored: usize = list
         .split("\"total\":")
         .nth(1)
