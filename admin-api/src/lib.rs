@@ -8,7 +8,7 @@
 pub mod api;
 pub mod auth;
 pub mod error;
-pub mod expr;
+pub use plugins::expr;
 pub mod model;
 pub mod ops;
 pub mod resource;

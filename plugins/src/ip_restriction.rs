@@ -1,6 +1,7 @@
 //! `ip-restriction`: allow or deny clients by IP address or CIDR.
 //!
-//! Mirrors APISIX's plugin of the same name (priority 3000, access phase):
+//! Mirrors APISIX's plugin of the same name (priority 3000, access phase, so
+//! it runs after every plugin's rewrite: a key-auth 401 comes first):
 //!
 //! ```json
 //! {"whitelist": ["127.0.0.0/24", "::1"], "message": "Go away", "response_code": 403}
@@ -11,28 +12,25 @@
 //! `Your IP address is not allowed`) and `response_code` (403 or 404, default
 //! 403) shape the answer `{"message": ...}` to a blocked client.
 //!
-//! The address judged is [`ClientIp`]: the TCP peer unless the gateway has a
-//! trusted proxy configured, so `X-Forwarded-For` or `X-Real-IP` from a client
-//! cannot get it past the list. A request without a `ClientIp` is treated as
-//! coming from an unknown address: blocked by a whitelist, let through by a
-//! blacklist.
+//! The address judged is the context's client address: the TCP peer unless
+//! the gateway has a trusted proxy configured (or a `real-ip` plugin, which
+//! has its own trusted list, replaced it), so `X-Forwarded-For` or
+//! `X-Real-IP` from a client cannot get it past the list.
 //!
 //! The lists are compiled once per config snapshot into an [`IpSet`] (prefix
 //! trie), so the cost per request does not grow with the list length.
 
-use std::convert::Infallible;
 use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use futures_util::future::{ready, Either, Ready};
-use http::{header, HeaderValue, Request, Response, StatusCode};
+use http::{header, HeaderValue, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::Value;
-use tower::{Layer, Service};
 
 use crate::cidr::{parse_entry, IpSet};
 use crate::registry::cached;
+use crate::ctx::Ctx;
+use crate::plugin::{CompileCx, Flow, Phases, Plugin, PluginSpec, SchemaType};
 use crate::schema::Schema;
 use crate::{full_body, ClientIp, ResponseBody};
 
@@ -174,56 +172,41 @@ impl Rule {
     }
 }
 
-/// Tower layer applying a compiled [`Rule`].
-#[derive(Clone, Debug)]
-pub struct IpRestrictionLayer {
-    rule: Arc<Rule>,
-}
+/// The registry entry.
+pub struct IpRestrictionSpec;
 
-impl IpRestrictionLayer {
-    pub fn new(rule: Arc<Rule>) -> Self {
-        IpRestrictionLayer { rule }
+impl PluginSpec for IpRestrictionSpec {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn priority(&self) -> i32 {
+        PRIORITY
+    }
+
+    fn schema(&self) -> &'static Schema {
+        schema()
+    }
+
+    fn check(&self, conf: &Value, _target: SchemaType) -> Result<(), String> {
+        check(conf)
+    }
+
+    fn compile(&self, conf: &Value, _cx: &CompileCx<'_>) -> Result<Arc<dyn Plugin>, String> {
+        Ok(Arc::new(compile(conf)?))
     }
 }
 
-impl<S> Layer<S> for IpRestrictionLayer {
-    type Service = IpRestriction<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        IpRestriction {
-            inner,
-            rule: self.rule.clone(),
-        }
-    }
-}
-
-/// The service: answers blocked clients itself, passes the rest on.
-#[derive(Clone, Debug)]
-pub struct IpRestriction<S> {
-    inner: S,
-    rule: Arc<Rule>,
-}
-
-impl<S, B> Service<Request<B>> for IpRestriction<S>
-where
-    S: Service<Request<B>, Response = Response<ResponseBody>, Error = Infallible>,
-{
-    type Response = Response<ResponseBody>;
-    type Error = Infallible;
-    type Future = Either<Ready<Result<Self::Response, Infallible>>, S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
+impl Plugin for Rule {
+    fn phases(&self) -> Phases {
+        Phases::ACCESS
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        if self
-            .rule
-            .blocks(req.extensions().get::<ClientIp>().copied())
-        {
-            Either::Left(ready(Ok(self.rule.rejection())))
+    fn access(&self, ctx: &mut Ctx, _req: &mut http::request::Parts) -> Flow {
+        if self.blocks(Some(ClientIp(ctx.client_ip))) {
+            Flow::Respond(self.rejection())
         } else {
-            Either::Right(self.inner.call(req))
+            Flow::Continue
         }
     }
 }

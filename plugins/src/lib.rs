@@ -1,20 +1,28 @@
 //! ferrogate's plugins: the registry, the shared plugin vocabulary and one
 //! module per plugin.
 //!
-//! A plugin mirrors an APISIX plugin: a name, a priority (higher runs first),
-//! a JSON schema with defaults and a `check`. Its configuration is compiled
-//! once per config snapshot into a value that can wrap a tower service
-//! ([`CompiledPlugin::wrap`]); the data plane stacks those layers around the
-//! proxy service, highest priority outermost, so a plugin that answers early
-//! (ip-restriction's 403) stops the request before anything inside it runs.
+//! A plugin mirrors an APISIX plugin: a name, a priority (higher runs first
+//! within a phase), a JSON schema with defaults and a side-effect-free
+//! `check` ([`PluginSpec`]). Its configuration is compiled once per config
+//! object into a [`Plugin`] with hooks in APISIX's phases; [`chain::Chain`]
+//! runs the global rules and the route's plugins phase by phase around the
+//! proxy, with a per-request [`ctx::Ctx`].
 //!
-//! Adding a plugin: one module beside `ip_restriction`, one entry in
-//! [`registry`].
+//! Adding a plugin: one module beside `ip_restriction`, one line in
+//! [`registry::PLUGINS`]. See `CONTRIBUTING.md`.
 
+pub mod chain;
 pub mod cidr;
+pub mod consumer;
+pub mod ctx;
+pub mod expr;
 pub mod ip_restriction;
+pub mod plugin;
 pub mod registry;
 pub mod schema;
+#[doc(hidden)]
+pub mod testing;
+pub mod vars;
 
 use std::convert::Infallible;
 use std::net::IpAddr;
@@ -23,7 +31,11 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
 
-pub use registry::{compile, find, CompiledPlugin, PluginError, PluginSpec, PLUGINS};
+pub use chain::{Chain, GlobalRules, PluginSet};
+pub use ctx::Ctx;
+pub use plugin::{CompileCx, Flow, Phases, Plugin, PluginKind, PluginSpec, SchemaType};
+pub use registry::{find, PluginError, PLUGINS};
+pub use vars::ConnInfo;
 
 /// Error type carried by response bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -1,11 +1,14 @@
 use super::*;
-use crate::registry::{build_chain, compile as compile_plugin, PluginError};
-use crate::HttpService;
-use http_body_util::BodyExt;
+use crate::consumer::ConsumerIndex;
+use crate::registry::PluginError;
+use crate::testing::{self, send};
 use serde_json::json;
-use tower::ServiceExt;
 
 const PREFIX: &str = "failed to check the configuration of plugin ip-restriction err: ";
+
+fn compile_plugin(name: &str, conf: &Value) -> Result<crate::PluginSet, PluginError> {
+    testing::compile(&json!({ name: conf }))
+}
 
 fn check_err(conf: Value) -> String {
     match compile_plugin(NAME, &conf) {
@@ -74,50 +77,42 @@ fn whitelist_and_blacklist_decisions() {
     assert!(!deny.blocks(None));
 }
 
-fn ok_service() -> HttpService<()> {
-    HttpService::new(tower::service_fn(|_req: Request<()>| async {
-        Ok::<_, Infallible>(Response::new(full_body("upstream")))
-    }))
-}
-
-async fn call(svc: HttpService<()>, client: &str) -> (StatusCode, String) {
-    let mut req = Request::new(());
-    req.extensions_mut()
-        .insert(ClientIp(client.parse().unwrap()));
-    let resp = svc.oneshot(req).await.unwrap();
-    let status = resp.status();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
+async fn call(set: crate::PluginSet, client: &str) -> (StatusCode, String) {
+    let chain = testing::chain(Vec::new(), set, ConsumerIndex::default());
+    let answer = send(chain, testing::request(client, "/", &[])).await;
+    let body = if answer.status == StatusCode::OK {
+        "upstream".to_string()
+    } else {
+        answer.body
+    };
+    (answer.status, body)
 }
 
 #[tokio::test]
-async fn layer_blocks_before_inner_service() {
-    let chain = vec![compile_plugin(
+async fn blocks_before_the_upstream() {
+    let set = compile_plugin(
         NAME,
         &json!({"blacklist": ["10.0.0.0/8"], "message": "Go away"}),
     )
-    .unwrap()];
-    let svc = build_chain(&chain, ok_service());
+    .unwrap();
     assert_eq!(
-        call(svc.clone(), "10.1.2.3").await,
+        call(set.clone(), "10.1.2.3").await,
         (
             StatusCode::FORBIDDEN,
             "{\"message\":\"Go away\"}\n".to_string()
         )
     );
     assert_eq!(
-        call(svc, "192.0.2.1").await,
+        call(set, "192.0.2.1").await,
         (StatusCode::OK, "upstream".to_string())
     );
 }
 
 #[tokio::test]
 async fn custom_response_code_and_default_message() {
-    let chain =
-        vec![compile_plugin(NAME, &json!({"whitelist": ["::1"], "response_code": 404})).unwrap()];
-    let svc = build_chain(&chain, ok_service());
+    let set = compile_plugin(NAME, &json!({"whitelist": ["::1"], "response_code": 404})).unwrap();
     assert_eq!(
-        call(svc, "127.0.0.1").await,
+        call(set, "127.0.0.1").await,
         (
             StatusCode::NOT_FOUND,
             "{\"message\":\"Your IP address is not allowed\"}\n".to_string()

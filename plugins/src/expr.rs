@@ -19,7 +19,7 @@ use std::borrow::Cow;
 use regex::{Regex, RegexBuilder};
 use serde_json::Value;
 
-use plugins::cidr::IpSet;
+use crate::cidr::IpSet;
 
 /// Request variables by APISIX name (`arg_env`, `http_x_tier`, `uri`, ...).
 pub trait Vars {

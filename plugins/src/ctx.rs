@@ -1,0 +1,178 @@
+//! The per-request context every phase sees.
+//!
+//! It carries what APISIX keeps in `ngx.ctx.api_ctx`: the client address (a
+//! `real-ip` plugin may replace it for later phases), the connection facts,
+//! the matched route and service, the consumer once an auth plugin has
+//! identified it, the upstream node and status once known, timings, and
+//! typed per-request data plugins share ([`Ctx::data`]).
+
+use std::borrow::Cow;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{request, response, HeaderMap, Method, StatusCode, Uri};
+
+use crate::consumer::{ConsumerIndex, Credential};
+use crate::vars::{header_var, ConnInfo, ReqRef};
+
+/// What the upstream side reported about the response (set by the proxy in
+/// the response extensions, read into [`Ctx`] before `header_filter`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UpstreamInfo {
+    /// The node that answered last.
+    pub addr: Option<SocketAddr>,
+    /// Its status (`$upstream_status`).
+    pub status: Option<u16>,
+    /// When the upstream's response head arrived.
+    pub header_time: Option<Instant>,
+}
+
+/// The consumer's username, put in the request extensions for the proxy
+/// (`chash` with `hash_on: consumer`).
+#[derive(Debug, Clone)]
+pub struct ConsumerName(pub Arc<str>);
+
+/// The request as it was when it reached the gateway, kept for response
+/// phases only when a plugin there reads request variables.
+pub struct RequestHead {
+    pub method: Method,
+    pub uri: Uri,
+    pub headers: HeaderMap,
+}
+
+/// Per-request context.
+pub struct Ctx {
+    /// The address the gateway judges the client by (`$remote_addr`).
+    pub client_ip: IpAddr,
+    pub conn: ConnInfo,
+    /// The normalised path (`$uri`) when it differs from the request's.
+    pub path: Option<Box<str>>,
+    /// Lower-cased `Host` without port (`$host`).
+    pub host: Option<Box<str>>,
+    pub route_id: Option<Arc<str>>,
+    pub service_id: Option<Arc<str>>,
+    /// Set by the auth plugin that identified the client.
+    pub credential: Option<Arc<Credential>>,
+    /// Every consumer credential of this snapshot, for auth plugins.
+    pub consumers: Arc<ConsumerIndex>,
+    /// The response status, once there is a response.
+    pub status: Option<StatusCode>,
+    pub upstream: UpstreamInfo,
+    pub started: Instant,
+    /// Bytes of response body sent so far.
+    pub body_bytes_sent: u64,
+    /// Kept for response phases when needed (see [`RequestHead`]).
+    pub request: Option<RequestHead>,
+    /// Response headers, for `sent_http_*` in the log phase.
+    pub response_headers: Option<HeaderMap>,
+    /// Typed data plugins share (a request id for loggers, ...).
+    pub data: http::Extensions,
+}
+
+impl Ctx {
+    pub fn new(client_ip: IpAddr, conn: ConnInfo, consumers: Arc<ConsumerIndex>) -> Self {
+        Ctx {
+            client_ip,
+            conn,
+            path: None,
+            host: None,
+            route_id: None,
+            service_id: None,
+            credential: None,
+            consumers,
+            status: None,
+            upstream: UpstreamInfo::default(),
+            started: Instant::now(),
+            body_bytes_sent: 0,
+            request: None,
+            response_headers: None,
+            data: http::Extensions::new(),
+        }
+    }
+
+    /// The authenticated consumer's username.
+    pub fn consumer_name(&self) -> Option<&str> {
+        self.credential.as_ref().map(|c| &*c.consumer.username)
+    }
+
+    /// Request variables read from `req` (the live request in request
+    /// phases, [`Ctx::request`] later).
+    pub fn req_ref<'a>(
+        &'a self,
+        method: &'a Method,
+        uri: &'a Uri,
+        headers: &'a HeaderMap,
+    ) -> ReqRef<'a> {
+        ReqRef {
+            method,
+            uri,
+            headers,
+            path: self.path.as_deref().unwrap_or_else(|| uri.path()),
+            host: self.host.as_deref(),
+            client_ip: Some(self.client_ip),
+            conn: Some(&self.conn),
+        }
+    }
+
+    /// Looks a variable up: context variables first (`status`,
+    /// `upstream_status`, `upstream_addr`, `route_id`, `service_id`,
+    /// `consumer_name`, `sent_http_*`, `request_time`), then the request.
+    pub fn var<'a>(&'a self, req: Option<&'a request::Parts>, name: &str) -> Option<Cow<'a, str>> {
+        match name {
+            "status" => return self.status.map(|s| Cow::Owned(s.as_u16().to_string())),
+            "upstream_status" => {
+                return self.upstream.status.map(|s| Cow::Owned(s.to_string()))
+            }
+            "upstream_addr" => return self.upstream.addr.map(|a| Cow::Owned(a.to_string())),
+            "route_id" => return self.route_id.as_deref().map(Cow::Borrowed),
+            "service_id" => return self.service_id.as_deref().map(Cow::Borrowed),
+            "consumer_name" => return self.consumer_name().map(Cow::Borrowed),
+            "request_time" => {
+                return Some(Cow::Owned(format!(
+                    "{:.3}",
+                    self.started.elapsed().as_secs_f64()
+                )))
+            }
+            "body_bytes_sent" => return Some(Cow::Owned(self.body_bytes_sent.to_string())),
+            _ => {}
+        }
+        if let Some(h) = name.strip_prefix("sent_http_") {
+            return header_var(self.response_headers.as_ref()?, h);
+        }
+        let r = match (req, &self.request) {
+            (Some(p), _) => self.req_ref(&p.method, &p.uri, &p.headers),
+            (None, Some(h)) => self.req_ref(&h.method, &h.uri, &h.headers),
+            (None, None) => {
+                return match name {
+                    "remote_addr" => Some(Cow::Owned(self.client_ip.to_string())),
+                    "host" => self.host.as_deref().map(Cow::Borrowed),
+                    _ => None,
+                }
+            }
+        };
+        r.var(name)
+    }
+
+    /// A [`crate::expr::Vars`] view for evaluating expressions.
+    pub fn vars<'a>(&'a self, req: Option<&'a request::Parts>) -> CtxVars<'a> {
+        CtxVars { ctx: self, req }
+    }
+
+    /// Response headers as seen in `header_filter`, for later phases.
+    pub fn remember_response(&mut self, resp: &response::Parts) {
+        self.response_headers = Some(resp.headers.clone());
+    }
+}
+
+/// Context plus (optionally) the live request, as expression variables.
+pub struct CtxVars<'a> {
+    ctx: &'a Ctx,
+    req: Option<&'a request::Parts>,
+}
+
+impl crate::expr::Vars for CtxVars<'_> {
+    fn var(&self, name: &str) -> Option<Cow<'_, str>> {
+        self.ctx.var(self.req, name)
+    }
+}
