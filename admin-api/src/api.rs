@@ -3,8 +3,10 @@
 //! | path | methods |
 //! |---|---|
 //! | `/apisix/admin` | HEAD (liveness, no key needed) |
-//! | `/apisix/admin/{routes,services,upstreams,global_rules}[/{id}[/{sub_path}]]` | GET PUT POST PATCH DELETE |
-//! | `/apisix/admin/plugins/list`, `/apisix/admin/plugins/{name}` | GET |
+//! | `/apisix/admin/{routes,services,upstreams,global_rules,plugin_configs,consumer_groups}[/{id}[/{sub_path}]]` | GET PUT POST PATCH DELETE (as APISIX allows per kind) |
+//! | `/apisix/admin/consumers[/{username}]`, `/apisix/admin/consumers/{username}/credentials[/{id}]` | GET PUT DELETE |
+//! | `/apisix/admin/plugin_metadata/{plugin}` | GET PUT DELETE |
+//! | `/apisix/admin/plugins/list`, `/apisix/admin/plugins/{name}[?schema_type=consumer]`, `/apisix/admin/plugins?all=true` | GET |
 //! | `/apisix/admin/schema/{route,service,upstream,global_rule}`, `/apisix/admin/schema/plugins/{name}` | GET |
 //!
 //! Every request is checked against `allow_admin` and the admin key first.
@@ -177,11 +179,18 @@ async fn dispatch(state: Arc<AdminState>, req: Request) -> Result<Reply, AdminEr
     let arg = |name: &str| args.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
 
     match target.resource.as_str() {
-        "plugins" => return plugin_info(&parts.method, target.id.as_deref()),
+        "plugins" => {
+            return plugin_info(
+                &parts.method,
+                target.id.as_deref(),
+                arg("schema_type").as_deref(),
+                arg("all").as_deref() == Some("true"),
+            )
+        }
         "schema" => return schema_info(&parts.method, &target),
         _ => {}
     }
-    let Some(kind) = Kind::from_collection(&target.resource) else {
+    let Some(mut kind) = Kind::from_collection(&target.resource) else {
         if KNOWN_UNSERVED.contains(&target.resource.as_str()) && parts.method == Method::GET {
             return match target.id {
                 None => Ok((StatusCode::OK, json!({"list": [], "total": 0}))),
@@ -218,6 +227,27 @@ async fn dispatch(state: Arc<AdminState>, req: Request) -> Result<Reply, AdminEr
     };
     let force = arg("force").is_some_and(|v| v == "true");
     let method = parts.method.clone();
+    // `/consumers/{username}/credentials[/{id}]`: a credential's id is
+    // `{username}/credentials/{id}`; the list is the consumer's.
+    let mut target = target;
+    let mut parent = None;
+    if kind == Kind::Consumers {
+        if let (Some(user), Some(sub)) = (target.id.clone(), target.sub_path.clone()) {
+            let Some(rest) = sub.strip_prefix("credentials") else {
+                return Err(AdminError::new(
+                    StatusCode::NOT_FOUND,
+                    format!("Unsupported resource type: {sub}"),
+                ));
+            };
+            kind = Kind::Credentials;
+            target.id = rest
+                .strip_prefix('/')
+                .filter(|c| !c.is_empty())
+                .map(|c| format!("{user}/credentials/{c}"));
+            target.sub_path = None;
+            parent = Some(user);
+        }
+    }
 
     tokio::task::spawn_blocking(move || {
         let store = state.store.as_ref();
@@ -225,7 +255,7 @@ async fn dispatch(state: Arc<AdminState>, req: Request) -> Result<Reply, AdminEr
         match method {
             Method::GET => match id {
                 Some(id) => ops::get(store, kind, id),
-                None => ops::list(store, kind, &list_query),
+                None => ops::list(store, kind, parent.as_deref(), &list_query),
             },
             _ => {
                 let _writer = state.writes.lock().unwrap_or_else(|p| p.into_inner());
@@ -234,10 +264,7 @@ async fn dispatch(state: Arc<AdminState>, req: Request) -> Result<Reply, AdminEr
                     Method::POST => ops::post(store, kind, conf),
                     Method::PATCH => ops::patch(store, kind, id, target.sub_path.as_deref(), conf),
                     Method::DELETE => ops::delete(store, kind, id, force),
-                    other => Err(AdminError::new(
-                        StatusCode::METHOD_NOT_ALLOWED,
-                        format!("not supported `{other}` method for {}", kind.label()),
-                    )),
+                    other => Err(ops::not_supported(other.as_str(), kind)),
                 }
             }
         }
@@ -251,36 +278,69 @@ async fn dispatch(state: Arc<AdminState>, req: Request) -> Result<Reply, AdminEr
     })?
 }
 
-fn plugin_info(method: &Method, name: Option<&str>) -> Result<Reply, AdminError> {
+fn plugin_info(
+    method: &Method,
+    name: Option<&str>,
+    schema_type: Option<&str>,
+    all: bool,
+) -> Result<Reply, AdminError> {
     if method != Method::GET {
         return Err(AdminError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "not supported method for plugins",
         ));
     }
+    if all {
+        let mut out = serde_json::Map::new();
+        for spec in plugins::registry::by_priority() {
+            let mut attrs = serde_json::Map::new();
+            attrs.insert("priority".into(), json!(spec.priority()));
+            attrs.insert("version".into(), json!(0.1));
+            attrs.insert("schema".into(), spec.schema().to_json());
+            if let Some(s) = spec.consumer_schema() {
+                attrs.insert("consumer_schema".into(), s.to_json());
+            }
+            if let Some(s) = spec.metadata_schema() {
+                attrs.insert("metadata_schema".into(), s.to_json());
+            }
+            if spec.kind() == plugins::PluginKind::Auth {
+                attrs.insert("type".into(), json!("auth"));
+            }
+            out.insert(spec.name().to_string(), Value::Object(attrs));
+        }
+        return Ok((StatusCode::OK, Value::Object(out)));
+    }
     match name {
         Some("list") | None => Ok((
             StatusCode::OK,
-            json!(plugins::PLUGINS.iter().map(|p| p.name).collect::<Vec<_>>()),
+            json!(plugins::registry::by_priority()
+                .iter()
+                .map(|p| p.name())
+                .collect::<Vec<_>>()),
         )),
-        Some(name) => plugin_schema(name),
+        Some(name) => plugin_schema(name, schema_type == Some("consumer")),
     }
 }
 
-fn plugin_schema(name: &str) -> Result<Reply, AdminError> {
-    match plugins::find(name) {
-        Some(spec) => {
-            let mut schema = (spec.schema)().to_json();
-            if let Value::Object(map) = &mut schema {
-                map.insert("priority".into(), json!(spec.priority));
-            }
-            Ok((StatusCode::OK, schema))
-        }
-        None => Err(AdminError::new(
+fn plugin_schema(name: &str, consumer: bool) -> Result<Reply, AdminError> {
+    let Some(spec) = plugins::find(name) else {
+        return Err(AdminError::new(
             StatusCode::NOT_FOUND,
             "plugin not found in subsystem http",
-        )),
-    }
+        ));
+    };
+    let schema = if consumer {
+        spec.consumer_schema()
+            .ok_or_else(|| AdminError::bad_request("not found schema"))?
+            .to_json()
+    } else {
+        let mut schema = spec.schema().to_json();
+        if let Value::Object(map) = &mut schema {
+            map.insert("priority".into(), json!(spec.priority()));
+        }
+        schema
+    };
+    Ok((StatusCode::OK, schema))
 }
 
 fn schema_info(method: &Method, target: &Target) -> Result<Reply, AdminError> {
@@ -291,11 +351,17 @@ fn schema_info(method: &Method, target: &Target) -> Result<Reply, AdminError> {
         ));
     }
     let kind = match target.id.as_deref() {
-        Some("plugins") => return plugin_schema(target.sub_path.as_deref().unwrap_or_default()),
+        Some("plugins") => {
+            return plugin_schema(target.sub_path.as_deref().unwrap_or_default(), false)
+        }
         Some("route") => Kind::Routes,
         Some("service") => Kind::Services,
         Some("upstream") => Kind::Upstreams,
         Some("global_rule") => Kind::GlobalRules,
+        Some("consumer") => Kind::Consumers,
+        Some("credential") => Kind::Credentials,
+        Some("consumer_group") => Kind::ConsumerGroups,
+        Some("plugin_config") => Kind::PluginConfigs,
         other => {
             return Err(AdminError::bad_request(format!(
                 "not found schema: {}",

@@ -44,6 +44,8 @@ pub struct RouteConf {
     #[serde(default)]
     pub service_id: Option<Value>,
     #[serde(default)]
+    pub plugin_config_id: Option<Value>,
+    #[serde(default)]
     pub timeout: Option<Timeout>,
     #[serde(default)]
     pub enable_websocket: Option<bool>,

@@ -13,8 +13,8 @@ use serde_json::{json, Map, Value};
 
 use crate::error::AdminError;
 use crate::model::id_text;
-use crate::resource::Kind;
-use crate::store::{Entry, Store};
+use crate::resource::{credential_parts, IdSource, Kind};
+use crate::store::{BatchOp, Entry, Store};
 use crate::validate::{self, Lookup};
 
 /// Fields a client may not set: the gateway keeps them.
@@ -78,7 +78,13 @@ fn store_checked(
     previous: Option<&Entry>,
 ) -> Result<Reply, AdminError> {
     integral_numbers(&mut conf);
+    if !validate_id_text(kind, id) {
+        return Err(AdminError::bad_request(format!(
+            "invalid configuration: property \"id\" validation failed: object matches none of the required"
+        )));
+    }
     validate::check(kind, &conf, &StoreLookup(store)).map_err(AdminError::bad_request)?;
+    duplicate_key(store, kind, id, &conf)?;
     let t = now();
     if let Value::Object(map) = &mut conf {
         let created = previous
@@ -113,6 +119,14 @@ fn integral_numbers(v: &mut Value) {
     }
 }
 
+/// 405 `not supported `METHOD` method for KIND`.
+pub fn not_supported(method: &str, kind: Kind) -> AdminError {
+    AdminError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("not supported `{method}` method for {}", kind.label()),
+    )
+}
+
 fn missing_id(kind: Kind) -> AdminError {
     AdminError::bad_request(format!("missing {} id", kind.label()))
 }
@@ -125,24 +139,61 @@ pub fn put(
     conf: Option<Value>,
 ) -> Result<Reply, AdminError> {
     let mut conf = conf.ok_or_else(|| AdminError::bad_request("missing configurations"))?;
-    let body_id = conf.get("id").and_then(id_text);
-    let id = match (url_id, &body_id) {
-        (Some(u), Some(b)) if u != b => {
-            return Err(AdminError::bad_request(format!(
-                "wrong {} id",
-                kind.label()
-            )))
+    let id = match kind.info().id {
+        IdSource::Id => {
+            let body_id = conf.get("id").and_then(id_text);
+            let id = match (url_id, &body_id) {
+                (Some(u), Some(b)) if u != b && kind != Kind::Credentials => {
+                    return Err(AdminError::bad_request(format!(
+                        "wrong {} id",
+                        kind.label()
+                    )))
+                }
+                (Some(u), _) => u.to_string(),
+                (None, Some(b)) => b.clone(),
+                (None, None) => return Err(missing_id(kind)),
+            };
+            if let Value::Object(map) = &mut conf {
+                // A body id is kept as sent (APISIX keeps `"id": 1`).
+                let short = match kind {
+                    Kind::Credentials => credential_parts(&id).map_or(id.as_str(), |(_, c)| c),
+                    _ => id.as_str(),
+                };
+                map.entry("id").or_insert_with(|| Value::String(short.to_string()));
+            }
+            id
         }
-        (Some(u), _) => u.to_string(),
-        (None, Some(b)) => b.clone(),
-        (None, None) => return Err(missing_id(kind)),
+        IdSource::Username => {
+            // Schema errors (a missing username) come before the name check.
+            validate::schema_of(kind)
+                .validate(&conf)
+                .map_err(|e| AdminError::bad_request(format!("invalid configuration: {e}")))?;
+            let name = conf
+                .get("username")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            if url_id.is_some_and(|u| u != name) {
+                return Err(AdminError::bad_request("wrong username"));
+            }
+            name
+        }
+        IdSource::PluginName => {
+            let name = url_id.ok_or_else(|| AdminError::bad_request("missing plugin name"))?;
+            if let Value::Object(map) = &mut conf {
+                map.insert("id".into(), Value::String(name.to_string()));
+            }
+            name.to_string()
+        }
     };
     forbid_client_timestamps(&conf)?;
-    if let Value::Object(map) = &mut conf {
-        // A body id is kept as sent (APISIX keeps `"id": 1`).
-        map.entry("id").or_insert_with(|| Value::String(id.clone()));
+    if kind == Kind::Credentials {
+        let consumer = credential_parts(&id).map(|(c, _)| c).unwrap_or_default();
+        if store.get(&Kind::Consumers.key(consumer))?.is_none() {
+            return Err(AdminError::new(StatusCode::NOT_FOUND, "consumer not found"));
+        }
     }
-    let previous = if validate_id_text(&id) {
+    let previous = if validate_id_text(kind, &id) {
         store.get(&kind.key(&id))?
     } else {
         None
@@ -150,17 +201,85 @@ pub fn put(
     store_checked(store, kind, &id, conf, previous.as_ref())
 }
 
-fn validate_id_text(id: &str) -> bool {
-    !id.is_empty() && !id.contains('/')
+/// The owner of an auth key another consumer or credential already uses.
+fn duplicate_key(store: &dyn Store, kind: Kind, id: &str, conf: &Value) -> Result<(), AdminError> {
+    let Some(Value::Object(plugins_conf)) = conf.get("plugins") else {
+        return Ok(());
+    };
+    let (consumer, credential) = match kind {
+        Kind::Consumers => (id, None),
+        Kind::Credentials => match credential_parts(id) {
+            Some((c, cred)) => (c, Some(cred)),
+            None => return Ok(()),
+        },
+        _ => return Ok(()),
+    };
+    let key_of = |name: &str, conf: &Value| -> Option<(&'static str, String)> {
+        let spec = plugins::find(name).filter(|s| s.kind() == plugins::PluginKind::Auth)?;
+        let key = conf.get(spec.key_attr())?;
+        Some((spec.key_attr(), key.as_str().map_or_else(|| key.to_string(), str::to_string)))
+    };
+    let wanted: Vec<(&String, &'static str, String)> = plugins_conf
+        .iter()
+        .filter_map(|(name, c)| key_of(name, c).map(|(attr, k)| (name, attr, k)))
+        .collect();
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    for entry in store.list(&Kind::Consumers.prefix())? {
+        let Some((owner_kind, owner_id)) = Kind::parse_key(&entry.key) else {
+            continue;
+        };
+        let (owner_consumer, owner_cred) = match owner_kind {
+            Kind::Credentials => match credential_parts(owner_id) {
+                Some((c, cred)) => (c, Some(cred)),
+                None => continue,
+            },
+            _ => (owner_id, None),
+        };
+        let is_self = match credential {
+            Some(cred) => owner_consumer == consumer && owner_cred == Some(cred),
+            None => owner_consumer == consumer,
+        };
+        if is_self {
+            continue;
+        }
+        let Some(Value::Object(owner_plugins)) = entry.value.get("plugins") else {
+            continue;
+        };
+        for (name, attr, key) in &wanted {
+            let taken = owner_plugins
+                .get(name.as_str())
+                .and_then(|c| key_of(name, c))
+                .is_some_and(|(_, k)| &k == key);
+            if taken {
+                let owner = match owner_cred {
+                    Some(cred) => format!("credential: {cred} of consumer: {owner_consumer}"),
+                    None => format!("consumer: {owner_consumer}"),
+                };
+                return Err(AdminError::bad_request(format!(
+                    "duplicate {attr} of plugin {name} found with {owner}"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn validate_id_text(kind: Kind, id: &str) -> bool {
+    !id.is_empty()
+        && match kind {
+            Kind::Credentials => credential_parts(id).is_some_and(|(c, cred)| {
+                !c.is_empty() && !c.contains('/') && !cred.is_empty() && !cred.contains('/')
+            }),
+            _ => !id.contains('/'),
+        }
 }
 
 /// `POST /apisix/admin/{kind}`: creates with a generated id.
 pub fn post(store: &dyn Store, kind: Kind, conf: Option<Value>) -> Result<Reply, AdminError> {
     if !kind.allows_post() {
-        return Err(AdminError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            format!("not supported `POST` method for {}", kind.label()),
-        ));
+        return Err(not_supported("POST", kind));
     }
     let mut conf = conf.ok_or_else(|| AdminError::bad_request("missing configurations"))?;
     if conf.get("id").is_some() {
@@ -205,8 +324,13 @@ pub struct ListQuery {
     pub filter: Option<(String, String)>,
 }
 
-/// `GET /apisix/admin/{kind}`.
-pub fn list(store: &dyn Store, kind: Kind, q: &ListQuery) -> Result<Reply, AdminError> {
+/// `GET /apisix/admin/{kind}`; for credentials, `parent` is the consumer.
+pub fn list(
+    store: &dyn Store,
+    kind: Kind,
+    parent: Option<&str>,
+    q: &ListQuery,
+) -> Result<Reply, AdminError> {
     if let Some(size) = q.page_size {
         if !PAGE_SIZE_RANGE.contains(&size) {
             return Err(AdminError::bad_request(
@@ -226,7 +350,13 @@ pub fn list(store: &dyn Store, kind: Kind, q: &ListQuery) -> Result<Reply, Admin
             .transpose()
     };
     let (name_re, uri_re) = (pattern(&q.name)?, pattern(&q.uri)?);
-    let entries = store.list(&kind.prefix())?;
+    let prefix = match (kind, parent) {
+        (Kind::Credentials, Some(consumer)) => format!("{}{consumer}/credentials/", kind.prefix()),
+        _ => kind.prefix(),
+    };
+    let mut entries = store.list(&prefix)?;
+    // Credentials share the consumers' prefix; each list keeps its own.
+    entries.retain(|e| Kind::parse_key(&e.key).is_some_and(|(k, _)| k == kind));
     let matches = |e: &Entry| {
         let v = &e.value;
         let text = |f: &str| v.get(f).and_then(Value::as_str).unwrap_or_default();
@@ -318,6 +448,9 @@ pub fn patch(
     sub_path: Option<&str>,
     conf: Option<Value>,
 ) -> Result<Reply, AdminError> {
+    if !kind.info().patch {
+        return Err(not_supported("PATCH", kind));
+    }
     let id = id.ok_or_else(|| missing_id(kind))?;
     let conf = conf.ok_or_else(|| AdminError::bad_request("missing new configuration"))?;
     let existing = store
@@ -346,27 +479,31 @@ pub fn patch(
     store_checked(store, kind, id, merged, Some(&existing))
 }
 
-/// Routes (and services) still referring to `/apisix/{kind}/{id}`.
-fn users_of(
-    store: &dyn Store,
-    field: &str,
-    id: &str,
-    user_kinds: &[Kind],
-) -> Result<Option<(Kind, String)>, AdminError> {
-    for kind in user_kinds {
-        for entry in store.list(&kind.prefix())? {
-            if entry.value.get(field).and_then(id_text).as_deref() == Some(id) {
-                let user_id = Kind::parse_key(&entry.key)
-                    .map(|(_, i)| i.to_string())
-                    .unwrap_or_default();
-                return Ok(Some((*kind, user_id)));
+/// The first object still referring to `id` of `kind`, as the refusal
+/// message for deleting it.
+fn in_use(store: &dyn Store, kind: Kind, id: &str) -> Result<Option<String>, AdminError> {
+    for reference in kind.info().referenced_by {
+        for entry in store.list(&reference.from.prefix())? {
+            let Some((from, user)) = Kind::parse_key(&entry.key) else {
+                continue;
+            };
+            if from == reference.from
+                && entry.value.get(reference.field).and_then(id_text).as_deref() == Some(id)
+            {
+                return Ok(Some(
+                    reference
+                        .message
+                        .replace("{label}", from.label())
+                        .replace("{user}", user),
+                ));
             }
         }
     }
     Ok(None)
 }
 
-/// `DELETE /apisix/admin/{kind}/{id}[?force=true]`.
+/// `DELETE /apisix/admin/{kind}/{id}[?force=true]`. Deleting a consumer
+/// deletes its credentials with it, in the same transaction.
 pub fn delete(
     store: &dyn Store,
     kind: Kind,
@@ -374,34 +511,26 @@ pub fn delete(
     force: bool,
 ) -> Result<Reply, AdminError> {
     let id = id.ok_or_else(|| missing_id(kind))?;
+    if !validate_id_text(kind, id) {
+        return Err(AdminError::key_not_found());
+    }
     let key = kind.key(id);
+    if store.get(&key)?.is_none() {
+        return Err(AdminError::key_not_found());
+    }
     if !force {
-        let in_use = match kind {
-            Kind::Upstreams => users_of(store, "upstream_id", id, &[Kind::Routes, Kind::Services])?
-                .map(|(k, u)| {
-                    format!(
-                        "can not delete this upstream, {} [{u}] is still using it now",
-                        k.label()
-                    )
-                }),
-            Kind::Services => users_of(store, "service_id", id, &[Kind::Routes])?.map(|(k, u)| {
-                format!(
-                    "can not delete this service directly, {} [{u}] is still using it now",
-                    k.label()
-                )
-            }),
-            _ => None,
-        };
-        if let Some(msg) = in_use {
-            if store.get(&key)?.is_some() {
-                return Err(AdminError::bad_request(msg));
-            }
+        if let Some(msg) = in_use(store, kind, id)? {
+            return Err(AdminError::bad_request(msg));
         }
     }
-    match store.delete(&key)? {
-        Some(_) => Ok((StatusCode::OK, json!({ "deleted": "1", "key": key }))),
-        None => Err(AdminError::key_not_found()),
+    let mut ops = vec![BatchOp::Delete { key: key.clone() }];
+    if kind == Kind::Consumers {
+        for cred in store.list(&format!("{key}/credentials/"))? {
+            ops.push(BatchOp::Delete { key: cred.key });
+        }
     }
+    store.apply(&ops)?;
+    Ok((StatusCode::OK, json!({ "deleted": "1", "key": key })))
 }
 
 #[cfg(test)]

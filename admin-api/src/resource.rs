@@ -1,83 +1,241 @@
-//! The kinds of objects the Admin API manages, with APISIX's names.
+//! The kinds of objects the Admin API manages, with APISIX's names and the
+//! facts that differ between them: which methods a kind refuses, what its
+//! id is, which other objects refer to it and what deleting it takes along.
+//!
+//! Everything kind-specific is in [`Kind::info`] and, for validation, in
+//! [`crate::validate`]; `ops` and `api` have no per-kind branches beyond
+//! these tables.
 
 /// One Admin API collection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
-    Routes,
-    Services,
     Upstreams,
+    Services,
+    PluginConfigs,
+    ConsumerGroups,
+    Consumers,
+    Credentials,
+    PluginMetadata,
     GlobalRules,
+    Routes,
 }
 
+/// Where an object's id comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdSource {
+    /// `id` in the body or the URL (routes, services, ...).
+    Id,
+    /// `username` in the body or the URL (consumers).
+    Username,
+    /// The plugin name in the URL (plugin_metadata).
+    PluginName,
+}
+
+/// An object of another kind that refers to this one by `field`; deleting
+/// a referenced object is refused (unless forced) with `message`.
+pub struct Reference {
+    pub from: Kind,
+    pub field: &'static str,
+    /// `{user}` is the referring object's id, `{label}` its kind's label.
+    pub message: &'static str,
+}
+
+/// Per-kind facts.
+pub struct KindInfo {
+    /// The collection name in URLs and keys (`routes`).
+    pub collection: &'static str,
+    /// The singular APISIX uses in messages (`missing route id`).
+    pub label: &'static str,
+    pub id: IdSource,
+    pub post: bool,
+    pub patch: bool,
+    pub referenced_by: &'static [Reference],
+}
+
+const NO_REFS: &[Reference] = &[];
+
 impl Kind {
-    pub const ALL: [Kind; 4] = [
-        Kind::Routes,
-        Kind::Services,
+    /// Every kind, referenced kinds before the kinds that refer to them (the
+    /// order a whole configuration is loaded in).
+    pub const ALL: [Kind; 9] = [
         Kind::Upstreams,
+        Kind::Services,
+        Kind::PluginConfigs,
+        Kind::ConsumerGroups,
+        Kind::Consumers,
+        Kind::Credentials,
+        Kind::PluginMetadata,
         Kind::GlobalRules,
+        Kind::Routes,
     ];
+
+    pub fn info(self) -> &'static KindInfo {
+        match self {
+            Kind::Routes => &KindInfo {
+                collection: "routes",
+                label: "route",
+                id: IdSource::Id,
+                post: true,
+                patch: true,
+                referenced_by: NO_REFS,
+            },
+            Kind::Services => &KindInfo {
+                collection: "services",
+                label: "service",
+                id: IdSource::Id,
+                post: true,
+                patch: true,
+                referenced_by: &[Reference {
+                    from: Kind::Routes,
+                    field: "service_id",
+                    message: "can not delete this service directly, {label} [{user}] is still using it now",
+                }],
+            },
+            Kind::Upstreams => &KindInfo {
+                collection: "upstreams",
+                label: "upstream",
+                id: IdSource::Id,
+                post: true,
+                patch: true,
+                referenced_by: &[
+                    Reference {
+                        from: Kind::Routes,
+                        field: "upstream_id",
+                        message: "can not delete this upstream, {label} [{user}] is still using it now",
+                    },
+                    Reference {
+                        from: Kind::Services,
+                        field: "upstream_id",
+                        message: "can not delete this upstream, {label} [{user}] is still using it now",
+                    },
+                ],
+            },
+            Kind::GlobalRules => &KindInfo {
+                collection: "global_rules",
+                label: "global rule",
+                id: IdSource::Id,
+                post: false,
+                patch: true,
+                referenced_by: NO_REFS,
+            },
+            Kind::Consumers => &KindInfo {
+                collection: "consumers",
+                label: "consumer",
+                id: IdSource::Username,
+                post: false,
+                patch: false,
+                referenced_by: NO_REFS,
+            },
+            Kind::Credentials => &KindInfo {
+                collection: "credentials",
+                label: "credential",
+                id: IdSource::Id,
+                post: false,
+                patch: false,
+                referenced_by: NO_REFS,
+            },
+            Kind::ConsumerGroups => &KindInfo {
+                collection: "consumer_groups",
+                label: "consumer group",
+                id: IdSource::Id,
+                post: false,
+                patch: true,
+                referenced_by: &[Reference {
+                    from: Kind::Consumers,
+                    field: "group_id",
+                    message: "can not delete this consumer group, {label} [{user}] is still using it now",
+                }],
+            },
+            Kind::PluginConfigs => &KindInfo {
+                collection: "plugin_configs",
+                label: "plugin config",
+                id: IdSource::Id,
+                post: false,
+                patch: true,
+                referenced_by: &[Reference {
+                    from: Kind::Routes,
+                    field: "plugin_config_id",
+                    message: "can not delete this plugin config, {label} [{user}] is still using it now",
+                }],
+            },
+            Kind::PluginMetadata => &KindInfo {
+                collection: "plugin_metadata",
+                label: "plugin_metadata",
+                id: IdSource::PluginName,
+                post: false,
+                patch: false,
+                referenced_by: NO_REFS,
+            },
+        }
+    }
 
     /// The collection name in URLs and keys (`routes`).
     pub fn collection(self) -> &'static str {
-        match self {
-            Kind::Routes => "routes",
-            Kind::Services => "services",
-            Kind::Upstreams => "upstreams",
-            Kind::GlobalRules => "global_rules",
-        }
+        self.info().collection
     }
 
     /// The singular name APISIX uses in messages (`missing route id`).
     pub fn label(self) -> &'static str {
+        self.info().label
+    }
+
+    /// The kind served at `/apisix/admin/{name}` (credentials are nested
+    /// under consumers and have no collection of their own).
+    pub fn from_collection(name: &str) -> Option<Kind> {
+        Kind::ALL
+            .into_iter()
+            .find(|k| *k != Kind::Credentials && k.collection() == name)
+    }
+
+    /// `/apisix/routes/` — the store prefix of this collection. Credentials
+    /// live under their consumer: `/apisix/consumers/`.
+    pub fn prefix(self) -> String {
         match self {
-            Kind::Routes => "route",
-            Kind::Services => "service",
-            Kind::Upstreams => "upstream",
-            Kind::GlobalRules => "global rule",
+            Kind::Credentials => "/apisix/consumers/".to_string(),
+            k => format!("/apisix/{}/", k.collection()),
         }
     }
 
-    pub fn from_collection(name: &str) -> Option<Kind> {
-        Kind::ALL.into_iter().find(|k| k.collection() == name)
-    }
-
-    /// `/apisix/routes/` — the store prefix of this collection.
-    pub fn prefix(self) -> String {
-        format!("/apisix/{}/", self.collection())
-    }
-
-    /// `/apisix/routes/1` — the store key of one object.
+    /// `/apisix/routes/1` — the store key of one object. A credential's id
+    /// is `{username}/credentials/{id}`.
     pub fn key(self, id: &str) -> String {
-        format!("/apisix/{}/{}", self.collection(), id)
+        match self {
+            Kind::Credentials => format!("/apisix/consumers/{id}"),
+            k => format!("/apisix/{}/{}", k.collection(), id),
+        }
     }
 
     /// Parses a store key back into kind and id.
     pub fn parse_key(key: &str) -> Option<(Kind, &str)> {
         let rest = key.strip_prefix("/apisix/")?;
         let (collection, id) = rest.split_once('/')?;
-        Some((Kind::from_collection(collection)?, id))
+        if id.is_empty() {
+            return None;
+        }
+        let kind = Kind::from_collection(collection)?;
+        if kind == Kind::Consumers {
+            if let Some((_, cred)) = id.split_once("/credentials/") {
+                return (!cred.is_empty() && !cred.contains('/')).then_some((Kind::Credentials, id));
+            }
+        }
+        (!id.contains('/')).then_some((kind, id))
     }
 
     /// Whether APISIX allows POST (generated ids) on this collection.
     pub fn allows_post(self) -> bool {
-        !matches!(self, Kind::GlobalRules)
+        self.info().post
     }
+}
+
+/// Splits a credential id `{username}/credentials/{id}`.
+pub fn credential_parts(id: &str) -> Option<(&str, &str)> {
+    id.split_once("/credentials/")
 }
 
 /// Resource types APISIX has that ferrogate does not serve yet; they answer
 /// an empty list rather than "Unsupported resource type" so that APISIX
 /// tooling that lists them keeps working.
-pub const KNOWN_UNSERVED: &[&str] = &[
-    "consumers",
-    "credentials",
-    "ssls",
-    "protos",
-    "stream_routes",
-    "plugin_metadata",
-    "plugin_configs",
-    "consumer_groups",
-    "secrets",
-];
+pub const KNOWN_UNSERVED: &[&str] = &["ssls", "protos", "stream_routes", "secrets"];
 
 #[cfg(test)]
 mod tests {
@@ -86,10 +244,18 @@ mod tests {
     #[test]
     fn keys_round_trip() {
         for kind in Kind::ALL {
-            let key = kind.key("a-1");
-            assert_eq!(Kind::parse_key(&key), Some((kind, "a-1")));
+            let id = if kind == Kind::Credentials {
+                "jack/credentials/a-1"
+            } else {
+                "a-1"
+            };
+            let key = kind.key(id);
+            assert_eq!(Kind::parse_key(&key), Some((kind, id)));
             assert!(key.starts_with(&kind.prefix()));
         }
         assert_eq!(Kind::parse_key("/apisix/routs/1"), None);
+        assert_eq!(Kind::parse_key("/apisix/routes/1/x"), None);
+        assert_eq!(Kind::parse_key("/apisix/consumers/jack/credentials/"), None);
+        assert_eq!(Kind::from_collection("credentials"), None);
     }
 }

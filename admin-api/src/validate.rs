@@ -218,6 +218,49 @@ fn build_service_schema() -> Schema {
         .done()
 }
 
+fn build_consumer_schema() -> Schema {
+    Schema::object()
+        .prop("id", id_schema())
+        .prop(
+            "username",
+            Schema::string()
+                .min(1)
+                .max(100)
+                .pattern("^[a-zA-Z0-9_\\-]+$", is_username)
+                .done(),
+        )
+        .prop("desc", Schema::string().max(MAX_NAME_LEN).done())
+        .prop("labels", labels_schema())
+        .prop("create_time", Schema::integer().int())
+        .prop("update_time", Schema::integer().int())
+        .prop("group_id", id_schema())
+        .prop("plugins", plugins_schema())
+        .required(&["username"])
+        .no_additional()
+        .done()
+}
+
+fn is_username(s: &str) -> bool {
+    s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn build_credential_schema() -> Schema {
+    common(Schema::object())
+        .prop("plugins", Schema::object().max_properties(1).done())
+        .no_additional()
+        .done()
+}
+
+/// plugin_configs and consumer_groups: `id` and `plugins` required.
+fn build_plugin_holder_schema() -> Schema {
+    common(Schema::object())
+        .prop("plugins", plugins_schema())
+        .required(&["id", "plugins"])
+        .no_additional()
+        .done()
+}
+
 fn build_global_rule_schema() -> Schema {
     Schema::object()
         .prop("id", id_schema())
@@ -242,14 +285,27 @@ cached_schema!(upstream_schema, build_upstream_schema);
 cached_schema!(route_schema, build_route_schema);
 cached_schema!(service_schema, build_service_schema);
 cached_schema!(global_rule_schema, build_global_rule_schema);
+cached_schema!(consumer_schema, build_consumer_schema);
+cached_schema!(credential_schema, build_credential_schema);
+cached_schema!(plugin_holder_schema, build_plugin_holder_schema);
 
-/// The schema of one kind of object.
+fn any_object() -> &'static Schema {
+    static CELL: OnceLock<Schema> = OnceLock::new();
+    CELL.get_or_init(|| Schema::object().done())
+}
+
+/// The schema of one kind of object (plugin_metadata: each plugin has its
+/// own, see [`check`]).
 pub fn schema_of(kind: Kind) -> &'static Schema {
     match kind {
         Kind::Routes => route_schema(),
         Kind::Services => service_schema(),
         Kind::Upstreams => upstream_schema(),
         Kind::GlobalRules => global_rule_schema(),
+        Kind::Consumers => consumer_schema(),
+        Kind::Credentials => credential_schema(),
+        Kind::ConsumerGroups | Kind::PluginConfigs => plugin_holder_schema(),
+        Kind::PluginMetadata => any_object(),
     }
 }
 
@@ -262,6 +318,9 @@ pub trait Lookup {
 /// Checks an object whose `id` has already been set; `Err` is the
 /// `error_msg` of a 400.
 pub fn check(kind: Kind, conf: &Value, lookup: &dyn Lookup) -> Result<(), String> {
+    if kind == Kind::PluginMetadata {
+        return check_plugin_metadata(conf);
+    }
     schema_of(kind)
         .validate(conf)
         .map_err(|e| format!("invalid configuration: {e}"))?;
@@ -269,8 +328,56 @@ pub fn check(kind: Kind, conf: &Value, lookup: &dyn Lookup) -> Result<(), String
         Kind::Routes => check_route(conf, lookup),
         Kind::Services => check_service(conf, lookup),
         Kind::Upstreams => check_upstream(conf),
-        Kind::GlobalRules => check_plugins(conf.get("plugins")),
+        Kind::GlobalRules | Kind::PluginConfigs | Kind::ConsumerGroups => {
+            check_plugins(conf.get("plugins"))
+        }
+        Kind::Consumers => {
+            check_consumer_plugins(conf.get("plugins"))?;
+            check_reference(conf, "group_id", Kind::ConsumerGroups, lookup)
+        }
+        Kind::Credentials => {
+            check_consumer_plugins(conf.get("plugins"))?;
+            let names = conf.get("plugins").and_then(Value::as_object);
+            for name in names.into_iter().flat_map(|m| m.keys()) {
+                if plugins::find(name).map(|p| p.kind()) != Some(plugins::PluginKind::Auth) {
+                    return Err("only supports auth type plugins in consumer credential".into());
+                }
+            }
+            Ok(())
+        }
+        Kind::PluginMetadata => Ok(()),
     }
+}
+
+/// `plugin_metadata/{name}`: the body (its `id` is the plugin name) against
+/// the plugin's metadata schema.
+fn check_plugin_metadata(conf: &Value) -> Result<(), String> {
+    let name = conf
+        .get("id")
+        .and_then(Value::as_str)
+        .ok_or_else(|| "missing plugin name".to_string())?;
+    let spec = plugins::find(name).ok_or_else(|| "invalid plugin name".to_string())?;
+    let Value::Object(map) = conf else {
+        return Err("invalid configuration: wrong type: expected object".into());
+    };
+    let mut body = map.clone();
+    for field in ["id", "create_time", "update_time"] {
+        body.remove(field);
+    }
+    spec.check(&Value::Object(body), plugins::SchemaType::Metadata)
+        .map_err(|e| format!("invalid configuration: {e}"))
+}
+
+/// A consumer's or credential's plugins, against the consumer schemas.
+fn check_consumer_plugins(plugins_conf: Option<&Value>) -> Result<(), String> {
+    let Some(Value::Object(map)) = plugins_conf else {
+        return Ok(());
+    };
+    for (name, conf) in map {
+        plugins::registry::check(name, conf, plugins::SchemaType::Consumer)
+            .map_err(|e| format!("invalid plugins configuration: {e}"))?;
+    }
+    Ok(())
 }
 
 fn check_route(conf: &Value, lookup: &dyn Lookup) -> Result<(), String> {
@@ -285,6 +392,7 @@ fn check_route(conf: &Value, lookup: &dyn Lookup) -> Result<(), String> {
     }
     check_reference(conf, "upstream_id", Kind::Upstreams, lookup)?;
     check_reference(conf, "service_id", Kind::Services, lookup)?;
+    check_reference(conf, "plugin_config_id", Kind::PluginConfigs, lookup)?;
     check_plugins(conf.get("plugins"))?;
     if let Some(vars) = conf.get("vars") {
         expr::compile(vars)
@@ -361,7 +469,8 @@ pub fn check_plugins(plugins_conf: Option<&Value>) -> Result<(), String> {
         return Ok(());
     };
     for (name, conf) in map {
-        plugins::compile(name, conf).map_err(|e| e.to_string())?;
+        plugins::registry::check(name, conf, plugins::SchemaType::Route)
+            .map_err(|e| e.to_string())?;
     }
     Ok(())
 }

@@ -9,7 +9,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use http::Method;
 use serde_json::json;
 
-use admin_api::expr::Vars;
+use plugins::expr::Vars;
 use admin_api::store::{Event, MemoryStore, Store};
 use gateway::proxy::ProxyOptions;
 use gateway::router::{Candidate, HostSet, Matcher, MethodSet, RequestView, Router, RouterBuilder};

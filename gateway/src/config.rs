@@ -38,6 +38,7 @@ pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Key paths this version reads. Everything else is listed as unused.
 const USED_KEYS: &[&str] = &[
     "apisix.node_listen",
+    "plugin_attr",
     "apisix.enable_admin",
     "apisix.enable_server_tokens",
     "apisix.show_upstream_status_in_response_header",
@@ -159,6 +160,9 @@ pub struct GatewayConfig {
     /// `apisix.ssl.ssl_trusted_certificate`: extra CA certificates (PEM) for
     /// `https` upstreams, besides the system store (`system`, the default).
     pub ssl_trusted_certificate: Option<PathBuf>,
+    /// `plugin_attr`: per-plugin settings from config.yaml, given to each
+    /// plugin when it is compiled.
+    pub plugin_attr: serde_json::Map<String, Value>,
     /// Keys present in the file that this version does not use.
     pub unused_keys: Vec<String>,
 }
@@ -334,7 +338,13 @@ impl GatewayConfig {
                 }
             };
 
+        let plugin_attr = match get("plugin_attr") {
+            None | Some(Value::Null) => serde_json::Map::new(),
+            Some(Value::Object(map)) => map.clone(),
+            Some(_) => return Err(key_err("plugin_attr", "expected a mapping")),
+        };
         Ok(GatewayConfig {
+            plugin_attr,
             data_dir: prefix.join("data"),
             prefix,
             node_listen,

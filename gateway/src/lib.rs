@@ -165,7 +165,12 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<Running> {
         }
     };
     let roots = tls::trust_store(config.ssl_trusted_certificate.as_deref())?;
-    let publisher = Publisher::start(store.as_ref(), options, Arc::new(roots))?;
+    let publisher = Publisher::start(
+        store.as_ref(),
+        options,
+        Arc::new(roots),
+        config.plugin_attr.clone(),
+    )?;
     store.subscribe(publisher.clone());
     let live = publisher.live();
 

@@ -33,6 +33,7 @@ use hyper::body::Incoming;
 
 use crate::body::{BodyFault, BodyState, ClientBody};
 
+use plugins::ctx::UpstreamInfo;
 use plugins::{full_body, ClientIp, ResponseBody};
 
 use crate::connector::ConnectError;
@@ -41,7 +42,7 @@ use crate::health::Outcome;
 use crate::phases::{within_phases, PhaseTimeout, Progress, SendWatch};
 use crate::upstream::{CompiledUpstream, HashKey, PassHost, Target, Timeouts, UpstreamClient};
 use crate::vars::RequestVars;
-use admin_api::expr::Vars;
+use plugins::expr::Vars;
 use std::borrow::Cow;
 
 /// Request bodies up to this size are buffered so that a retry can resend
@@ -52,14 +53,7 @@ pub const RETRY_BODY_LIMIT: u64 = 64 * 1024;
 pub type ProxyBody = Either<Full<Bytes>, SendWatch<ClientBody>>;
 
 /// Facts about the client connection, set by the listener.
-#[derive(Debug, Clone, Copy)]
-pub struct ConnMeta {
-    pub local_port: u16,
-    pub scheme: &'static str,
-    /// The peer is in `apisix.trusted_addresses`: the X-Forwarded-Proto,
-    /// -Host and -Port it sent are passed on instead of replaced.
-    pub forwarded_trusted: bool,
-}
+pub use plugins::ConnInfo as ConnMeta;
 
 /// Header names the proxy touches on every request, parsed once.
 mod names {
@@ -179,11 +173,7 @@ impl ProxyTarget {
             .extensions
             .get::<ConnMeta>()
             .copied()
-            .unwrap_or(ConnMeta {
-                local_port: 0,
-                scheme: "http",
-                forwarded_trusted: false,
-            });
+            .unwrap_or_else(ConnMeta::unknown);
         let client_host = parts.headers.get(header::HOST).cloned().or_else(|| {
             parts
                 .uri
@@ -344,7 +334,13 @@ impl ProxyTarget {
                             None => error_page(StatusCode::BAD_GATEWAY, Some(&statuses)),
                         };
                     }
-                    return self.finish(resp, &statuses, lease);
+                    let mut resp = self.finish(resp, &statuses, lease);
+                    resp.extensions_mut().insert(UpstreamInfo {
+                        addr: Some(target.authority.clone()),
+                        status: statuses.last().copied(),
+                        header_time: Some(Instant::now()),
+                    });
+                    return resp;
                 }
                 Ok(Err(e)) => {
                     // A client body that broke or stalled is the client's
@@ -371,10 +367,19 @@ impl ProxyTarget {
             }
         }
         match statuses.last() {
-            Some(&code) => error_page(
-                StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY),
-                Some(&statuses),
-            ),
+            Some(&code) => {
+                let mut resp = error_page(
+                    StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY),
+                    Some(&statuses),
+                );
+                let last = tried.last().and_then(|i| up.targets.get(*i));
+                resp.extensions_mut().insert(UpstreamInfo {
+                    addr: last.map(|t| t.authority.clone()),
+                    status: Some(code),
+                    header_time: None,
+                });
+                resp
+            }
             // No node could be picked: the gateway's own 502, no upstream status.
             None => error_page(StatusCode::BAD_GATEWAY, None),
         }
@@ -555,6 +560,10 @@ fn hash_key_of(key: &HashKey, req: &Request<ClientBody>) -> String {
             .map(Cow::Borrowed),
         HashKey::Cookie(name) => vars.var(&format!("cookie_{name}")),
         HashKey::Combination(template) => Some(Cow::Owned(vars.expand(template))),
+        HashKey::Consumer => req
+            .extensions()
+            .get::<plugins::ctx::ConsumerName>()
+            .map(|c| Cow::Owned(c.0.to_string())),
     };
     // A request without the key still needs a node: hash its address.
     value
@@ -646,7 +655,7 @@ pub fn prepare_request_headers(
             (!h.ends_with(']') && port.bytes().all(|b| b.is_ascii_digit()) && !port.is_empty())
                 .then(|| port.to_string())
         });
-        let port = host_port.unwrap_or_else(|| meta.local_port.to_string());
+        let port = host_port.unwrap_or_else(|| meta.local.port().to_string());
         if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(port)) {
             headers.insert(X_FORWARDED_PORT, v);
         }
@@ -687,7 +696,8 @@ mod tests {
 
     fn meta() -> ConnMeta {
         ConnMeta {
-            local_port: 9080,
+            peer: "10.0.0.9:40000".parse().unwrap(),
+            local: "127.0.0.1:9080".parse().unwrap(),
             scheme: "http",
             forwarded_trusted: false,
         }

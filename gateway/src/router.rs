@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use http::Method;
 
-use admin_api::expr::{Expr, Vars};
+use plugins::expr::{Expr, Vars};
 use plugins::cidr::IpSet;
 
 /// The HTTP methods a route lists, as a bit set; empty means any.

@@ -113,7 +113,8 @@ pub fn client_ip(peer: IpAddr, headers: &http::HeaderMap, real_ip: Option<&RealI
 /// One client connection, as each of its requests' handling sees it.
 struct ClientConn {
     peer: SocketAddr,
-    local_port: u16,
+    /// The address the client connected to.
+    local: SocketAddr,
     framing: Arc<Verdict>,
     /// Requests seen so far (HTTP/1 serves them in order).
     requests: AtomicU64,
@@ -129,7 +130,7 @@ async fn handle(
         // Both Content-Length and Transfer-Encoding: refused unread.
         Err(refuse(http::StatusCode::BAD_REQUEST))
     } else {
-        admit(&plane, conn.peer, conn.local_port, req).await
+        admit(&plane, conn.peer, conn.local, req).await
     };
     let mut resp = match admitted {
         Ok(req) => {
@@ -152,7 +153,7 @@ fn refuse(status: http::StatusCode) -> Response<ResponseBody> {
 async fn admit(
     plane: &DataPlane,
     peer: SocketAddr,
-    local_port: u16,
+    local: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Request<ClientBody>, Response<ResponseBody>> {
     let (mut parts, incoming) = req.into_parts();
@@ -162,7 +163,8 @@ async fn admit(
     let ip = client_ip(peer.ip(), &parts.headers, edge.real_ip.as_ref());
     parts.extensions.insert(ClientIp(ip));
     parts.extensions.insert(ConnMeta {
-        local_port,
+        peer,
+        local: SocketAddr::new(plugins::vars::canonical(local.ip()), local.port()),
         scheme: "http",
         forwarded_trusted: edge
             .trusted_addresses
@@ -208,7 +210,9 @@ pub async fn serve_data_plane(
     graceful: Arc<GracefulShutdown>,
 ) {
     let plane = Arc::new(plane);
-    let local_port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+    let listen_addr = listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -242,10 +246,13 @@ pub async fn serve_data_plane(
             shed(stream);
             continue;
         };
+        // The socket's own local address: the one the client dialled, which
+        // for a wildcard listener is more than the listener's.
+        let local = stream.local_addr().unwrap_or(listen_addr);
         serve_connection(
             stream,
             peer,
-            local_port,
+            local,
             plane.clone(),
             builder.clone(),
             &graceful,
@@ -257,7 +264,7 @@ pub async fn serve_data_plane(
 fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
-    local_port: u16,
+    local: SocketAddr,
     plane: Arc<DataPlane>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     graceful: &GracefulShutdown,
@@ -268,7 +275,7 @@ fn serve_connection(
     let (stream, framing) = FramingWatch::new(crate::io::SendTimeout::new(stream, send_timeout));
     let client = Arc::new(ClientConn {
         peer,
-        local_port,
+        local,
         framing,
         requests: AtomicU64::new(0),
     });

@@ -1,17 +1,24 @@
 //! Compiled configuration snapshots and their hot swap.
 //!
-//! A [`Snapshot`] holds everything a request needs: the router, every
-//! route's plugin chain and upstream picker, and the global rules wrapped
-//! around them, as one tower service. The [`Compiler`] keeps the stored
-//! objects and their compiled forms; on every store change it recompiles
-//! what the change touches (one route; the routes of a changed service or
-//! upstream; the global chain), rebuilds the router from the compiled routes
-//! and publishes the new snapshot with a single `ArcSwap::store`. A request
-//! loads the snapshot once, at the edge, so the request after an Admin API
-//! answer always sees the change, on new and on kept-alive connections alike,
-//! and a request in flight finishes on the snapshot it started with.
+//! A [`Snapshot`] holds everything a request needs: the router with every
+//! route's compiled plugin set and proxy, the global rules and the consumer
+//! index. The [`Compiler`] keeps the stored objects and their compiled
+//! forms; for every change, or batch of changes (a standalone YAML reload),
+//! it recompiles what the change touches (a route; the routes of a changed
+//! service, upstream or plugin config; the global rules; the consumers),
+//! rebuilds the router and produces exactly one new snapshot, published with
+//! a single `ArcSwap::store`. A request loads the snapshot once, at the edge,
+//! so the request after an Admin API answer always sees the change, on new
+//! and kept-alive connections alike, and a request in flight finishes on the
+//! snapshot it started with.
+//!
+//! Failure modes: an object that fails to compile keeps its previous
+//! compiled form (the Admin API refuses what would not compile, so this
+//! only happens with a store written by something else) and is logged. A
+//! panic while compiling rolls the compiler back to the objects it had
+//! before the change and publishes nothing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -21,16 +28,19 @@ use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
 use http::{Request, Response, StatusCode};
-use serde_json::{json, Value};
-use tower::{Service, ServiceExt};
+use serde_json::{json, Map, Value};
+use tower::Service;
 
-use admin_api::expr;
 use admin_api::model::{id_text, GlobalRuleConf, RouteConf, ServiceConf, UpstreamConf};
+use admin_api::resource::credential_parts;
 use admin_api::store::{Entry, Event, Store, StoreError, Watcher};
 use admin_api::Kind;
-use plugins::cidr::IpSet;
-use plugins::registry::build_chain;
-use plugins::{json_response, ClientIp, CompiledPlugin, HttpService, ResponseBody};
+use plugins::chain::{Chain, GlobalRules, PluginSet};
+use plugins::consumer::{Consumer, ConsumerIndex, Credential};
+use plugins::expr;
+use plugins::plugin::{PluginKind, StateCache};
+use plugins::registry::{self, CompileEnv};
+use plugins::{json_response, ClientIp, ConnInfo, Ctx, HttpService, ResponseBody};
 
 use crate::body::ClientBody;
 use crate::proxy::{ProxyOptions, ProxyService, ProxyTarget};
@@ -57,12 +67,15 @@ pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
 
 /// A route compiled for the router.
 pub struct CompiledRoute {
-    pub id: String,
+    pub id: Arc<str>,
+    pub service_id: Option<Arc<str>>,
     pub uris: Vec<String>,
     pub priority: i64,
     pub order: u64,
     pub matcher: Arc<Matcher>,
-    pub service: GatewayService,
+    /// The route's plugins with its plugin config and service merged in.
+    pub plugins: Arc<PluginSet>,
+    pub proxy: ProxyService,
 }
 
 struct RouteRecord {
@@ -73,74 +86,199 @@ struct RouteRecord {
 
 /// Keeps stored objects and their compiled forms; builds snapshots.
 pub struct Compiler {
+    /// Every stored object as stored, the source the typed maps below are
+    /// derived from (and rebuilt from after a panic).
+    raw: BTreeMap<String, Entry>,
     routes: BTreeMap<String, RouteRecord>,
     services: BTreeMap<String, ServiceConf>,
     upstreams: BTreeMap<String, UpstreamConf>,
     upstream_cache: BTreeMap<String, Arc<CompiledUpstream>>,
     global_rules: BTreeMap<String, GlobalRuleConf>,
-    /// Compiled plugins of every global rule, rebuilt when a rule changes.
-    global_chain: Vec<(i32, CompiledPlugin)>,
+    plugin_configs: BTreeMap<String, BTreeMap<String, Value>>,
+    consumer_groups: BTreeMap<String, BTreeMap<String, Value>>,
+    consumers: BTreeMap<String, Value>,
+    credentials: BTreeMap<String, Value>,
+    plugin_metadata: BTreeMap<String, Value>,
+    /// Compiled plugins of each global rule.
+    global_sets: BTreeMap<String, Arc<PluginSet>>,
+    globals: Arc<GlobalRules>,
+    consumer_index: Arc<ConsumerIndex>,
     table: RouteTable<Arc<CompiledRoute>>,
     balancers: BalancerCache,
     clients: Clients,
     options: ProxyOptions,
+    plugin_attr: Map<String, Value>,
+    state: StateCache,
     version: AtomicU64,
+}
+
+/// What a change touched beyond single routes.
+#[derive(Default)]
+struct Touched {
+    routes: BTreeSet<String>,
+    globals: bool,
+    consumers: bool,
+    /// plugin_metadata changed: everything that compiles plugins.
+    all: bool,
 }
 
 impl Compiler {
     pub fn new(options: ProxyOptions) -> Self {
         Compiler {
+            raw: BTreeMap::new(),
             routes: BTreeMap::new(),
             services: BTreeMap::new(),
             upstreams: BTreeMap::new(),
             upstream_cache: BTreeMap::new(),
             global_rules: BTreeMap::new(),
-            global_chain: Vec::new(),
+            plugin_configs: BTreeMap::new(),
+            consumer_groups: BTreeMap::new(),
+            consumers: BTreeMap::new(),
+            credentials: BTreeMap::new(),
+            plugin_metadata: BTreeMap::new(),
+            global_sets: BTreeMap::new(),
+            globals: Arc::new(GlobalRules::default()),
+            consumer_index: Arc::new(ConsumerIndex::default()),
             table: RouteTable::default(),
             balancers: BalancerCache::new(tokio::runtime::Handle::try_current().ok()),
             clients: Clients::default(),
             options,
+            plugin_attr: Map::new(),
+            state: StateCache::default(),
             version: AtomicU64::new(0),
         }
     }
 
+    /// `plugin_attr` from config.yaml, handed to plugins when they compile.
+    pub fn set_plugin_attr(&mut self, attr: Map<String, Value>) {
+        self.plugin_attr = attr;
+    }
+
     /// Loads every object of `store`, compiles, and returns the first snapshot.
     pub fn load(&mut self, store: &dyn Store) -> Result<Snapshot, StoreError> {
-        for kind in [
-            Kind::Upstreams,
-            Kind::Services,
-            Kind::GlobalRules,
-            Kind::Routes,
-        ] {
-            for entry in store.list(&kind.prefix())? {
-                self.record(&Event::Put(entry));
-            }
+        self.raw = store
+            .list("/apisix/")?
+            .into_iter()
+            .map(|e| (e.key.clone(), e))
+            .collect();
+        self.rebuild();
+        Ok(self.snapshot())
+    }
+
+    /// Forgets every typed and compiled object and derives them again from
+    /// `raw`. Balancers, connection pools and plugin state are kept.
+    fn rebuild(&mut self) {
+        self.routes.clear();
+        self.services.clear();
+        self.upstreams.clear();
+        self.upstream_cache.clear();
+        self.global_rules.clear();
+        self.plugin_configs.clear();
+        self.consumer_groups.clear();
+        self.consumers.clear();
+        self.credentials.clear();
+        self.plugin_metadata.clear();
+        self.global_sets.clear();
+        self.table = RouteTable::default();
+        let mut entries: Vec<Entry> = self.raw.values().cloned().collect();
+        // Referenced kinds first.
+        entries.sort_by_key(|e| Kind::parse_key(&e.key).map(|(k, _)| k));
+        for entry in entries {
+            self.record(&Event::Put(entry));
         }
         let ids: Vec<String> = self.routes.keys().cloned().collect();
         for id in ids {
             self.compile_route(&id);
         }
-        self.compile_global_rules();
-        Ok(self.snapshot())
+        self.compile_global_rules(true);
+        self.compile_consumers();
     }
 
     /// Applies one change; returns the snapshot to publish.
     pub fn apply(&mut self, event: &Event) -> Snapshot {
-        let touched = self.record(event);
-        for id in touched {
-            self.compile_route(&id);
+        self.apply_all(std::slice::from_ref(event))
+    }
+
+    /// Applies a batch of changes; returns the one snapshot to publish.
+    pub fn apply_all(&mut self, events: &[Event]) -> Snapshot {
+        for event in events {
+            match event {
+                Event::Put(e) => {
+                    self.raw.insert(e.key.clone(), e.clone());
+                }
+                Event::Delete { key } => {
+                    self.raw.remove(key);
+                }
+            }
+        }
+        let mut touched = Touched::default();
+        for event in events {
+            let t = self.record(event);
+            touched.routes.extend(t.routes);
+            touched.globals |= t.globals;
+            touched.consumers |= t.consumers;
+            touched.all |= t.all;
+        }
+        if touched.all {
+            touched.routes.extend(self.routes.keys().cloned());
+        }
+        for id in &touched.routes {
+            self.compile_route(id);
+        }
+        if touched.globals || touched.all {
+            self.compile_global_rules(touched.all);
+        }
+        if touched.consumers || touched.all {
+            self.compile_consumers();
         }
         self.snapshot()
     }
 
-    /// Stores the parsed object; returns the routes that must be recompiled.
-    fn record(&mut self, event: &Event) -> Vec<String> {
+    /// Like [`Compiler::apply_all`], but a panic while compiling puts the
+    /// compiler back to the objects it had before and returns `None`.
+    pub fn apply_or_revert(&mut self, events: &[Event]) -> Option<Snapshot> {
+        let undo: Vec<(String, Option<Entry>)> = events
+            .iter()
+            .map(|e| {
+                let key = match e {
+                    Event::Put(entry) => &entry.key,
+                    Event::Delete { key } => key,
+                };
+                (key.clone(), self.raw.get(key).cloned())
+            })
+            .collect();
+        let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.apply_all(events)
+        }));
+        match applied {
+            Ok(snapshot) => Some(snapshot),
+            Err(_) => {
+                for (key, old) in undo.into_iter().rev() {
+                    match old {
+                        Some(entry) => self.raw.insert(key, entry),
+                        None => self.raw.remove(&key),
+                    };
+                }
+                let rebuilt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    self.rebuild();
+                }));
+                if rebuilt.is_err() {
+                    tracing::error!("rebuilding the previous configuration failed too");
+                }
+                None
+            }
+        }
+    }
+
+    /// Stores the parsed object; says what must be recompiled.
+    fn record(&mut self, event: &Event) -> Touched {
+        let mut touched = Touched::default();
         let (key, entry) = match event {
             Event::Put(e) => (e.key.as_str(), Some(e)),
             Event::Delete { key } => (key.as_str(), None),
         };
         let Some((kind, id)) = Kind::parse_key(key) else {
-            return Vec::new();
+            return touched;
         };
         let id = id.to_string();
         match kind {
@@ -166,7 +304,7 @@ impl Compiler {
                         self.balancers.forget(&format!("routes/{id}"));
                     }
                 }
-                vec![id]
+                touched.routes.insert(id);
             }
             Kind::Services => {
                 match entry.and_then(parse::<ServiceConf>) {
@@ -178,9 +316,9 @@ impl Compiler {
                         self.balancers.forget(&format!("services/{id}"));
                     }
                 }
-                self.routes_where(|r| {
+                touched.routes = self.routes_where(|r| {
                     r.service_id.as_ref().and_then(id_text).as_deref() == Some(id.as_str())
-                })
+                });
             }
             Kind::Upstreams => {
                 self.upstream_cache.remove(&id);
@@ -201,28 +339,66 @@ impl Compiler {
                     })
                     .map(|(k, _)| k.clone())
                     .collect();
-                self.routes_where(|r| {
+                touched.routes = self.routes_where(|r| {
                     let sid = r.service_id.as_ref().and_then(id_text);
                     r.upstream_id.as_ref().and_then(id_text).as_deref() == Some(id.as_str())
                         || sid.is_some_and(|s| services.contains(&s))
-                })
+                });
             }
             Kind::GlobalRules => {
                 match entry.and_then(parse::<GlobalRuleConf>) {
                     Some(conf) => {
-                        self.global_rules.insert(id, conf);
+                        self.global_rules.insert(id.clone(), conf);
                     }
                     None => {
                         self.global_rules.remove(&id);
                     }
                 }
-                self.compile_global_rules();
-                Vec::new()
+                self.global_sets.remove(&id);
+                touched.globals = true;
+            }
+            Kind::PluginConfigs => {
+                match entry.map(|e| plugins_of(&e.value)) {
+                    Some(p) => self.plugin_configs.insert(id.clone(), p),
+                    None => self.plugin_configs.remove(&id),
+                };
+                touched.routes = self.routes_where(|r| {
+                    r.plugin_config_id.as_ref().and_then(id_text).as_deref() == Some(id.as_str())
+                });
+            }
+            Kind::ConsumerGroups => {
+                match entry.map(|e| plugins_of(&e.value)) {
+                    Some(p) => self.consumer_groups.insert(id, p),
+                    None => self.consumer_groups.remove(&id),
+                };
+                touched.consumers = true;
+            }
+            Kind::Consumers => {
+                match entry {
+                    Some(e) => self.consumers.insert(id, e.value.clone()),
+                    None => self.consumers.remove(&id),
+                };
+                touched.consumers = true;
+            }
+            Kind::Credentials => {
+                match entry {
+                    Some(e) => self.credentials.insert(id, e.value.clone()),
+                    None => self.credentials.remove(&id),
+                };
+                touched.consumers = true;
+            }
+            Kind::PluginMetadata => {
+                match entry {
+                    Some(e) => self.plugin_metadata.insert(id, e.value.clone()),
+                    None => self.plugin_metadata.remove(&id),
+                };
+                touched.all = true;
             }
         }
+        touched
     }
 
-    fn routes_where(&self, pred: impl Fn(&RouteConf) -> bool) -> Vec<String> {
+    fn routes_where(&self, pred: impl Fn(&RouteConf) -> bool) -> BTreeSet<String> {
         self.routes
             .iter()
             .filter(|(_, r)| pred(&r.conf))
@@ -260,8 +436,9 @@ impl Compiler {
             match self.build_route(id, &conf, order) {
                 Ok(r) => Some(Arc::new(r)),
                 Err(e) => {
-                    tracing::error!(route = id, error = %e, "route left out of the router");
-                    None
+                    // Keep serving what was there before.
+                    tracing::error!(route = id, error = %e, "route does not compile; its previous version stays");
+                    return;
                 }
             }
         };
@@ -290,15 +467,89 @@ impl Compiler {
             .remove_where(&old.uris, |c| Arc::ptr_eq(&c.target, old));
     }
 
-    fn compile_global_rules(&mut self) {
-        let mut chain = Vec::new();
-        for (id, rule) in &self.global_rules {
-            match compile_plugins(&rule.plugins) {
-                Ok(plugins) => chain.extend(plugins),
-                Err(e) => tracing::error!(global_rule = %id, error = %e, "global rule skipped"),
+    fn compile_plugins<'a>(
+        &self,
+        confs: impl IntoIterator<Item = (&'a String, &'a Value)>,
+        owner: &str,
+        skip_auth: bool,
+    ) -> Result<PluginSet, String> {
+        let metadata = &self.plugin_metadata;
+        let lookup = |name: &str| metadata.get(name);
+        let env = CompileEnv {
+            metadata: &lookup,
+            attrs: Some(&self.plugin_attr),
+            state: &self.state,
+        };
+        registry::compile_set(confs, owner, &env, skip_auth).map_err(|e| e.to_string())
+    }
+
+    /// Recompiles the global rules that changed (all of them with `all`).
+    fn compile_global_rules(&mut self, all: bool) {
+        let ids: Vec<String> = self.global_rules.keys().cloned().collect();
+        self.global_sets.retain(|id, _| self.global_rules.contains_key(id));
+        for id in ids {
+            if !all && self.global_sets.contains_key(&id) {
+                continue;
+            }
+            let Some(rule) = self.global_rules.get(&id) else {
+                continue;
+            };
+            match self.compile_plugins(&rule.plugins, &format!("global_rules/{id}"), false) {
+                Ok(set) => {
+                    self.global_sets.insert(id, Arc::new(set));
+                }
+                Err(e) => {
+                    tracing::error!(global_rule = %id, error = %e, "global rule does not compile; its previous version stays")
+                }
             }
         }
-        self.global_chain = chain;
+        self.globals = Arc::new(GlobalRules::new(self.global_sets.values().cloned().collect()));
+    }
+
+    /// Rebuilds the consumer index: each consumer with its group's and own
+    /// non-auth plugins, and every auth key of consumers and credentials.
+    fn compile_consumers(&mut self) {
+        let mut index = ConsumerIndex::default();
+        let mut by_name: BTreeMap<String, Arc<Consumer>> = BTreeMap::new();
+        for (username, value) in &self.consumers {
+            let group_id = value.get("group_id").and_then(id_text);
+            let mut merged: BTreeMap<String, Value> = group_id
+                .as_ref()
+                .and_then(|g| self.consumer_groups.get(g))
+                .cloned()
+                .unwrap_or_default();
+            merged.extend(plugins_of(value));
+            let plugins = match self.compile_plugins(&merged, &format!("consumers/{username}"), true)
+            {
+                Ok(set) => set,
+                Err(e) => {
+                    tracing::error!(consumer = %username, error = %e, "consumer plugins do not compile; consumer left out");
+                    continue;
+                }
+            };
+            let consumer = Arc::new(Consumer {
+                username: username.as_str().into(),
+                custom_id: value
+                    .pointer("/labels/custom_id")
+                    .and_then(Value::as_str)
+                    .map(Into::into),
+                group_id: group_id.map(Into::into),
+                plugins: Arc::new(plugins),
+            });
+            index.add_consumer(consumer.clone());
+            by_name.insert(username.clone(), consumer.clone());
+            add_credentials(&mut index, &consumer, None, value);
+        }
+        for (id, value) in &self.credentials {
+            let Some((username, cred)) = credential_parts(id) else {
+                continue;
+            };
+            let Some(consumer) = by_name.get(username) else {
+                continue;
+            };
+            add_credentials(&mut index, consumer, Some(cred), value);
+        }
+        self.consumer_index = Arc::new(index);
     }
 
     fn build_route(
@@ -335,12 +586,20 @@ impl Compiler {
         } else {
             None
         };
+        // APISIX merges the plugin config into the route (route wins), then
+        // the route over its service (route wins).
         let mut plugin_confs: BTreeMap<String, Value> = service
             .as_ref()
             .and_then(|(_, s)| s.plugins.clone())
             .unwrap_or_default();
+        if let Some(pc) = conf.plugin_config_id.as_ref().and_then(id_text) {
+            match self.plugin_configs.get(&pc) {
+                Some(p) => plugin_confs.extend(p.clone()),
+                None => return Err(format!("plugin config {pc} does not exist")),
+            }
+        }
         plugin_confs.extend(conf.plugins.clone().unwrap_or_default());
-        let chain = compile_plugins(&plugin_confs)?;
+        let plugins = self.compile_plugins(&plugin_confs, &format!("routes/{id}"), false)?;
 
         let timeouts = Timeouts::from_conf(conf.timeout.as_ref())
             .or_else(|| upstream.as_ref().map(|u| u.timeouts))
@@ -365,7 +624,6 @@ impl Compiler {
             options: self.options,
             websocket,
         });
-        let service_chain = build_chain(&chain, HttpService::new(proxy));
 
         let hosts: Vec<String> = match (&conf.host, &conf.hosts) {
             (Some(h), _) => vec![h.clone()],
@@ -384,7 +642,7 @@ impl Compiler {
             methods: MethodSet::from_names(conf.methods.as_deref().unwrap_or_default()),
             hosts: HostSet::new(&hosts),
             remote_addrs: remote_addrs
-                .map(|l| IpSet::from_entries(&l))
+                .map(|l| plugins::cidr::IpSet::from_entries(&l))
                 .transpose()
                 .map_err(|e| e.to_string())?,
             vars: conf.vars.as_ref().map(expr::compile).transpose()?,
@@ -395,12 +653,14 @@ impl Compiler {
             (None, None) => return Err("route has no uri".into()),
         };
         Ok(CompiledRoute {
-            id: id.to_string(),
+            id: id.into(),
+            service_id: service.as_ref().map(|(sid, _)| sid.as_str().into()),
             uris,
             priority: conf.priority,
             order,
             matcher: Arc::new(matcher),
-            service: service_chain,
+            plugins: Arc::new(plugins),
+            proxy,
         })
     }
 
@@ -411,15 +671,64 @@ impl Compiler {
             .values()
             .filter(|r| r.compiled.is_some())
             .count();
-        let dispatch = HttpService::new(Dispatch {
-            router: Arc::new(router),
-        });
+        let dispatch = HttpService::new(Dispatch(Arc::new(DispatchState {
+            router,
+            globals: self.globals.clone(),
+            consumers: self.consumer_index.clone(),
+        })));
         Snapshot {
             version: self.version.fetch_add(1, Ordering::Relaxed) + 1,
-            service: build_chain(&self.global_chain, dispatch),
+            service: dispatch,
             routes,
         }
     }
+
+    /// Plugin state entries alive (for tests).
+    pub fn live_plugin_state(&self) -> usize {
+        self.state.live()
+    }
+}
+
+/// A consumer's or credential's auth plugins into the index.
+fn add_credentials(
+    index: &mut ConsumerIndex,
+    consumer: &Arc<Consumer>,
+    credential_id: Option<&str>,
+    value: &Value,
+) {
+    for (name, conf) in plugins_of(value) {
+        let Some(spec) = plugins::find(&name).filter(|s| s.kind() == PluginKind::Auth) else {
+            continue;
+        };
+        match spec.compile_credential(&conf) {
+            Ok(Some(key)) => {
+                let added = index.add(
+                    spec.name(),
+                    key.key,
+                    Credential {
+                        consumer: consumer.clone(),
+                        id: credential_id.map(Into::into),
+                        data: key.data,
+                    },
+                );
+                if !added {
+                    tracing::error!(consumer = %consumer.username, plugin = spec.name(), "duplicate auth key ignored");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(consumer = %consumer.username, plugin = spec.name(), error = %e, "credential does not compile; ignored")
+            }
+        }
+    }
+}
+
+fn plugins_of(value: &Value) -> BTreeMap<String, Value> {
+    value
+        .get("plugins")
+        .and_then(Value::as_object)
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        .unwrap_or_default()
 }
 
 fn parse<T: serde::de::DeserializeOwned>(entry: &Entry) -> Option<T> {
@@ -432,17 +741,34 @@ fn parse<T: serde::de::DeserializeOwned>(entry: &Entry) -> Option<T> {
     }
 }
 
-fn compile_plugins(confs: &BTreeMap<String, Value>) -> Result<Vec<(i32, CompiledPlugin)>, String> {
-    confs
-        .iter()
-        .map(|(name, conf)| plugins::compile(name, conf).map_err(|e| e.to_string()))
-        .collect()
+struct DispatchState {
+    router: Router<Arc<CompiledRoute>>,
+    globals: Arc<GlobalRules>,
+    consumers: Arc<ConsumerIndex>,
 }
 
-/// Finds the route and hands the request to its chain.
+/// Finds the route and runs the request through the global rules and the
+/// route's plugins into its proxy; unmatched requests still pass the global
+/// rules before their 404.
 #[derive(Clone)]
-struct Dispatch {
-    router: Arc<Router<Arc<CompiledRoute>>>,
+struct Dispatch(Arc<DispatchState>);
+
+/// The inner service of an unmatched request.
+#[derive(Clone, Copy)]
+struct NotFound;
+
+impl Service<Request<ClientBody>> for NotFound {
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _req: Request<ClientBody>) -> Self::Future {
+        std::future::ready(Ok(route_not_found()))
+    }
 }
 
 impl Service<Request<ClientBody>> for Dispatch {
@@ -455,40 +781,67 @@ impl Service<Request<ClientBody>> for Dispatch {
     }
 
     fn call(&mut self, req: Request<ClientBody>) -> Self::Future {
-        match find_route(&self.router, &req) {
-            Ok(Some(route)) => Box::pin(route.service.clone().oneshot(req)),
-            Ok(None) => Box::pin(std::future::ready(Ok(route_not_found()))),
-            Err(bad) => Box::pin(std::future::ready(Ok(*bad))),
+        let state = &self.0;
+        let Some(path) = normalize_path(req.uri().path()) else {
+            return Box::pin(std::future::ready(Ok(crate::proxy::error_page(
+                StatusCode::BAD_REQUEST,
+                None,
+            ))));
+        };
+        let host = request_host(&req).map(normalize_host);
+        let conn = req
+            .extensions()
+            .get::<ConnInfo>()
+            .copied()
+            .unwrap_or_else(ConnInfo::unknown);
+        let client_ip = req
+            .extensions()
+            .get::<ClientIp>()
+            .map(|c| c.0)
+            .unwrap_or_else(|| conn.peer.ip());
+        let route = {
+            let vars = RequestVars {
+                req: &req,
+                host: host.as_deref(),
+                path: &path,
+            };
+            let view = RequestView {
+                method: req.method(),
+                path: &path,
+                host: host.as_deref(),
+                client_ip: Some(client_ip),
+                vars: &vars,
+            };
+            state.router.find(&view).cloned()
+        };
+        let mut ctx = Ctx::new(client_ip, conn, state.consumers.clone());
+        if let std::borrow::Cow::Owned(p) = path {
+            ctx.path = Some(p.into_boxed_str());
+        }
+        ctx.host = host.map(|h| h.into_owned().into_boxed_str());
+        match route {
+            Some(route) => {
+                ctx.route_id = Some(route.id.clone());
+                ctx.service_id = route.service_id.clone();
+                let chain = Chain {
+                    globals: state.globals.clone(),
+                    route: route.plugins.clone(),
+                    consumers: state.consumers.clone(),
+                    inner: route.proxy.clone(),
+                };
+                Box::pin(async move { Ok(chain.run(ctx, req).await) })
+            }
+            None => {
+                let chain = Chain {
+                    globals: state.globals.clone(),
+                    route: PluginSet::empty(),
+                    consumers: state.consumers.clone(),
+                    inner: NotFound,
+                };
+                Box::pin(async move { Ok(chain.run(ctx, req).await) })
+            }
         }
     }
-}
-
-fn find_route<B>(
-    router: &Router<Arc<CompiledRoute>>,
-    req: &Request<B>,
-) -> Result<Option<Arc<CompiledRoute>>, Box<Response<ResponseBody>>> {
-    let Some(path) = normalize_path(req.uri().path()) else {
-        return Err(Box::new(crate::proxy::error_page(
-            StatusCode::BAD_REQUEST,
-            None,
-        )));
-    };
-    let raw_host = request_host(req);
-    let host = raw_host.map(normalize_host);
-    let client_ip = req.extensions().get::<ClientIp>().map(|c| c.0);
-    let vars = RequestVars {
-        req,
-        host: host.as_deref(),
-        path: &path,
-    };
-    let view = RequestView {
-        method: req.method(),
-        path: &path,
-        host: host.as_deref(),
-        client_ip,
-        vars: &vars,
-    };
-    Ok(router.find(&view).cloned())
 }
 
 /// APISIX's 404 for an unmatched request.
@@ -506,7 +859,7 @@ fn request_host<B>(req: &Request<B>) -> Option<&str> {
         .or_else(|| req.uri().authority().map(|a| a.as_str()))
 }
 
-/// Publishes a new snapshot for every store change.
+/// Publishes one new snapshot for every store change or batch of changes.
 pub struct Publisher {
     compiler: Mutex<Compiler>,
     live: SharedSnapshot,
@@ -519,10 +872,12 @@ impl Publisher {
         store: &dyn Store,
         options: ProxyOptions,
         roots: Arc<rustls::RootCertStore>,
+        plugin_attr: Map<String, Value>,
     ) -> Result<Arc<Self>, StoreError> {
         let mut compiler = Compiler::new(options);
         compiler.balancers.roots = roots.clone();
         compiler.clients = Clients::new(roots);
+        compiler.set_plugin_attr(plugin_attr);
         let first = compiler.load(store)?;
         tracing::info!(
             routes = first.routes,
@@ -541,15 +896,13 @@ impl Publisher {
 }
 
 impl Watcher for Publisher {
-    fn on_change(&self, event: &Event) {
+    fn on_change(&self, events: &[Event]) {
         let mut compiler = self.compiler.lock().unwrap_or_else(|p| p.into_inner());
         // A bug in compiling one object must not take the gateway down or
         // leave it half-updated: keep serving the previous snapshot.
-        let applied =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| compiler.apply(event)));
-        let Ok(next) = applied else {
+        let Some(next) = compiler.apply_or_revert(events) else {
             tracing::error!(
-                ?event,
+                changes = events.len(),
                 "compiling a configuration change failed; previous configuration kept"
             );
             return;
@@ -562,3 +915,6 @@ impl Watcher for Publisher {
         self.live.store(Arc::new(next));
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -2,10 +2,11 @@
 //! API (`deployment.role: data_plane`, `config_provider: yaml`).
 //!
 //! The file holds lists named like the Admin API collections (`routes`,
-//! `services`, `upstreams`, `global_rules`) and must end with a `#END` line,
+//! `services`, `upstreams`, `global_rules`, `consumers`, `consumer_groups`,
+//! `plugin_configs`, `plugin_metadata`) and must end with a `#END` line,
 //! as APISIX requires, so that a half-written file is never loaded. It is
 //! checked for changes every [`POLL_INTERVAL`]; a new version replaces the
-//! objects whose content changed. Objects that fail validation are logged and
+//! objects whose content changed, all in one batch (one new snapshot). Objects that fail validation are logged and
 //! left out; a file that does not parse keeps the previous configuration.
 
 use std::collections::BTreeMap;
@@ -15,7 +16,8 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
 
-use admin_api::store::{MemoryStore, Store, StoreError};
+use admin_api::resource::IdSource;
+use admin_api::store::{BatchOp, MemoryStore, Store, StoreError};
 use admin_api::validate::{self, Lookup};
 use admin_api::Kind;
 
@@ -54,22 +56,27 @@ pub fn read_objects(path: &Path) -> Result<BTreeMap<String, Value>, StandaloneEr
         .map_err(|e| StandaloneError::Yaml(path.to_path_buf(), e.to_string()))?;
     let mut objects = BTreeMap::new();
     // Referenced kinds first, so that reference checks can see them.
-    for kind in [
-        Kind::Upstreams,
-        Kind::Services,
-        Kind::GlobalRules,
-        Kind::Routes,
-    ] {
+    for kind in Kind::ALL {
+        if kind == Kind::Credentials {
+            continue;
+        }
         let Some(items) = doc.get(kind.collection()).and_then(Value::as_array) else {
             continue;
         };
         for (i, item) in items.iter().enumerate() {
             let mut item = item.clone();
-            let id = item
-                .get("id")
-                .and_then(admin_api::model::id_text)
-                .unwrap_or_else(|| (i + 1).to_string());
-            if let Value::Object(map) = &mut item {
+            let id = match kind.info().id {
+                IdSource::Username => item
+                    .get("username")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
+                _ => item
+                    .get("id")
+                    .and_then(admin_api::model::id_text)
+                    .unwrap_or_else(|| (i + 1).to_string()),
+            };
+            if let (Value::Object(map), false) = (&mut item, kind == Kind::Consumers) {
                 map.entry("id").or_insert_with(|| Value::String(id.clone()));
             }
             match validate::check(kind, &item, &Pending(&objects)) {
@@ -85,19 +92,26 @@ pub fn read_objects(path: &Path) -> Result<BTreeMap<String, Value>, StandaloneEr
     Ok(objects)
 }
 
-/// Makes `store` hold exactly `objects`, writing only what changed.
+/// Makes `store` hold exactly `objects`, writing only what changed, as one
+/// batch: the data plane goes from the old file to the new one in one
+/// snapshot, never through a half-applied mix.
 pub fn sync(store: &dyn Store, objects: &BTreeMap<String, Value>) -> Result<(), StoreError> {
-    for kind in Kind::ALL {
-        for entry in store.list(&kind.prefix())? {
-            if !objects.contains_key(&entry.key) {
-                store.delete(&entry.key)?;
-            }
+    let mut ops = Vec::new();
+    for entry in store.list("/apisix/")? {
+        if !objects.contains_key(&entry.key) {
+            ops.push(BatchOp::Delete { key: entry.key });
         }
     }
     for (key, value) in objects {
         if store.get(key)?.map(|e| e.value) != Some(value.clone()) {
-            store.put(key, value)?;
+            ops.push(BatchOp::Put {
+                key: key.clone(),
+                value: value.clone(),
+            });
         }
+    }
+    if !ops.is_empty() {
+        store.apply(&ops)?;
     }
     Ok(())
 }

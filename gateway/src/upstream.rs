@@ -302,6 +302,8 @@ pub enum HashKey {
     Cookie(String),
     /// A template of variables: `$host$request_uri`.
     Combination(String),
+    /// The authenticated consumer's name; the client address without one.
+    Consumer,
 }
 
 impl HashKey {
@@ -317,9 +319,7 @@ impl HashKey {
             ),
             "cookie" => HashKey::Cookie(key),
             "vars_combinations" => HashKey::Combination(key),
-            // No consumers yet: hash on the client address, as APISIX does
-            // for a request without one.
-            "consumer" => HashKey::Var("remote_addr".into()),
+            "consumer" => HashKey::Consumer,
             _ => HashKey::Var(key),
         }))
     }

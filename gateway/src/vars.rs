@@ -1,16 +1,13 @@
-//! Request variables by APISIX (nginx) name, read on demand: `uri`,
-//! `request_uri`, `args`, `host`, `remote_addr`, `request_method`, `scheme`,
-//! `server_port`, `arg_NAME`, `http_NAME` (header, `_` for `-`) and
-//! `cookie_NAME`. Used by route `vars` and by `chash` keys.
+//! Request variables for route `vars` and `chash` keys: the shared lookup
+//! of [`plugins::vars`] over a whole request before any plugin ran.
 
 use std::borrow::Cow;
 
 use http::Request;
 
-use admin_api::expr::Vars;
+use plugins::expr::Vars;
+use plugins::vars::{ConnInfo, ReqRef};
 use plugins::ClientIp;
-
-use crate::proxy::ConnMeta;
 
 /// Request variables for `vars`, read on demand.
 pub struct RequestVars<'a, B> {
@@ -21,67 +18,24 @@ pub struct RequestVars<'a, B> {
     pub path: &'a str,
 }
 
+impl<'a, B> RequestVars<'a, B> {
+    fn view(&self) -> ReqRef<'a> {
+        let req = self.req;
+        ReqRef {
+            method: req.method(),
+            uri: req.uri(),
+            headers: req.headers(),
+            path: self.path,
+            host: self.host,
+            client_ip: req.extensions().get::<ClientIp>().map(|c| c.0),
+            conn: req.extensions().get::<ConnInfo>(),
+        }
+    }
+}
+
 impl<B> Vars for RequestVars<'_, B> {
     fn var(&self, name: &str) -> Option<Cow<'_, str>> {
-        let req = self.req;
-        if let Some(arg) = name.strip_prefix("arg_") {
-            let query = req.uri().query()?;
-            return query.split('&').find_map(|pair| {
-                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                (k == arg).then(|| Cow::Owned(admin_api::auth::percent_decode(v)))
-            });
-        }
-        if let Some(h) = name.strip_prefix("http_") {
-            let header = h.replace('_', "-");
-            let values: Vec<&str> = req
-                .headers()
-                .get_all(header.as_str())
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .collect();
-            return match values.as_slice() {
-                [] => None,
-                [one] => Some(Cow::Borrowed(one)),
-                many => Some(Cow::Owned(many.join(", "))),
-            };
-        }
-        if let Some(c) = name.strip_prefix("cookie_") {
-            return req
-                .headers()
-                .get_all(http::header::COOKIE)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(';'))
-                .find_map(|kv| {
-                    let (k, v) = kv.trim().split_once('=')?;
-                    (k == c).then_some(Cow::Borrowed(v))
-                });
-        }
-        match name {
-            "uri" => Some(Cow::Borrowed(self.path)),
-            "request_uri" => Some(Cow::Borrowed(
-                req.uri()
-                    .path_and_query()
-                    .map(|p| p.as_str())
-                    .unwrap_or("/"),
-            )),
-            "args" | "query_string" => req.uri().query().map(Cow::Borrowed),
-            "host" => self.host.map(Cow::Borrowed),
-            "request_method" => Some(Cow::Borrowed(req.method().as_str())),
-            "remote_addr" => req
-                .extensions()
-                .get::<ClientIp>()
-                .map(|c| Cow::Owned(c.0.to_string())),
-            "scheme" => req
-                .extensions()
-                .get::<ConnMeta>()
-                .map(|m| Cow::Borrowed(m.scheme)),
-            "server_port" => req
-                .extensions()
-                .get::<ConnMeta>()
-                .map(|m| Cow::Owned(m.local_port.to_string())),
-            _ => None,
-        }
+        self.view().var(name)
     }
 }
 

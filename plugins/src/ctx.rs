@@ -7,7 +7,7 @@
 //! typed per-request data plugins share ([`Ctx::data`]).
 
 use std::borrow::Cow;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -18,10 +18,10 @@ use crate::vars::{header_var, ConnInfo, ReqRef};
 
 /// What the upstream side reported about the response (set by the proxy in
 /// the response extensions, read into [`Ctx`] before `header_filter`).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct UpstreamInfo {
-    /// The node that answered last.
-    pub addr: Option<SocketAddr>,
+    /// The node that answered last (`host:port`).
+    pub addr: Option<http::uri::Authority>,
     /// Its status (`$upstream_status`).
     pub status: Option<u16>,
     /// When the upstream's response head arrived.
@@ -124,7 +124,9 @@ impl Ctx {
             "upstream_status" => {
                 return self.upstream.status.map(|s| Cow::Owned(s.to_string()))
             }
-            "upstream_addr" => return self.upstream.addr.map(|a| Cow::Owned(a.to_string())),
+            "upstream_addr" => {
+                return self.upstream.addr.as_ref().map(|a| Cow::Borrowed(a.as_str()))
+            }
             "route_id" => return self.route_id.as_deref().map(Cow::Borrowed),
             "service_id" => return self.service_id.as_deref().map(Cow::Borrowed),
             "consumer_name" => return self.consumer_name().map(Cow::Borrowed),

@@ -194,6 +194,11 @@ pub trait PluginSpec: Send + Sync + 'static {
     /// Builds the data-plane form of a checked configuration. Fails cleanly
     /// (never panics) on anything `check` let through by mistake.
     fn compile(&self, conf: &Value, cx: &CompileCx<'_>) -> Result<Arc<dyn Plugin>, String>;
+    /// For auth plugins: the consumer-side field that must be unique across
+    /// consumers and credentials (`duplicate key of plugin key-auth ...`).
+    fn key_attr(&self) -> &'static str {
+        "key"
+    }
     /// For auth plugins: the consumer-side configuration compiled into the
     /// lookup key and the data the route side checks against.
     fn compile_credential(&self, conf: &Value) -> Result<Option<CredentialKey>, String> {

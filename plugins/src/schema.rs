@@ -76,6 +76,7 @@ pub struct ObjectRule {
     /// At least one of these `required` sets must be satisfied.
     pub any_of_required: Vec<Vec<&'static str>>,
     pub min_properties: Option<usize>,
+    pub max_properties: Option<usize>,
 }
 
 impl Schema {
@@ -433,6 +434,11 @@ impl ObjectRule {
         self.any_of_required = sets.iter().map(|s| s.to_vec()).collect();
         self
     }
+    pub fn max_properties(mut self, n: usize) -> Self {
+        self.max_properties = Some(n);
+        self
+    }
+
     pub fn min_properties(mut self, n: usize) -> Self {
         self.min_properties = Some(n);
         self
@@ -456,6 +462,11 @@ impl ObjectRule {
         if let Some(min) = self.min_properties {
             if obj.len() < min {
                 return Err(format!("expect object to have at least {min} properties"));
+            }
+        }
+        if let Some(max) = self.max_properties {
+            if obj.len() > max {
+                return Err(format!("expect object to have at most {max} properties"));
             }
         }
         for name in &self.required {

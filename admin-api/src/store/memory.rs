@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use serde_json::Value;
 
-use super::{Entry, Event, PutOutcome, Store, StoreError, Watcher};
+use super::{BatchOp, Entry, Event, PutOutcome, Store, StoreError, Watcher};
 
 #[derive(Default)]
 struct Inner {
@@ -30,10 +30,13 @@ impl MemoryStore {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn notify(&self, event: &Event) {
+    fn notify(&self, events: &[Event]) {
+        if events.is_empty() {
+            return;
+        }
         let watchers = self.watchers.read().unwrap_or_else(|p| p.into_inner());
         for w in watchers.iter() {
-            w.on_change(event);
+            w.on_change(events);
         }
     }
 }
@@ -66,7 +69,7 @@ impl Store for MemoryStore {
             modified_index: revision,
         };
         inner.objects.insert(key.to_string(), entry.clone());
-        self.notify(&Event::Put(entry.clone()));
+        self.notify(&[Event::Put(entry.clone())]);
         Ok(PutOutcome {
             entry,
             created: previous.is_none(),
@@ -78,11 +81,44 @@ impl Store for MemoryStore {
         let removed = inner.objects.remove(key);
         if removed.is_some() {
             inner.revision += 1;
-            self.notify(&Event::Delete {
+            self.notify(&[Event::Delete {
                 key: key.to_string(),
-            });
+            }]);
         }
         Ok(removed)
+    }
+
+    fn apply(&self, ops: &[BatchOp]) -> Result<Vec<Event>, StoreError> {
+        let mut inner = self.lock();
+        let mut events = Vec::with_capacity(ops.len());
+        for op in ops {
+            match op {
+                BatchOp::Put { key, value } => {
+                    inner.revision += 1;
+                    let revision = inner.revision;
+                    let created = inner
+                        .objects
+                        .get(key)
+                        .map_or(revision, |e| e.created_index);
+                    let entry = Entry {
+                        key: key.clone(),
+                        value: value.clone(),
+                        created_index: created,
+                        modified_index: revision,
+                    };
+                    inner.objects.insert(key.clone(), entry.clone());
+                    events.push(Event::Put(entry));
+                }
+                BatchOp::Delete { key } => {
+                    if inner.objects.remove(key).is_some() {
+                        inner.revision += 1;
+                        events.push(Event::Delete { key: key.clone() });
+                    }
+                }
+            }
+        }
+        self.notify(&events);
+        Ok(events)
     }
 
     fn revision(&self) -> Result<u64, StoreError> {

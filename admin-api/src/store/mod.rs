@@ -42,10 +42,18 @@ pub enum Event {
     Delete { key: String },
 }
 
+/// One write of a batch.
+#[derive(Debug, Clone)]
+pub enum BatchOp {
+    Put { key: String, value: Value },
+    Delete { key: String },
+}
+
 /// Told of every committed change, synchronously and in order, before the
-/// write that caused it returns. A watcher must not call back into the store.
+/// write that caused it returns. A batch arrives as one call, so a watcher
+/// never sees it half-applied. A watcher must not call back into the store.
 pub trait Watcher: Send + Sync {
-    fn on_change(&self, event: &Event);
+    fn on_change(&self, events: &[Event]);
 }
 
 /// Why the store could not do what was asked. Never caused by user input.
@@ -72,6 +80,9 @@ pub trait Store: Send + Sync + 'static {
     fn put(&self, key: &str, value: &Value) -> Result<PutOutcome, StoreError>;
     /// Removes `key`; `None` when it did not exist.
     fn delete(&self, key: &str) -> Result<Option<Entry>, StoreError>;
+    /// Applies every op in one transaction: all of them or none. Deletes of
+    /// missing keys are skipped. Watchers hear of the batch in one call.
+    fn apply(&self, ops: &[BatchOp]) -> Result<Vec<Event>, StoreError>;
     /// The revision of the last committed change (0 for an empty store).
     fn revision(&self) -> Result<u64, StoreError>;
     /// Registers a watcher for every later change.

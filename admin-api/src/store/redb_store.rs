@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde_json::Value;
 
-use super::{prefix_end, Entry, Event, PutOutcome, Store, StoreError, Watcher};
+use super::{prefix_end, BatchOp, Entry, Event, PutOutcome, Store, StoreError, Watcher};
 
 const OBJECTS: TableDefinition<&str, &[u8]> = TableDefinition::new("objects");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -45,13 +45,16 @@ impl RedbStore {
         })
     }
 
-    fn notify(&self, event: Event) {
+    fn notify(&self, events: &[Event]) {
+        if events.is_empty() {
+            return;
+        }
         let watchers = match self.watchers.read() {
             Ok(w) => w,
             Err(poisoned) => poisoned.into_inner(),
         };
         for w in watchers.iter() {
-            w.on_change(&event);
+            w.on_change(events);
         }
     }
 
@@ -128,7 +131,7 @@ impl Store for RedbStore {
             }
         };
         txn.commit().map_err(StoreError::backend)?;
-        self.notify(Event::Put(outcome.entry.clone()));
+        self.notify(&[Event::Put(outcome.entry.clone())]);
         Ok(outcome)
     }
 
@@ -152,10 +155,59 @@ impl Store for RedbStore {
             return Ok(None);
         }
         txn.commit().map_err(StoreError::backend)?;
-        self.notify(Event::Delete {
+        self.notify(&[Event::Delete {
             key: key.to_string(),
-        });
+        }]);
         Ok(removed)
+    }
+
+    fn apply(&self, ops: &[BatchOp]) -> Result<Vec<Event>, StoreError> {
+        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let txn = self.db.begin_write().map_err(StoreError::backend)?;
+        let mut events = Vec::with_capacity(ops.len());
+        {
+            let mut meta = txn.open_table(META).map_err(StoreError::backend)?;
+            let mut objects = txn.open_table(OBJECTS).map_err(StoreError::backend)?;
+            for op in ops {
+                match op {
+                    BatchOp::Put { key, value } => {
+                        let revision = next_revision(&mut meta)?;
+                        let created = match objects.get(key.as_str()).map_err(StoreError::backend)? {
+                            Some(v) => Self::decode(key, v.value())?.created_index,
+                            None => revision,
+                        };
+                        let entry = Entry {
+                            key: key.clone(),
+                            value: value.clone(),
+                            created_index: created,
+                            modified_index: revision,
+                        };
+                        let bytes = serde_json::to_vec(&entry).map_err(StoreError::backend)?;
+                        objects
+                            .insert(key.as_str(), bytes.as_slice())
+                            .map_err(StoreError::backend)?;
+                        events.push(Event::Put(entry));
+                    }
+                    BatchOp::Delete { key } => {
+                        if objects
+                            .remove(key.as_str())
+                            .map_err(StoreError::backend)?
+                            .is_some()
+                        {
+                            next_revision(&mut meta)?;
+                            events.push(Event::Delete { key: key.clone() });
+                        }
+                    }
+                }
+            }
+        }
+        if events.is_empty() {
+            txn.abort().map_err(StoreError::backend)?;
+            return Ok(events);
+        }
+        txn.commit().map_err(StoreError::backend)?;
+        self.notify(&events);
+        Ok(events)
     }
 
     fn revision(&self) -> Result<u64, StoreError> {
