@@ -159,7 +159,8 @@ pub fn put(
                     Kind::Credentials => credential_parts(&id).map_or(id.as_str(), |(_, c)| c),
                     _ => id.as_str(),
                 };
-                map.entry("id").or_insert_with(|| Value::String(short.to_string()));
+                map.entry("id")
+                    .or_insert_with(|| Value::String(short.to_string()));
             }
             id
         }
@@ -217,7 +218,10 @@ fn duplicate_key(store: &dyn Store, kind: Kind, id: &str, conf: &Value) -> Resul
     let key_of = |name: &str, conf: &Value| -> Option<(&'static str, String)> {
         let spec = plugins::find(name).filter(|s| s.kind() == plugins::PluginKind::Auth)?;
         let key = conf.get(spec.key_attr())?;
-        Some((spec.key_attr(), key.as_str().map_or_else(|| key.to_string(), str::to_string)))
+        Some((
+            spec.key_attr(),
+            key.as_str().map_or_else(|| key.to_string(), str::to_string),
+        ))
     };
     let wanted: Vec<(&String, &'static str, String)> = plugins_conf
         .iter()
@@ -488,7 +492,12 @@ fn in_use(store: &dyn Store, kind: Kind, id: &str) -> Result<Option<String>, Adm
                 continue;
             };
             if from == reference.from
-                && entry.value.get(reference.field).and_then(id_text).as_deref() == Some(id)
+                && entry
+                    .value
+                    .get(reference.field)
+                    .and_then(id_text)
+                    .as_deref()
+                    == Some(id)
             {
                 return Ok(Some(
                     reference

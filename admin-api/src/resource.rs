@@ -215,7 +215,8 @@ impl Kind {
         let kind = Kind::from_collection(collection)?;
         if kind == Kind::Consumers {
             if let Some((_, cred)) = id.split_once("/credentials/") {
-                return (!cred.is_empty() && !cred.contains('/')).then_some((Kind::Credentials, id));
+                return (!cred.is_empty() && !cred.contains('/'))
+                    .then_some((Kind::Credentials, id));
             }
         }
         (!id.contains('/')).then_some((kind, id))

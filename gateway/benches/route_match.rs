@@ -9,11 +9,11 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use http::Method;
 use serde_json::json;
 
-use plugins::expr::Vars;
 use admin_api::store::{Event, MemoryStore, Store};
 use gateway::proxy::ProxyOptions;
 use gateway::router::{Candidate, HostSet, Matcher, MethodSet, RequestView, Router, RouterBuilder};
 use gateway::snapshot::Compiler;
+use plugins::expr::Vars;
 
 struct NoVars;
 impl Vars for NoVars {

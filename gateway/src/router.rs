@@ -26,8 +26,8 @@ use std::sync::Arc;
 
 use http::Method;
 
-use plugins::expr::{Expr, Vars};
 use plugins::cidr::IpSet;
+use plugins::expr::{Expr, Vars};
 
 /// The HTTP methods a route lists, as a bit set; empty means any.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

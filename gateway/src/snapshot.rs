@@ -247,9 +247,8 @@ impl Compiler {
                 (key.clone(), self.raw.get(key).cloned())
             })
             .collect();
-        let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.apply_all(events)
-        }));
+        let applied =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.apply_all(events)));
         match applied {
             Ok(snapshot) => Some(snapshot),
             Err(_) => {
@@ -486,7 +485,8 @@ impl Compiler {
     /// Recompiles the global rules that changed (all of them with `all`).
     fn compile_global_rules(&mut self, all: bool) {
         let ids: Vec<String> = self.global_rules.keys().cloned().collect();
-        self.global_sets.retain(|id, _| self.global_rules.contains_key(id));
+        self.global_sets
+            .retain(|id, _| self.global_rules.contains_key(id));
         for id in ids {
             if !all && self.global_sets.contains_key(&id) {
                 continue;
@@ -503,7 +503,9 @@ impl Compiler {
                 }
             }
         }
-        self.globals = Arc::new(GlobalRules::new(self.global_sets.values().cloned().collect()));
+        self.globals = Arc::new(GlobalRules::new(
+            self.global_sets.values().cloned().collect(),
+        ));
     }
 
     /// Rebuilds the consumer index: each consumer with its group's and own
@@ -519,8 +521,11 @@ impl Compiler {
                 .cloned()
                 .unwrap_or_default();
             merged.extend(plugins_of(value));
-            let plugins = match self.compile_plugins(&merged, &format!("consumers/{username}"), true)
-            {
+            let plugins = match self.compile_plugins(
+                &merged,
+                &format!("consumers/{username}"),
+                true,
+            ) {
                 Ok(set) => set,
                 Err(e) => {
                     tracing::error!(consumer = %username, error = %e, "consumer plugins do not compile; consumer left out");

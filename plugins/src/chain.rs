@@ -101,6 +101,14 @@ pub struct PluginSet {
     keep_request: bool,
 }
 
+impl std::fmt::Debug for PluginSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.entries.iter().map(|e| (e.name, e.priority)))
+            .finish()
+    }
+}
+
 impl PluginSet {
     pub fn new(mut entries: Vec<Entry>) -> Self {
         // Equal priorities run in name order, so the order never depends on
@@ -198,10 +206,7 @@ impl Phase {
 }
 
 fn passes(entry: &Entry, ctx: &Ctx, req: Option<&request::Parts>) -> bool {
-    entry
-        .filter
-        .as_ref()
-        .is_none_or(|f| f.eval(&ctx.vars(req)))
+    entry.filter.as_ref().is_none_or(|f| f.eval(&ctx.vars(req)))
 }
 
 /// Runs one request-side phase of a set; `Some` when a plugin answered.
@@ -374,7 +379,10 @@ impl<S> Chain<S> {
         B: Send,
     {
         let Chain {
-            globals, route, inner, ..
+            globals,
+            route,
+            inner,
+            ..
         } = self;
         let (mut parts, body) = req.into_parts();
         if globals.keep_request || route.keep_request {
@@ -454,7 +462,11 @@ async fn request_phases(
     run_phase(&set, Phase::BeforeProxy, ctx, parts).await
 }
 
-fn response_phases(active: Active, mut ctx: Ctx, resp: Response<ResponseBody>) -> Response<ResponseBody> {
+fn response_phases(
+    active: Active,
+    mut ctx: Ctx,
+    resp: Response<ResponseBody>,
+) -> Response<ResponseBody> {
     let (mut parts, body) = resp.into_parts();
     if let Some(info) = parts.extensions.remove::<UpstreamInfo>() {
         ctx.upstream = info;

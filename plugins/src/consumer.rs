@@ -145,17 +145,14 @@ pub fn index_for_tests(
         let Some(key) = spec.compile_credential(conf)? else {
             return Err(format!("{plugin} has no credentials"));
         };
-        let consumer = index
-            .consumer(username)
-            .cloned()
-            .unwrap_or_else(|| {
-                Arc::new(Consumer {
-                    username: (*username).into(),
-                    custom_id: None,
-                    group_id: None,
-                    plugins: Arc::new(PluginSet::default()),
-                })
-            });
+        let consumer = index.consumer(username).cloned().unwrap_or_else(|| {
+            Arc::new(Consumer {
+                username: (*username).into(),
+                custom_id: None,
+                group_id: None,
+                plugins: Arc::new(PluginSet::default()),
+            })
+        });
         index.add_consumer(consumer.clone());
         index.add(
             spec.name(),

@@ -121,11 +121,13 @@ impl Ctx {
     pub fn var<'a>(&'a self, req: Option<&'a request::Parts>, name: &str) -> Option<Cow<'a, str>> {
         match name {
             "status" => return self.status.map(|s| Cow::Owned(s.as_u16().to_string())),
-            "upstream_status" => {
-                return self.upstream.status.map(|s| Cow::Owned(s.to_string()))
-            }
+            "upstream_status" => return self.upstream.status.map(|s| Cow::Owned(s.to_string())),
             "upstream_addr" => {
-                return self.upstream.addr.as_ref().map(|a| Cow::Borrowed(a.as_str()))
+                return self
+                    .upstream
+                    .addr
+                    .as_ref()
+                    .map(|a| Cow::Borrowed(a.as_str()))
             }
             "route_id" => return self.route_id.as_deref().map(Cow::Borrowed),
             "service_id" => return self.service_id.as_deref().map(Cow::Borrowed),

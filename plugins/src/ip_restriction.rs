@@ -28,9 +28,9 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::cidr::{parse_entry, IpSet};
-use crate::registry::cached;
 use crate::ctx::Ctx;
 use crate::plugin::{CompileCx, Flow, Phases, Plugin, PluginSpec, SchemaType};
+use crate::registry::cached;
 use crate::schema::Schema;
 use crate::{full_body, ClientIp, ResponseBody};
 

@@ -38,6 +38,7 @@ impl Phases {
     pub const HEADER_FILTER: Phases = Phases(1 << 3);
     pub const BODY_FILTER: Phases = Phases(1 << 4);
     pub const LOG: Phases = Phases(1 << 5);
+    pub const ALL: Phases = Phases(0b11_1111);
     /// Phases that run once the response exists.
     pub const RESPONSE: Phases = Phases((1 << 3) | (1 << 4) | (1 << 5));
 
@@ -77,7 +78,10 @@ pub enum Flow {
 impl Flow {
     /// `return status, {"message": text}` as APISIX auth plugins answer.
     pub fn message(status: StatusCode, text: &str) -> Flow {
-        Flow::Respond(json_response(status, &serde_json::json!({ "message": text })))
+        Flow::Respond(json_response(
+            status,
+            &serde_json::json!({ "message": text }),
+        ))
     }
 
     /// `return status, {"error_msg": text}` as APISIX limit plugins answer.

@@ -13,9 +13,7 @@ use crate::schema::Schema;
 use crate::{expr, ip_restriction};
 
 /// Every plugin, in no particular order (see [`by_priority`]).
-pub static PLUGINS: &[&dyn PluginSpec] = &[
-    &ip_restriction::IpRestrictionSpec,
-];
+pub static PLUGINS: &[&dyn PluginSpec] = &[&ip_restriction::IpRestrictionSpec];
 
 /// Looks a plugin up by its APISIX name.
 pub fn find(name: &str) -> Option<&'static dyn PluginSpec> {
@@ -93,9 +91,8 @@ pub fn check(name: &str, conf: &Value, target: SchemaType) -> Result<(), PluginE
             .validate(meta)
             .map_err(|e| invalid(format!("property \"_meta\" validation failed: {e}")))?;
         if let Some(filter) = meta.get("filter") {
-            expr::compile(filter).map_err(|e| {
-                invalid(format!("failed to validate the 'vars' expression: {e}"))
-            })?;
+            expr::compile(filter)
+                .map_err(|e| invalid(format!("failed to validate the 'vars' expression: {e}")))?;
         }
     }
     spec.check(&without_meta(conf), target).map_err(invalid)
@@ -155,9 +152,8 @@ pub fn compile_set<'a>(
             .unwrap_or_else(|| spec.priority());
         let mut entry = Entry::new(spec.name(), priority, plugin);
         if let Some(filter) = meta.and_then(|m| m.get("filter")) {
-            let compiled = expr::compile(filter).map_err(|e| {
-                invalid(format!("failed to validate the 'vars' expression: {e}"))
-            })?;
+            let compiled = expr::compile(filter)
+                .map_err(|e| invalid(format!("failed to validate the 'vars' expression: {e}")))?;
             entry.filter = Some(Arc::new(compiled));
         }
         entry.error_response = meta
@@ -198,7 +194,9 @@ mod tests {
             SchemaType::Route,
         )
         .unwrap_err();
-        assert!(err.to_string().contains("property \"_meta\" validation failed"));
+        assert!(err
+            .to_string()
+            .contains("property \"_meta\" validation failed"));
         assert!(check(
             "ip-restriction",
             &serde_json::json!({"whitelist": ["1.1.1.1"], "_meta": {"disable": true, "priority": 1}}),

@@ -78,16 +78,20 @@ pub fn chain(
     globals: Vec<PluginSet>,
     route: PluginSet,
     consumers: ConsumerIndex,
-) -> Chain<impl tower::Service<
-    Request<()>,
-    Response = Response<ResponseBody>,
-    Error = Infallible,
-    Future = impl Send,
-> + Clone
-       + Send
-       + 'static> {
+) -> Chain<
+    impl tower::Service<
+            Request<()>,
+            Response = Response<ResponseBody>,
+            Error = Infallible,
+            Future = impl Send,
+        > + Clone
+        + Send
+        + 'static,
+> {
     Chain {
-        globals: Arc::new(GlobalRules::new(globals.into_iter().map(Arc::new).collect())),
+        globals: Arc::new(GlobalRules::new(
+            globals.into_iter().map(Arc::new).collect(),
+        )),
         route: Arc::new(route),
         consumers: Arc::new(consumers),
         inner: echo(),

@@ -77,10 +77,7 @@ impl<'a> ReqRef<'a> {
         match name {
             "uri" => Some(Cow::Borrowed(self.path)),
             "request_uri" => Some(Cow::Borrowed(
-                self.uri
-                    .path_and_query()
-                    .map(|p| p.as_str())
-                    .unwrap_or("/"),
+                self.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
             )),
             "args" | "query_string" => self.uri.query().map(Cow::Borrowed),
             "is_args" => Some(Cow::Borrowed(if self.uri.query().is_some() {
@@ -120,7 +117,9 @@ pub fn query_arg(query: &str, name: &str) -> Option<String> {
 /// `$http_x_tier`: the header `x-tier`, repeated values joined by `, `.
 pub fn header_var<'a>(headers: &'a HeaderMap, underscored: &str) -> Option<Cow<'a, str>> {
     let mut values = if underscored.contains('_') {
-        headers.get_all(underscored.replace('_', "-").as_str()).iter()
+        headers
+            .get_all(underscored.replace('_', "-").as_str())
+            .iter()
     } else {
         headers.get_all(underscored).iter()
     }
@@ -213,7 +212,10 @@ mod tests {
         };
         let v = |n: &str| r.var(n).map(|c| c.into_owned());
         assert_eq!(v("uri").as_deref(), Some("/a/b"));
-        assert_eq!(v("request_uri").as_deref(), Some("/a/b?x=1&name=J%20D&flag"));
+        assert_eq!(
+            v("request_uri").as_deref(),
+            Some("/a/b?x=1&name=J%20D&flag")
+        );
         assert_eq!(v("arg_name").as_deref(), Some("J D"));
         assert_eq!(v("arg_flag").as_deref(), Some(""));
         assert_eq!(v("arg_none"), None);

@@ -190,7 +190,9 @@ fn delete_guards_references_unless_forced() {
 fn list_envelope_and_paging() {
     let s = MemoryStore::new();
     assert_eq!(
-        list(&s, Kind::Routes, &ListQuery::default()).unwrap().1,
+        list(&s, Kind::Routes, None, &ListQuery::default())
+            .unwrap()
+            .1,
         json!({"list": [], "total": 0})
     );
     for i in 0..12 {
@@ -202,7 +204,7 @@ fn list_envelope_and_paging() {
         )
         .unwrap();
     }
-    let (_, all) = list(&s, Kind::Routes, &ListQuery::default()).unwrap();
+    let (_, all) = list(&s, Kind::Routes, None, &ListQuery::default()).unwrap();
     assert_eq!(all["total"], 12);
     assert!(all["list"][0]["createdIndex"].is_u64());
     let q = ListQuery {
@@ -211,7 +213,7 @@ fn list_envelope_and_paging() {
         ..Default::default()
     };
     assert_eq!(
-        list(&s, Kind::Routes, &q).unwrap().1["list"]
+        list(&s, Kind::Routes, None, &q).unwrap().1["list"]
             .as_array()
             .unwrap()
             .len(),
@@ -221,18 +223,18 @@ fn list_envelope_and_paging() {
         page_size: Some(5),
         ..Default::default()
     };
-    assert!(list(&s, Kind::Routes, &q).is_err());
+    assert!(list(&s, Kind::Routes, None, &q).is_err());
     let q = ListQuery {
         uri: Some("^/p1[01]$".into()),
         ..Default::default()
     };
-    assert_eq!(list(&s, Kind::Routes, &q).unwrap().1["total"], 2);
+    assert_eq!(list(&s, Kind::Routes, None, &q).unwrap().1["total"], 2);
     let q = ListQuery {
         uri: Some("(".into()),
         ..Default::default()
     };
     assert_eq!(
-        list(&s, Kind::Routes, &q).unwrap_err().status,
+        list(&s, Kind::Routes, None, &q).unwrap_err().status,
         StatusCode::BAD_REQUEST
     );
 }

@@ -96,10 +96,7 @@ impl Store for MemoryStore {
                 BatchOp::Put { key, value } => {
                     inner.revision += 1;
                     let revision = inner.revision;
-                    let created = inner
-                        .objects
-                        .get(key)
-                        .map_or(revision, |e| e.created_index);
+                    let created = inner.objects.get(key).map_or(revision, |e| e.created_index);
                     let entry = Entry {
                         key: key.clone(),
                         value: value.clone(),

@@ -172,10 +172,11 @@ impl Store for RedbStore {
                 match op {
                     BatchOp::Put { key, value } => {
                         let revision = next_revision(&mut meta)?;
-                        let created = match objects.get(key.as_str()).map_err(StoreError::backend)? {
-                            Some(v) => Self::decode(key, v.value())?.created_index,
-                            None => revision,
-                        };
+                        let created =
+                            match objects.get(key.as_str()).map_err(StoreError::backend)? {
+                                Some(v) => Self::decode(key, v.value())?.created_index,
+                                None => revision,
+                            };
                         let entry = Entry {
                             key: key.clone(),
                             value: value.clone(),

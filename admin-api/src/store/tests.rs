@@ -6,12 +6,15 @@ use std::sync::Mutex;
 struct Recorder(Mutex<Vec<String>>);
 
 impl Watcher for Recorder {
-    fn on_change(&self, event: &Event) {
-        let line = match event {
-            Event::Put(e) => format!("put {} {}", e.key, e.modified_index),
-            Event::Delete { key } => format!("delete {key}"),
-        };
-        self.0.lock().unwrap().push(line);
+    fn on_change(&self, events: &[Event]) {
+        let lines: Vec<String> = events
+            .iter()
+            .map(|event| match event {
+                Event::Put(e) => format!("put {} {}", e.key, e.modified_index),
+                Event::Delete { key } => format!("delete {key}"),
+            })
+            .collect();
+        self.0.lock().unwrap().push(lines.join(" + "));
     }
 }
 
@@ -45,6 +48,25 @@ fn exercise(store: &dyn Store) {
     assert!(store.delete("/apisix/routes/1").unwrap().is_none());
     assert!(store.get("/apisix/routes/1").unwrap().is_none());
     assert_eq!(store.revision().unwrap(), 6);
+    // A batch is one transaction and one notification; deleting a missing
+    // key is skipped.
+    let events = store
+        .apply(&[
+            BatchOp::Put {
+                key: "/apisix/routes/3".into(),
+                value: json!({"uri": "/d"}),
+            },
+            BatchOp::Delete {
+                key: "/apisix/routes/2".into(),
+            },
+            BatchOp::Delete {
+                key: "/apisix/routes/404".into(),
+            },
+        ])
+        .unwrap();
+    assert_eq!(events.len(), 2);
+    assert_eq!(store.revision().unwrap(), 8);
+    assert!(store.get("/apisix/routes/2").unwrap().is_none());
     assert_eq!(
         *rec.0.lock().unwrap(),
         [
@@ -54,8 +76,12 @@ fn exercise(store: &dyn Store) {
             "put /apisix/routes0 4",
             "put /apisix/upstreams/1 5",
             "delete /apisix/routes/1",
+            "put /apisix/routes/3 7 + delete /apisix/routes/2",
         ]
     );
+    store
+        .put("/apisix/routes/2", &json!({"uri": "/c"}))
+        .unwrap();
 }
 
 #[test]
@@ -72,8 +98,10 @@ fn redb_store_contract_and_durability() {
         exercise(&store);
     }
     let reopened = RedbStore::open(&path).unwrap();
-    assert_eq!(reopened.revision().unwrap(), 6);
+    assert_eq!(reopened.revision().unwrap(), 9);
     let e = reopened.get("/apisix/routes/2").unwrap().unwrap();
     assert_eq!(e.value, json!({"uri": "/c"}));
-    assert_eq!(e.created_index, 3);
+    assert_eq!(e.created_index, 9);
+    let e = reopened.get("/apisix/routes/3").unwrap().unwrap();
+    assert_eq!(e.created_index, 7);
 }
