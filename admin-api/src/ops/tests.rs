@@ -238,3 +238,151 @@ fn list_envelope_and_paging() {
         StatusCode::BAD_REQUEST
     );
 }
+
+fn err(r: Result<Reply, AdminError>) -> (StatusCode, String) {
+    let e = r.unwrap_err();
+    (
+        e.status,
+        e.body["error_msg"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+#[test]
+fn consumers_are_keyed_by_username() {
+    let s = MemoryStore::new();
+    let (st, body) = put(&s, Kind::Consumers, None, Some(json!({"username": "jack"}))).unwrap();
+    assert_eq!(st, StatusCode::CREATED);
+    assert_eq!(body["key"], "/apisix/consumers/jack");
+    assert!(body["value"].get("id").is_none());
+    let (st, _) = put(
+        &s,
+        Kind::Consumers,
+        Some("jack"),
+        Some(json!({"username": "jack", "desc": "x"})),
+    )
+    .unwrap();
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(
+        err(put(&s, Kind::Consumers, Some("rose"), Some(json!({"username": "jack"})))),
+        (StatusCode::BAD_REQUEST, "wrong username".into())
+    );
+    assert_eq!(
+        err(put(&s, Kind::Consumers, None, Some(json!({"desc": "x"})))),
+        (
+            StatusCode::BAD_REQUEST,
+            "invalid configuration: property \"username\" is required".into()
+        )
+    );
+    assert_eq!(
+        err(post(&s, Kind::Consumers, Some(json!({"username": "a"})))),
+        (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "not supported `POST` method for consumer".into()
+        )
+    );
+    assert_eq!(
+        err(patch(&s, Kind::Consumers, Some("jack"), None, Some(json!({})))).0,
+        StatusCode::METHOD_NOT_ALLOWED
+    );
+    assert_eq!(
+        err(put(
+            &s,
+            Kind::Consumers,
+            None,
+            Some(json!({"username": "bob", "group_id": "g1"}))
+        ))
+        .1,
+        "failed to fetch consumer group info by consumer group id [g1], response code: 404"
+    );
+}
+
+#[test]
+fn credentials_need_their_consumer_and_go_with_it() {
+    let s = MemoryStore::new();
+    assert_eq!(
+        err(put(
+            &s,
+            Kind::Credentials,
+            Some("jack/credentials/a"),
+            Some(json!({"plugins": {}}))
+        )),
+        (StatusCode::NOT_FOUND, "consumer not found".into())
+    );
+    put(&s, Kind::Consumers, None, Some(json!({"username": "jack"}))).unwrap();
+    let (st, body) = put(
+        &s,
+        Kind::Credentials,
+        Some("jack/credentials/a"),
+        Some(json!({"plugins": {}})),
+    )
+    .unwrap();
+    assert_eq!(st, StatusCode::CREATED);
+    assert_eq!(body["key"], "/apisix/consumers/jack/credentials/a");
+    assert_eq!(
+        err(put(
+            &s,
+            Kind::Credentials,
+            Some("jack/credentials/b"),
+            Some(json!({"plugins": {"ip-restriction": {"whitelist": ["1.1.1.1"]}}}))
+        ))
+        .1,
+        "only supports auth type plugins in consumer credential"
+    );
+    // Consumers and credentials share a prefix but not a list.
+    let (_, consumers) = list(&s, Kind::Consumers, None, &ListQuery::default()).unwrap();
+    assert_eq!(consumers["total"], 1);
+    let (_, creds) = list(&s, Kind::Credentials, Some("jack"), &ListQuery::default()).unwrap();
+    assert_eq!(creds["total"], 1);
+    delete(&s, Kind::Consumers, Some("jack"), false).unwrap();
+    assert!(s
+        .get("/apisix/consumers/jack/credentials/a")
+        .unwrap()
+        .is_none());
+}
+
+#[test]
+fn plugin_configs_and_groups_refuse_delete_while_used() {
+    let s = MemoryStore::new();
+    let pc = json!({"plugins": {"ip-restriction": {"whitelist": ["1.1.1.1"]}}});
+    assert_eq!(
+        err(post(&s, Kind::PluginConfigs, Some(pc.clone()))).0,
+        StatusCode::METHOD_NOT_ALLOWED
+    );
+    put(&s, Kind::PluginConfigs, Some("pc"), Some(pc.clone())).unwrap();
+    let mut r = route("/a");
+    r["plugin_config_id"] = json!("missing");
+    assert_eq!(
+        err(put(&s, Kind::Routes, Some("1"), Some(r.clone()))).1,
+        "failed to fetch plugin config info by plugin config id [missing], response code: 404"
+    );
+    r["plugin_config_id"] = json!("pc");
+    put(&s, Kind::Routes, Some("1"), Some(r)).unwrap();
+    assert_eq!(
+        err(delete(&s, Kind::PluginConfigs, Some("pc"), false)).1,
+        "can not delete this plugin config, route [1] is still using it now"
+    );
+    put(&s, Kind::ConsumerGroups, Some("g"), Some(pc)).unwrap();
+    put(
+        &s,
+        Kind::Consumers,
+        None,
+        Some(json!({"username": "jack", "group_id": "g"})),
+    )
+    .unwrap();
+    assert_eq!(
+        err(delete(&s, Kind::ConsumerGroups, Some("g"), false)).1,
+        "can not delete this consumer group, consumer [jack] is still using it now"
+    );
+}
+
+#[test]
+fn plugin_metadata_is_keyed_by_plugin_name() {
+    let s = MemoryStore::new();
+    assert_eq!(
+        err(put(&s, Kind::PluginMetadata, Some("no-such-plugin"), Some(json!({})))).1,
+        "invalid plugin name"
+    );
+    let (st, body) = put(&s, Kind::PluginMetadata, Some("ip-restriction"), Some(json!({}))).unwrap();
+    assert_eq!(st, StatusCode::CREATED);
+    assert_eq!(body["key"], "/apisix/plugin_metadata/ip-restriction");
+}
