@@ -79,9 +79,9 @@ fn store_checked(
 ) -> Result<Reply, AdminError> {
     integral_numbers(&mut conf);
     if !validate_id_text(kind, id) {
-        return Err(AdminError::bad_request(format!(
-            "invalid configuration: property \"id\" validation failed: object matches none of the required"
-        )));
+        return Err(AdminError::bad_request(
+            "invalid configuration: property \"id\" validation failed: object matches none of the required",
+        ));
     }
     validate::check(kind, &conf, &StoreLookup(store)).map_err(AdminError::bad_request)?;
     duplicate_key(store, kind, id, &conf)?;

@@ -11,15 +11,23 @@
 //! Adding a plugin: one module beside `ip_restriction`, one line in
 //! [`registry::PLUGINS`]. See `CONTRIBUTING.md`.
 
+pub mod basic_auth;
 pub mod chain;
 pub mod cidr;
 pub mod consumer;
+pub mod consumer_restriction;
 pub mod ctx;
 pub mod expr;
 pub mod ip_restriction;
+pub mod jwt_auth;
+pub mod key_auth;
+pub mod limit_count;
 pub mod plugin;
+pub mod proxy_rewrite;
 pub mod registry;
+pub mod response_rewrite;
 pub mod schema;
+pub mod template;
 #[doc(hidden)]
 pub mod testing;
 pub mod vars;

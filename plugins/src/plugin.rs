@@ -235,6 +235,20 @@ impl CompileCx<'_> {
         self.state
             .get_or_init(self.owner, self.name, conf_hash(self.conf), init)
     }
+
+    /// State shared by every object that configures this plugin with the
+    /// same `key` (limit-count's `group`), whatever their owners and
+    /// configurations: the same value comes back while some compiled
+    /// plugin holds it.
+    pub fn shared_state<T: Any + Send + Sync>(
+        &self,
+        key: &str,
+        init: impl FnOnce() -> T,
+    ) -> Arc<T> {
+        // Owners are `kind/id`; the prefix keeps shared keys apart from them.
+        self.state
+            .get_or_init(&format!("shared:{key}"), self.name, 0, init)
+    }
 }
 
 /// Hash of a configuration value, independent of object key order.
@@ -343,5 +357,27 @@ mod tests {
         drop((a, b));
         let d = cx(&conf).state(|| std::sync::atomic::AtomicU64::new(1));
         assert_eq!(d.load(std::sync::atomic::Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn shared_state_is_keyed_by_key_only() {
+        let cache = StateCache::default();
+        let (c1, c2) = (json!({"count": 1}), json!({"count": 2}));
+        let cx = |owner, conf| CompileCx {
+            owner,
+            metadata: None,
+            attr: None,
+            state: &cache,
+            conf,
+            name: "limit-count",
+        };
+        let a = cx("routes/1", &c1).shared_state("g", || 1u8);
+        let b = cx("routes/2", &c2).shared_state("g", || 2u8);
+        assert!(Arc::ptr_eq(&a, &b));
+        let other = cx("routes/1", &c1).shared_state("h", || 3u8);
+        assert_eq!(*other, 3);
+        // Never the same as an owner's own state.
+        let own = cx("shared:g", &c1).state(|| 4u8);
+        assert_eq!(*own, 4);
     }
 }

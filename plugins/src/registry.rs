@@ -13,7 +13,16 @@ use crate::schema::Schema;
 use crate::{expr, ip_restriction};
 
 /// Every plugin, in no particular order (see [`by_priority`]).
-pub static PLUGINS: &[&dyn PluginSpec] = &[&ip_restriction::IpRestrictionSpec];
+pub static PLUGINS: &[&dyn PluginSpec] = &[
+    &ip_restriction::IpRestrictionSpec,
+    &crate::key_auth::KeyAuthSpec,
+    &crate::basic_auth::BasicAuthSpec,
+    &crate::consumer_restriction::ConsumerRestrictionSpec,
+    &crate::jwt_auth::JwtAuthSpec,
+    &crate::proxy_rewrite::ProxyRewriteSpec,
+    &crate::response_rewrite::ResponseRewriteSpec,
+    &crate::limit_count::LimitCountSpec,
+];
 
 /// Looks a plugin up by its APISIX name.
 pub fn find(name: &str) -> Option<&'static dyn PluginSpec> {

@@ -70,6 +70,38 @@ impl Gateway {
         Self::start_with("").await
     }
 
+    /// A standalone gateway (`config_provider: yaml`) serving `apisix_yaml`
+    /// from `conf/apisix.yaml`; it has no Admin API.
+    pub async fn start_standalone(apisix_yaml: &str) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("conf");
+        std::fs::create_dir_all(&conf).unwrap();
+        std::fs::write(conf.join("apisix.yaml"), apisix_yaml).unwrap();
+        let yaml = "apisix:\n  node_listen:\n    - ip: 127.0.0.1\n      port: 0\n\
+                    deployment:\n  role: data_plane\n  role_data_plane:\n    config_provider: yaml\n";
+        let path = conf.join("config.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let config = gateway::GatewayConfig::load(&path).unwrap();
+        let running = gateway::start(config).await.unwrap();
+        Gateway {
+            data: running.data_addrs[0],
+            admin: running
+                .admin_addr
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+            dir,
+            running: Some(running),
+        }
+    }
+
+    /// Replaces `conf/apisix.yaml` atomically (write, then rename), as a
+    /// careful operator would.
+    pub fn write_apisix_yaml(&self, text: &str) {
+        let conf = self.dir.path().join("conf");
+        let tmp = conf.join("apisix.yaml.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, conf.join("apisix.yaml")).unwrap();
+    }
+
     /// One Admin API call with the admin key.
     pub async fn admin(&self, method: &str, path: &str, body: Option<Value>) -> Resp {
         let mut headers = vec![("x-api-key", KEY.to_string())];
@@ -218,6 +250,20 @@ pub async fn send(
 ) -> Resp {
     let mut conn = Conn::open(target, source).await.unwrap();
     conn.send(method, path, headers, body).await
+}
+
+/// Whether a test that needs client addresses other than 127.0.0.1 can run.
+/// On Linux binding 127.0.0.2 always works, so a failure is an error, not a
+/// pass; elsewhere `FERROGATE_ALLOW_SKIP=1` turns it into a loud skip.
+pub async fn need_alt_loopback(test: &str) -> bool {
+    if alt_loopback_works().await {
+        return true;
+    }
+    if std::env::var_os("FERROGATE_ALLOW_SKIP").is_some() {
+        eprintln!("SKIPPED {test}: cannot bind 127.0.0.2 as a client address");
+        return false;
+    }
+    panic!("{test} needs 127.0.0.2 as a client address (set FERROGATE_ALLOW_SKIP=1 to skip)");
 }
 
 /// Whether this machine lets a client bind 127.0.0.2 (Linux does).

@@ -263,7 +263,12 @@ fn consumers_are_keyed_by_username() {
     .unwrap();
     assert_eq!(st, StatusCode::OK);
     assert_eq!(
-        err(put(&s, Kind::Consumers, Some("rose"), Some(json!({"username": "jack"})))),
+        err(put(
+            &s,
+            Kind::Consumers,
+            Some("rose"),
+            Some(json!({"username": "jack"}))
+        )),
         (StatusCode::BAD_REQUEST, "wrong username".into())
     );
     assert_eq!(
@@ -281,7 +286,14 @@ fn consumers_are_keyed_by_username() {
         )
     );
     assert_eq!(
-        err(patch(&s, Kind::Consumers, Some("jack"), None, Some(json!({})))).0,
+        err(patch(
+            &s,
+            Kind::Consumers,
+            Some("jack"),
+            None,
+            Some(json!({}))
+        ))
+        .0,
         StatusCode::METHOD_NOT_ALLOWED
     );
     assert_eq!(
@@ -379,10 +391,22 @@ fn plugin_configs_and_groups_refuse_delete_while_used() {
 fn plugin_metadata_is_keyed_by_plugin_name() {
     let s = MemoryStore::new();
     assert_eq!(
-        err(put(&s, Kind::PluginMetadata, Some("no-such-plugin"), Some(json!({})))).1,
+        err(put(
+            &s,
+            Kind::PluginMetadata,
+            Some("no-such-plugin"),
+            Some(json!({}))
+        ))
+        .1,
         "invalid plugin name"
     );
-    let (st, body) = put(&s, Kind::PluginMetadata, Some("ip-restriction"), Some(json!({}))).unwrap();
+    let (st, body) = put(
+        &s,
+        Kind::PluginMetadata,
+        Some("ip-restriction"),
+        Some(json!({})),
+    )
+    .unwrap();
     assert_eq!(st, StatusCode::CREATED);
     assert_eq!(body["key"], "/apisix/plugin_metadata/ip-restriction");
 }

@@ -75,7 +75,10 @@ fn plugins_merge_service_then_plugin_config_then_route() {
         json!({"id": "pc", "plugins": {}}),
         4,
     ));
-    assert!(!std::ptr::eq(before, Arc::as_ptr(&compiled(&c, "1").plugins)));
+    assert!(!std::ptr::eq(
+        before,
+        Arc::as_ptr(&compiled(&c, "1").plugins)
+    ));
 }
 
 #[test]

@@ -119,8 +119,18 @@ async fn least_conn_avoids_the_busy_node() {
         .await;
     // Hold one slow request on whichever node takes it...
     let slow_gw = gw.clone();
+    let before = u1.hits() + u2.hits();
     let slow = tokio::spawn(async move { slow_gw.get("/l?sleep_ms=800").await.upstream() });
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // Wait until an upstream has the slow request in hand.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while u1.hits() + u2.hits() == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "slow request never arrived"
+        );
+        tokio::task::yield_now().await;
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
     // ...then every quick request goes to the other one.
     let quick: Vec<String> = {
         let mut v = Vec::new();

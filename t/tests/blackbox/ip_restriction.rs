@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 use harness::serde_json::json;
-use harness::{alt_loopback_works, send, upstream, Gateway, Upstream};
+use harness::{need_alt_loopback, send, upstream, Gateway, Upstream};
 
 fn ip(s: &str) -> Option<IpAddr> {
     Some(s.parse().unwrap())
@@ -12,7 +12,7 @@ fn ip(s: &str) -> Option<IpAddr> {
 
 #[tokio::test]
 async fn lists_messages_and_codes() {
-    if !alt_loopback_works().await {
+    if !need_alt_loopback("ip_restriction::lists_messages_and_codes").await {
         return;
     }
     let gw = Gateway::start().await;

@@ -7,6 +7,7 @@ mod health;
 mod hot_reload;
 mod ip_restriction;
 mod limits;
+mod plugins;
 mod proxy;
 mod routing;
 mod soak;
