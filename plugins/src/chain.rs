@@ -386,11 +386,11 @@ impl<S> Chain<S> {
         } = self;
         let (mut parts, body) = req.into_parts();
         if globals.keep_request || route.keep_request {
-            ctx.request = Some(RequestHead {
+            ctx.request = Some(Box::new(RequestHead {
                 method: parts.method.clone(),
                 uri: parts.uri.clone(),
                 headers: parts.headers.clone(),
-            });
+            }));
         }
         let mut active = Active {
             globals,
@@ -406,8 +406,10 @@ impl<S> Chain<S> {
                 if parts.extensions.get::<ClientIp>().map(|c| c.0) != Some(ctx.client_ip) {
                     parts.extensions.insert(ClientIp(ctx.client_ip));
                 }
-                if let Some(name) = ctx.consumer_name() {
-                    parts.extensions.insert(ConsumerName(name.into()));
+                if let Some(c) = &ctx.credential {
+                    parts
+                        .extensions
+                        .insert(ConsumerName(c.consumer.username.clone()));
                 }
                 match inner.oneshot(Request::from_parts(parts, body)).await {
                     Ok(resp) => resp,

@@ -63,9 +63,9 @@ pub struct Ctx {
     /// Bytes of response body sent so far.
     pub body_bytes_sent: u64,
     /// Kept for response phases when needed (see [`RequestHead`]).
-    pub request: Option<RequestHead>,
+    pub request: Option<Box<RequestHead>>,
     /// Response headers, for `sent_http_*` in the log phase.
-    pub response_headers: Option<HeaderMap>,
+    pub response_headers: Option<Box<HeaderMap>>,
     /// Typed data plugins share (a request id for loggers, ...).
     pub data: http::Extensions,
 }
@@ -165,7 +165,7 @@ impl Ctx {
 
     /// Response headers as seen in `header_filter`, for later phases.
     pub fn remember_response(&mut self, resp: &response::Parts) {
-        self.response_headers = Some(resp.headers.clone());
+        self.response_headers = Some(Box::new(resp.headers.clone()));
     }
 }
 

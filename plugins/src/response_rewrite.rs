@@ -581,11 +581,11 @@ impl Plugin for ResponseRewrite {
 
     fn rewrite(&self, ctx: &mut Ctx, req: &mut request::Parts) -> Flow {
         if ctx.request.is_none() {
-            ctx.request = Some(RequestHead {
+            ctx.request = Some(Box::new(RequestHead {
                 method: req.method.clone(),
                 uri: req.uri.clone(),
                 headers: req.headers.clone(),
-            });
+            }));
         }
         Flow::Continue
     }
