@@ -31,8 +31,9 @@
 //! - `allow_degradation`: a limit that cannot be evaluated lets the
 //!   request through instead of answering 500.
 //! - `policy`: only `local` (counters in this process). `redis`,
-//!   `redis-cluster` and `redis-sentinel` pass the schema, as in APISIX,
-//!   but do not compile; neither does `window_type: sliding`.
+//!   `redis-cluster` and `redis-sentinel` pass APISIX's schema but are
+//!   refused by the check (so the Admin API answers 400 instead of storing
+//!   what would never apply); so is `window_type: sliding`.
 //!
 //! Counters live in the plugin state ([`CompileCx::state`]): they survive
 //! unrelated configuration changes and start over when this plugin's
@@ -262,6 +263,24 @@ pub fn metadata_schema() -> &'static Schema {
     cached(&CELL, build_metadata_schema)
 }
 
+/// What APISIX's schema allows but this gateway cannot run yet: refused by
+/// the Admin API rather than accepted and never applied.
+fn refuse_unsupported(conf: &Value) -> Result<(), String> {
+    let text = |k: &str| conf.get(k).and_then(Value::as_str);
+    let policy = text("policy").unwrap_or("local");
+    if policy != "local" {
+        return Err(format!(
+            "policy {policy} is not supported yet: only policy local is available"
+        ));
+    }
+    if text("window_type") == Some("sliding") {
+        return Err(
+            "window_type sliding is not supported yet: only window_type fixed is available".into(),
+        );
+    }
+    Ok(())
+}
+
 /// Schema check, then the semantic checks APISIX runs after it.
 pub fn check(conf: &Value) -> Result<(), String> {
     let has = |k: &str| conf.get(k).is_some();
@@ -303,6 +322,7 @@ pub fn check(conf: &Value) -> Result<(), String> {
             }
         }
     }
+    refuse_unsupported(conf)?;
     let mut keys = std::collections::HashSet::new();
     for rule in conf
         .get("rules")
@@ -490,18 +510,8 @@ pub fn compile_with_clock(
     cx: &CompileCx<'_>,
     clock: Clock,
 ) -> Result<LimitCount, String> {
+    refuse_unsupported(conf)?;
     let text = |k: &str| conf.get(k).and_then(Value::as_str);
-    let policy = text("policy").unwrap_or("local");
-    if policy != "local" {
-        return Err(format!(
-            "policy {policy} is not supported yet: only policy local is available"
-        ));
-    }
-    if text("window_type") == Some("sliding") {
-        return Err(
-            "window_type sliding is not supported yet: only window_type fixed is available".into(),
-        );
-    }
     let texts = NameTexts::from_metadata(cx.metadata);
     let rules = match conf.get("rules").and_then(Value::as_array) {
         Some(list) => list
