@@ -23,15 +23,15 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tower::ServiceExt;
 
-use plugins::{ClientIp, ResponseBody};
+use plugins::{ClientIp, ConnInfo, ResponseBody};
 
 use crate::body::{BodyFault, ClientBody};
 use arc_swap::ArcSwap;
 
 use crate::config::RealIp;
+use crate::error_page::{error_page, with_close};
 use crate::framing::{FramingWatch, Verdict};
 use crate::limits::{self, BodyLimits};
-use crate::proxy::{error_page, with_close, ConnMeta};
 use crate::snapshot::SharedSnapshot;
 
 /// Settings of the data-plane listeners.
@@ -162,7 +162,7 @@ async fn admit(
     let edge = plane.edge.load_full();
     let ip = client_ip(peer.ip(), &parts.headers, edge.real_ip.as_ref());
     parts.extensions.insert(ClientIp(ip));
-    parts.extensions.insert(ConnMeta {
+    parts.extensions.insert(ConnInfo {
         peer,
         local: SocketAddr::new(plugins::vars::canonical(local.ip()), local.port()),
         scheme: "http",
