@@ -29,6 +29,7 @@ use crate::body::{BodyFault, ClientBody};
 use arc_swap::ArcSwap;
 
 use crate::config::RealIp;
+use crate::error::Error;
 use crate::error_page::{error_page, with_close};
 use crate::framing::{FramingWatch, Verdict};
 use crate::limits::{self, BodyLimits};
@@ -61,8 +62,11 @@ pub struct Edge {
     pub body: BodyLimits,
 }
 
-/// Binds a listener, with a clear error naming the address.
-pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+/// Binds a listener for `what` (`data plane`, `Admin API`) with
+/// `SO_REUSEADDR` and a backlog of 1024. Fails with [`Error::Bind`] naming
+/// the address when it cannot be bound, [`Error::Io`] when the socket
+/// cannot be made or set up.
+pub async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, Error> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
@@ -71,7 +75,7 @@ pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket
         .bind(addr)
-        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for the {what}: {e}"))?;
+        .map_err(|error| Error::Bind { addr, what, error })?;
     Ok(socket.listen(1024)?)
 }
 
