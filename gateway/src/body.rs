@@ -1,7 +1,8 @@
 //! Request bodies as the gateway carries them: already read, or streamed
 //! from the client with nginx's `client_body_timeout` between reads and a
 //! record of why the stream failed, so that a broken client body becomes the
-//! client's fault (400/408) and not the upstream's (502).
+//! client's fault (400/408) and not the upstream's (502); and the body the
+//! gateway sends upstream ([`ProxyBody`]).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -12,10 +13,18 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use tokio::time::{sleep, Sleep};
 
 use plugins::BoxError;
+
+use crate::phases::SendWatch;
+
+/// The body sent upstream: buffered (replayable, so a retry can resend it)
+/// or streamed from the client with its progress watched for the `send`
+/// and `read` timeouts.
+pub type ProxyBody = Either<Full<Bytes>, SendWatch<ClientBody>>;
 
 /// How a streamed client body ended badly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -20,6 +20,8 @@ use std::path::{Path, PathBuf};
 use rustix::fs::{flock, FlockOperation};
 use rustix::process::{kill_process, Pid, Signal};
 
+use crate::error::Error;
+
 /// File name of the PID file inside the data directory.
 pub const PID_FILE: &str = "ferrogate.pid";
 
@@ -67,27 +69,31 @@ impl PidFile {
     /// Records this process's PID in `data_dir` (created private if
     /// missing). Call it once the listeners are bound: a second instance
     /// that fails to start must not replace the first one's file.
-    pub fn create(data_dir: &Path) -> anyhow::Result<Self> {
+    ///
+    /// Fails with [`Error::AlreadyRunning`] when another process holds the
+    /// file's lock, [`Error::PidFile`] when it cannot be written, and
+    /// [`Error::DataDir`] when the directory cannot be made.
+    pub fn create(data_dir: &Path) -> Result<Self, Error> {
         use std::io::Write;
         crate::keys::ensure_private_dir(data_dir)?;
         let path = data_dir.join(PID_FILE);
-        let fail = |e: &dyn std::fmt::Display| {
-            anyhow::anyhow!("cannot write the PID file {}: {e}", path.display())
+        let fail = |error: std::io::Error| Error::PidFile {
+            path: path.clone(),
+            error,
         };
         let mut file = std::fs::OpenOptions::new()
             .create(true)
             .write(true)
             .truncate(false)
             .open(&path)
-            .map_err(|e| fail(&e))?;
+            .map_err(fail)?;
         flock(&file, FlockOperation::NonBlockingLockExclusive).map_err(|_| {
-            anyhow::anyhow!(
-                "another ferrogate is running with the data directory {}",
-                data_dir.display()
-            )
+            Error::AlreadyRunning {
+                data_dir: data_dir.to_path_buf(),
+            }
         })?;
-        file.set_len(0).map_err(|e| fail(&e))?;
-        writeln!(file, "{}", std::process::id()).map_err(|e| fail(&e))?;
+        file.set_len(0).map_err(fail)?;
+        writeln!(file, "{}", std::process::id()).map_err(fail)?;
         Ok(PidFile {
             path,
             _locked: file,
@@ -170,7 +176,10 @@ mod tests {
     fn a_second_instance_cannot_take_the_pid_file() {
         let dir = tempfile::tempdir().unwrap();
         let first = PidFile::create(dir.path()).unwrap();
-        assert!(PidFile::create(dir.path()).is_err());
+        assert!(matches!(
+            PidFile::create(dir.path()),
+            Err(Error::AlreadyRunning { .. })
+        ));
         drop(first);
         assert!(PidFile::create(dir.path()).is_ok());
     }

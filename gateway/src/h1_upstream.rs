@@ -33,7 +33,7 @@ use tokio::time::Instant;
 
 use crate::connector::{self, ConnectError};
 
-use crate::proxy::ProxyBody;
+use crate::body::ProxyBody;
 use http_body_util::Either;
 
 /// Which connections a request may use: same node, same TLS name. Built

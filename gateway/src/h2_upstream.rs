@@ -24,7 +24,7 @@ use tokio::time::Instant;
 
 use crate::connector::{self, ConnectError};
 
-use crate::proxy::ProxyBody;
+use crate::body::ProxyBody;
 
 /// One node's connection and what it has served.
 struct Live {

@@ -11,32 +11,37 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
-use anyhow::Context as _;
 use rand::distr::{Alphanumeric, SampleString};
 
 use admin_api::AdminKey;
 
 use crate::config::GatewayConfig;
+use crate::error::Error;
 
 /// Length of a generated key, in characters (APISIX generates 32).
 pub const GENERATED_KEY_LEN: usize = 32;
 /// File name of the generated key inside the data directory.
 pub const KEY_FILE: &str = "admin_key";
 
-/// Creates `dir` (mode 0700) when missing.
-pub fn ensure_private_dir(dir: &Path) -> anyhow::Result<()> {
+/// Creates `dir` (mode 0700) when missing; [`Error::DataDir`] when that
+/// fails.
+pub fn ensure_private_dir(dir: &Path) -> Result<(), Error> {
     if !dir.exists() {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
-            .with_context(|| format!("cannot create the data directory {}", dir.display()))?;
+            .map_err(|source| Error::DataDir {
+                path: dir.to_path_buf(),
+                source,
+            })?;
     }
     Ok(())
 }
 
-/// The keys the Admin API accepts.
-pub fn admin_keys(config: &GatewayConfig) -> anyhow::Result<Vec<AdminKey>> {
+/// The keys the Admin API accepts. Fails only when a key has to be
+/// generated and the data directory or the key file cannot be written.
+pub fn admin_keys(config: &GatewayConfig) -> Result<Vec<AdminKey>, Error> {
     let mut keys: Vec<AdminKey> = config
         .admin_keys
         .iter()
@@ -66,7 +71,7 @@ pub fn admin_keys(config: &GatewayConfig) -> anyhow::Result<Vec<AdminKey>> {
 }
 
 /// Reads the generated key, making it on first use.
-fn generated_key(data_dir: &Path) -> anyhow::Result<String> {
+fn generated_key(data_dir: &Path) -> Result<String, Error> {
     ensure_private_dir(data_dir)?;
     let path = data_dir.join(KEY_FILE);
     if let Ok(text) = fs::read_to_string(&path) {
@@ -88,7 +93,10 @@ fn generated_key(data_dir: &Path) -> anyhow::Result<String> {
         .truncate(true)
         .mode(0o600)
         .open(&path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
+        .map_err(|source| Error::KeyFile {
+            path: path.clone(),
+            source,
+        })?;
     writeln!(file, "{key}")?;
     file.sync_all()?;
     tracing::warn!(

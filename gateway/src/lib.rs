@@ -12,9 +12,12 @@ pub mod body;
 pub mod config;
 pub mod connector;
 pub mod control;
+pub mod error;
+pub mod error_page;
 pub mod framing;
 pub mod h1_upstream;
 pub mod h2_upstream;
+pub mod headers;
 pub mod health;
 pub mod io;
 pub mod keys;
@@ -28,12 +31,12 @@ pub mod standalone;
 pub mod tls;
 pub mod upstream;
 pub mod vars;
+pub mod websocket;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use http::HeaderValue;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::sync::watch;
@@ -43,6 +46,7 @@ use admin_api::store::{RedbStore, Store};
 use admin_api::{AdminState, AuthPolicy};
 
 pub use config::GatewayConfig;
+pub use error::Error;
 
 use crate::config::Provider;
 use crate::proxy::ProxyOptions;
@@ -73,7 +77,9 @@ impl Running {
     /// `admin_key_required`, trusted proxies and body limits change at once;
     /// keys that need a restart (listeners, data directory, threads,
     /// timeouts, connection cap) are named in the log and left as they are.
-    pub fn reload(&self, config: GatewayConfig) -> anyhow::Result<()> {
+    /// Fails, changing nothing, only when an admin key has to be generated
+    /// and cannot be saved.
+    pub fn reload(&self, config: GatewayConfig) -> Result<(), Error> {
         let auth = auth_of(&config)?;
         if let Some(admin) = &self.admin {
             admin.auth.store(Arc::new(auth));
@@ -123,8 +129,9 @@ impl Running {
 
 /// Checks what [`start`] would read besides the config file itself (the
 /// trusted CA file, the standalone `apisix.yaml`), without binding or
-/// writing anything: `ferrogate test`.
-pub fn check(config: &GatewayConfig) -> anyhow::Result<()> {
+/// writing anything: `ferrogate test`. Fails with [`Error::Tls`] or
+/// [`Error::Standalone`].
+pub fn check(config: &GatewayConfig) -> Result<(), Error> {
     tls::trust_store(config.ssl_trusted_certificate.as_deref())?;
     if let Provider::Yaml(path) = &config.provider {
         standalone::load(path)?;
@@ -132,8 +139,12 @@ pub fn check(config: &GatewayConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts everything `config` describes.
-pub async fn start(config: GatewayConfig) -> anyhow::Result<Running> {
+/// Starts everything `config` describes. Fails when the data directory,
+/// config store, standalone file or trusted CA file cannot be read or made
+/// ([`Error::DataDir`], [`Error::Store`], [`Error::Standalone`],
+/// [`Error::Tls`]), the first snapshot cannot be built
+/// ([`Error::Snapshot`]), or a listener cannot be bound ([`Error::Bind`]).
+pub async fn start(config: GatewayConfig) -> Result<Running, Error> {
     if !config.unused_keys.is_empty() {
         tracing::info!(
             keys = %config.unused_keys.join(", "),
@@ -153,8 +164,10 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<Running> {
         Provider::Embedded => {
             keys::ensure_private_dir(&config.data_dir)?;
             let path = config.data_dir.join("config.redb");
-            let store = RedbStore::open(&path)
-                .with_context(|| format!("cannot open the config store {}", path.display()))?;
+            let store = RedbStore::open(&path).map_err(|source| Error::Store {
+                path: path.clone(),
+                source,
+            })?;
             tracing::info!(path = %path.display(), "embedded config store");
             (Arc::new(store), None)
         }
@@ -170,7 +183,8 @@ pub async fn start(config: GatewayConfig) -> anyhow::Result<Running> {
         options,
         Arc::new(roots),
         config.plugin_attr.clone(),
-    )?;
+    )
+    .map_err(Error::Snapshot)?;
     store.subscribe(publisher.clone());
     let live = publisher.live();
 
@@ -262,7 +276,7 @@ fn edge_of(config: &GatewayConfig) -> Edge {
     }
 }
 
-fn auth_of(config: &GatewayConfig) -> anyhow::Result<AuthPolicy> {
+fn auth_of(config: &GatewayConfig) -> Result<AuthPolicy, Error> {
     Ok(AuthPolicy {
         keys: keys::admin_keys(config)?,
         key_required: config.admin_key_required,

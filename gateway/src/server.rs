@@ -23,15 +23,16 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tower::ServiceExt;
 
-use plugins::{ClientIp, ResponseBody};
+use plugins::{ClientIp, ConnInfo, ResponseBody};
 
 use crate::body::{BodyFault, ClientBody};
 use arc_swap::ArcSwap;
 
 use crate::config::RealIp;
+use crate::error::Error;
+use crate::error_page::{error_page, with_close};
 use crate::framing::{FramingWatch, Verdict};
 use crate::limits::{self, BodyLimits};
-use crate::proxy::{error_page, with_close, ConnMeta};
 use crate::snapshot::SharedSnapshot;
 
 /// Settings of the data-plane listeners.
@@ -61,8 +62,11 @@ pub struct Edge {
     pub body: BodyLimits,
 }
 
-/// Binds a listener, with a clear error naming the address.
-pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+/// Binds a listener for `what` (`data plane`, `Admin API`) with
+/// `SO_REUSEADDR` and a backlog of 1024. Fails with [`Error::Bind`] naming
+/// the address when it cannot be bound, [`Error::Io`] when the socket
+/// cannot be made or set up.
+pub async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, Error> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
@@ -71,7 +75,7 @@ pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket
         .bind(addr)
-        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for the {what}: {e}"))?;
+        .map_err(|error| Error::Bind { addr, what, error })?;
     Ok(socket.listen(1024)?)
 }
 
@@ -162,7 +166,7 @@ async fn admit(
     let edge = plane.edge.load_full();
     let ip = client_ip(peer.ip(), &parts.headers, edge.real_ip.as_ref());
     parts.extensions.insert(ClientIp(ip));
-    parts.extensions.insert(ConnMeta {
+    parts.extensions.insert(ConnInfo {
         peer,
         local: SocketAddr::new(plugins::vars::canonical(local.ip()), local.port()),
         scheme: "http",

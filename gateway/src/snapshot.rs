@@ -788,7 +788,7 @@ impl Service<Request<ClientBody>> for Dispatch {
     fn call(&mut self, req: Request<ClientBody>) -> Self::Future {
         let state = &self.0;
         let Some(path) = normalize_path(req.uri().path()) else {
-            return Box::pin(std::future::ready(Ok(crate::proxy::error_page(
+            return Box::pin(std::future::ready(Ok(crate::error_page::error_page(
                 StatusCode::BAD_REQUEST,
                 None,
             ))));

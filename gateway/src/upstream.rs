@@ -325,6 +325,43 @@ impl HashKey {
     }
 }
 
+/// The `chash` key of a request under `key`. A request without the key
+/// (no such header, cookie or consumer) hashes its client address instead,
+/// so it still gets a node; never fails.
+pub fn hash_key_of<B>(key: &HashKey, req: &http::Request<B>) -> String {
+    use plugins::expr::Vars as _;
+    use std::borrow::Cow;
+
+    let host = req
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(crate::router::normalize_host);
+    let vars = crate::vars::RequestVars {
+        req,
+        host: host.as_deref(),
+        path: req.uri().path(),
+    };
+    let value = match key {
+        HashKey::Var(name) => vars.var(name),
+        HashKey::Header(name) => req
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(Cow::Borrowed),
+        HashKey::Cookie(name) => vars.var(&format!("cookie_{name}")),
+        HashKey::Combination(template) => Some(Cow::Owned(vars.expand(template))),
+        HashKey::Consumer => req
+            .extensions()
+            .get::<plugins::ctx::ConsumerName>()
+            .map(|c| Cow::Owned(c.0.to_string())),
+    };
+    value
+        .map(Cow::into_owned)
+        .or_else(|| vars.var("remote_addr").map(Cow::into_owned))
+        .unwrap_or_default()
+}
+
 /// Balancers kept across snapshots, keyed by the object that owns the
 /// upstream (`upstreams/1`, `routes/7`), reused while the balancer type and
 /// the nodes are equal.

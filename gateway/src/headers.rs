@@ -1,0 +1,204 @@
+//! Request header policy: what the upstream sees, as under APISIX (nginx
+//! `proxy_pass`).
+//!
+//! `X-Real-IP` = the client address; `X-Forwarded-For` = the client's own
+//! value + `, ` + the client address; `X-Forwarded-Proto/Host/Port` set by
+//! the gateway (a client cannot forge them, a trusted proxy's are kept);
+//! `Forwarded` and hop-by-hop headers (`Connection` and what it names,
+//! `Keep-Alive`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`,
+//! `Proxy-Connection`, `Expect`) removed. `Host` is the proxy's business
+//! (`pass_host`), not this module's.
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use plugins::ConnInfo;
+
+/// Header names the proxy touches on every request, parsed once.
+mod names {
+    use http::header::{self, HeaderName};
+
+    pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+    pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+    pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+    pub const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+    pub const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+    pub const FORWARDED: HeaderName = header::FORWARDED;
+    pub const HOP_BY_HOP: [HeaderName; 8] = [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::EXPECT,
+    ];
+}
+use names::*;
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        if headers.contains_key(name) {
+            headers.remove(name);
+        }
+    }
+}
+
+/// Sets the forwarding headers APISIX's nginx template sets.
+pub fn prepare_request_headers(
+    headers: &mut HeaderMap,
+    client_ip: Option<std::net::IpAddr>,
+    client_host: Option<&HeaderValue>,
+    meta: ConnInfo,
+) {
+    strip_hop_by_hop(headers);
+    if headers.contains_key(FORWARDED) {
+        headers.remove(FORWARDED);
+    }
+    if let Some(ip) = client_ip {
+        let ip_text = ip.to_string();
+        let xff = if headers.contains_key(X_FORWARDED_FOR) {
+            let previous: Vec<&str> = headers
+                .get_all(X_FORWARDED_FOR)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            format!("{}, {ip_text}", previous.join(", "))
+        } else {
+            ip_text.clone()
+        };
+        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(xff)) {
+            headers.insert(X_FORWARDED_FOR, v);
+        }
+        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(ip_text)) {
+            headers.insert(X_REAL_IP, v);
+        }
+    }
+    // A trusted proxy's own X-Forwarded-* describe the original client and
+    // are passed on; anybody else's are replaced.
+    let keep = |headers: &HeaderMap, name: &HeaderName| {
+        meta.forwarded_trusted && headers.contains_key(name)
+    };
+    if !keep(headers, &X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(meta.scheme));
+    }
+    if !keep(headers, &X_FORWARDED_HOST) {
+        match client_host {
+            Some(h) => {
+                headers.insert(X_FORWARDED_HOST, h.clone());
+            }
+            None => {
+                headers.remove(X_FORWARDED_HOST);
+            }
+        }
+    }
+    if !keep(headers, &X_FORWARDED_PORT) {
+        let host_port = client_host.and_then(|h| h.to_str().ok()).and_then(|h| {
+            let (_, port) = h.rsplit_once(':')?;
+            (!h.ends_with(']') && port.bytes().all(|b| b.is_ascii_digit()) && !port.is_empty())
+                .then(|| port.to_string())
+        });
+        let port = host_port.unwrap_or_else(|| meta.local.port().to_string());
+        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(port)) {
+            headers.insert(X_FORWARDED_PORT, v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> ConnInfo {
+        ConnInfo {
+            peer: "10.0.0.9:40000".parse().unwrap(),
+            local: "127.0.0.1:9080".parse().unwrap(),
+            scheme: "http",
+            forwarded_trusted: false,
+        }
+    }
+
+    #[test]
+    fn forwarding_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.1.2.3"));
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("forwarded", HeaderValue::from_static("for=1.1.1.1"));
+        let host = HeaderValue::from_static("fwd.test:8443");
+        prepare_request_headers(
+            &mut h,
+            Some("127.0.0.1".parse().unwrap()),
+            Some(&host),
+            meta(),
+        );
+        assert_eq!(h["x-forwarded-for"], "10.1.2.3, 127.0.0.1");
+        assert_eq!(h["x-real-ip"], "127.0.0.1");
+        assert_eq!(
+            h["x-forwarded-proto"], "http",
+            "clients cannot forge the scheme"
+        );
+        assert_eq!(h["x-forwarded-host"], "fwd.test:8443");
+        assert_eq!(h["x-forwarded-port"], "8443");
+        for gone in ["connection", "x-secret", "te", "forwarded"] {
+            assert!(!h.contains_key(gone), "{gone} must be removed");
+        }
+    }
+
+    #[test]
+    fn trusted_peers_keep_their_forwarded_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        h.insert(
+            "x-forwarded-host",
+            HeaderValue::from_static("public.example"),
+        );
+        h.insert("x-forwarded-port", HeaderValue::from_static("443"));
+        let trusted = ConnInfo {
+            forwarded_trusted: true,
+            ..meta()
+        };
+        let host = HeaderValue::from_static("internal:9080");
+        prepare_request_headers(
+            &mut h,
+            Some("10.0.0.9".parse().unwrap()),
+            Some(&host),
+            trusted,
+        );
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "public.example");
+        assert_eq!(h["x-forwarded-port"], "443");
+        assert_eq!(
+            h["x-real-ip"], "10.0.0.9",
+            "the address headers are still the gateway's"
+        );
+    }
+
+    #[test]
+    fn forwarded_port_falls_back_to_listener() {
+        let mut h = HeaderMap::new();
+        let host = HeaderValue::from_static("fwd.test");
+        prepare_request_headers(&mut h, Some("::1".parse().unwrap()), Some(&host), meta());
+        assert_eq!(h["x-forwarded-port"], "9080");
+        assert_eq!(h["x-forwarded-for"], "::1");
+    }
+}
