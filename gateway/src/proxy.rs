@@ -167,7 +167,14 @@ impl Prepared {
             .get(header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
         let mut headers = parts.headers;
-        prepare_request_headers(&mut headers, client_ip, client_host.as_ref(), meta);
+        // X-Forwarded-Host names what the client asked for, even when a
+        // plugin changed the Host sent upstream.
+        let forwarded_host = parts
+            .extensions
+            .get::<plugins::ctx::OriginalHost>()
+            .map(|h| &h.0)
+            .or(client_host.as_ref());
+        prepare_request_headers(&mut headers, client_ip, forwarded_host, meta);
         if upgrade.is_some() {
             websocket::request_upgrade(&mut headers);
         }

@@ -33,6 +33,12 @@ pub struct UpstreamInfo {
 #[derive(Debug, Clone)]
 pub struct ConsumerName(pub Arc<str>);
 
+/// The client's `Host`, put in the request extensions when a plugin
+/// replaced it (proxy-rewrite `host`): `X-Forwarded-Host` still names the
+/// host the client asked for, as APISIX's does.
+#[derive(Debug, Clone)]
+pub struct OriginalHost(pub http::HeaderValue);
+
 /// The request as it was when it reached the gateway, kept for response
 /// phases only when a plugin there reads request variables.
 pub struct RequestHead {

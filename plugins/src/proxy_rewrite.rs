@@ -41,7 +41,7 @@ use http::{request, HeaderValue, Method, Uri};
 use regex::Regex;
 use serde_json::{json, Map, Value};
 
-use crate::ctx::Ctx;
+use crate::ctx::{Ctx, OriginalHost};
 use crate::plugin::{CompileCx, Flow, Phases, Plugin, PluginSpec, SchemaType};
 use crate::registry::cached;
 use crate::schema::{type_name, Schema};
@@ -620,7 +620,11 @@ impl Plugin for ProxyRewrite {
         }
         // After `headers`: the upstream Host is `host` whatever they set.
         if let Some(host) = &self.host {
-            req.headers.insert(HOST, host.clone());
+            if let Some(original) = req.headers.insert(HOST, host.clone()) {
+                if req.extensions.get::<OriginalHost>().is_none() {
+                    req.extensions.insert(OriginalHost(original));
+                }
+            }
         }
         if let Some(m) = &self.method {
             req.method = m.clone();

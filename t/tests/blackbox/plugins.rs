@@ -249,3 +249,24 @@ async fn yaml_reload_is_never_served_half_applied() {
         Err(_) => panic!("gateway still shared"),
     }
 }
+
+/// proxy-rewrite `host` changes the Host the upstream gets; the gateway's
+/// `X-Forwarded-Host` still names the host the client asked for.
+#[tokio::test]
+async fn rewritten_host_keeps_forwarded_host() {
+    let gw = Gateway::start().await;
+    let u1 = Upstream::start("u1").await;
+    gw.put(
+        "routes/1",
+        json!({"uri": "/h", "upstream": upstream(&[(&u1.node(), 1)]), "plugins": {
+            "proxy-rewrite": {"host": "backend.internal"}
+        }}),
+    )
+    .await;
+    let r = get(&gw, "/h", &[("host", "api.example.com")]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = &r.json()["headers"];
+    assert_eq!(seen["host"], "backend.internal");
+    assert_eq!(seen["x-forwarded-host"], "api.example.com");
+    gw.stop().await;
+}
