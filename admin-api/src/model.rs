@@ -10,6 +10,15 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_json::Value;
 
+pub mod health_check;
+pub mod upstream;
+
+pub use health_check::ChecksConf;
+pub use upstream::{
+    BalancerType, HashOn, KeepalivePoolConf, PassHostMode, UpstreamConf, UpstreamScheme,
+    UpstreamTls,
+};
+
 /// A route (`/apisix/routes/{id}`).
 #[derive(Debug, Clone, Deserialize, Default)]
 pub struct RouteConf {
@@ -75,60 +84,6 @@ pub struct ServiceConf {
 pub struct GlobalRuleConf {
     #[serde(default)]
     pub plugins: BTreeMap<String, Value>,
-}
-
-/// An upstream, inline or as its own object.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-pub struct UpstreamConf {
-    #[serde(default = "roundrobin", rename = "type")]
-    pub kind: String,
-    #[serde(default)]
-    pub nodes: Option<Nodes>,
-    /// Extra tries on other nodes; default: number of nodes - 1.
-    #[serde(default)]
-    pub retries: Option<u32>,
-    /// Seconds the tries may take together; 0 or absent: no limit.
-    #[serde(default)]
-    pub retry_timeout: Option<f64>,
-    #[serde(default)]
-    pub timeout: Option<Timeout>,
-    #[serde(default = "http")]
-    pub scheme: String,
-    #[serde(default = "pass")]
-    pub pass_host: String,
-    #[serde(default)]
-    pub upstream_host: Option<String>,
-    /// chash: where the key comes from (`vars`, `header`, `cookie`,
-    /// `consumer`, `vars_combinations`). Default `vars`.
-    #[serde(default = "vars")]
-    pub hash_on: String,
-    /// chash: the variable, header or cookie name (or template for
-    /// `vars_combinations`). Default `remote_addr`.
-    #[serde(default)]
-    pub key: Option<String>,
-    /// Health checks (`active`, `passive`), compiled by the data plane.
-    #[serde(default)]
-    pub checks: Option<serde_json::Value>,
-    /// `{"verify": bool}` for `https` upstreams.
-    #[serde(default)]
-    pub tls: Option<serde_json::Value>,
-    /// `{"size", "idle_timeout", "requests"}` of idle upstream connections.
-    #[serde(default)]
-    pub keepalive_pool: Option<serde_json::Value>,
-}
-
-fn vars() -> String {
-    "vars".into()
-}
-
-fn roundrobin() -> String {
-    "roundrobin".into()
-}
-fn http() -> String {
-    "http".into()
-}
-fn pass() -> String {
-    "pass".into()
 }
 
 /// Seconds, each > 0.
@@ -198,47 +153,6 @@ pub fn split_host_port(addr: &str) -> Result<(String, Option<u16>), String> {
     Ok((host.to_string(), port))
 }
 
-/// The port a scheme implies when a node names none.
-pub fn default_port(scheme: &str) -> u16 {
-    match scheme {
-        "https" | "grpcs" | "tls" => 443,
-        _ => 80,
-    }
-}
-
-impl UpstreamConf {
-    /// The nodes in declaration order (hash form: key order), ports resolved.
-    pub fn resolved_nodes(&self) -> Result<Vec<Node>, String> {
-        let port_or_default = |p: Option<u16>| p.unwrap_or_else(|| default_port(&self.scheme));
-        match &self.nodes {
-            None => Ok(Vec::new()),
-            Some(Nodes::Map(map)) => map
-                .iter()
-                .map(|(addr, weight)| {
-                    let (host, port) = split_host_port(addr)?;
-                    Ok(Node {
-                        host,
-                        port: port_or_default(port),
-                        weight: *weight,
-                    })
-                })
-                .collect(),
-            Some(Nodes::List(list)) => Ok(list
-                .iter()
-                .map(|n| Node {
-                    host: n
-                        .host
-                        .trim_start_matches('[')
-                        .trim_end_matches(']')
-                        .to_string(),
-                    port: port_or_default(n.port),
-                    weight: n.weight,
-                })
-                .collect()),
-        }
-    }
-}
-
 /// An id as APISIX stores it: string or integer, compared as text.
 pub fn id_text(id: &Value) -> Option<String> {
     match id {
@@ -275,7 +189,7 @@ mod tests {
             "nodes": {"127.0.0.1:1980": 1, "example.com": 2}
         }))
         .unwrap();
-        assert_eq!(up.kind, "roundrobin");
+        assert_eq!(up.balancer, BalancerType::Roundrobin);
         let nodes = up.resolved_nodes().unwrap();
         assert_eq!(
             nodes[0],

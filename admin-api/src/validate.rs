@@ -12,8 +12,12 @@ use serde_json::Value;
 use plugins::schema::Schema;
 
 use crate::expr;
-use crate::model::{split_host_port, Nodes, UpstreamConf};
 use crate::resource::Kind;
+
+mod upstream;
+
+use upstream::build_upstream_schema;
+pub use upstream::check_upstream;
 
 /// Longest `name`/`desc` APISIX accepts.
 pub const MAX_NAME_LEN: usize = 256;
@@ -101,58 +105,6 @@ fn nodes_schema() -> Schema {
         .required(&["host", "weight"])
         .done();
     Schema::AnyOf(vec![hash, Schema::array(node).done()])
-}
-
-fn build_upstream_schema() -> Schema {
-    common(Schema::object())
-        .prop("nodes", nodes_schema())
-        .prop("retries", Schema::integer().min(0.0).int())
-        .prop("retry_timeout", Schema::integer().min(0.0).number())
-        .prop("timeout", timeout_schema())
-        .prop(
-            "type",
-            Schema::string()
-                .enumerated(&["roundrobin", "chash", "ewma", "least_conn"])
-                .done(),
-        )
-        .prop(
-            "scheme",
-            Schema::string()
-                .enumerated(&[
-                    "grpc", "grpcs", "http", "https", "tcp", "tls", "udp", "kafka",
-                ])
-                .done(),
-        )
-        .prop(
-            "pass_host",
-            Schema::string()
-                .enumerated(&["pass", "node", "rewrite"])
-                .done(),
-        )
-        .prop("upstream_host", host_schema())
-        .prop(
-            "hash_on",
-            Schema::string()
-                .enumerated(&["vars", "header", "cookie", "consumer", "vars_combinations"])
-                .done(),
-        )
-        .prop("key", Schema::string().done())
-        .prop("checks", Schema::object().done())
-        .prop(
-            "keepalive_pool",
-            Schema::object()
-                .prop("size", Schema::integer().min(1.0).int())
-                .prop("idle_timeout", Schema::integer().min(0.0).number())
-                .prop("requests", Schema::integer().min(1.0).int())
-                .done(),
-        )
-        .prop("tls", Schema::object().done())
-        .prop("service_name", Schema::string().min(1).max(256).done())
-        .prop("discovery_type", Schema::string().done())
-        .prop("discovery_args", Schema::object().done())
-        .no_additional()
-        .one_of_required(&[&["nodes"], &["service_name", "discovery_type"]])
-        .done()
 }
 
 fn plugins_schema() -> Schema {
@@ -431,41 +383,6 @@ fn check_reference(
             label = kind.label()
         ))
     }
-}
-
-/// Checks the semantic rules APISIX applies to an upstream after its schema.
-pub fn check_upstream(conf: &Value) -> Result<(), String> {
-    // Accepted by APISIX's schema but not served by ferrogate yet: refuse
-    // rather than proxy differently from what was asked.
-    if let Some(s) = conf
-        .get("scheme")
-        .and_then(Value::as_str)
-        .filter(|s| !matches!(*s, "http" | "https" | "grpc" | "grpcs"))
-    {
-        return Err(format!(
-            "invalid configuration: upstream scheme `{s}` is not supported by ferrogate yet"
-        ));
-    }
-    if conf.get("pass_host").and_then(Value::as_str) == Some("rewrite")
-        && conf.get("upstream_host").is_none()
-    {
-        return Err("`upstream_host` can't be empty when `pass_host` is `rewrite`".into());
-    }
-    if let Some(Value::Object(map)) = conf.get("nodes") {
-        for addr in map.keys() {
-            split_host_port(addr)?;
-        }
-    }
-    let up: UpstreamConf =
-        serde_json::from_value(conf.clone()).map_err(|e| format!("invalid configuration: {e}"))?;
-    if let Some(Nodes::List(list)) = &up.nodes {
-        for n in list {
-            if n.host.is_empty() {
-                return Err("invalid configuration: empty node host".into());
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Checks every plugin of a `plugins` object.

@@ -21,176 +21,12 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use serde::Deserialize;
-
-/// Defaults from APISIX's health-check schema.
-pub const DEFAULT_INTERVAL_SECS: f64 = 1.0;
-pub const DEFAULT_PROBE_TIMEOUT_SECS: f64 = 1.0;
-pub const DEFAULT_HEALTHY_SUCCESSES: u32 = 2;
-pub const DEFAULT_UNHEALTHY_HTTP_FAILURES: u32 = 5;
-pub const DEFAULT_UNHEALTHY_TCP_FAILURES: u32 = 2;
-pub const DEFAULT_UNHEALTHY_TIMEOUTS: u32 = 3;
-
-fn ok_statuses() -> Vec<u16> {
-    vec![200, 302]
-}
-fn active_bad_statuses() -> Vec<u16> {
-    vec![429, 404, 500, 501, 502, 503, 504, 505]
-}
-fn passive_ok_statuses() -> Vec<u16> {
-    (200..=226).chain(300..=308).collect()
-}
-fn passive_bad_statuses() -> Vec<u16> {
-    vec![429, 500, 503]
-}
-fn interval() -> f64 {
-    DEFAULT_INTERVAL_SECS
-}
-fn probe_timeout() -> f64 {
-    DEFAULT_PROBE_TIMEOUT_SECS
-}
-fn successes() -> u32 {
-    DEFAULT_HEALTHY_SUCCESSES
-}
-fn http_failures() -> u32 {
-    DEFAULT_UNHEALTHY_HTTP_FAILURES
-}
-fn tcp_failures() -> u32 {
-    DEFAULT_UNHEALTHY_TCP_FAILURES
-}
-fn timeouts() -> u32 {
-    DEFAULT_UNHEALTHY_TIMEOUTS
-}
-fn root() -> String {
-    "/".into()
-}
-
-/// `checks` of an upstream.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
-pub struct ChecksConf {
-    #[serde(default)]
-    pub active: Option<ActiveConf>,
-    #[serde(default)]
-    pub passive: Option<PassiveConf>,
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-pub struct ActiveConf {
-    /// `http` (default), `https`, or `tcp` (a connection is the whole
-    /// probe, for nodes that do not speak HTTP/1.1, such as gRPC ones).
-    #[serde(default, rename = "type")]
-    pub kind: Option<String>,
-    /// `https` probes: check the node's certificate (default true), against
-    /// `host` when that is a DNS name, else the node's address.
-    #[serde(default)]
-    pub https_verify_certificate: Option<bool>,
-    #[serde(default = "root")]
-    pub http_path: String,
-    #[serde(default)]
-    pub host: Option<String>,
-    #[serde(default)]
-    pub port: Option<u16>,
-    #[serde(default = "probe_timeout")]
-    pub timeout: f64,
-    #[serde(default)]
-    pub healthy: ActiveHealthy,
-    #[serde(default)]
-    pub unhealthy: ActiveUnhealthy,
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-pub struct ActiveHealthy {
-    #[serde(default = "interval")]
-    pub interval: f64,
-    #[serde(default = "successes")]
-    pub successes: u32,
-    #[serde(default = "ok_statuses")]
-    pub http_statuses: Vec<u16>,
-}
-
-impl Default for ActiveHealthy {
-    fn default() -> Self {
-        ActiveHealthy {
-            interval: interval(),
-            successes: successes(),
-            http_statuses: ok_statuses(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-pub struct ActiveUnhealthy {
-    #[serde(default = "interval")]
-    pub interval: f64,
-    #[serde(default = "http_failures")]
-    pub http_failures: u32,
-    #[serde(default = "tcp_failures")]
-    pub tcp_failures: u32,
-    #[serde(default = "timeouts")]
-    pub timeouts: u32,
-    #[serde(default = "active_bad_statuses")]
-    pub http_statuses: Vec<u16>,
-}
-
-impl Default for ActiveUnhealthy {
-    fn default() -> Self {
-        ActiveUnhealthy {
-            interval: interval(),
-            http_failures: http_failures(),
-            tcp_failures: tcp_failures(),
-            timeouts: timeouts(),
-            http_statuses: active_bad_statuses(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
-pub struct PassiveConf {
-    #[serde(default)]
-    pub healthy: PassiveHealthy,
-    #[serde(default)]
-    pub unhealthy: PassiveUnhealthy,
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-pub struct PassiveHealthy {
-    #[serde(default = "passive_ok_statuses")]
-    pub http_statuses: Vec<u16>,
-    #[serde(default = "successes")]
-    pub successes: u32,
-}
-
-impl Default for PassiveHealthy {
-    fn default() -> Self {
-        PassiveHealthy {
-            http_statuses: passive_ok_statuses(),
-            successes: successes(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-pub struct PassiveUnhealthy {
-    #[serde(default = "passive_bad_statuses")]
-    pub http_statuses: Vec<u16>,
-    #[serde(default = "http_failures")]
-    pub http_failures: u32,
-    #[serde(default = "tcp_failures")]
-    pub tcp_failures: u32,
-    #[serde(default = "timeouts")]
-    pub timeouts: u32,
-}
-
-impl Default for PassiveUnhealthy {
-    fn default() -> Self {
-        PassiveUnhealthy {
-            http_statuses: passive_bad_statuses(),
-            http_failures: http_failures(),
-            tcp_failures: tcp_failures(),
-            timeouts: timeouts(),
-        }
-    }
-}
+use admin_api::model::health_check::{
+    split_header_line, ActiveCheck, CheckType, ChecksConf, DEFAULT_INTERVAL_SECS,
+    DEFAULT_PROBE_TIMEOUT_SECS,
+};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
 /// What one observation of a node said.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -243,21 +79,33 @@ impl Health {
     pub fn new(conf: &ChecksConf, nodes: usize) -> Self {
         Health {
             nodes: (0..nodes).map(|_| NodeHealth::default()).collect(),
-            passive: conf.passive.as_ref().map(|p| Rules {
-                ok_statuses: p.healthy.http_statuses.clone(),
-                bad_statuses: p.unhealthy.http_statuses.clone(),
-                successes: p.healthy.successes,
-                http_failures: p.unhealthy.http_failures,
-                tcp_failures: p.unhealthy.tcp_failures,
-                timeouts: p.unhealthy.timeouts,
+            passive: conf.passive.as_ref().map(|p| {
+                // A tcp check judges connections only: any answer is one.
+                let tcp = p.check_type == CheckType::Tcp;
+                Rules {
+                    ok_statuses: if tcp {
+                        (100..=599).collect()
+                    } else {
+                        p.healthy.http_statuses.clone()
+                    },
+                    bad_statuses: if tcp {
+                        Vec::new()
+                    } else {
+                        p.unhealthy.http_statuses.clone()
+                    },
+                    successes: p.healthy.successes,
+                    http_failures: p.unhealthy.http_failures,
+                    tcp_failures: p.unhealthy.tcp_failures,
+                    timeouts: p.unhealthy.timeouts,
+                }
             }),
-            active: conf.active.as_ref().map(|a| Rules {
-                ok_statuses: a.healthy.http_statuses.clone(),
-                bad_statuses: a.unhealthy.http_statuses.clone(),
-                successes: a.healthy.successes,
-                http_failures: a.unhealthy.http_failures,
-                tcp_failures: a.unhealthy.tcp_failures,
-                timeouts: a.unhealthy.timeouts,
+            active: Some(Rules {
+                ok_statuses: conf.active.healthy.http_statuses.clone(),
+                bad_statuses: conf.active.unhealthy.http_statuses.clone(),
+                successes: conf.active.healthy.successes,
+                http_failures: conf.active.unhealthy.http_failures,
+                tcp_failures: conf.active.unhealthy.tcp_failures,
+                timeouts: conf.active.unhealthy.timeouts,
             }),
         }
     }
@@ -364,19 +212,40 @@ pub struct ProbePlan {
     pub tcp_only: bool,
     /// `type: https`: the TLS settings.
     pub https: Option<rustls::ClientConfig>,
+    /// `http_method`.
+    pub method: Method,
+    /// `req_headers`, parsed.
+    pub headers: HeaderMap,
+    /// `http_req_body`.
+    pub body: Bytes,
 }
 
 impl ProbePlan {
+    /// Whether a plan can be made from `active`: its method and headers
+    /// parse. `Err` names the first that does not (the Admin API refuses
+    /// such configs, so only a store written by something else gets here).
+    pub fn check(active: &ActiveCheck) -> Result<(), String> {
+        request_parts(active).map(drop)
+    }
+
+    /// The plan for `active` over `nodes`. Non-positive timeouts (the schema
+    /// lets them through) mean the defaults.
     pub fn new(
-        active: &ActiveConf,
+        active: &ActiveCheck,
         nodes: &[(String, u16)],
         roots: &Arc<rustls::RootCertStore>,
-    ) -> Self {
-        let secs = |v: f64, d: f64| {
-            Duration::try_from_secs_f64(if v > 0.0 { v } else { d })
-                .unwrap_or(Duration::from_secs(1))
+    ) -> Result<Self, String> {
+        let (method, headers) = request_parts(active)?;
+        let secs = |v: f64| {
+            Duration::try_from_secs_f64(if v > 0.0 {
+                v
+            } else {
+                DEFAULT_PROBE_TIMEOUT_SECS
+            })
+            .unwrap_or(Duration::from_secs(1))
         };
-        ProbePlan {
+        let interval = |v: u64| Duration::from_secs(v.max(DEFAULT_INTERVAL_SECS));
+        Ok(ProbePlan {
             targets: nodes
                 .iter()
                 .map(|(h, p)| {
@@ -394,37 +263,40 @@ impl ProbePlan {
                 format!("/{}", active.http_path)
             },
             host_header: active.host.clone(),
-            timeout: secs(active.timeout, DEFAULT_PROBE_TIMEOUT_SECS),
-            healthy_interval: secs(active.healthy.interval, DEFAULT_INTERVAL_SECS),
-            unhealthy_interval: secs(active.unhealthy.interval, DEFAULT_INTERVAL_SECS),
-            tcp_only: active.kind.as_deref() == Some("tcp"),
-            https: (active.kind.as_deref() == Some("https")).then(|| {
-                crate::tls::client_config(
-                    roots.clone(),
-                    active.https_verify_certificate.unwrap_or(true),
-                )
-            }),
-        }
+            timeout: secs(active.timeout),
+            healthy_interval: interval(active.healthy.interval),
+            unhealthy_interval: interval(active.unhealthy.interval),
+            tcp_only: active.check_type == CheckType::Tcp,
+            https: (active.check_type == CheckType::Https)
+                .then(|| crate::tls::client_config(roots.clone(), active.https_verify_certificate)),
+            method,
+            headers,
+            body: Bytes::from(active.http_req_body.clone()),
+        })
     }
+}
+
+fn request_parts(active: &ActiveCheck) -> Result<(Method, HeaderMap), String> {
+    let method = Method::from_bytes(active.http_method.as_bytes())
+        .map_err(|_| format!("checks: invalid http_method {}", active.http_method))?;
+    let mut headers = HeaderMap::new();
+    for line in &active.req_headers {
+        let parsed = split_header_line(line).and_then(|(name, value)| {
+            Some((
+                HeaderName::from_bytes(name.as_bytes()).ok()?,
+                HeaderValue::from_str(value).ok()?,
+            ))
+        });
+        let (name, value) =
+            parsed.ok_or_else(|| format!("checks: invalid req_headers {line:?}"))?;
+        headers.append(name, value);
+    }
+    Ok((method, headers))
 }
 
 /// Probes every node until `health` is dropped.
 pub async fn run_prober(health: Weak<Health>, plan: ProbePlan) {
-    let tls = plan.https.clone().unwrap_or_else(|| {
-        crate::tls::client_config(Arc::new(rustls::RootCertStore::empty()), true)
-    });
-    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
-    http.enforce_http(false);
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .with_server_name_resolver(crate::connector::server_name)
-        .enable_http1()
-        .wrap_connector(http);
-    let client: ProbeClient =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .pool_max_idle_per_host(0)
-            .build(connector);
+    let client = probe_client(&plan);
     loop {
         let Some(h) = health.upgrade() else { return };
         let mut any_unhealthy = false;
@@ -443,10 +315,29 @@ pub async fn run_prober(health: Weak<Health>, plan: ProbePlan) {
     }
 }
 
+/// A client for `plan`'s probes: no connection reuse, so that every probe
+/// also tests connecting.
+fn probe_client(plan: &ProbePlan) -> ProbeClient {
+    let tls = plan.https.clone().unwrap_or_else(|| {
+        crate::tls::client_config(Arc::new(rustls::RootCertStore::empty()), true)
+    });
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .with_server_name_resolver(crate::connector::server_name)
+        .enable_http1()
+        .wrap_connector(http);
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build(connector)
+}
+
 /// The prober's HTTP client (plain or TLS by the probe URI's scheme).
 type ProbeClient = hyper_util::client::legacy::Client<
     hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-    http_body_util::Empty<bytes::Bytes>,
+    http_body_util::Full<Bytes>,
 >;
 
 async fn probe(client: &ProbeClient, target: &str, plan: &ProbePlan) -> Outcome {
@@ -472,12 +363,21 @@ async fn probe(client: &ProbeClient, target: &str, plan: &ProbePlan) -> Outcome 
         }
         (Some(_), _) => format!("https://{target}{}", plan.path),
     };
-    let mut req = http::Request::get(uri.as_str());
-    req = req.header(
-        http::header::HOST,
-        plan.host_header.as_deref().unwrap_or(target),
-    );
-    let Ok(req) = req.body(http_body_util::Empty::new()) else {
+    let mut req = http::Request::builder()
+        .method(plan.method.clone())
+        .uri(uri.as_str());
+    if let Some(headers) = req.headers_mut() {
+        headers.clone_from(&plan.headers);
+    }
+    // The configured `Host` (as a header line) wins over the derived one,
+    // as a header the user wrote would.
+    if !plan.headers.contains_key(http::header::HOST) {
+        req = req.header(
+            http::header::HOST,
+            plan.host_header.as_deref().unwrap_or(target),
+        );
+    }
+    let Ok(req) = req.body(http_body_util::Full::new(plan.body.clone())) else {
         return Outcome::TcpFailure;
     };
     match tokio::time::timeout(plan.timeout, client.request(req)).await {
@@ -503,12 +403,16 @@ impl Checked {
         roots: &Arc<rustls::RootCertStore>,
     ) -> Self {
         let health = Arc::new(Health::new(conf, nodes.len()));
-        let prober = match (conf.active.as_ref(), runtime) {
-            (Some(active), Some(rt)) => Some(rt.spawn(run_prober(
-                Arc::downgrade(&health),
-                ProbePlan::new(active, nodes, roots),
-            ))),
-            _ => None,
+        let prober = match (ProbePlan::new(&conf.active, nodes, roots), runtime) {
+            (Ok(plan), Some(rt)) => Some(rt.spawn(run_prober(Arc::downgrade(&health), plan))),
+            (Err(e), _) => {
+                // Compiling an upstream refuses such checks before this; a
+                // caller that skipped that gets passive checks only, and a
+                // log line saying why.
+                tracing::error!(error = %e, "active health checks not started");
+                None
+            }
+            (Ok(_), None) => None,
         };
         Checked { health, prober }
     }
@@ -535,7 +439,7 @@ mod tests {
     fn passive_thresholds_and_recovery() {
         let h = Health::new(
             &conf(
-                json!({"passive": {"unhealthy": {"http_failures": 2}, "healthy": {"successes": 1}}}),
+                json!({"active": {}, "passive": {"unhealthy": {"http_failures": 2}, "healthy": {"successes": 1}}}),
             ),
             2,
         );
@@ -551,7 +455,9 @@ mod tests {
     #[test]
     fn tcp_failures_and_timeouts_count_separately() {
         let h = Health::new(
-            &conf(json!({"passive": {"unhealthy": {"tcp_failures": 2, "timeouts": 3}}})),
+            &conf(
+                json!({"active": {}, "passive": {"unhealthy": {"tcp_failures": 2, "timeouts": 3}}}),
+            ),
             1,
         );
         h.observe_passive(0, Outcome::Timeout);
@@ -581,7 +487,7 @@ mod tests {
     #[test]
     fn all_unhealthy_falls_back_to_all() {
         let h = Health::new(
-            &conf(json!({"passive": {"unhealthy": {"http_failures": 1}}})),
+            &conf(json!({"active": {}, "passive": {"unhealthy": {"http_failures": 1}}})),
             2,
         );
         h.observe_passive(0, Outcome::Status(503));
@@ -596,5 +502,80 @@ mod tests {
             h.observe_passive(0, Outcome::Status(500));
         }
         assert!(h.is_healthy(0));
+    }
+
+    #[test]
+    fn passive_tcp_checks_judge_connections_only() {
+        let h = Health::new(
+            &conf(json!({"active": {}, "passive": {"type": "tcp",
+                "healthy": {"successes": 1}, "unhealthy": {"http_failures": 1, "tcp_failures": 1}}})),
+            1,
+        );
+        h.observe_passive(0, Outcome::Status(500));
+        assert!(h.is_healthy(0), "an answer is a working connection");
+        h.observe_passive(0, Outcome::TcpFailure);
+        assert!(!h.is_healthy(0));
+        h.observe_passive(0, Outcome::Status(503));
+        assert!(h.is_healthy(0));
+    }
+
+    #[test]
+    fn probe_plan_takes_every_active_setting() {
+        let roots = Arc::new(rustls::RootCertStore::empty());
+        let c = conf(json!({"active": {
+            "type": "https", "timeout": 0, "port": 9000, "http_path": "health",
+            "http_method": "POST", "http_req_body": "ping", "https_verify_certificate": false,
+            "req_headers": ["X-Probe: 1", "X-Probe: 2"],
+            "healthy": {"interval": 3}, "unhealthy": {"interval": 2}
+        }}));
+        let plan =
+            ProbePlan::new(&c.active, &[("::1".into(), 80), ("a".into(), 81)], &roots).unwrap();
+        assert_eq!(plan.targets, vec!["[::1]:9000", "a:9000"]);
+        assert_eq!(plan.path, "/health");
+        assert_eq!(plan.method, Method::POST);
+        assert_eq!(plan.body, Bytes::from_static(b"ping"));
+        assert_eq!(plan.headers.get_all("x-probe").iter().count(), 2);
+        assert_eq!(plan.timeout, Duration::from_secs(1), "0 means the default");
+        assert_eq!(plan.healthy_interval, Duration::from_secs(3));
+        assert_eq!(plan.unhealthy_interval, Duration::from_secs(2));
+        assert!(plan.https.is_some() && !plan.tcp_only);
+
+        let mut bad = c.active.clone();
+        bad.req_headers = vec!["no colon".into()];
+        assert!(ProbePlan::check(&bad).is_err());
+        assert!(ProbePlan::new(&bad, &[], &roots).is_err());
+    }
+
+    #[tokio::test]
+    async fn probes_send_method_headers_and_body() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = l.local_addr().unwrap().to_string();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !seen.ends_with(b"ping") {
+                let n = s.read(&mut buf).await.unwrap();
+                assert!(n > 0, "request ended early: {seen:?}");
+                seen.extend_from_slice(&buf[..n]);
+            }
+            s.write_all(b"HTTP/1.1 302 Found\r\ncontent-length: 0\r\n\r\n")
+                .await
+                .unwrap();
+            String::from_utf8(seen).unwrap()
+        });
+        let c = conf(json!({"active": {
+            "http_method": "PUT", "http_path": "/up", "http_req_body": "ping",
+            "host": "svc.local", "req_headers": ["X-Probe: yes"]
+        }}));
+        let roots = Arc::new(rustls::RootCertStore::empty());
+        let plan = ProbePlan::new(&c.active, &[], &roots).unwrap();
+        let outcome = probe(&probe_client(&plan), &target, &plan).await;
+        assert_eq!(outcome, Outcome::Status(302));
+        let request = server.await.unwrap().to_ascii_lowercase();
+        assert!(request.starts_with("put /up http/1.1\r\n"), "{request}");
+        assert!(request.contains("\r\nx-probe: yes\r\n"), "{request}");
+        assert!(request.contains("\r\nhost: svc.local\r\n"), "{request}");
     }
 }

@@ -8,13 +8,15 @@ use std::time::Duration;
 use http::uri::Authority;
 use http::HeaderValue;
 
-use admin_api::model::{default_port, Node, Timeout, UpstreamConf};
+use admin_api::model::{
+    BalancerType, ChecksConf, HashOn, KeepalivePoolConf, Node, PassHostMode, Timeout, UpstreamConf,
+};
 
 use crate::balancer::Balancer;
 use crate::connector;
 use crate::h1_upstream::{H1Pool, NodeKey, WeakH1Pool};
 use crate::h2_upstream::H2Pool;
-use crate::health::{Checked, ChecksConf};
+use crate::health::Checked;
 use crate::tls;
 use rustls::RootCertStore;
 
@@ -177,26 +179,16 @@ impl Default for KeepalivePool {
 }
 
 impl KeepalivePool {
-    fn from_conf(v: Option<&serde_json::Value>) -> Self {
-        let d = KeepalivePool::default();
-        let Some(v) = v else { return d };
+    /// The pool an upstream asks for. Values past what the pools can hold
+    /// are capped: `idle_timeout` at [`MAX_TIMEOUT`], `requests` at
+    /// `u32::MAX`, `size` at `usize::MAX`; a negative `idle_timeout` (which
+    /// the Admin API refuses) counts as 0.
+    fn from_conf(conf: &KeepalivePoolConf) -> Self {
+        let idle = conf.idle_timeout.max(0.0) * 1000.0;
         KeepalivePool {
-            size: v
-                .get("size")
-                .and_then(serde_json::Value::as_u64)
-                .map_or(d.size, |n| n as usize),
-            idle_timeout_ms: v
-                .get("idle_timeout")
-                .and_then(serde_json::Value::as_f64)
-                .filter(|s| *s >= 0.0)
-                .map_or(d.idle_timeout_ms, |s| {
-                    (s * 1000.0).min(MAX_TIMEOUT.as_millis() as f64) as u64
-                }),
-            requests: v
-                .get("requests")
-                .and_then(serde_json::Value::as_u64)
-                .filter(|n| *n >= 1)
-                .map_or(d.requests, |n| n.min(u32::MAX as u64) as u32),
+            size: usize::try_from(conf.size).unwrap_or(usize::MAX),
+            idle_timeout_ms: idle.min(MAX_TIMEOUT.as_millis() as f64) as u64,
+            requests: u32::try_from(conf.requests).unwrap_or(u32::MAX),
         }
     }
 }
@@ -308,19 +300,19 @@ pub enum HashKey {
 
 impl HashKey {
     fn from_conf(conf: &UpstreamConf) -> Result<Option<Self>, UpstreamError> {
-        if conf.kind != "chash" {
+        if conf.balancer != BalancerType::Chash {
             return Ok(None);
         }
         let key = conf.key.clone().unwrap_or_else(|| "remote_addr".into());
-        Ok(Some(match conf.hash_on.as_str() {
-            "header" => HashKey::Header(
+        Ok(Some(match conf.hash_on {
+            HashOn::Header => HashKey::Header(
                 http::HeaderName::from_bytes(key.as_bytes())
                     .map_err(|e| UpstreamError(format!("chash key {key}: {e}")))?,
             ),
-            "cookie" => HashKey::Cookie(key),
-            "vars_combinations" => HashKey::Combination(key),
-            "consumer" => HashKey::Consumer,
-            _ => HashKey::Var(key),
+            HashOn::Cookie => HashKey::Cookie(key),
+            HashOn::VarsCombinations => HashKey::Combination(key),
+            HashOn::Consumer => HashKey::Consumer,
+            HashOn::Vars => HashKey::Var(key),
         }))
     }
 }
@@ -374,7 +366,7 @@ pub struct BalancerCache {
 }
 
 struct CacheEntry {
-    kind: String,
+    balancer_type: BalancerType,
     nodes: Vec<Node>,
     checks: Option<ChecksConf>,
     balancer: Arc<Balancer>,
@@ -401,12 +393,15 @@ impl BalancerCache {
     pub fn get(
         &mut self,
         owner: &str,
-        kind: &str,
+        balancer_type: BalancerType,
         nodes: &[Node],
         checks: Option<&ChecksConf>,
     ) -> (Arc<Balancer>, Option<Arc<Checked>>) {
         if let Some(e) = self.by_owner.get(owner) {
-            if e.nodes.as_slice() == nodes && e.kind == kind && e.checks.as_ref() == checks {
+            if e.nodes.as_slice() == nodes
+                && e.balancer_type == balancer_type
+                && e.checks.as_ref() == checks
+            {
                 return (e.balancer.clone(), e.health.clone());
             }
         }
@@ -415,7 +410,7 @@ impl BalancerCache {
             .map(|n| format!("{}:{}", n.host, n.port))
             .collect();
         let balancer = Arc::new(Balancer::new(
-            kind,
+            balancer_type,
             nodes.iter().map(|n| n.weight).collect(),
             &ids,
         ));
@@ -432,7 +427,7 @@ impl BalancerCache {
         self.by_owner.insert(
             owner.to_string(),
             CacheEntry {
-                kind: kind.to_string(),
+                balancer_type,
                 nodes: nodes.to_vec(),
                 checks: checks.cloned(),
                 balancer: balancer.clone(),
@@ -455,12 +450,20 @@ impl CompiledUpstream {
         balancers: &mut BalancerCache,
     ) -> Result<Self, UpstreamError> {
         let nodes = conf.resolved_nodes().map_err(UpstreamError)?;
-        let default = default_port(&conf.scheme);
-        let tls = matches!(conf.scheme.as_str(), "https" | "grpcs");
+        // Stream and kafka schemes are not HTTP: refuse rather than proxy
+        // them as something they are not.
+        if !conf.scheme.is_http() {
+            return Err(UpstreamError(format!(
+                "scheme `{}` is not supported yet",
+                conf.scheme.as_str()
+            )));
+        }
+        let default = conf.scheme.default_port();
+        let tls = conf.scheme.is_tls();
         // nginx's proxy_ssl_name is $upstream_host: with `rewrite`, the
         // configured name is the one the certificate is checked against.
-        let server_name = match (tls, conf.pass_host.as_str()) {
-            (true, "rewrite") => conf.upstream_host.as_deref(),
+        let server_name = match (tls, conf.pass_host) {
+            (true, PassHostMode::Rewrite) => conf.upstream_host.as_deref(),
             _ => None,
         };
         let targets = nodes
@@ -496,39 +499,29 @@ impl CompiledUpstream {
             })
             .collect::<Result<Vec<_>, UpstreamError>>()?;
         let live = nodes.iter().filter(|n| n.weight > 0).count();
-        // Stream and kafka schemes are not HTTP: refuse rather than proxy
-        // them as something they are not.
-        if !matches!(conf.scheme.as_str(), "http" | "https" | "grpc" | "grpcs") {
-            return Err(UpstreamError(format!(
-                "scheme `{}` is not supported yet",
-                conf.scheme
-            )));
-        }
-        let pass_host = match conf.pass_host.as_str() {
-            "node" => PassHost::Node,
-            "rewrite" => PassHost::Rewrite(
+        let pass_host = match conf.pass_host {
+            PassHostMode::Node => PassHost::Node,
+            PassHostMode::Rewrite => PassHost::Rewrite(
                 HeaderValue::from_str(conf.upstream_host.as_deref().unwrap_or_default())
                     .map_err(|e| UpstreamError(format!("upstream_host: {e}")))?,
             ),
-            _ => PassHost::Pass,
+            PassHostMode::Pass => PassHost::Pass,
         };
-        let checks: Option<ChecksConf> = match &conf.checks {
-            None => None,
-            Some(v) => match serde_json::from_value(v.clone()) {
-                Ok(c) => Some(c),
-                Err(e) => {
-                    tracing::error!(owner, error = %e, "health checks ignored: invalid `checks`");
-                    None
-                }
-            },
-        };
-        let (balancer, health) = balancers.get(owner, &conf.kind, &nodes, checks.as_ref());
-        let verify = conf
-            .tls
-            .as_ref()
-            .and_then(|t| t.get("verify"))
-            .and_then(serde_json::Value::as_bool)
-            .unwrap_or(true);
+        if let Some(tls) = &conf.tls {
+            // The Admin API refuses these; a store written by something
+            // else must not get a connection without the asked-for identity.
+            if tls.client_cert.is_some() || tls.client_cert_id.is_some() {
+                return Err(UpstreamError(
+                    "tls client certificates are not supported yet".into(),
+                ));
+            }
+        }
+        let checks: Option<&ChecksConf> = conf.checks.as_ref();
+        if let Some(c) = checks {
+            crate::health::ProbePlan::check(&c.active).map_err(UpstreamError)?;
+        }
+        let (balancer, health) = balancers.get(owner, conf.balancer, &nodes, checks);
+        let verify = conf.tls.as_ref().and_then(|t| t.verify).unwrap_or(true);
         if tls && !verify {
             tracing::warn!(
                 owner,
@@ -541,9 +534,9 @@ impl CompiledUpstream {
             } else {
                 http::uri::Scheme::HTTP
             },
-            http2: conf.scheme.starts_with("grpc"),
+            http2: conf.scheme.is_http2(),
             verify,
-            keepalive_pool: KeepalivePool::from_conf(conf.keepalive_pool.as_ref()),
+            keepalive_pool: KeepalivePool::from_conf(&conf.keepalive_pool),
             balancer,
             health,
             hash_key: HashKey::from_conf(conf)?,
@@ -616,6 +609,37 @@ mod tests {
         let conf: UpstreamConf =
             serde_json::from_value(json!({"nodes": {"a:80": 1}, "scheme": "kafka"})).unwrap();
         assert!(CompiledUpstream::compile(&conf, "o", &mut BalancerCache::default()).is_err());
+    }
+
+    #[test]
+    fn typed_settings_reach_the_compiled_upstream() {
+        let up = compile(json!({
+            "nodes": {"a:80": 1}, "type": "chash", "hash_on": "header", "key": "x-user",
+            "keepalive_pool": {"idle_timeout": 1e300}
+        }));
+        assert_eq!(
+            up.hash_key,
+            Some(HashKey::Header(http::HeaderName::from_static("x-user")))
+        );
+        assert_eq!(
+            up.keepalive_pool.idle_timeout_ms,
+            MAX_TIMEOUT.as_millis() as u64
+        );
+        assert_eq!(up.keepalive_pool.size, POOL_MAX_IDLE_PER_HOST);
+        assert_eq!(up.keepalive_pool.requests, POOL_MAX_REQUESTS);
+        let up = compile(json!({"nodes": {"a:80": 1}, "hash_on": "header"}));
+        assert_eq!(up.hash_key, None, "only chash hashes");
+    }
+
+    #[test]
+    fn what_cannot_be_honoured_does_not_compile() {
+        let refused = |v: serde_json::Value| {
+            let conf: UpstreamConf = serde_json::from_value(v).unwrap();
+            CompiledUpstream::compile(&conf, "o", &mut BalancerCache::default()).unwrap_err()
+        };
+        refused(json!({"nodes": {"a:80": 1}, "tls": {"client_cert_id": 1}}));
+        refused(json!({"nodes": {"a:80": 1},
+            "checks": {"active": {"req_headers": ["no colon"]}}}));
     }
 
     #[test]

@@ -37,6 +37,8 @@ pub enum Schema {
     OneOf(Vec<Schema>),
     /// A hand-written check, with the JSON schema text it stands for.
     Custom(CustomCheck, fn() -> Value),
+    /// Valid when the inner schema is not.
+    Not(Box<Schema>),
 }
 
 #[derive(Clone, Default)]
@@ -75,6 +77,12 @@ pub struct ObjectRule {
     pub one_of_required: Vec<Vec<&'static str>>,
     /// At least one of these `required` sets must be satisfied.
     pub any_of_required: Vec<Vec<&'static str>>,
+    /// Whether the `any_of_required` failure lists the sets, as APISIX's
+    /// library does for schemas written with them (`...: ["a"] or ["a","b"]`).
+    pub list_any_of_sets: bool,
+    /// `dependencies`: when the named property is present, the whole object
+    /// must also match the schema.
+    pub dependencies: Vec<(&'static str, Schema)>,
     pub min_properties: Option<usize>,
     pub max_properties: Option<usize>,
 }
@@ -138,6 +146,10 @@ impl Schema {
                 one_of_outcome(&matched)
             }
             Schema::Custom(check, _) => check(value),
+            Schema::Not(inner) => match inner.validate(value) {
+                Ok(()) => Err("value wasn't supposed to match schema".to_string()),
+                Err(_) => Ok(()),
+            },
         }
     }
 
@@ -174,6 +186,7 @@ impl Schema {
                 json!({"oneOf": alts.iter().map(Schema::to_json).collect::<Vec<_>>()})
             }
             Schema::Custom(_, doc) => doc(),
+            Schema::Not(inner) => json!({"not": inner.to_json()}),
         }
     }
 }
@@ -434,6 +447,16 @@ impl ObjectRule {
         self.any_of_required = sets.iter().map(|s| s.to_vec()).collect();
         self
     }
+    /// Like [`Self::any_of_required`], and the failure names the sets.
+    pub fn any_of_required_listed(mut self, sets: &[&[&'static str]]) -> Self {
+        self.list_any_of_sets = true;
+        self.any_of_required(sets)
+    }
+    /// When `name` is present, the object must also match `schema`.
+    pub fn dependency(mut self, name: &'static str, schema: Schema) -> Self {
+        self.dependencies.push((name, schema));
+        self
+    }
     pub fn max_properties(mut self, n: usize) -> Self {
         self.max_properties = Some(n);
         self
@@ -481,6 +504,13 @@ impl ObjectRule {
                     .map_err(|e| format!("property \"{name}\" validation failed: {e}"))?;
             }
         }
+        for (name, schema) in &self.dependencies {
+            if obj.contains_key(*name) {
+                schema.validate(value).map_err(|e| {
+                    format!("failed to validate dependent schema for \"{name}\": {e}")
+                })?;
+            }
+        }
         match &self.additional {
             None => {}
             Some(extra) => {
@@ -515,7 +545,18 @@ impl ObjectRule {
                 .iter()
                 .any(|set| set.iter().all(|k| obj.contains_key(*k)))
         {
-            return Err("object matches none of the required".to_string());
+            if !self.list_any_of_sets {
+                return Err("object matches none of the required".to_string());
+            }
+            let sets: Vec<String> = self
+                .any_of_required
+                .iter()
+                .map(|set| json!(set).to_string())
+                .collect();
+            return Err(format!(
+                "object matches none of the required: {}",
+                sets.join(" or ")
+            ));
         }
         Ok(())
     }
@@ -548,6 +589,14 @@ impl ObjectRule {
         }
         if !self.any_of_required.is_empty() {
             m.insert("anyOf".into(), sets(&self.any_of_required));
+        }
+        if !self.dependencies.is_empty() {
+            let deps: Map<String, Value> = self
+                .dependencies
+                .iter()
+                .map(|(n, s)| (n.to_string(), s.to_json()))
+                .collect();
+            m.insert("dependencies".into(), Value::Object(deps));
         }
         Value::Object(m)
     }

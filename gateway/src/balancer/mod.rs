@@ -19,6 +19,8 @@ mod roundrobin;
 
 use std::time::Duration;
 
+use admin_api::model::BalancerType;
+
 pub use chash::Ring;
 pub use ewma::Ewma;
 pub use least_conn::LeastConn;
@@ -34,14 +36,14 @@ pub enum Balancer {
 }
 
 impl Balancer {
-    /// Builds the balancer of `kind` (APISIX's `type`); `ids` name the
-    /// nodes (`host:port`) for consistent hashing.
-    pub fn new(kind: &str, weights: Vec<u64>, ids: &[String]) -> Self {
-        match kind {
-            "chash" => Balancer::Chash(Ring::new(ids, &weights)),
-            "least_conn" => Balancer::LeastConn(LeastConn::new(weights)),
-            "ewma" => Balancer::Ewma(Ewma::new(weights)),
-            _ => Balancer::RoundRobin(RoundRobin::new(weights)),
+    /// Builds the balancer of `balancer_type` (APISIX's `type`); `ids`
+    /// name the nodes (`host:port`) for consistent hashing.
+    pub fn new(balancer_type: BalancerType, weights: Vec<u64>, ids: &[String]) -> Self {
+        match balancer_type {
+            BalancerType::Chash => Balancer::Chash(Ring::new(ids, &weights)),
+            BalancerType::LeastConn => Balancer::LeastConn(LeastConn::new(weights)),
+            BalancerType::Ewma => Balancer::Ewma(Ewma::new(weights)),
+            BalancerType::Roundrobin => Balancer::RoundRobin(RoundRobin::new(weights)),
         }
     }
 

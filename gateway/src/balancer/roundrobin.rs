@@ -26,11 +26,13 @@ pub struct RoundRobin {
     weights: Vec<u64>,
     /// Nodes with a weight above 0.
     live: usize,
-    kind: Kind,
+    picker: Picker,
 }
 
+/// How picks are made: from a precomputed cycle when it is short enough,
+/// else by stepping the state machine under a lock.
 #[derive(Debug)]
-enum Kind {
+enum Picker {
     /// No node has a weight above 0.
     Empty,
     Table {
@@ -90,8 +92,8 @@ impl Stepper {
 
 impl RoundRobin {
     pub fn new(weights: Vec<u64>) -> Self {
-        let kind = match Stepper::new(&weights) {
-            None => Kind::Empty,
+        let picker = match Stepper::new(&weights) {
+            None => Picker::Empty,
             Some(mut stepper) => {
                 // Weights come from users: a sum that overflows just means
                 // "too long to tabulate".
@@ -100,12 +102,12 @@ impl RoundRobin {
                     .try_fold(0u64, |acc, w| acc.checked_add(w / stepper.gcd));
                 if let Some(cycle) = cycle.filter(|c| (1..=MAX_SCHEDULE_LEN).contains(c)) {
                     let schedule = (0..cycle).map(|_| stepper.step() as u32).collect();
-                    Kind::Table {
+                    Picker::Table {
                         schedule,
                         next: AtomicUsize::new(0),
                     }
                 } else {
-                    Kind::Stepped(Mutex::new(stepper))
+                    Picker::Stepped(Mutex::new(stepper))
                 }
             }
         };
@@ -113,7 +115,7 @@ impl RoundRobin {
         RoundRobin {
             weights,
             live,
-            kind,
+            picker,
         }
     }
 
@@ -124,13 +126,13 @@ impl RoundRobin {
 
     /// The next node index, or `None` when every weight is 0.
     pub fn pick(&self) -> Option<usize> {
-        match &self.kind {
-            Kind::Empty => None,
-            Kind::Table { schedule, next } => {
+        match &self.picker {
+            Picker::Empty => None,
+            Picker::Table { schedule, next } => {
                 let i = next.fetch_add(1, Ordering::Relaxed) % schedule.len();
                 Some(schedule[i] as usize)
             }
-            Kind::Stepped(m) => {
+            Picker::Stepped(m) => {
                 let mut s = m.lock().unwrap_or_else(|p| p.into_inner());
                 Some(s.step())
             }
@@ -209,7 +211,7 @@ mod tests {
     #[test]
     fn huge_coprime_weights_use_the_stepper() {
         let rr = RoundRobin::new(vec![1_000_003, 999_983]);
-        assert!(matches!(rr.kind, Kind::Stepped(_)));
+        assert!(matches!(rr.picker, Picker::Stepped(_)));
         let c = counts(&rr, 10_000);
         assert!(c[0] > 0 && c[1] > 0);
     }

@@ -75,3 +75,50 @@ fn prints_as_json_schema() {
     assert_eq!(doc["properties"]["retries"]["minimum"], 0.0);
     assert_eq!(doc["oneOf"][0]["required"][0], "a");
 }
+
+#[test]
+fn dependencies_and_not() {
+    let s = Schema::object()
+        .prop("a", Schema::string().done())
+        .dependency("a", Schema::object().required(&["b"]).done())
+        .dependency(
+            "c",
+            Schema::Not(Box::new(Schema::object().required(&["a", "b"]).done())),
+        )
+        .done();
+    assert_eq!(s.validate(&json!({"b": 1})), Ok(()));
+    assert_eq!(
+        s.validate(&json!({"a": "x"})),
+        Err("failed to validate dependent schema for \"a\": property \"b\" is required".into())
+    );
+    assert_eq!(
+        s.validate(&json!({"a": 1})),
+        Err("property \"a\" validation failed: wrong type: expected string, got number".into()),
+        "the property itself is checked first"
+    );
+    assert_eq!(s.validate(&json!({"c": 1, "b": 1})), Ok(()));
+    assert_eq!(
+        s.validate(&json!({"c": 1, "a": "x", "b": 1})),
+        Err(
+            "failed to validate dependent schema for \"c\": value wasn't supposed to match schema"
+                .into()
+        )
+    );
+    let doc = s.to_json();
+    assert_eq!(
+        doc["dependencies"]["c"]["not"]["required"],
+        json!(["a", "b"])
+    );
+}
+
+#[test]
+fn listed_any_of_names_the_sets() {
+    let s = Schema::object()
+        .any_of_required_listed(&[&["x"], &["x", "y"]])
+        .done();
+    assert_eq!(s.validate(&json!({"x": 1})), Ok(()));
+    assert_eq!(
+        s.validate(&json!({"y": 1})),
+        Err("object matches none of the required: [\"x\"] or [\"x\",\"y\"]".into())
+    );
+}

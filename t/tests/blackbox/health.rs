@@ -81,7 +81,12 @@ async fn passive_checks_take_a_failing_node_out() {
     let bad =
         raw_upstream(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n").await;
     let mut up = upstream(&[(&u1.node(), 1), (&bad.to_string(), 1)]);
-    up["checks"] = json!({"passive": {"unhealthy": {"http_statuses": [500], "http_failures": 2}}});
+    // APISIX requires `active` beside `passive`; its default probe of the
+    // bad node (500) agrees with the passive verdict.
+    up["checks"] = json!({
+        "active": {},
+        "passive": {"unhealthy": {"http_statuses": [500], "http_failures": 2}}
+    });
     gw.put("routes/p", json!({"uri": "/p", "upstream": up}))
         .await;
     // Two 500s mark the bad node; from then on only u1 answers.
@@ -151,7 +156,12 @@ async fn health_survives_configuration_swaps() {
     let bad =
         raw_upstream(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n").await;
     let mut up = upstream(&[(&u1.node(), 1), (&bad.to_string(), 1)]);
-    up["checks"] = json!({"passive": {"unhealthy": {"http_statuses": [500], "http_failures": 2}}});
+    // APISIX requires `active` beside `passive`; its default probe of the
+    // bad node (500) agrees with the passive verdict.
+    up["checks"] = json!({
+        "active": {},
+        "passive": {"unhealthy": {"http_statuses": [500], "http_failures": 2}}
+    });
     gw.put("upstreams/shared", up.clone()).await;
     gw.put("routes/p", json!({"uri": "/p", "upstream_id": "shared"}))
         .await;

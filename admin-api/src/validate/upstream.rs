@@ -1,0 +1,323 @@
+//! The upstream schema (with `checks`, `tls` and `keepalive_pool` in full)
+//! and the rules APISIX applies to an upstream after it.
+
+use serde_json::Value;
+
+use plugins::schema::Schema;
+
+use super::{common, host_schema, id_schema, nodes_schema, timeout_schema, METHODS};
+use crate::model::health_check::split_header_line;
+use crate::model::{split_host_port, BalancerType, HashOn, Nodes, UpstreamConf};
+
+/// Shortest and longest PEM certificate APISIX takes in `tls.client_cert`.
+const CERT_LEN: (usize, usize) = (128, 64 * 1024);
+/// Shortest and longest PEM key APISIX takes in `tls.client_key`.
+const KEY_LEN: (usize, usize) = (64, 64 * 1024);
+/// Bound of the health-check streak counters (active: from 1, passive: from 0).
+const MAX_STREAK: f64 = 254.0;
+/// Range of the statuses a health check may list.
+const STATUS_RANGE: (f64, f64) = (200.0, 599.0);
+/// Variables a `chash` upstream with `hash_on: vars` may hash (APISIX's list).
+const HASH_VARS_PATTERN: &str = "^((uri|server_name|server_addr|request_uri|remote_port|remote_addr|query_string|host|hostname|mqtt_client_id)|arg_[0-9a-zA-z_-]+)$";
+/// Header and cookie names a `chash` upstream may hash.
+const HASH_NAME_PATTERN: &str = "^[a-zA-Z0-9-_]+$";
+
+fn statuses(min_items: usize) -> Schema {
+    Schema::array(
+        Schema::integer()
+            .min(STATUS_RANGE.0)
+            .max(STATUS_RANGE.1)
+            .int(),
+    )
+    .min(min_items)
+    .unique()
+    .done()
+}
+
+fn streak(min: f64) -> Schema {
+    Schema::integer().min(min).max(MAX_STREAK).int()
+}
+
+fn probe_type() -> Schema {
+    Schema::string()
+        .enumerated(&["http", "https", "tcp"])
+        .done()
+}
+
+fn active_check_schema() -> Schema {
+    let interval = || Schema::integer().min(1.0).int();
+    Schema::object()
+        .prop("type", probe_type())
+        .prop("timeout", Schema::integer().number())
+        .prop("concurrency", Schema::integer().int())
+        .prop("host", host_schema())
+        .prop("port", Schema::integer().min(1.0).max(65535.0).int())
+        .prop("http_method", Schema::string().enumerated(METHODS).done())
+        .prop("http_path", Schema::string().done())
+        .prop("http_req_body", Schema::string().done())
+        .prop("https_verify_certificate", Schema::Boolean)
+        .prop(
+            "healthy",
+            Schema::object()
+                .prop("interval", interval())
+                .prop("http_statuses", statuses(1))
+                .prop("successes", streak(1.0))
+                .done(),
+        )
+        .prop(
+            "unhealthy",
+            Schema::object()
+                .prop("interval", interval())
+                .prop("http_statuses", statuses(1))
+                .prop("http_failures", streak(1.0))
+                .prop("tcp_failures", streak(1.0))
+                .prop("timeouts", streak(1.0))
+                .done(),
+        )
+        .prop(
+            "req_headers",
+            Schema::array(Schema::string().done()).min(1).done(),
+        )
+        .done()
+}
+
+fn passive_check_schema() -> Schema {
+    Schema::object()
+        .prop("type", probe_type())
+        .prop(
+            "healthy",
+            Schema::object()
+                .prop("http_statuses", statuses(1))
+                .prop("successes", streak(0.0))
+                .done(),
+        )
+        .prop(
+            "unhealthy",
+            Schema::object()
+                .prop("http_statuses", statuses(1))
+                .prop("tcp_failures", streak(0.0))
+                .prop("timeouts", streak(0.0))
+                .prop("http_failures", streak(0.0))
+                .done(),
+        )
+        .done()
+}
+
+/// `checks`: APISIX's health checker. `active` is required, alone or with
+/// `passive`; other properties are let through, as APISIX does.
+pub(super) fn checks_schema() -> Schema {
+    Schema::object()
+        .prop("active", active_check_schema())
+        .prop("passive", passive_check_schema())
+        .any_of_required_listed(&[&["active"], &["active", "passive"]])
+        .done()
+}
+
+/// `tls`: a client certificate with its key, or a reference to one, and
+/// `verify`.
+pub(super) fn tls_schema() -> Schema {
+    Schema::object()
+        .prop("client_cert_id", id_schema())
+        .prop(
+            "client_cert",
+            Schema::string().min(CERT_LEN.0).max(CERT_LEN.1).done(),
+        )
+        .prop(
+            "client_key",
+            Schema::string().min(KEY_LEN.0).max(KEY_LEN.1).done(),
+        )
+        .prop("verify", Schema::Boolean)
+        .dependency(
+            "client_cert",
+            Schema::object().required(&["client_key"]).done(),
+        )
+        .dependency(
+            "client_key",
+            Schema::object().required(&["client_cert"]).done(),
+        )
+        .dependency(
+            "client_cert_id",
+            Schema::Not(Box::new(
+                Schema::object()
+                    .required(&["client_cert", "client_key"])
+                    .done(),
+            )),
+        )
+        .done()
+}
+
+/// `keepalive_pool`: every field optional, with APISIX's minimums.
+pub(super) fn keepalive_pool_schema() -> Schema {
+    Schema::object()
+        .prop("size", Schema::integer().min(1.0).int())
+        .prop("idle_timeout", Schema::integer().min(0.0).number())
+        .prop("requests", Schema::integer().min(1.0).int())
+        .done()
+}
+
+pub(super) fn build_upstream_schema() -> Schema {
+    common(Schema::object())
+        .prop("nodes", nodes_schema())
+        .prop("retries", Schema::integer().min(0.0).int())
+        .prop("retry_timeout", Schema::integer().min(0.0).number())
+        .prop("timeout", timeout_schema())
+        .prop(
+            "type",
+            Schema::string()
+                .enumerated(&["roundrobin", "chash", "ewma", "least_conn"])
+                .done(),
+        )
+        .prop(
+            "scheme",
+            Schema::string()
+                .enumerated(&[
+                    "grpc", "grpcs", "http", "https", "tcp", "tls", "udp", "kafka",
+                ])
+                .done(),
+        )
+        .prop(
+            "pass_host",
+            Schema::string()
+                .enumerated(&["pass", "node", "rewrite"])
+                .done(),
+        )
+        .prop("upstream_host", host_schema())
+        .prop(
+            "hash_on",
+            Schema::string()
+                .enumerated(&["vars", "header", "cookie", "consumer", "vars_combinations"])
+                .done(),
+        )
+        .prop("key", Schema::string().done())
+        .prop("checks", checks_schema())
+        .prop("keepalive_pool", keepalive_pool_schema())
+        .prop("tls", tls_schema())
+        .prop("service_name", Schema::string().min(1).max(256).done())
+        .prop("discovery_type", Schema::string().done())
+        .prop("discovery_args", Schema::object().done())
+        .no_additional()
+        .one_of_required(&[&["nodes"], &["service_name", "discovery_type"]])
+        .done()
+}
+
+/// Checks the rules APISIX applies to an upstream after its schema, then
+/// that the typed model holds it, so that whatever passes here is what the
+/// data plane compiles. `conf` must already have passed the schema.
+pub fn check_upstream(conf: &Value) -> Result<(), String> {
+    // Accepted by APISIX's schema but not served by ferrogate yet: refuse
+    // rather than proxy differently from what was asked.
+    if let Some(s) = conf
+        .get("scheme")
+        .and_then(Value::as_str)
+        .filter(|s| !matches!(*s, "http" | "https" | "grpc" | "grpcs"))
+    {
+        return Err(format!(
+            "invalid configuration: upstream scheme `{s}` is not supported by ferrogate yet"
+        ));
+    }
+    if conf.get("pass_host").and_then(Value::as_str) == Some("rewrite")
+        && conf.get("upstream_host").is_none()
+    {
+        return Err("`upstream_host` can't be empty when `pass_host` is `rewrite`".into());
+    }
+    if let Some(Value::Object(map)) = conf.get("nodes") {
+        for addr in map.keys() {
+            split_host_port(addr)?;
+        }
+    }
+    let up: UpstreamConf =
+        serde_json::from_value(conf.clone()).map_err(|e| format!("invalid configuration: {e}"))?;
+    if let Some(Nodes::List(list)) = &up.nodes {
+        for n in list {
+            if n.host.is_empty() {
+                return Err("invalid configuration: empty node host".into());
+            }
+        }
+    }
+    check_hash_key(&up)?;
+    if let Some(tls) = &up.tls {
+        // ferrogate keeps no SSL objects, so a reference finds nothing,
+        // which is what APISIX answers for a missing one.
+        if let Some(id) = tls.client_cert_id.as_ref().and_then(crate::model::id_text) {
+            return Err(format!(
+                "failed to fetch ssl info by ssl id [{id}], response code: 404"
+            ));
+        }
+        if tls.client_cert.is_some() {
+            return Err(
+                "invalid configuration: upstream `tls.client_cert` is not supported by ferrogate yet"
+                    .into(),
+            );
+        }
+    }
+    if let Some(checks) = &up.checks {
+        for (i, line) in checks.active.req_headers.iter().enumerate() {
+            let valid = split_header_line(line).is_some_and(|(name, value)| {
+                http::HeaderName::from_bytes(name.as_bytes()).is_ok()
+                    && http::HeaderValue::from_str(value).is_ok()
+            });
+            if !valid {
+                return Err(format!(
+                    "invalid configuration: property \"checks\" validation failed: \
+                     req_headers item {} is not a `Name: value` header",
+                    i + 1
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn is_hash_var(key: &str) -> bool {
+    const NAMED: &[&str] = &[
+        "uri",
+        "server_name",
+        "server_addr",
+        "request_uri",
+        "remote_port",
+        "remote_addr",
+        "query_string",
+        "host",
+        "hostname",
+        "mqtt_client_id",
+    ];
+    // APISIX's pattern spells the range `A-z`, which also admits the six
+    // punctuation bytes between `Z` and `a`; kept, so that the same keys pass.
+    let arg_char = |b: u8| b.is_ascii_digit() || (b'A'..=b'z').contains(&b) || b == b'-';
+    NAMED.contains(&key)
+        || key
+            .strip_prefix("arg_")
+            .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(arg_char))
+}
+
+fn is_hash_name(key: &str) -> bool {
+    !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// A `chash` upstream needs a key (except `hash_on: consumer`) of the form
+/// its `hash_on` takes, as APISIX checks after the schema.
+fn check_hash_key(up: &UpstreamConf) -> Result<(), String> {
+    if up.balancer != BalancerType::Chash || up.hash_on == HashOn::Consumer {
+        return Ok(());
+    }
+    let Some(key) = up.key.as_deref() else {
+        return Err("missing key".into());
+    };
+    let rule = match up.hash_on {
+        HashOn::Vars => Schema::string()
+            .pattern(HASH_VARS_PATTERN, is_hash_var)
+            .done(),
+        HashOn::Header | HashOn::Cookie => Schema::string()
+            .pattern(HASH_NAME_PATTERN, is_hash_name)
+            .done(),
+        HashOn::VarsCombinations | HashOn::Consumer => return Ok(()),
+    };
+    rule.validate(&Value::String(key.to_string()))
+        .map_err(|e| format!("invalid configuration: {e}"))
+}
+
+#[cfg(test)]
+mod tests;
