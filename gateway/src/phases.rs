@@ -29,7 +29,44 @@ use std::time::Duration;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
 
-use crate::upstream::Timeouts;
+use admin_api::model::Timeout;
+
+/// Connect/send/read timeout when neither route nor upstream sets one
+/// (nginx's `proxy_*_timeout` default, which APISIX keeps).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest timeout honoured; larger configured values are capped to it.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Per-phase timeouts, seconds converted once.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub send: Duration,
+    pub read: Duration,
+}
+
+impl Timeouts {
+    pub fn from_conf(t: Option<&Timeout>) -> Option<Self> {
+        let secs =
+            |v: f64| Duration::try_from_secs_f64(v).map_or(MAX_TIMEOUT, |d| d.min(MAX_TIMEOUT));
+        t.map(|t| Timeouts {
+            connect: secs(t.connect),
+            send: secs(t.send),
+            read: secs(t.read),
+        })
+    }
+
+    /// How long to wait for a response head: connecting plus reading.
+    pub fn response_head(&self) -> Duration {
+        self.connect.saturating_add(self.read)
+    }
+
+    pub const DEFAULT: Timeouts = Timeouts {
+        connect: DEFAULT_TIMEOUT,
+        send: DEFAULT_TIMEOUT,
+        read: DEFAULT_TIMEOUT,
+    };
+}
 
 /// Stage values kept in the low bits of [`Progress::stage`].
 const NOT_STARTED: u64 = 0;

@@ -9,7 +9,7 @@ use http::uri::Authority;
 use http::HeaderValue;
 
 use admin_api::model::{
-    BalancerType, ChecksConf, HashOn, KeepalivePoolConf, Node, PassHostMode, Timeout, UpstreamConf,
+    BalancerType, ChecksConf, HashOn, KeepalivePoolConf, Node, PassHostMode, UpstreamConf,
 };
 
 use crate::balancer::Balancer;
@@ -17,12 +17,10 @@ use crate::connector;
 use crate::h1_upstream::{H1Pool, NodeKey, WeakH1Pool};
 use crate::h2_upstream::H2Pool;
 use crate::health::Checked;
+pub use crate::phases::{Timeouts, DEFAULT_TIMEOUT, MAX_TIMEOUT};
 use crate::tls;
 use rustls::RootCertStore;
 
-/// Connect/send/read timeout when neither route nor upstream sets one
-/// (nginx's `proxy_*_timeout` default, which APISIX keeps).
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Idle upstream connections kept per node (APISIX's `upstream.keepalive`).
 pub const POOL_MAX_IDLE_PER_HOST: usize = 320;
 /// How long an idle upstream connection is kept
@@ -218,40 +216,6 @@ pub struct Target {
     /// Host header for `pass_host: node`: port omitted when it is the
     /// scheme's default.
     pub host_header: HeaderValue,
-}
-
-/// Longest timeout honoured; larger configured values are capped to it.
-pub const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
-
-/// Per-phase timeouts, seconds converted once.
-#[derive(Debug, Clone, Copy)]
-pub struct Timeouts {
-    pub connect: Duration,
-    pub send: Duration,
-    pub read: Duration,
-}
-
-impl Timeouts {
-    pub fn from_conf(t: Option<&Timeout>) -> Option<Self> {
-        let secs =
-            |v: f64| Duration::try_from_secs_f64(v).map_or(MAX_TIMEOUT, |d| d.min(MAX_TIMEOUT));
-        t.map(|t| Timeouts {
-            connect: secs(t.connect),
-            send: secs(t.send),
-            read: secs(t.read),
-        })
-    }
-
-    /// How long to wait for a response head: connecting plus reading.
-    pub fn response_head(&self) -> Duration {
-        self.connect.saturating_add(self.read)
-    }
-
-    pub const DEFAULT: Timeouts = Timeouts {
-        connect: DEFAULT_TIMEOUT,
-        send: DEFAULT_TIMEOUT,
-        read: DEFAULT_TIMEOUT,
-    };
 }
 
 /// An upstream compiled for one snapshot.
