@@ -40,6 +40,7 @@ use crate::ctx::Ctx;
 use crate::plugin::{CompileCx, CredentialKey, Flow, Phases, Plugin, PluginKind, PluginSpec};
 use crate::registry::cached;
 use crate::schema::Schema;
+use crate::vars::percent_decode_bytes;
 
 pub const NAME: &str = "key-auth";
 pub const PRIORITY: i32 = 2500;
@@ -406,7 +407,7 @@ impl Plugin for KeyAuth {
 /// Whether a raw (still encoded) argument name is `name`.
 fn arg_name_is(raw: &str, name: &str) -> bool {
     if raw.contains(['%', '+']) {
-        percent_decode(raw) == name.as_bytes()
+        percent_decode_bytes(raw) == name.as_bytes()
     } else {
         raw == name
     }
@@ -433,7 +434,7 @@ fn query_key(query: Option<&str>, name: &str) -> QueryKey {
             continue;
         }
         found = match (found, v) {
-            (QueryKey::Absent, Some(v)) => QueryKey::One(percent_decode(v)),
+            (QueryKey::Absent, Some(v)) => QueryKey::One(percent_decode_bytes(v)),
             _ => return QueryKey::Unusable,
         };
     }
@@ -472,45 +473,6 @@ fn strip_query_arg(uri: &mut Uri, name: &str) {
     );
     if let Ok(new) = Uri::from_parts(parts) {
         *uri = new;
-    }
-}
-
-/// `%XX` and `+` decoded, as nginx decodes arguments; bytes, not text.
-fn percent_decode(s: &str) -> Vec<u8> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                (Some(h), Some(l)) => {
-                    out.push(h << 4 | l);
-                    i += 3;
-                }
-                _ => {
-                    out.push(b'%');
-                    i += 1;
-                }
-            },
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    out
-}
-
-fn hex(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
     }
 }
 
