@@ -306,6 +306,10 @@ impl<S> FramingWatch<S> {
         let scan = FramingScan::new(verdict.clone());
         (FramingWatch { inner, scan }, verdict)
     }
+
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for FramingWatch<S> {

@@ -30,6 +30,10 @@ impl<S> SendTimeout<S> {
         }
     }
 
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
     /// Turns a pending write into an error once it has waited too long.
     fn check<T>(&mut self, cx: &mut Context<'_>, poll: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
         match poll {

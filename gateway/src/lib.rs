@@ -12,6 +12,7 @@ pub mod body;
 pub mod config;
 pub mod connector;
 pub mod control;
+pub mod drain;
 pub mod error;
 pub mod error_page;
 pub mod framing;
@@ -22,6 +23,7 @@ pub mod health;
 pub mod io;
 pub mod keys;
 pub mod limits;
+pub mod park;
 pub mod phases;
 pub mod proxy;
 pub mod router;
@@ -38,7 +40,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderValue;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -68,7 +69,7 @@ pub struct Running {
     pub admin_addr: Option<SocketAddr>,
     pub live: SharedSnapshot,
     shutdown: watch::Sender<bool>,
-    graceful: Arc<GracefulShutdown>,
+    graceful: Arc<drain::Drain>,
     tasks: JoinSet<()>,
 }
 
@@ -189,7 +190,7 @@ pub async fn start(config: GatewayConfig) -> Result<Running, Error> {
     let live = publisher.live();
 
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let graceful = Arc::new(GracefulShutdown::new());
+    let graceful = Arc::new(drain::Drain::new());
     let mut tasks = JoinSet::new();
 
     let edge = Arc::new(ArcSwap::from_pointee(edge_of(&config)));

@@ -7,9 +7,10 @@
 //! snapshot's service. The `Server` header of every answer is the gateway's.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use http::{HeaderValue, Request, Response};
@@ -17,8 +18,6 @@ use http_body::Body as _;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tower::ServiceExt;
@@ -29,10 +28,12 @@ use crate::body::{BodyFault, ClientBody};
 use arc_swap::ArcSwap;
 
 use crate::config::RealIp;
+use crate::drain::Drain;
 use crate::error::Error;
 use crate::error_page::{error_page, with_close};
 use crate::framing::{FramingWatch, Verdict};
 use crate::limits::{self, BodyLimits};
+use crate::park::{Activity, ClientIo, Tracked, PARK_AFTER};
 use crate::snapshot::SharedSnapshot;
 
 /// Settings of the data-plane listeners.
@@ -119,18 +120,21 @@ struct ClientConn {
     peer: SocketAddr,
     /// The address the client connected to.
     local: SocketAddr,
-    framing: Arc<Verdict>,
-    /// Requests seen so far (HTTP/1 serves them in order).
-    requests: AtomicU64,
+    /// HTTP/1 only: which request, if any, carried ambiguous framing.
+    framing: Option<Arc<Verdict>>,
+    /// Requests begun and answered, and what the I/O did lately.
+    activity: Arc<Activity>,
 }
 
 async fn handle(
     plane: Arc<DataPlane>,
     conn: Arc<ClientConn>,
     req: Request<Incoming>,
-) -> Result<Response<ResponseBody>, Infallible> {
-    let index = conn.requests.fetch_add(1, Ordering::Relaxed) + 1;
-    let admitted = if conn.framing.is_ambiguous(index) {
+) -> Result<Response<Tracked<ResponseBody>>, Infallible> {
+    // HTTP/1 serves a connection's requests in order, so the index names
+    // the request the framing scan saw.
+    let (exchange, index) = conn.activity.begin();
+    let admitted = if conn.framing.as_ref().is_some_and(|f| f.is_ambiguous(index)) {
         // Both Content-Length and Transfer-Encoding: refused unread.
         Err(refuse(http::StatusCode::BAD_REQUEST))
     } else {
@@ -145,7 +149,7 @@ async fn handle(
     };
     resp.headers_mut()
         .insert(http::header::SERVER, plane.server_header.clone());
-    Ok(resp)
+    Ok(resp.map(|body| Tracked::new(body, exchange)))
 }
 
 fn refuse(status: http::StatusCode) -> Response<ResponseBody> {
@@ -206,31 +210,84 @@ async fn admit(
     }
 }
 
+/// The two protocols a plain-text client connection may speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c): the client opened with the preface.
+    H2c,
+}
+
+/// How every HTTP/2 connection starts (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Tells the protocol from the first bytes a client sent. `None` while they
+/// are a strict prefix too short to tell ("P", "PR").
+fn protocol_of(first: &[u8]) -> Option<Protocol> {
+    let n = first.len().min(H2_PREFACE.len());
+    if first[..n] != H2_PREFACE[..n] {
+        Some(Protocol::Http1)
+    } else if n >= 3 {
+        // "PRI" is no HTTP/1 method anyone sends; h2 checks the rest.
+        Some(Protocol::H2c)
+    } else {
+        None
+    }
+}
+
+/// Waits for the client's first bytes and tells its protocol, without
+/// consuming them. `None`: the client closed or failed first.
+async fn sniff(stream: &TcpStream) -> Option<Protocol> {
+    let mut first = [0u8; 3];
+    loop {
+        match stream.peek(&mut first).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => match protocol_of(&first[..n]) {
+                Some(protocol) => return Some(protocol),
+                // A client that split its first three bytes: rare enough to
+                // poll for the rest (peek would report ready at once).
+                None => tokio::time::sleep(Duration::from_millis(5)).await,
+            },
+        }
+    }
+}
+
+/// The hyper connection builders, set up once per listener.
+struct Protocols {
+    http1: hyper::server::conn::http1::Builder,
+    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+}
+
+impl Protocols {
+    fn new(plane: &DataPlane) -> Self {
+        let mut http1 = hyper::server::conn::http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(plane.header_timeout.min(plane.keepalive_timeout))
+            .max_buf_size(limits::READ_BUFFER)
+            .keep_alive(true);
+        let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(limits::H2_MAX_CONCURRENT_STREAMS)
+            .max_pending_accept_reset_streams(limits::H2_MAX_PENDING_RESETS)
+            .max_header_list_size(limits::H2_MAX_HEADER_LIST);
+        Protocols { http1, http2 }
+    }
+}
+
 /// Serves the data plane on `listener` until `shutdown` flips to true.
 pub async fn serve_data_plane(
     listener: TcpListener,
     plane: DataPlane,
     mut shutdown: watch::Receiver<bool>,
-    graceful: Arc<GracefulShutdown>,
+    drain: Arc<Drain>,
 ) {
+    let protocols = Arc::new(Protocols::new(&plane));
     let plane = Arc::new(plane);
     let listen_addr = listener
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(plane.header_timeout.min(plane.keepalive_timeout))
-        .max_buf_size(limits::READ_BUFFER)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(limits::H2_MAX_CONCURRENT_STREAMS)
-        .max_pending_accept_reset_streams(limits::H2_MAX_PENDING_RESETS)
-        .max_header_list_size(limits::H2_MAX_HEADER_LIST);
-    let builder = Arc::new(builder);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -253,45 +310,258 @@ pub async fn serve_data_plane(
         // The socket's own local address: the one the client dialled, which
         // for a wildcard listener is more than the listener's.
         let local = stream.local_addr().unwrap_or(listen_addr);
-        serve_connection(
-            stream,
+        let _ = stream.set_nodelay(true);
+        let client = ClientConn {
             peer,
             local,
+            framing: None,
+            activity: Arc::default(),
+        };
+        tokio::spawn(serve_connection(
+            stream,
+            client,
             plane.clone(),
-            builder.clone(),
-            &graceful,
+            protocols.clone(),
+            drain.watcher(),
             permit,
-        );
+        ));
     }
 }
 
+/// One client connection from accept to close.
+///
+/// Nothing is allocated for the protocol until the client has sent its
+/// first bytes, and a client that sends none within `client_header_timeout`
+/// of the accept is closed, as nginx does. Each protocol's connection is
+/// boxed on its own, so the task of an HTTP/1 client does not carry the
+/// size of an HTTP/2 one.
+///
+/// Written as a function returning an `async move` block: an `async fn`
+/// keeps a second copy of its arguments in the task.
+#[allow(clippy::manual_async_fn)]
 fn serve_connection(
     stream: TcpStream,
-    peer: SocketAddr,
-    local: SocketAddr,
+    mut client: ClientConn,
     plane: Arc<DataPlane>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    graceful: &GracefulShutdown,
+    protocols: Arc<Protocols>,
+    mut drain: crate::drain::Watch,
     permit: OwnedSemaphorePermit,
-) {
-    let _ = stream.set_nodelay(true);
-    let send_timeout = plane.send_timeout;
-    let (stream, framing) = FramingWatch::new(crate::io::SendTimeout::new(stream, send_timeout));
-    let client = Arc::new(ClientConn {
-        peer,
-        local,
-        framing,
-        requests: AtomicU64::new(0),
-    });
-    let svc = hyper::service::service_fn(move |req| handle(plane.clone(), client.clone(), req));
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-    let conn = graceful.watch(conn.into_owned());
-    tokio::spawn(async move {
-        let _permit = permit;
-        if let Err(e) = conn.await {
+) -> impl Future<Output = ()> + Send {
+    async move {
+        let _permit = &permit;
+        let peer = client.peer;
+        // Boxed, as every stage that holds more than a parked connection needs:
+        // a task is as large as its largest stage for as long as it lives.
+        let sniffed = Box::pin(async {
+        tokio::select! {
+            sniffed = tokio::time::timeout(plane.header_timeout, sniff(&stream)) => match sniffed {
+                Ok(protocol) => protocol,
+                Err(_) => {
+                    tracing::debug!(%peer, "client sent nothing within client_header_timeout");
+                    None
+                }
+            },
+            _ = drain.signalled() => None,
+        }
+    })
+    .await;
+        let Some(protocol) = sniffed else { return };
+        let stream = crate::io::SendTimeout::new(stream, plane.send_timeout);
+        let ended = match protocol {
+            Protocol::Http1 => {
+                let (stream, framing) = FramingWatch::new(stream);
+                client.framing = Some(framing);
+                let io = ClientIo::new(stream, client.activity.clone());
+                let activity = client.activity.clone();
+                let service = service_of(plane.clone(), client);
+                serve_http1(io, service, activity, &plane, &protocols, drain).await
+            }
+            Protocol::H2c => {
+                let service = service_of(plane, client);
+                Box::pin(
+                    drain.serve(
+                        protocols
+                            .http2
+                            .serve_connection(TokioIo::new(stream), service),
+                    ),
+                )
+                .await
+            }
+        };
+        if let Err(e) = ended {
             tracing::debug!(%peer, error = %e, "client connection ended with an error");
         }
-    });
+    }
+}
+
+type Http1Io = ClientIo<FramingWatch<crate::io::SendTimeout<TcpStream>>>;
+
+/// How a stretch of an HTTP/1 connection ended.
+enum Stretch {
+    /// The connection is over (closed, upgraded, failed or drained).
+    Ended(Result<(), hyper::Error>),
+    /// It has been quiet for [`PARK_AFTER`]: time to release its buffers.
+    Quiet,
+}
+
+/// Serves an HTTP/1 connection, parking it while it is idle between
+/// requests (see [`crate::park`]): a parked connection holds its socket and
+/// its service, not hyper's buffers. The wait for the next request is
+/// bounded by the smaller of `client_header_timeout` and
+/// `keepalive_timeout`, parked or not.
+#[allow(clippy::manual_async_fn)] // see serve_connection
+fn serve_http1<'a, S>(
+    mut io: Http1Io,
+    mut service: S,
+    activity: Arc<Activity>,
+    plane: &'a DataPlane,
+    protocols: &'a Protocols,
+    mut drain: crate::drain::Watch,
+) -> impl Future<Output = Result<(), hyper::Error>> + Send + 'a
+where
+    S: hyper::service::Service<
+            Request<Incoming>,
+            Response = Response<Tracked<ResponseBody>>,
+            Error = Infallible,
+        > + Unpin
+        + Send
+        + 'a,
+    S::Future: Send + 'static,
+{
+    async move {
+        let idle_limit = plane.header_timeout.min(plane.keepalive_timeout);
+        let mut quiet_timer = std::pin::pin!(tokio::time::sleep(PARK_AFTER));
+        loop {
+            // Everything hyper held dies with this block, before the wait.
+            let resumed = {
+                // One expression: a named unboxed connection would keep its
+                // room in this task across the await below.
+                let mut conn = Box::new(
+                    protocols
+                        .http1
+                        .serve_connection(TokioIo::new(io), service)
+                        .with_upgrades(),
+                );
+                let driven = Box::pin(drive_http1(
+                    &mut conn,
+                    &activity,
+                    quiet_timer.as_mut(),
+                    &mut drain,
+                ))
+                .await;
+                match driven {
+                    Stretch::Ended(result) => return result,
+                    Stretch::Quiet => {}
+                }
+                // Upgraded connections never come back here: they are not quiet.
+                let Some(parts) = conn.into_parts() else {
+                    return Ok(());
+                };
+                io = parts.io.into_inner();
+                service = parts.service;
+                // An empty `read_buf` still pins hyper's whole read buffer.
+                if parts.read_buf.is_empty() {
+                    false
+                } else {
+                    io.resume_with(parts.read_buf);
+                    true
+                }
+            };
+            if resumed {
+                // Part of the next request had arrived: go on serving it.
+                continue;
+            }
+            tracing::trace!("keep-alive connection parked");
+            let wait = idle_limit.saturating_sub(PARK_AFTER);
+            quiet_timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + wait);
+            let socket = io.get_ref().get_ref().get_ref();
+            tokio::select! {
+                readable = socket.readable() => if readable.is_err() { return Ok(()) },
+                // keepalive_timeout is over: close.
+                _ = quiet_timer.as_mut() => return Ok(()),
+                _ = drain.signalled() => return Ok(()),
+            }
+        }
+    }
+}
+
+type Http1Conn<S> = hyper::server::conn::http1::UpgradeableConnection<TokioIo<Http1Io>, S>;
+
+/// Drives `conn` until it ends, or until it has been quiet for
+/// [`PARK_AFTER`]. A drain signal makes it finish the request in hand and
+/// close; a draining connection is never parked.
+async fn drive_http1<S>(
+    conn: &mut Box<Http1Conn<S>>,
+    activity: &Activity,
+    mut quiet_timer: std::pin::Pin<&mut tokio::time::Sleep>,
+    drain: &mut crate::drain::Watch,
+) -> Stretch
+where
+    S: hyper::service::Service<
+            Request<Incoming>,
+            Response = Response<Tracked<ResponseBody>>,
+            Error = Infallible,
+        > + Unpin,
+{
+    let mut draining = drain.is_signalled();
+    if draining {
+        std::pin::Pin::new(&mut **conn).graceful_shutdown();
+    }
+    // The request count when the quiet timer was last armed. The timer is
+    // not re-armed per request (a clock read and a timer update each): when
+    // it fires after requests came and went, it is armed once more, so a
+    // connection parks between one and two quiet periods after its last
+    // request.
+    let mut armed_for = None;
+    loop {
+        let drive = std::future::poll_fn(|cx| {
+            if let Poll::Ready(result) = std::pin::Pin::new(&mut **conn).poll(cx) {
+                return Poll::Ready(Stretch::Ended(result));
+            }
+            if draining || !activity.is_quiet() {
+                return Poll::Pending;
+            }
+            let begun = activity.begun();
+            loop {
+                if let Some(at) = armed_for {
+                    if quiet_timer.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    if at == begun {
+                        return Poll::Ready(Stretch::Quiet);
+                    }
+                }
+                quiet_timer
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + PARK_AFTER);
+                armed_for = Some(begun);
+            }
+        });
+        tokio::select! {
+            stretch = drive => return stretch,
+            _ = drain.signalled(), if !draining => {
+                draining = true;
+                std::pin::Pin::new(&mut **conn).graceful_shutdown();
+            }
+        }
+    }
+}
+
+/// The per-request service of one connection.
+fn service_of(
+    plane: Arc<DataPlane>,
+    client: ClientConn,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<Tracked<ResponseBody>>,
+    Error = Infallible,
+    Future: Send + 'static,
+> + Clone
+       + Unpin {
+    let client = Arc::new(client);
+    hyper::service::service_fn(move |req| handle(plane.clone(), client.clone(), req))
 }
 
 /// Answers 503 and closes, without reading the request.

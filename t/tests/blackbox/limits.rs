@@ -553,6 +553,109 @@ async fn idle_keepalive_connections_are_closed() {
     gw.stop().await;
 }
 
+/// A client that connects and sends nothing is closed after
+/// `client_header_timeout`, counted from the accept, as nginx does.
+#[tokio::test]
+async fn silent_connections_are_closed_after_client_header_timeout() {
+    use tokio::io::AsyncReadExt;
+    let (gw, _u1) = gateway_with("nginx_config:\n  http:\n    client_header_timeout: 1s\n").await;
+    let mut s = tokio::net::TcpStream::connect(gw.data).await.unwrap();
+    let opened = Instant::now();
+    let mut buf = [0u8; 256];
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "silent connection still open after 5 s"
+    );
+    let waited = opened.elapsed();
+    assert!(
+        waited >= Duration::from_millis(800) && waited < Duration::from_secs(3),
+        "closed after {waited:?}"
+    );
+    // Everybody else is still served.
+    assert_eq!(gw.get("/after").await.status, 200);
+    gw.stop().await;
+}
+
+/// Reads one HTTP/1.1 response with a Content-Length body from `s`.
+async fn read_response(s: &mut tokio::net::TcpStream, pending: &mut Vec<u8>) -> String {
+    use tokio::io::AsyncReadExt;
+    loop {
+        if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&pending[..end]).to_string();
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            if pending.len() >= end + 4 + len {
+                let whole: Vec<u8> = pending.drain(..end + 4 + len).collect();
+                return String::from_utf8_lossy(&whole).to_string();
+            }
+        }
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("response within 5 s")
+            .expect("read");
+        assert!(
+            n > 0,
+            "connection closed; had {:?}",
+            String::from_utf8_lossy(pending)
+        );
+        pending.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// A keep-alive connection that goes quiet gives hyper's buffers back and
+/// is picked up again when the client speaks: the next request, one that
+/// arrives in pieces, and pipelined ones are all served on the same
+/// connection.
+#[tokio::test]
+async fn quiet_keepalive_connections_serve_what_comes_next() {
+    use tokio::io::AsyncWriteExt;
+    let (gw, _u1) = gateway_with("").await;
+    let mut s = tokio::net::TcpStream::connect(gw.data).await.unwrap();
+    let mut pending = Vec::new();
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    s.write_all(get("/one").as_bytes()).await.unwrap();
+    let r = read_response(&mut s, &mut pending).await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(r.contains("/one"), "{r}");
+
+    // Well past the quiet period: the connection is parked.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    s.write_all(get("/two").as_bytes()).await.unwrap();
+    let r = read_response(&mut s, &mut pending).await;
+    assert!(r.starts_with("HTTP/1.1 200") && r.contains("/two"), "{r}");
+
+    // Parked again, then a head in two pieces with a pause between.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    s.write_all(b"GET /thr").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    s.write_all(b"ee HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let r = read_response(&mut s, &mut pending).await;
+    assert!(r.starts_with("HTTP/1.1 200") && r.contains("/three"), "{r}");
+
+    // Parked again, then three pipelined requests in one write.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let burst = format!("{}{}{}", get("/p1"), get("/p2"), get("/p3"));
+    s.write_all(burst.as_bytes()).await.unwrap();
+    for path in ["/p1", "/p2", "/p3"] {
+        let r = read_response(&mut s, &mut pending).await;
+        assert!(
+            r.starts_with("HTTP/1.1 200") && r.contains(path),
+            "{path}: {r}"
+        );
+    }
+    gw.stop().await;
+}
+
 /// HTTP/2 limits: the gateway announces 128 concurrent streams, and a
 /// client that opens and immediately resets streams (CVE-2023-44487, rapid
 /// reset) is disconnected while everybody else goes on being served.

@@ -1,0 +1,445 @@
+#!/usr/bin/env python3
+"""ferrogate beside nginx on loopback: the same work, figures side by side.
+
+    python3 bench/compare.py                    # ~2 min: keep-alive load + 10,000 idle connections
+    python3 bench/compare.py --rounds 3 --duration 10 --idle 10000
+
+Needs wrk for the load and nginx for the comparison and the upstreams
+(`apt-get install wrk nginx`); without nginx only ferrogate is measured, with
+small Python upstreams. Everything runs in a temporary directory on free
+127.0.0.1 ports and is stopped when the script ends.
+
+Work (the same for both proxies): GET /hello over keep-alive connections,
+an allow list of 127.0.0.0/8 in front (ferrogate: ip-restriction; nginx:
+allow/deny), weighted round robin over two upstreams with upstream
+keep-alive, one worker each.
+
+Printed per proxy: requests/s, p50/p99 latency (wrk), CPU per request split
+into user space (the proxy's own code) and kernel (sockets, loopback TCP),
+PSS after the run, and for the idle test the PSS each idle keep-alive client
+connection holds (N connections, each after one request) and the p99 of the
+load with those connections open against without.
+"""
+
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+HZ = os.sysconf("SC_CLK_TCK")
+PROCS = []
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, proc, timeout=20.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit("process exited early (rc=%s)" % proc.returncode)
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit("port %d did not open" % port)
+
+
+def spawn(argv, cwd):
+    p = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=open(os.path.join(cwd, "stderr.log"), "w"))
+    PROCS.append(p)
+    return p
+
+
+def stop(p):
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def tree(pid):
+    """pid and all its descendants."""
+    children = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open("/proc/%s/stat" % d) as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(d))
+            except (OSError, ValueError, IndexError):
+                pass
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def cpu(pid):
+    """(user, system) seconds of a process tree."""
+    u = s = 0
+    for p in tree(pid):
+        try:
+            with open("/proc/%d/stat" % p) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            u += int(fields[11])
+            s += int(fields[12])
+        except (OSError, ValueError, IndexError):
+            pass
+    return u / HZ, s / HZ
+
+
+def pss_kib(pid):
+    total = 0
+    for p in tree(pid):
+        try:
+            with open("/proc/%d/smaps_rollup" % p) as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+# ---------------------------------------------------------------- upstreams
+
+
+class Hello(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "3")
+        self.send_header("X-Upstream", str(self.server.server_port))
+        self.end_headers()
+        self.wfile.write(b"ok\n")
+
+    def log_message(self, *args):
+        pass
+
+
+def start_upstreams(work, nginx):
+    ports = [free_port(), free_port()]
+    if nginx:
+        servers = "".join(
+            "server { listen 127.0.0.1:%d; keepalive_requests 1000000; access_log off;"
+            " location / { add_header X-Upstream %d; return 200 'ok\\n'; } }\n" % (p, i + 1)
+            for i, p in enumerate(ports)
+        )
+        d = os.path.join(work, "upstream")
+        start_nginx(nginx, d, "worker_processes 1;", "http {\n%s}\n" % servers)
+    else:
+        for p in ports:
+            srv = ThreadingHTTPServer(("127.0.0.1", p), Hello)
+            threading.Thread(target=srv.serve_forever, daemon=True).start()
+    for p in ports:
+        wait_port(p, None)
+    return ports
+
+
+# ------------------------------------------------------------------ proxies
+
+
+def start_nginx(nginx, d, main, http):
+    os.makedirs(os.path.join(d, "logs"), exist_ok=True)
+    conf = os.path.join(d, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(
+            "daemon off; master_process on; pid %s/nginx.pid; error_log %s/logs/error.log warn;\n"
+            "%s\nworker_rlimit_nofile 65536;\nevents { worker_connections 32768; }\n" % (d, d, main)
+        )
+        f.write(http.replace("http {", "http {\n client_body_temp_path %s; proxy_temp_path %s;"
+                             " fastcgi_temp_path %s; uwsgi_temp_path %s; scgi_temp_path %s;\n" % ((d,) * 5), 1))
+    return spawn([nginx, "-p", d, "-c", conf], d)
+
+
+class Nginx:
+    name = "nginx-w1"
+
+    def __init__(self, nginx, work, upstreams):
+        self.nginx, self.work, self.upstreams = nginx, work, upstreams
+
+    def start(self):
+        self.port = free_port()
+        d = tempfile.mkdtemp(dir=self.work, prefix="nginx-")
+        servers = "".join("server 127.0.0.1:%d weight=1;" % p for p in self.upstreams)
+        http = (
+            "http {\n access_log off; keepalive_requests 1000000;\n"
+            " upstream up { %s keepalive 64; }\n"
+            " server { listen 127.0.0.1:%d;\n"
+            "  location = /hello { allow 127.0.0.0/8; deny all; proxy_http_version 1.1;"
+            " proxy_set_header Connection ''; proxy_pass http://up; }\n"
+            "  location / { return 404; } }\n}\n" % (servers, self.port)
+        )
+        self.proc = start_nginx(self.nginx, d, "worker_processes 1;", http)
+        wait_port(self.port, self.proc)
+
+    def stop(self):
+        stop(self.proc)
+
+
+class Ferrogate:
+    name = "ferrogate-w1"
+
+    def __init__(self, binary, work, upstreams):
+        self.binary, self.work, self.upstreams = binary, work, upstreams
+
+    def start(self):
+        self.port, admin = free_port(), free_port()
+        d = tempfile.mkdtemp(dir=self.work, prefix="ferrogate-")
+        os.makedirs(os.path.join(d, "conf"))
+        key = os.urandom(16).hex()
+        with open(os.path.join(d, "conf", "config.yaml"), "w") as f:
+            f.write(
+                "apisix:\n  node_listen: %d\n"
+                "nginx_config:\n  worker_processes: 1\n  error_log_level: warn\n"
+                "  event:\n    worker_connections: 32768\n"
+                "deployment:\n  role: traditional\n"
+                "  admin:\n    admin_key: [{name: admin, key: %s, role: admin}]\n"
+                "    admin_listen: {ip: 127.0.0.1, port: %d}\n" % (self.port, key, admin)
+            )
+        self.proc = spawn([self.binary, "--config", os.path.join(d, "conf", "config.yaml")], d)
+        wait_port(admin, self.proc)
+        route = {
+            "uri": "/hello",
+            "plugins": {"ip-restriction": {"whitelist": ["127.0.0.0/8"]}},
+            "upstream": {
+                "type": "roundrobin",
+                "nodes": {"127.0.0.1:%d" % p: 1 for p in self.upstreams},
+            },
+        }
+        req = urllib.request.Request(
+            "http://127.0.0.1:%d/apisix/admin/routes/1" % admin,
+            data=json.dumps(route).encode(),
+            method="PUT",
+            headers={"X-API-KEY": key, "Content-Type": "application/json"},
+        )
+        urllib.request.urlopen(req, timeout=10).read()
+        wait_port(self.port, self.proc)
+
+    def stop(self):
+        stop(self.proc)
+
+
+# --------------------------------------------------------------- measuring
+
+
+def get(port, path="/hello"):
+    with urllib.request.urlopen("http://127.0.0.1:%d%s" % (port, path), timeout=5) as r:
+        return r.status, r.read()
+
+
+UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def wrk(port, seconds, conns):
+    out = subprocess.run(
+        ["wrk", "-t1", "-c%d" % conns, "-d%ds" % seconds, "--latency", "http://127.0.0.1:%d/hello" % port],
+        capture_output=True, text=True, timeout=seconds + 30,
+    ).stdout
+    lat = {}
+    for q, v, unit in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", out, re.M):
+        lat[q] = float(v) * UNITS[unit]
+    m = re.search(r"^\s*(\d+) requests in", out, re.M)
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errs = re.search(r"Socket errors: (.*)$", out, re.M)
+    return {
+        "requests": int(m.group(1)) if m else 0,
+        "p50_ms": lat.get("50"),
+        "p99_ms": lat.get("99"),
+        "non2xx": int(bad.group(1)) if bad else 0,
+        "socket_errors": errs.group(1).strip() if errs else "",
+    }
+
+
+def load(peer, args):
+    wrk(peer.port, 2, args.connections)  # warm-up: pools, caches, page faults
+    pid = peer.proc.pid
+    u0, s0 = cpu(pid)
+    t0 = time.time()
+    r = wrk(peer.port, args.duration, args.connections)
+    elapsed = time.time() - t0
+    u1, s1 = cpu(pid)
+    n = max(r["requests"], 1)
+    r.update(
+        rps=r["requests"] / args.duration,
+        user_us=(u1 - u0) / n * 1e6,
+        kernel_us=(s1 - s0) / n * 1e6,
+        pss_kib=pss_kib(pid),
+        elapsed_s=elapsed,
+    )
+    return r
+
+
+def idle(peer, args):
+    """PSS per idle keep-alive client connection, and the load's p99 with them open."""
+    for _ in range(20):
+        get(peer.port)
+    before = wrk(peer.port, 3, args.connections)
+    time.sleep(0.5)
+    pss0 = pss_kib(peer.proc.pid)
+    request = b"GET /hello HTTP/1.1\r\nHost: bench\r\n\r\n"
+    socks = []
+    try:
+        for _ in range(args.idle):
+            s = socket.create_connection(("127.0.0.1", peer.port), timeout=10)
+            s.sendall(request)
+            got = b""
+            while b"ok\n" not in got:
+                chunk = s.recv(4096)
+                if not chunk:
+                    raise SystemExit("%s closed an idle connection early" % peer.name)
+                got += chunk
+            socks.append(s)
+        time.sleep(1.0)
+        pss1 = pss_kib(peer.proc.pid)
+        during = wrk(peer.port, 3, args.connections)
+        alive = sum(1 for s in socks if still_open(s))
+    finally:
+        for s in socks:
+            s.close()
+    return {
+        "connections": args.idle,
+        "still_open": alive,
+        "pss_per_conn_kib": (pss1 - pss0) / args.idle,
+        "p99_ratio": (during["p99_ms"] or 0) / (before["p99_ms"] or 1),
+    }
+
+
+def still_open(s):
+    s.setblocking(False)
+    try:
+        return s.recv(1) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
+def median(xs):
+    xs = sorted(x for x in xs if x is not None)
+    return xs[len(xs) // 2] if xs else None
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bin", default="target/release/ferrogate")
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--duration", type=int, default=10, help="seconds of measured load per run")
+    ap.add_argument("--connections", type=int, default=50, help="wrk keep-alive connections")
+    ap.add_argument("--idle", type=int, default=10000, help="idle connections (0: skip)")
+    ap.add_argument("--json", help="write the raw figures here")
+    args = ap.parse_args()
+
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is needed: apt-get install wrk nginx")
+    binary = os.path.abspath(args.bin)
+    if not os.access(binary, os.X_OK):
+        raise SystemExit("%s not found: cargo build --release" % binary)
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max(args.idle * 2 + 1000, soft)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
+
+    work = tempfile.mkdtemp(prefix="ferrogate-bench-")
+    try:
+        ups = start_upstreams(work, nginx)
+        peers = [Ferrogate(binary, work, ups)]
+        if nginx:
+            peers.append(Nginx(nginx, work, ups))
+        else:
+            print("nginx not installed: ferrogate only, with Python upstreams (slow)")
+        results = {p.name: {"load": [], "idle": []} for p in peers}
+        for rnd in range(args.rounds):
+            for peer in peers:
+                peer.start()
+                try:
+                    status, body = get(peer.port)
+                    if status != 200 or body != b"ok\n":
+                        raise SystemExit("%s answered %s %r" % (peer.name, status, body))
+                    r = load(peer, args)
+                    results[peer.name]["load"].append(r)
+                    print("round %d %-13s %8.0f req/s  user %.1f us  kernel %.1f us  p99 %.2f ms" % (
+                        rnd + 1, peer.name, r["rps"], r["user_us"], r["kernel_us"], r["p99_ms"] or 0), flush=True)
+                finally:
+                    peer.stop()
+                if args.idle:
+                    peer.start()
+                    try:
+                        r = idle(peer, args)
+                        results[peer.name]["idle"].append(r)
+                        print("round %d %-13s %d idle connections: %.2f KiB each, p99 with them %.2fx" % (
+                            rnd + 1, peer.name, r["still_open"], r["pss_per_conn_kib"], r["p99_ratio"]), flush=True)
+                    finally:
+                        peer.stop()
+        report(peers, results, args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+    finally:
+        for p in PROCS:
+            stop(p)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def report(peers, results, args):
+    base = results.get("nginx-w1")
+    rows = [
+        ("req/s", "rps", "%.0f"),
+        ("p50 ms", "p50_ms", "%.3f"),
+        ("p99 ms", "p99_ms", "%.3f"),
+        ("CPU us/req, user space", "user_us", "%.2f"),
+        ("CPU us/req, kernel", "kernel_us", "%.2f"),
+        ("PSS MiB after the load", "pss_kib", "%.1f"),
+    ]
+    print("\nkeep-alive GET /hello, %d connections, %d s, medians of %d round(s)\n" % (
+        args.connections, args.duration, args.rounds))
+    print("| | " + " | ".join(p.name for p in peers) + " |")
+    print("|---|" + "---:|" * len(peers))
+    for label, key, fmt in rows:
+        cells = []
+        for p in peers:
+            v = median([r[key] for r in results[p.name]["load"]])
+            if key == "pss_kib" and v is not None:
+                v = v / 1024
+            cell = fmt % v if v is not None else "-"
+            if base and p.name != "nginx-w1" and v is not None:
+                b = median([r[key] for r in base["load"]])
+                if key == "pss_kib":
+                    b = b / 1024
+                if b:
+                    cell += " (%.2fx)" % (v / b)
+            cells.append(cell)
+        print("| %s | %s |" % (label, " | ".join(cells)))
+    if args.idle:
+        for label, key, fmt in (
+            ("PSS per idle connection, KiB (%d open)" % args.idle, "pss_per_conn_kib", "%.2f"),
+            ("load p99 with them open / without", "p99_ratio", "%.2fx"),
+        ):
+            cells = [fmt % median([r[key] for r in results[p.name]["idle"]]) for p in peers]
+            print("| %s | %s |" % (label, " | ".join(cells)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+//! Graceful stop for client connections: every connection holds a
+//! [`Watch`]; [`Drain::shutdown`] tells them all to finish the request in
+//! hand and close, then waits until the last one has gone.
+//!
+//! Works with any connection that can be asked to stop after its current
+//! request ([`Graceful`]), HTTP/1 with upgrades included.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use hyper::body::Incoming;
+use hyper::service::HttpService;
+use tokio::sync::watch;
+
+/// The sending side, held by the gateway.
+pub struct Drain {
+    tx: watch::Sender<bool>,
+}
+
+/// One connection's view of the drain signal.
+#[derive(Clone)]
+pub struct Watch {
+    rx: watch::Receiver<bool>,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Drain::new()
+    }
+}
+
+impl Drain {
+    pub fn new() -> Self {
+        Drain {
+            tx: watch::Sender::new(false),
+        }
+    }
+
+    /// A handle for one more connection; [`Drain::shutdown`] waits for it.
+    pub fn watcher(&self) -> Watch {
+        Watch {
+            rx: self.tx.subscribe(),
+        }
+    }
+
+    /// Signals every connection, then waits until all their watches are
+    /// dropped. Returns at once when there are none.
+    pub async fn shutdown(self) {
+        let _ = self.tx.send(true);
+        self.tx.closed().await;
+    }
+}
+
+impl Watch {
+    /// Resolves once a stop was signalled (or the [`Drain`] is gone).
+    pub async fn signalled(&mut self) {
+        let _ = self.rx.wait_for(|stop| *stop).await;
+    }
+
+    /// Whether a stop was signalled already.
+    pub fn is_signalled(&self) -> bool {
+        *self.rx.borrow()
+    }
+
+    /// Drives `conn` to its end; when a stop is signalled first, asks it to
+    /// finish what it has in hand and keeps driving it until it does.
+    pub async fn serve<C: Graceful>(mut self, conn: C) -> C::Output {
+        let mut conn = std::pin::pin!(conn);
+        tokio::select! {
+            out = conn.as_mut() => return out,
+            _ = self.signalled() => conn.as_mut().graceful_shutdown(),
+        }
+        conn.await
+    }
+}
+
+/// A connection that can be told to stop after the request in hand.
+pub trait Graceful: Future {
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+/// A boxed connection: lets each protocol's connection be boxed on its
+/// own, so a task is sized for the protocol it serves.
+impl<C: Graceful + ?Sized> Graceful for Pin<Box<C>> {
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        self.get_mut().as_mut().graceful_shutdown();
+    }
+}
+
+impl<I, S, B> Graceful for hyper::server::conn::http1::UpgradeableConnection<I, S>
+where
+    S: HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(self);
+    }
+}
+
+impl<I, S, B, E> Graceful for hyper::server::conn::http2::Connection<I, S, E>
+where
+    S: HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        hyper::server::conn::http2::Connection::graceful_shutdown(self);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::task::{Context, Poll};
+    use std::time::Duration;
+
+    /// Pending until asked to stop, then ready on the next poll.
+    struct Fake {
+        asked: Arc<AtomicBool>,
+    }
+
+    impl Future for Fake {
+        type Output = &'static str;
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<&'static str> {
+            if self.asked.load(Ordering::SeqCst) {
+                Poll::Ready("finished")
+            } else {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+        }
+    }
+
+    impl Graceful for Fake {
+        fn graceful_shutdown(self: Pin<&mut Self>) {
+            self.asked.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn shutdown_asks_each_connection_and_waits_for_it() {
+        let drain = Drain::new();
+        let asked = Arc::new(AtomicBool::new(false));
+        let conn = tokio::spawn(drain.watcher().serve(Fake {
+            asked: asked.clone(),
+        }));
+        tokio::time::timeout(Duration::from_secs(5), drain.shutdown())
+            .await
+            .expect("drain finished");
+        assert!(asked.load(Ordering::SeqCst));
+        assert_eq!(conn.await.expect("task"), "finished");
+    }
+
+    #[tokio::test]
+    async fn shutdown_with_no_connections_returns_at_once() {
+        let drain = Drain::new();
+        let watch = drain.watcher();
+        assert!(!watch.is_signalled());
+        drop(watch);
+        tokio::time::timeout(Duration::from_secs(1), drain.shutdown())
+            .await
+            .expect("nothing to wait for");
+    }
+}
