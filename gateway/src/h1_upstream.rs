@@ -227,8 +227,9 @@ impl H1Pool {
                 },
             }
         }
-        let mut lease = self
-            .connect(key.clone(), max_requests)
+        // Boxed: connecting is the rare path, and its state would otherwise
+        // make every proxied request's future (and each copy of it) larger.
+        let mut lease = Box::pin(self.connect(key.clone(), max_requests))
             .await
             .map_err(SendFailure::Connect)?;
         on_connection(true);

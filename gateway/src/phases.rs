@@ -214,39 +214,85 @@ pub struct PhaseTimeout;
 /// `connected` resolves (true) once the request has been given a
 /// connection, new or pooled: from then on `connect` no longer counts (a
 /// pool may instead call [`Progress::mark_connected`] itself).
-pub async fn within_phases<F: Future, C: Future<Output = bool>>(
+///
+/// A hand-written future rather than an `async fn`: the exchange is the
+/// largest part of every proxied request's state, and an `async fn` would
+/// hold it twice (its argument and its pinned copy), which every caller up
+/// the chain then carries and copies.
+pub fn within_phases<'a, F: Future, C: Future<Output = bool>>(
     exchange: F,
     connected: C,
-    progress: &Progress,
-    timeouts: &Timeouts,
-) -> Result<F::Output, PhaseTimeout> {
-    let mut exchange = std::pin::pin!(exchange);
-    let mut connected = std::pin::pin!(connected);
-    let mut connecting = true;
+    progress: &'a Progress,
+    timeouts: &'a Timeouts,
+) -> WithinPhases<'a, F, C> {
     // A phase that starts at time c ends no earlier than c + `step`, so
     // looking again at least every `step` never notices a deadline late,
     // even one that moved earlier than the one being slept towards. The
     // floor keeps sub-millisecond timeouts from turning this into a spin.
     let step = timeouts.send.min(timeouts.read).max(MIN_STEP);
-    loop {
-        let next_look = Instant::now() + step;
-        let wake = progress
-            .deadline(timeouts)
-            .map_or(next_look, |deadline| deadline.min(next_look));
-        tokio::select! {
-            out = &mut exchange => return Ok(out),
-            has = &mut connected, if connecting => {
-                connecting = false;
+    WithinPhases {
+        exchange,
+        connected,
+        timer: tokio::time::sleep_until(next_look(progress, timeouts, step)),
+        connecting: true,
+        step,
+        progress,
+        timeouts,
+    }
+}
+
+/// When to look at the phase deadline next.
+fn next_look(progress: &Progress, timeouts: &Timeouts, step: Duration) -> Instant {
+    let next = Instant::now() + step;
+    progress
+        .deadline(timeouts)
+        .map_or(next, |deadline| deadline.min(next))
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`within_phases`].
+    pub struct WithinPhases<'a, F, C> {
+        #[pin]
+        exchange: F,
+        #[pin]
+        connected: C,
+        #[pin]
+        timer: tokio::time::Sleep,
+        connecting: bool,
+        step: Duration,
+        progress: &'a Progress,
+        timeouts: &'a Timeouts,
+    }
+}
+
+impl<F: Future, C: Future<Output = bool>> Future for WithinPhases<'_, F, C> {
+    type Output = Result<F::Output, PhaseTimeout>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        if let Poll::Ready(out) = this.exchange.poll(cx) {
+            return Poll::Ready(Ok(out));
+        }
+        if *this.connecting {
+            if let Poll::Ready(has) = this.connected.poll(cx) {
+                *this.connecting = false;
                 if has {
-                    progress.mark_connected(true);
+                    this.progress.mark_connected(true);
                 }
-            }
-            _ = tokio::time::sleep_until(wake) => {
-                if progress.deadline(timeouts).is_some_and(|d| d <= Instant::now()) {
-                    return Err(PhaseTimeout);
-                }
+                // The phase changed: so may the deadline.
+                let wake = next_look(this.progress, this.timeouts, *this.step);
+                this.timer.as_mut().reset(wake);
             }
         }
+        while this.timer.as_mut().poll(cx).is_ready() {
+            let deadline = this.progress.deadline(this.timeouts);
+            if deadline.is_some_and(|d| d <= Instant::now()) {
+                return Poll::Ready(Err(PhaseTimeout));
+            }
+            let wake = next_look(this.progress, this.timeouts, *this.step);
+            this.timer.as_mut().reset(wake);
+        }
+        Poll::Pending
     }
 }
 
