@@ -8,7 +8,8 @@
 //! the `Content-Length` header before the request reaches the gateway's
 //! service, and closes the connection afterwards. That is safe, but nginx,
 //! and therefore APISIX, refuses the request outright with 400, and so does
-//! ferrogate: [`FramingWatch`] sees the bytes hyper reads, follows heads and
+//! ferrogate: a [`FramingScan`] sees the bytes hyper reads (fed by
+//! [`crate::park::ClientIo`]), follows heads and
 //! bodies (by length or by chunks) and records which request of the
 //! connection had both headers; [`crate::server`] answers that request 400
 //! without reading its body.
@@ -20,13 +21,8 @@
 //! other than `chunked`. A connection that is upgraded is never read by hyper
 //! again, so whatever the scan makes of the tunnelled bytes has no effect.
 
-use std::io;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
-
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::limits::MAX_HEAD;
 
@@ -290,72 +286,6 @@ fn chunk_size(line: &[u8]) -> Option<u64> {
     let rest = &rest[spaces..];
     let well_formed = (rest.is_empty() || rest[0] == b';') && memchr::memchr(b'\r', rest).is_none();
     well_formed.then_some(size)
-}
-
-/// A client stream whose reads are followed by a [`FramingScan`].
-pub struct FramingWatch<S> {
-    inner: S,
-    scan: FramingScan,
-}
-
-impl<S> FramingWatch<S> {
-    /// Wraps `inner`; the returned verdict tells the service which request,
-    /// if any, was ambiguously framed.
-    pub fn new(inner: S) -> (Self, Arc<Verdict>) {
-        let verdict = Arc::new(Verdict::default());
-        let scan = FramingScan::new(verdict.clone());
-        (FramingWatch { inner, scan }, verdict)
-    }
-
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for FramingWatch<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = poll {
-            this.scan.feed(&buf.filled()[before..]);
-        }
-        poll
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for FramingWatch<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
 }
 
 #[cfg(test)]

@@ -28,6 +28,8 @@ use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::framing::FramingScan;
+
 /// How long a keep-alive connection stays quiet before its buffers are
 /// released. Short enough that idle clients cost little, long enough that a
 /// busy client's next request (well under a millisecond on a LAN) never
@@ -133,20 +135,23 @@ impl<B: Body> Body for Tracked<B> {
     }
 }
 
-/// A client connection's I/O as hyper sees it: records reads and writes in
-/// [`Activity`], and serves bytes taken back from a parked connection
-/// before reading the socket again.
+/// An HTTP/1 client connection's I/O as hyper sees it: records reads and
+/// writes in [`Activity`], follows the request framing on every byte read
+/// from the socket ([`FramingScan`]), and serves bytes taken back from a
+/// parked connection before reading the socket again.
 pub struct ClientIo<S> {
     inner: S,
     activity: Arc<Activity>,
+    scan: FramingScan,
     resumed: Bytes,
 }
 
 impl<S> ClientIo<S> {
-    pub fn new(inner: S, activity: Arc<Activity>) -> Self {
+    pub fn new(inner: S, activity: Arc<Activity>, scan: FramingScan) -> Self {
         ClientIo {
             inner,
             activity,
+            scan,
             resumed: Bytes::new(),
         }
     }
@@ -170,6 +175,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for ClientIo<S> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if !this.resumed.is_empty() {
+            // Scanned already, when they first came from the socket.
             let n = this.resumed.len().min(buf.remaining());
             buf.put_slice(&this.resumed[..n]);
             this.resumed.advance(n);
@@ -184,6 +190,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for ClientIo<S> {
                 activity.read_waiting.store(false, Ordering::Relaxed);
                 if buf.filled().len() > before {
                     activity.read_since_end.store(true, Ordering::Relaxed);
+                    this.scan.feed(&buf.filled()[before..]);
                 }
             }
         }
@@ -265,7 +272,7 @@ mod tests {
     async fn resumed_bytes_come_first_and_io_is_recorded() {
         let (client, server) = tokio::io::duplex(64);
         let activity = Arc::new(Activity::default());
-        let mut io = ClientIo::new(server, activity.clone());
+        let mut io = ClientIo::new(server, activity.clone(), FramingScan::default());
         io.resume_with(Bytes::from_static(b"GET / HT"));
         let mut client = client;
         client.write_all(b"TP/1.1\r\n").await.expect("write");

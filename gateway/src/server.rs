@@ -31,7 +31,7 @@ use crate::config::RealIp;
 use crate::drain::Drain;
 use crate::error::Error;
 use crate::error_page::{error_page, with_close};
-use crate::framing::{FramingWatch, Verdict};
+use crate::framing::{FramingScan, Verdict};
 use crate::limits::{self, BodyLimits};
 use crate::park::{Activity, ClientIo, Tracked, PARK_AFTER};
 use crate::snapshot::SharedSnapshot;
@@ -369,9 +369,10 @@ fn serve_connection(
         let stream = crate::io::SendTimeout::new(stream, plane.send_timeout);
         let ended = match protocol {
             Protocol::Http1 => {
-                let (stream, framing) = FramingWatch::new(stream);
-                client.framing = Some(framing);
-                let io = ClientIo::new(stream, client.activity.clone());
+                let verdict = Arc::new(Verdict::default());
+                client.framing = Some(verdict.clone());
+                let scan = FramingScan::new(verdict);
+                let io = ClientIo::new(stream, client.activity.clone(), scan);
                 let activity = client.activity.clone();
                 let service = service_of(plane.clone(), client);
                 serve_http1(io, service, activity, &plane, &protocols, drain).await
@@ -394,7 +395,7 @@ fn serve_connection(
     }
 }
 
-type Http1Io = ClientIo<FramingWatch<crate::io::SendTimeout<TcpStream>>>;
+type Http1Io = ClientIo<crate::io::SendTimeout<TcpStream>>;
 
 /// How a stretch of an HTTP/1 connection ended.
 enum Stretch {
@@ -476,7 +477,7 @@ where
             quiet_timer
                 .as_mut()
                 .reset(tokio::time::Instant::now() + wait);
-            let socket = io.get_ref().get_ref().get_ref();
+            let socket = io.get_ref().get_ref();
             tokio::select! {
                 readable = socket.readable() => if readable.is_err() { return Ok(()) },
                 // keepalive_timeout is over: close.
