@@ -90,6 +90,9 @@ pub struct Compiler {
     /// derived from (and rebuilt from after a panic).
     raw: BTreeMap<String, Entry>,
     routes: BTreeMap<String, RouteRecord>,
+    /// Routes in `routes` with a compiled form (kept as they change, so a
+    /// snapshot does not walk every route to count them).
+    compiled_routes: usize,
     services: BTreeMap<String, ServiceConf>,
     upstreams: BTreeMap<String, UpstreamConf>,
     upstream_cache: BTreeMap<String, Arc<CompiledUpstream>>,
@@ -146,6 +149,7 @@ impl Compiler {
             plugin_attr: Map::new(),
             state: StateCache::default(),
             version: AtomicU64::new(0),
+            compiled_routes: 0,
         }
     }
 
@@ -169,6 +173,7 @@ impl Compiler {
     /// `raw`. Balancers, connection pools and plugin state are kept.
     fn rebuild(&mut self) {
         self.routes.clear();
+        self.compiled_routes = 0;
         self.services.clear();
         self.upstreams.clear();
         self.upstream_cache.clear();
@@ -298,6 +303,7 @@ impl Compiler {
                     }
                     None => {
                         if let Some(old) = self.routes.remove(&id).and_then(|r| r.compiled) {
+                            self.compiled_routes -= 1;
                             self.unroute(&old);
                         }
                         self.balancers.forget(&format!("routes/{id}"));
@@ -445,7 +451,9 @@ impl Compiler {
             .routes
             .get_mut(id)
             .and_then(|record| std::mem::replace(&mut record.compiled, compiled.clone()));
+        self.compiled_routes += usize::from(compiled.is_some());
         if let Some(old) = previous {
+            self.compiled_routes -= 1;
             self.unroute(&old);
         }
         if let Some(route) = compiled {
@@ -671,11 +679,14 @@ impl Compiler {
 
     fn snapshot(&self) -> Snapshot {
         let router = self.table.router();
-        let routes = self
-            .routes
-            .values()
-            .filter(|r| r.compiled.is_some())
-            .count();
+        let routes = self.compiled_routes;
+        debug_assert_eq!(
+            routes,
+            self.routes
+                .values()
+                .filter(|r| r.compiled.is_some())
+                .count()
+        );
         let dispatch = HttpService::new(Dispatch(Arc::new(DispatchState {
             router,
             globals: self.globals.clone(),
