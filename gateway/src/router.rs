@@ -122,7 +122,9 @@ pub struct RequestView<'a> {
 pub struct Matcher {
     pub methods: MethodSet,
     pub hosts: HostSet,
-    pub remote_addrs: Option<IpSet>,
+    /// Boxed: an address set is some 800 bytes inline, and most routes
+    /// have none.
+    pub remote_addrs: Option<Box<IpSet>>,
     pub vars: Option<Expr>,
 }
 

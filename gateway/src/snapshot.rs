@@ -79,16 +79,39 @@ pub struct CompiledRoute {
 }
 
 struct RouteRecord {
-    conf: RouteConf,
+    /// Boxed: a route's typed config is over a kilobyte inline, and the
+    /// map's nodes would carry that for their empty slots too.
+    conf: Box<RouteConf>,
     order: u64,
     compiled: Option<Arc<CompiledRoute>>,
+}
+
+/// A stored object kept as its JSON text: a fraction of the memory of the
+/// parsed tree (which the typed maps hold anyway), parsed again only when the
+/// compiler rebuilds after a panic.
+#[derive(Clone)]
+struct Stored(Box<[u8]>);
+
+impl Stored {
+    fn of(entry: &Entry) -> Self {
+        // Serialising a parsed JSON tree with string keys cannot fail.
+        Stored(
+            serde_json::to_vec(entry)
+                .unwrap_or_default()
+                .into_boxed_slice(),
+        )
+    }
+
+    fn entry(&self) -> Option<Entry> {
+        serde_json::from_slice(&self.0).ok()
+    }
 }
 
 /// Keeps stored objects and their compiled forms; builds snapshots.
 pub struct Compiler {
     /// Every stored object as stored, the source the typed maps below are
     /// derived from (and rebuilt from after a panic).
-    raw: BTreeMap<String, Entry>,
+    raw: BTreeMap<String, Stored>,
     routes: BTreeMap<String, RouteRecord>,
     /// Routes in `routes` with a compiled form (kept as they change, so a
     /// snapshot does not walk every route to count them).
@@ -163,7 +186,7 @@ impl Compiler {
         self.raw = store
             .list("/apisix/")?
             .into_iter()
-            .map(|e| (e.key.clone(), e))
+            .map(|e| (e.key.clone(), Stored::of(&e)))
             .collect();
         self.rebuild();
         Ok(self.snapshot())
@@ -185,7 +208,7 @@ impl Compiler {
         self.plugin_metadata.clear();
         self.global_sets.clear();
         self.table = RouteTable::default();
-        let mut entries: Vec<Entry> = self.raw.values().cloned().collect();
+        let mut entries: Vec<Entry> = self.raw.values().filter_map(Stored::entry).collect();
         // Referenced kinds first.
         entries.sort_by_key(|e| Kind::parse_key(&e.key).map(|(k, _)| k));
         for entry in entries {
@@ -209,7 +232,7 @@ impl Compiler {
         for event in events {
             match event {
                 Event::Put(e) => {
-                    self.raw.insert(e.key.clone(), e.clone());
+                    self.raw.insert(e.key.clone(), Stored::of(e));
                 }
                 Event::Delete { key } => {
                     self.raw.remove(key);
@@ -242,7 +265,7 @@ impl Compiler {
     /// Like [`Compiler::apply_all`], but a panic while compiling puts the
     /// compiler back to the objects it had before and returns `None`.
     pub fn apply_or_revert(&mut self, events: &[Event]) -> Option<Snapshot> {
-        let undo: Vec<(String, Option<Entry>)> = events
+        let undo: Vec<(String, Option<Stored>)> = events
             .iter()
             .map(|e| {
                 let key = match e {
@@ -295,7 +318,7 @@ impl Compiler {
                         self.routes.insert(
                             id.clone(),
                             RouteRecord {
-                                conf,
+                                conf: Box::new(conf),
                                 order,
                                 compiled,
                             },
@@ -655,7 +678,7 @@ impl Compiler {
             methods: MethodSet::from_names(conf.methods.as_deref().unwrap_or_default()),
             hosts: HostSet::new(&hosts),
             remote_addrs: remote_addrs
-                .map(|l| plugins::cidr::IpSet::from_entries(&l))
+                .map(|l| plugins::cidr::IpSet::from_entries(&l).map(Box::new))
                 .transpose()
                 .map_err(|e| e.to_string())?,
             vars: conf.vars.as_ref().map(expr::compile).transpose()?,
