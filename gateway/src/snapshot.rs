@@ -79,11 +79,29 @@ pub struct CompiledRoute {
 }
 
 struct RouteRecord {
-    /// Boxed: a route's typed config is over a kilobyte inline, and the
-    /// map's nodes would carry that for their empty slots too.
-    conf: Box<RouteConf>,
+    refs: RouteRefs,
     order: u64,
     compiled: Option<Arc<CompiledRoute>>,
+}
+
+/// What a route refers to: all a change elsewhere needs to know which routes
+/// to compile again. The route's own config is parsed again from its stored
+/// text when that happens, rather than kept parsed for every route.
+#[derive(Debug, Default)]
+struct RouteRefs {
+    service_id: Option<String>,
+    upstream_id: Option<String>,
+    plugin_config_id: Option<String>,
+}
+
+impl RouteRefs {
+    fn of(conf: &RouteConf) -> Self {
+        RouteRefs {
+            service_id: conf.service_id.as_ref().and_then(id_text),
+            upstream_id: conf.upstream_id.as_ref().and_then(id_text),
+            plugin_config_id: conf.plugin_config_id.as_ref().and_then(id_text),
+        }
+    }
 }
 
 /// A stored object kept as its JSON text: a fraction of the memory of the
@@ -113,6 +131,9 @@ pub struct Compiler {
     /// derived from (and rebuilt from after a panic).
     raw: BTreeMap<String, Stored>,
     routes: BTreeMap<String, RouteRecord>,
+    /// Configs of routes just recorded, handed to their compilation
+    /// (emptied after each change); other routes parse theirs again.
+    fresh_routes: BTreeMap<String, RouteConf>,
     /// Routes in `routes` with a compiled form (kept as they change, so a
     /// snapshot does not walk every route to count them).
     compiled_routes: usize,
@@ -153,6 +174,7 @@ impl Compiler {
         Compiler {
             raw: BTreeMap::new(),
             routes: BTreeMap::new(),
+            fresh_routes: BTreeMap::new(),
             services: BTreeMap::new(),
             upstreams: BTreeMap::new(),
             upstream_cache: BTreeMap::new(),
@@ -218,6 +240,7 @@ impl Compiler {
         for id in ids {
             self.compile_route(&id);
         }
+        self.fresh_routes.clear();
         self.compile_global_rules(true);
         self.compile_consumers();
     }
@@ -253,6 +276,7 @@ impl Compiler {
         for id in &touched.routes {
             self.compile_route(id);
         }
+        self.fresh_routes.clear();
         if touched.globals || touched.all {
             self.compile_global_rules(touched.all);
         }
@@ -315,10 +339,12 @@ impl Compiler {
                         // The old compiled form stays until the new one
                         // replaces it in the route table.
                         let compiled = self.routes.get_mut(&id).and_then(|r| r.compiled.take());
+                        let refs = RouteRefs::of(&conf);
+                        self.fresh_routes.insert(id.clone(), conf);
                         self.routes.insert(
                             id.clone(),
                             RouteRecord {
-                                conf: Box::new(conf),
+                                refs,
                                 order,
                                 compiled,
                             },
@@ -344,9 +370,8 @@ impl Compiler {
                         self.balancers.forget(&format!("services/{id}"));
                     }
                 }
-                touched.routes = self.routes_where(|r| {
-                    r.service_id.as_ref().and_then(id_text).as_deref() == Some(id.as_str())
-                });
+                touched.routes =
+                    self.routes_where(|r| r.service_id.as_deref() == Some(id.as_str()));
             }
             Kind::Upstreams => {
                 self.upstream_cache.remove(&id);
@@ -368,9 +393,8 @@ impl Compiler {
                     .map(|(k, _)| k.clone())
                     .collect();
                 touched.routes = self.routes_where(|r| {
-                    let sid = r.service_id.as_ref().and_then(id_text);
-                    r.upstream_id.as_ref().and_then(id_text).as_deref() == Some(id.as_str())
-                        || sid.is_some_and(|s| services.contains(&s))
+                    r.upstream_id.as_deref() == Some(id.as_str())
+                        || r.service_id.as_ref().is_some_and(|s| services.contains(s))
                 });
             }
             Kind::GlobalRules => {
@@ -390,9 +414,8 @@ impl Compiler {
                     Some(p) => self.plugin_configs.insert(id.clone(), p),
                     None => self.plugin_configs.remove(&id),
                 };
-                touched.routes = self.routes_where(|r| {
-                    r.plugin_config_id.as_ref().and_then(id_text).as_deref() == Some(id.as_str())
-                });
+                touched.routes =
+                    self.routes_where(|r| r.plugin_config_id.as_deref() == Some(id.as_str()));
             }
             Kind::ConsumerGroups => {
                 match entry.map(|e| plugins_of(&e.value)) {
@@ -426,10 +449,10 @@ impl Compiler {
         touched
     }
 
-    fn routes_where(&self, pred: impl Fn(&RouteConf) -> bool) -> BTreeSet<String> {
+    fn routes_where(&self, pred: impl Fn(&RouteRefs) -> bool) -> BTreeSet<String> {
         self.routes
             .iter()
-            .filter(|(_, r)| pred(&r.conf))
+            .filter(|(_, r)| pred(&r.refs))
             .map(|(k, _)| k.clone())
             .collect()
     }
@@ -456,8 +479,18 @@ impl Compiler {
         let Some(record) = self.routes.get(id) else {
             return;
         };
-        let conf = record.conf.clone();
         let order = record.order;
+        let conf = match self.fresh_routes.remove(id) {
+            Some(conf) => conf,
+            None => {
+                let stored = self.raw.get(&Kind::Routes.key(id)).and_then(Stored::entry);
+                match stored.as_ref().and_then(parse::<RouteConf>) {
+                    Some(conf) => conf,
+                    // Recorded from this very text, so not expected.
+                    None => return,
+                }
+            }
+        };
         let compiled = if conf.status == 0 {
             None
         } else {
@@ -771,7 +804,7 @@ fn plugins_of(value: &Value) -> BTreeMap<String, Value> {
 }
 
 fn parse<T: serde::de::DeserializeOwned>(entry: &Entry) -> Option<T> {
-    match serde_json::from_value(entry.value.clone()) {
+    match T::deserialize(&entry.value) {
         Ok(v) => Some(v),
         Err(e) => {
             tracing::error!(key = %entry.key, error = %e, "stored object does not parse; ignored");

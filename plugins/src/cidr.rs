@@ -35,10 +35,14 @@ pub fn parse_entry(entry: &str) -> Result<IpNet, InvalidIp> {
 }
 
 /// A compiled set of IPv4 and IPv6 prefixes.
+///
+/// Each family's trie is boxed and made only when it gets an entry: a trie
+/// is some 400 bytes before its first entry, and most sets (one per route
+/// with `remote_addrs` and per ip-restriction) use one family or none.
 #[derive(Clone, Default)]
 pub struct IpSet {
-    v4: PrefixSet<Ipv4Net>,
-    v6: PrefixSet<Ipv6Net>,
+    v4: Option<Box<PrefixSet<Ipv4Net>>>,
+    v6: Option<Box<PrefixSet<Ipv6Net>>>,
     len: usize,
 }
 
@@ -62,10 +66,10 @@ impl IpSet {
         self.len += 1;
         match net {
             IpNet::V4(n) => {
-                self.v4.insert(n);
+                self.v4.get_or_insert_with(Box::default).insert(n);
             }
             IpNet::V6(n) => {
-                self.v6.insert(n);
+                self.v6.get_or_insert_with(Box::default).insert(n);
             }
         }
     }
@@ -84,8 +88,14 @@ impl IpSet {
     /// the IPv4 address they carry.
     pub fn contains(&self, ip: IpAddr) -> bool {
         match ip.to_canonical() {
-            IpAddr::V4(a) => self.v4.get_spm(&Ipv4Net::from(a)).is_some(),
-            IpAddr::V6(a) => self.v6.get_spm(&Ipv6Net::from(a)).is_some(),
+            IpAddr::V4(a) => self
+                .v4
+                .as_ref()
+                .is_some_and(|set| set.get_spm(&Ipv4Net::from(a)).is_some()),
+            IpAddr::V6(a) => self
+                .v6
+                .as_ref()
+                .is_some_and(|set| set.get_spm(&Ipv6Net::from(a)).is_some()),
         }
     }
 }
