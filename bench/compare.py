@@ -18,7 +18,8 @@ Printed per proxy: requests/s, p50/p99 latency (wrk), CPU per request split
 into user space (the proxy's own code) and kernel (sockets, loopback TCP),
 PSS after the run, and for the idle test the PSS each idle keep-alive client
 connection holds (N connections, each after one request) and the p99 of the
-load with those connections open against without.
+load with those connections open against without; for ferrogate also the PSS
+each idle HTTP/2 (h2c, prior knowledge) connection holds.
 """
 
 import argparse
@@ -327,6 +328,59 @@ def idle(peer, args):
     }
 
 
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def h2_frame(kind, flags, stream, payload=b""):
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+# GET /hello on stream 1, END_STREAM | END_HEADERS; HPACK: :method GET, :scheme http (static
+# table), :path and :authority as literals with an indexed name, not indexed.
+H2_GET = h2_frame(0x1, 0x5, 1, b"\x82\x86\x04\x06/hello\x01\x01x")
+
+
+def h2_get(port):
+    """A prior-knowledge HTTP/2 connection that has made one request and is left open."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(H2_PREFACE + h2_frame(0x4, 0, 0) + H2_GET)
+    buf = b""
+    while True:
+        while len(buf) < 9 or len(buf) < 9 + int.from_bytes(buf[:3], "big"):
+            chunk = s.recv(65536)
+            if not chunk:
+                raise SystemExit("HTTP/2 connection closed early")
+            buf += chunk
+        n = int.from_bytes(buf[:3], "big")
+        kind, flags, stream = buf[3], buf[4], int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF
+        buf = buf[9 + n:]
+        if kind == 0x4 and not flags & 0x1:
+            s.sendall(h2_frame(0x4, 0x1, 0))
+        elif kind == 0x7:
+            raise SystemExit("HTTP/2 connection refused (GOAWAY)")
+        elif stream == 1 and kind in (0x0, 0x1) and flags & 0x1:
+            return s
+
+
+def idle_h2(peer, args):
+    """PSS per idle HTTP/2 (h2c) client connection, each after one request."""
+    for _ in range(20):
+        h2_get(peer.port).close()
+    time.sleep(0.5)
+    pss0 = pss_kib(peer.proc.pid)
+    socks = []
+    try:
+        for _ in range(args.idle):
+            socks.append(h2_get(peer.port))
+        time.sleep(1.0)
+        pss1 = pss_kib(peer.proc.pid)
+        alive = sum(1 for s in socks if still_open(s))
+    finally:
+        for s in socks:
+            s.close()
+    return {"connections": args.idle, "still_open": alive, "pss_per_conn_kib": (pss1 - pss0) / args.idle}
+
+
 def still_open(s):
     s.setblocking(False)
     try:
@@ -370,7 +424,7 @@ def main():
             peers.append(Nginx(nginx, work, ups))
         else:
             print("nginx not installed: ferrogate only, with Python upstreams (slow)")
-        results = {p.name: {"load": [], "idle": []} for p in peers}
+        results = {p.name: {"load": [], "idle": [], "idle_h2": []} for p in peers}
         for rnd in range(args.rounds):
             for peer in peers:
                 peer.start()
@@ -391,6 +445,16 @@ def main():
                         results[peer.name]["idle"].append(r)
                         print("round %d %-13s %d idle connections: %.2f KiB each, p99 with them %.2fx" % (
                             rnd + 1, peer.name, r["still_open"], r["pss_per_conn_kib"], r["p99_ratio"]), flush=True)
+                    finally:
+                        peer.stop()
+                if args.idle and isinstance(peer, Ferrogate):
+                    # nginx serves h2c only on a listener that speaks nothing else.
+                    peer.start()
+                    try:
+                        r = idle_h2(peer, args)
+                        results[peer.name]["idle_h2"].append(r)
+                        print("round %d %-13s %d idle HTTP/2 connections: %.2f KiB each" % (
+                            rnd + 1, peer.name, r["still_open"], r["pss_per_conn_kib"]), flush=True)
                     finally:
                         peer.stop()
         report(peers, results, args)
@@ -439,6 +503,11 @@ def report(peers, results, args):
         ):
             cells = [fmt % median([r[key] for r in results[p.name]["idle"]]) for p in peers]
             print("| %s | %s |" % (label, " | ".join(cells)))
+        cells = []
+        for p in peers:
+            v = median([r["pss_per_conn_kib"] for r in results[p.name]["idle_h2"]])
+            cells.append("%.2f" % v if v is not None else "-")
+        print("| PSS per idle HTTP/2 (h2c) connection, KiB (%d open) | %s |" % (args.idle, " | ".join(cells)))
 
 
 if __name__ == "__main__":
