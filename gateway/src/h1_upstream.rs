@@ -191,54 +191,60 @@ impl H1Pool {
     /// request has a connection, `(false)` when it has to connect again.
     /// The error says whether connecting failed. The lease goes with the
     /// answer; release it once its body is read.
-    pub async fn send(
-        &self,
-        key: &NodeKey,
+    ///
+    /// A function returning an `async move` block, so that the request is
+    /// held once in the future (an `async fn` keeps its arguments twice).
+    #[allow(clippy::manual_async_fn)]
+    pub fn send<'a>(
+        &'a self,
+        key: &'a NodeKey,
         max_requests: u32,
-        req: Request<ProxyBody>,
-        on_connection: impl Fn(bool),
-    ) -> Result<(Response<Incoming>, Lease), SendFailure> {
-        let mut req = req;
-        if let Some((mut lease, idle_for)) = self.take_idle(key, max_requests) {
-            on_connection(true);
-            // A connection idle for a while may be closed by the node just
-            // as the request goes out; keep a copy of a request that can
-            // safely go out twice (as nginx resends on a cached connection).
-            let spare = if idle_for >= RESEND_AFTER_IDLE {
-                resendable_copy(&req)
-            } else {
-                None
-            };
-            match lease.sender.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, lease)),
-                Err(mut e) => match (e.take_message(), spare) {
-                    // Closed by the node before the request was written:
-                    // safe to send again on a new connection, which is
-                    // connecting time again.
-                    (Some(unsent), _) => {
-                        on_connection(false);
-                        req = unsent;
-                    }
-                    (None, Some(copy)) if closed_by_node(e.error()) => {
-                        on_connection(false);
-                        req = copy;
-                    }
-                    (None, _) => return Err(SendFailure::Request(e.into_error())),
-                },
+        mut req: Request<ProxyBody>,
+        on_connection: impl Fn(bool) + Send + 'a,
+    ) -> impl std::future::Future<Output = Result<(Response<Incoming>, Lease), SendFailure>> + Send + 'a
+    {
+        async move {
+            if let Some((mut lease, idle_for)) = self.take_idle(key, max_requests) {
+                on_connection(true);
+                // A connection idle for a while may be closed by the node just
+                // as the request goes out; keep a copy of a request that can
+                // safely go out twice (as nginx resends on a cached connection).
+                let spare = if idle_for >= RESEND_AFTER_IDLE {
+                    resendable_copy(&req)
+                } else {
+                    None
+                };
+                match lease.sender.try_send_request(req).await {
+                    Ok(resp) => return Ok((resp, lease)),
+                    Err(mut e) => match (e.take_message(), spare) {
+                        // Closed by the node before the request was written:
+                        // safe to send again on a new connection, which is
+                        // connecting time again.
+                        (Some(unsent), _) => {
+                            on_connection(false);
+                            req = unsent;
+                        }
+                        (None, Some(copy)) if closed_by_node(e.error()) => {
+                            on_connection(false);
+                            req = copy;
+                        }
+                        (None, _) => return Err(SendFailure::Request(e.into_error())),
+                    },
+                }
             }
+            // Boxed: connecting is the rare path, and its state would otherwise
+            // make every proxied request's future (and each copy of it) larger.
+            let mut lease = Box::pin(self.connect(key.clone(), max_requests))
+                .await
+                .map_err(SendFailure::Connect)?;
+            on_connection(true);
+            let resp = lease
+                .sender
+                .send_request(req)
+                .await
+                .map_err(SendFailure::Request)?;
+            Ok((resp, lease))
         }
-        // Boxed: connecting is the rare path, and its state would otherwise
-        // make every proxied request's future (and each copy of it) larger.
-        let mut lease = Box::pin(self.connect(key.clone(), max_requests))
-            .await
-            .map_err(SendFailure::Connect)?;
-        on_connection(true);
-        let resp = lease
-            .sender
-            .send_request(req)
-            .await
-            .map_err(SendFailure::Request)?;
-        Ok((resp, lease))
     }
 
     /// The newest idle connection to `key` that is ready, and how long it

@@ -369,105 +369,124 @@ fn exhausted(up: &CompiledUpstream, tried: &[usize], statuses: &[u16]) -> Respon
 }
 
 impl ProxyTarget {
-    async fn forward(&self, req: Request<ClientBody>) -> Response<ResponseBody> {
-        let Some(up) = self.upstream.clone() else {
-            return error_page(StatusCode::BAD_GATEWAY, None);
-        };
-        let hash_key = up.hash_key.as_ref().map(|k| hash_key_of(k, &req));
-        let (parts, body) = req.into_parts();
-        let request = Prepared::new(parts, self.websocket);
-        // A body is kept for a retry only when a retry is possible.
-        let retryable = up.max_tries > 1;
-        let body = match RequestBody::read(body, retryable, request.body_state.as_deref()).await {
-            Ok(body) => body,
-            Err(refusal) => return refusal,
-        };
-        self.try_nodes(&up, request, body, hash_key.as_deref())
-            .await
+    /// The proxied request, from its body to the upstream's answer.
+    ///
+    /// This and the steps below it are functions returning `async move`
+    /// blocks: an `async fn` keeps a second copy of its arguments in its
+    /// future, and these futures nest, so every copy is carried (and moved)
+    /// by each level above.
+    #[allow(clippy::manual_async_fn)]
+    fn forward<'a>(
+        &'a self,
+        req: Request<ClientBody>,
+    ) -> impl Future<Output = Response<ResponseBody>> + Send + 'a {
+        async move {
+            let Some(up) = self.upstream.clone() else {
+                return error_page(StatusCode::BAD_GATEWAY, None);
+            };
+            let hash_key = up.hash_key.as_ref().map(|k| hash_key_of(k, &req));
+            let (parts, body) = req.into_parts();
+            let request = Prepared::new(parts, self.websocket);
+            // A body is kept for a retry only when a retry is possible.
+            let retryable = up.max_tries > 1;
+            let body = match RequestBody::read(body, retryable, request.body_state.as_deref()).await
+            {
+                Ok(body) => body,
+                Err(refusal) => return refusal,
+            };
+            self.try_nodes(&up, request, body, hash_key.as_deref())
+                .await
+        }
     }
 
     /// Tries nodes until one answers, within `retries` and `retry_timeout`;
     /// a non-idempotent request moves on only when its node was unreachable.
-    async fn try_nodes(
-        &self,
-        up: &CompiledUpstream,
+    #[allow(clippy::manual_async_fn)] // see ProxyTarget::forward
+    fn try_nodes<'a>(
+        &'a self,
+        up: &'a CompiledUpstream,
         mut request: Prepared,
         mut body: RequestBody,
-        hash_key: Option<&str>,
-    ) -> Response<ResponseBody> {
-        let tries = body.tries(up.max_tries);
-        let idempotent = request.idempotent();
-        let started = Instant::now();
-        let mut tried: Vec<usize> = Vec::with_capacity(tries);
-        let mut statuses: Vec<u16> = Vec::with_capacity(tries);
-        for attempt in 0..tries {
-            if attempt > 0
-                && up
-                    .retry_timeout
-                    .is_some_and(|limit| started.elapsed() >= limit)
-            {
-                break;
-            }
-            let Some(i) = pick_node(up, hash_key, &tried) else {
-                break;
-            };
-            tried.push(i);
-            let target = &up.targets[i];
-            let last = attempt + 1 == tries;
-            let (out, progress) = match request.for_node(up, target, &mut body, last) {
-                Ok(Some(ready)) => ready,
-                Ok(None) => break,
-                Err(BadAuthority) => return error_page(StatusCode::BAD_REQUEST, None),
-            };
-            let failure = match self.send_one(up, i, out, &progress).await {
-                Ok(Ok((resp, lease))) => {
-                    statuses.push(resp.status().as_u16());
-                    let upgrade = request.upgrade.take();
-                    return self.respond(resp, lease, &statuses, target, upgrade);
+        hash_key: Option<&'a str>,
+    ) -> impl Future<Output = Response<ResponseBody>> + Send + 'a {
+        async move {
+            let tries = body.tries(up.max_tries);
+            let idempotent = request.idempotent();
+            let started = Instant::now();
+            let mut tried: Vec<usize> = Vec::with_capacity(tries);
+            let mut statuses: Vec<u16> = Vec::with_capacity(tries);
+            for attempt in 0..tries {
+                if attempt > 0
+                    && up
+                        .retry_timeout
+                        .is_some_and(|limit| started.elapsed() >= limit)
+                {
+                    break;
                 }
-                Ok(Err(e)) => {
-                    // A client body that broke or stalled is the client's
-                    // fault: no retry, and no blame on the upstream.
-                    if let Some(resp) = client_fault(request.body_state.as_deref()) {
-                        return with_close(resp);
+                let Some(i) = pick_node(up, hash_key, &tried) else {
+                    break;
+                };
+                tried.push(i);
+                let target = &up.targets[i];
+                let last = attempt + 1 == tries;
+                let (out, progress) = match request.for_node(up, target, &mut body, last) {
+                    Ok(Some(ready)) => ready,
+                    Ok(None) => break,
+                    Err(BadAuthority) => return error_page(StatusCode::BAD_REQUEST, None),
+                };
+                let failure = match self.send_one(up, i, out, &progress).await {
+                    Ok(Ok((resp, lease))) => {
+                        statuses.push(resp.status().as_u16());
+                        let upgrade = request.upgrade.take();
+                        return self.respond(resp, lease, &statuses, target, upgrade);
                     }
-                    tracing::warn!(upstream = %target.authority, error = %e.error, "upstream request failed");
-                    e.failure()
-                }
-                Err(PhaseTimeout) => {
-                    tracing::warn!(upstream = %target.authority, timeouts = ?self.timeouts, "upstream timed out");
-                    TryFailure {
-                        kind: Failure::Timeout,
-                        connect: false,
+                    Ok(Err(e)) => {
+                        // A client body that broke or stalled is the client's
+                        // fault: no retry, and no blame on the upstream.
+                        if let Some(resp) = client_fault(request.body_state.as_deref()) {
+                            return with_close(resp);
+                        }
+                        tracing::warn!(upstream = %target.authority, error = %e.error, "upstream request failed");
+                        e.failure()
                     }
+                    Err(PhaseTimeout) => {
+                        tracing::warn!(upstream = %target.authority, timeouts = ?self.timeouts, "upstream timed out");
+                        TryFailure {
+                            kind: Failure::Timeout,
+                            connect: false,
+                        }
+                    }
+                };
+                statuses.push(failure.kind.status().as_u16());
+                if !idempotent && !failure.connect {
+                    break;
                 }
-            };
-            statuses.push(failure.kind.status().as_u16());
-            if !idempotent && !failure.connect {
-                break;
             }
+            exhausted(up, &tried, &statuses)
         }
-        exhausted(up, &tried, &statuses)
     }
 
     /// One try at node `i`, with the balancer's and the passive health
     /// check's bookkeeping around it.
-    async fn send_one(
-        &self,
-        up: &CompiledUpstream,
+    #[allow(clippy::manual_async_fn)] // see ProxyTarget::forward
+    fn send_one<'a>(
+        &'a self,
+        up: &'a CompiledUpstream,
         i: usize,
         out: Request<ProxyBody>,
-        progress: &Progress,
-    ) -> TryResult {
-        let target = &up.targets[i];
-        let sent = Instant::now();
-        up.balancer.started(i);
-        let result = self.send(out, progress, up, target).await;
-        up.balancer.finished(i, sent.elapsed());
-        if let Some(checked) = &up.health {
-            checked.health.observe_passive(i, outcome_of(&result));
+        progress: &'a Progress,
+    ) -> impl Future<Output = TryResult> + Send + 'a {
+        async move {
+            let target = &up.targets[i];
+            let sent = Instant::now();
+            up.balancer.started(i);
+            let result = self.send(out, progress, up, target).await;
+            up.balancer.finished(i, sent.elapsed());
+            if let Some(checked) = &up.health {
+                checked.health.observe_passive(i, outcome_of(&result));
+            }
+            result
         }
-        result
     }
 
     /// The client's answer to a try that got one: a 101 completes the
@@ -497,50 +516,57 @@ impl ProxyTarget {
     }
 
     /// One try: `out` to the node `target`, within the timeout phases.
-    async fn send(
-        &self,
+    #[allow(clippy::manual_async_fn)] // see ProxyTarget::forward
+    #[allow(clippy::type_complexity)]
+    fn send<'a>(
+        &'a self,
         out: Request<ProxyBody>,
-        progress: &Progress,
-        up: &CompiledUpstream,
-        target: &Target,
-    ) -> Result<Result<(Response<Incoming>, Option<Lease>), SendError>, PhaseTimeout> {
-        match &self.client {
-            UpstreamClient::Http1(pool) => {
-                let exchange = pool.send(
-                    &target.pool_key,
-                    up.keepalive_pool.requests,
-                    out,
-                    |connected| progress.mark_connected(connected),
-                );
-                within_phases(exchange, std::future::pending(), progress, &self.timeouts)
-                    .await
-                    .map(|r| {
-                        r.map(|(resp, lease)| (resp, Some(lease)))
-                            .map_err(SendError::from_failure)
-                    })
-            }
-            UpstreamClient::Http2(pool) => {
-                let server_name = target.tls_name.as_deref().unwrap_or_default();
-                let sender = pool
-                    .sender(&target.authority, server_name, up.keepalive_pool.requests)
-                    .await;
-                let mut sender = match sender {
-                    Ok(s) => s,
-                    Err(e) => {
-                        return Ok(Err(SendError {
-                            timed_out: matches!(e, ConnectError::TimedOut(_)),
-                            connect: true,
-                            error: e.into(),
-                        }))
-                    }
-                };
-                let exchange = async move {
-                    sender.ready().await?;
-                    sender.send_request(out).await
-                };
-                within_phases(exchange, std::future::ready(true), progress, &self.timeouts)
-                    .await
-                    .map(|r| r.map(|resp| (resp, None)).map_err(SendError::from_hyper))
+        progress: &'a Progress,
+        up: &'a CompiledUpstream,
+        target: &'a Target,
+    ) -> impl Future<
+        Output = Result<Result<(Response<Incoming>, Option<Lease>), SendError>, PhaseTimeout>,
+    > + Send
+           + 'a {
+        async move {
+            match &self.client {
+                UpstreamClient::Http1(pool) => {
+                    let exchange = pool.send(
+                        &target.pool_key,
+                        up.keepalive_pool.requests,
+                        out,
+                        |connected| progress.mark_connected(connected),
+                    );
+                    within_phases(exchange, std::future::pending(), progress, &self.timeouts)
+                        .await
+                        .map(|r| {
+                            r.map(|(resp, lease)| (resp, Some(lease)))
+                                .map_err(SendError::from_failure)
+                        })
+                }
+                UpstreamClient::Http2(pool) => {
+                    let server_name = target.tls_name.as_deref().unwrap_or_default();
+                    let sender = pool
+                        .sender(&target.authority, server_name, up.keepalive_pool.requests)
+                        .await;
+                    let mut sender = match sender {
+                        Ok(s) => s,
+                        Err(e) => {
+                            return Ok(Err(SendError {
+                                timed_out: matches!(e, ConnectError::TimedOut(_)),
+                                connect: true,
+                                error: e.into(),
+                            }))
+                        }
+                    };
+                    let exchange = async move {
+                        sender.ready().await?;
+                        sender.send_request(out).await
+                    };
+                    within_phases(exchange, std::future::ready(true), progress, &self.timeouts)
+                        .await
+                        .map(|r| r.map(|resp| (resp, None)).map_err(SendError::from_hyper))
+                }
             }
         }
     }
