@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
+use futures_util::FutureExt;
 use http::{Request, Response, StatusCode};
 use serde_json::{json, Map, Value};
 use tower::Service;
@@ -901,7 +902,10 @@ impl Service<Request<ClientBody>> for Dispatch {
                     consumers: state.consumers.clone(),
                     inner: route.proxy.clone(),
                 };
-                Box::pin(async move { Ok(chain.run(ctx, req).await) })
+                // `map`, not an async block around the await: the block would
+                // hold the chain, context and request beside the chain's own
+                // future, and all of it is copied into the box.
+                Box::pin(chain.run(ctx, req).map(Ok))
             }
             None => {
                 let chain = Chain {
@@ -910,7 +914,7 @@ impl Service<Request<ClientBody>> for Dispatch {
                     consumers: state.consumers.clone(),
                     inner: NotFound,
                 };
-                Box::pin(async move { Ok(chain.run(ctx, req).await) })
+                Box::pin(chain.run(ctx, req).map(Ok))
             }
         }
     }

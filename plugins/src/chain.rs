@@ -372,52 +372,62 @@ impl<S> Chain<S> {
 
 impl<S> Chain<S> {
     /// Runs `req` with the prepared context `ctx`.
-    pub async fn run<B>(self, mut ctx: Ctx, req: Request<B>) -> Response<ResponseBody>
+    ///
+    /// A function returning an `async move` block rather than an `async fn`,
+    /// which would keep the context and the request twice in the future.
+    #[allow(clippy::manual_async_fn)]
+    pub fn run<B>(
+        self,
+        mut ctx: Ctx,
+        req: Request<B>,
+    ) -> impl Future<Output = Response<ResponseBody>> + Send
     where
         S: Service<Request<B>, Response = Response<ResponseBody>, Error = Infallible> + Send,
         S::Future: Send,
         B: Send,
     {
-        let Chain {
-            globals,
-            route,
-            inner,
-            ..
-        } = self;
-        let (mut parts, body) = req.into_parts();
-        if globals.keep_request || route.keep_request {
-            ctx.request = Some(Box::new(RequestHead {
-                method: parts.method.clone(),
-                uri: parts.uri.clone(),
-                headers: parts.headers.clone(),
-            }));
-        }
-        let mut active = Active {
-            globals,
-            globals_entered: 0,
-            route: None,
-        };
-        let early = request_phases(&mut active, route, &mut ctx, &mut parts).await;
-        let resp = match early {
-            Some(resp) => resp,
-            None => {
-                // The proxy judges by the address the plugins settled on,
-                // and hashes on the consumer they identified.
-                if parts.extensions.get::<ClientIp>().map(|c| c.0) != Some(ctx.client_ip) {
-                    parts.extensions.insert(ClientIp(ctx.client_ip));
-                }
-                if let Some(c) = &ctx.credential {
-                    parts
-                        .extensions
-                        .insert(ConsumerName(c.consumer.username.clone()));
-                }
-                match inner.oneshot(Request::from_parts(parts, body)).await {
-                    Ok(resp) => resp,
-                    Err(never) => match never {},
-                }
+        async move {
+            let Chain {
+                globals,
+                route,
+                inner,
+                ..
+            } = self;
+            let (mut parts, body) = req.into_parts();
+            if globals.keep_request || route.keep_request {
+                ctx.request = Some(Box::new(RequestHead {
+                    method: parts.method.clone(),
+                    uri: parts.uri.clone(),
+                    headers: parts.headers.clone(),
+                }));
             }
-        };
-        response_phases(active, ctx, resp)
+            let mut active = Active {
+                globals,
+                globals_entered: 0,
+                route: None,
+            };
+            let early = request_phases(&mut active, route, &mut ctx, &mut parts).await;
+            let resp = match early {
+                Some(resp) => resp,
+                None => {
+                    // The proxy judges by the address the plugins settled on,
+                    // and hashes on the consumer they identified.
+                    if parts.extensions.get::<ClientIp>().map(|c| c.0) != Some(ctx.client_ip) {
+                        parts.extensions.insert(ClientIp(ctx.client_ip));
+                    }
+                    if let Some(c) = &ctx.credential {
+                        parts
+                            .extensions
+                            .insert(ConsumerName(c.consumer.username.clone()));
+                    }
+                    match inner.oneshot(Request::from_parts(parts, body)).await {
+                        Ok(resp) => resp,
+                        Err(never) => match never {},
+                    }
+                }
+            };
+            response_phases(active, ctx, resp)
+        }
     }
 }
 
