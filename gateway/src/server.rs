@@ -126,30 +126,36 @@ struct ClientConn {
     activity: Arc<Activity>,
 }
 
-async fn handle(
+/// One request on a client connection. A function returning an `async
+/// move` block, as the proxy's steps are: an `async fn` keeps its arguments
+/// twice, and hyper moves this future into place for every request.
+#[allow(clippy::manual_async_fn)]
+fn handle(
     plane: Arc<DataPlane>,
     conn: Arc<ClientConn>,
     req: Request<Incoming>,
-) -> Result<Response<Tracked<ResponseBody>>, Infallible> {
-    // HTTP/1 serves a connection's requests in order, so the index names
-    // the request the framing scan saw.
-    let (exchange, index) = conn.activity.begin();
-    let admitted = if conn.framing.as_ref().is_some_and(|f| f.is_ambiguous(index)) {
-        // Both Content-Length and Transfer-Encoding: refused unread.
-        Err(refuse(http::StatusCode::BAD_REQUEST))
-    } else {
-        admit(&plane, conn.peer, conn.local, req).await
-    };
-    let mut resp = match admitted {
-        Ok(req) => {
-            let snapshot = plane.live.load_full();
-            snapshot.service.clone().oneshot(req).await?
-        }
-        Err(refusal) => refusal,
-    };
-    resp.headers_mut()
-        .insert(http::header::SERVER, plane.server_header.clone());
-    Ok(resp.map(|body| Tracked::new(body, exchange)))
+) -> impl Future<Output = Result<Response<Tracked<ResponseBody>>, Infallible>> + Send {
+    async move {
+        // HTTP/1 serves a connection's requests in order, so the index names
+        // the request the framing scan saw.
+        let (exchange, index) = conn.activity.begin();
+        let admitted = if conn.framing.as_ref().is_some_and(|f| f.is_ambiguous(index)) {
+            // Both Content-Length and Transfer-Encoding: refused unread.
+            Err(refuse(http::StatusCode::BAD_REQUEST))
+        } else {
+            admit(&plane, conn.peer, conn.local, req).await
+        };
+        let mut resp = match admitted {
+            Ok(req) => {
+                let snapshot = plane.live.load_full();
+                snapshot.service.clone().oneshot(req).await?
+            }
+            Err(refusal) => refusal,
+        };
+        resp.headers_mut()
+            .insert(http::header::SERVER, plane.server_header.clone());
+        Ok(resp.map(|body| Tracked::new(body, exchange)))
+    }
 }
 
 fn refuse(status: http::StatusCode) -> Response<ResponseBody> {
@@ -158,55 +164,59 @@ fn refuse(status: http::StatusCode) -> Response<ResponseBody> {
 
 /// Edge checks (see [`crate::limits`]) and the request as the chain sees it:
 /// client address, connection facts, body wrapped for timeouts.
-async fn admit(
+#[allow(clippy::manual_async_fn)] // see handle
+fn admit(
     plane: &DataPlane,
     peer: SocketAddr,
     local: SocketAddr,
     req: Request<Incoming>,
-) -> Result<Request<ClientBody>, Response<ResponseBody>> {
-    let (mut parts, incoming) = req.into_parts();
-    limits::check_head(&parts.method, &parts.uri, parts.version, &parts.headers).map_err(refuse)?;
-    // An owned Arc: the guard must not be held across the body read below.
-    let edge = plane.edge.load_full();
-    let ip = client_ip(peer.ip(), &parts.headers, edge.real_ip.as_ref());
-    parts.extensions.insert(ClientIp(ip));
-    parts.extensions.insert(ConnInfo {
-        peer,
-        local: SocketAddr::new(plugins::vars::canonical(local.ip()), local.port()),
-        scheme: "http",
-        forwarded_trusted: edge
-            .trusted_addresses
-            .as_ref()
-            .is_some_and(|set| set.contains(peer.ip())),
-    });
-    let declared = incoming.size_hint().exact();
-    if let (Some(max), Some(len)) = (edge.body.max_size, declared) {
-        if len > max {
-            return Err(refuse(http::StatusCode::PAYLOAD_TOO_LARGE));
-        }
-    }
-    if incoming.is_end_stream() || declared == Some(0) {
-        return Ok(Request::from_parts(parts, ClientBody::empty()));
-    }
-    let (body, state) = ClientBody::stream(incoming, edge.body.idle_timeout);
-    parts.extensions.insert(state.clone());
-    match (edge.body.max_size, declared) {
-        // A chunked body under a size limit is read here, so that an
-        // oversized one is refused before any upstream is contacted.
-        (Some(max), None) => match Limited::new(body, max as usize).collect().await {
-            Ok(collected) => Ok(Request::from_parts(
-                parts,
-                ClientBody::full(collected.to_bytes()),
-            )),
-            Err(e) if e.is::<LengthLimitError>() => {
-                Err(refuse(http::StatusCode::PAYLOAD_TOO_LARGE))
+) -> impl Future<Output = Result<Request<ClientBody>, Response<ResponseBody>>> + Send + '_ {
+    async move {
+        let (mut parts, incoming) = req.into_parts();
+        limits::check_head(&parts.method, &parts.uri, parts.version, &parts.headers)
+            .map_err(refuse)?;
+        // An owned Arc: the guard must not be held across the body read below.
+        let edge = plane.edge.load_full();
+        let ip = client_ip(peer.ip(), &parts.headers, edge.real_ip.as_ref());
+        parts.extensions.insert(ClientIp(ip));
+        parts.extensions.insert(ConnInfo {
+            peer,
+            local: SocketAddr::new(plugins::vars::canonical(local.ip()), local.port()),
+            scheme: "http",
+            forwarded_trusted: edge
+                .trusted_addresses
+                .as_ref()
+                .is_some_and(|set| set.contains(peer.ip())),
+        });
+        let declared = incoming.size_hint().exact();
+        if let (Some(max), Some(len)) = (edge.body.max_size, declared) {
+            if len > max {
+                return Err(refuse(http::StatusCode::PAYLOAD_TOO_LARGE));
             }
-            Err(_) => Err(refuse(match state.fault() {
-                Some(BodyFault::TimedOut) => http::StatusCode::REQUEST_TIMEOUT,
-                _ => http::StatusCode::BAD_REQUEST,
-            })),
-        },
-        _ => Ok(Request::from_parts(parts, body)),
+        }
+        if incoming.is_end_stream() || declared == Some(0) {
+            return Ok(Request::from_parts(parts, ClientBody::empty()));
+        }
+        let (body, state) = ClientBody::stream(incoming, edge.body.idle_timeout);
+        parts.extensions.insert(state.clone());
+        match (edge.body.max_size, declared) {
+            // A chunked body under a size limit is read here, so that an
+            // oversized one is refused before any upstream is contacted.
+            (Some(max), None) => match Limited::new(body, max as usize).collect().await {
+                Ok(collected) => Ok(Request::from_parts(
+                    parts,
+                    ClientBody::full(collected.to_bytes()),
+                )),
+                Err(e) if e.is::<LengthLimitError>() => {
+                    Err(refuse(http::StatusCode::PAYLOAD_TOO_LARGE))
+                }
+                Err(_) => Err(refuse(match state.fault() {
+                    Some(BodyFault::TimedOut) => http::StatusCode::REQUEST_TIMEOUT,
+                    _ => http::StatusCode::BAD_REQUEST,
+                })),
+            },
+            _ => Ok(Request::from_parts(parts, body)),
+        }
     }
 }
 
