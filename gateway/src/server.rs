@@ -419,7 +419,8 @@ enum Stretch {
 /// requests (see [`crate::park`]): a parked connection holds its socket and
 /// its service, not hyper's buffers. The wait for the next request is
 /// bounded by the smaller of `client_header_timeout` and
-/// `keepalive_timeout`, parked or not.
+/// `keepalive_timeout`, parked or not (a parked connection may get up to one
+/// quiet period, 250 ms, beyond it: the park is noticed that late).
 #[allow(clippy::manual_async_fn)] // see serve_connection
 fn serve_http1<'a, S>(
     mut io: Http1Io,
