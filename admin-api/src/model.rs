@@ -11,9 +11,11 @@ use serde::Deserialize;
 use serde_json::Value;
 
 pub mod health_check;
+pub mod ssl;
 pub mod upstream;
 
 pub use health_check::ChecksConf;
+pub use ssl::{SslClient, SslConf, SslType};
 pub use upstream::{
     BalancerType, HashOn, KeepalivePoolConf, PassHostMode, UpstreamConf, UpstreamScheme,
     UpstreamTls,

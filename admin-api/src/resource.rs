@@ -9,6 +9,7 @@
 /// One Admin API collection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
+    Ssls,
     Upstreams,
     Services,
     PluginConfigs,
@@ -57,7 +58,8 @@ const NO_REFS: &[Reference] = &[];
 impl Kind {
     /// Every kind, referenced kinds before the kinds that refer to them (the
     /// order a whole configuration is loaded in).
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
+        Kind::Ssls,
         Kind::Upstreams,
         Kind::Services,
         Kind::PluginConfigs,
@@ -71,6 +73,16 @@ impl Kind {
 
     pub fn info(self) -> &'static KindInfo {
         match self {
+            // Upstreams refer to client certificates by `tls.client_cert_id`;
+            // APISIX does not guard their deletion, nor does ferrogate.
+            Kind::Ssls => &KindInfo {
+                collection: "ssls",
+                label: "ssl",
+                id: IdSource::Id,
+                post: true,
+                patch: true,
+                referenced_by: NO_REFS,
+            },
             Kind::Routes => &KindInfo {
                 collection: "routes",
                 label: "route",
@@ -236,7 +248,7 @@ pub fn credential_parts(id: &str) -> Option<(&str, &str)> {
 /// Resource types APISIX has that ferrogate does not serve yet; they answer
 /// an empty list rather than "Unsupported resource type" so that APISIX
 /// tooling that lists them keeps working.
-pub const KNOWN_UNSERVED: &[&str] = &["ssls", "protos", "stream_routes", "secrets"];
+pub const KNOWN_UNSERVED: &[&str] = &["protos", "stream_routes", "secrets"];
 
 #[cfg(test)]
 mod tests {

@@ -14,6 +14,7 @@ use plugins::schema::Schema;
 use crate::expr;
 use crate::resource::Kind;
 
+pub mod ssl;
 mod upstream;
 
 use upstream::build_upstream_schema;
@@ -258,6 +259,7 @@ pub fn schema_of(kind: Kind) -> &'static Schema {
         Kind::Credentials => credential_schema(),
         Kind::ConsumerGroups | Kind::PluginConfigs => plugin_holder_schema(),
         Kind::PluginMetadata => any_object(),
+        Kind::Ssls => ssl::schema(),
     }
 }
 
@@ -298,6 +300,7 @@ pub fn check(kind: Kind, conf: &Value, lookup: &dyn Lookup) -> Result<(), String
             Ok(())
         }
         Kind::PluginMetadata => Ok(()),
+        Kind::Ssls => ssl::check(conf),
     }
 }
 

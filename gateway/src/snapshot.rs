@@ -439,6 +439,9 @@ impl Compiler {
                 };
                 touched.consumers = true;
             }
+            Kind::Ssls => {
+                // TODO(tls): compile into the SNI table.
+            }
             Kind::PluginMetadata => {
                 match entry {
                     Some(e) => self.plugin_metadata.insert(id, e.value.clone()),
