@@ -32,6 +32,10 @@ pub const PUBLIC_VIEWER_KEY: &str = "4054f7cf07e344346cd3f287985e76a2";
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(240);
 /// `nginx_config.http.client_header_timeout` default.
 pub const DEFAULT_CLIENT_HEADER_TIMEOUT: Duration = Duration::from_secs(60);
+/// HTTPS port when `apisix.ssl.listen` is absent.
+pub const DEFAULT_SSL_PORT: u16 = 9443;
+/// `apisix.ssl.ssl_protocols` default.
+pub const DEFAULT_SSL_PROTOCOLS: &str = "TLSv1.2 TLSv1.3";
 /// `nginx_config.http.keepalive_timeout` default.
 pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -60,6 +64,12 @@ const USED_KEYS: &[&str] = &[
     "nginx_config.http.client_body_timeout",
     "nginx_config.event.worker_connections",
     "apisix.ssl.ssl_trusted_certificate",
+    "apisix.ssl.enable",
+    "apisix.ssl.listen",
+    "apisix.ssl.ssl_protocols",
+    "apisix.ssl.ssl_ciphers",
+    "apisix.ssl.ssl_session_tickets",
+    "apisix.ssl.fallback_sni",
     "nginx_config.http.send_timeout",
     "apisix.trusted_addresses",
 ];
@@ -122,6 +132,26 @@ pub struct RealIp {
     pub recursive: bool,
 }
 
+/// The HTTPS listener (`apisix.ssl`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SslListen {
+    /// `apisix.ssl.listen`; default `0.0.0.0:9443`.
+    pub listen: Vec<SocketAddr>,
+    /// Whether `listen` was written in the file. The default port is taken
+    /// when free; a port the file names must be bound or start fails.
+    pub listen_given: bool,
+    /// `ssl_protocols`, e.g. `["TLSv1.2", "TLSv1.3"]` (default).
+    pub protocols: Vec<String>,
+    /// `ssl_ciphers`: OpenSSL cipher names, `:`-separated; `None`: the
+    /// provider's defaults.
+    pub ciphers: Option<String>,
+    /// `ssl_session_tickets` (default false): resumption then uses the
+    /// server's session cache only.
+    pub session_tickets: bool,
+    /// `fallback_sni`: the name assumed when a client sends no SNI.
+    pub fallback_sni: Option<String>,
+}
+
 /// Everything ferrogate takes from config.yaml.
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
@@ -160,6 +190,8 @@ pub struct GatewayConfig {
     /// `apisix.ssl.ssl_trusted_certificate`: extra CA certificates (PEM) for
     /// `https` upstreams, besides the system store (`system`, the default).
     pub ssl_trusted_certificate: Option<PathBuf>,
+    /// `apisix.ssl`: the HTTPS listener; `None` when `enable` is false.
+    pub ssl: Option<SslListen>,
     /// `plugin_attr`: per-plugin settings from config.yaml, given to each
     /// plugin when it is compiled.
     pub plugin_attr: serde_json::Map<String, Value>,
@@ -416,6 +448,7 @@ impl GatewayConfig {
                     })?,
             },
             ssl_trusted_certificate,
+            ssl: ssl_listen(doc)?,
             trusted_addresses: match get("apisix.trusted_addresses") {
                 None | Some(Value::Null) => None,
                 Some(v) => Some(ip_list("apisix.trusted_addresses", v)?),
@@ -423,6 +456,75 @@ impl GatewayConfig {
             unused_keys,
         })
     }
+}
+
+/// `apisix.ssl`: enabled unless `enable: false`, as in APISIX.
+fn ssl_listen(doc: &Value) -> Result<Option<SslListen>, ConfigError> {
+    if opt_bool(doc, "apisix.ssl.enable")? == Some(false) {
+        return Ok(None);
+    }
+    const LISTEN: &str = "apisix.ssl.listen";
+    let (listen, listen_given) = match lookup(doc, LISTEN) {
+        None | Some(Value::Null) => (
+            vec![SocketAddr::from(([0, 0, 0, 0], DEFAULT_SSL_PORT))],
+            false,
+        ),
+        Some(v) => {
+            if let Value::Array(items) = v {
+                for item in items {
+                    if item.get("enable_http3").and_then(Value::as_bool) == Some(true) {
+                        tracing::warn!("apisix.ssl.listen: enable_http3 is not supported; HTTP/3 stays off");
+                    }
+                }
+            }
+            let with_default = match v {
+                Value::Array(items) => Value::Array(
+                    items
+                        .iter()
+                        .map(|item| match item {
+                            Value::Object(map) if !map.contains_key("port") => {
+                                let mut map = map.clone();
+                                map.insert("port".into(), DEFAULT_SSL_PORT.into());
+                                Value::Object(map)
+                            }
+                            other => other.clone(),
+                        })
+                        .collect(),
+                ),
+                other => other.clone(),
+            };
+            (parse_listen(LISTEN, &with_default)?, true)
+        }
+    };
+    const PROTOCOLS: &str = "apisix.ssl.ssl_protocols";
+    let protocols_text =
+        opt_str(doc, PROTOCOLS)?.unwrap_or_else(|| DEFAULT_SSL_PROTOCOLS.to_string());
+    let protocols: Vec<String> = protocols_text
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    for p in &protocols {
+        if !["TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3", "SSLv2", "SSLv3"].contains(&p.as_str()) {
+            return Err(key_err(PROTOCOLS, format!("unknown protocol `{p}`")));
+        }
+    }
+    if !protocols.iter().any(|p| p == "TLSv1.2" || p == "TLSv1.3") {
+        return Err(key_err(
+            PROTOCOLS,
+            "needs TLSv1.2 or TLSv1.3 (older protocols are not supported)",
+        ));
+    }
+    let fallback_sni = opt_str(doc, "apisix.ssl.fallback_sni")?
+        .map(|s| s.strip_suffix('.').unwrap_or(&s).to_ascii_lowercase())
+        .filter(|s| !s.is_empty());
+    Ok(Some(SslListen {
+        listen,
+        listen_given,
+        protocols,
+        ciphers: opt_str(doc, "apisix.ssl.ssl_ciphers")?,
+        session_tickets: opt_bool(doc, "apisix.ssl.ssl_session_tickets")?.unwrap_or(false),
+        fallback_sni,
+    }))
 }
 
 /// `PATH` for `PATH/conf/config.yaml`; otherwise the current directory.

@@ -66,6 +66,9 @@ pub enum Error {
     /// `apisix.ssl.ssl_trusted_certificate` could not be read.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// `apisix.ssl` leaves nothing rustls can serve.
+    #[error("{0}")]
+    TlsEdge(String),
     /// The `Server` header built from the version is not a header value.
     #[error(transparent)]
     ServerHeader(#[from] http::header::InvalidHeaderValue),

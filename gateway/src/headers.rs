@@ -138,6 +138,7 @@ mod tests {
             local: "127.0.0.1:9080".parse().unwrap(),
             scheme: "http",
             forwarded_trusted: false,
+            tls: None,
         }
     }
 

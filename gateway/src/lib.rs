@@ -31,6 +31,7 @@ pub mod server;
 pub mod snapshot;
 pub mod standalone;
 pub mod tls;
+pub mod tls_edge;
 pub mod upstream;
 pub mod vars;
 pub mod websocket;
@@ -65,6 +66,8 @@ pub struct Running {
     started_with: GatewayConfig,
     /// Where the data plane listens (ports resolved when 0 was asked for).
     pub data_addrs: Vec<SocketAddr>,
+    /// Where HTTPS is served (`apisix.ssl.listen`), when enabled.
+    pub tls_addrs: Vec<SocketAddr>,
     /// Where the Admin API listens, when enabled.
     pub admin_addr: Option<SocketAddr>,
     pub live: SharedSnapshot,
@@ -90,6 +93,9 @@ impl Running {
         let mut restart = Vec::new();
         if old.node_listen != config.node_listen {
             restart.push("apisix.node_listen");
+        }
+        if old.ssl != config.ssl {
+            restart.push("apisix.ssl");
         }
         if old.admin_listen != config.admin_listen || old.enable_admin != config.enable_admin {
             restart.push("deployment.admin.admin_listen");
@@ -134,6 +140,9 @@ impl Running {
 /// [`Error::Standalone`].
 pub fn check(config: &GatewayConfig) -> Result<(), Error> {
     tls::trust_store(config.ssl_trusted_certificate.as_deref())?;
+    if let Some(ssl) = &config.ssl {
+        tls_edge::TlsEdge::new(ssl, config.client_header_timeout).map_err(Error::TlsEdge)?;
+    }
     if let Provider::Yaml(path) = &config.provider {
         standalone::load(path)?;
     }
@@ -179,11 +188,18 @@ pub async fn start(config: GatewayConfig) -> Result<Running, Error> {
         }
     };
     let roots = tls::trust_store(config.ssl_trusted_certificate.as_deref())?;
+    let tls_edge = match &config.ssl {
+        Some(ssl) => Some(Arc::new(
+            tls_edge::TlsEdge::new(ssl, config.client_header_timeout).map_err(Error::TlsEdge)?,
+        )),
+        None => None,
+    };
     let publisher = Publisher::start(
         store.as_ref(),
         options,
         Arc::new(roots),
         config.plugin_attr.clone(),
+        tls_edge.clone(),
     )
     .map_err(Error::Snapshot)?;
     store.subscribe(publisher.clone());
@@ -215,6 +231,33 @@ pub async fn start(config: GatewayConfig) -> Result<Running, Error> {
             shutdown_rx.clone(),
             graceful.clone(),
         ));
+    }
+
+    let mut tls_addrs = Vec::new();
+    if let (Some(ssl), Some(edge)) = (&config.ssl, &tls_edge) {
+        for addr in &ssl.listen {
+            let listener = match server::bind(*addr, "HTTPS").await {
+                Ok(l) => l,
+                // APISIX listens on 9443 unless told otherwise; a gateway
+                // whose file says nothing of HTTPS still starts when that
+                // port is taken.
+                Err(e) if !ssl.listen_given => {
+                    tracing::warn!(error = %e, "default HTTPS port unavailable; HTTPS not served (set apisix.ssl.listen or apisix.ssl.enable)");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let bound = listener.local_addr()?;
+            tracing::info!(addr = %bound, "HTTPS listening");
+            tls_addrs.push(bound);
+            tasks.spawn(server::serve_tls(
+                listener,
+                plane.clone(),
+                edge.clone(),
+                shutdown_rx.clone(),
+                graceful.clone(),
+            ));
+        }
     }
 
     let mut admin_state = None;
@@ -255,6 +298,7 @@ pub async fn start(config: GatewayConfig) -> Result<Running, Error> {
 
     Ok(Running {
         data_addrs,
+        tls_addrs,
         admin_addr,
         live,
         shutdown,

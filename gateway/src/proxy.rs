@@ -154,7 +154,7 @@ impl Prepared {
         let meta = parts
             .extensions
             .get::<ConnInfo>()
-            .copied()
+            .cloned()
             .unwrap_or_else(ConnInfo::unknown);
         let client_host = parts.headers.get(header::HOST).cloned().or_else(|| {
             parts

@@ -35,6 +35,7 @@ use crate::framing::{FramingScan, Verdict};
 use crate::limits::{self, BodyLimits};
 use crate::park::{Activity, ClientIo, Tracked, PARK_AFTER};
 use crate::snapshot::SharedSnapshot;
+use crate::tls_edge::{TlsEdge, TlsInfo};
 
 /// Settings of the data-plane listeners.
 #[derive(Clone)]
@@ -124,6 +125,8 @@ struct ClientConn {
     framing: Option<Arc<Verdict>>,
     /// Requests begun and answered, and what the I/O did lately.
     activity: Arc<Activity>,
+    /// HTTPS: what the handshake settled.
+    tls: Option<TlsInfo>,
 }
 
 /// One request on a client connection. A function returning an `async
@@ -142,8 +145,14 @@ fn handle(
         let admitted = if conn.framing.as_ref().is_some_and(|f| f.is_ambiguous(index)) {
             // Both Content-Length and Transfer-Encoding: refused unread.
             Err(refuse(http::StatusCode::BAD_REQUEST))
+        } else if conn
+            .tls
+            .as_ref()
+            .is_some_and(|tls| !client_cert_admits(&plane, tls, &req))
+        {
+            Err(refuse(http::StatusCode::BAD_REQUEST))
         } else {
-            admit(&plane, conn.peer, conn.local, req).await
+            admit(&plane, &conn, req).await
         };
         let mut resp = match admitted {
             Ok(req) => {
@@ -158,6 +167,41 @@ fn handle(
     }
 }
 
+/// APISIX's client-certificate checks on a request over HTTPS (a refusal
+/// is a 400): on a connection whose ssl object exempts some paths from
+/// mutual TLS, other paths need a verified certificate; and a request may
+/// not name, in its Host, a server whose ssl object checks client
+/// certificates when its handshake was for another name (that would skip
+/// the check).
+fn client_cert_admits(plane: &DataPlane, tls: &TlsInfo, req: &Request<Incoming>) -> bool {
+    if let Some(policy) = &tls.mtls {
+        if !policy.admits(req.uri().path(), &tls.verify) {
+            tracing::debug!(verify = %tls.vars.client_verify, "client certificate required for this path");
+            return false;
+        }
+    }
+    let host = req.uri().host().or_else(|| {
+        req.headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+    });
+    let Some(host) = host.map(crate::router::normalize_host) else {
+        return true;
+    };
+    let host = crate::tls_edge::sni::normalize(&host);
+    if tls.vars.server_name.as_deref() == Some(host.as_ref()) {
+        return true;
+    }
+    let snapshot = plane.live.load();
+    match snapshot.certs.find(&host) {
+        Some(other) if other.mtls.is_some() => {
+            tracing::debug!(%host, sni = ?tls.vars.server_name, "host needs a client certificate verified for its own name");
+            false
+        }
+        _ => true,
+    }
+}
+
 fn refuse(status: http::StatusCode) -> Response<ResponseBody> {
     with_close(error_page(status, None))
 }
@@ -165,13 +209,13 @@ fn refuse(status: http::StatusCode) -> Response<ResponseBody> {
 /// Edge checks (see [`crate::limits`]) and the request as the chain sees it:
 /// client address, connection facts, body wrapped for timeouts.
 #[allow(clippy::manual_async_fn)] // see handle
-fn admit(
-    plane: &DataPlane,
-    peer: SocketAddr,
-    local: SocketAddr,
+fn admit<'a>(
+    plane: &'a DataPlane,
+    conn: &'a ClientConn,
     req: Request<Incoming>,
-) -> impl Future<Output = Result<Request<ClientBody>, Response<ResponseBody>>> + Send + '_ {
+) -> impl Future<Output = Result<Request<ClientBody>, Response<ResponseBody>>> + Send + 'a {
     async move {
+        let (peer, local) = (conn.peer, conn.local);
         let (mut parts, incoming) = req.into_parts();
         limits::check_head(&parts.method, &parts.uri, parts.version, &parts.headers)
             .map_err(refuse)?;
@@ -182,7 +226,8 @@ fn admit(
         parts.extensions.insert(ConnInfo {
             peer,
             local: SocketAddr::new(plugins::vars::canonical(local.ip()), local.port()),
-            scheme: "http",
+            scheme: if conn.tls.is_some() { "https" } else { "http" },
+            tls: conn.tls.as_ref().map(|t| t.vars.clone()),
             forwarded_trusted: edge
                 .trusted_addresses
                 .as_ref()
@@ -326,6 +371,7 @@ pub async fn serve_data_plane(
             local,
             framing: None,
             activity: Arc::default(),
+            tls: None,
         };
         tokio::spawn(serve_connection(
             stream,
@@ -574,6 +620,119 @@ fn service_of(
        + Unpin {
     let client = Arc::new(client);
     hyper::service::service_fn(move |req| handle(plane.clone(), client.clone(), req))
+}
+
+/// Serves HTTPS on `listener` until `shutdown` flips to true: the same
+/// service, limits and connection cap as the plain listener, behind a TLS
+/// handshake (see [`crate::tls_edge`]); ALPN picks HTTP/2 or HTTP/1.1.
+pub async fn serve_tls(
+    listener: TcpListener,
+    plane: DataPlane,
+    edge: Arc<TlsEdge>,
+    mut shutdown: watch::Receiver<bool>,
+    drain: Arc<Drain>,
+) {
+    let protocols = Arc::new(Protocols::new(&plane));
+    let plane = Arc::new(plane);
+    let listen_addr = listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let Ok(permit) = plane.connections.clone().try_acquire_owned() else {
+            // Over the cap: closed before any handshake work.
+            tracing::warn!("connection limit reached; HTTPS connection shed");
+            continue;
+        };
+        let local = stream.local_addr().unwrap_or(listen_addr);
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(serve_tls_connection(
+            stream,
+            peer,
+            local,
+            plane.clone(),
+            edge.clone(),
+            protocols.clone(),
+            drain.watcher(),
+            permit,
+        ));
+    }
+}
+
+/// One HTTPS connection: handshake (bounded by `client_header_timeout`),
+/// then HTTP/2 or HTTP/1.1 as ALPN settled.
+#[allow(clippy::too_many_arguments, clippy::manual_async_fn)]
+fn serve_tls_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    plane: Arc<DataPlane>,
+    edge: Arc<TlsEdge>,
+    protocols: Arc<Protocols>,
+    mut drain: crate::drain::Watch,
+    permit: OwnedSemaphorePermit,
+) -> impl Future<Output = ()> + Send {
+    async move {
+        let _permit = &permit;
+        let handshake = Box::pin(async {
+            tokio::select! {
+                done = edge.accept(stream, &plane.live) => Some(done),
+                _ = drain.signalled() => None,
+            }
+        })
+        .await;
+        let (tls, info) = match handshake {
+            Some(Ok(done)) => done,
+            Some(Err(e)) => {
+                tracing::info!(%peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            None => return,
+        };
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        let mut client = ClientConn {
+            peer,
+            local,
+            framing: None,
+            activity: Arc::default(),
+            tls: Some(info),
+        };
+        let stream = crate::io::SendTimeout::new(tls, plane.send_timeout);
+        let ended = if h2 {
+            let service = service_of(plane, client);
+            Box::pin(drain.serve(
+                protocols
+                    .http2
+                    .serve_connection(TokioIo::new(stream), service),
+            ))
+            .await
+        } else {
+            let verdict = Arc::new(Verdict::default());
+            client.framing = Some(verdict.clone());
+            let io = ClientIo::new(stream, client.activity.clone(), FramingScan::new(verdict));
+            let service = service_of(plane, client);
+            Box::pin(drain.serve(
+                protocols
+                    .http1
+                    .serve_connection(TokioIo::new(io), service)
+                    .with_upgrades(),
+            ))
+            .await
+        };
+        if let Err(e) = ended {
+            tracing::debug!(%peer, error = %e, "HTTPS connection ended with an error");
+        }
+    }
 }
 
 /// Answers 503 and closes, without reading the request.

@@ -32,7 +32,9 @@ use http::{Request, Response, StatusCode};
 use serde_json::{json, Map, Value};
 use tower::Service;
 
-use admin_api::model::{id_text, GlobalRuleConf, RouteConf, ServiceConf, UpstreamConf};
+use admin_api::model::{
+    id_text, GlobalRuleConf, RouteConf, ServiceConf, SslConf, SslType, UpstreamConf,
+};
 use admin_api::resource::credential_parts;
 use admin_api::store::{Entry, Event, Store, StoreError, Watcher};
 use admin_api::Kind;
@@ -45,6 +47,7 @@ use plugins::{json_response, ClientIp, ConnInfo, Ctx, HttpService, ResponseBody}
 
 use crate::body::ClientBody;
 use crate::proxy::{ProxyOptions, ProxyService, ProxyTarget};
+use crate::tls_edge::{ServedSsl, SniTable, TlsEdge};
 use crate::router::{
     normalize_host, normalize_path, Candidate, HostSet, Matcher, MethodSet, RequestView,
     RouteTable, Router,
@@ -61,6 +64,8 @@ pub struct Snapshot {
     pub version: u64,
     pub service: GatewayService,
     pub routes: usize,
+    /// Server certificates by SNI (empty without an HTTPS listener).
+    pub certs: Arc<SniTable<ServedSsl>>,
 }
 
 /// The live snapshot, shared by the listeners and the compiler.
@@ -147,6 +152,13 @@ pub struct Compiler {
     consumers: BTreeMap<String, Value>,
     credentials: BTreeMap<String, Value>,
     plugin_metadata: BTreeMap<String, Value>,
+    /// `server` ssl objects, compiled (those that compiled).
+    served_ssls: BTreeMap<String, Arc<ServedSsl>>,
+    /// `client` ssl objects: certificates presented to upstreams.
+    client_ssls: BTreeMap<String, SslConf>,
+    certs: Arc<SniTable<ServedSsl>>,
+    /// `None`: no HTTPS listener, server certificates are not compiled.
+    tls_edge: Option<Arc<TlsEdge>>,
     /// Compiled plugins of each global rule.
     global_sets: BTreeMap<String, Arc<PluginSet>>,
     globals: Arc<GlobalRules>,
@@ -168,6 +180,8 @@ struct Touched {
     consumers: bool,
     /// plugin_metadata changed: everything that compiles plugins.
     all: bool,
+    /// A server certificate changed: the SNI table.
+    certs: bool,
 }
 
 impl Compiler {
@@ -185,6 +199,10 @@ impl Compiler {
             consumers: BTreeMap::new(),
             credentials: BTreeMap::new(),
             plugin_metadata: BTreeMap::new(),
+            served_ssls: BTreeMap::new(),
+            client_ssls: BTreeMap::new(),
+            certs: Arc::new(SniTable::default()),
+            tls_edge: None,
             global_sets: BTreeMap::new(),
             globals: Arc::new(GlobalRules::default()),
             consumer_index: Arc::new(ConsumerIndex::default()),
@@ -202,6 +220,11 @@ impl Compiler {
     /// `plugin_attr` from config.yaml, handed to plugins when they compile.
     pub fn set_plugin_attr(&mut self, attr: Map<String, Value>) {
         self.plugin_attr = attr;
+    }
+
+    /// The HTTPS listener's settings, which server ssl objects compile with.
+    pub fn set_tls_edge(&mut self, edge: Option<Arc<TlsEdge>>) {
+        self.tls_edge = edge;
     }
 
     /// Loads every object of `store`, compiles, and returns the first snapshot.
@@ -229,6 +252,8 @@ impl Compiler {
         self.consumers.clear();
         self.credentials.clear();
         self.plugin_metadata.clear();
+        self.served_ssls.clear();
+        self.client_ssls.clear();
         self.global_sets.clear();
         self.table = RouteTable::default();
         let mut entries: Vec<Entry> = self.raw.values().filter_map(Stored::entry).collect();
@@ -244,6 +269,7 @@ impl Compiler {
         self.fresh_routes.clear();
         self.compile_global_rules(true);
         self.compile_consumers();
+        self.compile_cert_table();
     }
 
     /// Applies one change; returns the snapshot to publish.
@@ -269,6 +295,7 @@ impl Compiler {
             touched.routes.extend(t.routes);
             touched.globals |= t.globals;
             touched.consumers |= t.consumers;
+            touched.certs |= t.certs;
             touched.all |= t.all;
         }
         if touched.all {
@@ -283,6 +310,9 @@ impl Compiler {
         }
         if touched.consumers || touched.all {
             self.compile_consumers();
+        }
+        if touched.certs {
+            self.compile_cert_table();
         }
         self.snapshot()
     }
@@ -440,7 +470,21 @@ impl Compiler {
                 touched.consumers = true;
             }
             Kind::Ssls => {
-                // TODO(tls): compile into the SNI table.
+                self.served_ssls.remove(&id);
+                let was_client = self.client_ssls.remove(&id).is_some();
+                let conf = entry.and_then(parse::<SslConf>);
+                match conf {
+                    Some(conf) if conf.kind == SslType::Client => {
+                        self.client_ssls.insert(id.clone(), conf);
+                    }
+                    Some(conf) if conf.status != 0 => self.compile_ssl(&id, &conf),
+                    _ => {}
+                }
+                touched.certs = true;
+                let is_client = self.client_ssls.contains_key(&id);
+                if was_client || is_client {
+                    touched.routes = self.routes_using_client_cert(&id);
+                }
             }
             Kind::PluginMetadata => {
                 match entry {
@@ -451,6 +495,72 @@ impl Compiler {
             }
         }
         touched
+    }
+
+    fn compile_ssl(&mut self, id: &str, conf: &SslConf) {
+        let Some(edge) = &self.tls_edge else { return };
+        match edge.compile(id, conf) {
+            Ok(served) => {
+                self.served_ssls.insert(id.to_string(), Arc::new(served));
+            }
+            Err(e) => {
+                tracing::error!(ssl = id, error = %e, "ssl object does not compile; not served")
+            }
+        }
+    }
+
+    /// Every served name to its ssl object; objects in id order, so the
+    /// lower id keeps a name two objects claim.
+    fn compile_cert_table(&mut self) {
+        let mut table = SniTable::default();
+        for served in self.served_ssls.values() {
+            for name in &served.names {
+                table.insert(name, served.clone());
+            }
+        }
+        self.certs = Arc::new(table);
+    }
+
+    /// Routes whose upstream (own, by id, or through their service) names
+    /// client ssl object `id`.
+    fn routes_using_client_cert(&self, id: &str) -> BTreeSet<String> {
+        let names = |up: &UpstreamConf| {
+            up.tls
+                .as_ref()
+                .and_then(|t| t.client_cert_id.as_ref())
+                .and_then(id_text)
+                .as_deref()
+                == Some(id)
+        };
+        let upstreams: Vec<&String> = self
+            .upstreams
+            .iter()
+            .filter(|(_, u)| names(u))
+            .map(|(k, _)| k)
+            .collect();
+        let services: Vec<&String> = self
+            .services
+            .iter()
+            .filter(|(_, s)| {
+                s.upstream.as_ref().is_some_and(names)
+                    || s.upstream_id
+                        .as_ref()
+                        .and_then(id_text)
+                        .is_some_and(|u| upstreams.contains(&&u))
+            })
+            .map(|(k, _)| k)
+            .collect();
+        // Inline upstreams of routes are not kept parsed: every route that
+        // has one is compiled again, which is rare (client ssl objects
+        // change seldom).
+        self.routes
+            .iter()
+            .filter(|(_, r)| {
+                r.refs.upstream_id.as_ref().map_or(true, |u| upstreams.contains(&u))
+                    || r.refs.service_id.as_ref().is_some_and(|s| services.contains(&s))
+            })
+            .map(|(k, _)| k.clone())
+            .collect()
     }
 
     fn routes_where(&self, pred: impl Fn(&RouteRefs) -> bool) -> BTreeSet<String> {
@@ -756,6 +866,7 @@ impl Compiler {
             version: self.version.fetch_add(1, Ordering::Relaxed) + 1,
             service: dispatch,
             routes,
+            certs: self.certs.clone(),
         }
     }
 
@@ -868,7 +979,7 @@ impl Service<Request<ClientBody>> for Dispatch {
         let conn = req
             .extensions()
             .get::<ConnInfo>()
-            .copied()
+            .cloned()
             .unwrap_or_else(ConnInfo::unknown);
         let client_ip = req
             .extensions()
@@ -952,8 +1063,10 @@ impl Publisher {
         options: ProxyOptions,
         roots: Arc<rustls::RootCertStore>,
         plugin_attr: Map<String, Value>,
+        tls_edge: Option<Arc<TlsEdge>>,
     ) -> Result<Arc<Self>, StoreError> {
         let mut compiler = Compiler::new(options);
+        compiler.set_tls_edge(tls_edge);
         compiler.balancers.roots = roots.clone();
         compiler.clients = Clients::new(roots);
         compiler.set_plugin_attr(plugin_attr);

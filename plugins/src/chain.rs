@@ -359,7 +359,7 @@ impl<S> Chain<S> {
         let conn = req
             .extensions()
             .get::<ConnInfo>()
-            .copied()
+            .cloned()
             .unwrap_or_else(ConnInfo::unknown);
         let ip = req
             .extensions()

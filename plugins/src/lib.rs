@@ -43,7 +43,7 @@ pub use chain::{Chain, GlobalRules, PluginSet};
 pub use ctx::Ctx;
 pub use plugin::{CompileCx, Flow, Phases, Plugin, PluginKind, PluginSpec, SchemaType};
 pub use registry::{find, PluginError, PLUGINS};
-pub use vars::ConnInfo;
+pub use vars::{ConnInfo, TlsVars};
 
 /// Error type carried by response bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -9,7 +9,7 @@
 //!
 //! Checks run in a fixed order for objects: `required`, then each declared
 //! property in declaration order, then `additionalProperties`, then
-//! `oneOf`/`anyOf`. The first failure is reported.
+//! `oneOf`/`anyOf`, then `if`/`then`/`else`. The first failure is reported.
 
 use serde_json::{json, Map, Value};
 
@@ -85,6 +85,20 @@ pub struct ObjectRule {
     pub dependencies: Vec<(&'static str, Schema)>,
     pub min_properties: Option<usize>,
     pub max_properties: Option<usize>,
+    /// `if`/`then`/`else`, checked after everything else.
+    pub conditional: Option<Box<Conditional>>,
+}
+
+/// JSON schema's `if`/`then`/`else` on an object: when the object matches
+/// `condition` it must match `then`, otherwise `otherwise`. As in JSON
+/// schema, `properties` in `condition` holds for an object that lacks the
+/// property, so `{"properties": {"type": {"enum": ["server"]}}}` matches an
+/// object without `type`.
+#[derive(Clone)]
+pub struct Conditional {
+    pub condition: Schema,
+    pub then: Option<Schema>,
+    pub otherwise: Option<Schema>,
 }
 
 impl Schema {
@@ -466,6 +480,22 @@ impl ObjectRule {
         self.min_properties = Some(n);
         self
     }
+    /// `if`/`then`/`else` (see [`Conditional`]); failures read `then clause
+    /// did not match` / `else clause did not match`, as APISIX's library
+    /// words them, without the inner reason.
+    pub fn if_then_else(
+        mut self,
+        condition: Schema,
+        then: Option<Schema>,
+        otherwise: Option<Schema>,
+    ) -> Self {
+        self.conditional = Some(Box::new(Conditional {
+            condition,
+            then,
+            otherwise,
+        }));
+        self
+    }
     pub fn done(self) -> Schema {
         Schema::Object(Box::new(self))
     }
@@ -558,6 +588,19 @@ impl ObjectRule {
                 sets.join(" or ")
             ));
         }
+        if let Some(c) = &self.conditional {
+            if c.condition.validate(value).is_ok() {
+                if c.then.as_ref().is_some_and(|s| s.validate(value).is_err()) {
+                    return Err("then clause did not match".to_string());
+                }
+            } else if c
+                .otherwise
+                .as_ref()
+                .is_some_and(|s| s.validate(value).is_err())
+            {
+                return Err("else clause did not match".to_string());
+            }
+        }
         Ok(())
     }
 
@@ -597,6 +640,11 @@ impl ObjectRule {
                 .map(|(n, s)| (n.to_string(), s.to_json()))
                 .collect();
             m.insert("dependencies".into(), Value::Object(deps));
+        }
+        if let Some(c) = &self.conditional {
+            m.insert("if".into(), c.condition.to_json());
+            put_opt(&mut m, "then", c.then.as_ref().map(Schema::to_json));
+            put_opt(&mut m, "else", c.otherwise.as_ref().map(Schema::to_json));
         }
         Value::Object(m)
     }

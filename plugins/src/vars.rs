@@ -3,7 +3,8 @@
 //! One lookup serves route `vars`, `chash` keys, `_meta.filter` and plugins:
 //! `uri` (the normalised path), `request_uri`, `args`/`query_string`, `host`,
 //! `request_method`, `remote_addr`, `remote_port`, `server_addr`,
-//! `server_port`, `scheme`, `arg_NAME` (percent-decoded), `http_NAME`
+//! `server_port`, `scheme`, `https`, `ssl_server_name`, `ssl_client_verify`,
+//! `ssl_client_s_dn`, `ssl_client_serial`, `arg_NAME` (percent-decoded), `http_NAME`
 //! (header, `_` for `-`, repeated headers joined with `, `) and
 //! `cookie_NAME`. Response-side names (`status`, `upstream_status`,
 //! `upstream_addr`, `sent_http_NAME`, `consumer_name`, `route_id`, ...) are
@@ -20,7 +21,7 @@ pub use crate::expr::Vars;
 
 /// Facts about the client connection, set by the listener and carried in
 /// the request extensions.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     /// The TCP peer.
     pub peer: SocketAddr,
@@ -31,6 +32,22 @@ pub struct ConnInfo {
     /// The peer is in `apisix.trusted_addresses`: the X-Forwarded-Proto,
     /// -Host and -Port it sent are passed on instead of replaced.
     pub forwarded_trusted: bool,
+    /// HTTPS connections: what the handshake settled.
+    pub tls: Option<std::sync::Arc<TlsVars>>,
+}
+
+/// The TLS facts of an HTTPS connection, as nginx's `$ssl_*` variables
+/// give them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsVars {
+    /// `$ssl_server_name`: the SNI the client sent (or `fallback_sni`).
+    pub server_name: Option<Box<str>>,
+    /// `$ssl_client_verify`: `NONE`, `SUCCESS` or `FAILED:<reason>`.
+    pub client_verify: Cow<'static, str>,
+    /// `$ssl_client_s_dn` (RFC 2253).
+    pub client_s_dn: Option<String>,
+    /// `$ssl_client_serial` (hex).
+    pub client_serial: Option<String>,
 }
 
 impl ConnInfo {
@@ -42,6 +59,7 @@ impl ConnInfo {
             local: any,
             scheme: "http",
             forwarded_trusted: false,
+            tls: None,
         }
     }
 }
@@ -92,6 +110,19 @@ impl<'a> ReqRef<'a> {
             "server_addr" => conn.map(|c| Cow::Owned(canonical(c.local.ip()).to_string())),
             "server_port" => conn.map(|c| Cow::Owned(c.local.port().to_string())),
             "scheme" => conn.map(|c| Cow::Borrowed(c.scheme)),
+            "https" => conn.map(|c| Cow::Borrowed(if c.tls.is_some() { "on" } else { "" })),
+            "ssl_server_name" => conn
+                .and_then(|c| c.tls.as_ref()?.server_name.as_deref())
+                .map(Cow::Borrowed),
+            "ssl_client_verify" => conn
+                .and_then(|c| c.tls.as_ref())
+                .map(|t| Cow::Borrowed(t.client_verify.as_ref())),
+            "ssl_client_s_dn" => conn
+                .and_then(|c| c.tls.as_ref()?.client_s_dn.as_deref())
+                .map(Cow::Borrowed),
+            "ssl_client_serial" => conn
+                .and_then(|c| c.tls.as_ref()?.client_serial.as_deref())
+                .map(Cow::Borrowed),
             _ => None,
         }
     }
@@ -220,6 +251,7 @@ mod tests {
             local: "[::ffff:127.0.0.1]:9080".parse().unwrap(),
             scheme: "http",
             forwarded_trusted: false,
+            tls: None,
         };
         let r = ReqRef {
             method: &Method::GET,

@@ -122,3 +122,50 @@ fn listed_any_of_names_the_sets() {
         Err("object matches none of the required: [\"x\"] or [\"x\",\"y\"]".into())
     );
 }
+
+#[test]
+fn if_then_else_reports_the_clause() {
+    let server = Schema::object()
+        .prop("type", Schema::string().enumerated(&["server"]).done())
+        .done();
+    let s = Schema::object()
+        .prop("type", Schema::string().done())
+        .if_then_else(
+            server,
+            Some(
+                Schema::object()
+                    .one_of_required(&[&["sni", "cert"], &["snis", "cert"]])
+                    .done(),
+            ),
+            Some(Schema::object().required(&["cert"]).done()),
+        )
+        .done();
+    assert_eq!(s.validate(&json!({"sni": "a", "cert": "c"})), Ok(()));
+    assert_eq!(
+        s.validate(&json!({"type": "server", "snis": ["a"], "cert": "c"})),
+        Ok(())
+    );
+    // `properties` on an absent property holds, so `then` applies.
+    assert_eq!(
+        s.validate(&json!({"cert": "c"})),
+        Err("then clause did not match".into())
+    );
+    assert_eq!(
+        s.validate(&json!({"sni": "a", "snis": ["a"], "cert": "c"})),
+        Err("then clause did not match".into())
+    );
+    assert_eq!(s.validate(&json!({"type": "client", "cert": "c"})), Ok(()));
+    assert_eq!(
+        s.validate(&json!({"type": "client"})),
+        Err("else clause did not match".into())
+    );
+    assert_eq!(
+        s.validate(&json!({"type": 1})),
+        Err("property \"type\" validation failed: wrong type: expected string, got number".into()),
+        "the properties are checked first"
+    );
+    let doc = s.to_json();
+    assert_eq!(doc["if"]["properties"]["type"]["enum"], json!(["server"]));
+    assert_eq!(doc["then"]["oneOf"][1]["required"], json!(["snis", "cert"]));
+    assert_eq!(doc["else"]["required"], json!(["cert"]));
+}
