@@ -172,7 +172,10 @@ impl TlsEdge {
             Some(policy) => builder.with_client_cert_verifier(policy.ca.clone()),
             None => builder.with_no_client_auth(),
         };
-        let mut config = builder.with_cert_resolver(Arc::new(CertSet(keys)));
+        let mut config = builder.with_cert_resolver(Arc::new(CertSet {
+            keys,
+            suites: self.provider.cipher_suites.clone(),
+        }));
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         config.session_storage = self.sessions.clone();
         if let Some(t) = &self.ticketer {
@@ -305,18 +308,40 @@ fn suites_of(names: &str, all: &[SupportedCipherSuite]) -> Vec<SupportedCipherSu
 }
 
 /// The certificates of one ssl object; each handshake gets the first one
-/// the client can verify (an ECDSA client gets ECDSA, an RSA-only client
-/// RSA).
+/// the client can use (an ECDSA-capable client gets ECDSA, an RSA-only
+/// client RSA): one it can verify the signature of and, for a TLS 1.2-only
+/// client, one a cipher suite it offers can carry.
 #[derive(Debug)]
-struct CertSet(Vec<Arc<CertifiedKey>>);
+struct CertSet {
+    keys: Vec<Arc<CertifiedKey>>,
+    suites: Vec<SupportedCipherSuite>,
+}
 
 impl ResolvesServerCert for CertSet {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        if self.keys.len() == 1 {
+            return self.keys.first().cloned();
+        }
         let schemes = hello.signature_schemes();
-        self.0
+        let offered: Vec<&SupportedCipherSuite> = self
+            .suites
             .iter()
-            .find(|k| k.key.choose_scheme(schemes).is_some())
-            .or_else(|| self.0.first())
+            .filter(|s| hello.cipher_suites().contains(&s.suite()))
+            .collect();
+        let tls13 = offered
+            .iter()
+            .any(|s| s.version() == &rustls::version::TLS13);
+        self.keys
+            .iter()
+            .find(|k| {
+                let algorithm = k.key.algorithm();
+                k.key.choose_scheme(schemes).is_some()
+                    && (tls13
+                        || offered
+                            .iter()
+                            .any(|s| s.usable_for_signature_algorithm(algorithm)))
+            })
+            .or_else(|| self.keys.first())
             .cloned()
     }
 }

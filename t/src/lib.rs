@@ -31,6 +31,9 @@ pub const KEY: &str = "test-admin-key-0123456789abcdef";
 pub struct Gateway {
     pub data: SocketAddr,
     pub admin: SocketAddr,
+    /// The HTTPS listener, when the config enables one (see
+    /// [`Self::start_tls`]); test gateways have none otherwise.
+    pub tls: Option<SocketAddr>,
     pub dir: tempfile::TempDir,
     running: Option<gateway::Running>,
 }
@@ -47,7 +50,27 @@ impl Gateway {
         Self::start_full(apisix_extra, "").await
     }
 
-    async fn start_full(apisix_extra: &str, extra: &str) -> Gateway {
+    /// A gateway with an HTTPS listener on a free loopback port; `ssl_extra`
+    /// adds lines inside `apisix.ssl` (four-space indented).
+    pub async fn start_tls(ssl_extra: &str) -> Gateway {
+        Self::start_full(
+            &format!("  ssl:\n    listen:\n      - ip: 127.0.0.1\n        port: 0\n{ssl_extra}"),
+            "",
+        )
+        .await
+    }
+
+    /// `apisix_extra` inside `apisix:`, `extra` as top-level sections.
+    pub async fn start_full(apisix_extra: &str, extra: &str) -> Gateway {
+        // APISIX serves HTTPS on 9443 unless told not to; test gateways
+        // that do not ask for it keep off that shared port.
+        let no_tls;
+        let apisix_extra = if apisix_extra.contains("  ssl:\n") {
+            apisix_extra
+        } else {
+            no_tls = format!("  ssl:\n    enable: false\n{apisix_extra}");
+            &no_tls
+        };
         let dir = tempfile::tempdir().unwrap();
         let yaml = format!(
             "apisix:\n  node_listen:\n    - ip: 127.0.0.1\n      port: 0\n{apisix_extra}\
@@ -61,6 +84,7 @@ impl Gateway {
         Gateway {
             data: running.data_addrs[0],
             admin: running.admin_addr.unwrap(),
+            tls: running.tls_addrs.first().copied(),
             dir,
             running: Some(running),
         }
@@ -77,7 +101,7 @@ impl Gateway {
         let conf = dir.path().join("conf");
         std::fs::create_dir_all(&conf).unwrap();
         std::fs::write(conf.join("apisix.yaml"), apisix_yaml).unwrap();
-        let yaml = "apisix:\n  node_listen:\n    - ip: 127.0.0.1\n      port: 0\n\
+        let yaml = "apisix:\n  node_listen:\n    - ip: 127.0.0.1\n      port: 0\n  ssl:\n    enable: false\n\
                     deployment:\n  role: data_plane\n  role_data_plane:\n    config_provider: yaml\n";
         let path = conf.join("config.yaml");
         std::fs::write(&path, yaml).unwrap();
@@ -88,6 +112,7 @@ impl Gateway {
             admin: running
                 .admin_addr
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+            tls: None,
             dir,
             running: Some(running),
         }

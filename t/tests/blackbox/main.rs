@@ -11,6 +11,7 @@ mod plugins;
 mod proxy;
 mod routing;
 mod soak;
+mod tls_edge;
 mod tls_upstream;
 mod upstream_conn;
 mod websocket;

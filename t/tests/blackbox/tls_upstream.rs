@@ -28,7 +28,7 @@ async fn gateway_trusting(pem: &str) -> (Gateway, tempfile::TempDir) {
     let ca = dir.path().join("ca.pem");
     std::fs::write(&ca, pem).unwrap();
     let gw = Gateway::start_with_apisix(&format!(
-        "  ssl:\n    ssl_trusted_certificate: {}\n",
+        "  ssl:\n    enable: false\n    ssl_trusted_certificate: {}\n",
         ca.display()
     ))
     .await;
