@@ -11,8 +11,9 @@
 //! ferrogate: a [`FramingScan`] sees the bytes hyper reads (fed by
 //! [`crate::park::ClientIo`]), follows heads and
 //! bodies (by length or by chunks) and records which request of the
-//! connection had both headers; [`crate::server`] answers that request 400
-//! without reading its body.
+//! connection had both headers, or `Content-Length` twice (hyper keeps one
+//! of two equal lengths, nginx refuses the duplicate line);
+//! [`crate::server`] answers that request 400 without reading its body.
 //!
 //! The scan costs one pass over each request head; bodies are skipped by
 //! count. It gives up (and flags nothing more) at anything hyper itself
@@ -30,7 +31,8 @@ use crate::limits::MAX_HEAD;
 #[derive(Debug, Default)]
 pub struct Verdict {
     /// 1-based index of the first request on the connection that carried
-    /// both `Content-Length` and `Transfer-Encoding`; 0 while there is none.
+    /// both `Content-Length` and `Transfer-Encoding`, or `Content-Length`
+    /// twice; 0 while there is none.
     ambiguous: AtomicU64,
 }
 
@@ -79,6 +81,9 @@ struct HeadFacts {
     content_length: Option<u64>,
     /// A length hyper would refuse: not a number, or two that differ.
     content_length_invalid: bool,
+    /// `Content-Length` came more than once. hyper keeps one of equal
+    /// values; nginx refuses the duplicate line.
+    content_length_repeated: bool,
     transfer_encoding: bool,
     /// The last transfer coding named was `chunked`.
     chunked_last: bool,
@@ -207,6 +212,7 @@ impl FramingScan {
         };
         let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
         if name.eq_ignore_ascii_case(b"content-length") {
+            self.head.content_length_repeated |= self.head.content_length_seen;
             self.head.content_length_seen = true;
             match content_length(value) {
                 Some(n) if self.head.content_length.is_none_or(|prev| prev == n) => {
@@ -226,7 +232,7 @@ impl FramingScan {
     fn end_of_head(&mut self) {
         self.heads += 1;
         let head = std::mem::take(&mut self.head);
-        if head.content_length_seen && head.transfer_encoding {
+        if (head.content_length_seen && head.transfer_encoding) || head.content_length_repeated {
             // The connection ends with this request: nothing after it counts.
             let _ = self.verdict.ambiguous.compare_exchange(
                 0,
@@ -254,8 +260,8 @@ impl FramingScan {
 }
 
 /// A `Content-Length` value as hyper reads it: decimal digits only, no
-/// overflow. (A comma-separated list is refused; repeated equal headers are
-/// fine, see `head_line`.)
+/// overflow. (A comma-separated list is refused; repeated headers are
+/// flagged, see `head_line`.)
 fn content_length(value: &[u8]) -> Option<u64> {
     if value.is_empty() {
         return None;

@@ -57,6 +57,23 @@ pub struct BodyLimits {
     pub idle_timeout: Duration,
 }
 
+/// Header fields nginx refuses to see twice in a request (400: "client
+/// sent duplicate host header", "duplicate header line"): two Hosts could
+/// route by one and be read by the upstream by the other.
+const SINGLE_HEADERS: &[header::HeaderName] = &[
+    header::HOST,
+    header::IF_MODIFIED_SINCE,
+    header::IF_UNMODIFIED_SINCE,
+    header::IF_MATCH,
+    header::IF_NONE_MATCH,
+    header::CONTENT_LENGTH,
+    header::CONTENT_RANGE,
+    header::IF_RANGE,
+    header::TRANSFER_ENCODING,
+    header::EXPECT,
+    header::AUTHORIZATION,
+];
+
 /// Checks a request head; the error is the status to answer with.
 pub fn check_head(
     method: &Method,
@@ -69,11 +86,17 @@ pub fn check_head(
         return Err(StatusCode::URI_TOO_LONG);
     }
     let mut head = method.as_str().len() + target_len + 12;
+    let mut previous: Option<&header::HeaderName> = None;
     for (name, value) in headers {
         let line = name.as_str().len() + 2 + value.len();
         if line > MAX_HEADER_LINE {
             return Err(StatusCode::BAD_REQUEST);
         }
+        // A map's values for one name come one after another.
+        if previous == Some(name) && SINGLE_HEADERS.contains(name) {
+            return Err(StatusCode::BAD_REQUEST);
+        }
+        previous = Some(name);
         head += line + 2;
     }
     if head > MAX_HEAD {
@@ -153,6 +176,22 @@ mod tests {
     }
 
     #[test]
+    fn fields_nginx_refuses_twice() {
+        for name in ["host", "content-length", "authorization", "if-none-match", "expect"] {
+            assert_eq!(
+                head("/", &[("host", "a"), (name, "1"), (name, "1")]),
+                Err(StatusCode::BAD_REQUEST),
+                "{name}"
+            );
+        }
+        assert_eq!(
+            head("/", &[("host", "a"), ("accept", "a"), ("accept", "b"), ("cookie", "x=1"), ("cookie", "y=2")]),
+            Ok(()),
+            "other fields may repeat"
+        );
+    }
+
+    #[test]
     fn smuggling_shapes() {
         assert_eq!(
             head(
@@ -181,7 +220,8 @@ mod tests {
                     ("transfer-encoding", "chunked")
                 ]
             ),
-            Err(StatusCode::NOT_IMPLEMENTED)
+            Err(StatusCode::BAD_REQUEST),
+            "a duplicate header line"
         );
         assert_eq!(
             head("/", &[("host", "a"), ("transfer-encoding", "Chunked")]),

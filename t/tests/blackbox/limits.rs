@@ -756,3 +756,31 @@ async fn http2_oversized_head_is_refused() {
     assert_eq!(resp.await.unwrap().status(), 200);
     gw.stop().await;
 }
+
+/// Two Host headers (or two of another field nginx takes once): 400, the
+/// connection closed, nothing proxied, as nginx's "client sent duplicate
+/// host header". Routing by one Host while the upstream reads the other
+/// would let a client reach a route it does not name.
+#[tokio::test]
+async fn duplicate_host_is_refused() {
+    let (gw, u1) = gateway_with("").await;
+    let attacks: [&[u8]; 3] = [
+        b"GET /a HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n",
+        b"GET /a HTTP/1.1\r\nHost: a.test\r\nhost: a.test\r\n\r\n",
+        b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
+    ];
+    for attack in attacks {
+        let (resp, closed) = raw(gw.data, attack, WAIT).await;
+        assert_eq!(status(&resp), "400", "{resp}");
+        assert!(closed, "{resp}");
+    }
+    assert_eq!(u1.hits(), 0, "nothing reached the upstream");
+    let (resp, _) = raw(
+        gw.data,
+        b"GET /a HTTP/1.1\r\nHost: a\r\nAccept: x\r\nAccept: y\r\nConnection: close\r\n\r\n",
+        WAIT,
+    )
+    .await;
+    assert_eq!(status(&resp), "200", "{resp}");
+    gw.stop().await;
+}
