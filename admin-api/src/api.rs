@@ -7,7 +7,7 @@
 //! | `/apisix/admin/consumers[/{username}]`, `/apisix/admin/consumers/{username}/credentials[/{id}]` | GET PUT DELETE |
 //! | `/apisix/admin/plugin_metadata/{plugin}` | GET PUT DELETE |
 //! | `/apisix/admin/plugins/list`, `/apisix/admin/plugins/{name}[?schema_type=consumer]`, `/apisix/admin/plugins?all=true` | GET |
-//! | `/apisix/admin/schema/{route,service,upstream,global_rule}`, `/apisix/admin/schema/plugins/{name}` | GET |
+//! | `/apisix/admin/schema/{route,service,upstream,global_rule,ssl}`, `/apisix/admin/schema/plugins/{name}` | GET |
 //!
 //! Every request is checked against `allow_admin` and the admin key first.
 //! Bodies are limited to [`MAX_BODY_BYTES`]; larger, malformed or
@@ -362,6 +362,7 @@ fn schema_info(method: &Method, target: &Target) -> Result<Reply, AdminError> {
         Some("credential") => Kind::Credentials,
         Some("consumer_group") => Kind::ConsumerGroups,
         Some("plugin_config") => Kind::PluginConfigs,
+        Some("ssl") => Kind::Ssls,
         other => {
             return Err(AdminError::bad_request(format!(
                 "not found schema: {}",

@@ -11,9 +11,13 @@ pub mod error;
 pub use plugins::expr;
 pub mod model;
 pub mod ops;
+pub mod pem;
 pub mod resource;
 pub mod store;
 pub mod validate;
+
+#[cfg(test)]
+mod testcerts;
 
 pub use api::{router, AdminState};
 pub use auth::{AdminKey, AuthPolicy, Role};

@@ -33,6 +33,10 @@ impl Lookup for StoreLookup<'_> {
     fn exists(&self, kind: Kind, id: &str) -> bool {
         matches!(self.0.get(&kind.key(id)), Ok(Some(_)))
     }
+
+    fn get(&self, kind: Kind, id: &str) -> Option<Value> {
+        self.0.get(&kind.key(id)).ok().flatten().map(|e| e.value)
+    }
 }
 
 fn now() -> i64 {
@@ -53,6 +57,20 @@ fn with_indexes(entry: &Entry) -> Value {
         "createdIndex": entry.created_index,
         "modifiedIndex": entry.modified_index,
     })
+}
+
+/// What GET shows of a stored object: an ssl object without its private
+/// keys (`key`, `keys`), as APISIX answers ("not return private key for
+/// security").
+fn shown(kind: Kind, entry: &Entry) -> Value {
+    let mut shown = with_indexes(entry);
+    if kind == Kind::Ssls {
+        if let Some(Value::Object(value)) = shown.get_mut("value") {
+            value.remove("key");
+            value.remove("keys");
+        }
+    }
+    shown
 }
 
 fn forbid_client_timestamps(conf: &Value) -> Result<(), AdminError> {
@@ -311,7 +329,7 @@ pub fn post(store: &dyn Store, kind: Kind, conf: Option<Value>) -> Result<Reply,
 /// `GET /apisix/admin/{kind}/{id}`.
 pub fn get(store: &dyn Store, kind: Kind, id: &str) -> Result<Reply, AdminError> {
     match store.get(&kind.key(id))? {
-        Some(entry) => Ok((StatusCode::OK, with_indexes(&entry))),
+        Some(entry) => Ok((StatusCode::OK, shown(kind, &entry))),
         None => Err(AdminError::key_not_found()),
     }
 }
@@ -391,9 +409,9 @@ pub fn list(
             .into_iter()
             .skip(page.max(1).saturating_sub(1).saturating_mul(size))
             .take(size)
-            .map(with_indexes)
+            .map(|e| shown(kind, e))
             .collect(),
-        _ => filtered.into_iter().map(with_indexes).collect(),
+        _ => filtered.into_iter().map(|e| shown(kind, e)).collect(),
     };
     Ok((StatusCode::OK, json!({ "list": list, "total": total })))
 }

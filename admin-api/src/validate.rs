@@ -267,6 +267,15 @@ pub fn schema_of(kind: Kind) -> &'static Schema {
 pub trait Lookup {
     /// Whether `/apisix/{kind}/{id}` exists.
     fn exists(&self, kind: Kind, id: &str) -> bool;
+
+    /// The object `/apisix/{kind}/{id}` as stored, for checks that look
+    /// inside it: an upstream's `tls.client_cert_id` must name an ssl
+    /// object of `type: client`. The default knows no contents, and then
+    /// such checks only see that the object [exists](Self::exists);
+    /// implementations that hold the objects should return them.
+    fn get(&self, _kind: Kind, _id: &str) -> Option<Value> {
+        None
+    }
 }
 
 /// Checks an object whose `id` has already been set; `Err` is the
@@ -281,7 +290,7 @@ pub fn check(kind: Kind, conf: &Value, lookup: &dyn Lookup) -> Result<(), String
     match kind {
         Kind::Routes => check_route(conf, lookup),
         Kind::Services => check_service(conf, lookup),
-        Kind::Upstreams => check_upstream(conf),
+        Kind::Upstreams => check_upstream(conf, lookup),
         Kind::GlobalRules | Kind::PluginConfigs | Kind::ConsumerGroups => {
             check_plugins(conf.get("plugins"))
         }
@@ -348,7 +357,7 @@ fn check_route(conf: &Value, lookup: &dyn Lookup) -> Result<(), String> {
         return Err("only one of remote_addr or remote_addrs is allowed".into());
     }
     if let Some(up) = conf.get("upstream") {
-        check_upstream(up)?;
+        check_upstream(up, lookup)?;
     }
     check_reference(conf, "upstream_id", Kind::Upstreams, lookup)?;
     check_reference(conf, "service_id", Kind::Services, lookup)?;
@@ -363,7 +372,7 @@ fn check_route(conf: &Value, lookup: &dyn Lookup) -> Result<(), String> {
 
 fn check_service(conf: &Value, lookup: &dyn Lookup) -> Result<(), String> {
     if let Some(up) = conf.get("upstream") {
-        check_upstream(up)?;
+        check_upstream(up, lookup)?;
     }
     check_reference(conf, "upstream_id", Kind::Upstreams, lookup)?;
     check_plugins(conf.get("plugins"))

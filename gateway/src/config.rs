@@ -473,7 +473,9 @@ fn ssl_listen(doc: &Value) -> Result<Option<SslListen>, ConfigError> {
             if let Value::Array(items) = v {
                 for item in items {
                     if item.get("enable_http3").and_then(Value::as_bool) == Some(true) {
-                        tracing::warn!("apisix.ssl.listen: enable_http3 is not supported; HTTP/3 stays off");
+                        tracing::warn!(
+                            "apisix.ssl.listen: enable_http3 is not supported; HTTP/3 stays off"
+                        );
                     }
                 }
             }

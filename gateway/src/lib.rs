@@ -23,6 +23,7 @@ pub mod health;
 pub mod io;
 pub mod keys;
 pub mod limits;
+pub mod linger;
 pub mod park;
 pub mod phases;
 pub mod proxy;
@@ -280,6 +281,7 @@ pub async fn start(config: GatewayConfig) -> Result<Running, Error> {
             listener,
             admin_api::router(state),
             shutdown_rx.clone(),
+            graceful.clone(),
         ));
         Some(bound)
     } else {

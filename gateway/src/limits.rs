@@ -177,7 +177,13 @@ mod tests {
 
     #[test]
     fn fields_nginx_refuses_twice() {
-        for name in ["host", "content-length", "authorization", "if-none-match", "expect"] {
+        for name in [
+            "host",
+            "content-length",
+            "authorization",
+            "if-none-match",
+            "expect",
+        ] {
             assert_eq!(
                 head("/", &[("host", "a"), (name, "1"), (name, "1")]),
                 Err(StatusCode::BAD_REQUEST),
@@ -185,7 +191,16 @@ mod tests {
             );
         }
         assert_eq!(
-            head("/", &[("host", "a"), ("accept", "a"), ("accept", "b"), ("cookie", "x=1"), ("cookie", "y=2")]),
+            head(
+                "/",
+                &[
+                    ("host", "a"),
+                    ("accept", "a"),
+                    ("accept", "b"),
+                    ("cookie", "x=1"),
+                    ("cookie", "y=2")
+                ]
+            ),
             Ok(()),
             "other fields may repeat"
         );

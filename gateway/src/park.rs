@@ -52,6 +52,9 @@ pub struct Activity {
     read_since_end: AtomicBool,
     /// Bytes were written and not flushed yet, or a write is blocked.
     write_open: AtomicBool,
+    /// The connection answered before reading all it was sent: linger on
+    /// close (see [`crate::linger`]).
+    linger: AtomicBool,
 }
 
 impl Activity {
@@ -66,6 +69,16 @@ impl Activity {
             },
             index,
         )
+    }
+
+    /// Asks for a lingering close when the connection ends.
+    pub fn set_linger(&self) {
+        self.linger.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the connection ends with a lingering close.
+    pub fn lingers(&self) -> bool {
+        self.linger.load(Ordering::Relaxed)
     }
 
     /// Requests begun so far.

@@ -33,6 +33,7 @@ use crate::error::Error;
 use crate::error_page::{error_page, with_close};
 use crate::framing::{FramingScan, Verdict};
 use crate::limits::{self, BodyLimits};
+use crate::linger::Lingering;
 use crate::park::{Activity, ClientIo, Tracked, PARK_AFTER};
 use crate::snapshot::SharedSnapshot;
 use crate::tls_edge::{TlsEdge, TlsInfo};
@@ -159,7 +160,11 @@ fn handle(
                 let snapshot = plane.live.load_full();
                 snapshot.service.clone().oneshot(req).await?
             }
-            Err(refusal) => refusal,
+            Err(refusal) => {
+                // Answered before the body was read: let the answer arrive.
+                conn.activity.set_linger();
+                refusal
+            }
         };
         resp.headers_mut()
             .insert(http::header::SERVER, plane.server_header.clone());
@@ -422,7 +427,10 @@ fn serve_connection(
     })
     .await;
         let Some(protocol) = sniffed else { return };
-        let stream = crate::io::SendTimeout::new(stream, plane.send_timeout);
+        let stream = crate::io::SendTimeout::new(
+            Lingering::new(stream, client.activity.clone()),
+            plane.send_timeout,
+        );
         let ended = match protocol {
             Protocol::Http1 => {
                 let verdict = Arc::new(Verdict::default());
@@ -451,7 +459,7 @@ fn serve_connection(
     }
 }
 
-type Http1Io = ClientIo<crate::io::SendTimeout<TcpStream>>;
+type Http1Io = ClientIo<crate::io::SendTimeout<Lingering>>;
 
 /// How a stretch of an HTTP/1 connection ended.
 enum Stretch {
@@ -508,7 +516,14 @@ where
                 ))
                 .await;
                 match driven {
-                    Stretch::Ended(result) => return result,
+                    Stretch::Ended(result) => {
+                        if result.is_err() {
+                            // hyper may have answered a bad head (400, 431)
+                            // with more of the request unread.
+                            activity.set_linger();
+                        }
+                        return result;
+                    }
                     Stretch::Quiet => {}
                 }
                 // Upgraded connections never come back here: they are not quiet.
@@ -534,7 +549,9 @@ where
             quiet_timer
                 .as_mut()
                 .reset(tokio::time::Instant::now() + wait);
-            let socket = io.get_ref().get_ref();
+            let Some(socket) = io.get_ref().get_ref().get_ref() else {
+                return Ok(());
+            };
             tokio::select! {
                 readable = socket.readable() => if readable.is_err() { return Ok(()) },
                 // keepalive_timeout is over: close.
@@ -684,6 +701,8 @@ fn serve_tls_connection(
 ) -> impl Future<Output = ()> + Send {
     async move {
         let _permit = &permit;
+        let activity = Arc::new(Activity::default());
+        let stream = Lingering::new(stream, activity.clone());
         let handshake = Box::pin(async {
             tokio::select! {
                 done = edge.accept(stream, &plane.live) => Some(done),
@@ -704,32 +723,38 @@ fn serve_tls_connection(
             peer,
             local,
             framing: None,
-            activity: Arc::default(),
+            activity,
             tls: Some(info),
         };
         let stream = crate::io::SendTimeout::new(tls, plane.send_timeout);
+        let linger_after = client.activity.clone();
         let ended = if h2 {
             let service = service_of(plane, client);
-            Box::pin(drain.serve(
-                protocols
-                    .http2
-                    .serve_connection(TokioIo::new(stream), service),
-            ))
+            Box::pin(
+                drain.serve(
+                    protocols
+                        .http2
+                        .serve_connection(TokioIo::new(stream), service),
+                ),
+            )
             .await
         } else {
             let verdict = Arc::new(Verdict::default());
             client.framing = Some(verdict.clone());
             let io = ClientIo::new(stream, client.activity.clone(), FramingScan::new(verdict));
             let service = service_of(plane, client);
-            Box::pin(drain.serve(
-                protocols
-                    .http1
-                    .serve_connection(TokioIo::new(io), service)
-                    .with_upgrades(),
-            ))
+            Box::pin(
+                drain.serve(
+                    protocols
+                        .http1
+                        .serve_connection(TokioIo::new(io), service)
+                        .with_upgrades(),
+                ),
+            )
             .await
         };
         if let Err(e) = ended {
+            linger_after.set_linger();
             tracing::debug!(%peer, error = %e, "HTTPS connection ended with an error");
         }
     }
@@ -742,20 +767,50 @@ fn shed(stream: TcpStream) {
     tracing::warn!("connection limit reached; connection shed");
 }
 
-/// Serves the Admin API until `shutdown` flips to true.
+/// Serves the Admin API until `shutdown` flips to true; connections then
+/// finish their request in hand (see [`Drain`]).
+///
+/// Every Admin API connection closes lingering (see [`crate::linger`]): an
+/// answer given before a body was read (413, 401) reaches the client.
 pub async fn serve_admin(
     listener: TcpListener,
     app: axum::Router,
     mut shutdown: watch::Receiver<bool>,
+    drain: Arc<Drain>,
 ) {
-    let service = app.into_make_service_with_connect_info::<SocketAddr>();
-    let result = axum::serve(listener, service)
-        .with_graceful_shutdown(async move {
-            let _ = shutdown.changed().await;
-        })
-        .await;
-    if let Err(e) = result {
-        tracing::error!(error = %e, "admin listener failed");
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(TokioTimer::new())
+        .header_read_timeout(crate::config::DEFAULT_CLIENT_HEADER_TIMEOUT);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let activity = Arc::new(Activity::default());
+        activity.set_linger();
+        let io = TokioIo::new(Lingering::new(stream, activity));
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            req.extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+            app.clone().oneshot(req)
+        });
+        let conn = http1.serve_connection(io, service);
+        let watch = drain.watcher();
+        tokio::spawn(async move {
+            if let Err(e) = watch.serve(conn).await {
+                tracing::debug!(%peer, error = %e, "admin connection ended with an error");
+            }
+        });
     }
 }
 

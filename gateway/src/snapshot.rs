@@ -47,11 +47,11 @@ use plugins::{json_response, ClientIp, ConnInfo, Ctx, HttpService, ResponseBody}
 
 use crate::body::ClientBody;
 use crate::proxy::{ProxyOptions, ProxyService, ProxyTarget};
-use crate::tls_edge::{ServedSsl, SniTable, TlsEdge};
 use crate::router::{
     normalize_host, normalize_path, Candidate, HostSet, Matcher, MethodSet, RequestView,
     RouteTable, Router,
 };
+use crate::tls_edge::{ServedSsl, SniTable, TlsEdge};
 use crate::upstream::{BalancerCache, Clients, CompiledUpstream, Timeouts};
 use crate::vars::RequestVars;
 
@@ -556,8 +556,14 @@ impl Compiler {
         self.routes
             .iter()
             .filter(|(_, r)| {
-                r.refs.upstream_id.as_ref().map_or(true, |u| upstreams.contains(&u))
-                    || r.refs.service_id.as_ref().is_some_and(|s| services.contains(&s))
+                r.refs
+                    .upstream_id
+                    .as_ref()
+                    .is_none_or(|u| upstreams.contains(&u))
+                    || r.refs
+                        .service_id
+                        .as_ref()
+                        .is_some_and(|s| services.contains(&s))
             })
             .map(|(k, _)| k.clone())
             .collect()

@@ -43,6 +43,10 @@ impl Lookup for Pending<'_> {
     fn exists(&self, kind: Kind, id: &str) -> bool {
         self.0.contains_key(&kind.key(id))
     }
+
+    fn get(&self, kind: Kind, id: &str) -> Option<Value> {
+        self.0.get(&kind.key(id)).cloned()
+    }
 }
 
 /// Reads the file into `key → object`, validated.

@@ -15,7 +15,6 @@
 //! (which the Admin API refuses) is logged and not served.
 
 pub mod client_auth;
-mod shim;
 pub mod sni;
 
 use std::sync::Arc;
@@ -26,7 +25,6 @@ use rustls::crypto::CryptoProvider;
 use rustls::server::{Acceptor, ClientHello, ResolvesServerCert, ServerSessionMemoryCache};
 use rustls::sign::CertifiedKey;
 use rustls::{ServerConfig, SupportedCipherSuite, SupportedProtocolVersion};
-use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::LazyConfigAcceptor;
 
@@ -137,9 +135,7 @@ impl TlsEdge {
     pub fn compile(&self, id: &str, conf: &SslConf) -> Result<ServedSsl, String> {
         let keys = conf
             .pairs()
-            .map(|(cert, key)| {
-                shim::certified_key(cert, key).map(Arc::new)
-            })
+            .map(|(cert, key)| admin_api::pem::certified_key(cert, key).map(Arc::new))
             .collect::<Result<Vec<_>, String>>()?;
         let versions = match &conf.ssl_protocols {
             Some(list) => {
@@ -161,7 +157,7 @@ impl TlsEdge {
                 let mandatory = client.skip_mtls_uri_regex.is_none();
                 let ca = Arc::new(ClientCa::new(&client.ca, client.depth, mandatory)?);
                 let skip = match &client.skip_mtls_uri_regex {
-                    Some(list) => Some(RegexSet::new(list).map_err(|e| e.to_string())?),
+                    Some(list) => Some(admin_api::validate::ssl::skip_mtls_uri_regex_set(list)?),
                     None => None,
                 };
                 Some(Arc::new(MtlsPolicy { ca, skip }))
@@ -192,21 +188,27 @@ impl TlsEdge {
     /// Runs the server side of a handshake on `stream`, choosing the
     /// certificate from the snapshot live at the ClientHello; bounded by
     /// `client_header_timeout`.
-    pub async fn accept(
+    pub async fn accept<IO>(
         &self,
-        stream: TcpStream,
+        stream: IO,
         live: &SharedSnapshot,
-    ) -> Result<(TlsStream<TcpStream>, TlsInfo), HandshakeError> {
+    ) -> Result<(TlsStream<IO>, TlsInfo), HandshakeError>
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
         tokio::time::timeout(self.handshake_timeout, self.handshake(stream, live))
             .await
             .unwrap_or(Err(HandshakeError::TimedOut))
     }
 
-    async fn handshake(
+    async fn handshake<IO>(
         &self,
-        stream: TcpStream,
+        stream: IO,
         live: &SharedSnapshot,
-    ) -> Result<(TlsStream<TcpStream>, TlsInfo), HandshakeError> {
+    ) -> Result<(TlsStream<IO>, TlsInfo), HandshakeError>
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
         let start = LazyConfigAcceptor::new(Acceptor::default(), stream).await?;
         let hello = start.client_hello();
         let name: Box<str> = match hello.server_name() {
@@ -228,7 +230,10 @@ impl TlsEdge {
             Some(policy) => {
                 let chain = stream.get_ref().1.peer_certificates().unwrap_or_default();
                 let verify = policy.ca.verify(chain, rustls::pki_types::UnixTime::now());
-                (verify, chain.first().and_then(client_auth::subject_and_serial))
+                (
+                    verify,
+                    chain.first().and_then(client_auth::subject_and_serial),
+                )
             }
         };
         let (client_s_dn, client_serial) = subject.unzip();
@@ -280,9 +285,9 @@ fn suites_of(names: &str, all: &[SupportedCipherSuite]) -> Vec<SupportedCipherSu
             "ECDHE-RSA-AES256-GCM-SHA384" => C::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
             "ECDHE-ECDSA-CHACHA20-POLY1305" => C::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
             "ECDHE-RSA-CHACHA20-POLY1305" => C::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
-            "TLS_AES_128_GCM_SHA256" | "TLS_AES_256_GCM_SHA384" | "TLS_CHACHA20_POLY1305_SHA256" => {
-                continue
-            }
+            "TLS_AES_128_GCM_SHA256"
+            | "TLS_AES_256_GCM_SHA384"
+            | "TLS_CHACHA20_POLY1305_SHA256" => continue,
             other => {
                 unknown.push(other);
                 continue;
@@ -353,7 +358,8 @@ mod tests {
     #[test]
     fn apisix_default_ciphers_map_to_rustls_suites() {
         let all = rustls::crypto::ring::default_provider().cipher_suites;
-        let names = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES128-GCM-SHA256";
+        let names =
+            "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES128-GCM-SHA256";
         let chosen = suites_of(names, &all);
         let tls12: Vec<_> = chosen
             .iter()
@@ -371,7 +377,10 @@ mod tests {
             .iter()
             .any(|s| s.version() == &rustls::version::TLS13));
         // Nothing usable: defaults.
-        assert_eq!(suites_of("DHE-RSA-AES128-GCM-SHA256", &all).len(), all.len());
+        assert_eq!(
+            suites_of("DHE-RSA-AES128-GCM-SHA256", &all).len(),
+            all.len()
+        );
     }
 
     #[test]

@@ -200,10 +200,15 @@ fn apisix_shipped_config_generates_a_private_key() {
 #[test]
 fn apisix_example_config_with_every_key_starts() {
     let dir = tempfile::tempdir().unwrap();
-    let (data, admin) = (free_port(), free_port());
+    let (data, admin, tls) = (free_port(), free_port(), free_port());
     let example = std::fs::read_to_string(Path::new(EXAMPLES).join("config.yaml.example")).unwrap();
     let text = example
         .replacen("    - 9080", &format!("    - {data}"), 1)
+        .replacen(
+            "      - port: 9443",
+            &format!("      - ip: 127.0.0.1\n        port: {tls}"),
+            1,
+        )
         .replacen(
             "      ip: 0.0.0.0                 # Set listening IP.",
             "      ip: 127.0.0.1",
@@ -214,6 +219,7 @@ fn apisix_example_config_with_every_key_starts() {
     let mut p = Proc::start(dir.path());
     p.wait_ready(admin);
     assert_eq!(http(data, "GET", "/x", None, "").unwrap().0, 404);
+    assert!(TcpStream::connect(("127.0.0.1", tls)).is_ok(), "HTTPS listens");
     assert!(
         p.log().contains("not used by this ferrogate version"),
         "unused keys are listed once"

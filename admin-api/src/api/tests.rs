@@ -164,3 +164,12 @@ async fn auth_and_unknown_resources() {
     let (st, _, _) = call(&app, "HEAD", "/apisix/admin", "", None).await;
     assert_eq!(st, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn ssl_schema_is_served() {
+    let app = app();
+    let (st, _, v) = call(&app, "GET", "/apisix/admin/schema/ssl", "", Some(KEY)).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(v["properties"]["cert"]["minLength"], 128);
+    assert_eq!(v["else"]["required"], serde_json::json!(["key", "cert"]));
+}

@@ -410,3 +410,129 @@ fn plugin_metadata_is_keyed_by_plugin_name() {
     assert_eq!(st, StatusCode::CREATED);
     assert_eq!(body["key"], "/apisix/plugin_metadata/ip-restriction");
 }
+
+#[test]
+fn ssls_are_stored_shown_without_keys_and_deleted() {
+    let s = MemoryStore::new();
+    let pem = crate::testcerts::ecdsa("test.com");
+    let conf = json!({"sni": "test.com", "cert": pem.cert, "key": pem.key,
+        "certs": [pem.cert], "keys": [pem.key]});
+    let (st, body) = put(&s, Kind::Ssls, Some("1"), Some(conf.clone())).unwrap();
+    assert_eq!(st, StatusCode::CREATED);
+    assert_eq!(body["key"], "/apisix/ssls/1");
+    assert_eq!(body["value"]["sni"], "test.com");
+    // The store keeps the keys: the data plane needs them.
+    let stored = s.get("/apisix/ssls/1").unwrap().unwrap().value;
+    assert_eq!(stored["key"], pem.key.as_str());
+    assert_eq!(stored["keys"][0], pem.key.as_str());
+    // GET, one or listed, shows no private key.
+    let (st, body) = get(&s, Kind::Ssls, "1").unwrap();
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(body["value"]["cert"], pem.cert.as_str());
+    assert!(body["value"].get("key").is_none() && body["value"].get("keys").is_none());
+    assert!(body["modifiedIndex"].is_u64());
+    let (_, body) = list(&s, Kind::Ssls, None, &ListQuery::default()).unwrap();
+    assert_eq!(body["total"], 1);
+    let item = &body["list"][0]["value"];
+    assert!(item.get("key").is_none() && item.get("keys").is_none());
+    assert_eq!(item["certs"][0], pem.cert.as_str());
+    // PATCH checks the merged object: a key of another certificate.
+    let other = crate::testcerts::ecdsa("test.com");
+    assert_eq!(
+        err(patch(
+            &s,
+            Kind::Ssls,
+            Some("1"),
+            None,
+            Some(json!({"key": other.key}))
+        )),
+        (
+            StatusCode::BAD_REQUEST,
+            "failed to parse key: the key does not match the certificate".into()
+        )
+    );
+    let (st, _) = patch(&s, Kind::Ssls, Some("1"), None, Some(json!({"status": 0}))).unwrap();
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(s.get("/apisix/ssls/1").unwrap().unwrap().value["status"], 0);
+    // Invalid objects are not stored.
+    let mut no_sni = conf.clone();
+    no_sni.as_object_mut().unwrap().remove("sni");
+    assert_eq!(
+        err(put(&s, Kind::Ssls, Some("2"), Some(no_sni))),
+        (
+            StatusCode::BAD_REQUEST,
+            "invalid configuration: then clause did not match".into()
+        )
+    );
+    assert!(s.get("/apisix/ssls/2").unwrap().is_none());
+    let (st, body) = delete(&s, Kind::Ssls, Some("1"), false).unwrap();
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(body, json!({"deleted": "1", "key": "/apisix/ssls/1"}));
+    assert_eq!(
+        get(&s, Kind::Ssls, "1").unwrap_err().status,
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[test]
+fn upstreams_refer_to_client_ssls_by_id() {
+    let s = MemoryStore::new();
+    let pem = crate::testcerts::ecdsa("client");
+    let server = json!({"sni": "test.com", "cert": pem.cert, "key": pem.key});
+    let client = json!({"type": "client", "cert": pem.cert, "key": pem.key});
+    put(&s, Kind::Ssls, Some("server"), Some(server)).unwrap();
+    let (_, body) = post(&s, Kind::Ssls, Some(client)).unwrap();
+    let client_id = body["value"]["id"].as_str().unwrap().to_string();
+    let upstream = |id: &str| {
+        json!({"type": "roundrobin", "scheme": "https", "nodes": {"127.0.0.1:1983": 1},
+            "tls": {"client_cert_id": id}})
+    };
+    let (st, _) = put(&s, Kind::Upstreams, Some("1"), Some(upstream(&client_id))).unwrap();
+    assert_eq!(st, StatusCode::CREATED);
+    assert_eq!(
+        err(put(
+            &s,
+            Kind::Upstreams,
+            Some("2"),
+            Some(upstream("server"))
+        )),
+        (
+            StatusCode::BAD_REQUEST,
+            "failed to fetch ssl info by ssl id [server], wrong ssl type".into()
+        )
+    );
+    assert_eq!(
+        err(post(
+            &s,
+            Kind::Upstreams,
+            Some(json!({"nodes": {"127.0.0.1:8080": 1},
+            "type": "roundrobin", "tls": {"client_cert_id": 9999999}}))
+        )),
+        (
+            StatusCode::BAD_REQUEST,
+            "failed to fetch ssl info by ssl id [9999999], response code: 404".into()
+        )
+    );
+    let mut route_conf = route("/hello");
+    route_conf["upstream"] = upstream("server");
+    assert_eq!(
+        err(put(&s, Kind::Routes, Some("1"), Some(route_conf))),
+        (
+            StatusCode::BAD_REQUEST,
+            "failed to fetch ssl info by ssl id [server], wrong ssl type".into()
+        )
+    );
+    let mut route_conf = route("/hello");
+    route_conf["upstream"] = upstream(&client_id);
+    put(&s, Kind::Routes, Some("1"), Some(route_conf)).unwrap();
+    // Inline client certificates, checked like an ssl object's.
+    let mut inline = route("/inline");
+    inline["upstream"]["tls"] = json!({"client_cert": pem.cert, "client_key": "AAA".repeat(128)});
+    assert_eq!(
+        err(put(&s, Kind::Routes, Some("2"), Some(inline))),
+        (
+            StatusCode::BAD_REQUEST,
+            "failed to decrypt previous encrypted key".into()
+        )
+    );
+}

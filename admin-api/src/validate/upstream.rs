@@ -5,14 +5,11 @@ use serde_json::Value;
 
 use plugins::schema::Schema;
 
-use super::{common, host_schema, id_schema, nodes_schema, timeout_schema, METHODS};
+use super::ssl::{cert_schema, check_client_cert, key_schema};
+use super::{common, host_schema, id_schema, nodes_schema, timeout_schema, Lookup, METHODS};
 use crate::model::health_check::split_header_line;
-use crate::model::{split_host_port, BalancerType, HashOn, Nodes, UpstreamConf};
-
-/// Shortest and longest PEM certificate APISIX takes in `tls.client_cert`.
-const CERT_LEN: (usize, usize) = (128, 64 * 1024);
-/// Shortest and longest PEM key APISIX takes in `tls.client_key`.
-const KEY_LEN: (usize, usize) = (64, 64 * 1024);
+use crate::model::{id_text, split_host_port, BalancerType, HashOn, Nodes, UpstreamConf};
+use crate::resource::Kind;
 /// Bound of the health-check streak counters (active: from 1, passive: from 0).
 const MAX_STREAK: f64 = 254.0;
 /// Range of the statuses a health check may list.
@@ -118,14 +115,8 @@ pub(super) fn checks_schema() -> Schema {
 pub(super) fn tls_schema() -> Schema {
     Schema::object()
         .prop("client_cert_id", id_schema())
-        .prop(
-            "client_cert",
-            Schema::string().min(CERT_LEN.0).max(CERT_LEN.1).done(),
-        )
-        .prop(
-            "client_key",
-            Schema::string().min(KEY_LEN.0).max(KEY_LEN.1).done(),
-        )
+        .prop("client_cert", cert_schema())
+        .prop("client_key", key_schema())
         .prop("verify", Schema::Boolean)
         .dependency(
             "client_cert",
@@ -202,8 +193,15 @@ pub(super) fn build_upstream_schema() -> Schema {
 
 /// Checks the rules APISIX applies to an upstream after its schema, then
 /// that the typed model holds it, so that whatever passes here is what the
-/// data plane compiles. `conf` must already have passed the schema.
-pub fn check_upstream(conf: &Value) -> Result<(), String> {
+/// data plane compiles. `conf` must already have passed the schema;
+/// `lookup` finds the ssl object `tls.client_cert_id` names.
+///
+/// In APISIX's order (`check_upstream_conf` of `apisix/upstream.lua`): node
+/// ports, `tls.client_cert_id` (`failed to fetch ssl info by ssl id [<id>],
+/// response code: 404`, or `..., wrong ssl type` unless it is a `client`
+/// ssl object), `pass_host`, `tls.client_cert` with `tls.client_key` (as an
+/// ssl object's `cert` and `key`: `failed to parse cert: ...`), the hash key.
+pub fn check_upstream(conf: &Value, lookup: &dyn Lookup) -> Result<(), String> {
     // Accepted by APISIX's schema but not served by ferrogate yet: refuse
     // rather than proxy differently from what was asked.
     if let Some(s) = conf
@@ -215,15 +213,24 @@ pub fn check_upstream(conf: &Value) -> Result<(), String> {
             "invalid configuration: upstream scheme `{s}` is not supported by ferrogate yet"
         ));
     }
+    if let Some(Value::Object(map)) = conf.get("nodes") {
+        for addr in map.keys() {
+            split_host_port(addr)?;
+        }
+    }
+    let tls = conf.get("tls");
+    if let Some(id) = tls.and_then(|t| t.get("client_cert_id")).and_then(id_text) {
+        check_client_cert_id(&id, lookup)?;
+    }
     if conf.get("pass_host").and_then(Value::as_str) == Some("rewrite")
         && conf.get("upstream_host").is_none()
     {
         return Err("`upstream_host` can't be empty when `pass_host` is `rewrite`".into());
     }
-    if let Some(Value::Object(map)) = conf.get("nodes") {
-        for addr in map.keys() {
-            split_host_port(addr)?;
-        }
+    let text = |field: &str| tls.and_then(|t| t.get(field)).and_then(Value::as_str);
+    // The schema makes each of the two require the other.
+    if let (Some(cert), Some(key)) = (text("client_cert"), text("client_key")) {
+        check_client_cert(cert, key)?;
     }
     let up: UpstreamConf =
         serde_json::from_value(conf.clone()).map_err(|e| format!("invalid configuration: {e}"))?;
@@ -235,21 +242,6 @@ pub fn check_upstream(conf: &Value) -> Result<(), String> {
         }
     }
     check_hash_key(&up)?;
-    if let Some(tls) = &up.tls {
-        // ferrogate keeps no SSL objects, so a reference finds nothing,
-        // which is what APISIX answers for a missing one.
-        if let Some(id) = tls.client_cert_id.as_ref().and_then(crate::model::id_text) {
-            return Err(format!(
-                "failed to fetch ssl info by ssl id [{id}], response code: 404"
-            ));
-        }
-        if tls.client_cert.is_some() {
-            return Err(
-                "invalid configuration: upstream `tls.client_cert` is not supported by ferrogate yet"
-                    .into(),
-            );
-        }
-    }
     if let Some(checks) = &up.checks {
         for (i, line) in checks.active.req_headers.iter().enumerate() {
             let valid = split_header_line(line).is_some_and(|(name, value)| {
@@ -264,6 +256,26 @@ pub fn check_upstream(conf: &Value) -> Result<(), String> {
                 ));
             }
         }
+    }
+    Ok(())
+}
+
+/// `tls.client_cert_id` must name an ssl object of `type: client`.
+fn check_client_cert_id(id: &str, lookup: &dyn Lookup) -> Result<(), String> {
+    if !lookup.exists(Kind::Ssls, id) {
+        return Err(format!(
+            "failed to fetch ssl info by ssl id [{id}], response code: 404"
+        ));
+    }
+    // A stored object without `type` is a `server` one (APISIX stores the
+    // default; ferrogate reads it so).
+    let wrong_type = lookup
+        .get(Kind::Ssls, id)
+        .is_some_and(|ssl| ssl.get("type").and_then(Value::as_str) != Some("client"));
+    if wrong_type {
+        return Err(format!(
+            "failed to fetch ssl info by ssl id [{id}], wrong ssl type"
+        ));
     }
     Ok(())
 }

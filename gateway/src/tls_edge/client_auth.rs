@@ -17,10 +17,10 @@ use std::sync::Arc;
 
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, WebPkiSupportedAlgorithms};
+use rustls::pki_types::TrustAnchor;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
-use rustls::pki_types::TrustAnchor;
 use webpki::{EndEntityCert, KeyUsage};
 
 /// The CA certificates clients of one ssl object are checked against.
@@ -68,7 +68,7 @@ impl ClientCa {
     /// Reads the PEM CA certificates of `client.ca`. Fails when none is
     /// there or one cannot be a trust anchor.
     pub fn new(ca_pem: &str, depth: u32, mandatory: bool) -> Result<Self, String> {
-        let certs = super::shim::parse_cert_chain(ca_pem)?;
+        let certs = admin_api::pem::parse_ca_certs(ca_pem)?;
         let mut anchors = Vec::with_capacity(certs.len());
         let mut hints = Vec::with_capacity(certs.len());
         for cert in &certs {
@@ -221,7 +221,10 @@ pub fn subject_and_serial(cert: &CertificateDer<'_>) -> Option<(String, String)>
         rdns.push(parts.join("+"));
     }
     rdns.reverse();
-    let serial = parsed.raw_serial_as_string().replace(':', "").to_uppercase();
+    let serial = parsed
+        .raw_serial_as_string()
+        .replace(':', "")
+        .to_uppercase();
     Some((rdns.join(","), serial))
 }
 

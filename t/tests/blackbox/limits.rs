@@ -784,3 +784,52 @@ async fn duplicate_host_is_refused() {
     assert_eq!(status(&resp), "200", "{resp}");
     gw.stop().await;
 }
+
+/// Sends a head declaring a `len`-byte body, then the body, and only then
+/// reads the answer, as a simple client does; returns whether the whole
+/// body could be sent, and what it could read.
+async fn upload_and_read(target: std::net::SocketAddr, head: String, len: usize) -> (bool, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(target).await.unwrap();
+    let _ = stream.write_all(head.as_bytes()).await;
+    // Let the early answer come, then keep sending into the closed end.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let chunk = vec![b'x'; 64 * 1024];
+    let mut sent = 0;
+    while sent < len {
+        let write = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&chunk)).await;
+        if !matches!(write, Ok(Ok(()))) {
+            break;
+        }
+        sent += chunk.len();
+    }
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut got)).await;
+    (sent >= len, String::from_utf8_lossy(&got).into_owned())
+}
+
+/// An answer given before the body was read (413 over the size limit on
+/// the data plane, 400 on the Admin API) reaches a client that is still
+/// sending its 2 MiB body: the gateway lingers, reading and discarding,
+/// instead of resetting the connection (nginx's lingering_close).
+#[tokio::test]
+async fn early_answer_reaches_a_client_still_sending() {
+    let (gw, _u1) = gateway_with("nginx_config:\n  http:\n    client_max_body_size: 1k\n").await;
+    let len = 2 * 1024 * 1024;
+    for _ in 0..3 {
+        let head = format!("POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: {len}\r\n\r\n");
+        let (sent, resp) = upload_and_read(gw.data, head, len).await;
+        assert!(sent, "data plane: the upload was cut off (broken pipe)");
+        assert_eq!(status(&resp), "413", "data plane: {resp:?}");
+        let head = format!(
+            "PUT /apisix/admin/routes/big HTTP/1.1\r\nHost: a\r\nX-API-KEY: {}\r\n\
+             Content-Type: application/json\r\nContent-Length: {len}\r\n\r\n",
+            harness::KEY
+        );
+        let (sent, resp) = upload_and_read(gw.admin, head, len).await;
+        assert!(sent, "Admin API: the upload was cut off (broken pipe)");
+        // APISIX answers an oversized Admin body 400.
+        assert_eq!(status(&resp), "400", "Admin API: {resp:?}");
+    }
+    gw.stop().await;
+}

@@ -161,8 +161,18 @@ async fn sni_selects_the_certificate_and_requests_are_https() {
     let ca = Ca::new("Test CA");
     let (a_cert, a_key) = ca.issue(&["a.test"], false);
     let (b_cert, b_key) = ca.issue(&["b.test"], false);
-    put_ssl(&gw, "a", json!({"cert": a_cert, "key": a_key, "snis": ["a.test"]})).await;
-    put_ssl(&gw, "b", json!({"cert": b_cert, "key": b_key, "sni": "B.test"})).await;
+    put_ssl(
+        &gw,
+        "a",
+        json!({"cert": a_cert, "key": a_key, "snis": ["a.test"]}),
+    )
+    .await;
+    put_ssl(
+        &gw,
+        "b",
+        json!({"cert": b_cert, "key": b_key, "sni": "B.test"}),
+    )
+    .await;
     route(
         &gw,
         "r",
@@ -194,7 +204,12 @@ async fn sni_selects_the_certificate_and_requests_are_https() {
     )
     .await;
     assert!(handshake(tls, "b.test", cfg.clone()).await.is_err());
-    assert_eq!(gw.admin("DELETE", "/apisix/admin/ssls/a", None).await.status, 200);
+    assert_eq!(
+        gw.admin("DELETE", "/apisix/admin/ssls/a", None)
+            .await
+            .status,
+        200
+    );
     assert!(handshake(tls, "a.test", cfg).await.is_err());
     gw.stop().await;
 }
@@ -206,13 +221,27 @@ async fn wildcard_covers_exactly_one_label() {
     let ca = Ca::new("Test CA");
     let (wc_cert, wc_key) = ca.issue(&["*.w.test"], false);
     let (ex_cert, ex_key) = ca.issue(&["api.w.test"], false);
-    put_ssl(&gw, "wc", json!({"cert": wc_cert, "key": wc_key, "snis": ["*.w.test"]})).await;
-    put_ssl(&gw, "ex", json!({"cert": ex_cert, "key": ex_key, "snis": ["api.w.test"]})).await;
+    put_ssl(
+        &gw,
+        "wc",
+        json!({"cert": wc_cert, "key": wc_key, "snis": ["*.w.test"]}),
+    )
+    .await;
+    put_ssl(
+        &gw,
+        "ex",
+        json!({"cert": ex_cert, "key": ex_key, "snis": ["api.w.test"]}),
+    )
+    .await;
     let cfg = client(&ca.pem(), None, &[]);
     let s = handshake(tls, "x.w.test", cfg.clone()).await.unwrap();
     assert_eq!(peer_cert(&s), der(&wc_cert));
     let s = handshake(tls, "api.w.test", cfg.clone()).await.unwrap();
-    assert_eq!(peer_cert(&s), der(&ex_cert), "an exact name beats the wildcard");
+    assert_eq!(
+        peer_cert(&s),
+        der(&ex_cert),
+        "an exact name beats the wildcard"
+    );
     assert!(handshake(tls, "y.x.w.test", cfg.clone()).await.is_err());
     assert!(handshake(tls, "w.test", cfg).await.is_err());
     gw.stop().await;
@@ -225,7 +254,12 @@ async fn no_sni_gets_fallback_sni_or_nothing() {
     let cfg = client(&ca.pem(), None, &[]);
     // An IP address as server name: the client sends no SNI.
     let gw = Gateway::start_tls("    fallback_sni: fb.test\n").await;
-    put_ssl(&gw, "fb", json!({"cert": fb_cert, "key": fb_key, "sni": "fb.test"})).await;
+    put_ssl(
+        &gw,
+        "fb",
+        json!({"cert": fb_cert, "key": fb_key, "sni": "fb.test"}),
+    )
+    .await;
     let s = handshake(gw.tls.unwrap(), "127.0.0.1", cfg.clone())
         .await
         .unwrap();
@@ -233,7 +267,12 @@ async fn no_sni_gets_fallback_sni_or_nothing() {
     gw.stop().await;
 
     let gw = Gateway::start_tls("").await;
-    put_ssl(&gw, "fb", json!({"cert": fb_cert, "key": fb_key, "sni": "fb.test"})).await;
+    put_ssl(
+        &gw,
+        "fb",
+        json!({"cert": fb_cert, "key": fb_key, "sni": "fb.test"}),
+    )
+    .await;
     assert!(handshake(gw.tls.unwrap(), "127.0.0.1", cfg).await.is_err());
     gw.stop().await;
 }
@@ -242,7 +281,13 @@ async fn no_sni_gets_fallback_sni_or_nothing() {
 /// `None` when openssl is not installed.
 fn rsa_key() -> Option<KeyPair> {
     let out = std::process::Command::new("openssl")
-        .args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"])
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+        ])
         .output()
         .ok()?;
     if !out.status.success() {
@@ -275,7 +320,8 @@ async fn ecdsa_and_rsa_for_one_name() {
     assert_eq!(peer_cert(&s), der(&ec_cert), "a modern client gets ECDSA");
     // A TLS 1.2 client that offers only RSA key exchange suites.
     let mut provider = rustls::crypto::ring::default_provider();
-    provider.cipher_suites = vec![rustls::crypto::ring::cipher_suite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256];
+    provider.cipher_suites =
+        vec![rustls::crypto::ring::cipher_suite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256];
     let mut roots = rustls::RootCertStore::empty();
     roots.add(der(&ca.pem())).unwrap();
     let rsa_only = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
@@ -283,7 +329,9 @@ async fn ecdsa_and_rsa_for_one_name() {
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    let s = handshake(tls, "dual.test", Arc::new(rsa_only)).await.unwrap();
+    let s = handshake(tls, "dual.test", Arc::new(rsa_only))
+        .await
+        .unwrap();
     assert_eq!(peer_cert(&s), der(&rsa_cert), "an RSA-only client gets RSA");
     gw.stop().await;
 }
@@ -294,7 +342,12 @@ async fn certificate_swap_under_load_fails_no_handshake() {
     let tls = gw.tls.unwrap();
     let ca = Ca::new("Test CA");
     let (c1, k1) = ca.issue(&["swap.test"], false);
-    put_ssl(&gw, "swap", json!({"cert": c1, "key": k1, "sni": "swap.test"})).await;
+    put_ssl(
+        &gw,
+        "swap",
+        json!({"cert": c1, "key": k1, "sni": "swap.test"}),
+    )
+    .await;
     let cfg = client(&ca.pem(), None, &[]);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let ok = Arc::new(AtomicUsize::new(0));
@@ -314,7 +367,12 @@ async fn certificate_swap_under_load_fails_no_handshake() {
     let mut last = c1.clone();
     for _ in 0..10 {
         let (c, k) = ca.issue(&["swap.test"], false);
-        put_ssl(&gw, "swap", json!({"cert": c, "key": k, "sni": "swap.test"})).await;
+        put_ssl(
+            &gw,
+            "swap",
+            json!({"cert": c, "key": k, "sni": "swap.test"}),
+        )
+        .await;
         last = c;
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
@@ -368,11 +426,11 @@ async fn mutual_tls_accepts_and_refuses() {
     // No certificate, or one from another CA: refused (in TLS 1.3 the
     // refusal reaches the client with its first read).
     for identity in [None, Some(other_ca.issue(&["intruder"], true))] {
-        let refused = match handshake(tls, "m.test", client(&ca.pem(), identity.as_ref(), &[])).await
-        {
-            Err(_) => true,
-            Ok(s) => get(s, "m.test", "/who").await.is_err(),
-        };
+        let refused =
+            match handshake(tls, "m.test", client(&ca.pem(), identity.as_ref(), &[])).await {
+                Err(_) => true,
+                Ok(s) => get(s, "m.test", "/who").await.is_err(),
+            };
         assert!(refused, "client {:?} must be refused", identity.is_some());
     }
     gw.stop().await;
@@ -395,7 +453,9 @@ async fn skip_mtls_uri_regex_exempts_paths() {
     .await;
     route(&gw, "r", "/*", &up, json!({})).await;
     let anonymous = client(&ca.pem(), None, &[]);
-    let s = handshake(tls, "skip.test", anonymous.clone()).await.unwrap();
+    let s = handshake(tls, "skip.test", anonymous.clone())
+        .await
+        .unwrap();
     assert_eq!(get(s, "skip.test", "/public/x").await.unwrap().0, 200);
     let s = handshake(tls, "skip.test", anonymous).await.unwrap();
     assert_eq!(get(s, "skip.test", "/private").await.unwrap().0, 400);
@@ -423,7 +483,12 @@ async fn host_of_an_mtls_server_needs_its_own_handshake() {
                "client": {"ca": client_ca.pem()}}),
     )
     .await;
-    put_ssl(&gw, "o", json!({"cert": o_cert, "key": o_key, "sni": "open.test"})).await;
+    put_ssl(
+        &gw,
+        "o",
+        json!({"cert": o_cert, "key": o_key, "sni": "open.test"}),
+    )
+    .await;
     route(&gw, "r", "/*", &up, json!({})).await;
     let cfg = client(&ca.pem(), None, &[]);
     let s = handshake(tls, "open.test", cfg.clone()).await.unwrap();
@@ -441,11 +506,20 @@ async fn http2_over_tls() {
     let up = Upstream::start("u1").await;
     let ca = Ca::new("Test CA");
     let (cert, key) = ca.issue(&["h2.test"], false);
-    put_ssl(&gw, "h2", json!({"cert": cert, "key": key, "sni": "h2.test"})).await;
+    put_ssl(
+        &gw,
+        "h2",
+        json!({"cert": cert, "key": key, "sni": "h2.test"}),
+    )
+    .await;
     route(&gw, "r", "/h2", &up, json!({})).await;
-    let s = handshake(tls, "h2.test", client(&ca.pem(), None, &[b"h2", b"http/1.1"]))
-        .await
-        .unwrap();
+    let s = handshake(
+        tls,
+        "h2.test",
+        client(&ca.pem(), None, &[b"h2", b"http/1.1"]),
+    )
+    .await
+    .unwrap();
     assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     let (mut send, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))

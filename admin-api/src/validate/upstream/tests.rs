@@ -255,21 +255,135 @@ fn tls_is_checked() {
     refused("tls", json!([]), "wrong type: expected object, got array");
 }
 
+/// ssl objects by id, as stored.
+struct Ssls(Vec<(&'static str, Value)>);
+
+impl Lookup for Ssls {
+    fn exists(&self, kind: Kind, id: &str) -> bool {
+        self.get(kind, id).is_some()
+    }
+
+    fn get(&self, kind: Kind, id: &str) -> Option<Value> {
+        let found = self.0.iter().find(|(i, _)| *i == id);
+        found.filter(|_| kind == Kind::Ssls).map(|(_, v)| v.clone())
+    }
+}
+
+/// Knows that objects exist, not what they hold.
+struct ExistsOnly;
+
+impl Lookup for ExistsOnly {
+    fn exists(&self, _: Kind, _: &str) -> bool {
+        true
+    }
+}
+
 #[test]
-fn tls_client_certificates_are_not_taken_silently() {
+fn tls_client_cert_id_must_name_a_client_ssl_object() {
+    let pem = crate::testcerts::ecdsa("client");
+    let ssls = Ssls(vec![
+        (
+            "c",
+            json!({"type": "client", "cert": pem.cert, "key": pem.key}),
+        ),
+        (
+            "s",
+            json!({"type": "server", "sni": "a.com", "cert": pem.cert, "key": pem.key}),
+        ),
+        (
+            "untyped",
+            json!({"sni": "a.com", "cert": pem.cert, "key": pem.key}),
+        ),
+        ("7", json!({"type": "client"})),
+    ]);
+    let with_tls = |tls: Value| upstream("tls", tls);
+    let verdict = |tls: Value, lookup: &dyn Lookup| check(Kind::Upstreams, &with_tls(tls), lookup);
+    assert_eq!(verdict(json!({"client_cert_id": "c"}), &ssls), Ok(()));
     assert_eq!(
-        check_field("tls", json!({"client_cert_id": 7})),
-        Err("failed to fetch ssl info by ssl id [7], response code: 404".into())
+        verdict(json!({"client_cert_id": 7}), &ssls),
+        Ok(()),
+        "an integer id"
     );
     assert_eq!(
-        check_field(
-            "tls",
-            json!({"client_cert": "c".repeat(128), "client_key": "k".repeat(64)})
+        verdict(json!({"client_cert_id": 9999999}), &ssls),
+        Err("failed to fetch ssl info by ssl id [9999999], response code: 404".into())
+    );
+    assert_eq!(
+        verdict(json!({"client_cert_id": 7}), &Nothing),
+        Err("failed to fetch ssl info by ssl id [7], response code: 404".into())
+    );
+    for id in ["s", "untyped"] {
+        assert_eq!(
+            verdict(json!({"client_cert_id": id}), &ssls),
+            Err(format!(
+                "failed to fetch ssl info by ssl id [{id}], wrong ssl type"
+            )),
+        );
+    }
+    // A lookup that cannot show contents only checks existence.
+    assert_eq!(verdict(json!({"client_cert_id": "s"}), &ExistsOnly), Ok(()));
+    // Inline upstreams of routes and services are checked alike.
+    let route = |id: &str| {
+        json!({"id": "1", "uri": "/a", "upstream": {"nodes": {"127.0.0.1:80": 1},
+            "scheme": "https", "tls": {"client_cert_id": id}}})
+    };
+    assert_eq!(check(Kind::Routes, &route("c"), &ssls), Ok(()));
+    assert_eq!(
+        check(Kind::Routes, &route("s"), &ssls),
+        Err("failed to fetch ssl info by ssl id [s], wrong ssl type".into())
+    );
+    let service = json!({"id": "1", "upstream": {"nodes": {"127.0.0.1:80": 1},
+        "tls": {"client_cert_id": "nope"}}});
+    assert_eq!(
+        check(Kind::Services, &service, &ssls),
+        Err("failed to fetch ssl info by ssl id [nope], response code: 404".into())
+    );
+}
+
+#[test]
+fn tls_client_cert_is_checked_as_an_ssl_certificate() {
+    let pem = crate::testcerts::ecdsa("client");
+    let rsa = crate::testcerts::rsa("client");
+    let tls = |cert: &str, key: &str| json!({"client_cert": cert, "client_key": key});
+    let up = accepted("tls", tls(&pem.cert, &pem.key));
+    let tls_conf = up.tls.unwrap();
+    assert_eq!(tls_conf.client_cert.as_deref(), Some(pem.cert.as_str()));
+    assert_eq!(tls_conf.client_key.as_deref(), Some(pem.key.as_str()));
+    accepted("tls", tls(&rsa.cert, &rsa.key));
+    let cases = [
+        (
+            tls(&"c".repeat(128), &pem.key),
+            "failed to parse cert: PEM_read_bio_X509_AUX() failed",
         ),
-        Err(
-            "invalid configuration: upstream `tls.client_cert` is not supported by ferrogate yet"
-                .into()
-        )
+        (
+            tls(&pem.cert, &"-".repeat(64)),
+            "failed to parse key: PEM_read_bio_PrivateKey() failed",
+        ),
+        (
+            tls(&pem.cert, &"AAA".repeat(128)),
+            "failed to decrypt previous encrypted key",
+        ),
+        (
+            tls(&pem.cert, &rsa.key),
+            "failed to parse key: the key does not match the certificate",
+        ),
+    ];
+    for (value, msg) in cases {
+        assert_eq!(check_field("tls", value), Err(msg.to_string()));
+    }
+    // The same inside a route, without a prefix, as APISIX answers.
+    let route = json!({"id": "1", "uri": "/a", "upstream": {"nodes": {"127.0.0.1:80": 1},
+        "tls": tls(&pem.cert, &"AAA".repeat(128))}});
+    assert_eq!(
+        check(Kind::Routes, &route, &Nothing),
+        Err("failed to decrypt previous encrypted key".into())
+    );
+    // Still both or neither, from the schema.
+    let route = json!({"id": "1", "uri": "/a", "upstream": {"nodes": {"127.0.0.1:80": 1},
+        "tls": {"client_cert": pem.cert}}});
+    assert_eq!(
+        check(Kind::Routes, &route, &Nothing),
+        Err("invalid configuration: property \"upstream\" validation failed: property \"tls\" validation failed: failed to validate dependent schema for \"client_cert\": property \"client_key\" is required".into())
     );
 }
 

@@ -1,0 +1,143 @@
+//! nginx's lingering close: after answering a request early (413, 400,
+//! 431 before its body was read) the connection is closed for writing and
+//! what the client still sends is read and thrown away, for a bounded time,
+//! before the socket is closed.
+//!
+//! Closing a socket with unread bytes in it makes the kernel send a reset,
+//! and a reset can destroy the answer before the client read it: a client
+//! still uploading a 2 MiB body would see a broken pipe instead of the
+//! 413. Reading on until the client stops (or gives up) lets the answer
+//! arrive.
+//!
+//! Bounds, nginx's defaults: each wait for more bytes ends after
+//! [`LINGERING_TIMEOUT`], the whole linger after [`LINGERING_TIME`]. The
+//! lingering socket no longer counts against `worker_connections`.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::park::Activity;
+
+/// nginx `lingering_timeout`: the longest wait for more bytes.
+pub const LINGERING_TIMEOUT: Duration = Duration::from_secs(5);
+/// nginx `lingering_time`: the longest linger in all.
+pub const LINGERING_TIME: Duration = Duration::from_secs(30);
+
+/// A client socket that lingers when dropped if its connection asked for
+/// it ([`Activity::linger`]).
+pub struct Lingering {
+    stream: Option<TcpStream>,
+    activity: Arc<Activity>,
+}
+
+impl Lingering {
+    pub fn new(stream: TcpStream, activity: Arc<Activity>) -> Self {
+        Lingering {
+            stream: Some(stream),
+            activity,
+        }
+    }
+
+    /// The socket (`None` only while being dropped).
+    pub fn get_ref(&self) -> Option<&TcpStream> {
+        self.stream.as_ref()
+    }
+
+    fn stream(&mut self) -> io::Result<&mut TcpStream> {
+        self.stream
+            .as_mut()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))
+    }
+}
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        let Some(stream) = self.stream.take() else {
+            return;
+        };
+        if !self.activity.lingers() {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(linger(stream));
+        }
+    }
+}
+
+/// Sends FIN, then reads and discards until the client closes, stops
+/// sending for [`LINGERING_TIMEOUT`], or [`LINGERING_TIME`] is over.
+async fn linger(mut stream: TcpStream) {
+    let _ = stream.shutdown().await;
+    let until = tokio::time::Instant::now() + LINGERING_TIME;
+    let mut sink = vec![0u8; 16 * 1024];
+    loop {
+        let wait = until
+            .saturating_duration_since(tokio::time::Instant::now())
+            .min(LINGERING_TIMEOUT);
+        match tokio::time::timeout(wait, stream.read(&mut sink)).await {
+            Ok(Ok(n)) if n > 0 => continue,
+            _ => return,
+        }
+    }
+}
+
+impl AsyncRead for Lingering {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut().stream() {
+            Ok(s) => Pin::new(s).poll_read(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+impl AsyncWrite for Lingering {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut().stream() {
+            Ok(s) => Pin::new(s).poll_write(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut().stream() {
+            Ok(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut().stream() {
+            Ok(s) => Pin::new(s).poll_flush(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut().stream() {
+            Ok(s) => Pin::new(s).poll_shutdown(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
