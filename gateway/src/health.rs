@@ -267,8 +267,9 @@ impl ProbePlan {
             healthy_interval: interval(active.healthy.interval),
             unhealthy_interval: interval(active.unhealthy.interval),
             tcp_only: active.check_type == CheckType::Tcp,
-            https: (active.check_type == CheckType::Https)
-                .then(|| crate::tls::client_config(roots.clone(), active.https_verify_certificate)),
+            https: (active.check_type == CheckType::Https).then(|| {
+                crate::tls::client_config(roots.clone(), active.https_verify_certificate, None)
+            }),
             method,
             headers,
             body: Bytes::from(active.http_req_body.clone()),
@@ -319,7 +320,7 @@ pub async fn run_prober(health: Weak<Health>, plan: ProbePlan) {
 /// also tests connecting.
 fn probe_client(plan: &ProbePlan) -> ProbeClient {
     let tls = plan.https.clone().unwrap_or_else(|| {
-        crate::tls::client_config(Arc::new(rustls::RootCertStore::empty()), true)
+        crate::tls::client_config(Arc::new(rustls::RootCertStore::empty()), true, None)
     });
     let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
     http.enforce_http(false);

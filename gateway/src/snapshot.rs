@@ -51,9 +51,31 @@ use crate::router::{
     normalize_host, normalize_path, Candidate, HostSet, Matcher, MethodSet, RequestView,
     RouteTable, Router,
 };
+use crate::tls::ClientCert;
 use crate::tls_edge::{ServedSsl, SniTable, TlsEdge};
 use crate::upstream::{BalancerCache, Clients, CompiledUpstream, Timeouts};
 use crate::vars::RequestVars;
+
+/// The certificate an upstream's `tls` names: inline, or a `client` ssl
+/// object. `Ok(None)` when it names none; an error when it names one that
+/// is not there or does not parse.
+fn client_cert_for(
+    up: &UpstreamConf,
+    client_ssls: &BTreeMap<String, ClientCert>,
+) -> Result<Option<ClientCert>, String> {
+    let Some(tls) = &up.tls else { return Ok(None) };
+    if let (Some(cert), Some(key)) = (&tls.client_cert, &tls.client_key) {
+        return ClientCert::from_pem(cert, key).map(Some);
+    }
+    match tls.client_cert_id.as_ref().and_then(id_text) {
+        Some(id) => client_ssls
+            .get(&id)
+            .cloned()
+            .map(Some)
+            .ok_or_else(|| format!("client ssl object {id} does not exist")),
+        None => Ok(None),
+    }
+}
 
 /// The service every request goes through.
 pub type GatewayService = HttpService<ClientBody>;
@@ -155,7 +177,7 @@ pub struct Compiler {
     /// `server` ssl objects, compiled (those that compiled).
     served_ssls: BTreeMap<String, Arc<ServedSsl>>,
     /// `client` ssl objects: certificates presented to upstreams.
-    client_ssls: BTreeMap<String, SslConf>,
+    client_ssls: BTreeMap<String, ClientCert>,
     certs: Arc<SniTable<ServedSsl>>,
     /// `None`: no HTTPS listener, server certificates are not compiled.
     tls_edge: Option<Arc<TlsEdge>>,
@@ -475,7 +497,14 @@ impl Compiler {
                 let conf = entry.and_then(parse::<SslConf>);
                 match conf {
                     Some(conf) if conf.kind == SslType::Client => {
-                        self.client_ssls.insert(id.clone(), conf);
+                        match ClientCert::from_pem(&conf.cert, &conf.key) {
+                            Ok(cert) => {
+                                self.client_ssls.insert(id.clone(), cert);
+                            }
+                            Err(e) => {
+                                tracing::error!(ssl = %id, error = %e, "client ssl object does not compile")
+                            }
+                        }
                     }
                     Some(conf) if conf.status != 0 => self.compile_ssl(&id, &conf),
                     _ => {}
@@ -483,6 +512,9 @@ impl Compiler {
                 touched.certs = true;
                 let is_client = self.client_ssls.contains_key(&id);
                 if was_client || is_client {
+                    // Upstream objects embed the certificate: compile them
+                    // again (client certificates change seldom).
+                    self.upstream_cache.clear();
                     touched.routes = self.routes_using_client_cert(&id);
                 }
             }
@@ -582,7 +614,15 @@ impl Compiler {
             return Some(up.clone());
         }
         let conf = self.upstreams.get(id)?;
-        match CompiledUpstream::compile(conf, &format!("upstreams/{id}"), &mut self.balancers) {
+        let cert = match client_cert_for(conf, &self.client_ssls) {
+            Ok(cert) => cert,
+            Err(e) => {
+                tracing::error!(upstream = id, error = %e, "skipping upstream whose client certificate does not compile");
+                return None;
+            }
+        };
+        match CompiledUpstream::compile(conf, &format!("upstreams/{id}"), &mut self.balancers, cert)
+        {
             Ok(up) => {
                 let up = Arc::new(up);
                 self.upstream_cache.insert(id.to_string(), up.clone());
@@ -754,17 +794,23 @@ impl Compiler {
             .and_then(|sid| self.services.get(&sid).cloned().map(|s| (sid, s)));
         // Route fields win over the service's: upstream, plugins, hosts.
         let upstream = if let Some(up) = &conf.upstream {
+            let cert = client_cert_for(up, &self.client_ssls)?;
             let compiled =
-                CompiledUpstream::compile(up, &format!("routes/{id}"), &mut self.balancers)
+                CompiledUpstream::compile(up, &format!("routes/{id}"), &mut self.balancers, cert)
                     .map_err(|e| e.to_string())?;
             Some(Arc::new(compiled))
         } else if let Some(uid) = conf.upstream_id.as_ref().and_then(id_text) {
             self.upstream_object(&uid)
         } else if let Some((sid, svc)) = &service {
             if let Some(up) = &svc.upstream {
-                let compiled =
-                    CompiledUpstream::compile(up, &format!("services/{sid}"), &mut self.balancers)
-                        .map_err(|e| e.to_string())?;
+                let cert = client_cert_for(up, &self.client_ssls)?;
+                let compiled = CompiledUpstream::compile(
+                    up,
+                    &format!("services/{sid}"),
+                    &mut self.balancers,
+                    cert,
+                )
+                .map_err(|e| e.to_string())?;
                 Some(Arc::new(compiled))
             } else {
                 svc.upstream_id
@@ -806,10 +852,17 @@ impl Compiler {
             .as_ref()
             .map(|u| u.keepalive_pool)
             .unwrap_or_default();
+        let client = self.clients.get(
+            timeouts.connect,
+            verify,
+            pool,
+            http2,
+            upstream.as_ref().and_then(|u| u.client_cert.as_ref()),
+        );
         let proxy = ProxyService::new(ProxyTarget {
             upstream,
             timeouts,
-            client: self.clients.get(timeouts.connect, verify, pool, http2),
+            client,
             options: self.options,
             websocket,
         });

@@ -10,9 +10,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::ResolvesClientCert;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 /// Why the trust store could not be built.
@@ -45,19 +47,77 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// A client configuration: verifying (`verify`) or not.
-pub fn client_config(roots: Arc<RootCertStore>, verify: bool) -> ClientConfig {
+/// A certificate an upstream's `tls` asks the gateway to present
+/// (`client_cert`/`client_key`, or a `client` ssl object named by
+/// `client_cert_id`).
+#[derive(Clone)]
+pub struct ClientCert {
+    pub key: Arc<CertifiedKey>,
+    /// Tells certificates apart when pools are shared: a hash of the chain.
+    pub fingerprint: u64,
+}
+
+impl std::fmt::Debug for ClientCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ClientCert({:016x})", self.fingerprint)
+    }
+}
+
+impl ClientCert {
+    /// Parses a PEM certificate chain and its key; fails with a message
+    /// that never quotes the key.
+    pub fn from_pem(cert: &str, key: &str) -> Result<Self, String> {
+        let key = admin_api::pem::certified_key(cert, key)?;
+        let mut hasher = std::hash::DefaultHasher::new();
+        for c in &key.cert {
+            std::hash::Hash::hash(c.as_ref(), &mut hasher);
+        }
+        Ok(ClientCert {
+            fingerprint: std::hash::Hasher::finish(&hasher),
+            key: Arc::new(key),
+        })
+    }
+}
+
+/// Presents the one certificate whenever a server asks for one.
+#[derive(Debug)]
+struct Present(Arc<CertifiedKey>);
+
+impl ResolvesClientCert for Present {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// A client configuration: verifying (`verify`) or not, presenting
+/// `identity` when the server asks for a certificate.
+pub fn client_config(
+    roots: Arc<RootCertStore>,
+    verify: bool,
+    identity: Option<&ClientCert>,
+) -> ClientConfig {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .unwrap_or_else(|_| ClientConfig::builder());
     // hyper-rustls sets ALPN itself (HTTP/1.1 only).
-    if verify {
-        builder.with_root_certificates(roots).with_no_client_auth()
+    let builder = if verify {
+        builder.with_root_certificates(roots)
     } else {
         builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
-            .with_no_client_auth()
+    };
+    match identity {
+        Some(id) => builder.with_client_cert_resolver(Arc::new(Present(id.key.clone()))),
+        None => builder.with_no_client_auth(),
     }
 }
 

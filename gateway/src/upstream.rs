@@ -77,10 +77,12 @@ impl Clients {
         verify: bool,
         pool: KeepalivePool,
         http2: Option<bool>,
+        identity: Option<&tls::ClientCert>,
     ) -> UpstreamClient {
         let key = ClientKey {
             connect_ms: connect.as_millis() as u64,
             verify,
+            identity: identity.map(|i| i.fingerprint),
             pool_size: pool.size,
             pool_idle_timeout_ms: pool.idle_timeout_ms,
             pool_requests: pool.requests,
@@ -93,12 +95,12 @@ impl Clients {
         map.retain(|_, weak| weak.upgrade().is_some());
         let client = if let Some(tls) = http2 {
             UpstreamClient::Http2(Arc::new(H2Pool::new(
-                tls.then(|| tls::client_config(self.roots.clone(), verify)),
+                tls.then(|| tls::client_config(self.roots.clone(), verify, identity)),
                 connect,
                 Duration::from_millis(pool.idle_timeout_ms),
             )))
         } else {
-            let mut tls = tls::client_config(self.roots.clone(), verify);
+            let mut tls = tls::client_config(self.roots.clone(), verify, identity);
             tls.alpn_protocols = vec![b"http/1.1".to_vec()];
             UpstreamClient::Http1(H1Pool::new(
                 tls,
@@ -147,6 +149,8 @@ impl UpstreamClient {
 struct ClientKey {
     connect_ms: u64,
     verify: bool,
+    /// The client certificate presented, by fingerprint.
+    identity: Option<u64>,
     pool_size: usize,
     pool_idle_timeout_ms: u64,
     /// Upstreams with different per-connection request limits keep apart,
@@ -228,6 +232,8 @@ pub struct CompiledUpstream {
     pub http2: bool,
     /// `tls.verify` (default true): check the upstream's certificate.
     pub verify: bool,
+    /// The certificate presented to the nodes (upstream mutual TLS).
+    pub client_cert: Option<tls::ClientCert>,
     pub keepalive_pool: KeepalivePool,
     pub balancer: Arc<Balancer>,
     /// Health of the nodes when `checks` is configured.
@@ -410,10 +416,13 @@ impl BalancerCache {
 }
 
 impl CompiledUpstream {
+    /// `client_cert`: the certificate `conf.tls` names, resolved by the
+    /// caller (it may live in an ssl object).
     pub fn compile(
         conf: &UpstreamConf,
         owner: &str,
         balancers: &mut BalancerCache,
+        client_cert: Option<tls::ClientCert>,
     ) -> Result<Self, UpstreamError> {
         let nodes = conf.resolved_nodes().map_err(UpstreamError)?;
         // Stream and kafka schemes are not HTTP: refuse rather than proxy
@@ -473,14 +482,16 @@ impl CompiledUpstream {
             ),
             PassHostMode::Pass => PassHost::Pass,
         };
-        if let Some(tls) = &conf.tls {
-            // The Admin API refuses these; a store written by something
-            // else must not get a connection without the asked-for identity.
-            if tls.client_cert.is_some() || tls.client_cert_id.is_some() {
-                return Err(UpstreamError(
-                    "tls client certificates are not supported yet".into(),
-                ));
-            }
+        // A certificate asked for but not found (a store written by
+        // something else) must not become a connection without it.
+        let wants_cert = conf
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_cert.is_some() || t.client_cert_id.is_some());
+        if wants_cert && client_cert.is_none() {
+            return Err(UpstreamError(
+                "its tls client certificate is missing".into(),
+            ));
         }
         let checks: Option<&ChecksConf> = conf.checks.as_ref();
         if let Some(c) = checks {
@@ -502,6 +513,7 @@ impl CompiledUpstream {
             },
             http2: conf.scheme.is_http2(),
             verify,
+            client_cert,
             keepalive_pool: KeepalivePool::from_conf(&conf.keepalive_pool),
             balancer,
             health,
@@ -529,7 +541,8 @@ mod tests {
 
     fn compile(v: serde_json::Value) -> CompiledUpstream {
         let conf: UpstreamConf = serde_json::from_value(v).unwrap();
-        CompiledUpstream::compile(&conf, "upstreams/t", &mut BalancerCache::default()).unwrap()
+        CompiledUpstream::compile(&conf, "upstreams/t", &mut BalancerCache::default(), None)
+            .unwrap()
     }
 
     #[test]
@@ -574,7 +587,9 @@ mod tests {
     fn unsupported_schemes_do_not_compile() {
         let conf: UpstreamConf =
             serde_json::from_value(json!({"nodes": {"a:80": 1}, "scheme": "kafka"})).unwrap();
-        assert!(CompiledUpstream::compile(&conf, "o", &mut BalancerCache::default()).is_err());
+        assert!(
+            CompiledUpstream::compile(&conf, "o", &mut BalancerCache::default(), None).is_err()
+        );
     }
 
     #[test]
@@ -601,7 +616,7 @@ mod tests {
     fn what_cannot_be_honoured_does_not_compile() {
         let refused = |v: serde_json::Value| {
             let conf: UpstreamConf = serde_json::from_value(v).unwrap();
-            CompiledUpstream::compile(&conf, "o", &mut BalancerCache::default()).unwrap_err()
+            CompiledUpstream::compile(&conf, "o", &mut BalancerCache::default(), None).unwrap_err()
         };
         refused(json!({"nodes": {"a:80": 1}, "tls": {"client_cert_id": 1}}));
         refused(json!({"nodes": {"a:80": 1},
@@ -641,13 +656,13 @@ mod tests {
     async fn pools_are_shared_while_used_and_dropped_after() {
         let clients = Clients::default();
         let pool = KeepalivePool::default();
-        let a = clients.get(Duration::from_secs(1), true, pool, None);
-        let b = clients.get(Duration::from_secs(1), true, pool, None);
+        let a = clients.get(Duration::from_secs(1), true, pool, None, None);
+        let b = clients.get(Duration::from_secs(1), true, pool, None, None);
         let (UpstreamClient::Http1(a1), UpstreamClient::Http1(b1)) = (&a, &b) else {
             panic!("HTTP/1.1 pools expected");
         };
         assert!(a1.same_pool(b1), "one pool for one setting");
-        let other = clients.get(Duration::from_secs(2), true, pool, None);
+        let other = clients.get(Duration::from_secs(2), true, pool, None, None);
         assert_eq!(clients.live(), 2);
         drop((a, b, other));
         assert_eq!(clients.live(), 0, "nobody uses them any more");

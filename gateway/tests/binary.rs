@@ -219,7 +219,10 @@ fn apisix_example_config_with_every_key_starts() {
     let mut p = Proc::start(dir.path());
     p.wait_ready(admin);
     assert_eq!(http(data, "GET", "/x", None, "").unwrap().0, 404);
-    assert!(TcpStream::connect(("127.0.0.1", tls)).is_ok(), "HTTPS listens");
+    assert!(
+        TcpStream::connect(("127.0.0.1", tls)).is_ok(),
+        "HTTPS listens"
+    );
     assert!(
         p.log().contains("not used by this ferrogate version"),
         "unused keys are listed once"

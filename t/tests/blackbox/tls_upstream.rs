@@ -237,3 +237,112 @@ async fn https_active_checks() {
     }
     gw.stop().await;
 }
+
+/// An HTTPS upstream that requires a client certificate issued by `ca`
+/// (PEM) and answers with the subject it saw.
+async fn mtls_upstream(ca: &str) -> std::net::SocketAddr {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let cert: CertificateDer<'static> = ck.cert.der().clone();
+    let key = PrivateKeyDer::try_from(ck.signing_key.serialize_der()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject;
+    roots
+        .add(CertificateDer::from_pem_slice(ca.as_bytes()).unwrap())
+        .unwrap();
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(vec![cert], key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let presented = tls.get_ref().1.peer_certificates().map_or(0, |c| c.len());
+                let svc = hyper::service::service_fn(
+                    move |_req: http::Request<hyper::body::Incoming>| async move {
+                        let doc = json!({"upstream": "mtls", "client_certs": presented});
+                        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(
+                            doc.to_string(),
+                        ))))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Upstream mutual TLS: `tls.client_cert_id` (an ssl object of type
+/// `client`) and inline `tls.client_cert`/`client_key` are presented to an
+/// upstream that requires them; without one the upstream refuses (502).
+#[tokio::test]
+async fn client_certificate_presented_to_upstream() {
+    let gw = Gateway::start().await;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    let client_key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "gateway");
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let client_cert = params.signed_by(&client_key, &ca).unwrap();
+    let (cert_pem, key_pem) = (client_cert.pem(), client_key.serialize_pem());
+    let addr = mtls_upstream(&ca.pem()).await;
+    let node = format!("localhost:{}", addr.port());
+
+    let mut up = upstream(&[(&node, 1)]);
+    up["scheme"] = json!("https");
+    up["tls"] = json!({"verify": false});
+    gw.put(
+        "routes/none",
+        json!({"uri": "/none", "upstream": up.clone()}),
+    )
+    .await;
+    assert_eq!(gw.get("/none").await.status, 502, "no certificate: refused");
+
+    let r = gw
+        .put(
+            "ssls/c1",
+            json!({"type": "client", "cert": cert_pem, "key": key_pem}),
+        )
+        .await;
+    assert!(r.status.is_success(), "{}", r.text());
+    up["tls"] = json!({"verify": false, "client_cert_id": "c1"});
+    gw.put(
+        "routes/byid",
+        json!({"uri": "/byid", "upstream": up.clone()}),
+    )
+    .await;
+    let r = gw.get("/byid").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["client_certs"], 1);
+
+    up["tls"] = json!({"verify": false, "client_cert": cert_pem, "client_key": key_pem});
+    gw.put("routes/inline", json!({"uri": "/inline", "upstream": up}))
+        .await;
+    let r = gw.get("/inline").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["client_certs"], 1);
+    gw.stop().await;
+}
