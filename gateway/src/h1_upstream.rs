@@ -469,7 +469,7 @@ mod tests {
     }
 
     fn pool(idle_timeout: Duration) -> H1Pool {
-        let tls = crate::tls::client_config(Arc::new(rustls::RootCertStore::empty()), true);
+        let tls = crate::tls::client_config(Arc::new(rustls::RootCertStore::empty()), true, None);
         H1Pool::new(tls, Duration::from_secs(1), idle_timeout, 4, None)
     }
 
