@@ -336,6 +336,39 @@ impl Protocols {
     }
 }
 
+/// The next client of `listener`, with `TCP_NODELAY` set; `None` once
+/// `shutdown` flips. Accept failures (out of file descriptors and the like)
+/// are logged and retried after a short pause instead of spinning.
+async fn next_client(
+    listener: &TcpListener,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    return Some((stream, peer));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = shutdown.changed() => return None,
+        }
+    }
+}
+
+/// Where the socket was dialled: its own local address, which for a
+/// wildcard listener says more than the listener's.
+fn local_of(stream: &TcpStream, listener: &TcpListener) -> SocketAddr {
+    stream
+        .local_addr()
+        .or_else(|_| listener.local_addr())
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+}
+
 /// Serves the data plane on `listener` until `shutdown` flips to true.
 pub async fn serve_data_plane(
     listener: TcpListener,
@@ -345,32 +378,13 @@ pub async fn serve_data_plane(
 ) {
     let protocols = Arc::new(Protocols::new(&plane));
     let plane = Arc::new(plane);
-    let listen_addr = listener
-        .local_addr()
-        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off briefly
-                    // instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => break,
-        };
+    while let Some((stream, peer)) = next_client(&listener, &mut shutdown).await {
         let Ok(permit) = plane.connections.clone().try_acquire_owned() else {
             // Over the connection cap: shed at once rather than queue.
             shed(stream);
             continue;
         };
-        // The socket's own local address: the one the client dialled, which
-        // for a wildcard listener is more than the listener's.
-        let local = stream.local_addr().unwrap_or(listen_addr);
-        let _ = stream.set_nodelay(true);
+        let local = local_of(&stream, &listener);
         let client = ClientConn {
             peer,
             local,
@@ -651,28 +665,13 @@ pub async fn serve_tls(
 ) {
     let protocols = Arc::new(Protocols::new(&plane));
     let plane = Arc::new(plane);
-    let listen_addr = listener
-        .local_addr()
-        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => break,
-        };
+    while let Some((stream, peer)) = next_client(&listener, &mut shutdown).await {
         let Ok(permit) = plane.connections.clone().try_acquire_owned() else {
             // Over the cap: closed before any handshake work.
             tracing::warn!("connection limit reached; HTTPS connection shed");
             continue;
         };
-        let local = stream.local_addr().unwrap_or(listen_addr);
-        let _ = stream.set_nodelay(true);
+        let local = local_of(&stream, &listener);
         tokio::spawn(serve_tls_connection(
             stream,
             peer,
@@ -782,19 +781,7 @@ pub async fn serve_admin(
     http1
         .timer(TokioTimer::new())
         .header_read_timeout(crate::config::DEFAULT_CLIENT_HEADER_TIMEOUT);
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => break,
-        };
-        let _ = stream.set_nodelay(true);
+    while let Some((stream, peer)) = next_client(&listener, &mut shutdown).await {
         let activity = Arc::new(Activity::default());
         activity.set_linger();
         let io = TokioIo::new(Lingering::new(stream, activity));

@@ -196,58 +196,55 @@ impl TlsEdge {
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        tokio::time::timeout(self.handshake_timeout, self.handshake(stream, live))
+        let handshake = async {
+            let start = LazyConfigAcceptor::new(Acceptor::default(), stream).await?;
+            let hello = start.client_hello();
+            let name: Box<str> = match hello.server_name() {
+                Some(n) => sni::normalize(n).into(),
+                None => self
+                    .fallback_sni
+                    .clone()
+                    .ok_or(HandshakeError::NoServerName)?,
+            };
+            let served = live
+                .load()
+                .certs
+                .find(&name)
+                .cloned()
+                .ok_or_else(|| HandshakeError::NoCertificate(name.to_string()))?;
+            let stream = start.into_stream(served.config.clone()).await?;
+            let (verify, subject) = match &served.mtls {
+                None => (ClientVerify::None, None),
+                Some(policy) => {
+                    let chain = stream.get_ref().1.peer_certificates().unwrap_or_default();
+                    let verify = if policy.skip.is_none() && !chain.is_empty() {
+                        // The handshake refuses what does not verify.
+                        ClientVerify::Success
+                    } else {
+                        policy.ca.verify(chain, rustls::pki_types::UnixTime::now())
+                    };
+                    (
+                        verify,
+                        chain.first().and_then(client_auth::subject_and_serial),
+                    )
+                }
+            };
+            let (client_s_dn, client_serial) = subject.unzip();
+            let info = TlsInfo {
+                vars: Arc::new(plugins::TlsVars {
+                    server_name: Some(name),
+                    client_verify: verify.as_var(),
+                    client_s_dn,
+                    client_serial,
+                }),
+                verify,
+                mtls: served.mtls.clone().filter(|p| p.skip.is_some()),
+            };
+            Ok((stream, info))
+        };
+        tokio::time::timeout(self.handshake_timeout, handshake)
             .await
             .unwrap_or(Err(HandshakeError::TimedOut))
-    }
-
-    async fn handshake<IO>(
-        &self,
-        stream: IO,
-        live: &SharedSnapshot,
-    ) -> Result<(TlsStream<IO>, TlsInfo), HandshakeError>
-    where
-        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    {
-        let start = LazyConfigAcceptor::new(Acceptor::default(), stream).await?;
-        let hello = start.client_hello();
-        let name: Box<str> = match hello.server_name() {
-            Some(n) => sni::normalize(n).into(),
-            None => self
-                .fallback_sni
-                .clone()
-                .ok_or(HandshakeError::NoServerName)?,
-        };
-        let served = live
-            .load()
-            .certs
-            .find(&name)
-            .cloned()
-            .ok_or_else(|| HandshakeError::NoCertificate(name.to_string()))?;
-        let stream = start.into_stream(served.config.clone()).await?;
-        let (verify, subject) = match &served.mtls {
-            None => (ClientVerify::None, None),
-            Some(policy) => {
-                let chain = stream.get_ref().1.peer_certificates().unwrap_or_default();
-                let verify = policy.ca.verify(chain, rustls::pki_types::UnixTime::now());
-                (
-                    verify,
-                    chain.first().and_then(client_auth::subject_and_serial),
-                )
-            }
-        };
-        let (client_s_dn, client_serial) = subject.unzip();
-        let info = TlsInfo {
-            vars: Arc::new(plugins::TlsVars {
-                server_name: Some(name),
-                client_verify: verify.as_var(),
-                client_s_dn,
-                client_serial,
-            }),
-            verify,
-            mtls: served.mtls.clone().filter(|p| p.skip.is_some()),
-        };
-        Ok((stream, info))
     }
 }
 
