@@ -3,8 +3,8 @@
 
 use serde::Deserialize;
 
-/// An ssl object as stored.
-#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
+/// An ssl object as stored. Its `Debug` leaves certificates and keys out.
+#[derive(Clone, Deserialize, Default, PartialEq)]
 pub struct SslConf {
     /// `server` (default): served to clients whose SNI matches; `client`:
     /// presented to upstreams that name it in `tls.client_cert_id`.
@@ -40,6 +40,20 @@ pub struct SslConf {
 
 fn enabled() -> i64 {
     1
+}
+
+impl std::fmt::Debug for SslConf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SslConf")
+            .field("type", &self.kind)
+            .field("certs", &(1 + self.certs.len()))
+            .field("sni", &self.sni)
+            .field("snis", &self.snis)
+            .field("client", &self.client.as_ref().map(|c| c.depth))
+            .field("status", &self.status)
+            .field("ssl_protocols", &self.ssl_protocols)
+            .finish_non_exhaustive()
+    }
 }
 
 /// `type` of an ssl object.
@@ -91,5 +105,33 @@ impl SslConf {
                 .zip(self.keys.iter())
                 .map(|(c, k)| (c.as_str(), k.as_str())),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_leaves_keys_out() {
+        let conf = SslConf {
+            cert: "-----BEGIN CERTIFICATE-----".into(),
+            key: "-----BEGIN PRIVATE KEY-----secret".into(),
+            keys: vec!["secret2".into()],
+            certs: vec!["c".into()],
+            snis: Some(vec!["A.test.".into()]),
+            ..SslConf::default()
+        };
+        let shown = format!("{conf:?}");
+        assert!(
+            !shown.contains("secret") && !shown.contains("PRIVATE"),
+            "{shown}"
+        );
+        assert_eq!(conf.names(), vec!["a.test"]);
+        let tls = crate::model::UpstreamTls {
+            client_key: Some("-----BEGIN PRIVATE KEY-----secret".into()),
+            ..Default::default()
+        };
+        assert!(!format!("{tls:?}").contains("secret"));
     }
 }

@@ -116,8 +116,8 @@ pub enum HashOn {
     VarsCombinations,
 }
 
-/// `tls` of an upstream.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+/// `tls` of an upstream. Its `Debug` leaves the private key out.
+#[derive(Clone, Default, Deserialize, PartialEq)]
 pub struct UpstreamTls {
     /// PEM certificate presented to the nodes; comes with `client_key`.
     #[serde(default)]
@@ -134,6 +134,17 @@ pub struct UpstreamTls {
     /// safe behaviour.
     #[serde(default)]
     pub verify: Option<bool>,
+}
+
+impl std::fmt::Debug for UpstreamTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamTls")
+            .field("client_cert", &self.client_cert.as_ref().map(|_| "(pem)"))
+            .field("client_key", &self.client_key.as_ref().map(|_| "(hidden)"))
+            .field("client_cert_id", &self.client_cert_id)
+            .field("verify", &self.verify)
+            .finish()
+    }
 }
 
 /// `keepalive_pool` of an upstream.
