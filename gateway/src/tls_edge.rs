@@ -15,6 +15,7 @@
 //! (which the Admin API refuses) is logged and not served.
 
 pub mod client_auth;
+pub mod sessions;
 pub mod sni;
 
 use std::sync::Arc;
@@ -22,7 +23,7 @@ use std::time::Duration;
 
 use regex::RegexSet;
 use rustls::crypto::CryptoProvider;
-use rustls::server::{Acceptor, ClientHello, ResolvesServerCert, ServerSessionMemoryCache};
+use rustls::server::{Acceptor, ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{ServerConfig, SupportedCipherSuite, SupportedProtocolVersion};
 use tokio_rustls::server::TlsStream;
@@ -44,7 +45,7 @@ pub struct TlsEdge {
     versions: Vec<&'static SupportedProtocolVersion>,
     /// One cache for every ssl object, so resumption survives a
     /// certificate update.
-    sessions: Arc<ServerSessionMemoryCache>,
+    sessions: Arc<sessions::SessionCache>,
     ticketer: Option<Arc<dyn rustls::server::ProducesTickets>>,
     /// The name assumed when a client sends no SNI.
     pub fallback_sni: Option<Box<str>>,
@@ -123,7 +124,7 @@ impl TlsEdge {
         Ok(TlsEdge {
             provider: Arc::new(provider),
             versions,
-            sessions: ServerSessionMemoryCache::new(SESSION_CACHE_SIZE),
+            sessions: Arc::new(sessions::SessionCache::new(SESSION_CACHE_SIZE)),
             ticketer,
             fallback_sni: conf.fallback_sni.as_deref().map(Box::from),
             handshake_timeout,
