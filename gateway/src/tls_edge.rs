@@ -38,6 +38,8 @@ pub use sni::SniTable;
 
 /// Sessions the shared server cache remembers for resumption.
 const SESSION_CACHE_SIZE: usize = 20_000;
+/// Sessions each ssl object with mutual TLS remembers (its own cache).
+const MTLS_SESSION_CACHE_SIZE: usize = 2_000;
 
 /// Listener-wide TLS settings every ssl object's configuration starts from.
 pub struct TlsEdge {
@@ -97,6 +99,8 @@ pub enum HandshakeError {
     NoServerName,
     #[error("failed to find any SSL certificate by SNI: {0}")]
     NoCertificate(String),
+    #[error("client certificate required")]
+    NoClientCertificate,
     #[error("TLS handshake: {0}")]
     Io(#[from] std::io::Error),
     #[error("TLS handshake not finished within client_header_timeout")]
@@ -174,9 +178,20 @@ impl TlsEdge {
             suites: self.provider.cipher_suites.clone(),
         }));
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        config.session_storage = self.sessions.clone();
-        if let Some(t) = &self.ticketer {
-            config.ticketer = t.clone();
+        if mtls.is_some() {
+            // A resumed session skips the client certificate check, so an
+            // object that checks them resumes only sessions it made itself
+            // (not one from before its CA was set or changed).
+            config.session_storage = Arc::new(sessions::SessionCache::new(MTLS_SESSION_CACHE_SIZE));
+            if self.ticketer.is_some() {
+                config.ticketer =
+                    rustls::crypto::ring::Ticketer::new().map_err(|e| e.to_string())?;
+            }
+        } else {
+            config.session_storage = self.sessions.clone();
+            if let Some(t) = &self.ticketer {
+                config.ticketer = t.clone();
+            }
         }
         Ok(ServedSsl {
             id: Arc::from(id),
@@ -218,11 +233,13 @@ impl TlsEdge {
                 None => (ClientVerify::None, None),
                 Some(policy) => {
                     let chain = stream.get_ref().1.peer_certificates().unwrap_or_default();
-                    let verify = if policy.skip.is_none() && !chain.is_empty() {
+                    let verify = match (policy.skip.is_none(), chain.is_empty()) {
                         // The handshake refuses what does not verify.
-                        ClientVerify::Success
-                    } else {
-                        policy.ca.verify(chain, rustls::pki_types::UnixTime::now())
+                        (true, false) => ClientVerify::Success,
+                        // Mandatory, yet none: only a resumed session could
+                        // get here; refuse rather than trust it.
+                        (true, true) => return Err(HandshakeError::NoClientCertificate),
+                        (false, _) => policy.ca.verify(chain, rustls::pki_types::UnixTime::now()),
                     };
                     (
                         verify,

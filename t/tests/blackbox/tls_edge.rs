@@ -558,3 +558,39 @@ async fn silent_tls_client_is_closed_after_client_header_timeout() {
     assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
     gw.stop().await;
 }
+
+/// A session made before an ssl object asked for client certificates
+/// cannot be resumed to skip the check.
+#[tokio::test]
+async fn resumption_does_not_skip_a_new_client_certificate_check() {
+    let gw = Gateway::start_tls("").await;
+    let tls = gw.tls.unwrap();
+    let up = Upstream::start("u1").await;
+    let ca = Ca::new("Server CA");
+    let client_ca = Ca::new("Client CA");
+    let (cert, key) = ca.issue(&["r.test"], false);
+    put_ssl(&gw, "r", json!({"cert": cert, "key": key, "sni": "r.test"})).await;
+    route(&gw, "r", "/*", &up, json!({})).await;
+    // One client config: its session store carries sessions across
+    // connections, as a browser's does.
+    let cfg = client(&ca.pem(), None, &[]);
+    for _ in 0..2 {
+        let s = handshake(tls, "r.test", cfg.clone()).await.unwrap();
+        assert_eq!(get(s, "r.test", "/x").await.unwrap().0, 200);
+    }
+    put_ssl(
+        &gw,
+        "r",
+        json!({"cert": cert, "key": key, "sni": "r.test", "client": {"ca": client_ca.pem()}}),
+    )
+    .await;
+    let refused = match handshake(tls, "r.test", cfg).await {
+        Err(_) => true,
+        Ok(s) => get(s, "r.test", "/x").await.is_err(),
+    };
+    assert!(
+        refused,
+        "a resumed session passed the new client certificate check"
+    );
+    gw.stop().await;
+}
