@@ -594,3 +594,44 @@ async fn resumption_does_not_skip_a_new_client_certificate_check() {
     );
     gw.stop().await;
 }
+
+/// HTTPS connections count against `worker_connections`: over the cap a
+/// connection is closed before any handshake work.
+#[tokio::test]
+async fn tls_connections_count_against_the_cap() {
+    let gw = Gateway::start_full(
+        "  ssl:\n    listen:\n      - ip: 127.0.0.1\n        port: 0\n",
+        "nginx_config:\n  event:\n    worker_connections: 2\n",
+    )
+    .await;
+    let tls = gw.tls.unwrap();
+    let ca = Ca::new("Test CA");
+    let (cert, key) = ca.issue(&["cap.test"], false);
+    put_ssl(
+        &gw,
+        "cap",
+        json!({"cert": cert, "key": key, "sni": "cap.test"}),
+    )
+    .await;
+    let cfg = client(&ca.pem(), None, &[]);
+    let held = [
+        handshake(tls, "cap.test", cfg.clone()).await.unwrap(),
+        handshake(tls, "cap.test", cfg.clone()).await.unwrap(),
+    ];
+    assert!(
+        handshake(tls, "cap.test", cfg.clone()).await.is_err(),
+        "third connection shed"
+    );
+    drop(held);
+    // Slots come back when connections close.
+    let mut ok = false;
+    for _ in 0..50 {
+        if handshake(tls, "cap.test", cfg.clone()).await.is_ok() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ok, "a slot freed by a closed connection is reused");
+    gw.stop().await;
+}
