@@ -130,6 +130,16 @@ struct ClientConn {
     tls: Option<TlsInfo>,
 }
 
+impl ClientConn {
+    /// Wraps an HTTP/1 stream so its framing is followed (see
+    /// [`crate::framing`]) and its I/O counted for this connection.
+    fn framed<S>(&mut self, stream: S) -> ClientIo<S> {
+        let verdict = Arc::new(Verdict::default());
+        self.framing = Some(verdict.clone());
+        ClientIo::new(stream, self.activity.clone(), FramingScan::new(verdict))
+    }
+}
+
 /// One request on a client connection. A function returning an `async
 /// move` block, as the proxy's steps are: an `async fn` keeps its arguments
 /// twice, and hyper moves this future into place for every request.
@@ -447,10 +457,7 @@ fn serve_connection(
         );
         let ended = match protocol {
             Protocol::Http1 => {
-                let verdict = Arc::new(Verdict::default());
-                client.framing = Some(verdict.clone());
-                let scan = FramingScan::new(verdict);
-                let io = ClientIo::new(stream, client.activity.clone(), scan);
+                let io = client.framed(stream);
                 let activity = client.activity.clone();
                 let service = service_of(plane.clone(), client);
                 serve_http1(io, service, activity, &plane, &protocols, drain).await
@@ -738,9 +745,7 @@ fn serve_tls_connection(
             )
             .await
         } else {
-            let verdict = Arc::new(Verdict::default());
-            client.framing = Some(verdict.clone());
-            let io = ClientIo::new(stream, client.activity.clone(), FramingScan::new(verdict));
+            let io = client.framed(stream);
             let service = service_of(plane, client);
             Box::pin(
                 drain.serve(
