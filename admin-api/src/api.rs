@@ -249,33 +249,45 @@ async fn dispatch(state: Arc<AdminState>, req: Request) -> Result<Reply, AdminEr
         }
     }
 
-    tokio::task::spawn_blocking(move || {
-        let store = state.store.as_ref();
-        let id = target.id.as_deref();
-        match method {
-            Method::GET => match id {
-                Some(id) => ops::get(store, kind, id),
-                None => ops::list(store, kind, parent.as_deref(), &list_query),
-            },
-            _ => {
-                let _writer = state.writes.lock().unwrap_or_else(|p| p.into_inner());
-                match method {
-                    Method::PUT => ops::put(store, kind, id, conf),
-                    Method::POST => ops::post(store, kind, conf),
-                    Method::PATCH => ops::patch(store, kind, id, target.sub_path.as_deref(), conf),
-                    Method::DELETE => ops::delete(store, kind, id, force),
-                    other => Err(ops::not_supported(other.as_str(), kind)),
-                }
-            }
-        }
-    })
-    .await
-    .map_err(|e| {
+    let failed = |e: tokio::task::JoinError| {
         AdminError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("admin task failed: {e}"),
         )
-    })?
+    };
+    if method == Method::GET {
+        return tokio::task::spawn_blocking(move || {
+            let store = state.store.as_ref();
+            match target.id.as_deref() {
+                Some(id) => ops::get(store, kind, id),
+                None => ops::list(store, kind, parent.as_deref(), &list_query),
+            }
+        })
+        .await
+        .map_err(failed)?;
+    }
+    // Writes run one at a time, on a thread where the embedded store may
+    // block on its commit; a remote store's I/O is awaited there through
+    // the runtime.
+    let runtime = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || {
+        let _writer = state.writes.lock().unwrap_or_else(|p| p.into_inner());
+        let store = state.store.as_ref();
+        let id = target.id.as_deref();
+        runtime.block_on(async {
+            match method {
+                Method::PUT => ops::put(store, kind, id, conf).await,
+                Method::POST => ops::post(store, kind, conf).await,
+                Method::PATCH => {
+                    ops::patch(store, kind, id, target.sub_path.as_deref(), conf).await
+                }
+                Method::DELETE => ops::delete(store, kind, id, force).await,
+                other => Err(ops::not_supported(other.as_str(), kind)),
+            }
+        })
+    })
+    .await
+    .map_err(failed)?
 }
 
 fn plugin_info(

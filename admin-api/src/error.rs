@@ -46,8 +46,16 @@ impl AdminError {
 
 impl From<StoreError> for AdminError {
     fn from(e: StoreError) -> Self {
+        // A remote store that is down or a lost race answers 503, as APISIX
+        // does for every etcd failure; the running configuration is kept.
+        let status = match e {
+            StoreError::Unavailable(_) | StoreError::Conflict => StatusCode::SERVICE_UNAVAILABLE,
+            StoreError::Backend(_) | StoreError::Corrupt { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
         tracing::error!(error = %e, "admin store failure");
-        AdminError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        AdminError::new(status, e.to_string())
     }
 }
 

@@ -14,7 +14,7 @@ use serde_json::{json, Map, Value};
 use crate::error::AdminError;
 use crate::model::id_text;
 use crate::resource::{credential_parts, IdSource, Kind};
-use crate::store::{BatchOp, Entry, Store};
+use crate::store::{BatchOp, Entry, Store, KEY_PREFIX};
 use crate::validate::{self, Lookup};
 
 /// Fields a client may not set: the gateway keeps them.
@@ -46,13 +46,22 @@ fn now() -> i64 {
         .unwrap_or(0)
 }
 
-fn single(entry: &Entry) -> Value {
-    json!({ "key": entry.key, "value": entry.value })
+/// A key as the back end spells it (APISIX shows etcd's own keys, so a
+/// `deployment.etcd.prefix` of `/edge` answers `"key": "/edge/routes/1"`).
+fn public_key(store: &dyn Store, key: &str) -> String {
+    match key.strip_prefix(KEY_PREFIX) {
+        Some(rest) if store.prefix() != KEY_PREFIX => format!("{}{rest}", store.prefix()),
+        _ => key.to_string(),
+    }
 }
 
-fn with_indexes(entry: &Entry) -> Value {
+fn single(store: &dyn Store, entry: &Entry) -> Value {
+    json!({ "key": public_key(store, &entry.key), "value": entry.value })
+}
+
+fn with_indexes(store: &dyn Store, entry: &Entry) -> Value {
     json!({
-        "key": entry.key,
+        "key": public_key(store, &entry.key),
         "value": entry.value,
         "createdIndex": entry.created_index,
         "modifiedIndex": entry.modified_index,
@@ -62,8 +71,8 @@ fn with_indexes(entry: &Entry) -> Value {
 /// What GET shows of a stored object: an ssl object without its private
 /// keys (`key`, `keys`), as APISIX answers ("not return private key for
 /// security").
-fn shown(kind: Kind, entry: &Entry) -> Value {
-    let mut shown = with_indexes(entry);
+fn shown(store: &dyn Store, kind: Kind, entry: &Entry) -> Value {
+    let mut shown = with_indexes(store, entry);
     if kind == Kind::Ssls {
         if let Some(Value::Object(value)) = shown.get_mut("value") {
             value.remove("key");
@@ -88,12 +97,15 @@ fn forbid_client_timestamps(conf: &Value) -> Result<(), AdminError> {
 }
 
 /// Sets timestamps (keeping the stored `create_time`), validates and writes.
-fn store_checked(
+/// With `previous`, the write only lands if that object is still the stored
+/// one (PATCH merged into it); a race answers 503 as in APISIX.
+async fn store_checked(
     store: &dyn Store,
     kind: Kind,
     id: &str,
     mut conf: Value,
     previous: Option<&Entry>,
+    conditional: bool,
 ) -> Result<Reply, AdminError> {
     integral_numbers(&mut conf);
     if !validate_id_text(kind, id) {
@@ -111,13 +123,14 @@ fn store_checked(
         map.insert("create_time".into(), created);
         map.insert("update_time".into(), json!(t));
     }
-    let outcome = store.put(&kind.key(id), &conf)?;
+    let expect = previous.filter(|_| conditional).map(|p| p.modified_index);
+    let outcome = store.put(&kind.key(id), conf, expect).await?;
     let status = if outcome.created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    Ok((status, single(&outcome.entry)))
+    Ok((status, single(store, &outcome.entry)))
 }
 
 /// Turns whole-number floats (`1.0`) into integers, as Lua does not tell
@@ -150,7 +163,7 @@ fn missing_id(kind: Kind) -> AdminError {
 }
 
 /// `PUT /apisix/admin/{kind}[/{id}]`.
-pub fn put(
+pub async fn put(
     store: &dyn Store,
     kind: Kind,
     url_id: Option<&str>,
@@ -217,7 +230,7 @@ pub fn put(
     } else {
         None
     };
-    store_checked(store, kind, &id, conf, previous.as_ref())
+    store_checked(store, kind, &id, conf, previous.as_ref(), false).await
 }
 
 /// The owner of an auth key another consumer or credential already uses.
@@ -299,7 +312,7 @@ fn validate_id_text(kind: Kind, id: &str) -> bool {
 }
 
 /// `POST /apisix/admin/{kind}`: creates with a generated id.
-pub fn post(store: &dyn Store, kind: Kind, conf: Option<Value>) -> Result<Reply, AdminError> {
+pub async fn post(store: &dyn Store, kind: Kind, conf: Option<Value>) -> Result<Reply, AdminError> {
     if !kind.allows_post() {
         return Err(not_supported("POST", kind));
     }
@@ -311,8 +324,8 @@ pub fn post(store: &dyn Store, kind: Kind, conf: Option<Value>) -> Result<Reply,
         )));
     }
     forbid_client_timestamps(&conf)?;
-    // Like etcd's push: the zero-padded revision the object is created at.
-    let mut next = store.revision()? + 1;
+    // Like etcd's push in APISIX: a zero-padded number from the store.
+    let mut next = store.next_id().await?;
     let id = loop {
         let candidate = format!("{next:020}");
         if store.get(&kind.key(&candidate))?.is_none() {
@@ -323,13 +336,13 @@ pub fn post(store: &dyn Store, kind: Kind, conf: Option<Value>) -> Result<Reply,
     if let Value::Object(map) = &mut conf {
         map.insert("id".into(), Value::String(id.clone()));
     }
-    store_checked(store, kind, &id, conf, None)
+    store_checked(store, kind, &id, conf, None, false).await
 }
 
 /// `GET /apisix/admin/{kind}/{id}`.
 pub fn get(store: &dyn Store, kind: Kind, id: &str) -> Result<Reply, AdminError> {
     match store.get(&kind.key(id))? {
-        Some(entry) => Ok((StatusCode::OK, shown(kind, &entry))),
+        Some(entry) => Ok((StatusCode::OK, shown(store, kind, &entry))),
         None => Err(AdminError::key_not_found()),
     }
 }
@@ -409,9 +422,12 @@ pub fn list(
             .into_iter()
             .skip(page.max(1).saturating_sub(1).saturating_mul(size))
             .take(size)
-            .map(|e| shown(kind, e))
+            .map(|e| shown(store, kind, e))
             .collect(),
-        _ => filtered.into_iter().map(|e| shown(kind, e)).collect(),
+        _ => filtered
+            .into_iter()
+            .map(|e| shown(store, kind, e))
+            .collect(),
     };
     Ok((StatusCode::OK, json!({ "list": list, "total": total })))
 }
@@ -463,7 +479,7 @@ fn set_at_path(target: &mut Value, path: &str, value: Value) -> Result<(), Admin
 }
 
 /// `PATCH /apisix/admin/{kind}/{id}[/{sub_path}]`.
-pub fn patch(
+pub async fn patch(
     store: &dyn Store,
     kind: Kind,
     id: Option<&str>,
@@ -498,7 +514,7 @@ pub fn patch(
             )));
         }
     }
-    store_checked(store, kind, id, merged, Some(&existing))
+    store_checked(store, kind, id, merged, Some(&existing), true).await
 }
 
 /// The first object still referring to `id` of `kind`, as the refusal
@@ -531,7 +547,7 @@ fn in_use(store: &dyn Store, kind: Kind, id: &str) -> Result<Option<String>, Adm
 
 /// `DELETE /apisix/admin/{kind}/{id}[?force=true]`. Deleting a consumer
 /// deletes its credentials with it, in the same transaction.
-pub fn delete(
+pub async fn delete(
     store: &dyn Store,
     kind: Kind,
     id: Option<&str>,
@@ -556,8 +572,11 @@ pub fn delete(
             ops.push(BatchOp::Delete { key: cred.key });
         }
     }
-    store.apply(&ops)?;
-    Ok((StatusCode::OK, json!({ "deleted": "1", "key": key })))
+    store.apply(ops).await?;
+    Ok((
+        StatusCode::OK,
+        json!({ "deleted": "1", "key": public_key(store, &key) }),
+    ))
 }
 
 #[cfg(test)]

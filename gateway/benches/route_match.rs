@@ -9,7 +9,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use http::Method;
 use serde_json::json;
 
-use admin_api::store::{Event, MemoryStore, Store};
+use admin_api::store::{Event, MemoryStore};
 use gateway::proxy::ProxyOptions;
 use gateway::router::{Candidate, HostSet, Matcher, MethodSet, RequestView, Router, RouterBuilder};
 use gateway::snapshot::Compiler;
@@ -92,7 +92,7 @@ fn store_with_routes(n: usize) -> MemoryStore {
     for i in 0..n {
         let route = json!({"id": i.to_string(), "uri": format!("/r/{i}"), "upstream": {"type": "roundrobin", "nodes": {"127.0.0.1:1980": 1, "127.0.0.1:1981": 1}}, "plugins": {"ip-restriction": {"whitelist": ["127.0.0.0/8"]}}});
         store
-            .put(&format!("/apisix/routes/{i}"), &route)
+            .put_now(&format!("/apisix/routes/{i}"), &route, None)
             .expect("memory store");
     }
     store

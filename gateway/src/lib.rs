@@ -203,7 +203,6 @@ pub async fn start(config: GatewayConfig) -> Result<Running, Error> {
         tls_edge.clone(),
     )
     .map_err(Error::Snapshot)?;
-    store.subscribe(publisher.clone());
     let live = publisher.live();
 
     let (shutdown, shutdown_rx) = watch::channel(false);

@@ -36,7 +36,7 @@ use admin_api::model::{
     id_text, GlobalRuleConf, RouteConf, ServiceConf, SslConf, SslType, UpstreamConf,
 };
 use admin_api::resource::credential_parts;
-use admin_api::store::{Entry, Event, Store, StoreError, Watcher};
+use admin_api::store::{Change, Entry, Event, Store, StoreError, Watcher, KEY_PREFIX};
 use admin_api::Kind;
 use plugins::chain::{Chain, GlobalRules, PluginSet};
 use plugins::consumer::{Consumer, ConsumerIndex, Credential};
@@ -251,13 +251,41 @@ impl Compiler {
 
     /// Loads every object of `store`, compiles, and returns the first snapshot.
     pub fn load(&mut self, store: &dyn Store) -> Result<Snapshot, StoreError> {
-        self.raw = store
-            .list("/apisix/")?
-            .into_iter()
-            .map(|e| (e.key.clone(), Stored::of(&e)))
+        let entries = store.list(&format!("{KEY_PREFIX}/"))?;
+        Ok(self.replace(&entries))
+    }
+
+    /// Makes `entries` the whole configuration (a store's
+    /// [`Change::Reset`]) and returns its snapshot. Balancers, connection
+    /// pools and plugin state of objects that stay are kept.
+    pub fn replace(&mut self, entries: &[Entry]) -> Snapshot {
+        self.raw = entries
+            .iter()
+            .map(|e| (e.key.clone(), Stored::of(e)))
             .collect();
         self.rebuild();
-        Ok(self.snapshot())
+        self.snapshot()
+    }
+
+    /// Like [`Compiler::replace`], but a panic while compiling puts the
+    /// compiler back to the objects it had before and returns `None`.
+    pub fn replace_or_revert(&mut self, entries: &[Entry]) -> Option<Snapshot> {
+        let old = self.raw.clone();
+        let replaced =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.replace(entries)));
+        match replaced {
+            Ok(snapshot) => Some(snapshot),
+            Err(_) => {
+                self.raw = old;
+                let rebuilt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    self.rebuild();
+                }));
+                if rebuilt.is_err() {
+                    tracing::error!("rebuilding the previous configuration failed too");
+                }
+                None
+            }
+        }
     }
 
     /// Forgets every typed and compiled object and derives them again from
@@ -1110,13 +1138,21 @@ fn request_host<B>(req: &Request<B>) -> Option<&str> {
 
 /// Publishes one new snapshot for every store change or batch of changes.
 pub struct Publisher {
-    compiler: Mutex<Compiler>,
+    state: Mutex<Published>,
     live: SharedSnapshot,
 }
 
+struct Published {
+    compiler: Compiler,
+    /// The store revision the live snapshot reflects; older events are
+    /// dropped (a remote store may replay what it already sent).
+    revision: u64,
+    loaded: bool,
+}
+
 impl Publisher {
-    /// Loads `store`, publishes the first snapshot and returns the publisher
-    /// (subscribe it to the store to follow changes).
+    /// Subscribes to `store`, whose current contents become the first
+    /// snapshot before this returns, and follows every later change.
     pub fn start(
         store: &dyn Store,
         options: ProxyOptions,
@@ -1129,16 +1165,17 @@ impl Publisher {
         compiler.balancers.roots = roots.clone();
         compiler.clients = Clients::new(roots);
         compiler.set_plugin_attr(plugin_attr);
-        let first = compiler.load(store)?;
-        tracing::info!(
-            routes = first.routes,
-            version = first.version,
-            "configuration loaded"
-        );
-        Ok(Arc::new(Publisher {
-            compiler: Mutex::new(compiler),
-            live: Arc::new(ArcSwap::from_pointee(first)),
-        }))
+        let empty = compiler.snapshot();
+        let publisher = Arc::new(Publisher {
+            state: Mutex::new(Published {
+                compiler,
+                revision: 0,
+                loaded: false,
+            }),
+            live: Arc::new(ArcSwap::from_pointee(empty)),
+        });
+        store.subscribe(publisher.clone())?;
+        Ok(publisher)
     }
 
     pub fn live(&self) -> SharedSnapshot {
@@ -1147,22 +1184,45 @@ impl Publisher {
 }
 
 impl Watcher for Publisher {
-    fn on_change(&self, events: &[Event]) {
-        let mut compiler = self.compiler.lock().unwrap_or_else(|p| p.into_inner());
+    fn on_change(&self, change: &Change<'_>) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let revision = change.revision();
         // A bug in compiling one object must not take the gateway down or
         // leave it half-updated: keep serving the previous snapshot.
-        let Some(next) = compiler.apply_or_revert(events) else {
+        let next = match change {
+            Change::Events { events, .. } => {
+                if state.loaded && revision <= state.revision {
+                    tracing::debug!(revision, "configuration change seen already");
+                    return;
+                }
+                state.compiler.apply_or_revert(events)
+            }
+            Change::Reset { entries, .. } => state.compiler.replace_or_revert(entries),
+        };
+        let Some(next) = next else {
             tracing::error!(
-                changes = events.len(),
+                revision,
                 "compiling a configuration change failed; previous configuration kept"
             );
             return;
         };
-        tracing::debug!(
-            version = next.version,
-            routes = next.routes,
-            "configuration swapped"
-        );
+        if matches!(change, Change::Reset { .. }) {
+            tracing::info!(
+                routes = next.routes,
+                version = next.version,
+                revision,
+                "configuration loaded"
+            );
+        } else {
+            tracing::debug!(
+                version = next.version,
+                routes = next.routes,
+                revision,
+                "configuration swapped"
+            );
+        }
+        state.revision = revision;
+        state.loaded = true;
         self.live.store(Arc::new(next));
     }
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 use serde_json::Value;
 
 use admin_api::resource::IdSource;
-use admin_api::store::{BatchOp, MemoryStore, Store, StoreError};
+use admin_api::store::{BatchOp, MemoryStore, Store, StoreError, KEY_PREFIX};
 use admin_api::validate::{self, Lookup};
 use admin_api::Kind;
 
@@ -99,9 +99,9 @@ pub fn read_objects(path: &Path) -> Result<BTreeMap<String, Value>, StandaloneEr
 /// Makes `store` hold exactly `objects`, writing only what changed, as one
 /// batch: the data plane goes from the old file to the new one in one
 /// snapshot, never through a half-applied mix.
-pub fn sync(store: &dyn Store, objects: &BTreeMap<String, Value>) -> Result<(), StoreError> {
+pub fn sync(store: &MemoryStore, objects: &BTreeMap<String, Value>) -> Result<(), StoreError> {
     let mut ops = Vec::new();
-    for entry in store.list("/apisix/")? {
+    for entry in store.list(&format!("{KEY_PREFIX}/"))? {
         if !objects.contains_key(&entry.key) {
             ops.push(BatchOp::Delete { key: entry.key });
         }
@@ -115,7 +115,7 @@ pub fn sync(store: &dyn Store, objects: &BTreeMap<String, Value>) -> Result<(), 
         }
     }
     if !ops.is_empty() {
-        store.apply(&ops)?;
+        store.apply_now(&ops)?;
     }
     Ok(())
 }

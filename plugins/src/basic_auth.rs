@@ -311,6 +311,10 @@ impl Plugin for BasicAuth {
 pub struct BasicAuthSpec;
 
 impl PluginSpec for BasicAuthSpec {
+    fn encrypt_fields(&self) -> &'static [&'static str] {
+        &["password"]
+    }
+
     fn name(&self) -> &'static str {
         NAME
     }

@@ -777,6 +777,10 @@ impl Plugin for JwtAuth {
 pub struct JwtAuthSpec;
 
 impl PluginSpec for JwtAuthSpec {
+    fn encrypt_fields(&self) -> &'static [&'static str] {
+        &["secret"]
+    }
+
     fn name(&self) -> &'static str {
         NAME
     }

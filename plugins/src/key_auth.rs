@@ -483,6 +483,10 @@ fn strip_query_arg(uri: &mut Uri, name: &str) {
 pub struct KeyAuthSpec;
 
 impl PluginSpec for KeyAuthSpec {
+    fn encrypt_fields(&self) -> &'static [&'static str] {
+        &["key"]
+    }
+
     fn name(&self) -> &'static str {
         NAME
     }

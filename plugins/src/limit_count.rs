@@ -876,6 +876,10 @@ impl Plugin for LimitCount {
 pub struct LimitCountSpec;
 
 impl PluginSpec for LimitCountSpec {
+    fn encrypt_fields(&self) -> &'static [&'static str] {
+        &["redis_password", "sentinel_password"]
+    }
+
     fn name(&self) -> &'static str {
         NAME
     }

@@ -198,6 +198,12 @@ pub trait PluginSpec: Send + Sync + 'static {
     /// Builds the data-plane form of a checked configuration. Fails cleanly
     /// (never panics) on anything `check` let through by mistake.
     fn compile(&self, conf: &Value, cx: &CompileCx<'_>) -> Result<Arc<dyn Plugin>, String>;
+    /// Fields (dotted paths) APISIX keeps encrypted at rest in etcd when
+    /// `apisix.data_encryption.enable_encrypt_fields` is on: `key` of
+    /// key-auth, `password` of basic-auth. Default: none.
+    fn encrypt_fields(&self) -> &'static [&'static str] {
+        &[]
+    }
     /// For auth plugins: the consumer-side field that must be unique across
     /// consumers and credentials (`duplicate key of plugin key-auth ...`).
     fn key_attr(&self) -> &'static str {

@@ -1,6 +1,41 @@
 use super::*;
 use crate::store::MemoryStore;
+use futures_util::FutureExt;
 use serde_json::json;
+
+// The operations are async for remote stores; an in-memory store's writes
+// are done when called, so its futures are ready on the first poll.
+fn ready<T>(f: impl std::future::Future<Output = T>) -> T {
+    f.now_or_never()
+        .expect("an in-memory store answers at once")
+}
+
+fn put(
+    s: &dyn Store,
+    kind: Kind,
+    id: Option<&str>,
+    conf: Option<Value>,
+) -> Result<Reply, AdminError> {
+    ready(super::put(s, kind, id, conf))
+}
+
+fn post(s: &dyn Store, kind: Kind, conf: Option<Value>) -> Result<Reply, AdminError> {
+    ready(super::post(s, kind, conf))
+}
+
+fn patch(
+    s: &dyn Store,
+    kind: Kind,
+    id: Option<&str>,
+    sub_path: Option<&str>,
+    conf: Option<Value>,
+) -> Result<Reply, AdminError> {
+    ready(super::patch(s, kind, id, sub_path, conf))
+}
+
+fn delete(s: &dyn Store, kind: Kind, id: Option<&str>, force: bool) -> Result<Reply, AdminError> {
+    ready(super::delete(s, kind, id, force))
+}
 
 fn route(uri: &str) -> Value {
     json!({"uri": uri, "upstream": {"type": "roundrobin", "nodes": {"127.0.0.1:1980": 1}}})

@@ -2,11 +2,14 @@
 //! configurations that are loaded whole at start (standalone mode).
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde_json::Value;
 
-use super::{BatchOp, Entry, Event, PutOutcome, Store, StoreError, Watcher};
+use super::{
+    done, BatchOp, Change, Entry, Event, PutOutcome, Store, StoreError, Watcher, Watchers,
+    WriteFuture,
+};
 
 #[derive(Default)]
 struct Inner {
@@ -18,7 +21,7 @@ struct Inner {
 #[derive(Default)]
 pub struct MemoryStore {
     inner: Mutex<Inner>,
-    watchers: RwLock<Vec<Arc<dyn Watcher>>>,
+    watchers: Watchers,
 }
 
 impl MemoryStore {
@@ -26,69 +29,47 @@ impl MemoryStore {
         Self::default()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn notify(&self, events: &[Event]) {
-        if events.is_empty() {
-            return;
-        }
-        let watchers = self.watchers.read().unwrap_or_else(|p| p.into_inner());
-        for w in watchers.iter() {
-            w.on_change(events);
-        }
-    }
-}
-
-impl Store for MemoryStore {
-    fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
-        Ok(self.lock().objects.get(key).cloned())
-    }
-
-    fn list(&self, prefix: &str) -> Result<Vec<Entry>, StoreError> {
-        Ok(self
-            .lock()
-            .objects
-            .range(prefix.to_string()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(_, e)| e.clone())
-            .collect())
-    }
-
-    fn put(&self, key: &str, value: &Value) -> Result<PutOutcome, StoreError> {
+    /// [`Store::put`], done before it returns.
+    pub fn put_now(
+        &self,
+        key: &str,
+        value: &Value,
+        expect_modified: Option<u64>,
+    ) -> Result<PutOutcome, StoreError> {
         // Hold the lock while notifying so watchers see commit order.
         let mut inner = self.lock();
+        let previous = inner
+            .objects
+            .get(key)
+            .map(|e| (e.created_index, e.modified_index));
+        if expect_modified.is_some() && previous.map(|p| p.1) != expect_modified {
+            return Err(StoreError::Conflict);
+        }
         inner.revision += 1;
         let revision = inner.revision;
-        let previous = inner.objects.get(key).map(|e| e.created_index);
         let entry = Entry {
             key: key.to_string(),
             value: value.clone(),
-            created_index: previous.unwrap_or(revision),
+            created_index: previous.map_or(revision, |p| p.0),
             modified_index: revision,
         };
         inner.objects.insert(key.to_string(), entry.clone());
-        self.notify(&[Event::Put(entry.clone())]);
+        self.watchers.notify(&Change::Events {
+            events: &[Event::Put(entry.clone())],
+            revision,
+        });
         Ok(PutOutcome {
             entry,
             created: previous.is_none(),
         })
     }
 
-    fn delete(&self, key: &str) -> Result<Option<Entry>, StoreError> {
-        let mut inner = self.lock();
-        let removed = inner.objects.remove(key);
-        if removed.is_some() {
-            inner.revision += 1;
-            self.notify(&[Event::Delete {
-                key: key.to_string(),
-            }]);
-        }
-        Ok(removed)
-    }
-
-    fn apply(&self, ops: &[BatchOp]) -> Result<Vec<Event>, StoreError> {
+    /// [`Store::apply`], done before it returns.
+    pub fn apply_now(&self, ops: &[BatchOp]) -> Result<Vec<Event>, StoreError> {
         let mut inner = self.lock();
         let mut events = Vec::with_capacity(ops.len());
         for op in ops {
@@ -114,18 +95,60 @@ impl Store for MemoryStore {
                 }
             }
         }
-        self.notify(&events);
+        self.watchers.notify(&Change::Events {
+            events: &events,
+            revision: inner.revision,
+        });
         Ok(events)
+    }
+}
+
+impl Store for MemoryStore {
+    fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+        Ok(self.lock().objects.get(key).cloned())
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<Entry>, StoreError> {
+        Ok(self
+            .lock()
+            .objects
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(_, e)| e.clone())
+            .collect())
     }
 
     fn revision(&self) -> Result<u64, StoreError> {
         Ok(self.lock().revision)
     }
 
-    fn subscribe(&self, watcher: Arc<dyn Watcher>) {
-        self.watchers
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(watcher);
+    fn put(
+        &self,
+        key: &str,
+        value: Value,
+        expect_modified: Option<u64>,
+    ) -> WriteFuture<'_, PutOutcome> {
+        done(self.put_now(key, &value, expect_modified))
+    }
+
+    fn apply(&self, ops: Vec<BatchOp>) -> WriteFuture<'_, Vec<Event>> {
+        done(self.apply_now(&ops))
+    }
+
+    fn next_id(&self) -> WriteFuture<'_, u64> {
+        done(Ok(self.lock().revision + 1))
+    }
+
+    fn subscribe(&self, watcher: Arc<dyn Watcher>) -> Result<(), StoreError> {
+        // Under the lock: no change can slip between the contents and the
+        // registration.
+        let inner = self.lock();
+        let entries: Vec<Entry> = inner.objects.values().cloned().collect();
+        watcher.on_change(&Change::Reset {
+            entries: &entries,
+            revision: inner.revision,
+        });
+        self.watchers.add(watcher);
+        Ok(())
     }
 }

@@ -2,19 +2,27 @@
 //!
 //! Objects are kept one key per object in APISIX's etcd layout
 //! (`/apisix/routes/1`), each with the revision that created it and the one
-//! that last changed it. A [`Store`] is small on purpose: get, list by prefix,
-//! put, delete and change notification. [`RedbStore`] is the embedded default;
-//! other back ends (a standalone YAML file, etcd) implement the same trait and
-//! the data plane does not notice.
+//! that last changed it. A [`Store`] is small on purpose: local reads,
+//! asynchronous writes, and a revisioned change feed that starts with the
+//! whole contents. [`RedbStore`] is the embedded default, [`MemoryStore`]
+//! holds a standalone YAML file, and `EtcdStore` shares one configuration
+//! between gateways; the data plane does not notice which one it runs on.
 
+pub mod crypt;
+#[cfg(feature = "etcd")]
+mod etcd;
 mod memory;
 mod redb_store;
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+
+use futures_util::future::BoxFuture;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+#[cfg(feature = "etcd")]
+pub use etcd::{EtcdSettings, EtcdStore, EtcdTls};
 pub use memory::MemoryStore;
 pub use redb_store::RedbStore;
 
@@ -49,11 +57,30 @@ pub enum BatchOp {
     Delete { key: String },
 }
 
-/// Told of every committed change, synchronously and in order, before the
-/// write that caused it returns. A batch arrives as one call, so a watcher
-/// never sees it half-applied. A watcher must not call back into the store.
+/// What a watcher is told, in commit order.
+#[derive(Debug, Clone, Copy)]
+pub enum Change<'a> {
+    /// Changes committed together; after them the store is at `revision`.
+    Events { events: &'a [Event], revision: u64 },
+    /// Everything the store holds at `revision`. Replaces whatever the
+    /// watcher knew: sent first on [`Store::subscribe`], and again whenever
+    /// a remote store cannot replay what it missed (compaction, an outage).
+    Reset { entries: &'a [Entry], revision: u64 },
+}
+
+impl Change<'_> {
+    pub fn revision(&self) -> u64 {
+        match self {
+            Change::Events { revision, .. } | Change::Reset { revision, .. } => *revision,
+        }
+    }
+}
+
+/// Told of every change the store applies, in order, one call per batch, so
+/// a watcher never sees a batch half-applied. A watcher must not call back
+/// into the store.
 pub trait Watcher: Send + Sync {
-    fn on_change(&self, events: &[Event]);
+    fn on_change(&self, change: &Change<'_>);
 }
 
 /// Why the store could not do what was asked. Never caused by user input.
@@ -63,6 +90,12 @@ pub enum StoreError {
     Backend(String),
     #[error("stored object {key} is corrupt: {reason}")]
     Corrupt { key: String, reason: String },
+    /// A remote store cannot be reached; the Admin API answers 503.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A conditional write found the object changed since it was read.
+    #[error("value changed before overwritten")]
+    Conflict,
 }
 
 impl StoreError {
@@ -71,22 +104,78 @@ impl StoreError {
     }
 }
 
+/// A write in flight. Embedded stores finish the work when the method is
+/// called (the future is ready at once), so call them where blocking is
+/// allowed; remote stores do their I/O when the future is polled.
+pub type WriteFuture<'a, T> = BoxFuture<'a, Result<T, StoreError>>;
+
+/// The key prefix every object key starts with inside ferrogate. A store
+/// whose back end uses another prefix (etcd's `deployment.etcd.prefix`)
+/// maps keys at its boundary and says so through [`Store::prefix`].
+pub const KEY_PREFIX: &str = "/apisix";
+
 /// A transactional key/value store of Admin API objects.
+///
+/// Reads (`get`, `list`, `revision`) answer from the local view: the
+/// database file, or a remote store's mirror. Writes are futures: when one
+/// resolves, the change is durable and this node's view (and its watchers)
+/// already has it, so a client reading after a write sees it.
 pub trait Store: Send + Sync + 'static {
+    /// The back end's key prefix (`/apisix` unless configured), used where
+    /// APISIX shows keys to clients (`"key": "/apisix/routes/1"`).
+    fn prefix(&self) -> &str {
+        KEY_PREFIX
+    }
     fn get(&self, key: &str) -> Result<Option<Entry>, StoreError>;
     /// Every entry whose key starts with `prefix`, in key order.
     fn list(&self, prefix: &str) -> Result<Vec<Entry>, StoreError>;
-    /// Writes `value` under `key`. When this returns, the write is durable.
-    fn put(&self, key: &str, value: &Value) -> Result<PutOutcome, StoreError>;
-    /// Removes `key`; `None` when it did not exist.
-    fn delete(&self, key: &str) -> Result<Option<Entry>, StoreError>;
+    /// The revision of the last change applied to this view (0: empty).
+    fn revision(&self) -> Result<u64, StoreError>;
+    /// Writes `value` under `key`. With `expect_modified`, only if the key's
+    /// `modified_index` is still that ([`StoreError::Conflict`] otherwise).
+    fn put(
+        &self,
+        key: &str,
+        value: Value,
+        expect_modified: Option<u64>,
+    ) -> WriteFuture<'_, PutOutcome>;
     /// Applies every op in one transaction: all of them or none. Deletes of
     /// missing keys are skipped. Watchers hear of the batch in one call.
-    fn apply(&self, ops: &[BatchOp]) -> Result<Vec<Event>, StoreError>;
-    /// The revision of the last committed change (0 for an empty store).
-    fn revision(&self) -> Result<u64, StoreError>;
-    /// Registers a watcher for every later change.
-    fn subscribe(&self, watcher: Arc<dyn Watcher>);
+    fn apply(&self, ops: Vec<BatchOp>) -> WriteFuture<'_, Vec<Event>>;
+    /// A number for a generated id (`POST`), larger than any revision so
+    /// far, as etcd's revision of a write to `/gen_id` is in APISIX.
+    fn next_id(&self) -> WriteFuture<'_, u64>;
+    /// Registers `watcher`: it is first sent a [`Change::Reset`] with the
+    /// store's current contents, then every later change, with no gap and
+    /// no overlap between the two.
+    fn subscribe(&self, watcher: Arc<dyn Watcher>) -> Result<(), StoreError>;
+}
+
+/// The watchers of one store.
+#[derive(Default)]
+pub(crate) struct Watchers(RwLock<Vec<Arc<dyn Watcher>>>);
+
+impl Watchers {
+    pub(crate) fn add(&self, watcher: Arc<dyn Watcher>) {
+        self.0
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(watcher);
+    }
+
+    pub(crate) fn notify(&self, change: &Change<'_>) {
+        if let Change::Events { events: [], .. } = change {
+            return;
+        }
+        for w in self.0.read().unwrap_or_else(|p| p.into_inner()).iter() {
+            w.on_change(change);
+        }
+    }
+}
+
+/// A write that is done already.
+pub(crate) fn done<'a, T: Send + 'a>(result: Result<T, StoreError>) -> WriteFuture<'a, T> {
+    Box::pin(std::future::ready(result))
 }
 
 /// The keys of everything below one prefix: `"/apisix/routes/"` ..

@@ -7,12 +7,15 @@
 //! torn write is never visible (redb's commit is atomic).
 
 use std::path::Path;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde_json::Value;
 
-use super::{prefix_end, BatchOp, Entry, Event, PutOutcome, Store, StoreError, Watcher};
+use super::{
+    done, prefix_end, BatchOp, Change, Entry, Event, PutOutcome, Store, StoreError, Watcher,
+    Watchers, WriteFuture, KEY_PREFIX,
+};
 
 const OBJECTS: TableDefinition<&str, &[u8]> = TableDefinition::new("objects");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -23,7 +26,7 @@ pub struct RedbStore {
     db: Database,
     /// Serialises writers so that watchers see changes in commit order.
     write_lock: Mutex<()>,
-    watchers: RwLock<Vec<Arc<dyn Watcher>>>,
+    watchers: Watchers,
 }
 
 impl RedbStore {
@@ -41,21 +44,8 @@ impl RedbStore {
         Ok(RedbStore {
             db,
             write_lock: Mutex::new(()),
-            watchers: RwLock::new(Vec::new()),
+            watchers: Watchers::default(),
         })
-    }
-
-    fn notify(&self, events: &[Event]) {
-        if events.is_empty() {
-            return;
-        }
-        let watchers = match self.watchers.read() {
-            Ok(w) => w,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        for w in watchers.iter() {
-            w.on_change(events);
-        }
     }
 
     fn decode(key: &str, bytes: &[u8]) -> Result<Entry, StoreError> {
@@ -77,6 +67,120 @@ fn next_revision(meta: &mut redb::Table<'_, &'static str, u64>) -> Result<u64, S
     meta.insert(REVISION, revision)
         .map_err(StoreError::backend)?;
     Ok(revision)
+}
+
+impl RedbStore {
+    /// [`Store::put`], done (committed and told to watchers) before it
+    /// returns.
+    pub fn put_now(
+        &self,
+        key: &str,
+        value: &Value,
+        expect_modified: Option<u64>,
+    ) -> Result<PutOutcome, StoreError> {
+        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let txn = self.db.begin_write().map_err(StoreError::backend)?;
+        let outcome = {
+            let mut meta = txn.open_table(META).map_err(StoreError::backend)?;
+            let mut objects = txn.open_table(OBJECTS).map_err(StoreError::backend)?;
+            let previous = match objects.get(key).map_err(StoreError::backend)? {
+                Some(v) => Some(Self::decode(key, v.value())?),
+                None => None,
+            };
+            if expect_modified.is_some()
+                && previous.as_ref().map(|p| p.modified_index) != expect_modified
+            {
+                return Err(StoreError::Conflict);
+            }
+            let revision = next_revision(&mut meta)?;
+            let entry = Entry {
+                key: key.to_string(),
+                value: value.clone(),
+                created_index: previous.as_ref().map_or(revision, |p| p.created_index),
+                modified_index: revision,
+            };
+            let bytes = serde_json::to_vec(&entry).map_err(StoreError::backend)?;
+            objects
+                .insert(key, bytes.as_slice())
+                .map_err(StoreError::backend)?;
+            PutOutcome {
+                entry,
+                created: previous.is_none(),
+            }
+        };
+        txn.commit().map_err(StoreError::backend)?;
+        self.watchers.notify(&Change::Events {
+            events: &[Event::Put(outcome.entry.clone())],
+            revision: outcome.entry.modified_index,
+        });
+        Ok(outcome)
+    }
+
+    /// [`Store::apply`], done before it returns.
+    pub fn apply_now(&self, ops: &[BatchOp]) -> Result<Vec<Event>, StoreError> {
+        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let txn = self.db.begin_write().map_err(StoreError::backend)?;
+        let mut events = Vec::with_capacity(ops.len());
+        let mut revision = 0;
+        {
+            let mut meta = txn.open_table(META).map_err(StoreError::backend)?;
+            let mut objects = txn.open_table(OBJECTS).map_err(StoreError::backend)?;
+            for op in ops {
+                match op {
+                    BatchOp::Put { key, value } => {
+                        revision = next_revision(&mut meta)?;
+                        let created =
+                            match objects.get(key.as_str()).map_err(StoreError::backend)? {
+                                Some(v) => Self::decode(key, v.value())?.created_index,
+                                None => revision,
+                            };
+                        let entry = Entry {
+                            key: key.clone(),
+                            value: value.clone(),
+                            created_index: created,
+                            modified_index: revision,
+                        };
+                        let bytes = serde_json::to_vec(&entry).map_err(StoreError::backend)?;
+                        objects
+                            .insert(key.as_str(), bytes.as_slice())
+                            .map_err(StoreError::backend)?;
+                        events.push(Event::Put(entry));
+                    }
+                    BatchOp::Delete { key } => {
+                        if objects
+                            .remove(key.as_str())
+                            .map_err(StoreError::backend)?
+                            .is_some()
+                        {
+                            revision = next_revision(&mut meta)?;
+                            events.push(Event::Delete { key: key.clone() });
+                        }
+                    }
+                }
+            }
+        }
+        if events.is_empty() {
+            txn.abort().map_err(StoreError::backend)?;
+            return Ok(events);
+        }
+        txn.commit().map_err(StoreError::backend)?;
+        self.watchers.notify(&Change::Events {
+            events: &events,
+            revision,
+        });
+        Ok(events)
+    }
+
+    /// The revision of the last committed change.
+    pub fn current_revision(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read().map_err(StoreError::backend)?;
+        let meta = txn.open_table(META).map_err(StoreError::backend)?;
+        Ok(meta
+            .get(REVISION)
+            .map_err(StoreError::backend)?
+            .map(|v| v.value())
+            .unwrap_or(0))
+    }
 }
 
 impl Store for RedbStore {
@@ -104,127 +208,37 @@ impl Store for RedbStore {
         Ok(out)
     }
 
-    fn put(&self, key: &str, value: &Value) -> Result<PutOutcome, StoreError> {
-        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let txn = self.db.begin_write().map_err(StoreError::backend)?;
-        let outcome = {
-            let mut meta = txn.open_table(META).map_err(StoreError::backend)?;
-            let mut objects = txn.open_table(OBJECTS).map_err(StoreError::backend)?;
-            let revision = next_revision(&mut meta)?;
-            let previous = match objects.get(key).map_err(StoreError::backend)? {
-                Some(v) => Some(Self::decode(key, v.value())?),
-                None => None,
-            };
-            let entry = Entry {
-                key: key.to_string(),
-                value: value.clone(),
-                created_index: previous.as_ref().map_or(revision, |p| p.created_index),
-                modified_index: revision,
-            };
-            let bytes = serde_json::to_vec(&entry).map_err(StoreError::backend)?;
-            objects
-                .insert(key, bytes.as_slice())
-                .map_err(StoreError::backend)?;
-            PutOutcome {
-                entry,
-                created: previous.is_none(),
-            }
-        };
-        txn.commit().map_err(StoreError::backend)?;
-        self.notify(&[Event::Put(outcome.entry.clone())]);
-        Ok(outcome)
-    }
-
-    fn delete(&self, key: &str) -> Result<Option<Entry>, StoreError> {
-        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let txn = self.db.begin_write().map_err(StoreError::backend)?;
-        let removed = {
-            let mut meta = txn.open_table(META).map_err(StoreError::backend)?;
-            let mut objects = txn.open_table(OBJECTS).map_err(StoreError::backend)?;
-            let removed = match objects.remove(key).map_err(StoreError::backend)? {
-                Some(v) => Some(Self::decode(key, v.value())?),
-                None => None,
-            };
-            if removed.is_some() {
-                next_revision(&mut meta)?;
-            }
-            removed
-        };
-        if removed.is_none() {
-            txn.abort().map_err(StoreError::backend)?;
-            return Ok(None);
-        }
-        txn.commit().map_err(StoreError::backend)?;
-        self.notify(&[Event::Delete {
-            key: key.to_string(),
-        }]);
-        Ok(removed)
-    }
-
-    fn apply(&self, ops: &[BatchOp]) -> Result<Vec<Event>, StoreError> {
-        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let txn = self.db.begin_write().map_err(StoreError::backend)?;
-        let mut events = Vec::with_capacity(ops.len());
-        {
-            let mut meta = txn.open_table(META).map_err(StoreError::backend)?;
-            let mut objects = txn.open_table(OBJECTS).map_err(StoreError::backend)?;
-            for op in ops {
-                match op {
-                    BatchOp::Put { key, value } => {
-                        let revision = next_revision(&mut meta)?;
-                        let created =
-                            match objects.get(key.as_str()).map_err(StoreError::backend)? {
-                                Some(v) => Self::decode(key, v.value())?.created_index,
-                                None => revision,
-                            };
-                        let entry = Entry {
-                            key: key.clone(),
-                            value: value.clone(),
-                            created_index: created,
-                            modified_index: revision,
-                        };
-                        let bytes = serde_json::to_vec(&entry).map_err(StoreError::backend)?;
-                        objects
-                            .insert(key.as_str(), bytes.as_slice())
-                            .map_err(StoreError::backend)?;
-                        events.push(Event::Put(entry));
-                    }
-                    BatchOp::Delete { key } => {
-                        if objects
-                            .remove(key.as_str())
-                            .map_err(StoreError::backend)?
-                            .is_some()
-                        {
-                            next_revision(&mut meta)?;
-                            events.push(Event::Delete { key: key.clone() });
-                        }
-                    }
-                }
-            }
-        }
-        if events.is_empty() {
-            txn.abort().map_err(StoreError::backend)?;
-            return Ok(events);
-        }
-        txn.commit().map_err(StoreError::backend)?;
-        self.notify(&events);
-        Ok(events)
-    }
-
     fn revision(&self) -> Result<u64, StoreError> {
-        let txn = self.db.begin_read().map_err(StoreError::backend)?;
-        let meta = txn.open_table(META).map_err(StoreError::backend)?;
-        Ok(meta
-            .get(REVISION)
-            .map_err(StoreError::backend)?
-            .map(|v| v.value())
-            .unwrap_or(0))
+        self.current_revision()
     }
 
-    fn subscribe(&self, watcher: Arc<dyn Watcher>) {
-        match self.watchers.write() {
-            Ok(mut w) => w.push(watcher),
-            Err(poisoned) => poisoned.into_inner().push(watcher),
-        }
+    fn put(
+        &self,
+        key: &str,
+        value: Value,
+        expect_modified: Option<u64>,
+    ) -> WriteFuture<'_, PutOutcome> {
+        done(self.put_now(key, &value, expect_modified))
+    }
+
+    fn apply(&self, ops: Vec<BatchOp>) -> WriteFuture<'_, Vec<Event>> {
+        done(self.apply_now(&ops))
+    }
+
+    fn next_id(&self) -> WriteFuture<'_, u64> {
+        done(self.current_revision().map(|r| r + 1))
+    }
+
+    fn subscribe(&self, watcher: Arc<dyn Watcher>) -> Result<(), StoreError> {
+        // Writers wait while the contents are read and the watcher added:
+        // no change falls between the two.
+        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let entries = self.list(&format!("{KEY_PREFIX}/"))?;
+        watcher.on_change(&Change::Reset {
+            entries: &entries,
+            revision: self.current_revision()?,
+        });
+        self.watchers.add(watcher);
+        Ok(())
     }
 }

@@ -1,4 +1,5 @@
 use super::*;
+use futures_util::FutureExt;
 use serde_json::json;
 use std::sync::Mutex;
 
@@ -6,7 +7,18 @@ use std::sync::Mutex;
 struct Recorder(Mutex<Vec<String>>);
 
 impl Watcher for Recorder {
-    fn on_change(&self, events: &[Event]) {
+    fn on_change(&self, change: &Change<'_>) {
+        let events = match change {
+            Change::Events { events, .. } => *events,
+            Change::Reset { entries, revision } => {
+                let keys: Vec<&str> = entries.iter().map(|e| e.key.as_str()).collect();
+                self.0
+                    .lock()
+                    .unwrap()
+                    .push(format!("reset {} at {revision}", keys.join(",")));
+                return;
+            }
+        };
         let lines: Vec<String> = events
             .iter()
             .map(|event| match event {
@@ -18,25 +30,33 @@ impl Watcher for Recorder {
     }
 }
 
+fn put(store: &dyn Store, key: &str, value: Value) -> Result<PutOutcome, StoreError> {
+    store.put(key, value, None).now_or_never().expect("ready")
+}
+
+fn apply(store: &dyn Store, ops: Vec<BatchOp>) -> Result<Vec<Event>, StoreError> {
+    store.apply(ops).now_or_never().expect("ready")
+}
+
+fn delete(store: &dyn Store, key: &str) -> bool {
+    !apply(store, vec![BatchOp::Delete { key: key.into() }])
+        .unwrap()
+        .is_empty()
+}
+
 fn exercise(store: &dyn Store) {
     let rec = Arc::new(Recorder::default());
-    store.subscribe(rec.clone());
+    store.subscribe(rec.clone()).unwrap();
     assert_eq!(store.revision().unwrap(), 0);
-    let a = store
-        .put("/apisix/routes/1", &json!({"uri": "/a"}))
-        .unwrap();
+    let a = put(store, "/apisix/routes/1", json!({"uri": "/a"})).unwrap();
     assert!(a.created);
     assert_eq!((a.entry.created_index, a.entry.modified_index), (1, 1));
-    let b = store
-        .put("/apisix/routes/1", &json!({"uri": "/b"}))
-        .unwrap();
+    let b = put(store, "/apisix/routes/1", json!({"uri": "/b"})).unwrap();
     assert!(!b.created);
     assert_eq!((b.entry.created_index, b.entry.modified_index), (1, 2));
-    store
-        .put("/apisix/routes/2", &json!({"uri": "/c"}))
-        .unwrap();
-    store.put("/apisix/routes0", &json!({})).unwrap();
-    store.put("/apisix/upstreams/1", &json!({})).unwrap();
+    put(store, "/apisix/routes/2", json!({"uri": "/c"})).unwrap();
+    put(store, "/apisix/routes0", json!({})).unwrap();
+    put(store, "/apisix/upstreams/1", json!({})).unwrap();
     let routes = store.list("/apisix/routes/").unwrap();
     let keys: Vec<_> = routes.iter().map(|e| e.key.as_str()).collect();
     assert_eq!(keys, ["/apisix/routes/1", "/apisix/routes/2"]);
@@ -44,14 +64,15 @@ fn exercise(store: &dyn Store) {
         store.get("/apisix/routes/1").unwrap().unwrap().value,
         json!({"uri": "/b"})
     );
-    assert!(store.delete("/apisix/routes/1").unwrap().is_some());
-    assert!(store.delete("/apisix/routes/1").unwrap().is_none());
+    assert!(delete(store, "/apisix/routes/1"));
+    assert!(!delete(store, "/apisix/routes/1"));
     assert!(store.get("/apisix/routes/1").unwrap().is_none());
     assert_eq!(store.revision().unwrap(), 6);
     // A batch is one transaction and one notification; deleting a missing
     // key is skipped.
-    let events = store
-        .apply(&[
+    let events = apply(
+        store,
+        vec![
             BatchOp::Put {
                 key: "/apisix/routes/3".into(),
                 value: json!({"uri": "/d"}),
@@ -62,14 +83,16 @@ fn exercise(store: &dyn Store) {
             BatchOp::Delete {
                 key: "/apisix/routes/404".into(),
             },
-        ])
-        .unwrap();
+        ],
+    )
+    .unwrap();
     assert_eq!(events.len(), 2);
     assert_eq!(store.revision().unwrap(), 8);
     assert!(store.get("/apisix/routes/2").unwrap().is_none());
     assert_eq!(
         *rec.0.lock().unwrap(),
         [
+            "reset  at 0",
             "put /apisix/routes/1 1",
             "put /apisix/routes/1 2",
             "put /apisix/routes/2 3",
@@ -79,9 +102,7 @@ fn exercise(store: &dyn Store) {
             "put /apisix/routes/3 7 + delete /apisix/routes/2",
         ]
     );
-    store
-        .put("/apisix/routes/2", &json!({"uri": "/c"}))
-        .unwrap();
+    put(store, "/apisix/routes/2", json!({"uri": "/c"})).unwrap();
 }
 
 #[test]
@@ -104,4 +125,41 @@ fn redb_store_contract_and_durability() {
     assert_eq!(e.created_index, 9);
     let e = reopened.get("/apisix/routes/3").unwrap().unwrap();
     assert_eq!(e.created_index, 7);
+}
+
+#[test]
+fn subscribe_starts_with_the_contents_then_follows() {
+    let store = MemoryStore::new();
+    put(&store, "/apisix/routes/1", json!({})).unwrap();
+    put(&store, "/apisix/routes/2", json!({})).unwrap();
+    let rec = Arc::new(Recorder::default());
+    store.subscribe(rec.clone()).unwrap();
+    put(&store, "/apisix/routes/3", json!({})).unwrap();
+    assert_eq!(
+        *rec.0.lock().unwrap(),
+        [
+            "reset /apisix/routes/1,/apisix/routes/2 at 2",
+            "put /apisix/routes/3 3"
+        ]
+    );
+}
+
+#[test]
+fn conditional_put_refuses_a_changed_object() {
+    let store = MemoryStore::new();
+    let first = put(&store, "/apisix/routes/1", json!({"uri": "/a"})).unwrap();
+    put(&store, "/apisix/routes/1", json!({"uri": "/b"})).unwrap();
+    let stale = store
+        .put(
+            "/apisix/routes/1",
+            json!({"uri": "/c"}),
+            Some(first.entry.modified_index),
+        )
+        .now_or_never()
+        .unwrap();
+    assert!(matches!(stale, Err(StoreError::Conflict)));
+    assert_eq!(
+        store.get("/apisix/routes/1").unwrap().unwrap().value,
+        json!({"uri": "/b"})
+    );
 }
