@@ -49,6 +49,7 @@ const USED_KEYS: &[&str] = &[
     "deployment.role",
     "deployment.role_traditional.config_provider",
     "deployment.role_data_plane.config_provider",
+    "deployment.role_control_plane.config_provider",
     "deployment.admin.admin_key",
     "deployment.admin.admin_key_required",
     "deployment.admin.allow_admin",
@@ -100,6 +101,8 @@ fn key_err(key: &str, message: impl Into<String>) -> ConfigError {
 pub enum Provider {
     /// The embedded database in the data directory, edited by the Admin API.
     Embedded,
+    /// etcd, shared with other gateways (APISIX's `config_provider: etcd`).
+    Etcd(Box<EtcdConf>),
     /// `conf/apisix.yaml`, re-read when it changes; no Admin API.
     Yaml(PathBuf),
 }
@@ -294,17 +297,28 @@ impl GatewayConfig {
         let role = opt_str(doc, "deployment.role")?.unwrap_or_else(|| "traditional".into());
         let provider = match role.as_str() {
             "traditional" | "control_plane" => {
-                // etcd is what APISIX means here; until ferrogate speaks etcd,
-                // the embedded store serves the same Admin API.
-                Provider::Embedded
+                let key = format!("deployment.role_{role}.config_provider");
+                match opt_str(doc, &key)?.as_deref() {
+                    // Without a provider (or `embedded`) one node keeps its
+                    // configuration in its own database.
+                    None | Some("embedded") => Provider::Embedded,
+                    Some("etcd") => Provider::Etcd(Box::new(EtcdConf::parse(doc, &prefix)?)),
+                    Some(other) => {
+                        return Err(key_err(
+                            &key,
+                            format!("`{other}` is not supported; use `etcd` or `embedded`"),
+                        ))
+                    }
+                }
             }
             "data_plane" => {
                 match opt_str(doc, "deployment.role_data_plane.config_provider")?.as_deref() {
                     Some("yaml") | None => Provider::Yaml(prefix.join("conf").join("apisix.yaml")),
+                    Some("etcd") => Provider::Etcd(Box::new(EtcdConf::parse(doc, &prefix)?)),
                     Some(other) => {
                         return Err(key_err(
                             "deployment.role_data_plane.config_provider",
-                            format!("`{other}` is not supported; use `yaml`"),
+                            format!("`{other}` is not supported; use `yaml` or `etcd`"),
                         ))
                     }
                 }
@@ -380,7 +394,9 @@ impl GatewayConfig {
             data_dir: prefix.join("data"),
             prefix,
             node_listen,
-            enable_admin: opt_bool(doc, "apisix.enable_admin")?.unwrap_or(true),
+            // A data plane (APISIX's `role: data_plane`) serves no Admin API.
+            enable_admin: opt_bool(doc, "apisix.enable_admin")?.unwrap_or(true)
+                && role != "data_plane",
             admin_listen,
             admin_keys,
             admin_key_required: opt_bool(doc, "deployment.admin.admin_key_required")?
@@ -736,10 +752,10 @@ fn substitute_env(
 fn unused_keys(doc: &Value) -> Vec<String> {
     let mut out = BTreeSet::new();
     fn walk(v: &Value, path: String, depth: usize, out: &mut BTreeSet<String>) {
-        let used = USED_KEYS.iter().any(|k| {
+        let used = USED_KEYS.iter().chain(etcd::KEYS).any(|k| {
             *k == path || k.starts_with(&format!("{path}.")) || path.starts_with(&format!("{k}."))
         });
-        if USED_KEYS.contains(&path.as_str()) {
+        if USED_KEYS.contains(&path.as_str()) || etcd::KEYS.contains(&path.as_str()) {
             return;
         }
         match v {
@@ -763,6 +779,9 @@ fn unused_keys(doc: &Value) -> Vec<String> {
     walk(doc, String::new(), 0, &mut out);
     out.into_iter().collect()
 }
+
+mod etcd;
+pub use etcd::EtcdConf;
 
 #[cfg(test)]
 mod tests;

@@ -57,6 +57,10 @@ pub enum Error {
         #[source]
         source: StoreError,
     },
+    /// etcd could not be used: settings files unreadable, or etcd
+    /// unreachable with no local copy of its configuration.
+    #[error("etcd (deployment.etcd): {0}")]
+    Etcd(String),
     /// The first snapshot could not be read from the store.
     #[error(transparent)]
     Snapshot(StoreError),

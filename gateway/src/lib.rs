@@ -15,6 +15,7 @@ pub mod control;
 pub mod drain;
 pub mod error;
 pub mod error_page;
+mod etcd_store;
 pub mod framing;
 pub mod h1_upstream;
 pub mod h2_upstream;
@@ -181,6 +182,11 @@ pub async fn start(config: GatewayConfig) -> Result<Running, Error> {
             })?;
             tracing::info!(path = %path.display(), "embedded config store");
             (Arc::new(store), None)
+        }
+        Provider::Etcd(etcd) => {
+            keys::ensure_private_dir(&config.data_dir)?;
+            let store = etcd_store::open(etcd, &config).await?;
+            (store, None)
         }
         Provider::Yaml(path) => {
             let store = standalone::load(path)?;

@@ -158,12 +158,16 @@ fn apisix_shipped_config_generates_a_private_key() {
     let dir = tempfile::tempdir().unwrap();
     let (data, admin) = (free_port(), free_port());
     // APISIX's file as shipped, plus where to listen (the defaults 9080/9180
-    // may be taken on a test machine).
+    // may be taken on a test machine), on this node's own store: the shared
+    // etcd store is exercised with a real etcd in t/ (etcd tests).
     let shipped = std::fs::read_to_string(Path::new(EXAMPLES).join("config.yaml")).unwrap();
-    let text = shipped.replace(
-        "  admin:\n",
-        &format!("  admin:\n    admin_listen:\n      ip: 127.0.0.1\n      port: {admin}\n"),
-    ) + &format!("apisix:\n  node_listen: {data}\n");
+    let text = shipped
+        .replace("config_provider: etcd", "config_provider: embedded")
+        .replace(
+            "  admin:\n",
+            &format!("  admin:\n    admin_listen:\n      ip: 127.0.0.1\n      port: {admin}\n"),
+        )
+        + &format!("apisix:\n  node_listen: {data}\n");
     write_config(dir.path(), &text);
     let mut p = Proc::start(dir.path());
     p.wait_ready(admin);
@@ -203,6 +207,7 @@ fn apisix_example_config_with_every_key_starts() {
     let (data, admin, tls) = (free_port(), free_port(), free_port());
     let example = std::fs::read_to_string(Path::new(EXAMPLES).join("config.yaml.example")).unwrap();
     let text = example
+        .replacen("config_provider: etcd", "config_provider: embedded", 1)
         .replacen("    - 9080", &format!("    - {data}"), 1)
         .replacen(
             "      - port: 9443",

@@ -3,6 +3,7 @@
 
 mod admin_api;
 mod balancing;
+mod etcd;
 mod health;
 mod hot_reload;
 mod ip_restriction;
