@@ -68,25 +68,73 @@ pub struct Etcd {
     pub port: u16,
     peer: u16,
     dir: tempfile::TempDir,
+    /// Clients speak TLS: the server's certificate (`cert.pem`, also
+    /// the CA clients trust) and key are in `dir`.
+    tls: bool,
+    /// `user:password` once authentication is on.
+    user: Option<String>,
 }
 
 impl Etcd {
     pub fn start() -> Etcd {
+        Self::start_with(None)
+    }
+
+    /// An etcd serving clients over TLS with `cert_pem`/`key_pem` (PEM).
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Etcd {
+        Self::start_with(Some((cert_pem, key_pem)))
+    }
+
+    fn start_with(tls: Option<(&str, &str)>) -> Etcd {
+        let dir = tempfile::tempdir().unwrap();
+        if let Some((cert, key)) = tls {
+            std::fs::write(dir.path().join("cert.pem"), cert).unwrap();
+            std::fs::write(dir.path().join("key.pem"), key).unwrap();
+        }
         let mut etcd = Etcd {
             child: None,
             port: free_port(),
             peer: free_port(),
-            dir: tempfile::tempdir().unwrap(),
+            dir,
+            tls: tls.is_some(),
+            user: None,
         };
         etcd.run();
         etcd
     }
 
+    /// The certificate clients trust, for a TLS etcd.
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.path().join("cert.pem")
+    }
+
+    /// Turns authentication on with a `root` user of password `password`.
+    pub fn enable_auth(&mut self, password: &str) {
+        self.ctl(&[
+            "user",
+            "add",
+            &format!("root:{password}"),
+            "--interactive=false",
+        ]);
+        self.ctl(&["user", "grant-role", "root", "root"]);
+        self.ctl(&["auth", "enable"]);
+        self.user = Some(format!("root:{password}"));
+    }
+
     fn run(&mut self) {
-        let client = format!("http://127.0.0.1:{}", self.port);
+        let scheme = if self.tls { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{}", self.port);
         let peer = format!("http://127.0.0.1:{}", self.peer);
         let log = self.dir.path().join("etcd.log");
-        let mut child = Command::new("etcd")
+        let mut command = Command::new("etcd");
+        if self.tls {
+            command
+                .arg("--cert-file")
+                .arg(self.dir.path().join("cert.pem"))
+                .arg("--key-file")
+                .arg(self.dir.path().join("key.pem"));
+        }
+        let mut child = command
             .args(["--name", "t", "--data-dir"])
             .arg(self.dir.path().join("data"))
             .args(["--listen-client-urls", &client])
@@ -110,7 +158,8 @@ impl Etcd {
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// Stops etcd (SIGKILL), keeping its data.
@@ -128,9 +177,17 @@ impl Etcd {
     }
 
     fn try_ctl(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new("etcdctl")
+        let mut command = Command::new("etcdctl");
+        command
             .env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints=127.0.0.1:{}", self.port))
+            .arg(format!("--endpoints={}", self.endpoint()));
+        if self.tls {
+            command.arg("--cacert").arg(self.ca_path());
+        }
+        if let Some(user) = &self.user {
+            command.arg(format!("--user={user}"));
+        }
+        let out = command
             .args(args)
             .output()
             .expect("etcdctl runs (apt-get install etcd-client)");
@@ -195,17 +252,17 @@ pub struct Node {
 
 impl Node {
     /// A traditional node (Admin API and data plane) on the etcd at
-    /// `endpoint`; `etcd_extra` adds lines inside `deployment.etcd`
-    /// (four-space indented), `extra` top-level sections.
-    pub fn start(endpoint: &str, etcd_extra: &str, extra: &str) -> Node {
+    /// `endpoint`; `etcd_extra` adds lines inside `deployment.etcd`,
+    /// `ssl_extra` inside `apisix.ssl` (both four-space indented).
+    pub fn start(endpoint: &str, etcd_extra: &str, ssl_extra: &str) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let (data, admin) = (free_port(), free_port());
         let yaml = format!(
-            "apisix:\n  node_listen:\n    - ip: 127.0.0.1\n      port: {data}\n  ssl:\n    enable: false\n\
+            "apisix:\n  node_listen:\n    - ip: 127.0.0.1\n      port: {data}\n  ssl:\n    enable: false\n{ssl_extra}\
              deployment:\n  role: traditional\n  role_traditional:\n    config_provider: etcd\n\
              \x20 admin:\n    admin_key:\n      - name: admin\n        key: {KEY}\n        role: admin\n\
              \x20   admin_listen:\n      ip: 127.0.0.1\n      port: {admin}\n\
-             \x20 etcd:\n    host:\n      - {endpoint}\n    timeout: 3\n{etcd_extra}{extra}"
+             \x20 etcd:\n    host:\n      - {endpoint}\n    timeout: 3\n{etcd_extra}"
         );
         Self::start_with_config(dir, &yaml, data, admin)
     }

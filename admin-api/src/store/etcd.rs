@@ -50,6 +50,8 @@ use crate::Kind;
 /// Objects per page of a full listing (etcd's answers stay well under the
 /// client's 4 MiB message limit even with certificates).
 const LIST_PAGE: i64 = 500;
+/// APISIX's error when no etcd endpoint can be reached.
+const NO_ENDPOINT: &str = "has no healthy etcd endpoint available";
 /// Longest wait between two attempts to reach etcd again.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
 
@@ -198,8 +200,22 @@ impl Lookup for AnyReference {
     }
 }
 
+/// What a client is told when etcd fails: APISIX's words when no endpoint
+/// answers, etcd's own message otherwise. The details go to the log.
 fn unavailable(e: etcd_client::Error) -> StoreError {
-    StoreError::Unavailable(format!("etcd: {e}"))
+    tracing::debug!(error = %e, "etcd request failed");
+    let message = match &e {
+        etcd_client::Error::GRpcStatus(status)
+            if !matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded
+            ) =>
+        {
+            format!("etcd: {}", status.message())
+        }
+        _ => NO_ENDPOINT.to_string(),
+    };
+    StoreError::Unavailable(message)
 }
 
 fn revision_of(header: Option<&etcd_client::ResponseHeader>) -> u64 {
@@ -305,7 +321,7 @@ impl Shared {
         }
         let client = tokio::time::timeout(s.timeout, Client::connect(&s.hosts, Some(options)))
             .await
-            .map_err(|_| StoreError::Unavailable("etcd: connect timed out".into()))?
+            .map_err(|_| StoreError::Unavailable(NO_ENDPOINT.into()))?
             .map_err(unavailable)?;
         *slot = Some(client.clone());
         Ok(client)
@@ -318,7 +334,7 @@ impl Shared {
     ) -> Result<T, StoreError> {
         let result = tokio::time::timeout(self.settings.timeout, request)
             .await
-            .map_err(|_| StoreError::Unavailable("etcd: request timed out".into()))
+            .map_err(|_| StoreError::Unavailable(NO_ENDPOINT.into()))
             .and_then(|r| r.map_err(unavailable));
         self.set_reachable(result.is_ok());
         result
@@ -493,7 +509,7 @@ impl Shared {
                 Ok(WatchEnd::Relist) => relist = true,
                 Err(e) => {
                     if self.reachable.swap(false, Ordering::Relaxed) || delay.as_millis() == 100 {
-                        tracing::warn!(error = %e, "lost etcd; serving the last configuration and retrying");
+                        tracing::warn!(error = %e, hosts = ?self.settings.hosts, "lost etcd; serving the last configuration and retrying");
                     }
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(self.settings.resync_delay.min(MAX_RETRY_DELAY));

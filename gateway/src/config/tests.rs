@@ -119,8 +119,21 @@ fn env_substitution() {
 fn reads_apisix_shipped_files() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf/apisix-examples");
     let c = GatewayConfig::load(&dir.join("config.yaml")).unwrap();
-    assert_eq!(c.provider, Provider::Embedded);
+    // APISIX ships `config_provider: etcd` with etcd's defaults.
+    let Provider::Etcd(etcd) = &c.provider else {
+        panic!("{:?}", c.provider)
+    };
+    assert_eq!(etcd.hosts, ["http://127.0.0.1:2379"]);
     let example = GatewayConfig::load(&dir.join("config.yaml.example")).unwrap();
+    let Provider::Etcd(etcd) = &example.provider else {
+        panic!("{:?}", example.provider)
+    };
+    assert_eq!(etcd.prefix, "/apisix");
+    assert_eq!(etcd.startup_retry, 2);
+    assert!(example
+        .unused_keys
+        .iter()
+        .all(|k| !k.starts_with("deployment.etcd")));
     assert!(!example.unused_keys.is_empty());
     assert!(example
         .unused_keys
@@ -136,4 +149,78 @@ fn nginx_durations() {
     assert_eq!(parse_duration("soon"), None);
     assert_eq!(parse_duration("99999999999999999999999s"), None);
     assert_eq!(parse_duration("-5s"), None);
+}
+
+#[test]
+fn config_provider_etcd_and_its_defaults() {
+    let c = parse("deployment:\n  role_traditional:\n    config_provider: etcd\n").unwrap();
+    let Provider::Etcd(etcd) = &c.provider else {
+        panic!("{:?}", c.provider)
+    };
+    assert_eq!(etcd.hosts, ["http://127.0.0.1:2379"]);
+    assert_eq!(etcd.prefix, "/apisix");
+    assert_eq!(etcd.timeout, Duration::from_secs(30));
+    assert_eq!(etcd.watch_timeout, Duration::from_secs(50));
+    assert_eq!(etcd.startup_retry, 2);
+    assert!(etcd.encrypt_fields);
+    assert_eq!(etcd.keyring, ["qeddd145sfvddff3", "edd1c9f0985e76a2"]);
+    assert!(c.enable_admin);
+
+    let c = parse(
+        "deployment:\n  role_traditional:\n    config_provider: etcd\n  etcd:\n    host: https://etcd.example:2379\n    prefix: /edge/\n    timeout: 3\n    user: root\n    password: pw\n    tls:\n      cert: conf/etcd.crt\n      key: conf/etcd.key\n      sni: etcd.internal\napisix:\n  data_encryption:\n    keyring: [0123456789abcdef0123456789abcdef]\n",
+    )
+    .unwrap();
+    let Provider::Etcd(etcd) = &c.provider else {
+        panic!()
+    };
+    assert_eq!(etcd.hosts, ["https://etcd.example:2379"]);
+    assert!(etcd.tls());
+    assert_eq!(etcd.prefix, "/edge");
+    assert_eq!(etcd.timeout, Duration::from_secs(3));
+    assert_eq!(
+        etcd.tls_cert.as_deref(),
+        Some(Path::new("/srv/gw/conf/etcd.crt"))
+    );
+    assert_eq!(etcd.tls_sni.as_deref(), Some("etcd.internal"));
+    assert_eq!(etcd.user.as_deref(), Some("root"));
+    assert!(c.unused_keys.is_empty(), "{:?}", c.unused_keys);
+
+    // A data plane on etcd follows it and serves no Admin API.
+    let c =
+        parse("deployment:\n  role: data_plane\n  role_data_plane:\n    config_provider: etcd\n")
+            .unwrap();
+    assert!(matches!(c.provider, Provider::Etcd(_)));
+    assert!(!c.enable_admin);
+    // `embedded` says explicitly what no provider means.
+    let c = parse("deployment:\n  role_traditional:\n    config_provider: embedded\n").unwrap();
+    assert_eq!(c.provider, Provider::Embedded);
+}
+
+#[test]
+fn bad_etcd_settings_name_their_key() {
+    let err = |text: &str| parse(text).unwrap_err().to_string();
+    let etcd = "deployment:\n  role_traditional:\n    config_provider: etcd\n";
+    assert!(
+        err("deployment:\n  role_traditional:\n    config_provider: consul\n")
+            .contains("deployment.role_traditional.config_provider")
+    );
+    assert!(err(&format!("{etcd}  etcd:\n    host: [127.0.0.1:2379]\n")).contains("http://"));
+    assert!(err(&format!(
+        "{etcd}  etcd:\n    host: [http://a:1, https://b:1]\n"
+    ))
+    .contains("mixes"));
+    assert!(
+        err(&format!("{etcd}  etcd:\n    tls:\n      verify: false\n"))
+            .contains("deployment.etcd.tls.verify")
+    );
+    assert!(
+        err(&format!("{etcd}  etcd:\n    tls:\n      cert: a.pem\n"))
+            .contains("deployment.etcd.tls")
+    );
+    assert!(err(&format!("{etcd}  etcd:\n    user: root\n")).contains("deployment.etcd.password"));
+    assert!(err(&format!(
+        "{etcd}apisix:\n  data_encryption:\n    keyring: [short]\n"
+    ))
+    .contains("apisix.data_encryption.keyring[0]"));
+    assert!(err(&format!("{etcd}  etcd:\n    timeout: -1\n")).contains("deployment.etcd.timeout"));
 }

@@ -359,3 +359,56 @@ fn no_etcd_and_no_local_copy_is_a_clear_start_error() {
     assert!(err.contains("deployment.etcd"), "{err}");
     assert!(err.contains(&format!("127.0.0.1:{dead}")), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_over_tls_with_a_user() {
+    if !etcd_available("etcd_over_tls_with_a_user") {
+        return;
+    }
+    // etcd also calls itself on 127.0.0.1, so the certificate names both.
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["etcd.test".to_string(), "127.0.0.1".to_string()])
+            .unwrap();
+    let mut etcd = Etcd::start_tls(&ck.cert.pem(), &ck.signing_key.serialize_pem());
+    etcd.enable_auth("s3cret-pw");
+    let up = Upstream::start("tls-etcd").await;
+    etcd.ctl(&[
+        "put",
+        "/apisix/routes/1",
+        &route("/secure", &up).to_string(),
+    ]);
+    // The certificate names etcd.test, not 127.0.0.1: `sni` says which
+    // name to verify; the CA comes from ssl_trusted_certificate.
+    let extra = "    user: root\n    password: s3cret-pw\n    tls:\n      sni: etcd.test\n";
+    let trust = format!(
+        "    ssl_trusted_certificate: {}\n",
+        etcd.ca_path().display()
+    );
+    let node = Node::start(&etcd.endpoint(), extra, &trust);
+    node.wait_status("/secure", 200, SECOND).await;
+    let r = node
+        .admin("PUT", "routes/2", Some(route("/written", &up)))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert!(etcd.value("/apisix/routes/2").is_some());
+
+    // A wrong password: no configuration, and the error says why.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = extra.replace("s3cret-pw", "wrong");
+    let (data, admin) = (free_port(), free_port());
+    let yaml = format!(
+        "apisix:\n  node_listen: {data}\n  ssl:\n    enable: false\n{trust}deployment:\n  role_traditional:\n    config_provider: etcd\n  admin:\n    admin_key:\n      - name: admin\n        key: {KEY}\n        role: admin\n    admin_listen:\n      ip: 127.0.0.1\n      port: {admin}\n  etcd:\n    host: [{}]\n    startup_retry: 1\n{bad}",
+        etcd.endpoint()
+    );
+    std::fs::create_dir_all(dir.path().join("conf")).unwrap();
+    std::fs::write(dir.path().join("conf/config.yaml"), yaml).unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new(exe.parent().unwrap().parent().unwrap().join("ferrogate"))
+        .arg("--config")
+        .arg(dir.path().join("conf/config.yaml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("authentication failed"), "{err}");
+}
