@@ -145,8 +145,18 @@ pub fn check(config: &GatewayConfig) -> Result<(), Error> {
     if let Some(ssl) = &config.ssl {
         tls_edge::TlsEdge::new(ssl, config.client_header_timeout).map_err(Error::TlsEdge)?;
     }
-    if let Provider::Yaml(path) = &config.provider {
-        standalone::load(path)?;
+    match &config.provider {
+        Provider::Yaml(path) => {
+            standalone::load(path)?;
+        }
+        Provider::Etcd(etcd) => {
+            for path in [&etcd.tls_cert, &etcd.tls_key].into_iter().flatten() {
+                std::fs::metadata(path).map_err(|e| {
+                    Error::Etcd(format!("cannot read {}: {e}", path.display()))
+                })?;
+            }
+        }
+        Provider::Embedded => {}
     }
     Ok(())
 }

@@ -242,6 +242,23 @@ fn binary() -> PathBuf {
     bin
 }
 
+/// Runs ferrogate on the config text `yaml`, expecting it to refuse to
+/// start; what it printed on stderr.
+pub fn failed_start(yaml: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("conf")).unwrap();
+    std::fs::write(dir.path().join("conf/config.yaml"), yaml).unwrap();
+    let out = Command::new(binary())
+        .arg("--config")
+        .arg(dir.path().join("conf/config.yaml"))
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "started: {stderr}");
+    stderr
+}
+
 /// A ferrogate process on etcd, with its own ports and data directory.
 pub struct Node {
     child: Option<Child>,

@@ -41,8 +41,8 @@ use tokio::task::JoinHandle;
 use self::cache::{Cache, Cached};
 use super::crypt::Keyring;
 use super::{
-    BatchOp, Change, Entry, Event, PutOutcome, Store, StoreError, Watcher, Watchers, WriteFuture,
-    KEY_PREFIX,
+    entries_below, BatchOp, Change, Entry, Event, PutOutcome, Store, StoreError, Watcher, Watchers,
+    WriteFuture, KEY_PREFIX,
 };
 use crate::validate::{self, Lookup};
 use crate::Kind;
@@ -714,12 +714,7 @@ impl Store for EtcdStore {
 
     fn list(&self, prefix: &str) -> Result<Vec<Entry>, StoreError> {
         let view = self.shared.view.read().unwrap_or_else(|p| p.into_inner());
-        Ok(view
-            .objects
-            .range(prefix.to_string()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(_, e)| e.clone())
-            .collect())
+        Ok(entries_below(&view.objects, prefix))
     }
 
     fn revision(&self) -> Result<u64, StoreError> {

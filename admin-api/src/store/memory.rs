@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde_json::Value;
 
 use super::{
-    done, BatchOp, Change, Entry, Event, PutOutcome, Store, StoreError, Watcher, Watchers,
-    WriteFuture,
+    done, entries_below, BatchOp, Change, Entry, Event, PutOutcome, Store, StoreError, Watcher,
+    Watchers, WriteFuture,
 };
 
 #[derive(Default)]
@@ -109,13 +109,7 @@ impl Store for MemoryStore {
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<Entry>, StoreError> {
-        Ok(self
-            .lock()
-            .objects
-            .range(prefix.to_string()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(_, e)| e.clone())
-            .collect())
+        Ok(entries_below(&self.lock().objects, prefix))
     }
 
     fn revision(&self) -> Result<u64, StoreError> {

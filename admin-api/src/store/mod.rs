@@ -14,6 +14,7 @@ mod etcd;
 mod memory;
 mod redb_store;
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 use futures_util::future::BoxFuture;
@@ -171,6 +172,16 @@ impl Watchers {
             w.on_change(change);
         }
     }
+}
+
+/// The entries of an in-memory map whose keys start with `prefix`, in key
+/// order.
+pub(crate) fn entries_below(objects: &BTreeMap<String, Entry>, prefix: &str) -> Vec<Entry> {
+    objects
+        .range(prefix.to_string()..)
+        .take_while(|(k, _)| k.starts_with(prefix))
+        .map(|(_, e)| e.clone())
+        .collect()
 }
 
 /// A write that is done already.

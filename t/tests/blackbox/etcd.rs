@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use harness::cluster::{etcd_available, free_port, Etcd, Node};
+use harness::cluster::{etcd_available, failed_start, free_port, Etcd, Node};
 use harness::serde_json::{json, Value};
 use harness::{Upstream, KEY};
 
@@ -337,25 +337,13 @@ async fn apisix_shipped_config_joins_an_etcd() {
 
 #[test]
 fn no_etcd_and_no_local_copy_is_a_clear_start_error() {
-    let dir = tempfile::tempdir().unwrap();
     let (data, admin, dead) = (free_port(), free_port(), free_port());
     let yaml = format!(
         "apisix:\n  node_listen: {data}\n  ssl:\n    enable: false\n\
          deployment:\n  role_traditional:\n    config_provider: etcd\n  admin:\n    admin_key:\n      - name: admin\n        key: {KEY}\n        role: admin\n    admin_listen:\n      ip: 127.0.0.1\n      port: {admin}\n\
          \x20 etcd:\n    host: http://127.0.0.1:{dead}\n    startup_retry: 1\n    timeout: 2\n"
     );
-    std::fs::create_dir_all(dir.path().join("conf")).unwrap();
-    std::fs::write(dir.path().join("conf/config.yaml"), yaml).unwrap();
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("ferrogate");
-    let out = std::process::Command::new(bin)
-        .arg("--config")
-        .arg(dir.path().join("conf/config.yaml"))
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = failed_start(&yaml);
     assert!(err.contains("deployment.etcd"), "{err}");
     assert!(err.contains(&format!("127.0.0.1:{dead}")), "{err}");
 }
@@ -393,22 +381,12 @@ async fn etcd_over_tls_with_a_user() {
     assert!(etcd.value("/apisix/routes/2").is_some());
 
     // A wrong password: no configuration, and the error says why.
-    let dir = tempfile::tempdir().unwrap();
     let bad = extra.replace("s3cret-pw", "wrong");
     let (data, admin) = (free_port(), free_port());
     let yaml = format!(
         "apisix:\n  node_listen: {data}\n  ssl:\n    enable: false\n{trust}deployment:\n  role_traditional:\n    config_provider: etcd\n  admin:\n    admin_key:\n      - name: admin\n        key: {KEY}\n        role: admin\n    admin_listen:\n      ip: 127.0.0.1\n      port: {admin}\n  etcd:\n    host: [{}]\n    startup_retry: 1\n{bad}",
         etcd.endpoint()
     );
-    std::fs::create_dir_all(dir.path().join("conf")).unwrap();
-    std::fs::write(dir.path().join("conf/config.yaml"), yaml).unwrap();
-    let exe = std::env::current_exe().unwrap();
-    let out = std::process::Command::new(exe.parent().unwrap().parent().unwrap().join("ferrogate"))
-        .arg("--config")
-        .arg(dir.path().join("conf/config.yaml"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = failed_start(&yaml);
     assert!(err.contains("authentication failed"), "{err}");
 }
