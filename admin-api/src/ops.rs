@@ -568,9 +568,11 @@ pub async fn delete(
     }
     let mut ops = vec![BatchOp::Delete { key: key.clone() }];
     if kind == Kind::Consumers {
-        for cred in store.list(&format!("{key}/credentials/"))? {
-            ops.push(BatchOp::Delete { key: cred.key });
-        }
+        // Every credential, also those this node has not seen yet: one left
+        // behind would come back with its secret if the name is reused.
+        ops.push(BatchOp::DeletePrefix {
+            prefix: format!("{key}/credentials/"),
+        });
     }
     store.apply(ops).await?;
     Ok((

@@ -151,9 +151,8 @@ pub fn check(config: &GatewayConfig) -> Result<(), Error> {
         }
         Provider::Etcd(etcd) => {
             for path in [&etcd.tls_cert, &etcd.tls_key].into_iter().flatten() {
-                std::fs::metadata(path).map_err(|e| {
-                    Error::Etcd(format!("cannot read {}: {e}", path.display()))
-                })?;
+                std::fs::metadata(path)
+                    .map_err(|e| Error::Etcd(format!("cannot read {}: {e}", path.display())))?;
             }
         }
         Provider::Embedded => {}

@@ -119,10 +119,11 @@ impl Keyring {
     /// The plain text of `sealed`, from the first key that decrypts it.
     pub fn decrypt(&self, sealed: &str) -> Option<String> {
         let bytes = STANDARD.decode(sealed).ok()?;
+        // A wrong key yields valid padding now and then (1 in 256): only
+        // text counts as opened, else the next key is tried.
         self.keys
             .iter()
-            .find_map(|k| k.decrypt(&bytes))
-            .and_then(|plain| String::from_utf8(plain).ok())
+            .find_map(|k| k.decrypt(&bytes).and_then(|p| String::from_utf8(p).ok()))
     }
 
     /// Encrypts the secrets of an object of `kind` before it is written.
@@ -183,6 +184,13 @@ impl Keyring {
             }
             Kind::Upstreams => {
                 if let Some(key) = value.pointer_mut("/tls/client_key") {
+                    f(key, true);
+                }
+            }
+            // APISIX encrypts the client key of an upstream written inside
+            // a route or service too.
+            Kind::Routes | Kind::Services => {
+                if let Some(key) = value.pointer_mut("/upstream/tls/client_key") {
                     f(key, true);
                 }
             }
@@ -289,6 +297,26 @@ mod tests {
         assert_eq!(ssl["key"], pem);
         assert_eq!(ssl["keys"][0], pem);
         assert_eq!(failed.len(), 1, "the value no key opens is reported");
+
+        let mut route =
+            json!({"uri": "/", "upstream": {"tls": {"client_cert": "c", "client_key": pem}}});
+        k.seal(Kind::Routes, &mut route);
+        assert_ne!(route["upstream"]["tls"]["client_key"], pem);
+        k.open(Kind::Routes, &mut route);
+        assert_eq!(route["upstream"]["tls"]["client_key"], pem);
+    }
+
+    #[test]
+    fn every_key_of_the_ring_is_tried() {
+        // Many values sealed with the second key: a wrong first key that
+        // happens to unpad must not stop the search.
+        let second = ring(&["edd1c9f0985e76a2"]);
+        let both = ring(DEFAULT_KEYRING);
+        for i in 0..2000 {
+            let plain = format!("secret-{i}");
+            let sealed = second.encrypt(&plain).unwrap();
+            assert_eq!(both.decrypt(&sealed).as_deref(), Some(plain.as_str()));
+        }
     }
 
     #[test]

@@ -26,19 +26,20 @@ mod cache;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions,
-    TlsOptions, Txn, TxnOp, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, KeyValue,
+    PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
 };
+use futures_util::FutureExt;
 use serde_json::Value;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use self::cache::{Cache, Cached};
+use self::cache::{Cache, CacheOp, Cached};
 use super::crypt::Keyring;
 use super::{
     entries_below, BatchOp, Change, Entry, Event, PutOutcome, Store, StoreError, Watcher, Watchers,
@@ -96,6 +97,30 @@ pub struct EtcdStore {
     follower: JoinHandle<()>,
 }
 
+/// Writes the cache, several queued changes per transaction.
+async fn write_cache(
+    cache: Arc<Cache>,
+    origin: String,
+    dirty: Arc<AtomicBool>,
+    mut rx: mpsc::UnboundedReceiver<CacheOp>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut ops = vec![first];
+        while let Ok(op) = rx.try_recv() {
+            ops.push(op);
+        }
+        let (cache, origin) = (cache.clone(), origin.clone());
+        let written = tokio::task::spawn_blocking(move || cache.write(&origin, &ops)).await;
+        let error = match written {
+            Ok(Ok(())) => continue,
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        };
+        tracing::warn!(error = %error, "writing the local copy of etcd's configuration failed; it is rewritten whole next time");
+        dirty.store(true, Ordering::Relaxed);
+    }
+}
+
 struct Shared {
     settings: EtcdSettings,
     client: tokio::sync::Mutex<Option<Client>>,
@@ -105,7 +130,14 @@ struct Shared {
     feed: Mutex<()>,
     watchers: Watchers,
     applied: watch::Sender<u64>,
-    cache: Option<Cache>,
+    /// Revision up to which etcd has sent everything under the prefix
+    /// (events or progress notices); watches resume after it.
+    cursor: AtomicU64,
+    /// Changes for the local copy, written by their own task so that a slow
+    /// disk never holds up the next change.
+    cache: Option<mpsc::UnboundedSender<CacheOp>>,
+    /// A cache write failed: the next one rewrites it whole.
+    cache_dirty: Arc<AtomicBool>,
     reachable: AtomicBool,
 }
 
@@ -130,14 +162,28 @@ impl EtcdStore {
     pub async fn open(settings: EtcdSettings) -> Result<Self, StoreError> {
         let cache = match &settings.cache {
             Some(path) => match Cache::open(path) {
-                Ok(c) => Some(c),
+                Ok(c) => Some(Arc::new(c)),
                 Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "etcd cache unusable; going on without it");
+                    tracing::warn!(path = %path.display(), error = %e, "local copy of etcd's configuration unusable; going on without it");
                     None
                 }
             },
             None => None,
         };
+        let origin = origin_of(&settings);
+        let cached = match &cache {
+            Some(c) => c.load(&origin).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot read the local copy of etcd's configuration");
+                None
+            }),
+            None => None,
+        };
+        let cache_dirty = Arc::new(AtomicBool::new(false));
+        let cache_tx = cache.map(|cache| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(write_cache(cache, origin, cache_dirty.clone(), rx));
+            tx
+        });
         let (applied, _) = watch::channel(0);
         let shared = Arc::new(Shared {
             settings,
@@ -146,7 +192,9 @@ impl EtcdStore {
             feed: Mutex::new(()),
             watchers: Watchers::default(),
             applied,
-            cache,
+            cursor: AtomicU64::new(0),
+            cache: cache_tx,
+            cache_dirty,
             reachable: AtomicBool::new(false),
         });
         let attempts = shared.settings.startup_retry.max(1);
@@ -167,12 +215,18 @@ impl EtcdStore {
             }
         }
         if let Some(error) = last_error {
-            if !shared.load_cache()? {
+            let Some((objects, revision)) = cached else {
                 return Err(StoreError::Unavailable(format!(
                     "cannot reach etcd at {} and no local copy of its configuration: {error}",
                     shared.settings.hosts.join(", ")
                 )));
-            }
+            };
+            tracing::warn!(
+                revision,
+                objects = objects.len(),
+                "etcd unreachable: serving the local copy of its last configuration"
+            );
+            shared.reset(objects, revision, false);
         }
         let follower = tokio::spawn(shared.clone().follow());
         Ok(EtcdStore { shared, follower })
@@ -222,11 +276,13 @@ fn revision_of(header: Option<&etcd_client::ResponseHeader>) -> u64 {
     header.map_or(0, |h| h.revision().max(0) as u64)
 }
 
-impl Shared {
-    fn origin(&self) -> String {
-        format!("{} {}", self.settings.hosts.join(","), self.settings.prefix)
-    }
+/// Which etcd a local copy came from: a copy of another cluster or prefix
+/// is never served.
+fn origin_of(settings: &EtcdSettings) -> String {
+    format!("{} {}", settings.hosts.join(","), settings.prefix)
+}
 
+impl Shared {
     /// etcd's key for a key inside ferrogate.
     fn physical(&self, key: &str) -> String {
         match key.strip_prefix(KEY_PREFIX) {
@@ -251,6 +307,17 @@ impl Shared {
     /// The object an etcd value holds, decrypted and checked; `None` (and a
     /// log line naming the key) when it cannot be served.
     fn decode(&self, key: &str, raw: &[u8], created: u64, modified: u64) -> Option<Entry> {
+        // Values come from outside: a bug they trigger costs that value only.
+        let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.decode_checked(key, raw, created, modified)
+        }));
+        decoded.unwrap_or_else(|_| {
+            tracing::error!(key = %self.physical(key), "checking this etcd value failed; skipped");
+            None
+        })
+    }
+
+    fn decode_checked(&self, key: &str, raw: &[u8], created: u64, modified: u64) -> Option<Entry> {
         let (kind, _) = Kind::parse_key(key)?;
         let physical = self.physical(key);
         let mut value: Value = match serde_json::from_slice(raw) {
@@ -377,33 +444,19 @@ impl Shared {
     async fn relist(self: &Arc<Self>) -> Result<(), StoreError> {
         let (kvs, revision) = self.list_all().await?;
         let objects: Vec<Cached> = kvs.iter().filter_map(|kv| self.cached(kv)).collect();
-        self.reset(&objects, revision);
-        let origin = self.origin();
-        self.off_thread(move |cache| cache.replace_all(&origin, &objects, revision))
-            .await;
-        Ok(())
+        let shared = self.clone();
+        // Compiling a whole configuration is work for a blocking thread, not
+        // for the runtime serving requests.
+        tokio::task::spawn_blocking(move || shared.reset(objects, revision, true))
+            .await
+            .map_err(StoreError::backend)
     }
 
-    /// Serves the cached copy; false when there is none.
-    fn load_cache(&self) -> Result<bool, StoreError> {
-        let Some(cache) = &self.cache else {
-            return Ok(false);
-        };
-        let Some((objects, revision)) = cache.load(&self.origin())? else {
-            return Ok(false);
-        };
-        tracing::warn!(
-            revision,
-            objects = objects.len(),
-            "etcd unreachable: serving the local copy of its last configuration"
-        );
-        self.reset(&objects, revision);
-        Ok(true)
-    }
-
-    fn reset(&self, objects: &[Cached], revision: u64) {
+    /// Makes `objects` at `revision` the mirror and tells the watchers; with
+    /// `save`, the local copy too.
+    fn reset(&self, objects: Vec<Cached>, revision: u64, save: bool) {
         let mut map = BTreeMap::new();
-        for c in objects {
+        for c in &objects {
             if let Some(e) = self.decode(&c.key, &c.raw, c.created_index, c.modified_index) {
                 map.insert(c.key.clone(), e);
             }
@@ -415,80 +468,94 @@ impl Shared {
             view.objects = map;
             view.revision = revision;
         }
+        self.cursor.store(revision, Ordering::Relaxed);
         self.watchers.notify(&Change::Reset {
             entries: &entries,
             revision,
         });
         self.applied.send_replace(revision);
+        if save {
+            self.cache_dirty.store(false, Ordering::Relaxed);
+            self.save(CacheOp::Replace { objects, revision });
+        }
+    }
+
+    /// Queues a change for the local copy; after a failed write, the whole
+    /// mirror instead.
+    fn save(&self, op: CacheOp) {
+        let Some(tx) = &self.cache else { return };
+        let op = if self.cache_dirty.swap(false, Ordering::Relaxed) {
+            let view = self.view.read().unwrap_or_else(|p| p.into_inner());
+            let objects = view
+                .objects
+                .values()
+                .filter_map(|e| {
+                    Some(Cached {
+                        key: e.key.clone(),
+                        raw: self.sealed(&e.key, &e.value).ok()?.1,
+                        created_index: e.created_index,
+                        modified_index: e.modified_index,
+                    })
+                })
+                .collect();
+            CacheOp::Replace {
+                objects,
+                revision: view.revision,
+            }
+        } else {
+            op
+        };
+        // The writer only stops with the store.
+        let _ = tx.send(op);
     }
 
     /// Applies one watch batch to the mirror and tells the watchers.
-    async fn apply_events(self: &Arc<Self>, events: &[etcd_client::Event], revision: u64) {
+    fn apply_events(&self, events: &[etcd_client::Event], revision: u64) {
         let mut changes = Vec::new();
         let mut puts = Vec::new();
         let mut deletes = Vec::new();
-        {
-            let _feed = self.feed.lock().unwrap_or_else(|p| p.into_inner());
-            let mut view = self.view.write().unwrap_or_else(|p| p.into_inner());
-            if revision <= view.revision {
-                return;
-            }
-            for event in events {
-                let Some(kv) = event.kv() else { continue };
-                let Some(key) = self.canonical(kv.key()) else {
-                    continue;
-                };
-                match event.event_type() {
-                    EventType::Put => {
-                        let Some(c) = self.cached(kv) else { continue };
-                        if let Some(entry) =
-                            self.decode(&key, &c.raw, c.created_index, c.modified_index)
-                        {
-                            view.objects.insert(key, entry.clone());
-                            changes.push(Event::Put(entry));
-                        }
-                        puts.push(c);
-                    }
-                    EventType::Delete => {
-                        if view.objects.remove(&key).is_some() {
-                            changes.push(Event::Delete { key: key.clone() });
-                        }
-                        deletes.push(key);
-                    }
-                }
-            }
-            view.revision = revision;
-            drop(view);
-            self.watchers.notify(&Change::Events {
-                events: &changes,
-                revision,
-            });
-            self.applied.send_replace(revision);
-        }
-        self.off_thread(move |cache| cache.apply(&puts, &deletes, revision))
-            .await;
-    }
-
-    /// Writes the cache without holding up the runtime; a failure only
-    /// costs the copy's freshness, so it is logged.
-    async fn off_thread<F>(self: &Arc<Self>, write: F)
-    where
-        F: FnOnce(&Cache) -> Result<(), StoreError> + Send + 'static,
-    {
-        if self.cache.is_none() {
+        let _feed = self.feed.lock().unwrap_or_else(|p| p.into_inner());
+        let mut view = self.view.write().unwrap_or_else(|p| p.into_inner());
+        if revision <= view.revision {
             return;
         }
-        let shared = self.clone();
-        let done = tokio::task::spawn_blocking(move || match &shared.cache {
-            Some(cache) => write(cache),
-            None => Ok(()),
-        })
-        .await;
-        match done {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "writing the local etcd cache failed"),
-            Err(e) => tracing::warn!(error = %e, "writing the local etcd cache failed"),
+        for event in events {
+            let Some(kv) = event.kv() else { continue };
+            let Some(key) = self.canonical(kv.key()) else {
+                continue;
+            };
+            match event.event_type() {
+                EventType::Put => {
+                    let Some(c) = self.cached(kv) else { continue };
+                    if let Some(entry) =
+                        self.decode(&key, &c.raw, c.created_index, c.modified_index)
+                    {
+                        view.objects.insert(key, entry.clone());
+                        changes.push(Event::Put(entry));
+                    }
+                    puts.push(c);
+                }
+                EventType::Delete => {
+                    if view.objects.remove(&key).is_some() {
+                        changes.push(Event::Delete { key: key.clone() });
+                    }
+                    deletes.push(key);
+                }
+            }
         }
+        view.revision = revision;
+        drop(view);
+        self.cursor.fetch_max(revision, Ordering::Relaxed);
+        self.watchers.notify(&Change::Events {
+            events: &changes,
+            revision,
+        });
+        self.applied.send_replace(revision);
+        self.save(CacheOp::Apply {
+            puts,
+            deletes,
+            revision,
+        });
     }
 
     /// Follows etcd for as long as the store lives.
@@ -496,11 +563,20 @@ impl Shared {
         let mut delay = Duration::from_millis(100);
         let mut relist = false;
         loop {
-            let result = if relist {
-                self.relist().await.map(|()| WatchEnd::Renew)
+            let step = if relist {
+                self.relist().map(|r| r.map(|()| WatchEnd::Renew)).boxed()
             } else {
-                self.watch_once().await
+                self.watch_once().boxed()
             };
+            // A bug must not leave the node silently stale: log it, and
+            // start over from a full listing.
+            let result = std::panic::AssertUnwindSafe(step)
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| {
+                    tracing::error!("following etcd failed unexpectedly; loading everything again");
+                    Err(StoreError::Backend("follower panicked".into()))
+                });
             match result {
                 Ok(WatchEnd::Renew) => {
                     relist = false;
@@ -513,9 +589,10 @@ impl Shared {
                     }
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(self.settings.resync_delay.min(MAX_RETRY_DELAY));
-                    // Anything may have happened meanwhile, a compaction
-                    // or a restore included: start over from a listing.
-                    relist = true;
+                    // The next watch resumes after the cursor; etcd says
+                    // when it cannot (compaction, an older revision), and
+                    // only then is everything listed again.
+                    relist = relist || matches!(e, StoreError::Backend(_));
                 }
             }
         }
@@ -524,7 +601,7 @@ impl Shared {
     /// One watch of the prefix from the mirror's revision.
     async fn watch_once(self: &Arc<Self>) -> Result<WatchEnd, StoreError> {
         let mut client = self.client().await?;
-        let from = self.view.read().unwrap_or_else(|p| p.into_inner()).revision;
+        let from = self.cursor.load(Ordering::Relaxed);
         let options = WatchOptions::new()
             .with_prefix()
             .with_start_revision(from as i64 + 1)
@@ -563,16 +640,25 @@ impl Shared {
                 );
                 return Ok(WatchEnd::Relist);
             }
-            if !response.events().is_empty() {
-                let revision = response
-                    .events()
-                    .iter()
-                    .filter_map(|e| e.kv())
-                    .map(|kv| kv.mod_revision().max(0) as u64)
-                    .max()
-                    .unwrap_or(revision);
-                self.apply_events(response.events(), revision).await;
+            if response.events().is_empty() {
+                // A progress notice: nothing under the prefix up to here.
+                if !response.created() {
+                    self.cursor.fetch_max(revision, Ordering::Relaxed);
+                }
+                continue;
             }
+            let revision = response
+                .events()
+                .iter()
+                .filter_map(|e| e.kv())
+                .map(|kv| kv.mod_revision().max(0) as u64)
+                .max()
+                .unwrap_or(revision);
+            let events = response.events().to_vec();
+            let shared = self.clone();
+            tokio::task::spawn_blocking(move || shared.apply_events(&events, revision))
+                .await
+                .map_err(StoreError::backend)?;
         }
     }
 
@@ -590,12 +676,14 @@ impl Shared {
         }
     }
 
-    fn sealed(&self, key: &str, value: &Value) -> Result<Vec<u8>, StoreError> {
+    /// The value as etcd stores it (secrets encrypted), and its bytes.
+    fn sealed(&self, key: &str, value: &Value) -> Result<(Value, Vec<u8>), StoreError> {
         let mut stored = value.clone();
         if let Some((kind, _)) = Kind::parse_key(key) {
             self.settings.keyring.seal(kind, &mut stored);
         }
-        serde_json::to_vec(&stored).map_err(StoreError::backend)
+        let bytes = serde_json::to_vec(&stored).map_err(StoreError::backend)?;
+        Ok((stored, bytes))
     }
 
     async fn put(
@@ -604,7 +692,7 @@ impl Shared {
         value: Value,
         expect_modified: Option<u64>,
     ) -> Result<PutOutcome, StoreError> {
-        let bytes = self.sealed(&key, &value)?;
+        let (stored, bytes) = self.sealed(&key, &value)?;
         let physical = self.physical(&key);
         let mut client = self.client().await?;
         let (revision, created) = match expect_modified {
@@ -631,17 +719,16 @@ impl Shared {
         };
         self.caught_up(revision).await;
         let view = self.view.read().unwrap_or_else(|p| p.into_inner());
-        let entry = match view.objects.get(&key) {
-            Some(e) if e.modified_index == revision => e.clone(),
-            seen => Entry {
-                created_index: match seen {
-                    Some(e) if !created => e.created_index,
-                    _ => revision,
-                },
-                key,
-                value,
-                modified_index: revision,
-            },
+        let created_index = match view.objects.get(&key) {
+            Some(e) if !created => e.created_index,
+            _ => revision,
+        };
+        // As APISIX answers: the object as stored, secrets encrypted.
+        let entry = Entry {
+            key,
+            value: stored,
+            created_index,
+            modified_index: revision,
         };
         Ok(PutOutcome { entry, created })
     }
@@ -656,7 +743,7 @@ impl Shared {
                     BatchOp::Put { key, value } => {
                         txn_ops.push(TxnOp::put(
                             self.physical(key),
-                            self.sealed(key, value)?,
+                            self.sealed(key, value)?.1,
                             None,
                         ));
                         events.push(Event::Put(Entry {
@@ -667,10 +754,23 @@ impl Shared {
                         }));
                     }
                     BatchOp::Delete { key } => {
+                        // Also when this node does not have it (skipped as
+                        // invalid, or not seen yet): etcd decides.
+                        txn_ops.push(TxnOp::delete(self.physical(key), None));
                         if view.objects.contains_key(key) {
-                            txn_ops.push(TxnOp::delete(self.physical(key), None));
                             events.push(Event::Delete { key: key.clone() });
                         }
+                    }
+                    BatchOp::DeletePrefix { prefix } => {
+                        txn_ops.push(TxnOp::delete(
+                            self.physical(prefix),
+                            Some(DeleteOptions::new().with_prefix()),
+                        ));
+                        events.extend(
+                            entries_below(&view.objects, prefix)
+                                .into_iter()
+                                .map(|e| Event::Delete { key: e.key }),
+                        );
                     }
                 }
             }

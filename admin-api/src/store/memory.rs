@@ -93,6 +93,17 @@ impl MemoryStore {
                         events.push(Event::Delete { key: key.clone() });
                     }
                 }
+                BatchOp::DeletePrefix { prefix } => {
+                    let keys: Vec<String> = entries_below(&inner.objects, prefix)
+                        .into_iter()
+                        .map(|e| e.key)
+                        .collect();
+                    for key in keys {
+                        inner.objects.remove(&key);
+                        inner.revision += 1;
+                        events.push(Event::Delete { key });
+                    }
+                }
             }
         }
         self.watchers.notify(&Change::Events {

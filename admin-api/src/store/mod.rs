@@ -54,8 +54,18 @@ pub enum Event {
 /// One write of a batch.
 #[derive(Debug, Clone)]
 pub enum BatchOp {
-    Put { key: String, value: Value },
-    Delete { key: String },
+    Put {
+        key: String,
+        value: Value,
+    },
+    Delete {
+        key: String,
+    },
+    /// Every key that starts with `prefix`, including keys this node has
+    /// not seen yet (a consumer's credentials, as APISIX's `rmdir`).
+    DeletePrefix {
+        prefix: String,
+    },
 }
 
 /// What a watcher is told, in commit order.

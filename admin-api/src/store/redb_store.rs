@@ -156,6 +156,22 @@ impl RedbStore {
                             events.push(Event::Delete { key: key.clone() });
                         }
                     }
+                    BatchOp::DeletePrefix { prefix } => {
+                        let end = prefix_end(prefix);
+                        let mut keys = Vec::new();
+                        for item in objects
+                            .range(prefix.as_str()..end.as_str())
+                            .map_err(StoreError::backend)?
+                        {
+                            let (k, _) = item.map_err(StoreError::backend)?;
+                            keys.push(k.value().to_string());
+                        }
+                        for key in keys {
+                            objects.remove(key.as_str()).map_err(StoreError::backend)?;
+                            revision = next_revision(&mut meta)?;
+                            events.push(Event::Delete { key });
+                        }
+                    }
                 }
             }
         }

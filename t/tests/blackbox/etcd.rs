@@ -114,8 +114,12 @@ async fn three_nodes_share_one_config() {
     assert!(etcd
         .value("/apisix/consumers/jack/credentials/c1")
         .is_some());
+    // One no node serves (it does not parse): the delete takes it too, or it
+    // would come back with the next consumer of that name.
+    etcd.ctl(&["put", "/apisix/consumers/jack/credentials/c2", "{broken"]);
     assert_eq!(b.admin("DELETE", "consumers/jack", None).await.status, 200);
     assert_eq!(etcd.value("/apisix/consumers/jack/credentials/c1"), None);
+    assert_eq!(etcd.value("/apisix/consumers/jack/credentials/c2"), None);
 }
 
 /// Sends GETs to every node until `stop`; the failures.
@@ -253,6 +257,37 @@ async fn compaction_makes_a_lagging_node_relist() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_that_went_back_in_time_is_followed() {
+    if !etcd_available("an_etcd_that_went_back_in_time_is_followed") {
+        return;
+    }
+    let mut etcd = Etcd::start();
+    let up = Upstream::start("rewound").await;
+    let nodes: Vec<Node> = (0..2)
+        .map(|_| Node::start(&etcd.endpoint(), "", ""))
+        .collect();
+    for i in 0..5 {
+        let r = nodes[0]
+            .admin(
+                "PUT",
+                &format!("routes/{i}"),
+                Some(route(&format!("/old/{i}"), &up)),
+            )
+            .await;
+        assert_eq!(r.status, 201);
+    }
+    nodes[1].wait_status("/old/4", 200, SECOND).await;
+    // The same address now answers with another history, at a lower
+    // revision than the nodes have seen: they load it whole.
+    etcd.replace_with_empty();
+    etcd.ctl(&["put", "/apisix/routes/new", &route("/new", &up).to_string()]);
+    for n in &nodes {
+        n.wait_status("/new", 200, Duration::from_secs(10)).await;
+        n.wait_status("/old/0", 404, SECOND).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn custom_prefix_and_apisix_encrypted_fields() {
     if !etcd_available("custom_prefix_and_apisix_encrypted_fields") {
         return;
@@ -293,9 +328,12 @@ async fn custom_prefix_and_apisix_encrypted_fields() {
     assert!(etcd.value("/ferro-t/routes/2").is_some());
     assert_eq!(etcd.value("/apisix/routes/2"), None);
     let consumer = json!({"username": "rose", "plugins": {"key-auth": {"key": "bar"}}});
+    let put = node.admin("PUT", "consumers", Some(consumer)).await;
+    assert_eq!(put.status, 201);
+    // The answer shows what was stored, as APISIX's does.
     assert_eq!(
-        node.admin("PUT", "consumers", Some(consumer)).await.status,
-        201
+        put.json()["value"]["plugins"]["key-auth"]["key"],
+        "+kOEVUuRc5rC5ZwvvAMLwg=="
     );
     let stored: Value =
         serde_json::from_str(&etcd.value("/ferro-t/consumers/rose").unwrap()).unwrap();

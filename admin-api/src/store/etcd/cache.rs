@@ -2,9 +2,10 @@
 //! node restarted while etcd is down serves that instead of nothing.
 //!
 //! One redb file: each object as etcd holds it (still encrypted) with its
-//! indexes, the revision it reflects and the prefix it came from. It is
-//! rewritten whole on a relist and changed key by key on each watch batch,
-//! each in one transaction, so it is never half a revision.
+//! indexes, the revision it reflects and the etcd it came from. It is
+//! rewritten whole after a full listing and changed key by key for each watch
+//! batch; each write is one transaction, so the file always holds a whole
+//! revision.
 //!
 //! [`EtcdStore`]: super::EtcdStore
 
@@ -70,54 +71,65 @@ impl Cache {
         Ok(Some((out, revision)))
     }
 
-    /// Makes the cache hold exactly `objects` at `revision`.
-    pub fn replace_all(
-        &self,
-        origin: &str,
-        objects: &[Cached],
-        revision: u64,
-    ) -> Result<(), StoreError> {
+    /// Applies `ops` in order, in one transaction.
+    pub fn write(&self, origin: &str, ops: &[CacheOp]) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(StoreError::backend)?;
-        {
-            txn.delete_table(OBJECTS).map_err(StoreError::backend)?;
-            let mut table = txn.open_table(OBJECTS).map_err(StoreError::backend)?;
-            for c in objects {
-                table
-                    .insert(c.key.as_str(), encode(c).as_slice())
-                    .map_err(StoreError::backend)?;
+        let mut revision = None;
+        for op in ops {
+            match op {
+                CacheOp::Replace {
+                    objects,
+                    revision: r,
+                } => {
+                    txn.delete_table(OBJECTS).map_err(StoreError::backend)?;
+                    let mut table = txn.open_table(OBJECTS).map_err(StoreError::backend)?;
+                    for c in objects {
+                        table
+                            .insert(c.key.as_str(), encode(c).as_slice())
+                            .map_err(StoreError::backend)?;
+                    }
+                    let mut meta = txn.open_table(META).map_err(StoreError::backend)?;
+                    meta.insert("origin", origin).map_err(StoreError::backend)?;
+                    revision = Some(*r);
+                }
+                CacheOp::Apply {
+                    puts,
+                    deletes,
+                    revision: r,
+                } => {
+                    let mut table = txn.open_table(OBJECTS).map_err(StoreError::backend)?;
+                    for c in puts {
+                        table
+                            .insert(c.key.as_str(), encode(c).as_slice())
+                            .map_err(StoreError::backend)?;
+                    }
+                    for key in deletes {
+                        table.remove(key.as_str()).map_err(StoreError::backend)?;
+                    }
+                    revision = Some(*r);
+                }
             }
+        }
+        if let Some(revision) = revision {
             let mut meta = txn.open_table(META).map_err(StoreError::backend)?;
-            meta.insert("origin", origin).map_err(StoreError::backend)?;
             meta.insert("revision", revision.to_string().as_str())
                 .map_err(StoreError::backend)?;
         }
         txn.commit().map_err(StoreError::backend)
     }
+}
 
-    /// Applies one watch batch: `puts` written, `deletes` removed.
-    pub fn apply(
-        &self,
-        puts: &[Cached],
-        deletes: &[String],
+/// One change to the cache.
+#[derive(Debug)]
+pub enum CacheOp {
+    /// Everything, after a full listing.
+    Replace { objects: Vec<Cached>, revision: u64 },
+    /// One watch batch.
+    Apply {
+        puts: Vec<Cached>,
+        deletes: Vec<String>,
         revision: u64,
-    ) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(StoreError::backend)?;
-        {
-            let mut table = txn.open_table(OBJECTS).map_err(StoreError::backend)?;
-            for c in puts {
-                table
-                    .insert(c.key.as_str(), encode(c).as_slice())
-                    .map_err(StoreError::backend)?;
-            }
-            for key in deletes {
-                table.remove(key.as_str()).map_err(StoreError::backend)?;
-            }
-            let mut meta = txn.open_table(META).map_err(StoreError::backend)?;
-            meta.insert("revision", revision.to_string().as_str())
-                .map_err(StoreError::backend)?;
-        }
-        txn.commit().map_err(StoreError::backend)
-    }
+    },
 }
 
 fn encode(c: &Cached) -> Vec<u8> {
@@ -159,16 +171,17 @@ mod tests {
         {
             let cache = Cache::open(&path).unwrap();
             assert!(cache.load("a").unwrap().is_none());
-            cache
-                .replace_all("a", &[obj("/apisix/routes/1", "{}", 3)], 3)
-                .unwrap();
-            cache
-                .apply(
-                    &[obj("/apisix/routes/2", "{\"x\":1}", 5)],
-                    &["/apisix/routes/1".into()],
-                    5,
-                )
-                .unwrap();
+            let replace = CacheOp::Replace {
+                objects: vec![obj("/apisix/routes/1", "{}", 3)],
+                revision: 3,
+            };
+            cache.write("a", &[replace]).unwrap();
+            let apply = CacheOp::Apply {
+                puts: vec![obj("/apisix/routes/2", "{\"x\":1}", 5)],
+                deletes: vec!["/apisix/routes/1".into()],
+                revision: 5,
+            };
+            cache.write("a", &[apply]).unwrap();
         }
         let cache = Cache::open(&path).unwrap();
         let (objects, revision) = cache.load("a").unwrap().unwrap();
