@@ -5,7 +5,7 @@
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 
-use plugins::{full_body, ResponseBody};
+use plugins::ResponseBody;
 
 /// Every try's status, as nginx's `$upstream_status` (`502, 200`).
 pub const X_APISIX_UPSTREAM_STATUS: HeaderName =
@@ -26,24 +26,7 @@ pub fn status_list(statuses: &[u16]) -> Option<HeaderValue> {
 /// APISIX clients see for 502/504), with `X-APISIX-Upstream-Status` listing
 /// the tries when upstreams were contacted.
 pub fn error_page(status: StatusCode, upstream_statuses: Option<&[u16]>) -> Response<ResponseBody> {
-    let line = format!(
-        "{} {}",
-        status.as_u16(),
-        status.canonical_reason().unwrap_or("Error")
-    );
-    // nginx spells 504's reason "Gateway Time-out"; clients grep for it.
-    let line = if status == StatusCode::GATEWAY_TIMEOUT {
-        "504 Gateway Time-out".to_string()
-    } else {
-        line
-    };
-    let html = format!(
-        "<html>\r\n<head><title>{line}</title></head>\r\n<body>\r\n<center><h1>{line}</h1></center>\r\n<hr><center>ferrogate</center>\r\n</body>\r\n</html>\r\n"
-    );
-    let mut resp = Response::new(full_body(html));
-    *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+    let mut resp = plugins::html_page(status);
     if let Some(v) = upstream_statuses.and_then(status_list) {
         resp.headers_mut().insert(X_APISIX_UPSTREAM_STATUS, v);
     }

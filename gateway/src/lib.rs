@@ -160,6 +160,30 @@ pub fn check(config: &GatewayConfig) -> Result<(), Error> {
     Ok(())
 }
 
+/// `plugin_attr`, plus what plugins need to know of the listeners: the
+/// HTTPS port redirect's `http_to_https` sends clients to when
+/// `plugin_attr.redirect.https_port` is not set.
+fn plugin_attr_of(config: &GatewayConfig) -> serde_json::Map<String, serde_json::Value> {
+    let mut attr = config.plugin_attr.clone();
+    if let Some(port) = config
+        .ssl
+        .as_ref()
+        .and_then(|s| s.listen.first())
+        .map(|a| a.port())
+    {
+        if let serde_json::Value::Object(redirect) = attr
+            .entry("redirect")
+            .or_insert_with(|| serde_json::json!({}))
+        {
+            redirect.insert(
+                plugins::redirect::LISTENER_PORT_ATTR.into(),
+                serde_json::json!(port),
+            );
+        }
+    }
+    attr
+}
+
 /// Starts everything `config` describes. Fails when the data directory,
 /// config store, standalone file or trusted CA file cannot be read or made
 /// ([`Error::DataDir`], [`Error::Store`], [`Error::Standalone`],
@@ -214,7 +238,7 @@ pub async fn start(config: GatewayConfig) -> Result<Running, Error> {
         store.as_ref(),
         options,
         Arc::new(roots),
-        config.plugin_attr.clone(),
+        plugin_attr_of(&config),
         tls_edge.clone(),
     )
     .map_err(Error::Snapshot)?;

@@ -22,6 +22,7 @@ impl<'a, B> RequestVars<'a, B> {
     fn view(&self) -> ReqRef<'a> {
         let req = self.req;
         ReqRef {
+            client_port: None,
             method: req.method(),
             uri: req.uri(),
             headers: req.headers(),

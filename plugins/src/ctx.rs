@@ -51,6 +51,8 @@ pub struct RequestHead {
 pub struct Ctx {
     /// The address the gateway judges the client by (`$remote_addr`).
     pub client_ip: IpAddr,
+    /// The client port real-ip set along with `client_ip`, if any.
+    pub client_port: Option<u16>,
     pub conn: ConnInfo,
     /// The normalised path (`$uri`) when it differs from the request's.
     pub path: Option<Box<str>>,
@@ -80,6 +82,7 @@ impl Ctx {
     pub fn new(client_ip: IpAddr, conn: ConnInfo, consumers: Arc<ConsumerIndex>) -> Self {
         Ctx {
             client_ip,
+            client_port: None,
             conn,
             path: None,
             host: None,
@@ -117,6 +120,7 @@ impl Ctx {
             path: self.path.as_deref().unwrap_or_else(|| uri.path()),
             host: self.host.as_deref(),
             client_ip: Some(self.client_ip),
+            client_port: self.client_port,
             conn: Some(&self.conn),
         }
     }

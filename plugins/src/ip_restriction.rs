@@ -70,6 +70,11 @@ fn ip_def(value: &Value) -> Result<(), String> {
     }
 }
 
+/// One `ip_def` item (IPv4, IPv6, either with a CIDR prefix).
+pub(crate) fn ip_def_schema() -> Schema {
+    Schema::Custom(ip_def, ip_def_doc)
+}
+
 fn ip_def_doc() -> Value {
     serde_json::json!({"anyOf": [
         {"type": "string", "title": "IPv4", "format": "ipv4"},

@@ -16,6 +16,7 @@ pub mod chain;
 pub mod cidr;
 pub mod consumer;
 pub mod consumer_restriction;
+pub mod cors;
 pub mod ctx;
 pub mod expr;
 pub mod ip_restriction;
@@ -24,7 +25,10 @@ pub mod key_auth;
 pub mod limit_count;
 pub mod plugin;
 pub mod proxy_rewrite;
+pub mod real_ip;
+pub mod redirect;
 pub mod registry;
+pub mod request_id;
 pub mod response_rewrite;
 pub mod schema;
 pub mod template;
@@ -67,6 +71,30 @@ pub fn full_body(bytes: impl Into<Bytes>) -> ResponseBody {
     Full::new(bytes.into())
         .map_err(|never: Infallible| match never {})
         .boxed_unsync()
+}
+
+/// The nginx-style HTML page a status without a body of its own gets
+/// (`<h1>302 Found</h1>`), `Content-Type: text/html`.
+pub fn html_page(status: StatusCode) -> Response<ResponseBody> {
+    let line = format!(
+        "{} {}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("Error")
+    );
+    // nginx spells 504's reason "Gateway Time-out"; clients grep for it.
+    let line = if status == StatusCode::GATEWAY_TIMEOUT {
+        "504 Gateway Time-out".to_string()
+    } else {
+        line
+    };
+    let html = format!(
+        "<html>\r\n<head><title>{line}</title></head>\r\n<body>\r\n<center><h1>{line}</h1></center>\r\n<hr><center>ferrogate</center>\r\n</body>\r\n</html>\r\n"
+    );
+    let mut resp = Response::new(full_body(html));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+    resp
 }
 
 /// A JSON response as APISIX's `core.response.exit` writes it: the encoded

@@ -22,6 +22,10 @@ pub static PLUGINS: &[&dyn PluginSpec] = &[
     &crate::proxy_rewrite::ProxyRewriteSpec,
     &crate::response_rewrite::ResponseRewriteSpec,
     &crate::limit_count::LimitCountSpec,
+    &crate::request_id::RequestIdSpec,
+    &crate::real_ip::RealIpSpec,
+    &crate::cors::CorsSpec,
+    &crate::redirect::RedirectSpec,
 ];
 
 /// Looks a plugin up by its APISIX name.

@@ -44,7 +44,7 @@ pub fn compile_with(
 }
 
 /// The stub upstream: 200 with a JSON body of the method, URI and headers
-/// it received.
+/// it received, and the client address the proxy would judge by.
 pub fn echo() -> impl tower::Service<
     Request<()>,
     Response = Response<ResponseBody>,
@@ -65,6 +65,7 @@ pub fn echo() -> impl tower::Service<
             })
             .collect();
         let body = serde_json::json!({
+            "client_ip": req.extensions().get::<ClientIp>().map(|c| c.0.to_string()),
             "method": req.method().as_str(),
             "uri": req.uri().to_string(),
             "headers": headers,

@@ -76,6 +76,9 @@ pub struct ReqRef<'a> {
     pub host: Option<&'a str>,
     /// The judged client address (`$remote_addr`).
     pub client_ip: Option<IpAddr>,
+    /// The client port real-ip found with that address, if any
+    /// (`$remote_port`; the TCP peer's otherwise).
+    pub client_port: Option<u16>,
     pub conn: Option<&'a ConnInfo>,
 }
 
@@ -106,7 +109,12 @@ impl<'a> ReqRef<'a> {
             "host" => self.host.map(Cow::Borrowed),
             "request_method" => Some(Cow::Borrowed(self.method.as_str())),
             "remote_addr" => self.client_ip.map(|ip| Cow::Owned(ip.to_string())),
-            "remote_port" => conn.map(|c| Cow::Owned(c.peer.port().to_string())),
+            "remote_port" => self
+                .client_port
+                .or(conn.map(|c| c.peer.port()))
+                .map(|p| Cow::Owned(p.to_string())),
+            "realip_remote_addr" => conn.map(|c| Cow::Owned(canonical(c.peer.ip()).to_string())),
+            "realip_remote_port" => conn.map(|c| Cow::Owned(c.peer.port().to_string())),
             "server_addr" => conn.map(|c| Cow::Owned(canonical(c.local.ip()).to_string())),
             "server_port" => conn.map(|c| Cow::Owned(c.local.port().to_string())),
             "scheme" => conn.map(|c| Cow::Borrowed(c.scheme)),
@@ -254,6 +262,7 @@ mod tests {
             tls: None,
         };
         let r = ReqRef {
+            client_port: None,
             method: &Method::GET,
             uri: &uri,
             headers: &headers,

@@ -3,6 +3,7 @@
 
 mod admin_api;
 mod balancing;
+mod edge_plugins;
 mod etcd;
 mod health;
 mod hot_reload;
