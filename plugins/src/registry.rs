@@ -22,6 +22,8 @@ pub static PLUGINS: &[&dyn PluginSpec] = &[
     &crate::proxy_rewrite::ProxyRewriteSpec,
     &crate::response_rewrite::ResponseRewriteSpec,
     &crate::limit_count::LimitCountSpec,
+    &crate::limit_req::LimitReqSpec,
+    &crate::limit_conn::LimitConnSpec,
     &crate::request_id::RequestIdSpec,
     &crate::real_ip::RealIpSpec,
     &crate::cors::CorsSpec,

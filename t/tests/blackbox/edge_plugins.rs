@@ -166,3 +166,71 @@ async fn real_ip_feeds_ip_restriction_and_the_forwarding_headers() {
     let junk = call(&gw, "GET", "/rip", &[("x-forwarded-for", "not-an-ip")]).await;
     assert_eq!(junk.json()["headers"]["x-real-ip"], "127.0.0.1");
 }
+
+/// Requests to `path` at once; how many got each status.
+async fn at_once(gw: &Gateway, path: &str, n: usize) -> std::collections::BTreeMap<u16, usize> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let addr = gw.data;
+            let path = path.to_string();
+            tokio::spawn(async move {
+                send(addr, "GET", &path, &[], String::new(), None)
+                    .await
+                    .status
+                    .as_u16()
+            })
+        })
+        .collect();
+    let mut seen = std::collections::BTreeMap::new();
+    for t in tasks {
+        *seen.entry(t.await.unwrap()).or_default() += 1;
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limit_req_lets_exactly_rate_plus_burst_through_at_once() {
+    let gw = Gateway::start().await;
+    let up = Upstream::start("lr").await;
+    gw.put(
+        "routes/1",
+        json!({"uri": "/lr", "upstream": upstream(&[(&up.node(), 1)]),
+               "plugins": {"limit-req": {"rate": 1, "burst": 4, "nodelay": true, "key": "remote_addr"}}}),
+    )
+    .await;
+    let seen = at_once(&gw, "/lr", 20).await;
+    assert_eq!(seen.get(&200), Some(&5), "{seen:?}");
+    assert_eq!(seen.get(&503), Some(&15), "{seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limit_conn_counts_requests_in_flight_and_gives_slots_back() {
+    let gw = Gateway::start().await;
+    let up = Upstream::start("lc").await;
+    gw.put(
+        "routes/1",
+        json!({"uri": "/lc", "upstream": upstream(&[(&up.node(), 1)]),
+               "plugins": {"limit-conn": {"conn": 3, "burst": 0, "default_conn_delay": 0.1, "key": "remote_addr"}}}),
+    )
+    .await;
+    let seen = at_once(&gw, "/lc?sleep_ms=600", 8).await;
+    assert_eq!(seen.get(&200), Some(&3), "{seen:?}");
+    assert_eq!(seen.get(&503), Some(&5), "{seen:?}");
+    // Every slot came back: three at once pass again.
+    let again = at_once(&gw, "/lc?sleep_ms=200", 3).await;
+    assert_eq!(again.get(&200), Some(&3), "{again:?}");
+
+    // A client that goes away while its request is in flight gives its
+    // slot back too.
+    for _ in 0..3 {
+        let addr = gw.data;
+        let gone = tokio::spawn(async move {
+            send(addr, "GET", "/lc?sleep_ms=3000", &[], String::new(), None).await
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        gone.abort();
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let after = at_once(&gw, "/lc", 3).await;
+    assert_eq!(after.get(&200), Some(&3), "{after:?}");
+}

@@ -1,0 +1,329 @@
+//! `limit-conn`: at most `conn` requests in flight per key, `burst` more
+//! that wait, the rest rejected.
+//!
+//! Mirrors APISIX 3.18's plugin of the same name (priority 1003, access
+//! and log phases) and `resty.limit.conn` under it:
+//!
+//! ```json
+//! {"conn": 10, "burst": 5, "default_conn_delay": 0.1, "key_type": "var",
+//!  "key": "remote_addr", "rejected_code": 429, "rejected_msg": "busy"}
+//! ```
+//!
+//! - A request raises its key's count `n`. Past `conn + burst` it is
+//!   rejected (`rejected_code`, default 503, with `{"error_msg":
+//!   rejected_msg}` when set) and the count goes back down. Past `conn` it
+//!   waits `unit_delay * floor((n - 1) / conn)` seconds first.
+//! - `unit_delay` starts at `default_conn_delay` and, unless
+//!   `only_use_default_delay`, follows the requests' latency (the mean of
+//!   the last value and each finished request's time), as APISIX does.
+//! - The slot is released when the response is done (log phase) or, if the
+//!   request ends any other way (the client goes away while it waits), when
+//!   it is dropped: a count never leaks.
+//! - `policy` `redis` and `redis-cluster` pass the schema and are refused
+//!   by the check.
+//!
+//! Counts live in the plugin state: they survive unrelated configuration
+//! changes, so requests in flight across a change still release theirs.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use bytes::Bytes;
+use http::{request, StatusCode};
+use serde_json::{json, Value};
+
+use crate::ctx::Ctx;
+use crate::limit_key::{refuse_remote_policy, LimitKey};
+use crate::limit_req::{delayed, rejection, rejection_of};
+use crate::plugin::{CompileCx, Flow, Phases, Plugin, PluginSpec, SchemaType};
+use crate::registry::cached;
+use crate::schema::Schema;
+
+pub const NAME: &str = "limit-conn";
+pub const PRIORITY: i32 = 1003;
+
+fn build_schema() -> Schema {
+    Schema::object()
+        .prop("conn", Schema::integer().greater_than(0.0).int())
+        .prop("burst", Schema::integer().min(0.0).int())
+        .prop(
+            "default_conn_delay",
+            Schema::integer().greater_than(0.0).number(),
+        )
+        .prop("only_use_default_delay", Schema::Boolean)
+        .prop("key", Schema::string().done())
+        .prop(
+            "key_type",
+            Schema::string()
+                .enumerated(&["var", "var_combination"])
+                .done(),
+        )
+        .prop(
+            "rejected_code",
+            Schema::Custom(
+                |v| Schema::integer().min(200.0).max(599.0).int().validate(v),
+                || json!({"type": "integer", "minimum": 200, "maximum": 599, "default": 503}),
+            ),
+        )
+        .prop("rejected_msg", Schema::string().min(1).done())
+        .prop("allow_degradation", Schema::Boolean)
+        .prop(
+            "policy",
+            Schema::string()
+                .enumerated(&["redis", "redis-cluster", "local"])
+                .done(),
+        )
+        .prop("key_ttl", Schema::integer().int())
+        .required(&["conn", "burst", "default_conn_delay", "key"])
+        .done()
+}
+
+/// The configuration schema.
+pub fn schema() -> &'static Schema {
+    static CELL: OnceLock<Schema> = OnceLock::new();
+    cached(&CELL, build_schema)
+}
+
+pub fn check(conf: &Value) -> Result<(), String> {
+    schema().validate(conf)?;
+    refuse_remote_policy(conf)
+}
+
+/// The counts of one configuration, and its current unit delay.
+pub struct Conns {
+    counts: Mutex<HashMap<String, u64>>,
+    /// Seconds, as f64 bits.
+    unit_delay: AtomicU64,
+}
+
+impl Conns {
+    fn new(default_delay: f64) -> Self {
+        Conns {
+            counts: Mutex::new(HashMap::new()),
+            unit_delay: AtomicU64::new(default_delay.to_bits()),
+        }
+    }
+
+    fn unit_delay(&self) -> f64 {
+        f64::from_bits(self.unit_delay.load(Ordering::Relaxed))
+    }
+
+    /// Takes a slot for `key`: the count now, or `None` when over
+    /// `limit` (the count is then left as it was).
+    fn enter(&self, key: &str, limit: u64) -> Option<u64> {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let n = counts.get(key).copied().unwrap_or(0) + 1;
+        if n > limit {
+            return None;
+        }
+        counts.insert(key.to_string(), n);
+        Some(n)
+    }
+
+    fn leave(&self, key: &str) {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = counts.get_mut(key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(key);
+            }
+        }
+    }
+
+    /// The count of `key`, for tests and diagnostics.
+    pub fn count(&self, key: &str) -> u64 {
+        let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        counts.get(key).copied().unwrap_or(0)
+    }
+}
+
+/// One request's slot; given back once, in log or when dropped.
+struct Slot {
+    conns: Arc<Conns>,
+    key: String,
+    released: AtomicBool,
+}
+
+impl Slot {
+    fn release(&self) -> bool {
+        if self.released.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        self.conns.leave(&self.key);
+        true
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// The slots a request holds (a global rule and a route may each limit).
+#[derive(Clone, Default)]
+struct Slots(Vec<Arc<Slot>>);
+
+/// The compiled plugin.
+pub struct LimitConn {
+    conn: u64,
+    burst: u64,
+    key: LimitKey,
+    only_default_delay: bool,
+    rejected_status: StatusCode,
+    rejected_body: Option<Bytes>,
+    conns: Arc<Conns>,
+}
+
+pub fn compile(conf: &Value, cx: &CompileCx<'_>) -> Result<LimitConn, String> {
+    check(conf)?;
+    let int = |k: &str| conf.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let default_delay = conf
+        .get("default_conn_delay")
+        .and_then(Value::as_f64)
+        .unwrap_or(0.0);
+    let (rejected_status, rejected_body) = rejection_of(conf)?;
+    Ok(LimitConn {
+        conn: int("conn").max(1),
+        burst: int("burst"),
+        key: LimitKey::compile(conf),
+        only_default_delay: conf
+            .get("only_use_default_delay")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        rejected_status,
+        rejected_body,
+        conns: cx.state(|| Conns::new(default_delay)),
+    })
+}
+
+impl Plugin for LimitConn {
+    fn phases(&self) -> Phases {
+        Phases::ACCESS | Phases::LOG
+    }
+
+    fn access(&self, ctx: &mut Ctx, req: &mut request::Parts) -> Flow {
+        let key = self.key.resolve(ctx, req).into_owned();
+        let Some(n) = self.conns.enter(&key, self.conn + self.burst) else {
+            return Flow::Respond(rejection(self.rejected_status, &self.rejected_body));
+        };
+        let slot = Arc::new(Slot {
+            conns: self.conns.clone(),
+            key,
+            released: AtomicBool::new(false),
+        });
+        ctx.data.get_or_insert_default::<Slots>().0.push(slot);
+        if n > self.conn {
+            delayed(self.conns.unit_delay() * ((n - 1) / self.conn) as f64)
+        } else {
+            Flow::Continue
+        }
+    }
+
+    fn log(&self, ctx: &Ctx) {
+        let Some(slots) = ctx.data.get::<Slots>() else {
+            return;
+        };
+        for slot in slots
+            .0
+            .iter()
+            .filter(|s| Arc::ptr_eq(&s.conns, &self.conns))
+        {
+            if slot.release() && !self.only_default_delay {
+                let latency = ctx.started.elapsed().as_secs_f64();
+                let old = self.conns.unit_delay();
+                self.conns
+                    .unit_delay
+                    .store(((latency + old) / 2.0).to_bits(), Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+pub struct LimitConnSpec;
+
+impl PluginSpec for LimitConnSpec {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn priority(&self) -> i32 {
+        PRIORITY
+    }
+
+    fn schema(&self) -> &'static Schema {
+        schema()
+    }
+
+    fn check(&self, conf: &Value, _target: SchemaType) -> Result<(), String> {
+        check(conf)
+    }
+
+    fn compile(&self, conf: &Value, cx: &CompileCx<'_>) -> Result<Arc<dyn Plugin>, String> {
+        Ok(Arc::new(compile(conf, cx)?))
+    }
+
+    fn encrypt_fields(&self) -> &'static [&'static str] {
+        &["redis_password"]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::{self, PluginError};
+
+    fn reason(conf: Value) -> String {
+        match registry::check(NAME, &conf, SchemaType::Route) {
+            Err(PluginError::Invalid { reason, .. }) => reason,
+            other => panic!("expected an invalid configuration, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn schema_errors() {
+        assert_eq!(registry::find(NAME).unwrap().priority(), 1003);
+        assert_eq!(
+            reason(json!({"conn": 1, "burst": 0, "key": "remote_addr"})),
+            "property \"default_conn_delay\" is required"
+        );
+        assert!(
+            reason(json!({"conn": 0, "burst": 0, "default_conn_delay": 0.1, "key": "k"}))
+                .contains("conn")
+        );
+        assert!(
+            reason(json!({"conn": 1, "burst": 0, "default_conn_delay": 0, "key": "k"}))
+                .contains("default_conn_delay")
+        );
+        assert!(reason(json!({"conn": 1, "burst": 0, "default_conn_delay": 0.1, "key": "k", "policy": "redis-cluster"})).contains("not supported"));
+    }
+
+    #[test]
+    fn slots_are_counted_and_given_back_once() {
+        let conns = Arc::new(Conns::new(0.1));
+        assert_eq!(conns.enter("k", 2), Some(1));
+        assert_eq!(conns.enter("k", 2), Some(2));
+        assert_eq!(conns.enter("k", 2), None);
+        assert_eq!(conns.count("k"), 2);
+        let slot = Slot {
+            conns: conns.clone(),
+            key: "k".into(),
+            released: AtomicBool::new(false),
+        };
+        assert!(slot.release());
+        assert!(!slot.release());
+        drop(slot);
+        assert_eq!(
+            conns.count("k"),
+            1,
+            "a released slot is not given back twice"
+        );
+        conns.leave("k");
+        assert_eq!(conns.count("k"), 0);
+        assert!(
+            conns.counts.lock().unwrap().is_empty(),
+            "empty keys are forgotten"
+        );
+    }
+}

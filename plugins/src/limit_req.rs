@@ -1,0 +1,360 @@
+//! `limit-req`: a leaky bucket of `rate` requests per second per key, with
+//! `burst` requests of slack that are delayed (or, with `nodelay`, let
+//! through at once).
+//!
+//! Mirrors APISIX 3.18's plugin of the same name (priority 1001, access
+//! phase) and the leaky bucket of `resty.limit.req` it runs on:
+//!
+//! ```json
+//! {"rate": 10, "burst": 5, "key_type": "var", "key": "remote_addr",
+//!  "rejected_code": 429, "rejected_msg": "slow down", "nodelay": false}
+//! ```
+//!
+//! Per key the bucket holds an excess `e` (requests above the rate). A
+//! request finds `e' = max(e - rate * elapsed + 1, 0)`; above `burst` it is
+//! rejected (`rejected_code`, default 503, with `{"error_msg":
+//! rejected_msg}` when set) and the bucket is left as it was; otherwise
+//! `e'` is kept and the request waits `e' / rate` seconds unless `nodelay`
+//! (the first request of a key never waits). `policy` `redis` and
+//! `redis-cluster` pass the schema and are refused by the check.
+//!
+//! Buckets live in the plugin state (they survive unrelated configuration
+//! changes); drained buckets are swept as the map grows.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, request, HeaderValue, Response, StatusCode};
+use serde_json::{json, Value};
+
+use crate::ctx::Ctx;
+use crate::limit_key::{refuse_remote_policy, LimitKey};
+use crate::plugin::{CompileCx, Flow, Phases, Plugin, PluginSpec, SchemaType};
+use crate::registry::cached;
+use crate::schema::Schema;
+use crate::{full_body, ResponseBody};
+
+pub const NAME: &str = "limit-req";
+pub const PRIORITY: i32 = 1001;
+pub const DEFAULT_REJECTED_CODE: u16 = 503;
+/// The map is swept of drained buckets when it reaches this size (then
+/// twice what survived).
+const MIN_SWEEP: usize = 1024;
+
+fn build_schema() -> Schema {
+    Schema::object()
+        .prop("rate", Schema::integer().greater_than(0.0).number())
+        .prop("burst", Schema::integer().min(0.0).number())
+        .prop("key", Schema::string().done())
+        .prop(
+            "key_type",
+            Schema::string()
+                .enumerated(&["var", "var_combination"])
+                .done(),
+        )
+        .prop(
+            "rejected_code",
+            Schema::Custom(
+                |v| Schema::integer().min(200.0).max(599.0).int().validate(v),
+                || json!({"type": "integer", "minimum": 200, "maximum": 599, "default": 503}),
+            ),
+        )
+        .prop("rejected_msg", Schema::string().min(1).done())
+        .prop("nodelay", Schema::Boolean)
+        .prop("allow_degradation", Schema::Boolean)
+        .prop(
+            "policy",
+            Schema::string()
+                .enumerated(&["redis", "redis-cluster", "local"])
+                .done(),
+        )
+        .required(&["rate", "burst", "key"])
+        .done()
+}
+
+/// The configuration schema.
+pub fn schema() -> &'static Schema {
+    static CELL: OnceLock<Schema> = OnceLock::new();
+    cached(&CELL, build_schema)
+}
+
+pub fn check(conf: &Value) -> Result<(), String> {
+    schema().validate(conf)?;
+    refuse_remote_policy(conf)
+}
+
+struct Bucket {
+    excess: f64,
+    last: Instant,
+}
+
+/// The buckets of one configuration.
+#[derive(Default)]
+pub struct Buckets {
+    map: Mutex<HashMap<String, Bucket>>,
+    sweep_at: std::sync::atomic::AtomicUsize,
+}
+
+impl Buckets {
+    /// The delay for one request of `key` at `now`, or `None` when it is
+    /// over the burst.
+    fn incoming(&self, key: &str, rate: f64, burst: f64, now: Instant) -> Option<f64> {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let excess = match map.get(key) {
+            Some(b) => {
+                let elapsed = now.saturating_duration_since(b.last).as_secs_f64();
+                let e = (b.excess - rate * elapsed + 1.0).max(0.0);
+                if e > burst {
+                    return None;
+                }
+                e
+            }
+            None => 0.0,
+        };
+        match map.get_mut(key) {
+            Some(b) => {
+                b.excess = excess;
+                b.last = now;
+            }
+            None => {
+                let threshold = self
+                    .sweep_at
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    .max(MIN_SWEEP);
+                if map.len() >= threshold {
+                    // A bucket that has drained holds nothing a new one
+                    // would not.
+                    map.retain(|_, b| {
+                        b.excess - rate * now.saturating_duration_since(b.last).as_secs_f64() > 0.0
+                    });
+                    self.sweep_at
+                        .store(map.len() * 2, std::sync::atomic::Ordering::Relaxed);
+                }
+                map.insert(key.to_string(), Bucket { excess, last: now });
+            }
+        }
+        Some(excess / rate)
+    }
+}
+
+/// The compiled plugin.
+pub struct LimitReq {
+    rate: f64,
+    burst: f64,
+    key: LimitKey,
+    nodelay: bool,
+    rejected_status: StatusCode,
+    rejected_body: Option<Bytes>,
+    buckets: Arc<Buckets>,
+}
+
+pub fn compile(conf: &Value, cx: &CompileCx<'_>) -> Result<LimitReq, String> {
+    check(conf)?;
+    let num = |k: &str| conf.get(k).and_then(Value::as_f64).unwrap_or(0.0);
+    let (rejected_status, rejected_body) = rejection_of(conf)?;
+    Ok(LimitReq {
+        rate: num("rate"),
+        burst: num("burst"),
+        key: LimitKey::compile(conf),
+        nodelay: conf
+            .get("nodelay")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        rejected_status,
+        rejected_body,
+        buckets: cx.state(Buckets::default),
+    })
+}
+
+/// `rejected_code` (default 503) and `{"error_msg": rejected_msg}`.
+pub(crate) fn rejection_of(conf: &Value) -> Result<(StatusCode, Option<Bytes>), String> {
+    let code = conf
+        .get("rejected_code")
+        .and_then(Value::as_u64)
+        .unwrap_or(u64::from(DEFAULT_REJECTED_CODE));
+    let status = u16::try_from(code)
+        .ok()
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or_else(|| format!("invalid rejected_code {code}"))?;
+    let body = conf.get("rejected_msg").and_then(Value::as_str).map(|msg| {
+        let mut body = json!({ "error_msg": msg }).to_string();
+        body.push('\n');
+        Bytes::from(body)
+    });
+    Ok((status, body))
+}
+
+/// The rejection answer: the status, with the JSON message when there is one.
+pub(crate) fn rejection(status: StatusCode, body: &Option<Bytes>) -> Response<ResponseBody> {
+    let mut resp = match body {
+        Some(body) => {
+            let mut r = Response::new(full_body(body.clone()));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            r
+        }
+        None => Response::new(full_body(Bytes::new())),
+    };
+    *resp.status_mut() = status;
+    resp
+}
+
+/// Waits `seconds` (at least 1 ms, as APISIX), then goes on.
+pub(crate) fn delayed(seconds: f64) -> Flow {
+    if seconds < 0.001 {
+        return Flow::Continue;
+    }
+    let wait = Duration::try_from_secs_f64(seconds).unwrap_or(Duration::from_secs(3600));
+    Flow::Wait(Box::pin(async move {
+        tokio::time::sleep(wait).await;
+        Flow::Continue
+    }))
+}
+
+impl Plugin for LimitReq {
+    fn phases(&self) -> Phases {
+        Phases::ACCESS
+    }
+
+    fn access(&self, ctx: &mut Ctx, req: &mut request::Parts) -> Flow {
+        let key = self.key.resolve(ctx, req);
+        match self
+            .buckets
+            .incoming(&key, self.rate, self.burst, Instant::now())
+        {
+            None => Flow::Respond(rejection(self.rejected_status, &self.rejected_body)),
+            Some(_) if self.nodelay => Flow::Continue,
+            Some(delay) => delayed(delay),
+        }
+    }
+}
+
+pub struct LimitReqSpec;
+
+impl PluginSpec for LimitReqSpec {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn priority(&self) -> i32 {
+        PRIORITY
+    }
+
+    fn schema(&self) -> &'static Schema {
+        schema()
+    }
+
+    fn check(&self, conf: &Value, _target: SchemaType) -> Result<(), String> {
+        check(conf)
+    }
+
+    fn compile(&self, conf: &Value, cx: &CompileCx<'_>) -> Result<Arc<dyn Plugin>, String> {
+        Ok(Arc::new(compile(conf, cx)?))
+    }
+
+    fn encrypt_fields(&self) -> &'static [&'static str] {
+        &["redis_password"]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::consumer::ConsumerIndex;
+    use crate::registry::{self, PluginError};
+    use crate::testing;
+
+    fn reason(conf: Value) -> String {
+        match registry::check(NAME, &conf, SchemaType::Route) {
+            Err(PluginError::Invalid { reason, .. }) => reason,
+            other => panic!("expected an invalid configuration, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn schema_errors() {
+        assert_eq!(registry::find(NAME).unwrap().priority(), 1001);
+        assert_eq!(
+            reason(json!({"burst": 0, "key": "remote_addr"})),
+            "property \"rate\" is required"
+        );
+        assert!(reason(json!({"rate": 0, "burst": 0, "key": "remote_addr"})).contains("rate"));
+        assert!(reason(json!({"rate": 1, "burst": -1, "key": "remote_addr"})).contains("burst"));
+        assert!(
+            reason(json!({"rate": 1, "burst": 0, "key": "k", "policy": "redis"}))
+                .contains("not supported")
+        );
+        assert!(registry::check(
+            NAME,
+            &json!({"rate": 0.5, "burst": 0, "key": "remote_addr"}),
+            SchemaType::Route
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn leaky_bucket_as_resty_limit_req() {
+        let b = Buckets::default();
+        let t0 = Instant::now();
+        // rate 2/s, burst 1: the first is free, the second waits 0.5 s,
+        // the third is over.
+        assert_eq!(b.incoming("k", 2.0, 1.0, t0), Some(0.0));
+        assert_eq!(b.incoming("k", 2.0, 1.0, t0), Some(0.5));
+        assert_eq!(b.incoming("k", 2.0, 1.0, t0), None);
+        // A rejection does not fill the bucket: half a second later the
+        // excess has drained to 0.
+        assert_eq!(
+            b.incoming("k", 2.0, 1.0, t0 + Duration::from_millis(500)),
+            Some(0.5)
+        );
+        assert_eq!(b.incoming("other", 2.0, 1.0, t0), Some(0.0));
+    }
+
+    #[tokio::test]
+    async fn rejects_and_delays_through_the_chain() {
+        let set = testing::compile(&json!({NAME: {"rate": 1, "burst": 0, "key": "remote_addr", "rejected_code": 429, "rejected_msg": "too fast"}})).unwrap();
+        let chain = testing::chain(Vec::new(), set, ConsumerIndex::default());
+        assert_eq!(
+            testing::send(chain.clone(), testing::request("127.0.0.1", "/", &[]))
+                .await
+                .status,
+            200
+        );
+        let second = testing::send(chain.clone(), testing::request("127.0.0.1", "/", &[])).await;
+        assert_eq!(second.status, 429);
+        assert_eq!(second.json(), json!({"error_msg": "too fast"}));
+        // Another client has its own bucket.
+        assert_eq!(
+            testing::send(chain, testing::request("127.0.0.2", "/", &[]))
+                .await
+                .status,
+            200
+        );
+
+        let set = testing::compile(&json!({NAME: {"rate": 10, "burst": 1, "key": "remote_addr"}}))
+            .unwrap();
+        let chain = testing::chain(Vec::new(), set, ConsumerIndex::default());
+        assert_eq!(
+            testing::send(chain.clone(), testing::request("127.0.0.1", "/", &[]))
+                .await
+                .status,
+            200
+        );
+        let start = Instant::now();
+        assert_eq!(
+            testing::send(chain, testing::request("127.0.0.1", "/", &[]))
+                .await
+                .status,
+            200
+        );
+        assert!(
+            start.elapsed() >= Duration::from_millis(90),
+            "delayed {:?}",
+            start.elapsed()
+        );
+    }
+}
