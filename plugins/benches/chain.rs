@@ -152,6 +152,36 @@ fn benches(c: &mut Criterion) {
         chain(full, consumers()),
         &[("apikey", key)],
     );
+
+    // The traffic plugins a typical public route has: a rate limit, a
+    // rewrite for the upstream, CORS for browsers, and a request id. The
+    // limit is high enough never to reject.
+    let traffic = plugins::testing::compile(&json!({
+        "limit-count": {"count": 1_000_000_000, "time_window": 60, "key": "remote_addr"},
+        "proxy-rewrite": {"uri": "/v2$uri", "headers": {"set": {"X-Via": "gw"}}},
+        "cors": {"allow_origins": "https://a.test,https://b.test"},
+    }))
+    .expect("valid conf");
+    run(
+        c,
+        "chain/limit_count_proxy_rewrite_cors",
+        chain(traffic, ConsumerIndex::default()),
+        &[("origin", "https://a.test")],
+    );
+    let with_id = plugins::testing::compile(&json!({
+        "limit-count": {"count": 1_000_000_000, "time_window": 60, "key": "remote_addr"},
+        "proxy-rewrite": {"uri": "/v2$uri", "headers": {"set": {"X-Via": "gw"}}},
+        "cors": {"allow_origins": "https://a.test,https://b.test"},
+        "request-id": {},
+        "limit-req": {"rate": 1_000_000_000, "burst": 0, "key": "remote_addr", "nodelay": true},
+    }))
+    .expect("valid conf");
+    run(
+        c,
+        "chain/traffic_five_plugins",
+        chain(with_id, ConsumerIndex::default()),
+        &[("origin", "https://a.test")],
+    );
 }
 
 criterion_group!(chain_benches, benches);
