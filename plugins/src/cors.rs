@@ -468,15 +468,12 @@ impl PluginSpec for CorsSpec {
 mod tests {
     use super::*;
     use crate::consumer::ConsumerIndex;
-    use crate::registry::{self, PluginError};
+    use crate::registry;
     use crate::testing::{self, Answer};
     use std::collections::BTreeMap;
 
     fn reason(conf: Value) -> String {
-        match registry::check(NAME, &conf, SchemaType::Route) {
-            Err(PluginError::Invalid { reason, .. }) => reason,
-            other => panic!("expected an invalid configuration, got {other:?}"),
-        }
+        testing::refusal(NAME, &conf)
     }
 
     async fn call(conf: Value, method: &str, headers: &[(&str, &str)]) -> Answer {

@@ -272,13 +272,11 @@ impl PluginSpec for LimitConnSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::{self, PluginError};
+    use crate::registry;
+    use crate::testing;
 
     fn reason(conf: Value) -> String {
-        match registry::check(NAME, &conf, SchemaType::Route) {
-            Err(PluginError::Invalid { reason, .. }) => reason,
-            other => panic!("expected an invalid configuration, got {other:?}"),
-        }
+        testing::refusal(NAME, &conf)
     }
 
     #[test]

@@ -225,15 +225,12 @@ impl PluginSpec for RealIpSpec {
 mod tests {
     use super::*;
     use crate::consumer::ConsumerIndex;
-    use crate::registry::{self, PluginError};
+    use crate::registry;
     use crate::testing;
     use serde_json::json;
 
     fn reason(conf: Value) -> String {
-        match registry::check(NAME, &conf, SchemaType::Route) {
-            Err(PluginError::Invalid { reason, .. }) => reason,
-            other => panic!("expected an invalid configuration, got {other:?}"),
-        }
+        testing::refusal(NAME, &conf)
     }
 
     #[test]

@@ -274,14 +274,11 @@ impl PluginSpec for RedirectSpec {
 mod tests {
     use super::*;
     use crate::consumer::ConsumerIndex;
-    use crate::registry::{self, PluginError};
+    use crate::registry;
     use crate::testing::{self, Answer};
 
     fn reason(conf: Value) -> String {
-        match registry::check(NAME, &conf, SchemaType::Route) {
-            Err(PluginError::Invalid { reason, .. }) => reason,
-            other => panic!("expected an invalid configuration, got {other:?}"),
-        }
+        testing::refusal(NAME, &conf)
     }
 
     /// As the gateway calls it: `$host` lower-cased without its port, `$uri`

@@ -360,14 +360,11 @@ impl PluginSpec for RequestIdSpec {
 mod tests {
     use super::*;
     use crate::consumer::ConsumerIndex;
-    use crate::registry::{self, PluginError};
+    use crate::registry;
     use crate::testing;
 
     fn reason(conf: Value) -> String {
-        match registry::check(NAME, &conf, SchemaType::Route) {
-            Err(PluginError::Invalid { reason, .. }) => reason,
-            other => panic!("expected an invalid configuration, got {other:?}"),
-        }
+        testing::refusal(NAME, &conf)
     }
 
     fn is_uuid(s: &str, version: char) -> bool {

@@ -43,6 +43,16 @@ pub fn compile_with(
     registry::compile_set(map, "routes/test", &env, false)
 }
 
+/// Why the route-side configuration `conf` of plugin `name` is refused (the
+/// text after APISIX's `failed to check ... err: ` prefix); panics when it
+/// is accepted.
+pub fn refusal(name: &str, conf: &Value) -> String {
+    match registry::check(name, conf, SchemaType::Route) {
+        Err(PluginError::Invalid { reason, .. }) => reason,
+        other => panic!("expected {name} to refuse {conf}, got {other:?}"),
+    }
+}
+
 /// The stub upstream: 200 with a JSON body of the method, URI and headers
 /// it received, and the client address the proxy would judge by.
 pub fn echo() -> impl tower::Service<
