@@ -37,6 +37,8 @@ pub mod schema;
 pub mod template;
 #[doc(hidden)]
 pub mod testing;
+pub mod ua_restriction;
+pub mod uri_blocker;
 pub mod vars;
 
 use std::convert::Infallible;

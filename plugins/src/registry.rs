@@ -28,6 +28,8 @@ pub static PLUGINS: &[&dyn PluginSpec] = &[
     &crate::real_ip::RealIpSpec,
     &crate::cors::CorsSpec,
     &crate::redirect::RedirectSpec,
+    &crate::uri_blocker::UriBlockerSpec,
+    &crate::ua_restriction::UaRestrictionSpec,
 ];
 
 /// Looks a plugin up by its APISIX name.

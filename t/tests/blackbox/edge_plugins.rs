@@ -234,3 +234,30 @@ async fn limit_conn_counts_requests_in_flight_and_gives_slots_back() {
     let after = at_once(&gw, "/lc", 3).await;
     assert_eq!(after.get(&200), Some(&3), "{after:?}");
 }
+
+#[tokio::test]
+async fn uri_blocker_and_ua_restriction_refuse_before_the_upstream() {
+    let gw = Gateway::start().await;
+    let up = Upstream::start("guard").await;
+    gw.put(
+        "routes/1",
+        json!({"uri": "/*", "upstream": upstream(&[(&up.node(), 1)]), "plugins": {
+            "uri-blocker": {"block_rules": ["\\.\\./", "(?i)\\.env$"], "rejected_code": 404},
+            "ua-restriction": {"denylist": ["^curl/", "sqlmap"], "bypass_missing": true}
+        }}),
+    )
+    .await;
+    assert_eq!(call(&gw, "GET", "/static/../secret", &[]).await.status, 404);
+    assert_eq!(call(&gw, "GET", "/app/.ENV", &[]).await.status, 404);
+    let bot = call(&gw, "GET", "/page", &[("user-agent", "sqlmap/1.7")]).await;
+    assert_eq!(bot.status, 403);
+    assert_eq!(bot.json(), json!({"message": "Not allowed"}));
+    assert_eq!(
+        call(&gw, "GET", "/page", &[("user-agent", "Mozilla/5.0")])
+            .await
+            .status,
+        200
+    );
+    assert_eq!(call(&gw, "GET", "/page", &[]).await.status, 200);
+    assert_eq!(up.hits(), 2);
+}
