@@ -31,6 +31,7 @@ pub mod proxy_rewrite;
 pub mod real_ip;
 pub mod redirect;
 pub mod registry;
+pub mod rejection;
 pub mod request_id;
 pub mod response_rewrite;
 pub mod schema;

@@ -29,15 +29,15 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use bytes::Bytes;
-use http::{request, StatusCode};
+use http::request;
 use serde_json::{json, Value};
 
 use crate::ctx::Ctx;
 use crate::limit_key::{refuse_remote_policy, LimitKey};
-use crate::limit_req::{delayed, rejection, rejection_of};
+use crate::limit_req::{delayed, DEFAULT_REJECTED_CODE};
 use crate::plugin::{CompileCx, Flow, Phases, Plugin, PluginSpec, SchemaType};
 use crate::registry::cached;
+use crate::rejection::Rejection;
 use crate::schema::Schema;
 
 pub const NAME: &str = "limit-conn";
@@ -171,8 +171,7 @@ pub struct LimitConn {
     burst: u64,
     key: LimitKey,
     only_default_delay: bool,
-    rejected_status: StatusCode,
-    rejected_body: Option<Bytes>,
+    rejection: Rejection,
     conns: Arc<Conns>,
 }
 
@@ -183,7 +182,6 @@ pub fn compile(conf: &Value, cx: &CompileCx<'_>) -> Result<LimitConn, String> {
         .get("default_conn_delay")
         .and_then(Value::as_f64)
         .unwrap_or(0.0);
-    let (rejected_status, rejected_body) = rejection_of(conf)?;
     Ok(LimitConn {
         conn: int("conn").max(1),
         burst: int("burst"),
@@ -192,8 +190,7 @@ pub fn compile(conf: &Value, cx: &CompileCx<'_>) -> Result<LimitConn, String> {
             .get("only_use_default_delay")
             .and_then(Value::as_bool)
             .unwrap_or(false),
-        rejected_status,
-        rejected_body,
+        rejection: Rejection::from_conf(conf, DEFAULT_REJECTED_CODE)?,
         conns: cx.state(|| Conns::new(default_delay)),
     })
 }
@@ -206,7 +203,7 @@ impl Plugin for LimitConn {
     fn access(&self, ctx: &mut Ctx, req: &mut request::Parts) -> Flow {
         let key = self.key.resolve(ctx, req).into_owned();
         let Some(n) = self.conns.enter(&key, self.conn + self.burst) else {
-            return Flow::Respond(rejection(self.rejected_status, &self.rejected_body));
+            return Flow::Respond(self.rejection.response());
         };
         let slot = Arc::new(Slot {
             conns: self.conns.clone(),

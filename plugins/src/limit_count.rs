@@ -48,18 +48,17 @@ use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::header::{self, HeaderName};
-use http::{request, response, HeaderValue, Response, StatusCode};
+use http::header::HeaderName;
+use http::{request, response, HeaderValue, StatusCode};
 use serde_json::{json, Value};
 
 use crate::ctx::Ctx;
 use crate::expr::Vars;
 use crate::plugin::{CompileCx, Flow, Phases, Plugin, PluginSpec, SchemaType};
 use crate::registry::cached;
+use crate::rejection::Rejection;
 use crate::schema::Schema;
 use crate::template::{Escape, Template};
-use crate::{full_body, ResponseBody};
 
 pub const NAME: &str = "limit-count";
 pub const PRIORITY: i32 = 1002;
@@ -491,8 +490,7 @@ pub struct LimitCount {
     rules: Vec<Rule>,
     /// Some `count` / `time_window` is resolved per request.
     dynamic: bool,
-    rejected_status: StatusCode,
-    rejected_body: Option<Bytes>,
+    rejection: Rejection,
     show_headers: bool,
     allow_degradation: bool,
     counters: Arc<Counters>,
@@ -550,19 +548,7 @@ pub fn compile_with_clock(
     let dynamic = rules
         .iter()
         .any(|r| matches!(r.count, Num::Dyn(_)) || matches!(r.window, Num::Dyn(_)));
-    let code = conf
-        .get("rejected_code")
-        .and_then(Value::as_u64)
-        .unwrap_or(u64::from(DEFAULT_REJECTED_CODE));
-    let rejected_status = u16::try_from(code)
-        .ok()
-        .and_then(|c| StatusCode::from_u16(c).ok())
-        .ok_or_else(|| format!("invalid rejected_code {code}"))?;
-    let rejected_body = text("rejected_msg").map(|msg| {
-        let mut body = json!({ "error_msg": msg }).to_string();
-        body.push('\n');
-        Bytes::from(body)
-    });
+    let rejection = Rejection::from_conf(conf, DEFAULT_REJECTED_CODE)?;
     let counters = match text("group") {
         Some(group) => cx.shared_state(group, Counters::default),
         None => cx.state(Counters::default),
@@ -570,8 +556,7 @@ pub fn compile_with_clock(
     Ok(LimitCount {
         rules,
         dynamic,
-        rejected_status,
-        rejected_body,
+        rejection,
         show_headers: conf
             .get("show_limit_quota_header")
             .and_then(Value::as_bool)
@@ -780,22 +765,6 @@ impl LimitCount {
             Flow::status(StatusCode::INTERNAL_SERVER_ERROR)
         }
     }
-
-    fn rejection(&self) -> Response<ResponseBody> {
-        let mut resp = match &self.rejected_body {
-            Some(body) => {
-                let mut r = Response::new(full_body(body.clone()));
-                r.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                );
-                r
-            }
-            None => Response::new(full_body(Bytes::new())),
-        };
-        *resp.status_mut() = self.rejected_status;
-        resp
-    }
 }
 
 impl Plugin for LimitCount {
@@ -855,7 +824,7 @@ impl Plugin for LimitCount {
             }
         }
         if rejected {
-            return Flow::Respond(self.rejection());
+            return Flow::Respond(self.rejection.response());
         }
         if !applied {
             return self.fail(Failure::NoRule);

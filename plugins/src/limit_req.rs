@@ -25,16 +25,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::{header, request, HeaderValue, Response, StatusCode};
+use http::request;
 use serde_json::{json, Value};
 
 use crate::ctx::Ctx;
 use crate::limit_key::{refuse_remote_policy, LimitKey};
 use crate::plugin::{CompileCx, Flow, Phases, Plugin, PluginSpec, SchemaType};
 use crate::registry::cached;
+use crate::rejection::Rejection;
 use crate::schema::Schema;
-use crate::{full_body, ResponseBody};
 
 pub const NAME: &str = "limit-req";
 pub const PRIORITY: i32 = 1001;
@@ -145,15 +144,13 @@ pub struct LimitReq {
     burst: f64,
     key: LimitKey,
     nodelay: bool,
-    rejected_status: StatusCode,
-    rejected_body: Option<Bytes>,
+    rejection: Rejection,
     buckets: Arc<Buckets>,
 }
 
 pub fn compile(conf: &Value, cx: &CompileCx<'_>) -> Result<LimitReq, String> {
     check(conf)?;
     let num = |k: &str| conf.get(k).and_then(Value::as_f64).unwrap_or(0.0);
-    let (rejected_status, rejected_body) = rejection_of(conf)?;
     Ok(LimitReq {
         rate: num("rate"),
         burst: num("burst"),
@@ -162,45 +159,9 @@ pub fn compile(conf: &Value, cx: &CompileCx<'_>) -> Result<LimitReq, String> {
             .get("nodelay")
             .and_then(Value::as_bool)
             .unwrap_or(false),
-        rejected_status,
-        rejected_body,
+        rejection: Rejection::from_conf(conf, DEFAULT_REJECTED_CODE)?,
         buckets: cx.state(Buckets::default),
     })
-}
-
-/// `rejected_code` (default 503) and `{"error_msg": rejected_msg}`.
-pub(crate) fn rejection_of(conf: &Value) -> Result<(StatusCode, Option<Bytes>), String> {
-    let code = conf
-        .get("rejected_code")
-        .and_then(Value::as_u64)
-        .unwrap_or(u64::from(DEFAULT_REJECTED_CODE));
-    let status = u16::try_from(code)
-        .ok()
-        .and_then(|c| StatusCode::from_u16(c).ok())
-        .ok_or_else(|| format!("invalid rejected_code {code}"))?;
-    let body = conf.get("rejected_msg").and_then(Value::as_str).map(|msg| {
-        let mut body = json!({ "error_msg": msg }).to_string();
-        body.push('\n');
-        Bytes::from(body)
-    });
-    Ok((status, body))
-}
-
-/// The rejection answer: the status, with the JSON message when there is one.
-pub(crate) fn rejection(status: StatusCode, body: &Option<Bytes>) -> Response<ResponseBody> {
-    let mut resp = match body {
-        Some(body) => {
-            let mut r = Response::new(full_body(body.clone()));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            r
-        }
-        None => Response::new(full_body(Bytes::new())),
-    };
-    *resp.status_mut() = status;
-    resp
 }
 
 /// Waits `seconds` (at least 1 ms, as APISIX), then goes on.
@@ -226,7 +187,7 @@ impl Plugin for LimitReq {
             .buckets
             .incoming(&key, self.rate, self.burst, Instant::now())
         {
-            None => Flow::Respond(rejection(self.rejected_status, &self.rejected_body)),
+            None => Flow::Respond(self.rejection.response()),
             Some(_) if self.nodelay => Flow::Continue,
             Some(delay) => delayed(delay),
         }

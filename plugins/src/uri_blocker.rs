@@ -15,15 +15,14 @@
 
 use std::sync::{Arc, OnceLock};
 
-use bytes::Bytes;
-use http::{request, StatusCode};
+use http::request;
 use regex::{Regex, RegexBuilder};
 use serde_json::{json, Value};
 
 use crate::ctx::Ctx;
-use crate::limit_req::rejection;
 use crate::plugin::{CompileCx, Flow, Phases, Plugin, PluginSpec, SchemaType};
 use crate::registry::cached;
+use crate::rejection::Rejection;
 use crate::schema::Schema;
 
 pub const NAME: &str = "uri-blocker";
@@ -101,8 +100,7 @@ pub fn check(conf: &Value) -> Result<(), String> {
 /// The compiled plugin.
 pub struct UriBlocker {
     rules: Option<Regex>,
-    status: StatusCode,
-    body: Option<Bytes>,
+    rejection: Rejection,
 }
 
 pub fn compile(conf: &Value) -> Result<UriBlocker, String> {
@@ -110,23 +108,9 @@ pub fn compile(conf: &Value) -> Result<UriBlocker, String> {
         .get("case_insensitive")
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    let code = conf
-        .get("rejected_code")
-        .and_then(Value::as_u64)
-        .unwrap_or(403);
-    let status = u16::try_from(code)
-        .ok()
-        .and_then(|c| StatusCode::from_u16(c).ok())
-        .ok_or_else(|| format!("invalid rejected_code {code}"))?;
-    let body = conf.get("rejected_msg").and_then(Value::as_str).map(|msg| {
-        let mut body = json!({ "error_msg": msg }).to_string();
-        body.push('\n');
-        Bytes::from(body)
-    });
     Ok(UriBlocker {
         rules: compile_rules(&rules_of(conf), case_insensitive)?,
-        status,
-        body,
+        rejection: Rejection::from_conf(conf, 403)?,
     })
 }
 
@@ -141,7 +125,7 @@ impl Plugin for UriBlocker {
         };
         let request_uri = req.uri.path_and_query().map_or("/", |p| p.as_str());
         if rules.is_match(request_uri) {
-            return Flow::Respond(rejection(self.status, &self.body));
+            return Flow::Respond(self.rejection.response());
         }
         Flow::Continue
     }
