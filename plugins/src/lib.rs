@@ -30,6 +30,7 @@ pub mod plugin;
 pub mod proxy_rewrite;
 pub mod real_ip;
 pub mod redirect;
+pub mod redis_policy;
 pub mod registry;
 pub mod rejection;
 pub mod request_id;

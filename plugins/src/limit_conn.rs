@@ -19,23 +19,30 @@
 //! - The slot is released when the response is done (log phase) or, if the
 //!   request ends any other way (the client goes away while it waits), when
 //!   it is dropped: a count never leaks.
-//! - `policy` `redis` and `redis-cluster` pass the schema and are refused
-//!   by the check.
+//! - `policy` `redis` / `redis-cluster` ([`crate::redis_policy`]): the
+//!   requests in flight are members of a sorted set in Redis, shared by
+//!   every node, under `limit_conn:{/apisix/routes/1}:{conf_version}:{key}`;
+//!   a member expires `key_ttl` seconds (default 3600) after it entered, so
+//!   a node that dies holding slots frees them in time. The wait past
+//!   `conn` is `default_conn_delay` per step, as APISIX's Redis policies.
+//!   Redis failing or slower than `redis_timeout`: 500, or no limit with
+//!   `allow_degradation`.
 //!
 //! Counts live in the plugin state: they survive unrelated configuration
 //! changes, so requests in flight across a change still release theirs.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 
 use http::request;
 use serde_json::{json, Value};
 
 use crate::ctx::Ctx;
-use crate::limit_key::{refuse_remote_policy, LimitKey};
+use crate::limit_key::{remote_key_prefix, LimitKey};
 use crate::limit_req::{delayed, DEFAULT_REJECTED_CODE};
 use crate::plugin::{CompileCx, Flow, Phases, Plugin, PluginSpec, SchemaType};
+use crate::redis_policy::{self, Redis, RedisConf};
 use crate::registry::cached;
 use crate::rejection::Rejection;
 use crate::schema::Schema;
@@ -79,15 +86,41 @@ fn build_schema() -> Schema {
         .done()
 }
 
-/// The configuration schema.
-pub fn schema() -> &'static Schema {
+fn base() -> &'static Schema {
     static CELL: OnceLock<Schema> = OnceLock::new();
     cached(&CELL, build_schema)
 }
 
+/// The schemas `policy` `redis` and `redis-cluster` bring in.
+fn policy_schemas() -> &'static [Schema; 2] {
+    static CELL: OnceLock<[Schema; 2]> = OnceLock::new();
+    CELL.get_or_init(|| {
+        [
+            redis_policy::single_schema(true),
+            redis_policy::cluster_schema(true),
+        ]
+    })
+}
+
+fn validate_top(conf: &Value) -> Result<(), String> {
+    base().validate(conf)?;
+    let [single, cluster] = policy_schemas();
+    redis_policy::validate_policy(conf, single, cluster)
+}
+
+fn doc_top() -> Value {
+    let [single, cluster] = policy_schemas();
+    redis_policy::document_policy(base().to_json(), single, cluster)
+}
+
+/// The configuration schema.
+pub fn schema() -> &'static Schema {
+    static CELL: OnceLock<Schema> = OnceLock::new();
+    cached(&CELL, || Schema::Custom(validate_top, doc_top))
+}
+
 pub fn check(conf: &Value) -> Result<(), String> {
-    schema().validate(conf)?;
-    refuse_remote_policy(conf)
+    schema().validate(conf)
 }
 
 /// The counts of one configuration, and its current unit delay.
@@ -95,6 +128,8 @@ pub struct Conns {
     counts: Mutex<HashMap<String, u64>>,
     /// Seconds, as f64 bits.
     unit_delay: AtomicU64,
+    /// `default_conn_delay`: the redis policies always wait by it.
+    default_delay: f64,
 }
 
 impl Conns {
@@ -102,6 +137,7 @@ impl Conns {
         Conns {
             counts: Mutex::new(HashMap::new()),
             unit_delay: AtomicU64::new(default_delay.to_bits()),
+            default_delay,
         }
     }
 
@@ -140,9 +176,20 @@ impl Conns {
 
 /// One request's slot; given back once, in log or when dropped.
 struct Slot {
+    /// The plugin's counts (also what tells its slots from others').
     conns: Arc<Conns>,
     key: String,
+    /// Set when the slot is in Redis rather than in `conns`.
+    remote: Option<RemoteSlot>,
     released: AtomicBool,
+}
+
+/// A slot in a Redis sorted set: `member` under `key`.
+struct RemoteSlot {
+    redis: Arc<Redis>,
+    member: String,
+    /// Cleared when Redis refused or failed: nothing to give back.
+    held: AtomicBool,
 }
 
 impl Slot {
@@ -150,9 +197,57 @@ impl Slot {
         if self.released.swap(true, Ordering::AcqRel) {
             return false;
         }
-        self.conns.leave(&self.key);
+        match &self.remote {
+            None => self.conns.leave(&self.key),
+            Some(r) => {
+                if r.held.load(Ordering::Acquire) {
+                    redis_policy::spawn_eval(
+                        r.redis.clone(),
+                        &LEAVE_SCRIPT,
+                        self.key.clone(),
+                        vec![r.member.clone()],
+                        "failed to record the connection leaving request",
+                    );
+                }
+            }
+        }
         true
     }
+}
+
+/// Takes a place in the sorted set `KEYS[1]` for `ARGV[4]` when fewer than
+/// `ARGV[1]` live there (members expire `ARGV[2]` seconds after `ARGV[3]`,
+/// the time now); answers whether it did and the count.
+static ENTER_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local now = tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, now)
+local held = redis.call('ZCARD', KEYS[1])
+if held >= tonumber(ARGV[1]) then
+  return {0, held}
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return {1, held + 1}
+",
+    )
+});
+
+/// Gives `ARGV[1]`'s place in `KEYS[1]` back.
+static LEAVE_SCRIPT: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new("return redis.call('ZREM', KEYS[1], ARGV[1])"));
+
+/// Where the counts are.
+enum Backend {
+    Local,
+    /// In Redis, under `prefix` + the request's key, members expiring after
+    /// `key_ttl` seconds.
+    Redis {
+        redis: Arc<Redis>,
+        prefix: String,
+        key_ttl: u64,
+    },
 }
 
 impl Drop for Slot {
@@ -172,7 +267,9 @@ pub struct LimitConn {
     key: LimitKey,
     only_default_delay: bool,
     rejection: Rejection,
+    allow_degradation: bool,
     conns: Arc<Conns>,
+    backend: Backend,
 }
 
 pub fn compile(conf: &Value, cx: &CompileCx<'_>) -> Result<LimitConn, String> {
@@ -191,8 +288,102 @@ pub fn compile(conf: &Value, cx: &CompileCx<'_>) -> Result<LimitConn, String> {
             .and_then(Value::as_bool)
             .unwrap_or(false),
         rejection: Rejection::from_conf(conf, DEFAULT_REJECTED_CODE)?,
+        allow_degradation: conf
+            .get("allow_degradation")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
         conns: cx.state(|| Conns::new(default_delay)),
+        backend: match RedisConf::from_conf(conf)? {
+            None => Backend::Local,
+            Some(redis) => Backend::Redis {
+                redis: Redis::shared(redis),
+                prefix: format!("limit_conn:{}", remote_key_prefix(cx.owner, conf)),
+                key_ttl: conf
+                    .get("key_ttl")
+                    .and_then(Value::as_u64)
+                    .filter(|t| *t > 0)
+                    .unwrap_or(redis_policy::DEFAULT_KEY_TTL),
+            },
+        },
     })
+}
+
+impl LimitConn {
+    /// Past `conn`, the `n`th request waits its turn.
+    fn wait_for(&self, n: u64, unit_delay: f64) -> Flow {
+        if n > self.conn {
+            delayed(unit_delay * ((n - 1) / self.conn) as f64)
+        } else {
+            Flow::Continue
+        }
+    }
+
+    /// The slot is registered with the request before the round trip, so it
+    /// is given back however the request ends.
+    fn access_redis(
+        &self,
+        redis: &Arc<Redis>,
+        prefix: &str,
+        key_ttl: u64,
+        ctx: &mut Ctx,
+        req: &request::Parts,
+    ) -> Flow {
+        let key = format!("{prefix}{}", self.key.resolve(ctx, req));
+        let member = format!("{:032x}", rand::random::<u128>());
+        let slot = Arc::new(Slot {
+            conns: self.conns.clone(),
+            key: key.clone(),
+            remote: Some(RemoteSlot {
+                redis: redis.clone(),
+                member: member.clone(),
+                held: AtomicBool::new(true),
+            }),
+            released: AtomicBool::new(false),
+        });
+        ctx.data
+            .get_or_insert_default::<Slots>()
+            .0
+            .push(slot.clone());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let args = [
+            (self.conn + self.burst).to_string(),
+            key_ttl.to_string(),
+            now.to_string(),
+            member,
+        ];
+        let redis = redis.clone();
+        let rejection = self.rejection.clone();
+        let allow_degradation = self.allow_degradation;
+        let delay = self.conns.default_delay;
+        let conn = self.conn;
+        Flow::Wait(Box::pin(async move {
+            let not_held = || {
+                if let Some(r) = &slot.remote {
+                    r.held.store(false, Ordering::Release);
+                }
+            };
+            match redis.eval::<(i64, u64)>(&ENTER_SCRIPT, &key, &args).await {
+                Ok((1, n)) if n > conn => delayed(delay * ((n - 1) / conn) as f64),
+                Ok((1, _)) => Flow::Continue,
+                Ok(_) => {
+                    not_held();
+                    Flow::Respond(rejection.response())
+                }
+                Err(e) => {
+                    not_held();
+                    tracing::error!(plugin = NAME, key = %key, "failed to limit conn: {e}");
+                    if allow_degradation {
+                        Flow::Continue
+                    } else {
+                        Flow::status(http::StatusCode::INTERNAL_SERVER_ERROR)
+                    }
+                }
+            }
+        }))
+    }
 }
 
 impl Plugin for LimitConn {
@@ -201,6 +392,14 @@ impl Plugin for LimitConn {
     }
 
     fn access(&self, ctx: &mut Ctx, req: &mut request::Parts) -> Flow {
+        if let Backend::Redis {
+            redis,
+            prefix,
+            key_ttl,
+        } = &self.backend
+        {
+            return self.access_redis(redis, prefix, *key_ttl, ctx, req);
+        }
         let key = self.key.resolve(ctx, req).into_owned();
         let Some(n) = self.conns.enter(&key, self.conn + self.burst) else {
             return Flow::Respond(self.rejection.response());
@@ -208,14 +407,11 @@ impl Plugin for LimitConn {
         let slot = Arc::new(Slot {
             conns: self.conns.clone(),
             key,
+            remote: None,
             released: AtomicBool::new(false),
         });
         ctx.data.get_or_insert_default::<Slots>().0.push(slot);
-        if n > self.conn {
-            delayed(self.conns.unit_delay() * ((n - 1) / self.conn) as f64)
-        } else {
-            Flow::Continue
-        }
+        self.wait_for(n, self.conns.unit_delay())
     }
 
     fn log(&self, ctx: &Ctx) {
@@ -291,7 +487,12 @@ mod tests {
             reason(json!({"conn": 1, "burst": 0, "default_conn_delay": 0, "key": "k"}))
                 .contains("default_conn_delay")
         );
-        assert!(reason(json!({"conn": 1, "burst": 0, "default_conn_delay": 0.1, "key": "k", "policy": "redis-cluster"})).contains("not supported"));
+        assert_eq!(
+            reason(
+                json!({"conn": 1, "burst": 0, "default_conn_delay": 0.1, "key": "k", "policy": "redis-cluster"})
+            ),
+            "else clause did not match"
+        );
     }
 
     #[test]
@@ -304,6 +505,7 @@ mod tests {
         let slot = Slot {
             conns: conns.clone(),
             key: "k".into(),
+            remote: None,
             released: AtomicBool::new(false),
         };
         assert!(slot.release());

@@ -30,22 +30,29 @@
 //! - `group`: every route with the same group shares one set of counters.
 //! - `allow_degradation`: a limit that cannot be evaluated lets the
 //!   request through instead of answering 500.
-//! - `policy`: only `local` (counters in this process). `redis`,
-//!   `redis-cluster` and `redis-sentinel` pass APISIX's schema but are
-//!   refused by the check (so the Admin API answers 400 instead of storing
-//!   what would never apply); so is `window_type: sliding`.
-//!
-//! Counters live in the plugin state ([`CompileCx::state`]): they survive
-//! unrelated configuration changes and start over when this plugin's
-//! configuration changes (APISIX keys them by the plugin's conf version).
-//! Expired windows are swept as the map grows, so it stays bounded by the
-//! keys seen within a window.
+//! - `policy` `local` (default): counters in this process, in the plugin
+//!   state ([`CompileCx::state`]): they survive unrelated configuration
+//!   changes and start over when this plugin's configuration changes
+//!   (APISIX keys them by the plugin's conf version). Expired windows are
+//!   swept as the map grows, so it stays bounded by the keys seen within a
+//!   window.
+//! - `policy` `redis` / `redis-cluster` ([`crate::redis_policy`]): one
+//!   counter per key in Redis, shared by every node, under APISIX's key
+//!   `plugin-limit-count:v1:{/apisix/routes/1}:{conf_version}:{key}` (or
+//!   `plugin-limit-count:v1:{group}:{key}`), counted and given its expiry
+//!   in one script run. Rejected requests count too, as APISIX's script
+//!   does. Redis failing or slower than `redis_timeout`: 500
+//!   `{"error_msg": "failed to limit count"}`, or the rule is skipped with
+//!   `allow_degradation`.
+//! - `redis-sentinel` passes APISIX's schema but is refused by the check
+//!   (so the Admin API answers 400 instead of storing what would never
+//!   apply); so is `window_type: sliding`.
 
 use std::borrow::Cow;
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use http::header::HeaderName;
@@ -55,6 +62,7 @@ use serde_json::{json, Value};
 use crate::ctx::Ctx;
 use crate::expr::Vars;
 use crate::plugin::{CompileCx, Flow, Phases, Plugin, PluginSpec, SchemaType};
+use crate::redis_policy::{self, Redis, RedisConf};
 use crate::registry::cached;
 use crate::rejection::Rejection;
 use crate::schema::Schema;
@@ -121,47 +129,6 @@ fn build_base() -> Schema {
         .done()
 }
 
-fn build_redis() -> Schema {
-    Schema::object()
-        .required(&["redis_host"])
-        .prop("redis_host", Schema::string().min(2).done())
-        .prop("redis_port", Schema::integer().min(1.0).int())
-        .prop("redis_username", Schema::string().min(1).done())
-        .prop("redis_password", Schema::string().min(0).done())
-        .prop("redis_database", Schema::integer().min(0.0).int())
-        .prop("redis_timeout", Schema::integer().min(1.0).int())
-        .prop("redis_ssl", Schema::Boolean)
-        .prop("redis_ssl_verify", Schema::Boolean)
-        .prop(
-            "redis_keepalive_timeout",
-            Schema::integer().min(1000.0).int(),
-        )
-        .prop("redis_keepalive_pool", Schema::integer().min(1.0).int())
-        .done()
-}
-
-fn build_redis_cluster() -> Schema {
-    Schema::object()
-        .required(&["redis_cluster_nodes", "redis_cluster_name"])
-        .prop(
-            "redis_cluster_nodes",
-            Schema::array(Schema::string().min(2).max(100).done())
-                .min(1)
-                .done(),
-        )
-        .prop("redis_password", Schema::string().min(0).done())
-        .prop("redis_timeout", Schema::integer().min(1.0).int())
-        .prop("redis_cluster_name", Schema::string().done())
-        .prop("redis_cluster_ssl", Schema::Boolean)
-        .prop("redis_cluster_ssl_verify", Schema::Boolean)
-        .prop(
-            "redis_keepalive_timeout",
-            Schema::integer().min(1000.0).int(),
-        )
-        .prop("redis_keepalive_pool", Schema::integer().min(1.0).int())
-        .done()
-}
-
 fn build_redis_sentinel() -> Schema {
     let sentinel = Schema::object()
         .required(&["host", "port"])
@@ -197,7 +164,13 @@ fn base() -> &'static Schema {
 /// `redis-sentinel`.
 fn policy_schemas() -> &'static [Schema; 3] {
     static CELL: OnceLock<[Schema; 3]> = OnceLock::new();
-    CELL.get_or_init(|| [build_redis(), build_redis_cluster(), build_redis_sentinel()])
+    CELL.get_or_init(|| {
+        [
+            redis_policy::single_schema(false),
+            redis_policy::cluster_schema(false),
+            build_redis_sentinel(),
+        ]
+    })
 }
 
 /// The base schema, then its `if policy == redis then ... else if ...`
@@ -266,11 +239,11 @@ pub fn metadata_schema() -> &'static Schema {
 /// the Admin API rather than accepted and never applied.
 fn refuse_unsupported(conf: &Value) -> Result<(), String> {
     let text = |k: &str| conf.get(k).and_then(Value::as_str);
-    let policy = text("policy").unwrap_or("local");
-    if policy != "local" {
-        return Err(format!(
-            "policy {policy} is not supported yet: only policy local is available"
-        ));
+    if text("policy") == Some("redis-sentinel") {
+        return Err(
+            "policy redis-sentinel is not supported yet: use policy local, redis or redis-cluster"
+                .into(),
+        );
     }
     if text("window_type") == Some("sliding") {
         return Err(
@@ -493,9 +466,38 @@ pub struct LimitCount {
     rejection: Rejection,
     show_headers: bool,
     allow_degradation: bool,
-    counters: Arc<Counters>,
+    backend: Backend,
     clock: Clock,
 }
+
+/// Where the counters are.
+enum Backend {
+    Local(Arc<Counters>),
+    /// In Redis, under `prefix` + the request's key.
+    Redis {
+        redis: Arc<Redis>,
+        prefix: Arc<str>,
+    },
+}
+
+/// Counts `ARGV[3]` for `KEYS[1]` in a window of `ARGV[2]` seconds that
+/// starts with the key's first request; answers the count so far and the
+/// milliseconds left.
+static REDIS_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local left = redis.call('PTTL', KEYS[1])
+if left < 0 then
+  redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[2])
+  return {tonumber(ARGV[3]), tonumber(ARGV[2]) * 1000}
+end
+return {redis.call('INCRBY', KEYS[1], ARGV[3]), left}
+",
+    )
+});
+
+/// The key space of this plugin in Redis (APISIX's, storage format v1).
+const REDIS_KEY_SPACE: &str = "plugin-limit-count:v1:";
 
 /// Compiles a checked configuration, with counters from `cx`.
 pub fn compile(conf: &Value, cx: &CompileCx<'_>) -> Result<LimitCount, String> {
@@ -549,9 +551,22 @@ pub fn compile_with_clock(
         .iter()
         .any(|r| matches!(r.count, Num::Dyn(_)) || matches!(r.window, Num::Dyn(_)));
     let rejection = Rejection::from_conf(conf, DEFAULT_REJECTED_CODE)?;
-    let counters = match text("group") {
-        Some(group) => cx.shared_state(group, Counters::default),
-        None => cx.state(Counters::default),
+    let backend = match RedisConf::from_conf(conf)? {
+        None => Backend::Local(match text("group") {
+            Some(group) => cx.shared_state(group, Counters::default),
+            None => cx.state(Counters::default),
+        }),
+        Some(redis) => Backend::Redis {
+            redis: Redis::shared(redis),
+            prefix: match text("group") {
+                Some(group) => format!("{REDIS_KEY_SPACE}{group}:"),
+                None => format!(
+                    "{REDIS_KEY_SPACE}{}",
+                    crate::limit_key::remote_key_prefix(cx.owner, conf)
+                ),
+            }
+            .into(),
+        },
     };
     Ok(LimitCount {
         rules,
@@ -565,7 +580,7 @@ pub fn compile_with_clock(
             .get("allow_degradation")
             .and_then(Value::as_bool)
             .unwrap_or(false),
-        counters,
+        backend,
         clock,
     })
 }
@@ -696,6 +711,18 @@ fn reset_value(reset: f64) -> HeaderValue {
     }
 }
 
+/// Quota headers a Redis round trip fills after `access` has returned.
+#[derive(Clone, Default)]
+struct PendingQuota(Arc<Mutex<Vec<(HeaderName, HeaderValue)>>>);
+
+/// One rule's counting, resolved for a request.
+struct RedisStep {
+    key: String,
+    count: u64,
+    window: u64,
+    names: Names,
+}
+
 /// Why a request could not be counted.
 enum Failure {
     /// A `count` / `time_window` did not resolve.
@@ -767,21 +794,8 @@ impl LimitCount {
     }
 }
 
-impl Plugin for LimitCount {
-    fn phases(&self) -> Phases {
-        if self.show_headers {
-            Phases::ACCESS | Phases::HEADER_FILTER
-        } else {
-            Phases::ACCESS
-        }
-    }
-
-    fn access(&self, ctx: &mut Ctx, req: &mut request::Parts) -> Flow {
-        if self.dynamic {
-            if let Err(why) = self.precheck(ctx, req) {
-                return self.fail(why);
-            }
-        }
+impl LimitCount {
+    fn access_local(&self, counters: &Counters, ctx: &mut Ctx, req: &request::Parts) -> Flow {
         let now = (self.clock)();
         let mut applied = false;
         let mut headers = Vec::new();
@@ -798,7 +812,7 @@ impl Plugin for LimitCount {
                     (Err(e), _) | (_, Err(e)) => return self.fail(Failure::Resolve(e)),
                 };
                 applied = true;
-                let outcome = self.counters.incoming(&key, count, window, 1, now);
+                let outcome = counters.incoming(&key, count, window, 1, now);
                 (outcome, count)
             };
             let (outcome, count) = outcome;
@@ -832,8 +846,108 @@ impl Plugin for LimitCount {
         Flow::Continue
     }
 
+    /// Counts in Redis: the keys are resolved now, the round trips run in
+    /// the returned wait, one rule after another (the first rejection
+    /// stops).
+    fn access_redis(
+        &self,
+        redis: &Arc<Redis>,
+        prefix: &str,
+        ctx: &mut Ctx,
+        req: &request::Parts,
+    ) -> Flow {
+        let mut steps = Vec::with_capacity(self.rules.len());
+        for rule in &self.rules {
+            let Some(key) = Self::key(rule, ctx, req) else {
+                continue;
+            };
+            let vars = ctx.vars(Some(req));
+            match (rule.count.resolve(&vars), rule.window.resolve(&vars)) {
+                (Ok(count), Ok(window)) => steps.push(RedisStep {
+                    key: format!("{prefix}{key}"),
+                    count,
+                    window,
+                    names: rule.names.clone(),
+                }),
+                (Err(e), _) | (_, Err(e)) => return self.fail(Failure::Resolve(e)),
+            }
+        }
+        if steps.is_empty() {
+            return self.fail(Failure::NoRule);
+        }
+        let quota = self
+            .show_headers
+            .then(|| ctx.data.get_or_insert_default::<PendingQuota>().0.clone());
+        let redis = redis.clone();
+        let rejection = self.rejection.clone();
+        let allow_degradation = self.allow_degradation;
+        Flow::Wait(Box::pin(async move {
+            for step in steps {
+                // ARGV as APISIX passes them: limit (unused), window, cost.
+                let args = [step.count.to_string(), step.window.to_string(), "1".into()];
+                let (used, left_ms) = match redis
+                    .eval::<(i64, i64)>(&REDIS_SCRIPT, &step.key, &args)
+                    .await
+                {
+                    Ok(reply) => reply,
+                    Err(e) => {
+                        tracing::error!(plugin = NAME, key = %step.key, "failed to limit count: {e}");
+                        if allow_degradation {
+                            continue;
+                        }
+                        return Flow::error_msg(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "failed to limit count",
+                        );
+                    }
+                };
+                let count = i64::try_from(step.count).unwrap_or(i64::MAX);
+                let remaining = count.saturating_sub(used);
+                if let Some(quota) = &quota {
+                    let reset = ((left_ms.max(0) as f64 / 1000.0) * 100.0).floor() / 100.0;
+                    let mut list = quota.lock().unwrap_or_else(PoisonError::into_inner);
+                    list.push((step.names.limit, HeaderValue::from(step.count)));
+                    list.push((step.names.remaining, HeaderValue::from(remaining.max(0))));
+                    list.push((step.names.reset, reset_value(reset)));
+                }
+                if remaining < 0 {
+                    return Flow::Respond(rejection.response());
+                }
+            }
+            Flow::Continue
+        }))
+    }
+}
+
+impl Plugin for LimitCount {
+    fn phases(&self) -> Phases {
+        if self.show_headers {
+            Phases::ACCESS | Phases::HEADER_FILTER
+        } else {
+            Phases::ACCESS
+        }
+    }
+
+    fn access(&self, ctx: &mut Ctx, req: &mut request::Parts) -> Flow {
+        if self.dynamic {
+            if let Err(why) = self.precheck(ctx, req) {
+                return self.fail(why);
+            }
+        }
+        match &self.backend {
+            Backend::Local(counters) => self.access_local(counters, ctx, req),
+            Backend::Redis { redis, prefix } => self.access_redis(redis, prefix, ctx, req),
+        }
+    }
+
     fn header_filter(&self, ctx: &mut Ctx, resp: &mut response::Parts) {
         if let Some(QuotaHeaders(list)) = ctx.data.remove::<QuotaHeaders>() {
+            for (name, value) in list {
+                resp.headers.insert(name, value);
+            }
+        }
+        if let Some(PendingQuota(list)) = ctx.data.remove::<PendingQuota>() {
+            let list = std::mem::take(&mut *list.lock().unwrap_or_else(PoisonError::into_inner));
             for (name, value) in list {
                 resp.headers.insert(name, value);
             }

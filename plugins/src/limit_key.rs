@@ -44,17 +44,106 @@ impl LimitKey {
     }
 }
 
-/// limit-req's and limit-conn's answer to anything but `policy: local`
-/// (the Admin API refuses what would never apply).
-pub fn refuse_remote_policy(conf: &Value) -> Result<(), String> {
-    match conf
-        .get("policy")
-        .and_then(Value::as_str)
-        .unwrap_or("local")
-    {
-        "local" => Ok(()),
-        other => Err(format!(
-            "policy {other} is not supported yet: only policy local is available"
-        )),
+/// CRC-32 (IEEE) of `data`, as `ngx.crc32_long`.
+fn crc32(data: &[u8]) -> u32 {
+    const TABLE: [u32; 256] = {
+        let mut table = [0u32; 256];
+        let mut i = 0;
+        while i < 256 {
+            let mut c = i as u32;
+            let mut k = 0;
+            while k < 8 {
+                c = if c & 1 != 0 {
+                    0xEDB8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
+                k += 1;
+            }
+            table[i] = c;
+            i += 1;
+        }
+        table
+    };
+    let mut crc = !0u32;
+    for b in data {
+        crc = TABLE[((crc ^ u32::from(*b)) & 0xFF) as usize] ^ (crc >> 8);
+    }
+    !crc
+}
+
+/// `value` as JSON with object keys in order, so equal configurations
+/// encode alike whatever order they were written in.
+fn stable_json(value: &Value, out: &mut String) {
+    match value {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push(':');
+                if let Some(v) = map.get(k) {
+                    stable_json(v, out);
+                }
+            }
+            out.push('}');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, v) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                stable_json(v, out);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+/// APISIX's plugin-level `conf_version`: the CRC-32 of the configuration
+/// encoded with sorted keys. Every node computes the same one for the same
+/// configuration, so nodes sharing a Redis share counters.
+pub fn conf_version(conf: &Value) -> u32 {
+    let mut text = String::new();
+    stable_json(conf, &mut text);
+    crc32(text.as_bytes())
+}
+
+/// The start of a counter key in a shared store, as APISIX's
+/// `gen_limit_key`: `{resource key}:{conf_version}:` (the resource key being
+/// the object's key under `/apisix`, such as `/apisix/routes/1`).
+pub fn remote_key_prefix(owner: &str, conf: &Value) -> String {
+    format!("/apisix/{owner}:{}:", conf_version(conf))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn crc32_matches_the_standard_check_value() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+    }
+
+    #[test]
+    fn conf_version_ignores_key_order() {
+        let a: Value = serde_json::from_str(r#"{"count":2,"time_window":60}"#).unwrap();
+        let b: Value = serde_json::from_str(r#"{"time_window":60,"count":2}"#).unwrap();
+        assert_eq!(conf_version(&a), conf_version(&b));
+        assert_ne!(
+            conf_version(&a),
+            conf_version(&json!({"count": 3, "time_window": 60}))
+        );
+        assert_eq!(
+            remote_key_prefix("routes/1", &a),
+            format!("/apisix/routes/1:{}:", conf_version(&a))
+        );
     }
 }

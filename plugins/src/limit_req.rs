@@ -15,22 +15,29 @@
 //! rejected (`rejected_code`, default 503, with `{"error_msg":
 //! rejected_msg}` when set) and the bucket is left as it was; otherwise
 //! `e'` is kept and the request waits `e' / rate` seconds unless `nodelay`
-//! (the first request of a key never waits). `policy` `redis` and
-//! `redis-cluster` pass the schema and are refused by the check.
+//! (the first request of a key never waits).
 //!
-//! Buckets live in the plugin state (they survive unrelated configuration
-//! changes); drained buckets are swept as the map grows.
+//! With `policy` `local` (default) the buckets live in the plugin state
+//! (they survive unrelated configuration changes); drained buckets are swept
+//! as the map grows. With `redis` / `redis-cluster`
+//! ([`crate::redis_policy`]) a bucket is a hash in Redis shared by every
+//! node, `limit_req:{/apisix/routes/1}:{conf_version}:{key}`, read, drained
+//! and written back in one script run (so concurrent requests cannot all
+//! pass on one stale read), expiring once it would have drained. Redis
+//! failing or slower than `redis_timeout`: 500, or no limit with
+//! `allow_degradation`.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use http::request;
 use serde_json::{json, Value};
 
 use crate::ctx::Ctx;
-use crate::limit_key::{refuse_remote_policy, LimitKey};
+use crate::limit_key::{remote_key_prefix, LimitKey};
 use crate::plugin::{CompileCx, Flow, Phases, Plugin, PluginSpec, SchemaType};
+use crate::redis_policy::{self, Redis, RedisConf};
 use crate::registry::cached;
 use crate::rejection::Rejection;
 use crate::schema::Schema;
@@ -73,15 +80,41 @@ fn build_schema() -> Schema {
         .done()
 }
 
-/// The configuration schema.
-pub fn schema() -> &'static Schema {
+fn base() -> &'static Schema {
     static CELL: OnceLock<Schema> = OnceLock::new();
     cached(&CELL, build_schema)
 }
 
+/// The schemas `policy` `redis` and `redis-cluster` bring in.
+fn policy_schemas() -> &'static [Schema; 2] {
+    static CELL: OnceLock<[Schema; 2]> = OnceLock::new();
+    CELL.get_or_init(|| {
+        [
+            redis_policy::single_schema(false),
+            redis_policy::cluster_schema(false),
+        ]
+    })
+}
+
+fn validate_top(conf: &Value) -> Result<(), String> {
+    base().validate(conf)?;
+    let [single, cluster] = policy_schemas();
+    redis_policy::validate_policy(conf, single, cluster)
+}
+
+fn doc_top() -> Value {
+    let [single, cluster] = policy_schemas();
+    redis_policy::document_policy(base().to_json(), single, cluster)
+}
+
+/// The configuration schema.
+pub fn schema() -> &'static Schema {
+    static CELL: OnceLock<Schema> = OnceLock::new();
+    cached(&CELL, || Schema::Custom(validate_top, doc_top))
+}
+
 pub fn check(conf: &Value) -> Result<(), String> {
-    schema().validate(conf)?;
-    refuse_remote_policy(conf)
+    schema().validate(conf)
 }
 
 struct Bucket {
@@ -145,8 +178,35 @@ pub struct LimitReq {
     key: LimitKey,
     nodelay: bool,
     rejection: Rejection,
+    allow_degradation: bool,
     buckets: Arc<Buckets>,
+    /// Set for the redis policies: the client and the key prefix.
+    redis: Option<(Arc<Redis>, String)>,
 }
+
+/// The leaky bucket in the Redis hash `KEYS[1]` (`excess`, `last`), in
+/// thousandths of a request: `ARGV[1]` rate, `ARGV[2]` burst, `ARGV[3]` now
+/// in ms, `ARGV[4]` expiry in seconds. Answers `{1, excess}` when the
+/// request is admitted (and stored), `{0, excess}` when it is not.
+static REDIS_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local rate, burst, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local saved = redis.call('HMGET', KEYS[1], 'excess', 'last')
+local excess = 0
+if saved[1] and saved[2] then
+  local drained = rate * math.abs(now - tonumber(saved[2])) / 1000
+  excess = math.max(tonumber(saved[1]) - drained + 1000, 0)
+  if excess > burst then
+    return {0, tostring(excess)}
+  end
+end
+redis.call('HSET', KEYS[1], 'excess', excess, 'last', now)
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return {1, tostring(excess)}
+",
+    )
+});
 
 pub fn compile(conf: &Value, cx: &CompileCx<'_>) -> Result<LimitReq, String> {
     check(conf)?;
@@ -160,7 +220,17 @@ pub fn compile(conf: &Value, cx: &CompileCx<'_>) -> Result<LimitReq, String> {
             .and_then(Value::as_bool)
             .unwrap_or(false),
         rejection: Rejection::from_conf(conf, DEFAULT_REJECTED_CODE)?,
+        allow_degradation: conf
+            .get("allow_degradation")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
         buckets: cx.state(Buckets::default),
+        redis: RedisConf::from_conf(conf)?.map(|r| {
+            (
+                Redis::shared(r),
+                format!("limit_req:{}", remote_key_prefix(cx.owner, conf)),
+            )
+        }),
     })
 }
 
@@ -176,12 +246,63 @@ pub(crate) fn delayed(seconds: f64) -> Flow {
     }))
 }
 
+impl LimitReq {
+    fn access_redis(
+        &self,
+        redis: &Arc<Redis>,
+        prefix: &str,
+        ctx: &Ctx,
+        req: &request::Parts,
+    ) -> Flow {
+        let key = format!("{prefix}{}", self.key.resolve(ctx, req));
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        // Drained after burst / rate seconds; a second more for the clock.
+        let ttl = (self.burst / self.rate).ceil() as u64 + 1;
+        let args = [
+            (self.rate * 1000.0).to_string(),
+            (self.burst * 1000.0).to_string(),
+            now_ms.to_string(),
+            ttl.to_string(),
+        ];
+        let redis = redis.clone();
+        let rejection = self.rejection.clone();
+        let allow_degradation = self.allow_degradation;
+        let (rate, nodelay) = (self.rate, self.nodelay);
+        Flow::Wait(Box::pin(async move {
+            match redis
+                .eval::<(i64, String)>(&REDIS_SCRIPT, &key, &args)
+                .await
+            {
+                Ok((1, excess)) if !nodelay => {
+                    delayed(excess.parse::<f64>().unwrap_or(0.0) / 1000.0 / rate)
+                }
+                Ok((1, _)) => Flow::Continue,
+                Ok(_) => Flow::Respond(rejection.response()),
+                Err(e) => {
+                    tracing::error!(plugin = NAME, key = %key, "failed to limit req: {e}");
+                    if allow_degradation {
+                        Flow::Continue
+                    } else {
+                        Flow::status(http::StatusCode::INTERNAL_SERVER_ERROR)
+                    }
+                }
+            }
+        }))
+    }
+}
+
 impl Plugin for LimitReq {
     fn phases(&self) -> Phases {
         Phases::ACCESS
     }
 
     fn access(&self, ctx: &mut Ctx, req: &mut request::Parts) -> Flow {
+        if let Some((redis, prefix)) = &self.redis {
+            return self.access_redis(redis, prefix, ctx, req);
+        }
         let key = self.key.resolve(ctx, req);
         match self
             .buckets
@@ -242,10 +363,16 @@ mod tests {
         );
         assert!(reason(json!({"rate": 0, "burst": 0, "key": "remote_addr"})).contains("rate"));
         assert!(reason(json!({"rate": 1, "burst": -1, "key": "remote_addr"})).contains("burst"));
-        assert!(
-            reason(json!({"rate": 1, "burst": 0, "key": "k", "policy": "redis"}))
-                .contains("not supported")
+        assert_eq!(
+            reason(json!({"rate": 1, "burst": 0, "key": "k", "policy": "redis"})),
+            "then clause did not match"
         );
+        assert!(registry::check(
+            NAME,
+            &json!({"rate": 1, "burst": 0, "key": "k", "policy": "redis", "redis_host": "127.0.0.1"}),
+            SchemaType::Route
+        )
+        .is_ok());
         assert!(registry::check(
             NAME,
             &json!({"rate": 0.5, "burst": 0, "key": "remote_addr"}),

@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use crate::{full_body, ResponseBody};
 
 /// `rejected_code` and `rejected_msg`, built once per configuration.
+#[derive(Clone)]
 pub struct Rejection {
     status: StatusCode,
     body: Option<Bytes>,

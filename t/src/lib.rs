@@ -25,6 +25,7 @@ use tokio::net::{TcpListener, TcpSocket};
 pub use serde_json;
 
 pub mod cluster;
+pub mod redis;
 
 /// The admin key every test gateway uses.
 pub const KEY: &str = "test-admin-key-0123456789abcdef";

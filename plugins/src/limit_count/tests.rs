@@ -114,20 +114,20 @@ fn schema_errors_use_apisix_wording() {
 }
 
 #[test]
-fn redis_policies_and_sliding_windows_are_refused_yet() {
+fn sentinel_and_sliding_windows_are_refused_yet() {
     // APISIX's schema takes them; the check refuses them, so the Admin API
     // never stores what the data plane would not run.
     let redis =
         json!({"count": 2, "time_window": 60, "policy": "redis", "redis_host": "127.0.0.1"});
-    assert!(super::schema().validate(&redis).is_ok());
-    assert!(check(&redis).is_err());
-    assert_eq!(
-        check_err(redis),
-        "policy redis is not supported yet: only policy local is available"
-    );
+    assert!(check(&redis).is_ok());
     let cluster = json!({"count": 2, "time_window": 60, "policy": "redis-cluster",
                          "redis_cluster_nodes": ["127.0.0.1:7000"], "redis_cluster_name": "c"});
-    assert!(check_err(cluster).starts_with("policy redis-cluster is not supported yet"));
+    assert!(check(&cluster).is_ok());
+    let sentinel = json!({"count": 2, "time_window": 60, "policy": "redis-sentinel",
+                          "redis_sentinels": [{"host": "127.0.0.1", "port": 26379}],
+                          "redis_master_name": "m"});
+    assert!(super::schema().validate(&sentinel).is_ok());
+    assert!(check_err(sentinel).starts_with("policy redis-sentinel is not supported yet"));
     let sliding = json!({"count": 2, "time_window": 60, "window_type": "sliding"});
     assert!(check_err(sliding).starts_with("window_type sliding is not supported yet"));
 }

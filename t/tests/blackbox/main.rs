@@ -11,6 +11,7 @@ mod ip_restriction;
 mod limits;
 mod plugins;
 mod proxy;
+mod redis_limits;
 mod routing;
 mod soak;
 mod tls_edge;

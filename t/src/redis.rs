@@ -1,0 +1,212 @@
+//! Real Redis for the limit plugins' `redis` and `redis-cluster` policies:
+//! `redis-server` processes on loopback ports, data in temporary
+//! directories, nothing persisted.
+//!
+//! Redis comes from the distribution's `redis-server` package (`redis-cli`
+//! with it). Without it the tests that need it fail when `CI` is set and are
+//! skipped with a loud message otherwise.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::cluster::free_port;
+
+/// Whether Redis can run here; `false` means skip (never on CI).
+pub fn redis_available(test: &str) -> bool {
+    let found = Command::new("redis-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        if std::env::var_os("CI").is_some() {
+            panic!("{test} needs redis (apt-get install redis-server)");
+        }
+        eprintln!("SKIPPED {test}: no redis-server on this machine (apt-get install redis-server)");
+    }
+    found
+}
+
+fn spawn(port: u16, dir: &Path, extra: &[&str]) -> Child {
+    let log = std::fs::File::create(dir.join(format!("redis-{port}.log"))).unwrap();
+    let mut child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(dir)
+        .args(extra)
+        .stdout(log)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "redis-server exited with {status}: {}",
+                std::fs::read_to_string(dir.join(format!("redis-{port}.log"))).unwrap_or_default()
+            );
+        }
+        if cli_at(port, &["PING"]).trim() == "PONG" {
+            return child;
+        }
+        assert!(Instant::now() < deadline, "redis on {port} did not come up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `redis-cli -p port args...`, its output.
+pub fn cli_at(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stderr(Stdio::null())
+        .output();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// One Redis server.
+pub struct Redis {
+    child: Option<Child>,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = spawn(port, dir.path(), &[]);
+        Redis {
+            child: Some(child),
+            port,
+            dir,
+        }
+    }
+
+    /// `redis-cli` against this server.
+    pub fn cli(&self, args: &[&str]) -> String {
+        cli_at(self.port, args)
+    }
+
+    /// Every key (`KEYS *`).
+    pub fn keys(&self) -> Vec<String> {
+        self.cli(&["--raw", "KEYS", "*"])
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Kills the server (its data goes with it).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again, empty, on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.child = Some(spawn(self.port, self.dir.path(), &[]));
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A Redis Cluster of three masters (no replicas), slots spread over them.
+pub struct RedisCluster {
+    children: Vec<Child>,
+    pub ports: Vec<u16>,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisCluster {
+    pub fn start() -> RedisCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ports = Vec::new();
+        let mut children = Vec::new();
+        for i in 0..3 {
+            let port = free_port();
+            let node_dir = dir.path().join(format!("n{i}"));
+            std::fs::create_dir_all(&node_dir).unwrap();
+            children.push(spawn(
+                port,
+                &node_dir,
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                ],
+            ));
+            ports.push(port);
+        }
+        let mut create = Command::new("redis-cli");
+        create.args(["--cluster", "create"]);
+        for p in &ports {
+            create.arg(format!("127.0.0.1:{p}"));
+        }
+        let out = create
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !ports
+            .iter()
+            .all(|p| cli_at(*p, &["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+        {
+            assert!(Instant::now() < deadline, "the cluster did not become ok");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        RedisCluster {
+            children,
+            ports,
+            _dir: dir,
+        }
+    }
+
+    /// `"127.0.0.1:port"` of every node, as `redis_cluster_nodes` takes them.
+    pub fn nodes(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect()
+    }
+
+    /// Every key on every node.
+    pub fn keys(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .flat_map(|p| {
+                cli_at(*p, &["--raw", "KEYS", "*"])
+                    .lines()
+                    .filter(|l| !l.is_empty())
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
