@@ -520,6 +520,11 @@ pub async fn patch(
 /// The first object still referring to `id` of `kind`, as the refusal
 /// message for deleting it.
 fn in_use(store: &dyn Store, kind: Kind, id: &str) -> Result<Option<String>, AdminError> {
+    if kind == Kind::Upstreams {
+        if let Some(user) = split_user(store, id)? {
+            return Ok(Some(user));
+        }
+    }
     for reference in kind.info().referenced_by {
         for entry in store.list(&reference.from.prefix())? {
             let Some((from, user)) = Kind::parse_key(&entry.key) else {
@@ -539,6 +544,36 @@ fn in_use(store: &dyn Store, kind: Kind, id: &str) -> Result<Option<String>, Adm
                         .replace("{label}", from.label())
                         .replace("{user}", user),
                 ));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// The first object whose traffic-split still sends requests to upstream
+/// `id`, in APISIX's order and words.
+fn split_user(store: &dyn Store, id: &str) -> Result<Option<String>, AdminError> {
+    use plugins::traffic_split::{upstream_refs, UpstreamRef, NAME};
+    const HOLDERS: [(Kind, &str); 6] = [
+        (Kind::Routes, "route"),
+        (Kind::Services, "service"),
+        (Kind::PluginConfigs, "plugin_config"),
+        (Kind::Consumers, "consumer"),
+        (Kind::ConsumerGroups, "consumer_group"),
+        (Kind::GlobalRules, "global_rules"),
+    ];
+    for (kind, name) in HOLDERS {
+        for entry in store.list(&kind.prefix())? {
+            let Some(split) = entry.value.get("plugins").and_then(|p| p.get(NAME)) else {
+                continue;
+            };
+            let names_it = upstream_refs(split)
+                .iter()
+                .any(|r| matches!(r, UpstreamRef::Id(u) if u == id));
+            if let (true, Some((_, user))) = (names_it, Kind::parse_key(&entry.key)) {
+                return Ok(Some(format!(
+                    "can not delete this upstream, plugin in {name} [{user}] is still using it now"
+                )));
             }
         }
     }

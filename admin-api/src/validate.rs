@@ -405,6 +405,37 @@ pub fn check_plugins(plugins_conf: Option<&Value>) -> Result<(), String> {
     for (name, conf) in map {
         plugins::registry::check(name, conf, plugins::SchemaType::Route)
             .map_err(|e| e.to_string())?;
+        if name == plugins::traffic_split::NAME {
+            check_split_upstreams(conf)?;
+        }
+    }
+    Ok(())
+}
+
+/// traffic-split's inline upstreams against the upstream schema, reported
+/// where APISIX's schema (which embeds it) reports them.
+fn check_split_upstreams(conf: &Value) -> Result<(), String> {
+    let rules = conf.get("rules").and_then(Value::as_array);
+    for (r, rule) in rules.into_iter().flatten().enumerate() {
+        let entries = rule.get("weighted_upstreams").and_then(Value::as_array);
+        for (w, entry) in entries.into_iter().flatten().enumerate() {
+            let Some(up) = entry.get("upstream") else {
+                continue;
+            };
+            upstream_schema().validate(up).map_err(|e| {
+                plugins::PluginError::Invalid {
+                    name: plugins::traffic_split::NAME.into(),
+                    reason: format!(
+                        "property \"rules\" validation failed: failed to validate item {}: \
+                         property \"weighted_upstreams\" validation failed: failed to validate item {}: \
+                         property \"upstream\" validation failed: {e}",
+                        r + 1,
+                        w + 1
+                    ),
+                }
+                .to_string()
+            })?;
+        }
     }
     Ok(())
 }

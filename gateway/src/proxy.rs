@@ -30,6 +30,7 @@ use http_body::Body as _;
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
+use plugins::traffic_split::UpstreamPick;
 
 use plugins::ctx::UpstreamInfo;
 use plugins::{ClientIp, ConnInfo, ResponseBody};
@@ -68,6 +69,9 @@ pub struct ProxyTarget {
     /// `enable_websocket`: pass `Upgrade: websocket` through and splice the
     /// two connections once the upstream agrees (101).
     pub websocket: bool,
+    /// The upstreams traffic-split may send a request to instead, by the
+    /// index it puts in the request ([`UpstreamPick`]).
+    pub split: Vec<Arc<ProxyTarget>>,
 }
 
 impl ProxyService {
@@ -86,7 +90,10 @@ impl tower::Service<Request<ClientBody>> for ProxyService {
     }
 
     fn call(&mut self, req: Request<ClientBody>) -> Self::Future {
-        let this = self.0.clone();
+        let this = match req.extensions().get::<UpstreamPick>() {
+            Some(pick) => self.0.split.get(pick.0).unwrap_or(&self.0).clone(),
+            None => self.0.clone(),
+        };
         Box::pin(async move { Ok(this.forward(req).await) })
     }
 }

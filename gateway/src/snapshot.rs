@@ -120,14 +120,32 @@ struct RouteRefs {
     service_id: Option<String>,
     upstream_id: Option<String>,
     plugin_config_id: Option<String>,
+    /// `upstream_id`s the route's own traffic-split names.
+    split_upstream_ids: Vec<String>,
 }
 
 impl RouteRefs {
     fn of(conf: &RouteConf) -> Self {
+        use plugins::traffic_split::{upstream_refs, UpstreamRef, NAME};
+        let split_upstream_ids = conf
+            .plugins
+            .as_ref()
+            .and_then(|p| p.get(NAME))
+            .map(|split| {
+                upstream_refs(split)
+                    .into_iter()
+                    .filter_map(|r| match r {
+                        UpstreamRef::Id(id) => Some(id),
+                        UpstreamRef::Inline(_) => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         RouteRefs {
             service_id: conf.service_id.as_ref().and_then(id_text),
             upstream_id: conf.upstream_id.as_ref().and_then(id_text),
             plugin_config_id: conf.plugin_config_id.as_ref().and_then(id_text),
+            split_upstream_ids,
         }
     }
 }
@@ -475,6 +493,7 @@ impl Compiler {
                     .collect();
                 touched.routes = self.routes_where(|r| {
                     r.upstream_id.as_deref() == Some(id.as_str())
+                        || r.split_upstream_ids.contains(&id)
                         || r.service_id.as_ref().is_some_and(|s| services.contains(s))
                 });
             }
@@ -726,10 +745,13 @@ impl Compiler {
     ) -> Result<PluginSet, String> {
         let metadata = &self.plugin_metadata;
         let lookup = |name: &str| metadata.get(name);
+        let upstreams = &self.upstreams;
+        let exists = |id: &str| upstreams.contains_key(id);
         let env = CompileEnv {
             metadata: &lookup,
             attrs: Some(&self.plugin_attr),
             state: &self.state,
+            upstream_exists: Some(&exists),
         };
         registry::compile_set(confs, owner, &env, skip_auth).map_err(|e| e.to_string())
     }
@@ -809,6 +831,79 @@ impl Compiler {
         self.consumer_index = Arc::new(index);
     }
 
+    /// What a route forwards to through `upstream`.
+    fn proxy_target(
+        &self,
+        upstream: Option<Arc<CompiledUpstream>>,
+        conf: &RouteConf,
+        websocket: bool,
+    ) -> ProxyTarget {
+        let timeouts = Timeouts::from_conf(conf.timeout.as_ref())
+            .or_else(|| upstream.as_ref().map(|u| u.timeouts))
+            .unwrap_or(Timeouts::DEFAULT);
+        let verify = upstream.as_ref().is_none_or(|u| u.verify);
+        let http2 = upstream
+            .as_ref()
+            .filter(|u| u.http2)
+            .map(|u| u.scheme == http::uri::Scheme::HTTPS);
+        let pool = upstream
+            .as_ref()
+            .map(|u| u.keepalive_pool)
+            .unwrap_or_default();
+        let client = self.clients.get(
+            timeouts.connect,
+            verify,
+            pool,
+            http2,
+            upstream.as_ref().and_then(|u| u.client_cert.as_ref()),
+        );
+        ProxyTarget {
+            upstream,
+            timeouts,
+            client,
+            options: self.options,
+            websocket,
+            split: Vec::new(),
+        }
+    }
+
+    /// The upstreams a route's traffic-split names, compiled in the order of
+    /// [`plugins::traffic_split::upstream_refs`]. An `upstream_id` that does
+    /// not exist gets a target without upstream (the plugin answers 500
+    /// before it is used).
+    fn split_targets(
+        &mut self,
+        id: &str,
+        split_conf: &Value,
+        conf: &RouteConf,
+        websocket: bool,
+    ) -> Result<Vec<Arc<ProxyTarget>>, String> {
+        use plugins::traffic_split::{upstream_refs, UpstreamRef};
+        let mut targets = Vec::new();
+        for (i, r) in upstream_refs(split_conf).into_iter().enumerate() {
+            let upstream = match r {
+                UpstreamRef::Id(uid) => self.upstream_object(&uid),
+                UpstreamRef::Inline(value) => {
+                    let up: UpstreamConf = serde_json::from_value(value)
+                        .map_err(|e| format!("traffic-split upstream {}: {e}", i + 1))?;
+                    let cert = client_cert_for(&up, &self.client_ssls)?;
+                    let compiled = CompiledUpstream::compile(
+                        &up,
+                        &format!("routes/{id}/traffic-split/{i}"),
+                        &mut self.balancers,
+                        cert,
+                    )
+                    .map_err(|e| e.to_string())?;
+                    Some(Arc::new(compiled))
+                }
+            };
+            // Timeouts as for the route's own upstream: the route's, else
+            // this upstream's.
+            targets.push(Arc::new(self.proxy_target(upstream, conf, websocket)));
+        }
+        Ok(targets)
+    }
+
     fn build_route(
         &mut self,
         id: &str,
@@ -864,36 +959,17 @@ impl Compiler {
         plugin_confs.extend(conf.plugins.clone().unwrap_or_default());
         let plugins = self.compile_plugins(&plugin_confs, &format!("routes/{id}"), false)?;
 
-        let timeouts = Timeouts::from_conf(conf.timeout.as_ref())
-            .or_else(|| upstream.as_ref().map(|u| u.timeouts))
-            .unwrap_or(Timeouts::DEFAULT);
         let websocket = conf
             .enable_websocket
             .or_else(|| service.as_ref().and_then(|(_, s)| s.enable_websocket))
             .unwrap_or(false);
-        let verify = upstream.as_ref().is_none_or(|u| u.verify);
-        let http2 = upstream
-            .as_ref()
-            .filter(|u| u.http2)
-            .map(|u| u.scheme == http::uri::Scheme::HTTPS);
-        let pool = upstream
-            .as_ref()
-            .map(|u| u.keepalive_pool)
-            .unwrap_or_default();
-        let client = self.clients.get(
-            timeouts.connect,
-            verify,
-            pool,
-            http2,
-            upstream.as_ref().and_then(|u| u.client_cert.as_ref()),
-        );
-        let proxy = ProxyService::new(ProxyTarget {
-            upstream,
-            timeouts,
-            client,
-            options: self.options,
-            websocket,
-        });
+        let split = match plugin_confs.get(plugins::traffic_split::NAME) {
+            Some(split_conf) => self.split_targets(id, split_conf, conf, websocket)?,
+            None => Vec::new(),
+        };
+        let mut target = self.proxy_target(upstream, conf, websocket);
+        target.split = split;
+        let proxy = ProxyService::new(target);
 
         let hosts: Vec<String> = match (&conf.host, &conf.hosts) {
             (Some(h), _) => vec![h.clone()],

@@ -112,9 +112,11 @@ fn compile_leaf(items: &[Value]) -> Result<Expr, ExprError> {
         .as_str()
         .ok_or_else(|| "invalid var name: expected string".to_string())?
         .to_string();
-    let op_name = items[op_at]
-        .as_str()
-        .ok_or_else(|| "invalid operator: expected string".to_string())?;
+    // lua-resty-expr names the operator as Lua's tostring prints it.
+    let op_name = match &items[op_at] {
+        Value::String(s) => s.as_str(),
+        other => return Err(format!("invalid operator '{other}'")),
+    };
     let value = &items[op_at + 1];
     let number = || {
         value

@@ -35,10 +35,12 @@ pub mod registry;
 pub mod rejection;
 pub mod request_id;
 pub mod response_rewrite;
+pub mod roundrobin;
 pub mod schema;
 pub mod template;
 #[doc(hidden)]
 pub mod testing;
+pub mod traffic_split;
 pub mod ua_restriction;
 pub mod uri_blocker;
 pub mod vars;

@@ -230,6 +230,8 @@ pub struct CompileCx<'a> {
     /// The plugin's own configuration, for keying its state.
     pub conf: &'a Value,
     pub name: &'static str,
+    /// Whether `upstreams/{id}` exists (traffic-split); `None`: unknown.
+    pub upstream_exists: Option<&'a dyn Fn(&str) -> bool>,
 }
 
 impl CompileCx<'_> {
@@ -352,6 +354,7 @@ mod tests {
             state: &cache,
             conf,
             name: "limit-count",
+            upstream_exists: None,
         };
         let a = cx(&conf).state(|| std::sync::atomic::AtomicU64::new(7));
         a.store(9, std::sync::atomic::Ordering::Relaxed);
@@ -376,6 +379,7 @@ mod tests {
             state: &cache,
             conf,
             name: "limit-count",
+            upstream_exists: None,
         };
         let a = cx("routes/1", &c1).shared_state("g", || 1u8);
         let b = cx("routes/2", &c2).shared_state("g", || 2u8);

@@ -30,6 +30,7 @@ pub static PLUGINS: &[&dyn PluginSpec] = &[
     &crate::redirect::RedirectSpec,
     &crate::uri_blocker::UriBlockerSpec,
     &crate::ua_restriction::UaRestrictionSpec,
+    &crate::traffic_split::TrafficSplitSpec,
 ];
 
 /// Looks a plugin up by its APISIX name.
@@ -122,6 +123,8 @@ pub struct CompileEnv<'a> {
     /// `plugin_attr` from config.yaml.
     pub attrs: Option<&'a Map<String, Value>>,
     pub state: &'a StateCache,
+    /// Whether `upstreams/{id}` exists (traffic-split); `None`: unknown.
+    pub upstream_exists: Option<&'a dyn Fn(&str) -> bool>,
 }
 
 /// Compiles a `plugins` object into a set: checks each plugin, skips those
@@ -160,6 +163,7 @@ pub fn compile_set<'a>(
             state: env.state,
             conf: &plain,
             name: spec.name(),
+            upstream_exists: env.upstream_exists,
         };
         let plugin = spec.compile(&plain, &cx).map_err(invalid)?;
         let priority = meta

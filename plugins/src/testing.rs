@@ -39,6 +39,7 @@ pub fn compile_with(
         metadata: &lookup,
         attrs: None,
         state,
+        upstream_exists: None,
     };
     registry::compile_set(map, "routes/test", &env, false)
 }
@@ -158,4 +159,15 @@ where
         headers: parts.headers,
         body: String::from_utf8_lossy(&body).into_owned(),
     }
+}
+
+/// A request context for a client at `client`, with no consumers.
+pub fn ctx(client: &str) -> crate::Ctx {
+    crate::Ctx::new(
+        client
+            .parse()
+            .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1])),
+        crate::ConnInfo::unknown(),
+        std::sync::Arc::new(crate::consumer::ConsumerIndex::default()),
+    )
 }

@@ -15,7 +15,6 @@
 mod chash;
 mod ewma;
 mod least_conn;
-mod roundrobin;
 
 use std::time::Duration;
 
@@ -24,7 +23,7 @@ use admin_api::model::BalancerType;
 pub use chash::Ring;
 pub use ewma::Ewma;
 pub use least_conn::LeastConn;
-pub use roundrobin::{RoundRobin, MAX_SCHEDULE_LEN};
+pub use plugins::roundrobin::{RoundRobin, MAX_SCHEDULE_LEN};
 
 /// A balancer over node indexes `0..weights.len()`.
 #[derive(Debug)]

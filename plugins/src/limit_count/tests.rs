@@ -356,6 +356,7 @@ fn cx<'a>(owner: &'a str, conf: &'a Value, state: &'a StateCache) -> CompileCx<'
         state,
         conf,
         name: NAME,
+        upstream_exists: None,
     }
 }
 

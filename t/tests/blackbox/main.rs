@@ -16,5 +16,6 @@ mod routing;
 mod soak;
 mod tls_edge;
 mod tls_upstream;
+mod traffic_plugins;
 mod upstream_conn;
 mod websocket;
