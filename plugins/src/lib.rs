@@ -11,6 +11,7 @@
 //! Adding a plugin: one module beside `ip_restriction`, one line in
 //! [`registry::PLUGINS`]. See `CONTRIBUTING.md`.
 
+pub mod api_breaker;
 pub mod basic_auth;
 pub mod chain;
 pub mod cidr;
@@ -19,6 +20,8 @@ pub mod consumer_restriction;
 pub mod cors;
 pub mod ctx;
 pub mod expr;
+pub mod fault_injection;
+pub mod gzip;
 pub mod ip_restriction;
 pub mod jwt_auth;
 pub mod key_auth;
@@ -31,6 +34,7 @@ pub mod proxy_rewrite;
 pub mod real_ip;
 pub mod redirect;
 pub mod redis_policy;
+pub mod referer_restriction;
 pub mod registry;
 pub mod rejection;
 pub mod request_id;
@@ -103,6 +107,18 @@ pub fn html_page(status: StatusCode) -> Response<ResponseBody> {
     *resp.status_mut() = status;
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+    resp
+}
+
+/// What nginx sends for a status a plugin returned without a body: its
+/// HTML page for the error and redirect statuses it has one for, else
+/// nothing.
+pub fn status_page(status: StatusCode) -> Response<ResponseBody> {
+    if status.as_u16() >= 300 && status.canonical_reason().is_some() {
+        return html_page(status);
+    }
+    let mut resp = Response::new(full_body(Bytes::new()));
+    *resp.status_mut() = status;
     resp
 }
 

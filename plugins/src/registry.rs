@@ -31,6 +31,10 @@ pub static PLUGINS: &[&dyn PluginSpec] = &[
     &crate::uri_blocker::UriBlockerSpec,
     &crate::ua_restriction::UaRestrictionSpec,
     &crate::traffic_split::TrafficSplitSpec,
+    &crate::referer_restriction::RefererRestrictionSpec,
+    &crate::fault_injection::FaultInjectionSpec,
+    &crate::api_breaker::ApiBreakerSpec,
+    &crate::gzip::GzipSpec,
 ];
 
 /// Looks a plugin up by its APISIX name.

@@ -4,7 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use harness::serde_json::json;
+use std::time::{Duration, Instant};
+
+use harness::serde_json::{json, Value};
 use harness::{send, upstream, Gateway, Upstream};
 
 async fn get_with(gw: &Gateway, path: &str, headers: &[(&str, &str)]) -> harness::Resp {
@@ -159,5 +161,177 @@ async fn traffic_split_refusals_and_missing_upstreams() {
     gw.put("upstreams/later", upstream(&[(&u1.node(), 1)]))
         .await;
     assert_eq!(gw.get("/m").await.upstream(), "u1");
+    gw.stop().await;
+}
+
+fn route_with(u: &Upstream, uri: &str, plugins: Value) -> Value {
+    json!({"uri": uri, "plugins": plugins, "upstream": upstream(&[(&u.node(), 1)])})
+}
+
+#[tokio::test]
+async fn fault_injection_aborts_and_delays_before_other_plugins() {
+    let gw = Gateway::start().await;
+    let u = Upstream::start("u").await;
+    gw.put(
+        "routes/abort",
+        route_with(
+            &u,
+            "/abort",
+            json!({
+                "fault-injection": {"abort": {
+                    "http_status": 403, "body": "Fault Injection! $remote_addr\n",
+                    "headers": {"h1": "v1", "h2": 2},
+                    "vars": [[["arg_name", "==", "jack"]]]
+                }},
+                // Runs in rewrite at 11000: before key-auth would refuse.
+                "key-auth": {}
+            }),
+        ),
+    )
+    .await;
+    let r = gw.get("/abort?name=jack").await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.text(), "Fault Injection! 127.0.0.1\n");
+    assert_eq!(r.header("h2"), Some("2"));
+    assert_eq!(gw.get("/abort?name=rose").await.status, 401);
+    assert_eq!(u.hits(), 0);
+
+    gw.put(
+        "routes/delay",
+        route_with(
+            &u,
+            "/delay",
+            json!({"fault-injection": {"delay": {"duration": 0.3}}}),
+        ),
+    )
+    .await;
+    let start = Instant::now();
+    let r = gw.get("/delay").await;
+    assert_eq!(r.status, 200);
+    assert!(start.elapsed() >= Duration::from_millis(290));
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn referer_restriction_by_host() {
+    let gw = Gateway::start().await;
+    let u = Upstream::start("u").await;
+    gw.put(
+        "routes/r",
+        route_with(
+            &u,
+            "/r",
+            json!({"referer-restriction": {"whitelist": ["*.xx.com", "yy.com"]}}),
+        ),
+    )
+    .await;
+    assert_eq!(
+        get_with(&gw, "/r", &[("referer", "http://www.xx.com/a")])
+            .await
+            .status,
+        200
+    );
+    let r = get_with(&gw, "/r", &[("referer", "https://www.yy.com/am")]).await;
+    assert_eq!(r.status, 403);
+    assert_eq!(
+        r.json(),
+        json!({"message": "Your referer host is not allowed"})
+    );
+    assert_eq!(gw.get("/r").await.status, 403);
+    let r = gw
+        .admin(
+            "PUT",
+            "routes/r",
+            Some(route_with(
+                &u,
+                "/r",
+                json!({"referer-restriction": {"whitelist": ["a"], "blacklist": ["b"]}}),
+            )),
+        )
+        .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.json()["error_msg"],
+        "failed to check the configuration of plugin referer-restriction err: value should match only one schema, but matches both schemas 1 and 2"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn api_breaker_opens_on_upstream_failures_and_closes_again() {
+    let gw = Gateway::start().await;
+    let u = Upstream::start("u").await;
+    gw.put(
+        "routes/b",
+        route_with(
+            &u,
+            "/b",
+            json!({"api-breaker": {
+                "break_response_code": 502,
+                "break_response_body": "{\"message\":\"breaker opened.\"}",
+                "break_response_headers": [{"key": "Content-Type", "value": "application/json"}],
+                "unhealthy": {"http_statuses": [500], "failures": 3},
+                "healthy": {"http_statuses": [200], "successes": 1}
+            }}),
+        ),
+    )
+    .await;
+    let mut seen = Vec::new();
+    for code in [200, 500, 503, 500, 500, 500] {
+        seen.push(gw.get(&format!("/b?status={code}")).await.status.as_u16());
+    }
+    assert_eq!(seen, [200, 500, 503, 500, 500, 502]);
+    let r = gw.get("/b").await;
+    assert_eq!(r.status, 502);
+    assert_eq!(r.text(), "{\"message\":\"breaker opened.\"}");
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    // Open for 2 s (the first trip); then requests go through, and a
+    // healthy answer closes it for good.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while gw.get("/b").await.status == 502 {
+        assert!(Instant::now() < deadline, "the breaker never closed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(gw.get("/b?status=500").await.status, 500);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn gzip_compresses_for_clients_that_accept_it() {
+    let gw = Gateway::start().await;
+    let u = Upstream::start("u").await;
+    gw.put(
+        "routes/z",
+        route_with(
+            &u,
+            "/z",
+            json!({"gzip": {"types": "*", "min_length": 20, "comp_level": 6, "vary": true}}),
+        ),
+    )
+    .await;
+    let padding = "a".repeat(3000);
+    let path = format!("/z?pad={padding}");
+    let plain = gw.get(&path).await;
+    assert_eq!(plain.status, 200);
+    assert_eq!(plain.header("content-encoding"), None);
+    assert_eq!(plain.header("vary"), Some("Accept-Encoding"));
+    let zipped = get_with(&gw, &path, &[("accept-encoding", "gzip, deflate")]).await;
+    assert_eq!(zipped.status, 200);
+    assert_eq!(zipped.header("content-encoding"), Some("gzip"));
+    assert!(zipped.header("content-length").is_none());
+    assert!(
+        zipped.body.len() < plain.body.len() / 4,
+        "{} vs {}",
+        zipped.body.len(),
+        plain.body.len()
+    );
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut flate2::read::GzDecoder::new(&zipped.body[..]),
+        &mut text,
+    )
+    .unwrap();
+    let echoed: Value = harness::serde_json::from_str(&text).unwrap();
+    assert_eq!(echoed["path"], path);
     gw.stop().await;
 }
