@@ -200,11 +200,23 @@ class Nginx:
         stop(self.proc)
 
 
+# The plugins a typical public route adds (`--traffic`): a rate limit that
+# never rejects, a rewrite for the upstream and CORS for browsers.
+TRAFFIC_PLUGINS = {
+    "limit-count": {"count": 1000000000, "time_window": 60, "key": "remote_addr"},
+    "proxy-rewrite": {"uri": "/v2$uri", "headers": {"set": {"X-Via": "gw"}}},
+    "cors": {"allow_origins": "https://a.test,https://b.test"},
+}
+
+
 class Ferrogate:
     name = "ferrogate-w1"
 
-    def __init__(self, binary, work, upstreams):
+    def __init__(self, binary, work, upstreams, extra_plugins=None, name=None):
         self.binary, self.work, self.upstreams = binary, work, upstreams
+        self.extra_plugins = extra_plugins or {}
+        if name:
+            self.name = name
 
     def start(self):
         self.port, admin = free_port(), free_port()
@@ -224,7 +236,7 @@ class Ferrogate:
         wait_port(admin, self.proc)
         route = {
             "uri": "/hello",
-            "plugins": {"ip-restriction": {"whitelist": ["127.0.0.0/8"]}},
+            "plugins": dict({"ip-restriction": {"whitelist": ["127.0.0.0/8"]}}, **self.extra_plugins),
             "upstream": {
                 "type": "roundrobin",
                 "nodes": {"127.0.0.1:%d" % p: 1 for p in self.upstreams},
@@ -256,7 +268,9 @@ UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 def wrk(port, seconds, conns):
     out = subprocess.run(
-        ["wrk", "-t1", "-c%d" % conns, "-d%ds" % seconds, "--latency", "http://127.0.0.1:%d/hello" % port],
+        # A browser's Origin on every request, so CORS (--traffic) answers it.
+        ["wrk", "-t1", "-c%d" % conns, "-d%ds" % seconds, "--latency", "-H", "Origin: https://a.test",
+         "http://127.0.0.1:%d/hello" % port],
         capture_output=True, text=True, timeout=seconds + 30,
     ).stdout
     lat = {}
@@ -404,6 +418,8 @@ def main():
     ap.add_argument("--connections", type=int, default=50, help="wrk keep-alive connections")
     ap.add_argument("--idle", type=int, default=10000, help="idle connections (0: skip)")
     ap.add_argument("--json", help="write the raw figures here")
+    ap.add_argument("--traffic", action="store_true",
+                    help="also run ferrogate with limit-count, proxy-rewrite and cors on the route")
     args = ap.parse_args()
 
     if not shutil.which("wrk"):
@@ -420,6 +436,8 @@ def main():
     try:
         ups = start_upstreams(work, nginx)
         peers = [Ferrogate(binary, work, ups)]
+        if args.traffic:
+            peers.append(Ferrogate(binary, work, ups, TRAFFIC_PLUGINS, "ferrogate-traffic"))
         if nginx:
             peers.append(Nginx(nginx, work, ups))
         else:
@@ -438,7 +456,7 @@ def main():
                         rnd + 1, peer.name, r["rps"], r["user_us"], r["kernel_us"], r["p99_ms"] or 0), flush=True)
                 finally:
                     peer.stop()
-                if args.idle:
+                if args.idle and not getattr(peer, "extra_plugins", None):
                     peer.start()
                     try:
                         r = idle(peer, args)
@@ -447,7 +465,7 @@ def main():
                             rnd + 1, peer.name, r["still_open"], r["pss_per_conn_kib"], r["p99_ratio"]), flush=True)
                     finally:
                         peer.stop()
-                if args.idle and isinstance(peer, Ferrogate):
+                if args.idle and isinstance(peer, Ferrogate) and not peer.extra_plugins:
                     # nginx serves h2c only on a listener that speaks nothing else.
                     peer.start()
                     try:
@@ -501,7 +519,10 @@ def report(peers, results, args):
             ("PSS per idle connection, KiB (%d open)" % args.idle, "pss_per_conn_kib", "%.2f"),
             ("load p99 with them open / without", "p99_ratio", "%.2fx"),
         ):
-            cells = [fmt % median([r[key] for r in results[p.name]["idle"]]) for p in peers]
+            cells = []
+            for p in peers:
+                v = median([r[key] for r in results[p.name]["idle"]])
+                cells.append(fmt % v if v is not None else "-")
             print("| %s | %s |" % (label, " | ".join(cells)))
         cells = []
         for p in peers:

@@ -79,21 +79,26 @@ pub fn prepare_request_headers(
         headers.remove(FORWARDED);
     }
     if let Some(ip) = client_ip {
-        let ip_text = ip.to_string();
+        // One buffer for both headers when there is nothing to append to.
+        let ip_text = Bytes::from(plugins::vars::ip_string(ip));
         let xff = if headers.contains_key(X_FORWARDED_FOR) {
             let previous: Vec<&str> = headers
                 .get_all(X_FORWARDED_FOR)
                 .iter()
                 .filter_map(|v| v.to_str().ok())
                 .collect();
-            format!("{}, {ip_text}", previous.join(", "))
+            Bytes::from(format!(
+                "{}, {}",
+                previous.join(", "),
+                String::from_utf8_lossy(&ip_text)
+            ))
         } else {
             ip_text.clone()
         };
-        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(xff)) {
+        if let Ok(v) = HeaderValue::from_maybe_shared(xff) {
             headers.insert(X_FORWARDED_FOR, v);
         }
-        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(ip_text)) {
+        if let Ok(v) = HeaderValue::from_maybe_shared(ip_text) {
             headers.insert(X_REAL_IP, v);
         }
     }

@@ -238,14 +238,31 @@ impl Origins {
     }
 
     /// The `Access-Control-Allow-Origin` this allows for `origin`.
-    fn allow(&self, origin: Option<&str>) -> Option<String> {
+    fn allow(&self, origin: Option<&str>) -> Option<Allow> {
         match (self, origin) {
-            (Origins::Any, _) => Some("*".into()),
-            (Origins::Echo, Some(o)) => Some(o.to_string()),
-            (Origins::Echo, None) => Some("*".into()),
-            (Origins::One(one), Some(o)) if one == o => Some(o.to_string()),
-            (Origins::List(list), Some(o)) if list.contains(o) => Some(o.to_string()),
+            (Origins::Any, _) | (Origins::Echo, None) => Some(Allow::Any),
+            (Origins::Echo, Some(_)) => Some(Allow::Origin),
+            (Origins::One(one), Some(o)) if one == o => Some(Allow::Origin),
+            (Origins::List(list), Some(o)) if list.contains(o) => Some(Allow::Origin),
             _ => None,
+        }
+    }
+}
+
+/// What an allowed request's `Access-Control-Allow-Origin` (or
+/// `Timing-Allow-Origin`) says: `*`, or the request's own `Origin`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Allow {
+    Any,
+    Origin,
+}
+
+impl Allow {
+    /// The header value; the request's `Origin` is reused, not copied.
+    fn value(self, origin: Option<&HeaderValue>) -> Option<HeaderValue> {
+        match self {
+            Allow::Any => Some(HeaderValue::from_static("*")),
+            Allow::Origin => origin.cloned(),
         }
     }
 }
@@ -269,7 +286,7 @@ pub struct Cors {
 /// What rewrite saw of the request, for header_filter.
 #[derive(Clone)]
 struct Seen {
-    origin: Option<String>,
+    origin: Option<HeaderValue>,
     request_headers: Option<HeaderValue>,
 }
 
@@ -326,23 +343,23 @@ pub fn compile(conf: &Value, metadata: Option<&Value>) -> Result<Cors, String> {
     })
 }
 
-fn by_regex(regex: &Regex, origin: Option<&str>) -> Option<String> {
-    origin.filter(|o| regex.is_match(o)).map(str::to_string)
+fn by_regex(regex: &Regex, origin: Option<&str>) -> Option<Allow> {
+    origin.filter(|o| regex.is_match(o)).map(|_| Allow::Origin)
 }
 
 impl Cors {
     /// An origin allowed by the metadata entries the route names.
-    fn by_metadata(&self, origin: Option<&str>) -> Option<String> {
+    fn by_metadata(&self, origin: Option<&str>) -> Option<Allow> {
         let origin = origin?;
         self.metadata
             .as_ref()?
             .iter()
             .any(|o| o.allow(Some(origin)).is_some())
-            .then(|| origin.to_string())
+            .then_some(Allow::Origin)
     }
 
     /// `Access-Control-Allow-Origin` for this request, if it is allowed.
-    fn allowed(&self, origin: Option<&str>) -> Option<String> {
+    fn allowed(&self, origin: Option<&str>) -> Option<Allow> {
         let from_metadata = self.by_metadata(origin);
         if from_metadata.is_some() {
             return from_metadata;
@@ -364,11 +381,7 @@ impl Plugin for Cors {
     }
 
     fn rewrite(&self, ctx: &mut Ctx, req: &mut request::Parts) -> Flow {
-        let origin = req
-            .headers
-            .get(header::ORIGIN)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+        let origin = req.headers.get(header::ORIGIN).cloned();
         let request_headers = if self.headers.is_none() {
             req.headers
                 .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
@@ -387,16 +400,14 @@ impl Plugin for Cors {
     }
 
     fn header_filter(&self, ctx: &mut Ctx, resp: &mut response::Parts) {
-        let seen = ctx.data.get::<Seen>().cloned();
-        let origin = seen.as_ref().and_then(|s| s.origin.as_deref());
+        let seen = ctx.data.get::<Seen>();
+        let origin_value = seen.and_then(|s| s.origin.as_ref());
+        let origin = origin_value.and_then(|v| v.to_str().ok());
         let h = &mut resp.headers;
         if self.vary {
             h.append(header::VARY, HeaderValue::from_static("Origin"));
         }
-        if let Some(allowed) = self
-            .allowed(origin)
-            .and_then(|a| HeaderValue::from_str(&a).ok())
-        {
+        if let Some(allowed) = self.allowed(origin).and_then(|a| a.value(origin_value)) {
             h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allowed);
             h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, self.methods.clone());
             h.insert(header::ACCESS_CONTROL_MAX_AGE, self.max_age.clone());
@@ -406,7 +417,7 @@ impl Plugin for Cors {
             match self
                 .headers
                 .clone()
-                .or_else(|| seen.as_ref().and_then(|s| s.request_headers.clone()))
+                .or_else(|| seen.and_then(|s| s.request_headers.clone()))
             {
                 Some(v) => {
                     h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, v);
@@ -427,7 +438,7 @@ impl Plugin for Cors {
             (None, Some(t)) => t.allow(origin),
             (None, None) => None,
         };
-        if let Some(t) = timing.and_then(|t| HeaderValue::from_str(&t).ok()) {
+        if let Some(t) = timing.and_then(|t| t.value(origin_value)) {
             h.insert(HeaderName::from_static("timing-allow-origin"), t);
         }
     }

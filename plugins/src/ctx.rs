@@ -159,7 +159,7 @@ impl Ctx {
             (None, Some(h)) => self.req_ref(&h.method, &h.uri, &h.headers),
             (None, None) => {
                 return match name {
-                    "remote_addr" => Some(Cow::Owned(self.client_ip.to_string())),
+                    "remote_addr" => Some(Cow::Owned(crate::vars::ip_string(self.client_ip))),
                     "host" => self.host.as_deref().map(Cow::Borrowed),
                     _ => None,
                 }

@@ -49,7 +49,6 @@
 //!   apply); so is `window_type: sliding`.
 
 use std::borrow::Cow;
-use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::{Arc, LazyLock, Mutex, OnceLock, PoisonError};
@@ -453,6 +452,30 @@ struct Rule {
     window: Num,
     key: Key,
     names: Names,
+    /// The `X-RateLimit-Limit` value of a fixed `count`, made once.
+    limit_value: Option<HeaderValue>,
+}
+
+impl Rule {
+    fn new(count: Num, window: Num, key: Key, names: Names) -> Rule {
+        let limit_value = match count {
+            Num::Fixed(n) => Some(HeaderValue::from(n)),
+            Num::Dyn(_) => None,
+        };
+        Rule {
+            count,
+            window,
+            key,
+            names,
+            limit_value,
+        }
+    }
+
+    fn limit_value(&self, count: u64) -> HeaderValue {
+        self.limit_value
+            .clone()
+            .unwrap_or_else(|| HeaderValue::from(count))
+    }
 }
 
 /// The request clock; tests put a fake one in.
@@ -522,14 +545,14 @@ pub fn compile_with_clock(
                     Some(p) => p.to_string(),
                     None => (i + 1).to_string(),
                 };
-                Ok(Rule {
-                    count: Num::compile(r.get("count"))?,
-                    window: Num::compile(r.get("time_window"))?,
-                    key: Key::Rule(Template::new(
+                Ok(Rule::new(
+                    Num::compile(r.get("count"))?,
+                    Num::compile(r.get("time_window"))?,
+                    Key::Rule(Template::new(
                         r.get("key").and_then(Value::as_str).unwrap_or_default(),
                     )),
-                    names: texts.names(Some(&prefix))?,
-                })
+                    texts.names(Some(&prefix))?,
+                ))
             })
             .collect::<Result<Vec<_>, String>>()?,
         None => {
@@ -539,12 +562,12 @@ pub fn compile_with_clock(
                 "constant" => Key::Constant(key.to_string()),
                 _ => Key::Var(key.to_string()),
             };
-            vec![Rule {
-                count: Num::compile(conf.get("count"))?,
-                window: Num::compile(conf.get("time_window"))?,
+            vec![Rule::new(
+                Num::compile(conf.get("count"))?,
+                Num::compile(conf.get("time_window"))?,
                 key,
-                names: texts.names(None)?,
-            }]
+                texts.names(None)?,
+            )]
         }
     };
     let dynamic = rules
@@ -593,12 +616,13 @@ const MIN_SWEEP: usize = 256;
 /// Fixed-window counters by key, sharded to keep lock hold times short.
 pub struct Counters {
     shards: Vec<Mutex<Shard>>,
-    hasher: RandomState,
+    /// Shard choice; the shards' maps hash with their own copy of it.
+    hasher: foldhash::fast::RandomState,
 }
 
 #[derive(Default)]
 struct Shard {
-    map: HashMap<Box<str>, Window>,
+    map: HashMap<Box<str>, Window, foldhash::fast::RandomState>,
     sweep_at: usize,
 }
 
@@ -622,7 +646,7 @@ impl Default for Counters {
     fn default() -> Self {
         Counters {
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
-            hasher: RandomState::new(),
+            hasher: foldhash::fast::RandomState::default(),
         }
     }
 }
@@ -706,6 +730,33 @@ struct QuotaHeaders(Vec<(HeaderName, HeaderValue)>);
 fn reset_value(reset: f64) -> HeaderValue {
     if reset.fract() == 0.0 && reset < 1e15 {
         HeaderValue::from(reset as u64)
+    } else if (0.0..1e12).contains(&reset) {
+        // Hundredths, as Lua prints them ("59.5", "0.07"), digit by digit:
+        // the formatting machinery costs more than the whole count.
+        let cents = (reset * 100.0).round() as u64;
+        let mut text = [0u8; 24];
+        let mut at = text.len();
+        let mut push = |d: u64| {
+            at -= 1;
+            text[at] = b'0' + (d % 10) as u8;
+        };
+        let frac = cents % 100;
+        if !frac.is_multiple_of(10) {
+            push(frac);
+        }
+        push(frac / 10);
+        let mut whole = cents / 100;
+        at -= 1;
+        text[at] = b'.';
+        loop {
+            at -= 1;
+            text[at] = b'0' + (whole % 10) as u8;
+            whole /= 10;
+            if whole == 0 {
+                break;
+            }
+        }
+        HeaderValue::from_bytes(&text[at..]).unwrap_or(HeaderValue::from_static("0"))
     } else {
         HeaderValue::try_from(format!("{reset}")).unwrap_or(HeaderValue::from_static("0"))
     }
@@ -817,7 +868,7 @@ impl LimitCount {
             };
             let (outcome, count) = outcome;
             if self.show_headers {
-                headers.push((rule.names.limit.clone(), HeaderValue::from(count)));
+                headers.push((rule.names.limit.clone(), rule.limit_value(count)));
                 headers.push((
                     rule.names.remaining.clone(),
                     HeaderValue::from(outcome.remaining),

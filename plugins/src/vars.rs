@@ -19,6 +19,29 @@ use http::{HeaderMap, Method, Uri};
 
 pub use crate::expr::Vars;
 
+/// `ip` as text, as `Display` writes it. IPv4 (nearly every client) is
+/// written digit by digit: `Display` goes through the formatting machinery
+/// for each octet, which costs more than the rest of a rate-limit check.
+pub fn ip_string(ip: IpAddr) -> String {
+    let IpAddr::V4(v4) = ip else {
+        return ip.to_string();
+    };
+    let mut out = String::with_capacity(15);
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        if octet >= 100 {
+            out.push(char::from(b'0' + octet / 100));
+        }
+        if octet >= 10 {
+            out.push(char::from(b'0' + octet / 10 % 10));
+        }
+        out.push(char::from(b'0' + octet % 10));
+    }
+    out
+}
+
 /// Facts about the client connection, set by the listener and carried in
 /// the request extensions.
 #[derive(Debug, Clone)]
@@ -108,7 +131,7 @@ impl<'a> ReqRef<'a> {
             })),
             "host" => self.host.map(Cow::Borrowed),
             "request_method" => Some(Cow::Borrowed(self.method.as_str())),
-            "remote_addr" => self.client_ip.map(|ip| Cow::Owned(ip.to_string())),
+            "remote_addr" => self.client_ip.map(|ip| Cow::Owned(ip_string(ip))),
             "remote_port" => self
                 .client_port
                 .or(conn.map(|c| c.peer.port()))
@@ -283,6 +306,16 @@ mod tests {
         assert_eq!(v("http_x_tier").as_deref(), Some("gold, silver"));
         assert_eq!(v("cookie_sid").as_deref(), Some("xyz"));
         assert_eq!(v("remote_addr").as_deref(), Some("10.0.0.9"));
+        for text in [
+            "0.0.0.0",
+            "1.20.199.255",
+            "100.9.10.99",
+            "::1",
+            "2001:db8::7",
+        ] {
+            let ip: IpAddr = text.parse().unwrap();
+            assert_eq!(ip_string(ip), text);
+        }
         assert_eq!(v("remote_port").as_deref(), Some("5555"));
         assert_eq!(v("server_addr").as_deref(), Some("127.0.0.1"));
         assert_eq!(v("server_port").as_deref(), Some("9080"));

@@ -516,3 +516,16 @@ fn registered() {
     assert_eq!(doc["if"]["properties"]["policy"]["enum"][0], "redis");
     assert_eq!(doc["then"]["required"][0], "redis_host");
 }
+
+#[test]
+fn reset_header_values_as_lua_prints_them() {
+    for (reset, text) in [
+        (60.0, "60"),
+        (59.5, "59.5"),
+        (0.07, "0.07"),
+        (59.99, "59.99"),
+        (1.1, "1.1"),
+    ] {
+        assert_eq!(super::reset_value(reset), text, "{reset}");
+    }
+}
