@@ -57,6 +57,40 @@ fn spawn(port: u16, dir: &Path, extra: &[&str]) -> Child {
     }
 }
 
+/// A TLS-only server (plain port off), up once it accepts TCP on `port`.
+fn spawn_tls(dir: &Path, args: &[String], port: u16) -> Child {
+    let mut child = Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(dir)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("redis-server (TLS) exited with {status}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "redis (TLS) on {port} did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
 /// `redis-cli -p port args...`, its output.
 pub fn cli_at(port: u16, args: &[&str]) -> String {
     let out = Command::new("redis-cli")
@@ -73,6 +107,8 @@ pub struct Redis {
     child: Option<Child>,
     pub port: u16,
     dir: tempfile::TempDir,
+    /// Extra server arguments (TLS), kept for a restart.
+    args: Vec<String>,
 }
 
 impl Redis {
@@ -84,6 +120,54 @@ impl Redis {
             child: Some(child),
             port,
             dir,
+            args: Vec::new(),
+        }
+    }
+
+    /// A server that speaks only TLS on `port`, with a self-signed
+    /// certificate (made by the `openssl` command) and no client
+    /// certificates asked for.
+    pub fn start_tls() -> Redis {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        let made = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ])
+            .args(["-nodes", "-days", "1", "-subj", "/CN=localhost"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(made.success(), "openssl could not make a certificate");
+        let port = free_port();
+        let args: Vec<String> = vec![
+            "--tls-port".into(),
+            port.to_string(),
+            "--tls-cert-file".into(),
+            cert.display().to_string(),
+            "--tls-key-file".into(),
+            key.display().to_string(),
+            "--tls-ca-cert-file".into(),
+            cert.display().to_string(),
+            "--tls-auth-clients".into(),
+            "no".into(),
+        ];
+        let child = spawn_tls(dir.path(), &args, port);
+        Redis {
+            child: Some(child),
+            port,
+            dir,
+            args,
         }
     }
 
@@ -112,7 +196,11 @@ impl Redis {
     /// Starts it again, empty, on the same port.
     pub fn restart(&mut self) {
         self.stop();
-        self.child = Some(spawn(self.port, self.dir.path(), &[]));
+        self.child = Some(if self.args.is_empty() {
+            spawn(self.port, self.dir.path(), &[])
+        } else {
+            spawn_tls(self.dir.path(), &self.args, self.port)
+        });
     }
 }
 

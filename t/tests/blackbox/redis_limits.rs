@@ -354,3 +354,41 @@ async fn limit_count_on_a_redis_cluster() {
     );
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn limit_count_over_tls_to_redis() {
+    if !redis_available("limit_count_over_tls_to_redis") {
+        return;
+    }
+    let redis = Redis::start_tls();
+    let gw = Gateway::start().await;
+    let u = Upstream::start("u").await;
+    // redis_ssl_verify false (APISIX's default): encrypted, the
+    // self-signed certificate not checked.
+    gw.put(
+        "routes/r",
+        route(
+            &u,
+            count_on(redis.port, json!({"count": 1, "redis_ssl": true})),
+        ),
+    )
+    .await;
+    let r = gw.get("/t").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("0"));
+    assert_eq!(gw.get("/t").await.status, 429);
+    // Verified against the system's roots, the self-signed one fails: 500.
+    gw.put(
+        "routes/r",
+        route(
+            &u,
+            count_on(
+                redis.port,
+                json!({"count": 1, "redis_ssl": true, "redis_ssl_verify": true}),
+            ),
+        ),
+    )
+    .await;
+    assert_eq!(gw.get("/t").await.status, 500);
+    gw.stop().await;
+}
