@@ -51,7 +51,7 @@ pub const NAME: &str = "limit-conn";
 pub const PRIORITY: i32 = 1003;
 
 fn build_schema() -> Schema {
-    Schema::object()
+    let rule = Schema::object()
         .prop("conn", Schema::integer().greater_than(0.0).int())
         .prop("burst", Schema::integer().min(0.0).int())
         .prop(
@@ -82,41 +82,14 @@ fn build_schema() -> Schema {
                 .done(),
         )
         .prop("key_ttl", Schema::integer().int())
-        .required(&["conn", "burst", "default_conn_delay", "key"])
-        .done()
-}
-
-fn base() -> &'static Schema {
-    static CELL: OnceLock<Schema> = OnceLock::new();
-    cached(&CELL, build_schema)
-}
-
-/// The schemas `policy` `redis` and `redis-cluster` bring in.
-fn policy_schemas() -> &'static [Schema; 2] {
-    static CELL: OnceLock<[Schema; 2]> = OnceLock::new();
-    CELL.get_or_init(|| {
-        [
-            redis_policy::single_schema(true),
-            redis_policy::cluster_schema(true),
-        ]
-    })
-}
-
-fn validate_top(conf: &Value) -> Result<(), String> {
-    base().validate(conf)?;
-    let [single, cluster] = policy_schemas();
-    redis_policy::validate_policy(conf, single, cluster)
-}
-
-fn doc_top() -> Value {
-    let [single, cluster] = policy_schemas();
-    redis_policy::document_policy(base().to_json(), single, cluster)
+        .required(&["conn", "burst", "default_conn_delay", "key"]);
+    redis_policy::with_policies(rule, true)
 }
 
 /// The configuration schema.
 pub fn schema() -> &'static Schema {
     static CELL: OnceLock<Schema> = OnceLock::new();
-    cached(&CELL, || Schema::Custom(validate_top, doc_top))
+    cached(&CELL, build_schema)
 }
 
 pub fn check(conf: &Value) -> Result<(), String> {

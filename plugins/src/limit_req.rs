@@ -50,7 +50,7 @@ pub const DEFAULT_REJECTED_CODE: u16 = 503;
 const MIN_SWEEP: usize = 1024;
 
 fn build_schema() -> Schema {
-    Schema::object()
+    let rule = Schema::object()
         .prop("rate", Schema::integer().greater_than(0.0).number())
         .prop("burst", Schema::integer().min(0.0).number())
         .prop("key", Schema::string().done())
@@ -76,41 +76,14 @@ fn build_schema() -> Schema {
                 .enumerated(&["redis", "redis-cluster", "local"])
                 .done(),
         )
-        .required(&["rate", "burst", "key"])
-        .done()
-}
-
-fn base() -> &'static Schema {
-    static CELL: OnceLock<Schema> = OnceLock::new();
-    cached(&CELL, build_schema)
-}
-
-/// The schemas `policy` `redis` and `redis-cluster` bring in.
-fn policy_schemas() -> &'static [Schema; 2] {
-    static CELL: OnceLock<[Schema; 2]> = OnceLock::new();
-    CELL.get_or_init(|| {
-        [
-            redis_policy::single_schema(false),
-            redis_policy::cluster_schema(false),
-        ]
-    })
-}
-
-fn validate_top(conf: &Value) -> Result<(), String> {
-    base().validate(conf)?;
-    let [single, cluster] = policy_schemas();
-    redis_policy::validate_policy(conf, single, cluster)
-}
-
-fn doc_top() -> Value {
-    let [single, cluster] = policy_schemas();
-    redis_policy::document_policy(base().to_json(), single, cluster)
+        .required(&["rate", "burst", "key"]);
+    redis_policy::with_policies(rule, false)
 }
 
 /// The configuration schema.
 pub fn schema() -> &'static Schema {
     static CELL: OnceLock<Schema> = OnceLock::new();
-    cached(&CELL, || Schema::Custom(validate_top, doc_top))
+    cached(&CELL, build_schema)
 }
 
 pub fn check(conf: &Value) -> Result<(), String> {

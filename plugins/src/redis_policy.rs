@@ -26,10 +26,10 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::{ConnectionAddr, ConnectionInfo, FromRedisValue, IntoConnectionInfo, Script};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::sync::OnceCell;
 
-use crate::schema::Schema;
+use crate::schema::{ObjectRule, Schema};
 
 /// `redis_timeout` unless configured, in milliseconds.
 pub const DEFAULT_TIMEOUT_MS: u64 = 1000;
@@ -89,32 +89,31 @@ pub fn cluster_schema(key_ttl: bool) -> Schema {
     }
 }
 
-/// The `if policy == redis then ... else if policy == redis-cluster then
-/// ...` part of a limit plugin's schema, reported as jsonschema does.
-pub fn validate_policy(conf: &Value, single: &Schema, cluster: &Schema) -> Result<(), String> {
-    match conf.get("policy").and_then(Value::as_str) {
-        Some("redis") => single
-            .validate(conf)
-            .map_err(|_| "then clause did not match".to_string()),
-        Some("redis-cluster") => cluster
-            .validate(conf)
-            .map_err(|_| "else clause did not match".to_string()),
-        _ => Ok(()),
-    }
-}
-
-/// `doc` with that `if`/`then`/`else` added, for the schema API.
-pub fn document_policy(mut doc: Value, single: &Schema, cluster: &Schema) -> Value {
-    let when = |p: &str| json!({"properties": {"policy": {"enum": [p]}}});
-    if let Some(map) = doc.as_object_mut() {
-        map.insert("if".into(), when("redis"));
-        map.insert("then".into(), single.to_json());
-        map.insert(
-            "else".into(),
-            json!({"if": when("redis-cluster"), "then": cluster.to_json()}),
-        );
-    }
-    doc
+/// `rule` (a limit plugin's own properties) with APISIX's `if policy ==
+/// redis then ... else if policy == redis-cluster then ...`; a failure
+/// reads `then clause did not match` / `else clause did not match`, as
+/// jsonschema words it. The conditions ask for `policy` to be present:
+/// APISIX fills in its default (`local`) before the check.
+pub fn with_policies(rule: ObjectRule, key_ttl: bool) -> Schema {
+    let when = |policy: &'static [&'static str]| {
+        Schema::object()
+            .required(&["policy"])
+            .prop("policy", Schema::string().enumerated(policy).done())
+            .done()
+    };
+    let otherwise = Schema::object()
+        .if_then_else(
+            when(&["redis-cluster"]),
+            Some(cluster_schema(key_ttl)),
+            None,
+        )
+        .done();
+    rule.if_then_else(
+        when(&["redis"]),
+        Some(single_schema(key_ttl)),
+        Some(otherwise),
+    )
+    .done()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -400,6 +399,7 @@ pub fn spawn_eval(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn reads_apisix_keys() {

@@ -43,9 +43,10 @@ fn wait_for_port(port: u16, child: &mut Child, what: &str, log: &Path) {
     );
 }
 
-/// Whether the etcd server can run here; `false` means skip (never on CI).
-pub fn etcd_available(test: &str) -> bool {
-    let found = Command::new("etcd")
+/// Whether `program` runs here; `false` means skip `test` (never on CI,
+/// where a missing program is a failure naming `packages`).
+pub fn program_available(test: &str, program: &str, packages: &str) -> bool {
+    let found = Command::new(program)
         .arg("--version")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -53,13 +54,16 @@ pub fn etcd_available(test: &str) -> bool {
         .is_ok_and(|s| s.success());
     if !found {
         if std::env::var_os("CI").is_some() {
-            panic!("{test} needs etcd (apt-get install etcd-server etcd-client)");
+            panic!("{test} needs {program} (apt-get install {packages})");
         }
-        eprintln!(
-            "SKIPPED {test}: no etcd on this machine (apt-get install etcd-server etcd-client)"
-        );
+        eprintln!("SKIPPED {test}: no {program} on this machine (apt-get install {packages})");
     }
     found
+}
+
+/// Whether the etcd server can run here; `false` means skip (never on CI).
+pub fn etcd_available(test: &str) -> bool {
+    program_available(test, "etcd", "etcd-server etcd-client")
 }
 
 /// One etcd member, its data in a temporary directory.

@@ -14,19 +14,7 @@ use crate::cluster::free_port;
 
 /// Whether Redis can run here; `false` means skip (never on CI).
 pub fn redis_available(test: &str) -> bool {
-    let found = Command::new("redis-server")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        if std::env::var_os("CI").is_some() {
-            panic!("{test} needs redis (apt-get install redis-server)");
-        }
-        eprintln!("SKIPPED {test}: no redis-server on this machine (apt-get install redis-server)");
-    }
-    found
+    crate::cluster::program_available(test, "redis-server", "redis-server")
 }
 
 fn spawn(port: u16, dir: &Path, extra: &[&str]) -> Child {

@@ -12,7 +12,11 @@ use harness::serde_json::{json, Value};
 use harness::{send, upstream, Gateway, Upstream, KEY};
 
 fn route(u: &Upstream, plugins: Value) -> Value {
-    json!({"uri": "/*", "plugins": plugins, "upstream": upstream(&[(&u.node(), 1)])})
+    route_at(u, "/*", plugins)
+}
+
+fn route_at(u: &Upstream, uri: &str, plugins: Value) -> Value {
+    json!({"uri": uri, "plugins": plugins, "upstream": upstream(&[(&u.node(), 1)])})
 }
 
 fn count_on(port: u16, extra: Value) -> Value {
@@ -75,18 +79,9 @@ async fn limit_count_counts_in_redis_with_apisix_keys_and_headers() {
 
     // A group shares one counter between routes, under the group's name.
     let grouped = count_on(redis.port, json!({"group": "g1", "count": 2}));
-    gw.put("routes/g1", {
-        let mut r = route(&u, grouped.clone());
-        r["uri"] = json!("/g1");
-        r
-    })
-    .await;
-    gw.put("routes/g2", {
-        let mut r = route(&u, grouped);
-        r["uri"] = json!("/g2");
-        r
-    })
-    .await;
+    gw.put("routes/g1", route_at(&u, "/g1", grouped.clone()))
+        .await;
+    gw.put("routes/g2", route_at(&u, "/g2", grouped)).await;
     assert_eq!(gw.get("/g1").await.status, 200);
     assert_eq!(gw.get("/g2").await.status, 200);
     assert_eq!(gw.get("/g1").await.status, 429);
@@ -175,18 +170,10 @@ async fn redis_stopped_mid_load_never_hangs_a_request() {
         redis.port,
         json!({"count": 1_000_000, "allow_degradation": true}),
     );
-    gw.put("routes/strict", {
-        let mut r = route(&u, strict);
-        r["uri"] = json!("/strict");
-        r
-    })
-    .await;
-    gw.put("routes/lenient", {
-        let mut r = route(&u, lenient);
-        r["uri"] = json!("/lenient");
-        r
-    })
-    .await;
+    gw.put("routes/strict", route_at(&u, "/strict", strict))
+        .await;
+    gw.put("routes/lenient", route_at(&u, "/lenient", lenient))
+        .await;
     assert_eq!(gw.get("/strict").await.status, 200);
 
     // Load from several clients while Redis goes away and comes back.
@@ -263,11 +250,10 @@ async fn limit_req_and_limit_conn_on_redis() {
     req.as_object_mut()
         .unwrap()
         .extend(on_redis.as_object().unwrap().clone());
-    gw.put("routes/req", {
-        let mut r = route(&u, json!({"limit-req": req}));
-        r["uri"] = json!("/req");
-        r
-    })
+    gw.put(
+        "routes/req",
+        route_at(&u, "/req", json!({"limit-req": req})),
+    )
     .await;
     assert_eq!(gw.get("/req").await.status, 200);
     assert_eq!(gw.get("/req").await.status, 429);
@@ -279,11 +265,10 @@ async fn limit_req_and_limit_conn_on_redis() {
     conn.as_object_mut()
         .unwrap()
         .extend(on_redis.as_object().unwrap().clone());
-    gw.put("routes/conn", {
-        let mut r = route(&u, json!({"limit-conn": conn}));
-        r["uri"] = json!("/conn");
-        r
-    })
+    gw.put(
+        "routes/conn",
+        route_at(&u, "/conn", json!({"limit-conn": conn})),
+    )
     .await;
     let addr = gw.data;
     let slow = tokio::spawn(async move { get(addr, "/conn?sleep_ms=800").await.status });
