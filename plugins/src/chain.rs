@@ -486,6 +486,9 @@ fn response_phases(
     ctx.status = Some(parts.status);
     let phases = active.phases();
     if phases.has(Phases::HEADER_FILTER) {
+        // Filters add headers (CORS, quotas): grow the map once, not by
+        // one rehash after another.
+        let _ = parts.headers.try_reserve(8);
         active.header_filter(&mut ctx, &mut parts);
         ctx.status = Some(parts.status);
     }

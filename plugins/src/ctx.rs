@@ -6,6 +6,7 @@
 //! identified it, the upstream node and status once known, timings, and
 //! typed per-request data plugins share ([`Ctx::data`]).
 
+use std::any::Any;
 use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -75,7 +76,64 @@ pub struct Ctx {
     /// Response headers, for `sent_http_*` in the log phase.
     pub response_headers: Option<Box<HeaderMap>>,
     /// Typed data plugins share (a request id for loggers, ...).
-    pub data: http::Extensions,
+    pub data: Data,
+}
+
+/// Values by type, one of each, for the plugins of one request.
+///
+/// A request holds a handful at most, so a short list searched by type
+/// beats a hash map: no table to allocate and no hashing, where
+/// `http::Extensions` costs both on the first insert of every request.
+#[derive(Default)]
+pub struct Data(Vec<Box<dyn Any + Send + Sync>>);
+
+impl Data {
+    fn position<T: Any>(&self) -> Option<usize> {
+        self.0.iter().position(|v| v.is::<T>())
+    }
+
+    /// Puts `value` in, returning the one of its type it replaces.
+    pub fn insert<T: Any + Send + Sync>(&mut self, value: T) -> Option<T> {
+        match self.position::<T>() {
+            Some(at) => {
+                let old = std::mem::replace(&mut self.0[at], Box::new(value));
+                old.downcast::<T>().ok().map(|b| *b)
+            }
+            None => {
+                self.0.push(Box::new(value));
+                None
+            }
+        }
+    }
+
+    pub fn get<T: Any>(&self) -> Option<&T> {
+        self.0.iter().find_map(|v| v.downcast_ref::<T>())
+    }
+
+    pub fn get_mut<T: Any>(&mut self) -> Option<&mut T> {
+        self.0.iter_mut().find_map(|v| v.downcast_mut::<T>())
+    }
+
+    pub fn remove<T: Any>(&mut self) -> Option<T> {
+        let at = self.position::<T>()?;
+        self.0.swap_remove(at).downcast::<T>().ok().map(|b| *b)
+    }
+
+    /// The value of type `T`, put in first as `T::default()` if missing.
+    pub fn get_or_insert_default<T: Any + Send + Sync + Default>(&mut self) -> &mut T {
+        let at = match self.position::<T>() {
+            Some(at) => at,
+            None => {
+                self.0.push(Box::new(T::default()));
+                self.0.len() - 1
+            }
+        };
+        match self.0[at].downcast_mut::<T>() {
+            Some(v) => v,
+            // The position was found by this very type.
+            None => unreachable!("data slot holds another type"),
+        }
+    }
 }
 
 impl Ctx {
@@ -96,7 +154,7 @@ impl Ctx {
             body_bytes_sent: 0,
             request: None,
             response_headers: None,
-            data: http::Extensions::new(),
+            data: Data::default(),
         }
     }
 

@@ -39,6 +39,10 @@ pub enum Escape {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Template {
     segs: Vec<Seg>,
+    /// Bytes a rendering usually needs: the literal text and a typical
+    /// value per variable, so a short template renders without growing its
+    /// buffer.
+    room: usize,
 }
 
 /// A rendered template and how many variables it resolved (APISIX's
@@ -97,7 +101,14 @@ impl Template {
         if !lit.is_empty() {
             segs.push(Seg::Lit(lit));
         }
-        Template { segs }
+        let room = segs
+            .iter()
+            .map(|s| match s {
+                Seg::Lit(l) => l.len(),
+                Seg::Capture(_) | Seg::Var { .. } => 24,
+            })
+            .sum();
+        Template { segs, room }
     }
 
     /// The text, when the template has no variables.
@@ -125,7 +136,7 @@ impl Template {
     /// Fills the template in. `captures[n]` is capture `n` (missing ones
     /// are empty).
     pub fn render(&self, vars: &dyn Vars, captures: &[Option<String>], escape: Escape) -> Rendered {
-        let mut text = String::new();
+        let mut text = String::with_capacity(self.room);
         let mut resolved = 0;
         for seg in &self.segs {
             match seg {
