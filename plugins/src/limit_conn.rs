@@ -347,12 +347,7 @@ impl LimitConn {
                 }
                 Err(e) => {
                     not_held();
-                    tracing::error!(plugin = NAME, key = %key, "failed to limit conn: {e}");
-                    if allow_degradation {
-                        Flow::Continue
-                    } else {
-                        Flow::status(http::StatusCode::INTERNAL_SERVER_ERROR)
-                    }
+                    redis_policy::failed(NAME, "failed to limit conn", &key, &e, allow_degradation)
                 }
             }
         }))

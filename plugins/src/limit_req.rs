@@ -255,12 +255,7 @@ impl LimitReq {
                 Ok((1, _)) => Flow::Continue,
                 Ok(_) => Flow::Respond(rejection.response()),
                 Err(e) => {
-                    tracing::error!(plugin = NAME, key = %key, "failed to limit req: {e}");
-                    if allow_degradation {
-                        Flow::Continue
-                    } else {
-                        Flow::status(http::StatusCode::INTERNAL_SERVER_ERROR)
-                    }
+                    redis_policy::failed(NAME, "failed to limit req", &key, &e, allow_degradation)
                 }
             }
         }))

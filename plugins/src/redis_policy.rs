@@ -376,6 +376,24 @@ impl Redis {
     }
 }
 
+/// A limit plugin's answer when Redis failed: the request goes on with
+/// `allow_degradation`, else APISIX's bare 500. The failure is logged as
+/// `what` (APISIX's words, `failed to limit req`) with the counter key.
+pub fn failed(
+    plugin: &str,
+    what: &str,
+    key: &str,
+    err: &str,
+    allow_degradation: bool,
+) -> crate::Flow {
+    tracing::error!(plugin, key, "{what}: {err}");
+    if allow_degradation {
+        crate::Flow::Continue
+    } else {
+        crate::Flow::status(http::StatusCode::INTERNAL_SERVER_ERROR)
+    }
+}
+
 /// Fire-and-forget: runs `script` on a task of its own (the log phase may
 /// not wait), logging a failure.
 pub fn spawn_eval(

@@ -205,8 +205,9 @@ enum Target {
 struct Rule {
     /// `None`: takes every request. Otherwise any one holding.
     matchers: Option<Vec<Expr>>,
-    /// `upstream_id`s to look up before anything else.
-    ids: Vec<(String, usize)>,
+    /// The first `upstream_id` of the rule that does not exist, found when
+    /// compiled: requests reaching the rule get APISIX's 500 for it.
+    missing_id: Option<String>,
     targets: Vec<Target>,
     picker: RoundRobin,
 }
@@ -214,9 +215,6 @@ struct Rule {
 /// The compiled plugin.
 pub struct TrafficSplit {
     rules: Vec<Rule>,
-    /// Which `upstream_id`s exist, as the gateway found them when it
-    /// compiled the route (by [`upstream_refs`] index).
-    missing: HashSet<usize>,
 }
 
 /// Compiles a checked configuration. `missing` lists the
@@ -288,15 +286,15 @@ pub fn compile_with(conf: &Value, missing: HashSet<usize>) -> Result<TrafficSpli
         }
         compiled.push(Rule {
             matchers,
-            ids,
+            missing_id: ids
+                .into_iter()
+                .find(|(_, i)| missing.contains(i))
+                .map(|(id, _)| id),
             targets,
             picker: RoundRobin::new(weights),
         });
     }
-    Ok(TrafficSplit {
-        rules: compiled,
-        missing,
-    })
+    Ok(TrafficSplit { rules: compiled })
 }
 
 /// Compiles a checked configuration, asking `cx` which `upstream_id`s
@@ -331,7 +329,7 @@ impl Plugin for TrafficSplit {
     fn access(&self, ctx: &mut Ctx, req: &mut request::Parts) -> Flow {
         let mut taken = None;
         for rule in &self.rules {
-            if let Some((id, _)) = rule.ids.iter().find(|(_, i)| self.missing.contains(i)) {
+            if let Some(id) = &rule.missing_id {
                 return failed_lookup(id);
             }
             let holds = match &rule.matchers {
