@@ -25,6 +25,8 @@ pub use upstream::{
 #[derive(Debug, Clone, Deserialize, Default)]
 pub struct RouteConf {
     #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
     pub uri: Option<String>,
     #[serde(default)]
     pub uris: Option<Vec<String>>,
@@ -69,6 +71,8 @@ fn enabled() -> i64 {
 /// A service (`/apisix/services/{id}`): upstream, plugins and hosts shared by routes.
 #[derive(Debug, Clone, Deserialize, Default)]
 pub struct ServiceConf {
+    #[serde(default)]
+    pub name: Option<String>,
     #[serde(default)]
     pub plugins: Option<BTreeMap<String, Value>>,
     #[serde(default)]

@@ -43,6 +43,7 @@ pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
 const USED_KEYS: &[&str] = &[
     "apisix.node_listen",
     "plugin_attr",
+    "plugins",
     "apisix.enable_admin",
     "apisix.enable_server_tokens",
     "apisix.show_upstream_status_in_response_header",
@@ -198,6 +199,9 @@ pub struct GatewayConfig {
     /// `plugin_attr`: per-plugin settings from config.yaml, given to each
     /// plugin when it is compiled.
     pub plugin_attr: serde_json::Map<String, Value>,
+    /// `plugins`: the plugins this node runs; `None` when the file has no
+    /// list (all of them). Decides whether the Prometheus export server runs.
+    pub enabled_plugins: Option<Vec<String>>,
     /// Keys present in the file that this version does not use.
     pub unused_keys: Vec<String>,
 }
@@ -389,8 +393,19 @@ impl GatewayConfig {
             Some(Value::Object(map)) => map.clone(),
             Some(_) => return Err(key_err("plugin_attr", "expected a mapping")),
         };
+        let enabled_plugins = match get("plugins") {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(list)) => Some(
+                list.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect(),
+            ),
+            Some(_) => return Err(key_err("plugins", "expected a list of plugin names")),
+        };
         Ok(GatewayConfig {
             plugin_attr,
+            enabled_plugins,
             data_dir: prefix.join("data"),
             prefix,
             node_listen,

@@ -70,6 +70,9 @@ pub enum Error {
     /// `apisix.ssl.ssl_trusted_certificate` could not be read.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// `plugin_attr.prometheus` cannot be used.
+    #[error("plugin_attr.prometheus: {0}")]
+    Metrics(String),
     /// `apisix.ssl` leaves nothing rustls can serve.
     #[error("{0}")]
     TlsEdge(String),

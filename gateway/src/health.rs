@@ -388,6 +388,44 @@ async fn probe(client: &ProbeClient, target: &str, plan: &ProbePlan) -> Outcome 
     }
 }
 
+/// A checker as the metrics see it.
+struct Registered {
+    name: String,
+    nodes: Vec<(String, u16)>,
+    health: std::sync::Weak<Health>,
+}
+
+/// Every live checker of the process, for `apisix_upstream_status`.
+static CHECKERS: std::sync::Mutex<Vec<Registered>> = std::sync::Mutex::new(Vec::new());
+
+/// Lists `health` (of the upstream of `owner`, `routes/1`) until it is
+/// dropped.
+pub fn register(owner: &str, nodes: &[(String, u16)], health: &Arc<Health>) {
+    let mut all = CHECKERS.lock().unwrap_or_else(|p| p.into_inner());
+    all.retain(|r| r.health.strong_count() > 0);
+    all.push(Registered {
+        name: format!("/apisix/{owner}"),
+        nodes: nodes.to_vec(),
+        health: Arc::downgrade(health),
+    });
+}
+
+/// `(checker name, host, port, healthy)` of every node of every live
+/// checker.
+pub fn node_statuses() -> Vec<(String, String, u16, bool)> {
+    let all = CHECKERS.lock().unwrap_or_else(|p| p.into_inner());
+    let mut out = Vec::new();
+    for r in all.iter() {
+        let Some(health) = r.health.upgrade() else {
+            continue;
+        };
+        for (i, (host, port)) in r.nodes.iter().enumerate() {
+            out.push((r.name.clone(), host.clone(), *port, health.is_healthy(i)));
+        }
+    }
+    out
+}
+
 /// Keeps the prober task of an upstream; aborting it when the last
 /// compiled upstream using it goes away.
 #[derive(Debug)]

@@ -25,6 +25,7 @@ pub mod io;
 pub mod keys;
 pub mod limits;
 pub mod linger;
+pub mod metrics;
 pub mod park;
 pub mod phases;
 pub mod proxy;
@@ -72,6 +73,8 @@ pub struct Running {
     pub tls_addrs: Vec<SocketAddr>,
     /// Where the Admin API listens, when enabled.
     pub admin_addr: Option<SocketAddr>,
+    /// Where the Prometheus export server listens, when it runs.
+    pub metrics_addr: Option<SocketAddr>,
     pub live: SharedSnapshot,
     shutdown: watch::Sender<bool>,
     graceful: Arc<drain::Drain>,
@@ -227,6 +230,16 @@ pub async fn start(config: GatewayConfig) -> Result<Running, Error> {
             (store.clone(), Some((path.clone(), store)))
         }
     };
+    // Before any plugin compiles: the families take their labels and
+    // buckets from here.
+    let prometheus = if prometheus_enabled(&config) {
+        Some(
+            plugins::prometheus::Metrics::install(config.plugin_attr.get("prometheus"))
+                .map_err(Error::Metrics)?,
+        )
+    } else {
+        None
+    };
     let roots = tls::trust_store(config.ssl_trusted_certificate.as_deref())?;
     let tls_edge = match &config.ssl {
         Some(ssl) => Some(Arc::new(
@@ -326,6 +339,21 @@ pub async fn start(config: GatewayConfig) -> Result<Running, Error> {
         None
     };
 
+    let metrics_addr = match prometheus {
+        Some(m) => {
+            start_metrics(
+                m,
+                store.clone(),
+                &config,
+                &shutdown_rx,
+                &graceful,
+                &mut tasks,
+            )
+            .await?
+        }
+        None => None,
+    };
+
     if let Some((path, store)) = standalone {
         let mut rx = shutdown_rx.clone();
         tasks.spawn(async move {
@@ -340,6 +368,7 @@ pub async fn start(config: GatewayConfig) -> Result<Running, Error> {
         data_addrs,
         tls_addrs,
         admin_addr,
+        metrics_addr,
         live,
         shutdown,
         graceful,
@@ -348,6 +377,119 @@ pub async fn start(config: GatewayConfig) -> Result<Running, Error> {
         admin: admin_state,
         started_with: config,
     })
+}
+
+/// Whether the `prometheus` plugin is enabled: listed in config.yaml's
+/// `plugins`, or no list given.
+fn prometheus_enabled(config: &GatewayConfig) -> bool {
+    config
+        .enabled_plugins
+        .as_ref()
+        .is_none_or(|list| list.iter().any(|p| p == plugins::prometheus::NAME))
+}
+
+/// The gateway's side of the metrics: what the store and the health checks
+/// report.
+struct MetricSources {
+    store: Arc<dyn Store>,
+}
+
+/// The kinds APISIX reports `apisix_etcd_modify_indexes` for.
+const INDEXED_KINDS: [&str; 8] = [
+    "routes",
+    "services",
+    "ssls",
+    "consumers",
+    "global_rules",
+    "upstreams",
+    "stream_routes",
+    "protos",
+];
+
+impl metrics::Sources for MetricSources {
+    fn upstream_health(&self) -> Vec<metrics::NodeHealth> {
+        health::node_statuses()
+            .into_iter()
+            .map(|(name, ip, port, healthy)| metrics::NodeHealth {
+                name,
+                ip,
+                port: port.to_string(),
+                healthy,
+            })
+            .collect()
+    }
+
+    fn etcd(&self) -> Option<(bool, Vec<(String, i64)>)> {
+        let reachable = self.store.remote_reachable()?;
+        let as_gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let mut keys = Vec::new();
+        let mut max = 0;
+        for kind in INDEXED_KINDS {
+            let prefix = format!("{}/{kind}/", admin_api::store::KEY_PREFIX);
+            let top = self
+                .store
+                .list(&prefix)
+                .map(|entries| entries.iter().map(|e| e.modified_index).max().unwrap_or(0))
+                .unwrap_or(0);
+            max = max.max(top);
+            keys.push((kind.to_string(), as_gauge(top)));
+        }
+        keys.push(("max_modify_index".into(), as_gauge(max)));
+        if let Ok(revision) = self.store.revision() {
+            keys.push(("x_etcd_index".into(), as_gauge(revision)));
+        }
+        Some((reachable, keys))
+    }
+}
+
+/// Starts the exposition timer and, unless `enable_export_server` is
+/// false, the export server; its address.
+async fn start_metrics(
+    metrics: Arc<plugins::prometheus::Metrics>,
+    store: Arc<dyn Store>,
+    config: &GatewayConfig,
+    shutdown: &watch::Receiver<bool>,
+    graceful: &Arc<drain::Drain>,
+    tasks: &mut JoinSet<()>,
+) -> Result<Option<SocketAddr>, Error> {
+    let etcd = store.remote_reachable().is_some();
+    let timer = metrics::start_exporter(
+        metrics.clone(),
+        Arc::new(MetricSources { store }),
+        etcd,
+        shutdown.clone(),
+    )
+    .map_err(Error::Metrics)?;
+    tasks.spawn(timer);
+    let Some(addr) = metrics::export_addr(&metrics) else {
+        return Ok(None);
+    };
+    let listener = match server::bind(addr, "Prometheus export server").await {
+        Ok(l) => l,
+        // APISIX exports on 127.0.0.1:9091 unless told otherwise; a gateway
+        // whose file does not name the address still starts when that port
+        // is taken (another gateway on the machine has it).
+        Err(e)
+            if config
+                .plugin_attr
+                .get("prometheus")
+                .and_then(|p| p.get("export_addr"))
+                .is_none() =>
+        {
+            tracing::warn!(error = %e, "default Prometheus export port unavailable; metrics not exported (set plugin_attr.prometheus.export_addr)");
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    let bound = listener.local_addr()?;
+    tracing::info!(addr = %bound, uri = %metrics.settings.export_uri, "Prometheus export server listening");
+    tasks.spawn(server::serve_admin(
+        listener,
+        metrics::export_router(metrics),
+        shutdown.clone(),
+        graceful.clone(),
+    ));
+    Ok(Some(bound))
 }
 
 fn edge_of(config: &GatewayConfig) -> Edge {

@@ -55,6 +55,9 @@ pub struct Activity {
     /// The connection answered before reading all it was sent: linger on
     /// close (see [`crate::linger`]).
     linger: AtomicBool,
+    /// No request has begun yet (nginx's `reading` state; see
+    /// [`crate::metrics`]).
+    pub(crate) reading: AtomicBool,
 }
 
 impl Activity {
@@ -63,6 +66,7 @@ impl Activity {
     pub fn begin(self: &Arc<Self>) -> (Exchange, u64) {
         let index = self.begun.fetch_add(1, Ordering::Relaxed) + 1;
         self.open.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::CONNECTIONS.request_begun(&self.reading);
         (
             Exchange {
                 activity: self.clone(),
@@ -106,6 +110,7 @@ impl Drop for Exchange {
     fn drop(&mut self) {
         self.activity.open.fetch_sub(1, Ordering::Relaxed);
         self.activity.read_since_end.store(false, Ordering::Relaxed);
+        crate::metrics::CONNECTIONS.request_ended();
     }
 }
 

@@ -356,7 +356,12 @@ fn outcome_of(result: &TryResult) -> Outcome {
 /// The answer when no try got one: the last try's 502/504 with every try
 /// listed, or the gateway's own 502 (no upstream status) when no node could
 /// be picked at all.
-fn exhausted(up: &CompiledUpstream, tried: &[usize], statuses: &[u16]) -> Response<ResponseBody> {
+fn exhausted(
+    up: &CompiledUpstream,
+    tried: &[usize],
+    statuses: &[u16],
+    started: Instant,
+) -> Response<ResponseBody> {
     match statuses.last() {
         Some(&code) => {
             let mut resp = error_page(
@@ -368,6 +373,7 @@ fn exhausted(up: &CompiledUpstream, tried: &[usize], statuses: &[u16]) -> Respon
                 addr: last.map(|t| t.authority.clone()),
                 status: Some(code),
                 header_time: None,
+                started: Some(started),
             });
             resp
         }
@@ -445,7 +451,7 @@ impl ProxyTarget {
                     Ok(Ok((resp, lease))) => {
                         statuses.push(resp.status().as_u16());
                         let upgrade = request.upgrade.take();
-                        return self.respond(resp, lease, &statuses, target, upgrade);
+                        return self.respond(resp, lease, &statuses, target, upgrade, started);
                     }
                     Ok(Err(e)) => {
                         // A client body that broke or stalled is the client's
@@ -469,7 +475,7 @@ impl ProxyTarget {
                     break;
                 }
             }
-            exhausted(up, &tried, &statuses)
+            exhausted(up, &tried, &statuses, started)
         }
     }
 
@@ -505,6 +511,7 @@ impl ProxyTarget {
         statuses: &[u16],
         target: &Target,
         upgrade: Option<OnUpgrade>,
+        started: Instant,
     ) -> Response<ResponseBody> {
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             return match upgrade {
@@ -518,6 +525,7 @@ impl ProxyTarget {
             addr: Some(target.authority.clone()),
             status: statuses.last().copied(),
             header_time: Some(Instant::now()),
+            started: Some(started),
         });
         resp
     }

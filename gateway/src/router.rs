@@ -164,6 +164,25 @@ where
     }
 }
 
+/// How a route was found: under its exact path, or under the prefix of a
+/// `/foo/*` pattern.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Matched<'a> {
+    /// The path (`/foo`) or prefix (`/foo/`) the route is filed under.
+    pub key: &'a str,
+    pub prefix: bool,
+}
+
+impl Matched<'_> {
+    /// Whether `uri` (a route's `uri` as configured) is this pattern.
+    pub fn is(&self, uri: &str) -> bool {
+        match uri.strip_suffix('*') {
+            Some(prefix) => self.prefix && prefix == self.key,
+            None => !self.prefix && uri == self.key,
+        }
+    }
+}
+
 /// Number of copy-on-write shards per table. A change copies only the shards
 /// holding the changed paths, so its cost is about `routes / SHARDS` entries.
 pub const SHARDS: usize = 256;
@@ -193,8 +212,10 @@ impl<T> Table<T> {
         }
     }
 
-    fn get(&self, hasher: &RandomState, key: &str) -> Option<&Vec<Candidate<T>>> {
-        self.shards[shard_of(hasher, key)].get(key)
+    fn get_key_value(&self, hasher: &RandomState, key: &str) -> Option<(&str, &Vec<Candidate<T>>)> {
+        self.shards[shard_of(hasher, key)]
+            .get_key_value(key)
+            .map(|(k, v)| (&**k, v))
     }
 }
 
@@ -368,6 +389,12 @@ impl<T: Clone> RouterBuilder<T> {
 impl<T> Router<T> {
     /// The route that serves `req`, if any.
     pub fn find(&self, req: &RequestView<'_>) -> Option<&T> {
+        self.find_matched(req).map(|(target, _)| target)
+    }
+
+    /// The route that serves `req` and the pattern it matched by: the
+    /// exact path, or the prefix of a `/foo/*` pattern (`/foo/`).
+    pub fn find_matched(&self, req: &RequestView<'_>) -> Option<(&T, Matched<'_>)> {
         fn first_accepting<'a, T>(
             list: &'a [Candidate<T>],
             req: &RequestView<'_>,
@@ -376,23 +403,23 @@ impl<T> Router<T> {
                 .find(|c| c.matcher.accepts(req))
                 .map(|c| &c.target)
         }
-        if let Some(hit) = self
+        if let Some((key, hit)) = self
             .exact
-            .get(&self.hasher, req.path)
-            .and_then(|l| first_accepting(l, req))
+            .get_key_value(&self.hasher, req.path)
+            .and_then(|(k, l)| Some((k, first_accepting(l, req)?)))
         {
-            return Some(hit);
+            return Some((hit, Matched { key, prefix: false }));
         }
         for &len in self.prefix_lens.iter() {
             if len > req.path.len() || !req.path.is_char_boundary(len) {
                 continue;
             }
-            if let Some(hit) = self
+            if let Some((key, hit)) = self
                 .prefix
-                .get(&self.hasher, &req.path[..len])
-                .and_then(|l| first_accepting(l, req))
+                .get_key_value(&self.hasher, &req.path[..len])
+                .and_then(|(k, l)| Some((k, first_accepting(l, req)?)))
             {
-                return Some(hit);
+                return Some((hit, Matched { key, prefix: true }));
             }
         }
         None

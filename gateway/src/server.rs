@@ -34,6 +34,7 @@ use crate::error_page::{error_page, with_close};
 use crate::framing::{FramingScan, Verdict};
 use crate::limits::{self, BodyLimits};
 use crate::linger::Lingering;
+use crate::metrics::{ConnGuard, CONNECTIONS};
 use crate::park::{Activity, ClientIo, Tracked, PARK_AFTER};
 use crate::snapshot::SharedSnapshot;
 use crate::tls_edge::{TlsEdge, TlsInfo};
@@ -389,17 +390,20 @@ pub async fn serve_data_plane(
     let protocols = Arc::new(Protocols::new(&plane));
     let plane = Arc::new(plane);
     while let Some((stream, peer)) = next_client(&listener, &mut shutdown).await {
+        CONNECTIONS.accepted();
         let Ok(permit) = plane.connections.clone().try_acquire_owned() else {
             // Over the connection cap: shed at once rather than queue.
             shed(stream);
             continue;
         };
         let local = local_of(&stream, &listener);
+        let activity: Arc<Activity> = Arc::default();
+        let counted = CONNECTIONS.handled(activity.clone());
         let client = ClientConn {
             peer,
             local,
             framing: None,
-            activity: Arc::default(),
+            activity,
             tls: None,
         };
         tokio::spawn(serve_connection(
@@ -408,7 +412,7 @@ pub async fn serve_data_plane(
             plane.clone(),
             protocols.clone(),
             drain.watcher(),
-            permit,
+            (permit, counted),
         ));
     }
 }
@@ -430,7 +434,7 @@ fn serve_connection(
     plane: Arc<DataPlane>,
     protocols: Arc<Protocols>,
     mut drain: crate::drain::Watch,
-    permit: OwnedSemaphorePermit,
+    permit: (OwnedSemaphorePermit, ConnGuard),
 ) -> impl Future<Output = ()> + Send {
     async move {
         let _permit = &permit;
@@ -673,6 +677,7 @@ pub async fn serve_tls(
     let protocols = Arc::new(Protocols::new(&plane));
     let plane = Arc::new(plane);
     while let Some((stream, peer)) = next_client(&listener, &mut shutdown).await {
+        CONNECTIONS.accepted();
         let Ok(permit) = plane.connections.clone().try_acquire_owned() else {
             // Over the cap: closed before any handshake work.
             tracing::warn!("connection limit reached; HTTPS connection shed");
@@ -708,6 +713,7 @@ fn serve_tls_connection(
     async move {
         let _permit = &permit;
         let activity = Arc::new(Activity::default());
+        let _counted = CONNECTIONS.handled(activity.clone());
         let stream = Lingering::new(stream, activity.clone());
         let handshake = Box::pin(async {
             tokio::select! {

@@ -98,6 +98,8 @@ pub struct CompiledRoute {
     pub id: Arc<str>,
     pub service_id: Option<Arc<str>>,
     pub uris: Vec<String>,
+    /// Name, uris and hosts, for the plugins' labels and logs.
+    pub info: Arc<plugins::ctx::RouteInfo>,
     pub priority: i64,
     pub order: u64,
     pub matcher: Arc<Matcher>,
@@ -998,9 +1000,19 @@ impl Compiler {
             (None, Some(us)) => us.clone(),
             (None, None) => return Err("route has no uri".into()),
         };
+        let info = plugins::ctx::RouteInfo {
+            name: conf.name.as_deref().map(Box::from),
+            service_name: service
+                .as_ref()
+                .and_then(|(_, s)| s.name.as_deref())
+                .map(Box::from),
+            uris: uris.iter().map(|u| Box::from(u.as_str())).collect(),
+            hosts: hosts.iter().map(|h| Box::from(h.as_str())).collect(),
+        };
         Ok(CompiledRoute {
             id: id.into(),
             service_id: service.as_ref().map(|(sid, _)| sid.as_str().into()),
+            info: Arc::new(info),
             uris,
             priority: conf.priority,
             order,
@@ -1162,7 +1174,13 @@ impl Service<Request<ClientBody>> for Dispatch {
                 client_ip: Some(client_ip),
                 vars: &vars,
             };
-            state.router.find(&view).cloned()
+            state.router.find_matched(&view).map(|(route, matched)| {
+                let index = match route.uris.len() {
+                    1 => 0,
+                    _ => route.uris.iter().position(|u| matched.is(u)).unwrap_or(0),
+                };
+                (route.clone(), index)
+            })
         };
         let mut ctx = Ctx::new(client_ip, conn, state.consumers.clone());
         if let std::borrow::Cow::Owned(p) = path {
@@ -1170,9 +1188,11 @@ impl Service<Request<ClientBody>> for Dispatch {
         }
         ctx.host = host.map(|h| h.into_owned().into_boxed_str());
         match route {
-            Some(route) => {
+            Some((route, matched_uri)) => {
                 ctx.route_id = Some(route.id.clone());
                 ctx.service_id = route.service_id.clone();
+                ctx.route = Some(route.info.clone());
+                ctx.matched_uri = u16::try_from(matched_uri).unwrap_or(0);
                 let chain = Chain {
                     globals: state.globals.clone(),
                     route: route.plugins.clone(),

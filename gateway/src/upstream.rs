@@ -389,12 +389,9 @@ impl BalancerCache {
         let health = checks.map(|c| {
             let addrs: Vec<(String, u16)> =
                 nodes.iter().map(|n| (n.host.clone(), n.port)).collect();
-            Arc::new(Checked::start(
-                c,
-                &addrs,
-                self.runtime.as_ref(),
-                &self.roots,
-            ))
+            let checked = Checked::start(c, &addrs, self.runtime.as_ref(), &self.roots);
+            crate::health::register(owner, &addrs, &checked.health);
+            Arc::new(checked)
         });
         self.by_owner.insert(
             owner.to_string(),

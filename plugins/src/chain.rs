@@ -99,6 +99,8 @@ pub struct PluginSet {
     /// Some plugin filters by request variables in a response phase: the
     /// request head is kept for it.
     keep_request: bool,
+    /// Some `log` hook reads the response headers: they are kept for it.
+    keep_response: bool,
 }
 
 impl std::fmt::Debug for PluginSet {
@@ -116,14 +118,18 @@ impl PluginSet {
         entries.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.name.cmp(b.name)));
         let mut phases = Phases::NONE;
         let mut keep_request = false;
+        let mut keep_response = false;
         for e in &entries {
             phases |= e.phases;
             keep_request |= e.filter.is_some() && e.phases.has(Phases::RESPONSE);
+            keep_response |= e.phases.has(Phases::LOG)
+                && (e.filter.is_some() || e.plugin.reads_response_headers());
         }
         PluginSet {
             entries,
             phases,
             keep_request,
+            keep_response,
         }
     }
 
@@ -291,6 +297,10 @@ impl Active {
         self.sets().fold(Phases::NONE, |p, s| p | s.phases)
     }
 
+    fn keep_response(&self) -> bool {
+        self.sets().any(|s| s.keep_response)
+    }
+
     fn header_filter(&self, ctx: &mut Ctx, resp: &mut http::response::Parts) {
         for set in self.sets() {
             if !set.phases.has(Phases::HEADER_FILTER) {
@@ -394,6 +404,9 @@ impl<S> Chain<S> {
                 ..
             } = self;
             let (mut parts, body) = req.into_parts();
+            if globals.phases.has(Phases::LOG) || route.phases.has(Phases::LOG) {
+                ctx.request_length = crate::wire::request_length(&parts);
+            }
             if globals.keep_request || route.keep_request {
                 ctx.request = Some(Box::new(RequestHead {
                     method: parts.method.clone(),
@@ -496,7 +509,10 @@ fn response_phases(
         return Response::from_parts(parts, body);
     }
     if phases.has(Phases::LOG) {
-        ctx.remember_response(&parts);
+        ctx.header_bytes_sent = crate::wire::response_head_length(&parts);
+        if active.keep_response() {
+            ctx.remember_response(&parts);
+        }
     }
     if phases.has(Phases::BODY_FILTER) {
         // Filters may change the length.

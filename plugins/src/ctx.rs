@@ -27,6 +27,38 @@ pub struct UpstreamInfo {
     pub status: Option<u16>,
     /// When the upstream's response head arrived.
     pub header_time: Option<Instant>,
+    /// When the first try at an upstream began (`$upstream_response_time`
+    /// counts from here).
+    pub started: Option<Instant>,
+}
+
+/// What the matched route was configured with, beyond its id: for metric
+/// labels and logs. Built once per compiled route.
+#[derive(Debug, Default)]
+pub struct RouteInfo {
+    /// The route's `name`.
+    pub name: Option<Box<str>>,
+    /// The `name` of the route's service.
+    pub service_name: Option<Box<str>>,
+    /// The route's `uri`/`uris`, as configured (`/foo/*`).
+    pub uris: Box<[Box<str>]>,
+    /// The route's hosts (its own, else its service's).
+    pub hosts: Box<[Box<str>]>,
+}
+
+impl RouteInfo {
+    /// The configured host pattern `host` matched (`*.example.com`), or
+    /// "" when the route has no hosts.
+    pub fn matched_host(&self, host: Option<&str>) -> &str {
+        let Some(host) = host else { return "" };
+        self.hosts
+            .iter()
+            .find(|h| match h.strip_prefix('*') {
+                Some(suffix) => host.ends_with(suffix) && host.len() > suffix.len(),
+                None => h.eq_ignore_ascii_case(host),
+            })
+            .map_or("", |h| h)
+    }
 }
 
 /// The consumer's username, put in the request extensions for the proxy
@@ -61,6 +93,17 @@ pub struct Ctx {
     pub host: Option<Box<str>>,
     pub route_id: Option<Arc<str>>,
     pub service_id: Option<Arc<str>>,
+    /// The matched route's name, uris and hosts.
+    pub route: Option<Arc<RouteInfo>>,
+    /// Which of `route.uris` the request matched.
+    pub matched_uri: u16,
+    /// Bytes of the request as received, head and body (`$request_length`);
+    /// counted only when some plugin has a `log` hook.
+    pub request_length: u64,
+    /// Bytes of the response head, as the plugins left it; with
+    /// [`Ctx::body_bytes_sent`], `$bytes_sent`. Counted only when some
+    /// plugin has a `log` hook.
+    pub header_bytes_sent: u64,
     /// Set by the auth plugin that identified the client.
     pub credential: Option<Arc<Credential>>,
     /// Every consumer credential of this snapshot, for auth plugins.
@@ -146,6 +189,10 @@ impl Ctx {
             host: None,
             route_id: None,
             service_id: None,
+            route: None,
+            matched_uri: 0,
+            request_length: 0,
+            header_bytes_sent: 0,
             credential: None,
             consumers,
             status: None,
@@ -156,6 +203,15 @@ impl Ctx {
             response_headers: None,
             data: Data::default(),
         }
+    }
+
+    /// The route pattern the request matched (`$matched_uri` of APISIX's
+    /// `curr_req_matched`), or "".
+    pub fn matched_uri(&self) -> &str {
+        self.route
+            .as_ref()
+            .and_then(|r| r.uris.get(self.matched_uri as usize))
+            .map_or("", |u| u)
     }
 
     /// The authenticated consumer's username.

@@ -30,7 +30,9 @@ pub mod limit_count;
 pub mod limit_key;
 pub mod limit_req;
 pub mod plugin;
+pub mod prometheus;
 pub mod proxy_rewrite;
+pub mod public_api;
 pub mod real_ip;
 pub mod redirect;
 pub mod redis_policy;
@@ -48,6 +50,7 @@ pub mod traffic_split;
 pub mod ua_restriction;
 pub mod uri_blocker;
 pub mod vars;
+pub mod wire;
 
 use std::convert::Infallible;
 use std::net::IpAddr;

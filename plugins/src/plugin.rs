@@ -130,6 +130,12 @@ pub trait Plugin: Send + Sync + 'static {
 
     /// After the response was sent (or the client went away).
     fn log(&self, ctx: &Ctx) {}
+
+    /// Whether `log` reads the response headers (`sent_http_*`): only then
+    /// are they kept for it. Default: no.
+    fn reads_response_headers(&self) -> bool {
+        false
+    }
 }
 
 /// What kind of plugin this is, as APISIX's `type`.

@@ -35,6 +35,8 @@ pub static PLUGINS: &[&dyn PluginSpec] = &[
     &crate::fault_injection::FaultInjectionSpec,
     &crate::api_breaker::ApiBreakerSpec,
     &crate::gzip::GzipSpec,
+    &crate::prometheus::PrometheusSpec,
+    &crate::public_api::PublicApiSpec,
 ];
 
 /// Looks a plugin up by its APISIX name.

@@ -803,6 +803,10 @@ impl Shared {
 }
 
 impl Store for EtcdStore {
+    fn remote_reachable(&self) -> Option<bool> {
+        Some(self.reachable())
+    }
+
     fn prefix(&self) -> &str {
         &self.shared.settings.prefix
     }

@@ -160,6 +160,11 @@ pub trait Store: Send + Sync + 'static {
     /// store's current contents, then every later change, with no gap and
     /// no overlap between the two.
     fn subscribe(&self, watcher: Arc<dyn Watcher>) -> Result<(), StoreError>;
+    /// For a remote store (etcd): whether the last exchange with it worked.
+    /// `None` for a local one.
+    fn remote_reachable(&self) -> Option<bool> {
+        None
+    }
 }
 
 /// The watchers of one store.

@@ -9,6 +9,7 @@ mod health;
 mod hot_reload;
 mod ip_restriction;
 mod limits;
+mod metrics;
 mod plugins;
 mod proxy;
 mod redis_limits;
