@@ -25,6 +25,17 @@ impl Plugin for Noop {
     }
 }
 
+/// A plugin with only a `log` hook that does nothing: the cost of the
+/// log phase itself (the body wrapped, the context kept until it ends).
+struct NoopLog;
+
+impl Plugin for NoopLog {
+    fn phases(&self) -> Phases {
+        Phases::LOG
+    }
+    fn log(&self, _ctx: &Ctx) {}
+}
+
 #[derive(Clone)]
 struct Inner;
 
@@ -181,6 +192,26 @@ fn benches(c: &mut Criterion) {
         "chain/traffic_five_plugins",
         chain(with_id, ConsumerIndex::default()),
         &[("origin", "https://a.test")],
+    );
+
+    run(
+        c,
+        "chain/noop_log",
+        chain(
+            PluginSet::new(vec![Entry::new("noop", 0, Arc::new(NoopLog))]),
+            ConsumerIndex::default(),
+        ),
+        &[],
+    );
+
+    // Metrics: the series is found in the plugin's list and only atomics
+    // are touched; the log hook also makes the chain wrap the body.
+    let prometheus = plugins::testing::compile(&json!({"prometheus": {}})).expect("valid conf");
+    run(
+        c,
+        "chain/prometheus",
+        chain(prometheus, ConsumerIndex::default()),
+        &[],
     );
 }
 

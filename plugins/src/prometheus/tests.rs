@@ -209,3 +209,24 @@ fn many_label_combinations_still_count() {
     assert_eq!(status.len(), series::MAX_CACHED + 10);
     assert!(status.iter().all(|l| l.ends_with(" 2")));
 }
+
+#[test]
+#[ignore]
+fn log_cost() {
+    let m = metrics(json!({}));
+    let p = Prometheus::new(m.clone(), &json!({}), None);
+    let ctx = routed_ctx(200);
+    for _ in 0..1000 {
+        p.log(&ctx);
+    }
+    let n = 1_000_000;
+    let t = Instant::now();
+    for _ in 0..n {
+        p.log(&ctx);
+    }
+    eprintln!(
+        "log: {:?} per call, {} series",
+        t.elapsed() / n,
+        p.series.len()
+    );
+}
