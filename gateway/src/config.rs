@@ -64,6 +64,11 @@ const USED_KEYS: &[&str] = &[
     "nginx_config.worker_processes",
     "nginx_config.http.client_max_body_size",
     "nginx_config.http.client_body_timeout",
+    "nginx_config.http.enable_access_log",
+    "nginx_config.http.access_log",
+    "nginx_config.http.access_log_format",
+    "nginx_config.http.access_log_format_escape",
+    "nginx_config.http.access_log_buffer",
     "nginx_config.event.worker_connections",
     "apisix.ssl.ssl_trusted_certificate",
     "apisix.ssl.enable",
@@ -202,6 +207,9 @@ pub struct GatewayConfig {
     /// `plugins`: the plugins this node runs; `None` when the file has no
     /// list (all of them). Decides whether the Prometheus export server runs.
     pub enabled_plugins: Option<Vec<String>>,
+    /// `nginx_config.http.enable_access_log`, `access_log`,
+    /// `access_log_format`, `access_log_format_escape`, `access_log_buffer`.
+    pub access_log: crate::access_log::AccessLogConf,
     /// Keys present in the file that this version does not use.
     pub unused_keys: Vec<String>,
 }
@@ -403,9 +411,11 @@ impl GatewayConfig {
             ),
             Some(_) => return Err(key_err("plugins", "expected a list of plugin names")),
         };
+        let access_log = access_log_conf(doc, &prefix)?;
         Ok(GatewayConfig {
             plugin_attr,
             enabled_plugins,
+            access_log,
             data_dir: prefix.join("data"),
             prefix,
             node_listen,
@@ -561,7 +571,7 @@ fn ssl_listen(doc: &Value) -> Result<Option<SslListen>, ConfigError> {
 }
 
 /// `PATH` for `PATH/conf/config.yaml`; otherwise the current directory.
-fn prefix_of(path: &Path) -> PathBuf {
+pub(crate) fn prefix_of(path: &Path) -> PathBuf {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
     match dir {
         Some(d) if d.file_name().is_some_and(|n| n == "conf") => d
@@ -571,6 +581,49 @@ fn prefix_of(path: &Path) -> PathBuf {
             .unwrap_or_else(|| PathBuf::from(".")),
         _ => PathBuf::from("."),
     }
+}
+
+fn access_log_conf(
+    doc: &Value,
+    prefix: &Path,
+) -> Result<crate::access_log::AccessLogConf, ConfigError> {
+    use crate::access_log::{AccessLogConf, Escape, Format};
+    let mut conf = AccessLogConf::defaults(prefix);
+    if let Some(on) = opt_bool(doc, "nginx_config.http.enable_access_log")? {
+        conf.enabled = on;
+    }
+    if let Some(path) = opt_str(doc, "nginx_config.http.access_log")? {
+        let p = PathBuf::from(path);
+        conf.path = if p.is_absolute() { p } else { prefix.join(p) };
+    }
+    if let Some(format) = opt_str(doc, "nginx_config.http.access_log_format")? {
+        let key = "nginx_config.http.access_log_format";
+        Format::parse(&crate::access_log::unquote(&format)).map_err(|e| key_err(key, e))?;
+        conf.format = format;
+    }
+    if let Some(escape) = opt_str(doc, "nginx_config.http.access_log_format_escape")? {
+        conf.escape = Escape::parse(&escape).ok_or_else(|| {
+            key_err(
+                "nginx_config.http.access_log_format_escape",
+                "expected default, json or none",
+            )
+        })?;
+    }
+    match lookup(doc, "nginx_config.http.access_log_buffer") {
+        None | Some(Value::Null) => {}
+        Some(v) => {
+            conf.buffer = v
+                .as_u64()
+                .filter(|n| *n <= 16 * 1024 * 1024)
+                .ok_or_else(|| {
+                    key_err(
+                        "nginx_config.http.access_log_buffer",
+                        "expected a number of bytes up to 16 MiB",
+                    )
+                })? as usize
+        }
+    }
+    Ok(conf)
 }
 
 fn lookup<'a>(doc: &'a Value, path: &str) -> Option<&'a Value> {

@@ -70,6 +70,9 @@ pub enum Error {
     /// `apisix.ssl.ssl_trusted_certificate` could not be read.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The access log cannot be opened.
+    #[error("nginx_config.http.access_log: {0}")]
+    AccessLog(String),
     /// `plugin_attr.prometheus` cannot be used.
     #[error("plugin_attr.prometheus: {0}")]
     Metrics(String),

@@ -7,6 +7,7 @@
 //! `ferrogate` binary is a thin wrapper around it; tests start it in-process
 //! on port 0 the same way.
 
+pub mod access_log;
 pub mod balancer;
 pub mod body;
 pub mod config;
@@ -14,6 +15,7 @@ pub mod connector;
 pub mod control;
 pub mod drain;
 pub mod error;
+pub mod error_log;
 pub mod error_page;
 mod etcd_store;
 pub mod framing;
@@ -75,6 +77,7 @@ pub struct Running {
     pub admin_addr: Option<SocketAddr>,
     /// Where the Prometheus export server listens, when it runs.
     pub metrics_addr: Option<SocketAddr>,
+    access_log: Option<Arc<access_log::AccessLog>>,
     pub live: SharedSnapshot,
     shutdown: watch::Sender<bool>,
     graceful: Arc<drain::Drain>,
@@ -124,6 +127,23 @@ impl Running {
         Ok(())
     }
 
+    /// Reopens the log files (SIGUSR1, after logrotate renamed them).
+    pub fn reopen_logs(&self) {
+        if let Some(log) = &self.access_log {
+            log.sink().reopen();
+        }
+        if let Err(e) = error_log::reopen() {
+            tracing::error!(error = %e, "error log not reopened");
+        }
+    }
+
+    /// Writes out the access log lines buffered so far.
+    pub fn flush_logs(&self) {
+        if let Some(log) = &self.access_log {
+            log.sink().flush(Duration::from_secs(2));
+        }
+    }
+
     /// Stops accepting, lets requests in flight finish for up to `grace`,
     /// then returns.
     pub async fn shutdown(mut self, grace: Duration) {
@@ -134,6 +154,18 @@ impl Running {
         if let Some(g) = graceful {
             if tokio::time::timeout(grace, g.shutdown()).await.is_err() {
                 tracing::warn!(?grace, "grace period over; remaining connections dropped");
+            }
+        }
+        if let Some(log) = self.access_log.take() {
+            let sink = log.sink().clone();
+            let flushed = sink.clone();
+            let _ =
+                tokio::task::spawn_blocking(move || flushed.flush(Duration::from_secs(2))).await;
+            if sink.dropped() > 0 {
+                tracing::warn!(
+                    bytes = sink.dropped(),
+                    "access log lines dropped while the writer was behind"
+                );
             }
         }
     }
@@ -240,6 +272,13 @@ pub async fn start(config: GatewayConfig) -> Result<Running, Error> {
     } else {
         None
     };
+    let access_log = if config.access_log.enabled {
+        let log = access_log::start(&config.access_log).map_err(Error::AccessLog)?;
+        tracing::info!(path = %config.access_log.path.display(), "access log");
+        Some(log)
+    } else {
+        None
+    };
     let roots = tls::trust_store(config.ssl_trusted_certificate.as_deref())?;
     let tls_edge = match &config.ssl {
         Some(ssl) => Some(Arc::new(
@@ -253,6 +292,7 @@ pub async fn start(config: GatewayConfig) -> Result<Running, Error> {
         Arc::new(roots),
         plugin_attr_of(&config),
         tls_edge.clone(),
+        access_log.as_ref().map(|log| Arc::new(log.plugin_set())),
     )
     .map_err(Error::Snapshot)?;
     let live = publisher.live();
@@ -369,6 +409,7 @@ pub async fn start(config: GatewayConfig) -> Result<Running, Error> {
         tls_addrs,
         admin_addr,
         metrics_addr,
+        access_log,
         live,
         shutdown,
         graceful,

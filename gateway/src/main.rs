@@ -47,15 +47,31 @@ enum Cmd {
 }
 
 fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    // The log first, so that reading the config can already log.
+    let (error_log, level) = gateway::error_log::settings(&args.config);
+    let to_file = match &error_log {
+        Some(path) => match gateway::error_log::open(path) {
+            Ok(()) => true,
+            Err(e) => {
+                eprintln!(
+                    "cannot open the error log {}: {e}; logging to stderr",
+                    path.display()
+                );
+                false
+            }
+        },
+        None => false,
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new(level.as_deref().unwrap_or("info"))),
         )
         .with_target(false)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(|| gateway::error_log::Writer)
+        .with_ansi(!to_file && std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let args = Args::parse();
     let command = args.command.unwrap_or(Cmd::Start);
     if let Cmd::Version = command {
         println!("ferrogate {}", gateway::VERSION);
@@ -119,6 +135,7 @@ struct Signals {
     int: Signal,
     quit: Signal,
     hup: Signal,
+    usr1: Signal,
 }
 
 impl Signals {
@@ -128,6 +145,7 @@ impl Signals {
             int: signal(SignalKind::interrupt())?,
             quit: signal(SignalKind::quit())?,
             hup: signal(SignalKind::hangup())?,
+            usr1: signal(SignalKind::user_defined1())?,
         })
     }
 
@@ -156,6 +174,8 @@ impl Signals {
                     }
                     Err(e) => tracing::error!(error = %e, "config file invalid; previous configuration kept"),
                 },
+                // logrotate renamed the logs: write to new files.
+                _ = self.usr1.recv() => running.reopen_logs(),
             }
         }
     }

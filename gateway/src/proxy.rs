@@ -374,6 +374,7 @@ fn exhausted(
                 status: Some(code),
                 header_time: None,
                 started: Some(started),
+                scheme: Some(up.scheme_name()),
             });
             resp
         }
@@ -451,7 +452,12 @@ impl ProxyTarget {
                     Ok(Ok((resp, lease))) => {
                         statuses.push(resp.status().as_u16());
                         let upgrade = request.upgrade.take();
-                        return self.respond(resp, lease, &statuses, target, upgrade, started);
+                        let mut resp =
+                            self.respond(resp, lease, &statuses, target, upgrade, started);
+                        if let Some(info) = resp.extensions_mut().get_mut::<UpstreamInfo>() {
+                            info.scheme = Some(up.scheme_name());
+                        }
+                        return resp;
                     }
                     Ok(Err(e)) => {
                         // A client body that broke or stalled is the client's
@@ -526,6 +532,7 @@ impl ProxyTarget {
             status: statuses.last().copied(),
             header_time: Some(Instant::now()),
             started: Some(started),
+            scheme: None,
         });
         resp
     }

@@ -203,6 +203,8 @@ pub struct Compiler {
     tls_edge: Option<Arc<TlsEdge>>,
     /// Compiled plugins of each global rule.
     global_sets: BTreeMap<String, Arc<PluginSet>>,
+    /// Runs before every global rule for every request (the access log).
+    head: Option<Arc<PluginSet>>,
     globals: Arc<GlobalRules>,
     consumer_index: Arc<ConsumerIndex>,
     table: RouteTable<Arc<CompiledRoute>>,
@@ -246,6 +248,7 @@ impl Compiler {
             certs: Arc::new(SniTable::default()),
             tls_edge: None,
             global_sets: BTreeMap::new(),
+            head: None,
             globals: Arc::new(GlobalRules::default()),
             consumer_index: Arc::new(ConsumerIndex::default()),
             table: RouteTable::default(),
@@ -257,6 +260,23 @@ impl Compiler {
             version: AtomicU64::new(0),
             compiled_routes: 0,
         }
+    }
+
+    /// A plugin set that runs before the global rules for every request
+    /// (the access log).
+    pub fn set_head(&mut self, head: Option<Arc<PluginSet>>) {
+        self.head = head;
+        self.rebuild_globals();
+    }
+
+    fn rebuild_globals(&mut self) {
+        self.globals = Arc::new(GlobalRules::new(
+            self.head
+                .iter()
+                .chain(self.global_sets.values())
+                .cloned()
+                .collect(),
+        ));
     }
 
     /// `plugin_attr` from config.yaml, handed to plugins when they compile.
@@ -779,9 +799,7 @@ impl Compiler {
                 }
             }
         }
-        self.globals = Arc::new(GlobalRules::new(
-            self.global_sets.values().cloned().collect(),
-        ));
+        self.rebuild_globals();
     }
 
     /// Rebuilds the consumer index: each consumer with its group's and own
@@ -1255,9 +1273,11 @@ impl Publisher {
         roots: Arc<rustls::RootCertStore>,
         plugin_attr: Map<String, Value>,
         tls_edge: Option<Arc<TlsEdge>>,
+        head: Option<Arc<PluginSet>>,
     ) -> Result<Arc<Self>, StoreError> {
         let mut compiler = Compiler::new(options);
         compiler.set_tls_edge(tls_edge);
+        compiler.set_head(head);
         compiler.balancers.roots = roots.clone();
         compiler.clients = Clients::new(roots);
         compiler.set_plugin_attr(plugin_attr);

@@ -413,6 +413,16 @@ impl BalancerCache {
 }
 
 impl CompiledUpstream {
+    /// The scheme as APISIX's `$upstream_scheme` names it.
+    pub fn scheme_name(&self) -> &'static str {
+        match (self.scheme == http::uri::Scheme::HTTPS, self.http2) {
+            (false, false) => "http",
+            (true, false) => "https",
+            (false, true) => "grpc",
+            (true, true) => "grpcs",
+        }
+    }
+
     /// `client_cert`: the certificate `conf.tls` names, resolved by the
     /// caller (it may live in an ssl object).
     pub fn compile(

@@ -204,7 +204,7 @@ fn apisix_shipped_config_generates_a_private_key() {
 #[test]
 fn apisix_example_config_with_every_key_starts() {
     let dir = tempfile::tempdir().unwrap();
-    let (data, admin, tls) = (free_port(), free_port(), free_port());
+    let (data, admin, tls, metrics) = (free_port(), free_port(), free_port(), free_port());
     let example = std::fs::read_to_string(Path::new(EXAMPLES).join("config.yaml.example")).unwrap();
     let text = example
         .replacen("config_provider: etcd", "config_provider: embedded", 1)
@@ -219,7 +219,10 @@ fn apisix_example_config_with_every_key_starts() {
             "      ip: 127.0.0.1",
             1,
         )
-        .replacen("      port: 9180 ", &format!("      port: {admin} "), 1);
+        .replacen("      port: 9180 ", &format!("      port: {admin} "), 1)
+        .replacen("      port: 9091 ", &format!("      port: {metrics} "), 1)
+        // The unused keys are listed at info level.
+        .replacen("error_log_level:  warn", "error_log_level: info", 1);
     write_config(dir.path(), &text);
     let mut p = Proc::start(dir.path());
     p.wait_ready(admin);
@@ -229,9 +232,24 @@ fn apisix_example_config_with_every_key_starts() {
         "HTTPS listens"
     );
     assert!(
-        p.log().contains("not used by this ferrogate version"),
-        "unused keys are listed once"
+        TcpStream::connect(("127.0.0.1", metrics)).is_ok(),
+        "the Prometheus export server listens"
     );
+    // The example sends the gateway's log to logs/error.log.
+    let error_log = std::fs::read_to_string(dir.path().join("logs/error.log")).unwrap_or_default();
+    assert!(
+        error_log.contains("not used by this ferrogate version"),
+        "unused keys are listed once: {error_log}"
+    );
+    // And every request to logs/access.log, within a second.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string(dir.path().join("logs/access.log"))
+        .unwrap_or_default()
+        .contains("\"GET /x HTTP/1.1\" 404")
+    {
+        assert!(Instant::now() < deadline, "no access log line");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// A prefix holding [`basic_config`] on two free ports.

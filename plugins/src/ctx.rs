@@ -30,6 +30,8 @@ pub struct UpstreamInfo {
     /// When the first try at an upstream began (`$upstream_response_time`
     /// counts from here).
     pub started: Option<Instant>,
+    /// The upstream's scheme (`$upstream_scheme`: `http`, `https`, `grpc`).
+    pub scheme: Option<&'static str>,
 }
 
 /// What the matched route was configured with, beyond its id: for metric

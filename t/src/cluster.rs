@@ -337,6 +337,11 @@ impl Node {
         self.child = Some(child);
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Kills the process (SIGKILL: no chance to save anything).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -1,6 +1,7 @@
 //! One test binary for every black-box test: linking the gateway once
 //! instead of once per file keeps the suite quick to build.
 
+mod access_log;
 mod admin_api;
 mod balancing;
 mod edge_plugins;

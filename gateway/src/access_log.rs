@@ -1,0 +1,847 @@
+//! nginx's access log, as APISIX configures it (`nginx_config.http`):
+//!
+//! ```yaml
+//! nginx_config:
+//!   http:
+//!     enable_access_log: true
+//!     access_log: logs/access.log          # under the prefix unless absolute
+//!     access_log_buffer: 16384
+//!     access_log_format: "$remote_addr - $remote_user [$time_local] ..."
+//!     access_log_format_escape: default    # default | json | none
+//! ```
+//!
+//! Every data-plane request gets one line, written when its response has
+//! ended (or the client went away), for routed, unrouted (404) and
+//! refused requests alike. The line is formatted on the request's thread
+//! into a shared buffer; a writer thread takes the buffer when it holds
+//! `access_log_buffer` bytes, and at least every second, so no request ever
+//! waits on the disk. If the disk cannot keep up, whole buffers are dropped
+//! and counted (at most 64 wait) rather than memory growing. `SIGUSR1`
+//! reopens the file, as nginx does for logrotate.
+//!
+//! Variables are nginx's: `$remote_addr`, `$remote_port`, `$remote_user`,
+//! `$time_local`, `$time_iso8601`, `$msec`, `$request`, `$request_method`,
+//! `$request_uri`, `$uri`, `$args`, `$server_protocol`, `$status`,
+//! `$body_bytes_sent`, `$bytes_sent`, `$request_length`, `$request_time`,
+//! `$http_NAME`, `$sent_http_NAME`, `$upstream_addr`, `$upstream_status`,
+//! `$upstream_response_time`, `$upstream_header_time`, APISIX's
+//! `$upstream_scheme`, `$upstream_host`, `$upstream_uri`, and every request
+//! variable the plugins know (`$route_id`, `$consumer_name`, `$server_addr`,
+//! ...). An empty or unknown value is written as `-`. Times are in UTC.
+
+use std::fmt::Write as _;
+use std::fs::{File, OpenOptions};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::{request, HeaderName, HeaderValue, Method, Uri, Version};
+
+use plugins::chain::{Entry, PluginSet};
+use plugins::{Ctx, Flow, Phases, Plugin};
+
+/// APISIX's default `access_log_format`.
+pub const DEFAULT_FORMAT: &str = "$remote_addr - $remote_user [$time_local] $http_host \"$request\" $status $body_bytes_sent $request_time \"$http_referer\" \"$http_user_agent\" $upstream_addr $upstream_status $upstream_response_time \"$upstream_scheme://$upstream_host$upstream_uri\"";
+/// `access_log_buffer` default.
+pub const DEFAULT_BUFFER: usize = 16384;
+/// How often buffered lines are written at the latest.
+pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// Buffers waiting for the writer before new ones are dropped.
+const QUEUED_BUFFERS: usize = 64;
+
+/// `access_log_format_escape`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Escape {
+    /// `"`, `\` and bytes below 0x20 or above 0x7e as `\xHH`.
+    Default,
+    /// As inside a JSON string.
+    Json,
+    None,
+}
+
+impl Escape {
+    pub fn parse(s: &str) -> Option<Escape> {
+        match s {
+            "default" => Some(Escape::Default),
+            "json" => Some(Escape::Json),
+            "none" => Some(Escape::None),
+            _ => None,
+        }
+    }
+}
+
+/// The access log settings of config.yaml.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessLogConf {
+    pub enabled: bool,
+    pub path: PathBuf,
+    pub format: String,
+    pub escape: Escape,
+    pub buffer: usize,
+}
+
+impl AccessLogConf {
+    /// APISIX's defaults, the file under `prefix`.
+    pub fn defaults(prefix: &Path) -> AccessLogConf {
+        AccessLogConf {
+            enabled: true,
+            path: prefix.join("logs").join("access.log"),
+            format: DEFAULT_FORMAT.into(),
+            escape: Escape::Default,
+            buffer: DEFAULT_BUFFER,
+        }
+    }
+}
+
+/// The format as written in config.yaml, made plain: a value wholly inside
+/// double quotes (as APISIX's example writes it under `|`) loses them and
+/// its `\"` escapes, as nginx reads its `log_format` string.
+pub fn unquote(format: &str) -> String {
+    let t = format.trim_end_matches(['\n', '\r']).trim();
+    let inner = match t.strip_prefix('"').and_then(|r| r.strip_suffix('"')) {
+        Some(inner) if !inner.ends_with('\\') => inner,
+        _ => t,
+    };
+    let mut out = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            match chars.next() {
+                Some('"') => out.push('"'),
+                Some('\'') => out.push('\''),
+                Some('\\') => out.push('\\'),
+                Some('n') => out.push('\n'),
+                Some('t') => out.push('\t'),
+                Some(other) => {
+                    out.push('\\');
+                    out.push(other);
+                }
+                None => out.push('\\'),
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A variable the log reads.
+#[derive(Debug, Clone, PartialEq)]
+enum Var {
+    RemoteAddr,
+    RemotePort,
+    RemoteUser,
+    TimeLocal,
+    TimeIso8601,
+    Msec,
+    Request,
+    RequestMethod,
+    RequestUri,
+    Uri,
+    Args,
+    ServerProtocol,
+    Status,
+    BodyBytesSent,
+    BytesSent,
+    RequestLength,
+    RequestTime,
+    UpstreamAddr,
+    UpstreamStatus,
+    UpstreamResponseTime,
+    UpstreamHeaderTime,
+    UpstreamScheme,
+    UpstreamHost,
+    UpstreamUri,
+    /// A request header, by its index in [`Format::headers`].
+    Header(usize),
+    /// Anything else the context answers (`route_id`, `sent_http_*`, ...).
+    Ctx(Box<str>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Part {
+    Text(Box<str>),
+    Var(Var),
+}
+
+/// A compiled `access_log_format`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Format {
+    parts: Vec<Part>,
+    /// Request headers some `$http_*` reads, captured when the request
+    /// arrives.
+    headers: Vec<HeaderName>,
+    /// Some variable reads the response headers.
+    response_headers: bool,
+    /// `$remote_user`: where `Authorization` is in `headers`.
+    authorization: Option<usize>,
+}
+
+impl Format {
+    /// Compiles `text`; fails on a `$` not followed by a variable name.
+    pub fn parse(text: &str) -> Result<Format, String> {
+        let mut parts = Vec::new();
+        let mut headers: Vec<HeaderName> = Vec::new();
+        let mut response_headers = false;
+        let mut authorization = None;
+        let mut literal = String::new();
+        let mut rest = text;
+        while let Some(at) = rest.find('$') {
+            literal.push_str(&rest[..at]);
+            let after = &rest[at + 1..];
+            let (name, next) = if let Some(braced) = after.strip_prefix('{') {
+                let end = braced
+                    .find('}')
+                    .ok_or_else(|| format!("unclosed ${{ in access_log_format: {text}"))?;
+                (&braced[..end], &braced[end + 1..])
+            } else {
+                let end = after
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(after.len());
+                (&after[..end], &after[end..])
+            };
+            if name.is_empty() {
+                return Err(format!(
+                    "a $ without a variable name in access_log_format: {text}"
+                ));
+            }
+            if !literal.is_empty() {
+                parts.push(Part::Text(std::mem::take(&mut literal).into()));
+            }
+            let var = match name {
+                "remote_addr" => Var::RemoteAddr,
+                "remote_port" => Var::RemotePort,
+                "remote_user" => {
+                    let at = headers
+                        .iter()
+                        .position(|h| *h == http::header::AUTHORIZATION)
+                        .unwrap_or_else(|| {
+                            headers.push(http::header::AUTHORIZATION);
+                            headers.len() - 1
+                        });
+                    authorization = Some(at);
+                    Var::RemoteUser
+                }
+                "time_local" => Var::TimeLocal,
+                "time_iso8601" => Var::TimeIso8601,
+                "msec" => Var::Msec,
+                "request" => Var::Request,
+                "request_method" => Var::RequestMethod,
+                "request_uri" => Var::RequestUri,
+                "uri" | "document_uri" => Var::Uri,
+                "args" | "query_string" => Var::Args,
+                "server_protocol" => Var::ServerProtocol,
+                "status" => Var::Status,
+                "body_bytes_sent" => Var::BodyBytesSent,
+                "bytes_sent" => Var::BytesSent,
+                "request_length" => Var::RequestLength,
+                "request_time" => Var::RequestTime,
+                "upstream_addr" => Var::UpstreamAddr,
+                "upstream_status" => Var::UpstreamStatus,
+                "upstream_response_time" => Var::UpstreamResponseTime,
+                "upstream_header_time" => Var::UpstreamHeaderTime,
+                "upstream_scheme" => Var::UpstreamScheme,
+                "upstream_host" => Var::UpstreamHost,
+                "upstream_uri" => Var::UpstreamUri,
+                other => match other.strip_prefix("http_") {
+                    Some(h) => {
+                        let header = HeaderName::from_bytes(h.replace('_', "-").as_bytes())
+                            .map_err(|_| format!("bad header variable ${other}"))?;
+                        let index = match headers.iter().position(|x| *x == header) {
+                            Some(i) => i,
+                            None => {
+                                headers.push(header);
+                                headers.len() - 1
+                            }
+                        };
+                        Var::Header(index)
+                    }
+                    None => {
+                        response_headers |= other.starts_with("sent_http_");
+                        Var::Ctx(other.into())
+                    }
+                },
+            };
+            parts.push(Part::Var(var));
+            rest = next;
+        }
+        literal.push_str(rest);
+        if !literal.is_empty() {
+            parts.push(Part::Text(literal.into()));
+        }
+        Ok(Format {
+            parts,
+            headers,
+            response_headers,
+            authorization,
+        })
+    }
+}
+
+fn empty_headers() -> &'static http::HeaderMap {
+    static EMPTY: std::sync::OnceLock<http::HeaderMap> = std::sync::OnceLock::new();
+    EMPTY.get_or_init(http::HeaderMap::new)
+}
+
+/// The user name of `Authorization: Basic ...` (`$remote_user`).
+fn basic_user(value: &str) -> Option<String> {
+    use base64::Engine as _;
+    let encoded = value.strip_prefix("Basic ")?.trim();
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    Some(
+        text.split_once(':')
+            .map_or(text.as_str(), |(u, _)| u)
+            .to_string(),
+    )
+}
+
+/// What the request looked like when it arrived, and as it left for the
+/// upstream; kept in the request's context.
+struct Seen {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: Box<[Option<HeaderValue>]>,
+    upstream_uri: Option<Uri>,
+    upstream_host: Option<HeaderValue>,
+}
+
+/// The time texts of one second, cached per thread.
+struct Clock {
+    second: u64,
+    local: String,
+    iso: String,
+}
+
+thread_local! {
+    static CLOCK: std::cell::RefCell<Clock> = const {
+        std::cell::RefCell::new(Clock { second: u64::MAX, local: String::new(), iso: String::new() })
+    };
+}
+
+const MONTHS: [&str; 12] = [
+    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+];
+
+/// Days since 1970-01-01 to (year, month 1-12, day 1-31).
+fn civil(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+impl Clock {
+    fn at(&mut self, secs: u64) {
+        if self.second == secs {
+            return;
+        }
+        self.second = secs;
+        let days = (secs / 86_400) as i64;
+        let rem = secs % 86_400;
+        let (y, m, d) = civil(days);
+        let (hh, mm, ss) = (rem / 3600, rem % 3600 / 60, rem % 60);
+        self.local.clear();
+        let _ = write!(
+            self.local,
+            "{d:02}/{}/{y}:{hh:02}:{mm:02}:{ss:02} +0000",
+            MONTHS[(m as usize).saturating_sub(1) % 12]
+        );
+        self.iso.clear();
+        let _ = write!(self.iso, "{y}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}+00:00");
+    }
+}
+
+/// Appends `value` escaped as `escape` says; `-` when empty.
+fn push_value(out: &mut String, value: &str, escape: Escape) {
+    if value.is_empty() {
+        out.push('-');
+        return;
+    }
+    match escape {
+        Escape::None => out.push_str(value),
+        Escape::Default => {
+            for b in value.bytes() {
+                if b == b'"' || b == b'\\' || !(0x20..0x7f).contains(&b) {
+                    let _ = write!(out, "\\x{b:02X}");
+                } else {
+                    out.push(b as char);
+                }
+            }
+        }
+        Escape::Json => {
+            for c in value.chars() {
+                match c {
+                    '"' => out.push_str("\\\""),
+                    '\\' => out.push_str("\\\\"),
+                    '\n' => out.push_str("\\n"),
+                    '\r' => out.push_str("\\r"),
+                    '\t' => out.push_str("\\t"),
+                    c if (c as u32) < 0x20 => {
+                        let _ = write!(out, "\\u{:04x}", c as u32);
+                    }
+                    c => out.push(c),
+                }
+            }
+        }
+    }
+}
+
+fn push_secs(out: &mut String, d: Duration) {
+    let _ = write!(out, "{}.{:03}", d.as_secs(), d.subsec_millis());
+}
+
+/// The compiled access log: format plus where lines go. It runs as a
+/// plugin with no name of its own, in a set that comes before every global
+/// rule, so every request passes it.
+pub struct AccessLog {
+    format: Format,
+    escape: Escape,
+    sink: Arc<Sink>,
+}
+
+impl AccessLog {
+    /// The plugin set to put before the global rules.
+    pub fn plugin_set(self: &Arc<Self>) -> PluginSet {
+        PluginSet::new(vec![Entry::new("access-log", i32::MAX, self.clone())])
+    }
+
+    fn header(seen: Option<&Seen>, i: usize) -> &str {
+        seen.and_then(|s| s.headers.get(i))
+            .and_then(Option::as_ref)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
+    /// Formats the line of a finished request.
+    fn line(&self, ctx: &Ctx, now: SystemTime) -> String {
+        let seen = ctx.data.get::<Seen>();
+        let mut out = String::with_capacity(256);
+        let escape = self.escape;
+        let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+        for part in &self.format.parts {
+            let var = match part {
+                Part::Text(t) => {
+                    out.push_str(t);
+                    continue;
+                }
+                Part::Var(v) => v,
+            };
+            match var {
+                Var::RemoteAddr => out.push_str(&plugins::vars::ip_string(ctx.client_ip)),
+                Var::RemotePort => {
+                    let port = ctx.client_port.unwrap_or(ctx.conn.peer.port());
+                    let _ = write!(out, "{port}");
+                }
+                Var::RemoteUser => {
+                    let user = self
+                        .format
+                        .authorization
+                        .map(|i| Self::header(seen, i))
+                        .and_then(basic_user)
+                        .unwrap_or_default();
+                    push_value(&mut out, &user, escape);
+                }
+                Var::TimeLocal | Var::TimeIso8601 => CLOCK.with(|c| {
+                    let mut c = c.borrow_mut();
+                    c.at(since_epoch.as_secs());
+                    out.push_str(if *var == Var::TimeLocal {
+                        &c.local
+                    } else {
+                        &c.iso
+                    });
+                }),
+                Var::Msec => {
+                    let _ = write!(
+                        out,
+                        "{}.{:03}",
+                        since_epoch.as_secs(),
+                        since_epoch.subsec_millis()
+                    );
+                }
+                Var::Request => match seen {
+                    Some(s) => {
+                        let target = s.uri.path_and_query().map_or("/", |p| p.as_str());
+                        let mut line = String::with_capacity(target.len() + 16);
+                        let _ = write!(line, "{} {target} {:?}", s.method, s.version);
+                        push_value(&mut out, &line, escape);
+                    }
+                    None => out.push('-'),
+                },
+                Var::RequestMethod => match seen {
+                    Some(s) => out.push_str(s.method.as_str()),
+                    None => out.push('-'),
+                },
+                Var::RequestUri => push_value(
+                    &mut out,
+                    seen.and_then(|s| s.uri.path_and_query())
+                        .map_or("", |p| p.as_str()),
+                    escape,
+                ),
+                Var::Uri => {
+                    let path = ctx
+                        .path
+                        .as_deref()
+                        .or_else(|| seen.map(|s| s.uri.path()))
+                        .unwrap_or("");
+                    push_value(&mut out, path, escape)
+                }
+                Var::Args => push_value(
+                    &mut out,
+                    seen.and_then(|s| s.uri.query()).unwrap_or(""),
+                    escape,
+                ),
+                Var::ServerProtocol => match seen {
+                    Some(s) => {
+                        let _ = write!(out, "{:?}", s.version);
+                    }
+                    None => out.push('-'),
+                },
+                Var::Status => match ctx.status {
+                    Some(s) => out.push_str(s.as_str()),
+                    None => out.push('-'),
+                },
+                Var::BodyBytesSent => {
+                    let _ = write!(out, "{}", ctx.body_bytes_sent);
+                }
+                Var::BytesSent => {
+                    let _ = write!(out, "{}", ctx.header_bytes_sent + ctx.body_bytes_sent);
+                }
+                Var::RequestLength => {
+                    let _ = write!(out, "{}", ctx.request_length);
+                }
+                Var::RequestTime => push_secs(&mut out, ctx.started.elapsed()),
+                Var::UpstreamAddr => match &ctx.upstream.addr {
+                    Some(a) => out.push_str(a.as_str()),
+                    None => out.push('-'),
+                },
+                Var::UpstreamStatus => match ctx.upstream.status {
+                    Some(s) => {
+                        let _ = write!(out, "{s}");
+                    }
+                    None => out.push('-'),
+                },
+                Var::UpstreamResponseTime => match ctx.upstream.started {
+                    Some(at) => push_secs(&mut out, at.elapsed()),
+                    None => out.push('-'),
+                },
+                Var::UpstreamHeaderTime => match (ctx.upstream.started, ctx.upstream.header_time) {
+                    (Some(at), Some(head)) => {
+                        push_secs(&mut out, head.saturating_duration_since(at))
+                    }
+                    _ => out.push('-'),
+                },
+                Var::UpstreamScheme => {
+                    out.push_str(ctx.upstream.scheme.unwrap_or("http"));
+                }
+                Var::UpstreamHost => push_value(
+                    &mut out,
+                    seen.and_then(|s| s.upstream_host.as_ref())
+                        .and_then(|h| h.to_str().ok())
+                        .unwrap_or(""),
+                    escape,
+                ),
+                Var::UpstreamUri => push_value(
+                    &mut out,
+                    seen.and_then(|s| s.upstream_uri.as_ref())
+                        .and_then(|u| u.path_and_query())
+                        .map_or("", |p| p.as_str()),
+                    escape,
+                ),
+                Var::Header(i) => {
+                    let mut value = Self::header(seen, *i);
+                    if value.is_empty() && self.format.headers[*i] == http::header::HOST {
+                        value = seen
+                            .and_then(|s| s.uri.authority())
+                            .map_or("", |a| a.as_str());
+                    }
+                    push_value(&mut out, value, escape)
+                }
+                Var::Ctx(name) => {
+                    let v = ctx.var(None, name).or_else(|| {
+                        let s = seen?;
+                        ctx.req_ref(&s.method, &s.uri, empty_headers()).var(name)
+                    });
+                    push_value(&mut out, v.as_deref().unwrap_or(""), escape)
+                }
+            }
+        }
+        out.push('\n');
+        out
+    }
+}
+
+impl Plugin for AccessLog {
+    fn phases(&self) -> Phases {
+        Phases::REWRITE | Phases::BEFORE_PROXY | Phases::LOG
+    }
+
+    fn rewrite(&self, ctx: &mut Ctx, req: &mut request::Parts) -> Flow {
+        let headers = self
+            .format
+            .headers
+            .iter()
+            .map(|h| req.headers.get(h).cloned())
+            .collect();
+        ctx.data.insert(Seen {
+            method: req.method.clone(),
+            uri: req.uri.clone(),
+            version: req.version,
+            headers,
+            upstream_uri: None,
+            upstream_host: None,
+        });
+        Flow::Continue
+    }
+
+    fn before_proxy(&self, ctx: &mut Ctx, req: &mut request::Parts) -> Flow {
+        // Unrouted requests go nowhere: no upstream URI for them.
+        if ctx.route_id.is_none() {
+            return Flow::Continue;
+        }
+        if let Some(seen) = ctx.data.get_mut::<Seen>() {
+            seen.upstream_uri = Some(req.uri.clone());
+            seen.upstream_host = req.headers.get(http::header::HOST).cloned();
+        }
+        Flow::Continue
+    }
+
+    fn log(&self, ctx: &Ctx) {
+        let line = self.line(ctx, SystemTime::now());
+        self.sink.push(line.as_bytes());
+    }
+
+    fn reads_response_headers(&self) -> bool {
+        self.format.response_headers
+    }
+}
+
+enum Msg {
+    Data(Vec<u8>),
+    Reopen,
+    /// Write everything and answer.
+    Flush(mpsc::Sender<()>),
+}
+
+/// Lines on their way to the file.
+pub struct Sink {
+    buffer: Mutex<Vec<u8>>,
+    limit: usize,
+    tx: SyncSender<Msg>,
+    dropped: AtomicU64,
+    path: PathBuf,
+}
+
+impl Sink {
+    fn push(&self, line: &[u8]) {
+        let full = {
+            let mut buf = self.buffer.lock().unwrap_or_else(|p| p.into_inner());
+            buf.extend_from_slice(line);
+            if buf.len() < self.limit {
+                return;
+            }
+            std::mem::replace(&mut *buf, Vec::with_capacity(self.limit + 512))
+        };
+        self.send(Msg::Data(full));
+    }
+
+    fn send(&self, msg: Msg) {
+        match self.tx.try_send(msg) {
+            Ok(()) => {}
+            Err(TrySendError::Full(Msg::Data(lost))) => {
+                let before = self.dropped.fetch_add(lost.len() as u64, Ordering::Relaxed);
+                if before == 0 {
+                    tracing::warn!(path = %self.path.display(), "access log writer behind; lines dropped");
+                }
+            }
+            Err(_) => {}
+        }
+    }
+
+    fn take(&self) -> Vec<u8> {
+        let mut buf = self.buffer.lock().unwrap_or_else(|p| p.into_inner());
+        std::mem::take(&mut *buf)
+    }
+
+    /// Reopens the file (after logrotate renamed it).
+    pub fn reopen(&self) {
+        self.send(Msg::Reopen);
+    }
+
+    /// Writes out everything buffered; waits up to `limit`.
+    pub fn flush(&self, limit: Duration) {
+        let (tx, rx) = mpsc::channel();
+        if self.tx.send(Msg::Flush(tx)).is_ok() {
+            let _ = rx.recv_timeout(limit);
+        }
+    }
+
+    /// Bytes of lines dropped because the writer could not keep up.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+fn open(path: &Path) -> std::io::Result<File> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+/// The writer thread: owns the file; ends when the sink is gone.
+fn writer(sink: Weak<Sink>, rx: mpsc::Receiver<Msg>, mut file: File, path: PathBuf) {
+    let write = |file: &mut File, bytes: &[u8]| {
+        if !bytes.is_empty() {
+            if let Err(e) = file.write_all(bytes) {
+                tracing::error!(path = %path.display(), error = %e, "access log write failed");
+            }
+        }
+    };
+    loop {
+        match rx.recv_timeout(FLUSH_EVERY) {
+            Ok(Msg::Data(bytes)) => write(&mut file, &bytes),
+            Ok(Msg::Reopen) => {
+                if let Some(s) = sink.upgrade() {
+                    write(&mut file, &s.take());
+                }
+                match open(&path) {
+                    Ok(f) => {
+                        file = f;
+                        tracing::info!(path = %path.display(), "access log reopened");
+                    }
+                    Err(e) => {
+                        tracing::error!(path = %path.display(), error = %e, "access log not reopened; writing on to the old file")
+                    }
+                }
+            }
+            Ok(Msg::Flush(done)) => {
+                if let Some(s) = sink.upgrade() {
+                    write(&mut file, &s.take());
+                }
+                let _ = done.send(());
+            }
+            Err(RecvTimeoutError::Timeout) => match sink.upgrade() {
+                Some(s) => write(&mut file, &s.take()),
+                None => return,
+            },
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
+
+/// Opens the log and starts its writer. Fails when the file cannot be
+/// opened or the format does not parse.
+pub fn start(conf: &AccessLogConf) -> Result<Arc<AccessLog>, String> {
+    let format = Format::parse(&unquote(&conf.format))?;
+    let file = open(&conf.path)
+        .map_err(|e| format!("cannot open the access log {}: {e}", conf.path.display()))?;
+    let (tx, rx) = mpsc::sync_channel(QUEUED_BUFFERS);
+    let sink = Arc::new(Sink {
+        buffer: Mutex::new(Vec::with_capacity(conf.buffer + 512)),
+        limit: conf.buffer.max(1),
+        tx,
+        dropped: AtomicU64::new(0),
+        path: conf.path.clone(),
+    });
+    let weak = Arc::downgrade(&sink);
+    let path = conf.path.clone();
+    std::thread::Builder::new()
+        .name("access-log".into())
+        .spawn(move || writer(weak, rx, file, path))
+        .map_err(|e| format!("cannot start the access log writer: {e}"))?;
+    Ok(Arc::new(AccessLog {
+        format,
+        escape: conf.escape,
+        sink,
+    }))
+}
+
+impl AccessLog {
+    pub fn sink(&self) -> &Arc<Sink> {
+        &self.sink
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn apisix_example_format_is_unquoted() {
+        let yaml =
+            "\"$remote_addr - $remote_user [$time_local] $http_host \\\"$request\\\" $status\"\n";
+        assert_eq!(
+            unquote(yaml),
+            "$remote_addr - $remote_user [$time_local] $http_host \"$request\" $status"
+        );
+        assert_eq!(unquote(DEFAULT_FORMAT), DEFAULT_FORMAT);
+    }
+
+    #[test]
+    fn parses_variables_and_text() {
+        let f = Format::parse("$remote_addr [${status}] $http_user_agent $route_id x").unwrap();
+        assert_eq!(
+            f.parts,
+            vec![
+                Part::Var(Var::RemoteAddr),
+                Part::Text(" [".into()),
+                Part::Var(Var::Status),
+                Part::Text("] ".into()),
+                Part::Var(Var::Header(0)),
+                Part::Text(" ".into()),
+                Part::Var(Var::Ctx("route_id".into())),
+                Part::Text(" x".into()),
+            ]
+        );
+        assert_eq!(f.headers, vec![HeaderName::from_static("user-agent")]);
+        assert!(Format::parse("a $ b").is_err());
+        assert!(Format::parse("${x").is_err());
+    }
+
+    #[test]
+    fn remote_user_from_basic_auth() {
+        assert_eq!(basic_user("Basic Zm9vOmJhcg==").as_deref(), Some("foo"));
+        assert_eq!(basic_user("Bearer x"), None);
+    }
+
+    #[test]
+    fn escapes_as_nginx() {
+        let mut out = String::new();
+        push_value(&mut out, "a\"b\\c\u{1}é", Escape::Default);
+        assert_eq!(out, "a\\x22b\\x5Cc\\x01\\xC3\\xA9");
+        out.clear();
+        push_value(&mut out, "a\"b\n", Escape::Json);
+        assert_eq!(out, "a\\\"b\\n");
+        out.clear();
+        push_value(&mut out, "", Escape::None);
+        assert_eq!(out, "-");
+    }
+
+    #[test]
+    fn clock_formats_nginx_time() {
+        let mut c = Clock {
+            second: u64::MAX,
+            local: String::new(),
+            iso: String::new(),
+        };
+        // 2026-12-03 18:30:05 UTC
+        c.at(1_796_322_605);
+        assert_eq!(c.local, "03/Dec/2026:18:30:05 +0000");
+        assert_eq!(c.iso, "2026-12-03T18:30:05+00:00");
+        c.at(951_782_400); // 2000-02-29 00:00:00
+        assert_eq!(c.local, "29/Feb/2000:00:00:00 +0000");
+    }
+}
