@@ -36,7 +36,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use http::{request, HeaderName, HeaderValue, Method, Uri, Version};
 
@@ -307,21 +307,43 @@ struct Seen {
     method: Method,
     uri: Uri,
     version: Version,
-    headers: Box<[Option<HeaderValue>]>,
+    /// The first [`INLINE_HEADERS`] of [`Format::headers`], in place: no
+    /// allocation for the usual formats.
+    headers: [Option<HeaderValue>; INLINE_HEADERS],
+    more: Vec<Option<HeaderValue>>,
     upstream_uri: Option<Uri>,
     upstream_host: Option<HeaderValue>,
 }
 
-/// The time texts of one second, cached per thread.
+/// Request headers a [`Seen`] holds without allocating (APISIX's default
+/// format reads three).
+const INLINE_HEADERS: usize = 4;
+
+impl Seen {
+    fn header(&self, i: usize) -> Option<&HeaderValue> {
+        match self.headers.get(i) {
+            Some(h) => h.as_ref(),
+            None => self.more.get(i - INLINE_HEADERS)?.as_ref(),
+        }
+    }
+}
+
+/// The time texts of one second, cached per thread, and the wall clock
+/// derived from the monotonic one (read once a second), so a line costs one
+/// clock read.
 struct Clock {
     second: u64,
     local: String,
     iso: String,
+    /// A monotonic instant and the wall-clock time since the epoch then.
+    base: Option<(Instant, Duration)>,
 }
 
 thread_local! {
+    /// The line being formatted: one buffer per thread, reused.
+    static LINE: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
     static CLOCK: std::cell::RefCell<Clock> = const {
-        std::cell::RefCell::new(Clock { second: u64::MAX, local: String::new(), iso: String::new() })
+        std::cell::RefCell::new(Clock { second: u64::MAX, local: String::new(), iso: String::new(), base: None })
     };
 }
 
@@ -344,6 +366,22 @@ fn civil(days: i64) -> (i64, u32, u32) {
 }
 
 impl Clock {
+    /// Wall-clock time since the epoch at `now`.
+    fn since_epoch(&mut self, now: Instant) -> Duration {
+        match self.base {
+            Some((at, wall)) if now.saturating_duration_since(at) < Duration::from_secs(1) => {
+                wall + now.saturating_duration_since(at)
+            }
+            _ => {
+                let wall = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default();
+                self.base = Some((Instant::now(), wall));
+                wall
+            }
+        }
+    }
+
     fn at(&mut self, secs: u64) {
         if self.second == secs {
             return;
@@ -373,15 +411,28 @@ fn push_value(out: &mut String, value: &str, escape: Escape) {
     match escape {
         Escape::None => out.push_str(value),
         Escape::Default => {
+            let plain = |b: u8| b != b'"' && b != b'\\' && (0x20..0x7f).contains(&b);
+            if value.bytes().all(plain) {
+                out.push_str(value);
+                return;
+            }
             for b in value.bytes() {
-                if b == b'"' || b == b'\\' || !(0x20..0x7f).contains(&b) {
-                    let _ = write!(out, "\\x{b:02X}");
-                } else {
+                if plain(b) {
                     out.push(b as char);
+                } else {
+                    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+                    out.push_str("\\x");
+                    out.push(HEX[usize::from(b >> 4)] as char);
+                    out.push(HEX[usize::from(b & 0xf)] as char);
                 }
             }
         }
         Escape::Json => {
+            let plain = |c: char| c != '"' && c != '\\' && c >= ' ';
+            if value.chars().all(plain) {
+                out.push_str(value);
+                return;
+            }
             for c in value.chars() {
                 match c {
                     '"' => out.push_str("\\\""),
@@ -399,8 +450,41 @@ fn push_value(out: &mut String, value: &str, escape: Escape) {
     }
 }
 
+/// Appends `n` in decimal, without the `fmt` machinery.
+fn push_u64(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &d in &digits[at..] {
+        out.push(d as char);
+    }
+}
+
+/// Seconds with milliseconds (`0.004`), as nginx writes times.
 fn push_secs(out: &mut String, d: Duration) {
-    let _ = write!(out, "{}.{:03}", d.as_secs(), d.subsec_millis());
+    push_u64(out, d.as_secs());
+    out.push('.');
+    let ms = d.subsec_millis();
+    out.push((b'0' + (ms / 100) as u8) as char);
+    out.push((b'0' + (ms / 10 % 10) as u8) as char);
+    out.push((b'0' + (ms % 10) as u8) as char);
+}
+
+fn version_text(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_2 => "HTTP/2.0",
+        Version::HTTP_3 => "HTTP/3.0",
+        _ => "HTTP/1.1",
+    }
 }
 
 /// The compiled access log: format plus where lines go. It runs as a
@@ -419,18 +503,16 @@ impl AccessLog {
     }
 
     fn header(seen: Option<&Seen>, i: usize) -> &str {
-        seen.and_then(|s| s.headers.get(i))
-            .and_then(Option::as_ref)
+        seen.and_then(|s| s.header(i))
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
     }
 
-    /// Formats the line of a finished request.
-    fn line(&self, ctx: &Ctx, now: SystemTime) -> String {
+    /// Formats the line of a finished request into `out`.
+    fn line(&self, ctx: &Ctx, now: Instant, out: &mut String) {
         let seen = ctx.data.get::<Seen>();
-        let mut out = String::with_capacity(256);
         let escape = self.escape;
-        let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let since_epoch = CLOCK.with(|c| c.borrow_mut().since_epoch(now));
         for part in &self.format.parts {
             let var = match part {
                 Part::Text(t) => {
@@ -440,11 +522,11 @@ impl AccessLog {
                 Part::Var(v) => v,
             };
             match var {
-                Var::RemoteAddr => out.push_str(&plugins::vars::ip_string(ctx.client_ip)),
-                Var::RemotePort => {
-                    let port = ctx.client_port.unwrap_or(ctx.conn.peer.port());
-                    let _ = write!(out, "{port}");
-                }
+                Var::RemoteAddr => plugins::vars::push_ip(out, ctx.client_ip),
+                Var::RemotePort => push_u64(
+                    out,
+                    u64::from(ctx.client_port.unwrap_or(ctx.conn.peer.port())),
+                ),
                 Var::RemoteUser => {
                     let user = self
                         .format
@@ -452,7 +534,7 @@ impl AccessLog {
                         .map(|i| Self::header(seen, i))
                         .and_then(basic_user)
                         .unwrap_or_default();
-                    push_value(&mut out, &user, escape);
+                    push_value(out, &user, escape);
                 }
                 Var::TimeLocal | Var::TimeIso8601 => CLOCK.with(|c| {
                     let mut c = c.borrow_mut();
@@ -463,20 +545,15 @@ impl AccessLog {
                         &c.iso
                     });
                 }),
-                Var::Msec => {
-                    let _ = write!(
-                        out,
-                        "{}.{:03}",
-                        since_epoch.as_secs(),
-                        since_epoch.subsec_millis()
-                    );
-                }
+                Var::Msec => push_secs(out, since_epoch),
                 Var::Request => match seen {
                     Some(s) => {
                         let target = s.uri.path_and_query().map_or("/", |p| p.as_str());
-                        let mut line = String::with_capacity(target.len() + 16);
-                        let _ = write!(line, "{} {target} {:?}", s.method, s.version);
-                        push_value(&mut out, &line, escape);
+                        push_value(out, s.method.as_str(), escape);
+                        out.push(' ');
+                        push_value(out, target, escape);
+                        out.push(' ');
+                        out.push_str(version_text(s.version));
                     }
                     None => out.push('-'),
                 },
@@ -485,7 +562,7 @@ impl AccessLog {
                     None => out.push('-'),
                 },
                 Var::RequestUri => push_value(
-                    &mut out,
+                    out,
                     seen.and_then(|s| s.uri.path_and_query())
                         .map_or("", |p| p.as_str()),
                     escape,
@@ -496,65 +573,51 @@ impl AccessLog {
                         .as_deref()
                         .or_else(|| seen.map(|s| s.uri.path()))
                         .unwrap_or("");
-                    push_value(&mut out, path, escape)
+                    push_value(out, path, escape)
                 }
-                Var::Args => push_value(
-                    &mut out,
-                    seen.and_then(|s| s.uri.query()).unwrap_or(""),
-                    escape,
-                ),
+                Var::Args => {
+                    push_value(out, seen.and_then(|s| s.uri.query()).unwrap_or(""), escape)
+                }
                 Var::ServerProtocol => match seen {
-                    Some(s) => {
-                        let _ = write!(out, "{:?}", s.version);
-                    }
+                    Some(s) => out.push_str(version_text(s.version)),
                     None => out.push('-'),
                 },
                 Var::Status => match ctx.status {
                     Some(s) => out.push_str(s.as_str()),
                     None => out.push('-'),
                 },
-                Var::BodyBytesSent => {
-                    let _ = write!(out, "{}", ctx.body_bytes_sent);
-                }
-                Var::BytesSent => {
-                    let _ = write!(out, "{}", ctx.header_bytes_sent + ctx.body_bytes_sent);
-                }
-                Var::RequestLength => {
-                    let _ = write!(out, "{}", ctx.request_length);
-                }
-                Var::RequestTime => push_secs(&mut out, ctx.started.elapsed()),
+                Var::BodyBytesSent => push_u64(out, ctx.body_bytes_sent),
+                Var::BytesSent => push_u64(out, ctx.header_bytes_sent + ctx.body_bytes_sent),
+                Var::RequestLength => push_u64(out, ctx.request_length),
+                Var::RequestTime => push_secs(out, now.saturating_duration_since(ctx.started)),
                 Var::UpstreamAddr => match &ctx.upstream.addr {
                     Some(a) => out.push_str(a.as_str()),
                     None => out.push('-'),
                 },
                 Var::UpstreamStatus => match ctx.upstream.status {
-                    Some(s) => {
-                        let _ = write!(out, "{s}");
-                    }
+                    Some(s) => push_u64(out, u64::from(s)),
                     None => out.push('-'),
                 },
                 Var::UpstreamResponseTime => match ctx.upstream.started {
-                    Some(at) => push_secs(&mut out, at.elapsed()),
+                    Some(at) => push_secs(out, now.saturating_duration_since(at)),
                     None => out.push('-'),
                 },
                 Var::UpstreamHeaderTime => match (ctx.upstream.started, ctx.upstream.header_time) {
-                    (Some(at), Some(head)) => {
-                        push_secs(&mut out, head.saturating_duration_since(at))
-                    }
+                    (Some(at), Some(head)) => push_secs(out, head.saturating_duration_since(at)),
                     _ => out.push('-'),
                 },
                 Var::UpstreamScheme => {
                     out.push_str(ctx.upstream.scheme.unwrap_or("http"));
                 }
                 Var::UpstreamHost => push_value(
-                    &mut out,
+                    out,
                     seen.and_then(|s| s.upstream_host.as_ref())
                         .and_then(|h| h.to_str().ok())
                         .unwrap_or(""),
                     escape,
                 ),
                 Var::UpstreamUri => push_value(
-                    &mut out,
+                    out,
                     seen.and_then(|s| s.upstream_uri.as_ref())
                         .and_then(|u| u.path_and_query())
                         .map_or("", |p| p.as_str()),
@@ -567,19 +630,18 @@ impl AccessLog {
                             .and_then(|s| s.uri.authority())
                             .map_or("", |a| a.as_str());
                     }
-                    push_value(&mut out, value, escape)
+                    push_value(out, value, escape)
                 }
                 Var::Ctx(name) => {
                     let v = ctx.var(None, name).or_else(|| {
                         let s = seen?;
                         ctx.req_ref(&s.method, &s.uri, empty_headers()).var(name)
                     });
-                    push_value(&mut out, v.as_deref().unwrap_or(""), escape)
+                    push_value(out, v.as_deref().unwrap_or(""), escape)
                 }
             }
         }
         out.push('\n');
-        out
     }
 }
 
@@ -589,10 +651,14 @@ impl Plugin for AccessLog {
     }
 
     fn rewrite(&self, ctx: &mut Ctx, req: &mut request::Parts) -> Flow {
-        let headers = self
-            .format
-            .headers
+        let wanted = &self.format.headers;
+        let mut headers: [Option<HeaderValue>; INLINE_HEADERS] = Default::default();
+        for (slot, name) in headers.iter_mut().zip(wanted) {
+            *slot = req.headers.get(name).cloned();
+        }
+        let more = wanted
             .iter()
+            .skip(INLINE_HEADERS)
             .map(|h| req.headers.get(h).cloned())
             .collect();
         ctx.data.insert(Seen {
@@ -600,6 +666,7 @@ impl Plugin for AccessLog {
             uri: req.uri.clone(),
             version: req.version,
             headers,
+            more,
             upstream_uri: None,
             upstream_host: None,
         });
@@ -619,12 +686,23 @@ impl Plugin for AccessLog {
     }
 
     fn log(&self, ctx: &Ctx) {
-        let line = self.line(ctx, SystemTime::now());
-        self.sink.push(line.as_bytes());
+        LINE.with(|line| {
+            let mut line = line.borrow_mut();
+            line.clear();
+            self.line(ctx, Instant::now(), &mut line);
+            self.sink.push(line.as_bytes());
+        });
     }
 
     fn reads_response_headers(&self) -> bool {
         self.format.response_headers
+    }
+
+    fn reads_sizes(&self) -> bool {
+        self.format
+            .parts
+            .iter()
+            .any(|p| matches!(p, Part::Var(Var::RequestLength | Var::BytesSent)))
     }
 }
 
@@ -836,6 +914,7 @@ mod tests {
             second: u64::MAX,
             local: String::new(),
             iso: String::new(),
+            base: None,
         };
         // 2026-12-03 18:30:05 UTC
         c.at(1_796_322_605);

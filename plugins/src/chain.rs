@@ -101,6 +101,8 @@ pub struct PluginSet {
     keep_request: bool,
     /// Some `log` hook reads the response headers: they are kept for it.
     keep_response: bool,
+    /// Some `log` hook reads the exchange's sizes: they are measured.
+    sizes: bool,
 }
 
 impl std::fmt::Debug for PluginSet {
@@ -119,17 +121,20 @@ impl PluginSet {
         let mut phases = Phases::NONE;
         let mut keep_request = false;
         let mut keep_response = false;
+        let mut sizes = false;
         for e in &entries {
             phases |= e.phases;
             keep_request |= e.filter.is_some() && e.phases.has(Phases::RESPONSE);
             keep_response |= e.phases.has(Phases::LOG)
                 && (e.filter.is_some() || e.plugin.reads_response_headers());
+            sizes |= e.phases.has(Phases::LOG) && e.plugin.reads_sizes();
         }
         PluginSet {
             entries,
             phases,
             keep_request,
             keep_response,
+            sizes,
         }
     }
 
@@ -178,16 +183,19 @@ pub struct GlobalRules {
     pub rules: Vec<Arc<PluginSet>>,
     phases: Phases,
     keep_request: bool,
+    sizes: bool,
 }
 
 impl GlobalRules {
     pub fn new(rules: Vec<Arc<PluginSet>>) -> Self {
         let phases = rules.iter().fold(Phases::NONE, |p, r| p | r.phases);
         let keep_request = rules.iter().any(|r| r.keep_request);
+        let sizes = rules.iter().any(|r| r.sizes);
         GlobalRules {
             rules,
             phases,
             keep_request,
+            sizes,
         }
     }
 }
@@ -301,6 +309,10 @@ impl Active {
         self.sets().any(|s| s.keep_response)
     }
 
+    fn sizes(&self) -> bool {
+        self.sets().any(|s| s.sizes)
+    }
+
     fn header_filter(&self, ctx: &mut Ctx, resp: &mut http::response::Parts) {
         for set in self.sets() {
             if !set.phases.has(Phases::HEADER_FILTER) {
@@ -404,7 +416,7 @@ impl<S> Chain<S> {
                 ..
             } = self;
             let (mut parts, body) = req.into_parts();
-            if globals.phases.has(Phases::LOG) || route.phases.has(Phases::LOG) {
+            if globals.sizes || route.sizes {
                 ctx.request_length = crate::wire::request_length(&parts);
             }
             if globals.keep_request || route.keep_request {
@@ -509,7 +521,9 @@ fn response_phases(
         return Response::from_parts(parts, body);
     }
     if phases.has(Phases::LOG) {
-        ctx.header_bytes_sent = crate::wire::response_head_length(&parts);
+        if active.sizes() {
+            ctx.header_bytes_sent = crate::wire::response_head_length(&parts);
+        }
         if active.keep_response() {
             ctx.remember_response(&parts);
         }

@@ -136,6 +136,13 @@ pub trait Plugin: Send + Sync + 'static {
     fn reads_response_headers(&self) -> bool {
         false
     }
+
+    /// Whether `log` reads the sizes of the exchange
+    /// ([`Ctx::request_length`], [`Ctx::header_bytes_sent`]): only then are
+    /// they measured. Default: no.
+    fn reads_sizes(&self) -> bool {
+        false
+    }
 }
 
 /// What kind of plugin this is, as APISIX's `type`.

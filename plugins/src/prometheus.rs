@@ -242,6 +242,10 @@ impl Plugin for Prometheus {
         Phases::LOG
     }
 
+    fn reads_sizes(&self) -> bool {
+        true
+    }
+
     fn log(&self, ctx: &Ctx) {
         let route_info = ctx.route.as_deref();
         let mut route = ctx.route_id.as_deref().unwrap_or("");

@@ -23,10 +23,19 @@ pub use crate::expr::Vars;
 /// written digit by digit: `Display` goes through the formatting machinery
 /// for each octet, which costs more than the rest of a rate-limit check.
 pub fn ip_string(ip: IpAddr) -> String {
-    let IpAddr::V4(v4) = ip else {
-        return ip.to_string();
-    };
     let mut out = String::with_capacity(15);
+    push_ip(&mut out, ip);
+    out
+}
+
+/// Appends `ip` as [`ip_string`] writes it, without a `fmt` round trip for
+/// IPv4.
+pub fn push_ip(out: &mut String, ip: IpAddr) {
+    let IpAddr::V4(v4) = ip else {
+        use std::fmt::Write as _;
+        let _ = write!(out, "{ip}");
+        return;
+    };
     for (i, octet) in v4.octets().into_iter().enumerate() {
         if i > 0 {
             out.push('.');
@@ -39,7 +48,6 @@ pub fn ip_string(ip: IpAddr) -> String {
         }
         out.push(char::from(b'0' + octet % 10));
     }
-    out
 }
 
 /// Facts about the client connection, set by the listener and carried in
