@@ -125,6 +125,7 @@ impl PluginSet {
         for e in &entries {
             phases |= e.phases;
             keep_request |= e.filter.is_some() && e.phases.has(Phases::RESPONSE);
+            keep_request |= e.phases.has(Phases::LOG) && e.plugin.reads_request();
             keep_response |= e.phases.has(Phases::LOG)
                 && (e.filter.is_some() || e.plugin.reads_response_headers());
             sizes |= e.phases.has(Phases::LOG) && e.plugin.reads_sizes();

@@ -13,6 +13,7 @@
 
 pub mod api_breaker;
 pub mod basic_auth;
+pub mod batch;
 pub mod chain;
 pub mod cidr;
 pub mod consumer;
@@ -22,6 +23,7 @@ pub mod ctx;
 pub mod expr;
 pub mod fault_injection;
 pub mod gzip;
+pub mod http_logger;
 pub mod ip_restriction;
 pub mod jwt_auth;
 pub mod key_auth;
@@ -29,6 +31,7 @@ pub mod limit_conn;
 pub mod limit_count;
 pub mod limit_key;
 pub mod limit_req;
+pub mod log_entry;
 pub mod plugin;
 pub mod prometheus;
 pub mod proxy_rewrite;

@@ -137,6 +137,12 @@ pub trait Plugin: Send + Sync + 'static {
         false
     }
 
+    /// Whether `log` reads the request as it arrived ([`Ctx::request`]:
+    /// method, URI, headers): only then is it kept. Default: no.
+    fn reads_request(&self) -> bool {
+        false
+    }
+
     /// Whether `log` reads the sizes of the exchange
     /// ([`Ctx::request_length`], [`Ctx::header_bytes_sent`]): only then are
     /// they measured. Default: no.

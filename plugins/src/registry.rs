@@ -37,6 +37,7 @@ pub static PLUGINS: &[&dyn PluginSpec] = &[
     &crate::gzip::GzipSpec,
     &crate::prometheus::PrometheusSpec,
     &crate::public_api::PublicApiSpec,
+    &crate::http_logger::HttpLoggerSpec,
 ];
 
 /// Looks a plugin up by its APISIX name.

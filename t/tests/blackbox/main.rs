@@ -10,6 +10,7 @@ mod health;
 mod hot_reload;
 mod ip_restriction;
 mod limits;
+mod loggers;
 mod metrics;
 mod plugins;
 mod proxy;

@@ -1,0 +1,356 @@
+//! `http-logger`: sends each request's log entry to an HTTP collector, in
+//! batches.
+//!
+//! Mirrors APISIX 3.18's plugin (priority 410, body_filter and log
+//! phases):
+//!
+//! ```json
+//! {"uri": "http://127.0.0.1:8080/logs", "auth_header": "Bearer x", "timeout": 3,
+//!  "concat_method": "json", "batch_max_size": 1000, "inactive_timeout": 5,
+//!  "buffer_duration": 60, "max_retry_count": 0, "retry_delay": 1}
+//! ```
+//!
+//! - The entry is APISIX's full log, or `log_format` (the plugin's, else
+//!   `plugin_metadata/http-logger`'s); see [`crate::log_entry`]. An
+//!   unrouted request logs `route_id` `no-matched`.
+//! - A batch is one `POST` with `Content-Type: application/json` (an
+//!   array, or one object when `batch_max_size` is 1) or, with
+//!   `concat_method: new_line`, `text/plain` with one object per line;
+//!   `Authorization: auth_header` when set. A status of 400 or more, a
+//!   refused connection or `timeout` seconds without an answer fail the
+//!   batch (see [`crate::batch`] for retries and bounds).
+//! - `include_resp_body` adds the response body (up to
+//!   `max_resp_body_bytes`), when `include_resp_body_expr` holds.
+//!
+//! Refused rather than accepted and ignored: `https` collectors and
+//! `include_req_body: true` (the gateway streams request bodies and does
+//! not keep them for loggers).
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Uri};
+use http_body_util::Full;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+
+use crate::batch::{self, BatchConf, Processor, SendFuture, Sender};
+use crate::ctx::Ctx;
+use crate::expr::Expr;
+use crate::log_entry::{self, LogFormat, ResponseBody};
+use crate::plugin::{CompileCx, Phases, Plugin, PluginSpec, SchemaType};
+use crate::registry::cached;
+use crate::schema::Schema;
+
+pub const NAME: &str = "http-logger";
+pub const PRIORITY: i32 = 410;
+
+fn uri_ok(s: &str) -> bool {
+    s.parse::<Uri>()
+        .ok()
+        .is_some_and(|u| u.scheme().is_some() && u.host().is_some_and(|h| !h.is_empty()))
+}
+
+fn build_schema() -> Schema {
+    let expr_list = || {
+        Schema::array(Schema::array(Schema::Any).done())
+            .min(1)
+            .done()
+    };
+    let bytes = || Schema::integer().min(1.0).int();
+    let schema = Schema::object()
+        .prop(
+            "uri",
+            Schema::string()
+                .pattern(
+                    r"^[^\/]+:\/\/([\da-zA-Z.-]+|\[[\da-fA-F:]+\])(:\d+)?",
+                    uri_ok,
+                )
+                .done(),
+        )
+        .prop("auth_header", Schema::string().done())
+        .prop("timeout", Schema::integer().min(1.0).int())
+        .prop("log_format", Schema::object().done())
+        .prop("log_format_extra", Schema::object().done())
+        .prop("include_req_body", Schema::Boolean)
+        .prop("include_req_body_expr", expr_list())
+        .prop("include_resp_body", Schema::Boolean)
+        .prop("include_resp_body_expr", expr_list())
+        .prop("max_req_body_bytes", bytes())
+        .prop("max_resp_body_bytes", bytes())
+        .prop(
+            "concat_method",
+            Schema::string().enumerated(&["json", "new_line"]).done(),
+        )
+        .prop("ssl_verify", Schema::Boolean)
+        .required(&["uri"]);
+    batch::add_schema(schema).done()
+}
+
+/// The configuration schema.
+pub fn schema() -> &'static Schema {
+    static CELL: OnceLock<Schema> = OnceLock::new();
+    cached(&CELL, build_schema)
+}
+
+fn build_metadata_schema() -> Schema {
+    Schema::object()
+        .prop("log_format", Schema::object().done())
+        .prop("log_format_extra", Schema::object().done())
+        .prop("max_pending_entries", Schema::integer().min(1.0).int())
+        .done()
+}
+
+/// The `plugin_metadata` schema.
+pub fn metadata_schema() -> &'static Schema {
+    static CELL: OnceLock<Schema> = OnceLock::new();
+    cached(&CELL, build_metadata_schema)
+}
+
+/// Sends batches to the collector.
+struct HttpSender {
+    client: Client<HttpConnector, Full<Bytes>>,
+    uri: Uri,
+    host: Option<HeaderValue>,
+    auth: Option<HeaderValue>,
+    timeout: Duration,
+    new_line: bool,
+    batch_max_size: usize,
+}
+
+impl Sender for HttpSender {
+    fn send(&self, entries: Vec<Value>) -> SendFuture {
+        let body = batch::encode(&entries, self.batch_max_size, self.new_line);
+        let mut req = Request::new(Full::new(Bytes::from(body)));
+        *req.method_mut() = Method::POST;
+        *req.uri_mut() = self.uri.clone();
+        let headers = req.headers_mut();
+        if let Some(host) = &self.host {
+            headers.insert(header::HOST, host.clone());
+        }
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(if self.new_line {
+                "text/plain"
+            } else {
+                "application/json"
+            }),
+        );
+        if let Some(auth) = &self.auth {
+            headers.insert(header::AUTHORIZATION, auth.clone());
+        }
+        let call = self.client.request(req);
+        let (timeout, uri) = (self.timeout, self.uri.clone());
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, call).await {
+                Err(_) => Err(format!("timed out sending to {uri}")),
+                Ok(Err(e)) => Err(format!("error while sending data to {uri}: {e}")),
+                Ok(Ok(resp)) if resp.status().as_u16() >= 400 => Err(format!(
+                    "server returned status code[{}] uri[{uri}]",
+                    resp.status().as_u16()
+                )),
+                Ok(Ok(_)) => Ok(()),
+            }
+        })
+    }
+}
+
+/// The compiled plugin.
+pub struct HttpLogger {
+    format: Option<LogFormat>,
+    include_resp_body: bool,
+    resp_body_expr: Option<Expr>,
+    max_resp_body: usize,
+    processor: Arc<Processor>,
+}
+
+impl HttpLogger {
+    fn wants_body(&self, ctx: &Ctx) -> bool {
+        self.include_resp_body
+            && self
+                .resp_body_expr
+                .as_ref()
+                .is_none_or(|e| e.eval(&ctx.vars(None)))
+    }
+}
+
+impl Plugin for HttpLogger {
+    fn phases(&self) -> Phases {
+        if self.include_resp_body {
+            Phases::BODY_FILTER | Phases::LOG
+        } else {
+            Phases::LOG
+        }
+    }
+
+    fn body_filter(&self, ctx: &mut Ctx, chunk: &mut Bytes, _end: bool) {
+        if chunk.is_empty() || !self.wants_body(ctx) {
+            return;
+        }
+        let body = ctx.data.get_or_insert_default::<ResponseBody>();
+        let room = self.max_resp_body.saturating_sub(body.0.len());
+        body.0.extend_from_slice(&chunk[..chunk.len().min(room)]);
+    }
+
+    fn log(&self, ctx: &Ctx) {
+        let mut entry = match &self.format {
+            Some(format) => log_entry::custom(ctx, format),
+            None => log_entry::full(ctx, self.include_resp_body),
+        };
+        if let Some(map) = entry.as_object_mut() {
+            if map.get("route_id").is_none_or(Value::is_null) {
+                map.insert("route_id".into(), json!("no-matched"));
+            }
+        }
+        self.processor.push(entry);
+    }
+
+    fn reads_request(&self) -> bool {
+        self.format.is_none()
+    }
+
+    fn reads_response_headers(&self) -> bool {
+        self.format.is_none()
+    }
+
+    fn reads_sizes(&self) -> bool {
+        self.format.is_none()
+    }
+}
+
+/// Why `conf` cannot run here, though APISIX's schema allows it.
+fn refuse_unsupported(conf: &Value) -> Result<(), String> {
+    if conf.get("include_req_body").and_then(Value::as_bool) == Some(true) {
+        return Err("include_req_body is not supported by this gateway yet".into());
+    }
+    let uri = conf.get("uri").and_then(Value::as_str).unwrap_or("");
+    if !uri.starts_with("http://") {
+        return Err(format!(
+            "uri {uri}: only http:// collectors are supported by this gateway yet"
+        ));
+    }
+    Ok(())
+}
+
+/// The registry entry.
+pub struct HttpLoggerSpec;
+
+impl PluginSpec for HttpLoggerSpec {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn priority(&self) -> i32 {
+        PRIORITY
+    }
+
+    fn schema(&self) -> &'static Schema {
+        schema()
+    }
+
+    fn metadata_schema(&self) -> Option<&'static Schema> {
+        Some(metadata_schema())
+    }
+
+    fn encrypt_fields(&self) -> &'static [&'static str] {
+        &["auth_header"]
+    }
+
+    fn check(&self, conf: &Value, target: SchemaType) -> Result<(), String> {
+        if target == SchemaType::Metadata {
+            return metadata_schema().validate(conf);
+        }
+        schema().validate(conf)?;
+        for key in ["include_req_body_expr", "include_resp_body_expr"] {
+            if let Some(e) = conf.get(key) {
+                crate::expr::compile(e).map_err(|err| {
+                    let which = key.trim_end_matches("_expr");
+                    let which = which.strip_prefix("include_").unwrap_or(which);
+                    format!("failed to validate the 'include_{which}_expr' expression: {err}")
+                })?;
+            }
+        }
+        refuse_unsupported(conf)
+    }
+
+    fn compile(&self, conf: &Value, cx: &CompileCx<'_>) -> Result<Arc<dyn Plugin>, String> {
+        refuse_unsupported(conf)?;
+        let text = |k: &str| conf.get(k).and_then(Value::as_str);
+        let uri: Uri = text("uri")
+            .unwrap_or_default()
+            .parse()
+            .map_err(|e| format!("uri: {e}"))?;
+        let host = uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.host()).ok());
+        let format = conf
+            .get("log_format")
+            .or_else(|| cx.metadata.and_then(|m| m.get("log_format")))
+            .and_then(Value::as_object)
+            .filter(|f| !f.is_empty())
+            .map(LogFormat::new);
+        let max_pending = cx
+            .metadata
+            .and_then(|m| m.get("max_pending_entries"))
+            .and_then(Value::as_u64)
+            .map(|n| n as usize);
+        let batch_conf = BatchConf::from_conf(conf, NAME, max_pending);
+        let sender = HttpSender {
+            client: Client::builder(TokioExecutor::new()).build_http(),
+            host,
+            auth: text("auth_header").and_then(|a| HeaderValue::from_str(a).ok()),
+            timeout: Duration::from_secs(conf.get("timeout").and_then(Value::as_u64).unwrap_or(3)),
+            new_line: text("concat_method") == Some("new_line"),
+            batch_max_size: batch_conf.batch_max_size,
+            uri,
+        };
+        // One processor per configuration and owner: entries of a route
+        // keep their batch across unrelated configuration changes.
+        let processor = cx.state(|| Processor::new(batch_conf, Arc::new(sender)));
+        Ok(Arc::new(HttpLogger {
+            format,
+            include_resp_body: conf.get("include_resp_body").and_then(Value::as_bool) == Some(true),
+            resp_body_expr: conf
+                .get("include_resp_body_expr")
+                .map(crate::expr::compile)
+                .transpose()
+                .map_err(|e| e.to_string())?,
+            max_resp_body: conf
+                .get("max_resp_body_bytes")
+                .and_then(Value::as_u64)
+                .unwrap_or(524_288) as usize,
+            processor,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing;
+
+    #[test]
+    fn schema_and_refusals() {
+        assert!(HttpLoggerSpec
+            .check(&json!({"uri": "http://127.0.0.1:1/x"}), SchemaType::Route)
+            .is_ok());
+        let err = testing::refusal(NAME, &json!({}));
+        assert!(err.contains("\"uri\" is required"), "{err}");
+        let err = testing::refusal(NAME, &json!({"uri": "http://x", "batch_max_size": 0}));
+        assert!(err.contains("batch_max_size"), "{err}");
+        let err = testing::refusal(NAME, &json!({"uri": "http://x", "concat_method": "csv"}));
+        assert!(err.contains("concat_method"), "{err}");
+        let err = testing::refusal(NAME, &json!({"uri": "https://x"}));
+        assert!(err.contains("only http://"), "{err}");
+        let err = testing::refusal(NAME, &json!({"uri": "http://x", "include_req_body": true}));
+        assert!(err.contains("include_req_body"), "{err}");
+        let err = testing::refusal(
+            NAME,
+            &json!({"uri": "http://x", "include_resp_body_expr": [["status", "bad", 1]]}),
+        );
+        assert!(err.contains("include_resp_body_expr"), "{err}");
+    }
+}
