@@ -35,13 +35,11 @@ use http_body_util::Full;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use crate::batch::{self, BatchConf, Processor, SendFuture, Sender};
-use crate::ctx::Ctx;
-use crate::expr::Expr;
-use crate::log_entry::{self, LogFormat, ResponseBody};
-use crate::plugin::{CompileCx, Phases, Plugin, PluginSpec, SchemaType};
+use crate::batch::{self, BatchConf, SendFuture, Sender};
+use crate::logger::{self, Logger};
+use crate::plugin::{CompileCx, Plugin, PluginSpec, SchemaType};
 use crate::registry::cached;
 use crate::schema::Schema;
 
@@ -55,12 +53,6 @@ fn uri_ok(s: &str) -> bool {
 }
 
 fn build_schema() -> Schema {
-    let expr_list = || {
-        Schema::array(Schema::array(Schema::Any).done())
-            .min(1)
-            .done()
-    };
-    let bytes = || Schema::integer().min(1.0).int();
     let schema = Schema::object()
         .prop(
             "uri",
@@ -73,21 +65,13 @@ fn build_schema() -> Schema {
         )
         .prop("auth_header", Schema::string().done())
         .prop("timeout", Schema::integer().min(1.0).int())
-        .prop("log_format", Schema::object().done())
-        .prop("log_format_extra", Schema::object().done())
-        .prop("include_req_body", Schema::Boolean)
-        .prop("include_req_body_expr", expr_list())
-        .prop("include_resp_body", Schema::Boolean)
-        .prop("include_resp_body_expr", expr_list())
-        .prop("max_req_body_bytes", bytes())
-        .prop("max_resp_body_bytes", bytes())
         .prop(
             "concat_method",
             Schema::string().enumerated(&["json", "new_line"]).done(),
         )
         .prop("ssl_verify", Schema::Boolean)
         .required(&["uri"]);
-    batch::add_schema(schema).done()
+    batch::add_schema(logger::common_schema(schema)).done()
 }
 
 /// The configuration schema.
@@ -97,11 +81,7 @@ pub fn schema() -> &'static Schema {
 }
 
 fn build_metadata_schema() -> Schema {
-    Schema::object()
-        .prop("log_format", Schema::object().done())
-        .prop("log_format_extra", Schema::object().done())
-        .prop("max_pending_entries", Schema::integer().min(1.0).int())
-        .done()
+    logger::metadata_schema()
 }
 
 /// The `plugin_metadata` schema.
@@ -158,74 +138,8 @@ impl Sender for HttpSender {
     }
 }
 
-/// The compiled plugin.
-pub struct HttpLogger {
-    format: Option<LogFormat>,
-    include_resp_body: bool,
-    resp_body_expr: Option<Expr>,
-    max_resp_body: usize,
-    processor: Arc<Processor>,
-}
-
-impl HttpLogger {
-    fn wants_body(&self, ctx: &Ctx) -> bool {
-        self.include_resp_body
-            && self
-                .resp_body_expr
-                .as_ref()
-                .is_none_or(|e| e.eval(&ctx.vars(None)))
-    }
-}
-
-impl Plugin for HttpLogger {
-    fn phases(&self) -> Phases {
-        if self.include_resp_body {
-            Phases::BODY_FILTER | Phases::LOG
-        } else {
-            Phases::LOG
-        }
-    }
-
-    fn body_filter(&self, ctx: &mut Ctx, chunk: &mut Bytes, _end: bool) {
-        if chunk.is_empty() || !self.wants_body(ctx) {
-            return;
-        }
-        let body = ctx.data.get_or_insert_default::<ResponseBody>();
-        let room = self.max_resp_body.saturating_sub(body.0.len());
-        body.0.extend_from_slice(&chunk[..chunk.len().min(room)]);
-    }
-
-    fn log(&self, ctx: &Ctx) {
-        let mut entry = match &self.format {
-            Some(format) => log_entry::custom(ctx, format),
-            None => log_entry::full(ctx, self.include_resp_body),
-        };
-        if let Some(map) = entry.as_object_mut() {
-            if map.get("route_id").is_none_or(Value::is_null) {
-                map.insert("route_id".into(), json!("no-matched"));
-            }
-        }
-        self.processor.push(entry);
-    }
-
-    fn reads_request(&self) -> bool {
-        self.format.is_none()
-    }
-
-    fn reads_response_headers(&self) -> bool {
-        self.format.is_none()
-    }
-
-    fn reads_sizes(&self) -> bool {
-        self.format.is_none()
-    }
-}
-
 /// Why `conf` cannot run here, though APISIX's schema allows it.
 fn refuse_unsupported(conf: &Value) -> Result<(), String> {
-    if conf.get("include_req_body").and_then(Value::as_bool) == Some(true) {
-        return Err("include_req_body is not supported by this gateway yet".into());
-    }
     let uri = conf.get("uri").and_then(Value::as_str).unwrap_or("");
     if !uri.starts_with("http://") {
         return Err(format!(
@@ -264,15 +178,7 @@ impl PluginSpec for HttpLoggerSpec {
             return metadata_schema().validate(conf);
         }
         schema().validate(conf)?;
-        for key in ["include_req_body_expr", "include_resp_body_expr"] {
-            if let Some(e) = conf.get(key) {
-                crate::expr::compile(e).map_err(|err| {
-                    let which = key.trim_end_matches("_expr");
-                    let which = which.strip_prefix("include_").unwrap_or(which);
-                    format!("failed to validate the 'include_{which}_expr' expression: {err}")
-                })?;
-            }
-        }
+        logger::check(conf)?;
         refuse_unsupported(conf)
     }
 
@@ -286,17 +192,7 @@ impl PluginSpec for HttpLoggerSpec {
         let host = uri
             .authority()
             .and_then(|a| HeaderValue::from_str(a.host()).ok());
-        let format = conf
-            .get("log_format")
-            .or_else(|| cx.metadata.and_then(|m| m.get("log_format")))
-            .and_then(Value::as_object)
-            .filter(|f| !f.is_empty())
-            .map(LogFormat::new);
-        let max_pending = cx
-            .metadata
-            .and_then(|m| m.get("max_pending_entries"))
-            .and_then(Value::as_u64)
-            .map(|n| n as usize);
+        let max_pending = Logger::max_pending(cx);
         let batch_conf = BatchConf::from_conf(conf, NAME, max_pending);
         let sender = HttpSender {
             client: Client::builder(TokioExecutor::new()).build_http(),
@@ -307,23 +203,7 @@ impl PluginSpec for HttpLoggerSpec {
             batch_max_size: batch_conf.batch_max_size,
             uri,
         };
-        // One processor per configuration and owner: entries of a route
-        // keep their batch across unrelated configuration changes.
-        let processor = cx.state(|| Processor::new(batch_conf, Arc::new(sender)));
-        Ok(Arc::new(HttpLogger {
-            format,
-            include_resp_body: conf.get("include_resp_body").and_then(Value::as_bool) == Some(true),
-            resp_body_expr: conf
-                .get("include_resp_body_expr")
-                .map(crate::expr::compile)
-                .transpose()
-                .map_err(|e| e.to_string())?,
-            max_resp_body: conf
-                .get("max_resp_body_bytes")
-                .and_then(Value::as_u64)
-                .unwrap_or(524_288) as usize,
-            processor,
-        }))
+        Logger::compile(conf, cx, batch_conf, Arc::new(sender), true)
     }
 }
 
@@ -331,6 +211,7 @@ impl PluginSpec for HttpLoggerSpec {
 mod tests {
     use super::*;
     use crate::testing;
+    use serde_json::json;
 
     #[test]
     fn schema_and_refusals() {

@@ -38,6 +38,9 @@ pub static PLUGINS: &[&dyn PluginSpec] = &[
     &crate::prometheus::PrometheusSpec,
     &crate::public_api::PublicApiSpec,
     &crate::http_logger::HttpLoggerSpec,
+    &crate::tcp_logger::TcpLoggerSpec,
+    &crate::tcp_logger::UdpLoggerSpec,
+    &crate::file_logger::FileLoggerSpec,
 ];
 
 /// Looks a plugin up by its APISIX name.

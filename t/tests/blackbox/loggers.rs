@@ -220,3 +220,56 @@ async fn metadata_log_format_and_new_lines() {
     }
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn file_and_tcp_loggers() {
+    let gw = Gateway::start().await;
+    let up = Upstream::start("u").await;
+    let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let file = gw.dir.path().join("logs/file-logger.log");
+    gw.put(
+        "routes/f",
+        json!({"uri": "/f", "upstream": upstream(&[(&up.node(), 1)]),
+               "plugins": {
+                   "file-logger": {"path": file.to_str().unwrap(),
+                                   "match": [[["arg_log", "==", "yes"]]]},
+                   "tcp-logger": {"host": "127.0.0.1", "port": tcp.local_addr().unwrap().port(),
+                                  "batch_max_size": 2, "log_format": {"uri": "$uri", "s": "$status"}}}}),
+    )
+    .await;
+    assert_eq!(gw.get("/f?log=yes").await.status, 200);
+    assert_eq!(gw.get("/f?log=no").await.status, 200);
+    // file-logger: only the matching request, as one JSON line.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        if !text.is_empty() || Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let text = std::fs::read_to_string(&file).unwrap_or(text);
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| harness::serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{text}");
+    assert_eq!(lines[0]["request"]["uri"], "/f?log=yes");
+    assert_eq!(lines[0]["route_id"], "f");
+    // tcp-logger: both requests in one batch on one connection.
+    let (mut conn, _) = tokio::time::timeout(Duration::from_secs(10), tcp.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut got = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut conn, &mut got)
+        .await
+        .unwrap();
+    let batch: Value = harness::serde_json::from_str(&got).unwrap();
+    assert_eq!(
+        batch,
+        json!([{"uri": "/f", "s": "200", "route_id": "f"}, {"uri": "/f", "s": "200", "route_id": "f"}])
+    );
+    gw.stop().await;
+}

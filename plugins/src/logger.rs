@@ -1,0 +1,197 @@
+//! What the logger plugins share: the entry of a request (see
+//! [`crate::log_entry`]), the response body for `include_resp_body`, the
+//! common schema keys and checks, and the plugin that hands entries to a
+//! [`crate::batch::Processor`]. Each logger adds its own schema keys and a
+//! [`crate::batch::Sender`].
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde_json::{json, Value};
+
+use crate::batch::{BatchConf, Processor, Sender};
+use crate::ctx::Ctx;
+use crate::expr::Expr;
+use crate::log_entry::{self, LogFormat, ResponseBody};
+use crate::plugin::{CompileCx, Phases, Plugin};
+use crate::schema::{ObjectRule, Schema};
+
+/// The keys every logger has: `log_format`, `log_format_extra`,
+/// `include_req_body(_expr)`, `include_resp_body(_expr)`,
+/// `max_req_body_bytes`, `max_resp_body_bytes`.
+pub fn common_schema(schema: ObjectRule) -> ObjectRule {
+    let expr_list = || {
+        Schema::array(Schema::array(Schema::Any).done())
+            .min(1)
+            .done()
+    };
+    let bytes = || Schema::integer().min(1.0).int();
+    schema
+        .prop("log_format", Schema::object().done())
+        .prop("log_format_extra", Schema::object().done())
+        .prop("include_req_body", Schema::Boolean)
+        .prop("include_req_body_expr", expr_list())
+        .prop("include_resp_body", Schema::Boolean)
+        .prop("include_resp_body_expr", expr_list())
+        .prop("max_req_body_bytes", bytes())
+        .prop("max_resp_body_bytes", bytes())
+}
+
+/// The `plugin_metadata` schema of the batched loggers.
+pub fn metadata_schema() -> Schema {
+    Schema::object()
+        .prop("log_format", Schema::object().done())
+        .prop("log_format_extra", Schema::object().done())
+        .prop("max_pending_entries", Schema::integer().min(1.0).int())
+        .done()
+}
+
+/// Checks beyond the schema: the expressions compile, and nothing is
+/// asked that this gateway would silently skip.
+pub fn check(conf: &Value) -> Result<(), String> {
+    for key in ["include_req_body_expr", "include_resp_body_expr"] {
+        if let Some(e) = conf.get(key) {
+            crate::expr::compile(e)
+                .map_err(|err| format!("failed to validate the '{key}' expression: {err}"))?;
+        }
+    }
+    if conf.get("include_req_body").and_then(Value::as_bool) == Some(true) {
+        return Err("include_req_body is not supported by this gateway yet".into());
+    }
+    Ok(())
+}
+
+/// What goes into an entry, compiled.
+pub struct EntryBuilder {
+    format: Option<LogFormat>,
+    include_resp_body: bool,
+    resp_body_expr: Option<Expr>,
+    max_resp_body: usize,
+    /// http-logger names unrouted requests' route `no-matched`.
+    no_matched: bool,
+}
+
+impl EntryBuilder {
+    /// From the plugin's configuration, `log_format` falling back to the
+    /// plugin metadata's.
+    pub fn new(conf: &Value, metadata: Option<&Value>, no_matched: bool) -> Result<Self, String> {
+        Ok(EntryBuilder {
+            format: conf
+                .get("log_format")
+                .or_else(|| metadata.and_then(|m| m.get("log_format")))
+                .and_then(Value::as_object)
+                .filter(|f| !f.is_empty())
+                .map(LogFormat::new),
+            include_resp_body: conf.get("include_resp_body").and_then(Value::as_bool) == Some(true),
+            resp_body_expr: conf
+                .get("include_resp_body_expr")
+                .map(crate::expr::compile)
+                .transpose()
+                .map_err(|e| e.to_string())?,
+            max_resp_body: conf
+                .get("max_resp_body_bytes")
+                .and_then(Value::as_u64)
+                .unwrap_or(524_288) as usize,
+            no_matched,
+        })
+    }
+
+    fn wants_body(&self, ctx: &Ctx) -> bool {
+        self.include_resp_body
+            && self
+                .resp_body_expr
+                .as_ref()
+                .is_none_or(|e| e.eval(&ctx.vars(None)))
+    }
+
+    /// Keeps up to `max_resp_body_bytes` of the response body.
+    pub fn collect(&self, ctx: &mut Ctx, chunk: &Bytes) {
+        if chunk.is_empty() || !self.wants_body(ctx) {
+            return;
+        }
+        let body = ctx.data.get_or_insert_default::<ResponseBody>();
+        let room = self.max_resp_body.saturating_sub(body.0.len());
+        body.0.extend_from_slice(&chunk[..chunk.len().min(room)]);
+    }
+
+    /// The entry of a finished request.
+    pub fn entry(&self, ctx: &Ctx) -> Value {
+        let mut entry = match &self.format {
+            Some(format) => log_entry::custom(ctx, format),
+            None => log_entry::full(ctx, self.include_resp_body),
+        };
+        if self.no_matched {
+            if let Some(map) = entry.as_object_mut() {
+                if map.get("route_id").is_none_or(Value::is_null) {
+                    map.insert("route_id".into(), json!("no-matched"));
+                }
+            }
+        }
+        entry
+    }
+
+    fn full(&self) -> bool {
+        self.format.is_none()
+    }
+}
+
+/// A logger plugin: entries to a batch processor.
+pub struct Logger {
+    pub builder: EntryBuilder,
+    pub processor: Arc<Processor>,
+}
+
+impl Logger {
+    /// The plugin for `conf`, sending through `sender`; the processor is
+    /// kept per owner and configuration, so entries of an object keep their
+    /// batch across unrelated configuration changes.
+    pub fn compile(
+        conf: &Value,
+        cx: &CompileCx<'_>,
+        batch: BatchConf,
+        sender: Arc<dyn Sender>,
+        no_matched: bool,
+    ) -> Result<Arc<dyn Plugin>, String> {
+        let builder = EntryBuilder::new(conf, cx.metadata, no_matched)?;
+        let processor = cx.state(|| Processor::new(batch, sender));
+        Ok(Arc::new(Logger { builder, processor }))
+    }
+
+    /// `max_pending_entries` from the plugin metadata.
+    pub fn max_pending(cx: &CompileCx<'_>) -> Option<usize> {
+        cx.metadata
+            .and_then(|m| m.get("max_pending_entries"))
+            .and_then(Value::as_u64)
+            .map(|n| n as usize)
+    }
+}
+
+impl Plugin for Logger {
+    fn phases(&self) -> Phases {
+        if self.builder.include_resp_body {
+            Phases::BODY_FILTER | Phases::LOG
+        } else {
+            Phases::LOG
+        }
+    }
+
+    fn body_filter(&self, ctx: &mut Ctx, chunk: &mut Bytes, _end: bool) {
+        self.builder.collect(ctx, chunk);
+    }
+
+    fn log(&self, ctx: &Ctx) {
+        self.processor.push(self.builder.entry(ctx));
+    }
+
+    fn reads_request(&self) -> bool {
+        self.builder.full()
+    }
+
+    fn reads_response_headers(&self) -> bool {
+        self.builder.full()
+    }
+
+    fn reads_sizes(&self) -> bool {
+        self.builder.full()
+    }
+}

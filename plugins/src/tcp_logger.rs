@@ -1,0 +1,256 @@
+//! `tcp-logger` and `udp-logger`: each request's log entry to a TCP or UDP
+//! collector, in batches.
+//!
+//! Mirror APISIX 3.18's plugins (`tcp-logger` priority 405, `udp-logger`
+//! 400; log phase, body_filter with `include_resp_body`):
+//!
+//! ```json
+//! {"host": "127.0.0.1", "port": 5044, "timeout": 1000, "batch_max_size": 100}
+//! ```
+//!
+//! A batch is the JSON of its entries (one object when `batch_max_size` is
+//! 1, else an array): over a new TCP connection per batch (`timeout` in
+//! milliseconds, default 1000), or as one UDP datagram (`timeout` in
+//! seconds, default 3). The entry and the batching are the loggers' (see
+//! [`crate::logger`], [`crate::batch`]). `tls: true` (tcp-logger) is
+//! refused rather than sent in the clear.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::AsyncWriteExt;
+
+use crate::batch::{self, BatchConf, SendFuture, Sender};
+use crate::logger::{self, Logger};
+use crate::plugin::{CompileCx, Plugin, PluginSpec, SchemaType};
+use crate::registry::cached;
+use crate::schema::Schema;
+
+/// Which transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Tcp,
+    Udp,
+}
+
+fn build_tcp_schema() -> Schema {
+    let schema = Schema::object()
+        .prop("host", Schema::string().done())
+        .prop("port", Schema::integer().min(0.0).int())
+        .prop("tls", Schema::Boolean)
+        .prop("tls_options", Schema::string().done())
+        .prop("timeout", Schema::integer().min(1.0).int())
+        .required(&["host", "port"]);
+    batch::add_schema(logger::common_schema(schema)).done()
+}
+
+fn build_udp_schema() -> Schema {
+    let schema = Schema::object()
+        .prop("host", Schema::string().done())
+        .prop("port", Schema::integer().min(0.0).int())
+        .prop("timeout", Schema::integer().min(1.0).int())
+        .required(&["host", "port"]);
+    batch::add_schema(logger::common_schema(schema)).done()
+}
+
+fn build_metadata_schema() -> Schema {
+    logger::metadata_schema()
+}
+
+fn metadata_schema() -> &'static Schema {
+    static CELL: OnceLock<Schema> = OnceLock::new();
+    cached(&CELL, build_metadata_schema)
+}
+
+struct SocketSender {
+    transport: Transport,
+    target: String,
+    timeout: Duration,
+    batch_max_size: usize,
+}
+
+impl Sender for SocketSender {
+    fn send(&self, entries: Vec<Value>) -> SendFuture {
+        let data = batch::encode(&entries, self.batch_max_size, false);
+        let (transport, target, timeout) = (self.transport, self.target.clone(), self.timeout);
+        Box::pin(async move {
+            let io = async {
+                match transport {
+                    Transport::Tcp => {
+                        let mut sock = tokio::net::TcpStream::connect(&target).await?;
+                        sock.write_all(data.as_bytes()).await?;
+                        sock.shutdown().await
+                    }
+                    Transport::Udp => {
+                        let sock = tokio::net::UdpSocket::bind(if target.starts_with('[') {
+                            "[::]:0"
+                        } else {
+                            "0.0.0.0:0"
+                        })
+                        .await?;
+                        sock.connect(&target).await?;
+                        sock.send(data.as_bytes()).await.map(|_| ())
+                    }
+                }
+            };
+            match tokio::time::timeout(timeout, io).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(format!("failed to send data to {target}: {e}")),
+                Err(_) => Err(format!("timed out sending to {target}")),
+            }
+        })
+    }
+}
+
+fn compile(
+    transport: Transport,
+    name: &'static str,
+    conf: &Value,
+    cx: &CompileCx<'_>,
+) -> Result<Arc<dyn Plugin>, String> {
+    let host = conf.get("host").and_then(Value::as_str).unwrap_or_default();
+    let port = conf.get("port").and_then(Value::as_u64).unwrap_or(0);
+    let target = if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    let timeout = match (transport, conf.get("timeout").and_then(Value::as_u64)) {
+        (Transport::Tcp, t) => Duration::from_millis(t.unwrap_or(1000)),
+        (Transport::Udp, t) => Duration::from_secs(t.unwrap_or(3)),
+    };
+    let batch_conf = BatchConf::from_conf(conf, name, Logger::max_pending(cx));
+    let sender = SocketSender {
+        transport,
+        target,
+        timeout,
+        batch_max_size: batch_conf.batch_max_size,
+    };
+    Logger::compile(conf, cx, batch_conf, Arc::new(sender), false)
+}
+
+/// `tcp-logger`.
+pub struct TcpLoggerSpec;
+
+impl PluginSpec for TcpLoggerSpec {
+    fn name(&self) -> &'static str {
+        "tcp-logger"
+    }
+
+    fn priority(&self) -> i32 {
+        405
+    }
+
+    fn schema(&self) -> &'static Schema {
+        static CELL: OnceLock<Schema> = OnceLock::new();
+        cached(&CELL, build_tcp_schema)
+    }
+
+    fn metadata_schema(&self) -> Option<&'static Schema> {
+        Some(metadata_schema())
+    }
+
+    fn check(&self, conf: &Value, target: SchemaType) -> Result<(), String> {
+        if target == SchemaType::Metadata {
+            return metadata_schema().validate(conf);
+        }
+        self.schema().validate(conf)?;
+        logger::check(conf)?;
+        if conf.get("tls").and_then(Value::as_bool) == Some(true) {
+            return Err("tls is not supported by this gateway's tcp-logger yet".into());
+        }
+        Ok(())
+    }
+
+    fn compile(&self, conf: &Value, cx: &CompileCx<'_>) -> Result<Arc<dyn Plugin>, String> {
+        compile(Transport::Tcp, self.name(), conf, cx)
+    }
+}
+
+/// `udp-logger`.
+pub struct UdpLoggerSpec;
+
+impl PluginSpec for UdpLoggerSpec {
+    fn name(&self) -> &'static str {
+        "udp-logger"
+    }
+
+    fn priority(&self) -> i32 {
+        400
+    }
+
+    fn schema(&self) -> &'static Schema {
+        static CELL: OnceLock<Schema> = OnceLock::new();
+        cached(&CELL, build_udp_schema)
+    }
+
+    fn metadata_schema(&self) -> Option<&'static Schema> {
+        Some(metadata_schema())
+    }
+
+    fn check(&self, conf: &Value, target: SchemaType) -> Result<(), String> {
+        if target == SchemaType::Metadata {
+            return metadata_schema().validate(conf);
+        }
+        self.schema().validate(conf)?;
+        logger::check(conf)
+    }
+
+    fn compile(&self, conf: &Value, cx: &CompileCx<'_>) -> Result<Arc<dyn Plugin>, String> {
+        compile(Transport::Udp, self.name(), conf, cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing;
+    use serde_json::json;
+
+    #[test]
+    fn schemas() {
+        let err = testing::refusal("tcp-logger", &json!({"host": "h"}));
+        assert!(err.contains("\"port\" is required"), "{err}");
+        let err = testing::refusal("tcp-logger", &json!({"host": "h", "port": 1, "tls": true}));
+        assert!(err.contains("tls"), "{err}");
+        let err = testing::refusal("udp-logger", &json!({"host": "h", "port": -1}));
+        assert!(err.contains("port"), "{err}");
+        assert!(UdpLoggerSpec
+            .check(&json!({"host": "h", "port": 1}), SchemaType::Route)
+            .is_ok());
+    }
+
+    #[tokio::test]
+    async fn sends_a_batch_over_tcp_and_udp() {
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let entries = vec![json!({"a": 1}), json!({"b": 2})];
+        let sender = |transport, addr: std::net::SocketAddr| SocketSender {
+            transport,
+            target: addr.to_string(),
+            timeout: Duration::from_secs(2),
+            batch_max_size: 10,
+        };
+        let send = sender(Transport::Tcp, tcp.local_addr().expect("addr")).send(entries.clone());
+        let (sent, accepted) = tokio::join!(send, tcp.accept());
+        assert_eq!(sent, Ok(()));
+        let (mut conn, _) = accepted.expect("accept");
+        let mut got = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut conn, &mut got)
+            .await
+            .expect("read");
+        assert_eq!(got, "[{\"a\":1},{\"b\":2}]");
+        sender(Transport::Udp, udp.local_addr().expect("addr"))
+            .send(entries)
+            .await
+            .expect("sent");
+        let mut buf = [0u8; 1024];
+        let n = udp.recv(&mut buf).await.expect("recv");
+        assert_eq!(&buf[..n], b"[{\"a\":1},{\"b\":2}]");
+    }
+}
