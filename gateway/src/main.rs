@@ -114,10 +114,11 @@ fn main() -> anyhow::Result<()> {
     }
     .context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let running = gateway::start(config).await?;
-        // Handlers first: a `reload` sent as soon as the PID file exists
-        // must not meet SIGHUP's default action (exit).
+        // Handlers before the listeners: a `reload` or a logrotate's USR1
+        // sent as soon as a port answers must not meet the signal's default
+        // action (exit).
         let mut signals = Signals::install()?;
+        let running = gateway::start(config).await?;
         let _pid_file = PidFile::create(&data_dir)?;
         signals.wait_for_stop(&running, &args.config).await;
         tracing::info!(?grace, "shutting down: finishing requests in flight (signal again to stop at once)");

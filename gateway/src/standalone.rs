@@ -120,8 +120,14 @@ pub fn sync(store: &MemoryStore, objects: &BTreeMap<String, Value>) -> Result<()
     Ok(())
 }
 
-fn modified(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+/// What tells one version of the file from the next: its modification
+/// time, and its inode and size, because a file replaced by a rename within
+/// the same clock tick (file times are only as fine as the kernel's coarse
+/// clock, a few milliseconds) keeps the old modification time.
+fn modified(path: &Path) -> Option<(SystemTime, u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.ino(), m.len()))
 }
 
 /// Loads the file once (an error if it cannot be loaded) and returns the store.

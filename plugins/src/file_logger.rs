@@ -13,8 +13,9 @@
 //! - `match`: a list of `vars` expressions; an entry is written only when
 //!   one of them holds.
 //! - Lines are appended by a background task within a second, a whole
-//!   batch per write, the file opened for each batch: a file renamed by
-//!   logrotate is simply created again. A request never waits on the disk.
+//!   batch per write, the file (and its directory) created when missing and
+//!   opened for each batch: a file renamed by logrotate is simply created
+//!   again. A request never waits on the disk.
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -92,6 +93,9 @@ impl Sender for FileSender {
                 text.push('\n');
             }
             let write = tokio::task::spawn_blocking(move || {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    let _ = std::fs::create_dir_all(dir);
+                }
                 std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)

@@ -74,6 +74,15 @@ impl Gateway {
             no_tls = format!("  ssl:\n    enable: false\n{apisix_extra}");
             &no_tls
         };
+        // Nor do they write access logs or export metrics on the shared
+        // default port unless a test says so: tests of those name them.
+        let mut extra = extra.to_string();
+        if !extra.contains("nginx_config:") {
+            extra.push_str("nginx_config:\n  http:\n    enable_access_log: false\n");
+        }
+        if !extra.contains("plugin_attr:") {
+            extra.push_str("plugin_attr:\n  prometheus:\n    enable_export_server: false\n");
+        }
         let dir = tempfile::tempdir().unwrap();
         let yaml = format!(
             "apisix:\n  node_listen:\n    - ip: 127.0.0.1\n      port: 0\n{apisix_extra}\

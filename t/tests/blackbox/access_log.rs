@@ -109,7 +109,9 @@ async fn a_line_per_request_in_the_configured_format() {
 
 #[tokio::test]
 async fn default_format_and_switch_off() {
-    let gw = Gateway::start().await;
+    // Test gateways keep their access log off unless told; this one is on
+    // with every other key at its default.
+    let gw = Gateway::start_with("nginx_config:\n  http:\n    enable_access_log: true\n").await;
     assert_eq!(gw.get("/nothing").await.status, 404);
     let got = lines(&gw.dir.path().join("logs/access.log"), 1).await;
     // APISIX's default format, nginx's escaping.
