@@ -128,6 +128,25 @@ impl Processor {
         Arc::new(Processor::new(conf, sender))
     }
 
+    /// Whether an entry would be kept now. A logger asks before it builds
+    /// an entry, so a collector that is down costs requests nothing but
+    /// this check.
+    pub fn has_room(&self) -> bool {
+        self.held.load(Ordering::Relaxed) < self.conf.max_pending
+    }
+
+    /// Counts an entry not built because there was no room.
+    pub fn skip(&self) {
+        self.drop_one();
+    }
+
+    fn drop_one(&self) {
+        let before = self.dropped.fetch_add(1, Ordering::Relaxed);
+        if before.is_multiple_of(1000) {
+            tracing::warn!(name = %self.conf.name, max_pending_entries = self.conf.max_pending, dropped = before + 1, "logger backlog full; entries dropped");
+        }
+    }
+
     /// Adds an entry; never waits.
     pub fn push(self: &Arc<Self>, entry: Value) {
         self.task
@@ -139,11 +158,8 @@ impl Processor {
                     tracing::error!(name = %self.conf.name, "no runtime: log entries not sent")
                 }
             });
-        if self.held.load(Ordering::Relaxed) >= self.conf.max_pending {
-            let before = self.dropped.fetch_add(1, Ordering::Relaxed);
-            if before.is_multiple_of(1000) {
-                tracing::warn!(name = %self.conf.name, max_pending_entries = self.conf.max_pending, dropped = before + 1, "logger backlog full; entries dropped");
-            }
+        if !self.has_room() {
+            self.drop_one();
             return;
         }
         self.held.fetch_add(1, Ordering::Relaxed);
@@ -245,6 +261,23 @@ async fn run(p: std::sync::Weak<Processor>, sender: Arc<dyn Sender>) {
                 deliver(&strong, sender.as_ref(), batch).await;
             }
             return;
+        }
+    }
+}
+
+/// [`encode`] on a blocking thread: a batch of large entries takes long
+/// enough to encode that it would hold up the requests of a
+/// single-threaded runtime.
+pub async fn encode_off_thread(
+    entries: Vec<Value>,
+    batch_max_size: usize,
+    new_line: bool,
+) -> String {
+    match tokio::task::spawn_blocking(move || encode(&entries, batch_max_size, new_line)).await {
+        Ok(text) => text,
+        Err(e) => {
+            tracing::error!(error = %e, "log batch encoding failed");
+            String::new()
         }
     }
 }

@@ -130,6 +130,10 @@ impl Plugin for FileLogger {
         if !self.matches.is_empty() && !self.matches.iter().any(|m| m.eval(&ctx.vars(None))) {
             return;
         }
+        if !self.processor.has_room() {
+            self.processor.skip();
+            return;
+        }
         self.processor.push(self.builder.entry(ctx));
     }
 

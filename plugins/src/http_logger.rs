@@ -103,29 +103,30 @@ struct HttpSender {
 
 impl Sender for HttpSender {
     fn send(&self, entries: Vec<Value>) -> SendFuture {
-        let body = batch::encode(&entries, self.batch_max_size, self.new_line);
-        let mut req = Request::new(Full::new(Bytes::from(body)));
-        *req.method_mut() = Method::POST;
-        *req.uri_mut() = self.uri.clone();
-        let headers = req.headers_mut();
-        if let Some(host) = &self.host {
-            headers.insert(header::HOST, host.clone());
-        }
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static(if self.new_line {
-                "text/plain"
-            } else {
-                "application/json"
-            }),
-        );
-        if let Some(auth) = &self.auth {
-            headers.insert(header::AUTHORIZATION, auth.clone());
-        }
-        let call = self.client.request(req);
-        let (timeout, uri) = (self.timeout, self.uri.clone());
+        let client = self.client.clone();
+        let (uri, host, auth) = (self.uri.clone(), self.host.clone(), self.auth.clone());
+        let (timeout, new_line, size) = (self.timeout, self.new_line, self.batch_max_size);
         Box::pin(async move {
-            match tokio::time::timeout(timeout, call).await {
+            let body = batch::encode_off_thread(entries, size, new_line).await;
+            let mut req = Request::new(Full::new(Bytes::from(body)));
+            *req.method_mut() = Method::POST;
+            *req.uri_mut() = uri.clone();
+            let headers = req.headers_mut();
+            if let Some(host) = host {
+                headers.insert(header::HOST, host);
+            }
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(if new_line {
+                    "text/plain"
+                } else {
+                    "application/json"
+                }),
+            );
+            if let Some(auth) = auth {
+                headers.insert(header::AUTHORIZATION, auth);
+            }
+            match tokio::time::timeout(timeout, client.request(req)).await {
                 Err(_) => Err(format!("timed out sending to {uri}")),
                 Ok(Err(e)) => Err(format!("error while sending data to {uri}: {e}")),
                 Ok(Ok(resp)) if resp.status().as_u16() >= 400 => Err(format!(

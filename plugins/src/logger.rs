@@ -180,6 +180,10 @@ impl Plugin for Logger {
     }
 
     fn log(&self, ctx: &Ctx) {
+        if !self.processor.has_room() {
+            self.processor.skip();
+            return;
+        }
         self.processor.push(self.builder.entry(ctx));
     }
 

@@ -72,9 +72,10 @@ struct SocketSender {
 
 impl Sender for SocketSender {
     fn send(&self, entries: Vec<Value>) -> SendFuture {
-        let data = batch::encode(&entries, self.batch_max_size, false);
         let (transport, target, timeout) = (self.transport, self.target.clone(), self.timeout);
+        let size = self.batch_max_size;
         Box::pin(async move {
+            let data = batch::encode_off_thread(entries, size, false).await;
             let io = async {
                 match transport {
                     Transport::Tcp => {
