@@ -66,84 +66,28 @@ pub fn schema() -> &'static Schema {
     cached(&CELL, build_schema)
 }
 
+/// Labels of APISIX's LLM metrics (kept in the metadata schema so that
+/// APISIX's `disabled_labels` are accepted as they are).
+const LLM_LABELS: [&str; 7] = [
+    "route_id",
+    "service_id",
+    "consumer",
+    "node",
+    "request_type",
+    "request_llm_model",
+    "llm_model",
+];
+
 /// Every metric APISIX lets `disabled_labels` name, with the labels that
-/// may be blanked (APISIX's `metric_label_map` less the structural ones).
+/// may be blanked (APISIX's `metric_label_map` less the structural ones:
+/// `code` and `type` come first in their lists).
 const DISABLABLE: &[(&str, &[&str])] = &[
-    (
-        "http_status",
-        &[
-            "route",
-            "matched_uri",
-            "matched_host",
-            "service",
-            "consumer",
-            "node",
-            "request_type",
-            "request_llm_model",
-            "llm_model",
-            "response_source",
-        ],
-    ),
-    (
-        "http_latency",
-        &[
-            "route",
-            "service",
-            "consumer",
-            "node",
-            "request_type",
-            "request_llm_model",
-            "llm_model",
-        ],
-    ),
-    (
-        "bandwidth",
-        &[
-            "route",
-            "service",
-            "consumer",
-            "node",
-            "request_type",
-            "request_llm_model",
-            "llm_model",
-        ],
-    ),
-    (
-        "llm_latency",
-        &[
-            "route_id",
-            "service_id",
-            "consumer",
-            "node",
-            "request_type",
-            "request_llm_model",
-            "llm_model",
-        ],
-    ),
-    (
-        "llm_prompt_tokens",
-        &[
-            "route_id",
-            "service_id",
-            "consumer",
-            "node",
-            "request_type",
-            "request_llm_model",
-            "llm_model",
-        ],
-    ),
-    (
-        "llm_completion_tokens",
-        &[
-            "route_id",
-            "service_id",
-            "consumer",
-            "node",
-            "request_type",
-            "request_llm_model",
-            "llm_model",
-        ],
-    ),
+    ("http_status", exporter::STATUS_LABELS.split_at(1).1),
+    ("http_latency", exporter::TYPED_LABELS.split_at(1).1),
+    ("bandwidth", exporter::TYPED_LABELS.split_at(1).1),
+    ("llm_latency", &LLM_LABELS),
+    ("llm_prompt_tokens", &LLM_LABELS),
+    ("llm_completion_tokens", &LLM_LABELS),
     (
         "llm_active_connections",
         &[
@@ -160,30 +104,8 @@ const DISABLABLE: &[(&str, &[&str])] = &[
             "llm_model",
         ],
     ),
-    (
-        "llm_prompt_tokens_dist",
-        &[
-            "route_id",
-            "service_id",
-            "consumer",
-            "node",
-            "request_type",
-            "request_llm_model",
-            "llm_model",
-        ],
-    ),
-    (
-        "llm_completion_tokens_dist",
-        &[
-            "route_id",
-            "service_id",
-            "consumer",
-            "node",
-            "request_type",
-            "request_llm_model",
-            "llm_model",
-        ],
-    ),
+    ("llm_prompt_tokens_dist", &LLM_LABELS),
+    ("llm_completion_tokens_dist", &LLM_LABELS),
 ];
 
 fn build_metadata_schema() -> Schema {

@@ -38,8 +38,8 @@ pub static PLUGINS: &[&dyn PluginSpec] = &[
     &crate::prometheus::PrometheusSpec,
     &crate::public_api::PublicApiSpec,
     &crate::http_logger::HttpLoggerSpec,
-    &crate::tcp_logger::TcpLoggerSpec,
-    &crate::tcp_logger::UdpLoggerSpec,
+    &crate::tcp_logger::TCP_LOGGER,
+    &crate::tcp_logger::UDP_LOGGER,
     &crate::file_logger::FileLoggerSpec,
 ];
 

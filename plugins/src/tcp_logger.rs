@@ -131,21 +131,36 @@ fn compile(
     Logger::compile(conf, cx, batch_conf, Arc::new(sender), false)
 }
 
-/// `tcp-logger`.
-pub struct TcpLoggerSpec;
+/// `tcp-logger` or `udp-logger`.
+pub struct SocketLoggerSpec(Transport);
 
-impl PluginSpec for TcpLoggerSpec {
+/// `tcp-logger`.
+pub const TCP_LOGGER: SocketLoggerSpec = SocketLoggerSpec(Transport::Tcp);
+/// `udp-logger`.
+pub const UDP_LOGGER: SocketLoggerSpec = SocketLoggerSpec(Transport::Udp);
+
+impl PluginSpec for SocketLoggerSpec {
     fn name(&self) -> &'static str {
-        "tcp-logger"
+        match self.0 {
+            Transport::Tcp => "tcp-logger",
+            Transport::Udp => "udp-logger",
+        }
     }
 
     fn priority(&self) -> i32 {
-        405
+        match self.0 {
+            Transport::Tcp => 405,
+            Transport::Udp => 400,
+        }
     }
 
     fn schema(&self) -> &'static Schema {
-        static CELL: OnceLock<Schema> = OnceLock::new();
-        cached(&CELL, build_tcp_schema)
+        static TCP: OnceLock<Schema> = OnceLock::new();
+        static UDP: OnceLock<Schema> = OnceLock::new();
+        match self.0 {
+            Transport::Tcp => cached(&TCP, build_tcp_schema),
+            Transport::Udp => cached(&UDP, build_udp_schema),
+        }
     }
 
     fn metadata_schema(&self) -> Option<&'static Schema> {
@@ -165,41 +180,7 @@ impl PluginSpec for TcpLoggerSpec {
     }
 
     fn compile(&self, conf: &Value, cx: &CompileCx<'_>) -> Result<Arc<dyn Plugin>, String> {
-        compile(Transport::Tcp, self.name(), conf, cx)
-    }
-}
-
-/// `udp-logger`.
-pub struct UdpLoggerSpec;
-
-impl PluginSpec for UdpLoggerSpec {
-    fn name(&self) -> &'static str {
-        "udp-logger"
-    }
-
-    fn priority(&self) -> i32 {
-        400
-    }
-
-    fn schema(&self) -> &'static Schema {
-        static CELL: OnceLock<Schema> = OnceLock::new();
-        cached(&CELL, build_udp_schema)
-    }
-
-    fn metadata_schema(&self) -> Option<&'static Schema> {
-        Some(metadata_schema())
-    }
-
-    fn check(&self, conf: &Value, target: SchemaType) -> Result<(), String> {
-        if target == SchemaType::Metadata {
-            return metadata_schema().validate(conf);
-        }
-        self.schema().validate(conf)?;
-        logger::check(conf)
-    }
-
-    fn compile(&self, conf: &Value, cx: &CompileCx<'_>) -> Result<Arc<dyn Plugin>, String> {
-        compile(Transport::Udp, self.name(), conf, cx)
+        compile(self.0, self.name(), conf, cx)
     }
 }
 
@@ -217,7 +198,7 @@ mod tests {
         assert!(err.contains("tls"), "{err}");
         let err = testing::refusal("udp-logger", &json!({"host": "h", "port": -1}));
         assert!(err.contains("port"), "{err}");
-        assert!(UdpLoggerSpec
+        assert!(UDP_LOGGER
             .check(&json!({"host": "h", "port": 1}), SchemaType::Route)
             .is_ok());
     }
