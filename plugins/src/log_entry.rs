@@ -185,6 +185,19 @@ pub fn full(ctx: &Ctx, include_resp_body: bool) -> Value {
 
 /// The entry a `log_format` describes.
 pub fn custom(ctx: &Ctx, format: &LogFormat) -> Value {
+    let mut out = fields(ctx, format);
+    if let Some(route) = ctx.route_id.as_deref() {
+        out.insert("route_id".into(), json!(route));
+        if let Some(service) = ctx.service_id.as_deref() {
+            out.insert("service_id".into(), json!(service));
+        }
+    }
+    Value::Object(out)
+}
+
+/// Just the keys `format` declares (`log_format_extra` adds these to the
+/// full entry).
+pub fn fields(ctx: &Ctx, format: &LogFormat) -> Map<String, Value> {
     let mut out = Map::new();
     for (key, field) in &format.0 {
         let value = match field {
@@ -196,13 +209,7 @@ pub fn custom(ctx: &Ctx, format: &LogFormat) -> Value {
         };
         out.insert(key.clone(), value);
     }
-    if let Some(route) = ctx.route_id.as_deref() {
-        out.insert("route_id".into(), json!(route));
-        if let Some(service) = ctx.service_id.as_deref() {
-            out.insert("service_id".into(), json!(service));
-        }
-    }
-    Value::Object(out)
+    out
 }
 
 #[cfg(test)]

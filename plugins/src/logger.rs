@@ -64,6 +64,9 @@ pub fn check(conf: &Value) -> Result<(), String> {
 /// What goes into an entry, compiled.
 pub struct EntryBuilder {
     format: Option<LogFormat>,
+    /// `log_format_extra`: keys added to the full entry (ignored with a
+    /// `log_format`, as APISIX does).
+    extra: Option<LogFormat>,
     include_resp_body: bool,
     resp_body_expr: Option<Expr>,
     max_resp_body: usize,
@@ -75,7 +78,16 @@ impl EntryBuilder {
     /// From the plugin's configuration, `log_format` falling back to the
     /// plugin metadata's.
     pub fn new(conf: &Value, metadata: Option<&Value>, no_matched: bool) -> Result<Self, String> {
+        // The plugin's value wins when present, even empty.
+        let extra = match conf.get("log_format_extra") {
+            Some(v) => Some(v),
+            None => metadata.and_then(|m| m.get("log_format_extra")),
+        };
         Ok(EntryBuilder {
+            extra: extra
+                .and_then(Value::as_object)
+                .filter(|f| !f.is_empty())
+                .map(LogFormat::new),
             format: conf
                 .get("log_format")
                 .or_else(|| metadata.and_then(|m| m.get("log_format")))
@@ -118,7 +130,13 @@ impl EntryBuilder {
     pub fn entry(&self, ctx: &Ctx) -> Value {
         let mut entry = match &self.format {
             Some(format) => log_entry::custom(ctx, format),
-            None => log_entry::full(ctx, self.include_resp_body),
+            None => {
+                let mut full = log_entry::full(ctx, self.include_resp_body);
+                if let (Some(extra), Some(map)) = (&self.extra, full.as_object_mut()) {
+                    map.extend(log_entry::fields(ctx, extra));
+                }
+                full
+            }
         };
         if self.no_matched {
             if let Some(map) = entry.as_object_mut() {
@@ -197,5 +215,35 @@ impl Plugin for Logger {
 
     fn reads_sizes(&self) -> bool {
         self.builder.full()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing;
+
+    #[test]
+    fn log_format_extra_enriches_the_full_entry() {
+        let conf = json!({"log_format_extra": {"client": "$remote_addr", "env": "prod"}});
+        let b = EntryBuilder::new(&conf, None, true).expect("builder");
+        let mut ctx = testing::ctx("10.1.2.3");
+        ctx.route_id = Some("r".into());
+        let e = b.entry(&ctx);
+        assert_eq!(e["client"], "10.1.2.3");
+        assert_eq!(e["env"], "prod");
+        assert_eq!(e["route_id"], "r");
+        assert!(e["request"].is_object() && e["latency"].is_number(), "{e}");
+        // The metadata's applies when the plugin has none; a log_format wins.
+        let meta = json!({"log_format_extra": {"m": "1"}});
+        let b = EntryBuilder::new(&json!({}), Some(&meta), false).expect("builder");
+        assert_eq!(b.entry(&ctx)["m"], "1");
+        let b = EntryBuilder::new(
+            &json!({"log_format": {"a": "$remote_addr"}, "log_format_extra": {"x": "y"}}),
+            None,
+            false,
+        )
+        .expect("builder");
+        assert_eq!(b.entry(&ctx), json!({"a": "10.1.2.3", "route_id": "r"}));
     }
 }

@@ -104,7 +104,8 @@ async fn batches_reach_the_collector() {
         "routes/logged",
         json!({"uri": "/logged", "upstream": upstream(&[(&up.node(), 1)]),
                "plugins": {"http-logger": {"uri": collector.uri(), "batch_max_size": 3,
-                                           "inactive_timeout": 1}}}),
+                                           "inactive_timeout": 1,
+                                           "log_format_extra": {"agent": "$http_user_agent", "env": "test"}}}}),
     )
     .await;
     for i in 0..7 {
@@ -142,6 +143,8 @@ async fn batches_reach_the_collector() {
         assert!(e["start_time"].as_u64().unwrap() > 1_700_000_000_000);
         assert!(e["request"]["headers"]["host"].is_string(), "{e}");
         assert!(e["response"]["size"].as_u64().unwrap() > 0);
+        assert_eq!(e["env"], "test");
+        assert!(e["agent"].is_string() || e["agent"].is_null(), "{e}");
     }
     gw.stop().await;
 }
