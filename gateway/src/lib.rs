@@ -129,11 +129,13 @@ impl Running {
 
     /// Reopens the log files (SIGUSR1, after logrotate renamed them).
     pub fn reopen_logs(&self) {
-        if let Some(log) = &self.access_log {
-            log.sink().reopen();
-        }
+        // The error log first: the access log's writer says in it that it
+        // reopened, and that line belongs in the new file.
         if let Err(e) = error_log::reopen() {
             tracing::error!(error = %e, "error log not reopened");
+        }
+        if let Some(log) = &self.access_log {
+            log.sink().reopen();
         }
     }
 
