@@ -229,15 +229,6 @@ fn gauges_once(metrics: &Metrics, etcd: bool) -> Result<&'static Gauges, String>
     Ok(GAUGES.get_or_init(|| made))
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_default()
-}
-
 impl Gauges {
     fn fill(&self, sources: &dyn Sources, host: &str) {
         let [accepted, handled, active, reading, writing, waiting, requests] =
@@ -287,10 +278,10 @@ pub fn start_exporter(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<impl std::future::Future<Output = ()> + Send, String> {
     let gauges = gauges_once(&metrics, etcd)?;
-    let host = hostname();
+    let host = plugins::log_entry::hostname();
     let interval = metrics.settings.refresh_interval;
     let refresh = Arc::new(move || {
-        gauges.fill(sources.as_ref(), &host);
+        gauges.fill(sources.as_ref(), host);
         metrics.refresh();
     });
     // Ready before the first scrape can arrive.

@@ -128,16 +128,19 @@ impl Processor {
         Arc::new(Processor::new(conf, sender))
     }
 
-    /// Whether an entry would be kept now. A logger asks before it builds
-    /// an entry, so a collector that is down costs requests nothing but
-    /// this check.
-    pub fn has_room(&self) -> bool {
-        self.held.load(Ordering::Relaxed) < self.conf.max_pending
+    /// Adds the entry `build` makes, building it only when it will be
+    /// kept: a collector that is down costs requests nothing but this
+    /// check. Never waits.
+    pub fn push_with(self: &Arc<Self>, build: impl FnOnce() -> Value) {
+        if self.has_room() {
+            self.push(build());
+        } else {
+            self.drop_one();
+        }
     }
 
-    /// Counts an entry not built because there was no room.
-    pub fn skip(&self) {
-        self.drop_one();
+    fn has_room(&self) -> bool {
+        self.held.load(Ordering::Relaxed) < self.conf.max_pending
     }
 
     fn drop_one(&self) {

@@ -130,11 +130,7 @@ impl Plugin for FileLogger {
         if !self.matches.is_empty() && !self.matches.iter().any(|m| m.eval(&ctx.vars(None))) {
             return;
         }
-        if !self.processor.has_room() {
-            self.processor.skip();
-            return;
-        }
-        self.processor.push(self.builder.entry(ctx));
+        self.processor.push_with(|| self.builder.entry(ctx));
     }
 
     fn reads_request(&self) -> bool {

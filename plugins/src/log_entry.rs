@@ -58,11 +58,16 @@ impl LogFormat {
     }
 }
 
-fn hostname() -> &'static str {
+/// This machine's name (`/proc/sys/kernel/hostname`, else `$HOSTNAME`),
+/// read once.
+pub fn hostname() -> &'static str {
     static NAME: OnceLock<String> = OnceLock::new();
     NAME.get_or_init(|| {
         std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
             .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok())
             .unwrap_or_default()
     })
 }

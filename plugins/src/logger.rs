@@ -198,11 +198,7 @@ impl Plugin for Logger {
     }
 
     fn log(&self, ctx: &Ctx) {
-        if !self.processor.has_room() {
-            self.processor.skip();
-            return;
-        }
-        self.processor.push(self.builder.entry(ctx));
+        self.processor.push_with(|| self.builder.entry(ctx));
     }
 
     fn reads_request(&self) -> bool {
