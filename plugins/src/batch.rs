@@ -75,21 +75,22 @@ pub fn add_schema(schema: crate::schema::ObjectRule) -> crate::schema::ObjectRul
 /// Sends one batch; `Err` with the reason when it failed.
 pub type SendFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
 
-/// Where batches go (an HTTP collector, a file, a socket).
-pub trait Sender: Send + Sync + 'static {
-    fn send(&self, entries: Vec<Value>) -> SendFuture;
+/// Where batches go (an HTTP collector, a file, a socket). Entries are
+/// JSON log entries unless a processor says otherwise (spans).
+pub trait Sender<T = Value>: Send + Sync + 'static {
+    fn send(&self, entries: Vec<T>) -> SendFuture;
 }
 
-struct Pending {
-    entries: Vec<Value>,
+struct Pending<T> {
+    entries: Vec<T>,
     first_at: Option<Instant>,
     last_at: Option<Instant>,
 }
 
 /// One batch processor (one per logger configuration).
-pub struct Processor {
+pub struct Processor<T = Value> {
     conf: BatchConf,
-    pending: Mutex<Pending>,
+    pending: Mutex<Pending<T>>,
     /// Entries held: in `pending` and in batches being sent.
     held: AtomicUsize,
     wake: Notify,
@@ -97,16 +98,16 @@ pub struct Processor {
     pub dropped: AtomicU64,
     /// Entries delivered.
     pub sent: AtomicU64,
-    sender: Arc<dyn Sender>,
+    sender: Arc<dyn Sender<T>>,
     task: OnceLock<()>,
 }
 
-impl Processor {
+impl<T: Clone + Send + 'static> Processor<T> {
     /// A processor sending through `sender`. Its task starts with the
     /// first entry (on the runtime that entry comes from) and ends when the
     /// last handle (the compiled plugin) is dropped, after sending what it
     /// holds.
-    pub fn new(conf: BatchConf, sender: Arc<dyn Sender>) -> Processor {
+    pub fn new(conf: BatchConf, sender: Arc<dyn Sender<T>>) -> Processor<T> {
         Processor {
             conf,
             pending: Mutex::new(Pending {
@@ -124,14 +125,14 @@ impl Processor {
     }
 
     #[cfg(test)]
-    fn start(conf: BatchConf, sender: Arc<dyn Sender>) -> Arc<Processor> {
+    fn start(conf: BatchConf, sender: Arc<dyn Sender<T>>) -> Arc<Processor<T>> {
         Arc::new(Processor::new(conf, sender))
     }
 
     /// Adds the entry `build` makes, building it only when it will be
     /// kept: a collector that is down costs requests nothing but this
     /// check. Never waits.
-    pub fn push_with(self: &Arc<Self>, build: impl FnOnce() -> Value) {
+    pub fn push_with(self: &Arc<Self>, build: impl FnOnce() -> T) {
         if self.has_room() {
             self.push(build());
         } else {
@@ -146,12 +147,12 @@ impl Processor {
     fn drop_one(&self) {
         let before = self.dropped.fetch_add(1, Ordering::Relaxed);
         if before.is_multiple_of(1000) {
-            tracing::warn!(name = %self.conf.name, max_pending_entries = self.conf.max_pending, dropped = before + 1, "logger backlog full; entries dropped");
+            tracing::warn!(name = %self.conf.name, max_pending_entries = self.conf.max_pending, dropped = before + 1, "batch queue full; entries dropped");
         }
     }
 
     /// Adds an entry; never waits.
-    pub fn push(self: &Arc<Self>, entry: Value) {
+    pub fn push(self: &Arc<Self>, entry: T) {
         self.task
             .get_or_init(|| match tokio::runtime::Handle::try_current() {
                 Ok(rt) => {
@@ -181,7 +182,7 @@ impl Processor {
     }
 
     /// The batch to send now, if one is due; otherwise when to look again.
-    fn due(&self, closing: bool) -> Result<Vec<Value>, Option<Instant>> {
+    fn due(&self, closing: bool) -> Result<Vec<T>, Option<Instant>> {
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         let (Some(first), Some(last)) = (p.first_at, p.last_at) else {
             return Err(None);
@@ -189,7 +190,7 @@ impl Processor {
         let deadline = (last + self.conf.inactive_timeout).min(first + self.conf.buffer_duration);
         if closing || p.entries.len() >= self.conf.batch_max_size || Instant::now() >= deadline {
             let take = p.entries.len().min(self.conf.batch_max_size);
-            let batch: Vec<Value> = p.entries.drain(..take).collect();
+            let batch: Vec<T> = p.entries.drain(..take).collect();
             if p.entries.is_empty() {
                 p.first_at = None;
                 p.last_at = None;
@@ -209,7 +210,7 @@ impl Processor {
 }
 
 /// Sends `batch`, retrying as configured; counts what happened.
-async fn deliver(p: &Processor, sender: &dyn Sender, batch: Vec<Value>) {
+async fn deliver<T: Clone + 'static>(p: &Processor<T>, sender: &dyn Sender<T>, batch: Vec<T>) {
     let n = batch.len();
     let mut tries = 0;
     loop {
@@ -220,12 +221,12 @@ async fn deliver(p: &Processor, sender: &dyn Sender, batch: Vec<Value>) {
             }
             Err(e) if tries < p.conf.max_retry_count => {
                 tries += 1;
-                tracing::warn!(name = %p.conf.name, error = %e, retry = tries, "failed to send a log batch; retrying");
+                tracing::warn!(name = %p.conf.name, error = %e, retry = tries, "failed to send a batch; retrying");
                 tokio::time::sleep(p.conf.retry_delay).await;
             }
             Err(e) => {
                 p.dropped.fetch_add(n as u64, Ordering::Relaxed);
-                tracing::error!(name = %p.conf.name, error = %e, entries = n, "log batch dropped after {tries} retries");
+                tracing::error!(name = %p.conf.name, error = %e, entries = n, "batch dropped after {tries} retries");
                 break;
             }
         }
@@ -233,7 +234,10 @@ async fn deliver(p: &Processor, sender: &dyn Sender, batch: Vec<Value>) {
     p.held.fetch_sub(n, Ordering::Relaxed);
 }
 
-async fn run(p: std::sync::Weak<Processor>, sender: Arc<dyn Sender>) {
+async fn run<T: Clone + Send + 'static>(
+    p: std::sync::Weak<Processor<T>>,
+    sender: Arc<dyn Sender<T>>,
+) {
     loop {
         let Some(strong) = p.upgrade() else { return };
         let next = match strong.due(false) {

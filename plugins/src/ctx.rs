@@ -34,6 +34,42 @@ pub struct UpstreamInfo {
     pub scheme: Option<&'static str>,
 }
 
+impl UpstreamInfo {
+    /// Who answered, as APISIX's `response_source`: `upstream` when its
+    /// response head arrived, `nginx` for the gateway's own error after
+    /// trying an upstream, `apisix` for a plugin's or the router's answer.
+    pub fn response_source(&self) -> &'static str {
+        if self.header_time.is_some() {
+            "upstream"
+        } else if self.started.is_some() {
+            "nginx"
+        } else {
+            "apisix"
+        }
+    }
+}
+
+/// Variables a plugin sets for later phases and the access log
+/// (`$opentelemetry_trace_id`), as APISIX plugins set `ngx.var`. Looked up
+/// after every built-in variable.
+#[derive(Default)]
+pub struct PluginVars(Vec<(&'static str, Box<str>)>);
+
+impl PluginVars {
+    /// Sets `name`, replacing an earlier value.
+    pub fn set(&mut self, name: &'static str, value: impl Into<Box<str>>) {
+        let value = value.into();
+        match self.0.iter_mut().find(|(n, _)| *n == name) {
+            Some(slot) => slot.1 = value,
+            None => self.0.push((name, value)),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0.iter().find(|(n, _)| *n == name).map(|(_, v)| &**v)
+    }
+}
+
 /// What the matched route was configured with, beyond its id: for metric
 /// labels and logs. Built once per compiled route.
 #[derive(Debug, Default)]
@@ -270,18 +306,21 @@ impl Ctx {
         if let Some(h) = name.strip_prefix("sent_http_") {
             return header_var(self.response_headers.as_ref()?, h);
         }
-        let r = match (req, &self.request) {
-            (Some(p), _) => self.req_ref(&p.method, &p.uri, &p.headers),
-            (None, Some(h)) => self.req_ref(&h.method, &h.uri, &h.headers),
-            (None, None) => {
-                return match name {
-                    "remote_addr" => Some(Cow::Owned(crate::vars::ip_string(self.client_ip))),
-                    "host" => self.host.as_deref().map(Cow::Borrowed),
-                    _ => None,
-                }
-            }
+        let found = match (req, &self.request) {
+            (Some(p), _) => self.req_ref(&p.method, &p.uri, &p.headers).var(name),
+            (None, Some(h)) => self.req_ref(&h.method, &h.uri, &h.headers).var(name),
+            (None, None) => match name {
+                "remote_addr" => Some(Cow::Owned(crate::vars::ip_string(self.client_ip))),
+                "host" => self.host.as_deref().map(Cow::Borrowed),
+                _ => None,
+            },
         };
-        r.var(name)
+        found.or_else(|| {
+            self.data
+                .get::<PluginVars>()
+                .and_then(|v| v.get(name))
+                .map(Cow::Borrowed)
+        })
     }
 
     /// A [`crate::expr::Vars`] view for evaluating expressions.

@@ -34,6 +34,7 @@ pub mod limit_key;
 pub mod limit_req;
 pub mod log_entry;
 pub mod logger;
+pub mod opentelemetry;
 pub mod plugin;
 pub mod prometheus;
 pub mod proxy_rewrite;

@@ -181,12 +181,10 @@ impl Plugin for Prometheus {
             }
         }
         let upstream = &ctx.upstream;
-        let source = if upstream.header_time.is_some() {
-            series::Source::Upstream
-        } else if upstream.started.is_some() {
-            series::Source::Nginx
-        } else {
-            series::Source::Apisix
+        let source = match upstream.response_source() {
+            "upstream" => series::Source::Upstream,
+            "nginx" => series::Source::Nginx,
+            _ => series::Source::Apisix,
         };
         let probe = Probe {
             code: ctx.status.map_or(0, |s| s.as_u16()),

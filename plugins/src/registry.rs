@@ -41,6 +41,7 @@ pub static PLUGINS: &[&dyn PluginSpec] = &[
     &crate::tcp_logger::TCP_LOGGER,
     &crate::tcp_logger::UDP_LOGGER,
     &crate::file_logger::FileLoggerSpec,
+    &crate::opentelemetry::OpenTelemetrySpec,
 ];
 
 /// Looks a plugin up by its APISIX name.
