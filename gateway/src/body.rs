@@ -17,6 +17,7 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use tokio::time::{sleep, Sleep};
 
+use plugins::ctx::RequestBodyCapture;
 use plugins::BoxError;
 
 use crate::phases::SendWatch;
@@ -129,6 +130,8 @@ pub enum ClientBody {
 pub struct Streaming {
     inner: IdleTimeout<Incoming>,
     state: Arc<BodyState>,
+    /// Where a logger wants the first bytes copied (`include_req_body`).
+    tap: Option<Arc<RequestBodyCapture>>,
 }
 
 impl ClientBody {
@@ -146,8 +149,18 @@ impl ClientBody {
         let body = ClientBody::Stream(Box::new(Streaming {
             inner: IdleTimeout::new(inner, idle),
             state: state.clone(),
+            tap: None,
         }));
         (body, state)
+    }
+
+    /// Copies the body's first bytes into `capture` as they go by (all at
+    /// once for a body read at the edge).
+    pub fn tap(&mut self, capture: Arc<RequestBodyCapture>) {
+        match self {
+            ClientBody::Full(b) => capture.push(b.as_deref().unwrap_or_default()),
+            ClientBody::Stream(s) => s.tap = Some(capture),
+        }
     }
 
     /// The whole body when it was read at the edge.
@@ -184,6 +197,16 @@ impl Body for ClientBody {
                         };
                         s.state.set(fault);
                         Poll::Ready(Some(Err(e)))
+                    }
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let (Some(tap), Some(data)) = (&s.tap, frame.data_ref()) {
+                            if tap.wants_more() {
+                                tap.push(data);
+                            } else {
+                                s.tap = None;
+                            }
+                        }
+                        Poll::Ready(Some(Ok(frame)))
                     }
                     other => other,
                 }

@@ -32,7 +32,7 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use plugins::traffic_split::UpstreamPick;
 
-use plugins::ctx::UpstreamInfo;
+use plugins::ctx::{RequestBodyCapture, UpstreamInfo};
 use plugins::{ClientIp, ConnInfo, ResponseBody};
 
 use crate::body::{BodyFault, BodyState, ClientBody, IdleTimeout, ProxyBody};
@@ -399,7 +399,10 @@ impl ProxyTarget {
                 return error_page(StatusCode::BAD_GATEWAY, None);
             };
             let hash_key = up.hash_key.as_ref().map(|k| hash_key_of(k, &req));
-            let (parts, body) = req.into_parts();
+            let (parts, mut body) = req.into_parts();
+            if let Some(capture) = parts.extensions.get::<Arc<RequestBodyCapture>>() {
+                body.tap(capture.clone());
+            }
             let request = Prepared::new(parts, self.websocket);
             // A body is kept for a retry only when a retry is possible.
             let retryable = up.max_tries > 1;

@@ -103,6 +103,8 @@ pub struct PluginSet {
     keep_response: bool,
     /// Some `log` hook reads the exchange's sizes: they are measured.
     sizes: bool,
+    /// Bytes of the request body some `log` hook reads.
+    request_body: usize,
 }
 
 impl std::fmt::Debug for PluginSet {
@@ -122,6 +124,7 @@ impl PluginSet {
         let mut keep_request = false;
         let mut keep_response = false;
         let mut sizes = false;
+        let mut request_body = 0;
         for e in &entries {
             phases |= e.phases;
             keep_request |= e.filter.is_some() && e.phases.has(Phases::RESPONSE);
@@ -129,6 +132,9 @@ impl PluginSet {
             keep_response |= e.phases.has(Phases::LOG)
                 && (e.filter.is_some() || e.plugin.reads_response_headers());
             sizes |= e.phases.has(Phases::LOG) && e.plugin.reads_sizes();
+            if e.phases.has(Phases::LOG) {
+                request_body = request_body.max(e.plugin.request_body_bytes());
+            }
         }
         PluginSet {
             entries,
@@ -136,6 +142,7 @@ impl PluginSet {
             keep_request,
             keep_response,
             sizes,
+            request_body,
         }
     }
 
@@ -185,6 +192,7 @@ pub struct GlobalRules {
     phases: Phases,
     keep_request: bool,
     sizes: bool,
+    request_body: usize,
 }
 
 impl GlobalRules {
@@ -192,11 +200,13 @@ impl GlobalRules {
         let phases = rules.iter().fold(Phases::NONE, |p, r| p | r.phases);
         let keep_request = rules.iter().any(|r| r.keep_request);
         let sizes = rules.iter().any(|r| r.sizes);
+        let request_body = rules.iter().map(|r| r.request_body).max().unwrap_or(0);
         GlobalRules {
             rules,
             phases,
             keep_request,
             sizes,
+            request_body,
         }
     }
 }
@@ -426,6 +436,12 @@ impl<S> Chain<S> {
                     uri: parts.uri.clone(),
                     headers: parts.headers.clone(),
                 }));
+            }
+            let body_bytes = globals.request_body.max(route.request_body);
+            if body_bytes > 0 {
+                let capture = Arc::new(crate::ctx::RequestBodyCapture::new(body_bytes));
+                parts.extensions.insert(capture.clone());
+                ctx.data.insert(capture);
             }
             let mut active = Active {
                 globals,

@@ -49,6 +49,46 @@ impl UpstreamInfo {
     }
 }
 
+/// The first bytes of the request body, copied as the body streams to the
+/// upstream, for loggers' `include_req_body`. Made by the chain when a
+/// `log` hook asks for it ([`crate::plugin::Plugin::request_body_bytes`]),
+/// put in the request extensions for the proxy to fill, and in
+/// [`Ctx::data`] for the loggers to read. Empty when the request never
+/// reached the proxy (a plugin answered it).
+#[derive(Debug)]
+pub struct RequestBodyCapture {
+    limit: usize,
+    kept: std::sync::Mutex<Vec<u8>>,
+}
+
+impl RequestBodyCapture {
+    /// Keeps at most `limit` bytes.
+    pub fn new(limit: usize) -> Self {
+        RequestBodyCapture {
+            limit,
+            kept: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Adds a chunk of the body, as far as the limit allows.
+    pub fn push(&self, chunk: &[u8]) {
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        let room = self.limit.saturating_sub(kept.len());
+        kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
+    }
+
+    /// Whether more would be kept.
+    pub fn wants_more(&self) -> bool {
+        self.kept.lock().is_ok_and(|k| k.len() < self.limit)
+    }
+
+    /// Up to `max` of the bytes kept.
+    pub fn bytes(&self, max: usize) -> Vec<u8> {
+        let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        kept[..kept.len().min(max)].to_vec()
+    }
+}
+
 /// Variables a plugin sets for later phases and the access log
 /// (`$opentelemetry_trace_id`), as APISIX plugins set `ngx.var`. Looked up
 /// after every built-in variable.

@@ -144,6 +144,10 @@ impl Plugin for FileLogger {
     fn reads_sizes(&self) -> bool {
         true
     }
+
+    fn request_body_bytes(&self) -> usize {
+        self.builder.request_body_bytes()
+    }
 }
 
 /// The registry entry.

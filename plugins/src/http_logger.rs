@@ -20,11 +20,12 @@
 //!   refused connection or `timeout` seconds without an answer fail the
 //!   batch (see [`crate::batch`] for retries and bounds).
 //! - `include_resp_body` adds the response body (up to
-//!   `max_resp_body_bytes`), when `include_resp_body_expr` holds.
+//!   `max_resp_body_bytes`), when `include_resp_body_expr` holds;
+//!   `include_req_body` the request body (up to `max_req_body_bytes`,
+//!   copied as it streams to the upstream), when `include_req_body_expr`
+//!   holds at the end of the request.
 //!
-//! Refused rather than accepted and ignored: `https` collectors and
-//! `include_req_body: true` (the gateway streams request bodies and does
-//! not keep them for loggers).
+//! Refused rather than accepted and ignored: `https` collectors.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -227,8 +228,12 @@ mod tests {
         assert!(err.contains("concat_method"), "{err}");
         let err = testing::refusal(NAME, &json!({"uri": "https://x"}));
         assert!(err.contains("only http://"), "{err}");
-        let err = testing::refusal(NAME, &json!({"uri": "http://x", "include_req_body": true}));
-        assert!(err.contains("include_req_body"), "{err}");
+        assert!(HttpLoggerSpec
+            .check(
+                &json!({"uri": "http://x", "include_req_body": true}),
+                SchemaType::Route
+            )
+            .is_ok());
         let err = testing::refusal(
             NAME,
             &json!({"uri": "http://x", "include_resp_body_expr": [["status", "bad", 1]]}),

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 
 use crate::batch::{BatchConf, Processor, Sender};
-use crate::ctx::Ctx;
+use crate::ctx::{Ctx, RequestBodyCapture};
 use crate::expr::Expr;
 use crate::log_entry::{self, LogFormat, ResponseBody};
 use crate::plugin::{CompileCx, Phases, Plugin};
@@ -55,9 +55,6 @@ pub fn check(conf: &Value) -> Result<(), String> {
                 .map_err(|err| format!("failed to validate the '{key}' expression: {err}"))?;
         }
     }
-    if conf.get("include_req_body").and_then(Value::as_bool) == Some(true) {
-        return Err("include_req_body is not supported by this gateway yet".into());
-    }
     Ok(())
 }
 
@@ -70,6 +67,9 @@ pub struct EntryBuilder {
     include_resp_body: bool,
     resp_body_expr: Option<Expr>,
     max_resp_body: usize,
+    include_req_body: bool,
+    req_body_expr: Option<Expr>,
+    max_req_body: usize,
     /// http-logger names unrouted requests' route `no-matched`.
     no_matched: bool,
 }
@@ -104,6 +104,16 @@ impl EntryBuilder {
                 .get("max_resp_body_bytes")
                 .and_then(Value::as_u64)
                 .unwrap_or(524_288) as usize,
+            include_req_body: conf.get("include_req_body").and_then(Value::as_bool) == Some(true),
+            req_body_expr: conf
+                .get("include_req_body_expr")
+                .map(crate::expr::compile)
+                .transpose()
+                .map_err(|e| e.to_string())?,
+            max_req_body: conf
+                .get("max_req_body_bytes")
+                .and_then(Value::as_u64)
+                .unwrap_or(524_288) as usize,
             no_matched,
         })
     }
@@ -126,12 +136,44 @@ impl EntryBuilder {
         body.0.extend_from_slice(&chunk[..chunk.len().min(room)]);
     }
 
+    /// Bytes of the request body the entry may hold (`include_req_body`
+    /// of the full entry, up to `max_req_body_bytes`; default 512 KiB).
+    pub fn request_body_bytes(&self) -> usize {
+        if self.include_req_body && self.full() {
+            self.max_req_body
+        } else {
+            0
+        }
+    }
+
+    /// The request body for the entry: when asked, when
+    /// `include_req_body_expr` holds at the end of the request, and when
+    /// there was one.
+    fn request_body(&self, ctx: &Ctx) -> Option<String> {
+        if self.request_body_bytes() == 0
+            || !self
+                .req_body_expr
+                .as_ref()
+                .is_none_or(|e| e.eval(&ctx.vars(None)))
+        {
+            return None;
+        }
+        let capture = ctx.data.get::<Arc<RequestBodyCapture>>()?;
+        let body = capture.bytes(self.max_req_body);
+        (!body.is_empty()).then(|| String::from_utf8_lossy(&body).into_owned())
+    }
+
     /// The entry of a finished request.
     pub fn entry(&self, ctx: &Ctx) -> Value {
         let mut entry = match &self.format {
             Some(format) => log_entry::custom(ctx, format),
             None => {
                 let mut full = log_entry::full(ctx, self.include_resp_body);
+                if let Some(body) = self.request_body(ctx) {
+                    if let Some(req) = full.get_mut("request").and_then(Value::as_object_mut) {
+                        req.insert("body".into(), Value::String(body));
+                    }
+                }
                 if let (Some(extra), Some(map)) = (&self.extra, full.as_object_mut()) {
                     map.extend(log_entry::fields(ctx, extra));
                 }
@@ -211,6 +253,10 @@ impl Plugin for Logger {
 
     fn reads_sizes(&self) -> bool {
         self.builder.full()
+    }
+
+    fn request_body_bytes(&self) -> usize {
+        self.builder.request_body_bytes()
     }
 }
 

@@ -143,6 +143,14 @@ pub trait Plugin: Send + Sync + 'static {
         false
     }
 
+    /// How many bytes of the request body `log` reads (loggers'
+    /// `include_req_body`): that much is copied as the body streams to the
+    /// upstream, into a [`crate::ctx::RequestBodyCapture`] in
+    /// [`Ctx::data`]. Default: none.
+    fn request_body_bytes(&self) -> usize {
+        0
+    }
+
     /// Whether `log` reads the sizes of the exchange
     /// ([`Ctx::request_length`], [`Ctx::header_bytes_sent`]): only then are
     /// they measured. Default: no.

@@ -276,3 +276,54 @@ async fn file_and_tcp_loggers() {
     );
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn request_bodies_in_entries() {
+    let gw = Gateway::start().await;
+    let up = Upstream::start("u").await;
+    let collector = Collector::start(None).await;
+    gw.put(
+        "routes/body",
+        json!({"uri": "/body", "upstream": upstream(&[(&up.node(), 1)]),
+               "plugins": {"http-logger": {"uri": collector.uri(), "batch_max_size": 1,
+                   "include_req_body": true, "max_req_body_bytes": 5,
+                   "include_req_body_expr": [["arg_log", "==", "yes"]]}}}),
+    )
+    .await;
+    // A body with a length, a chunked one, one the expression leaves out.
+    let post = |path: &'static str, headers: Vec<(&'static str, String)>, body: &'static str| {
+        let target = gw.data;
+        async move { harness::send(target, "POST", path, &headers, body.to_string(), None).await }
+    };
+    let r = post("/body?log=yes", vec![], "hello world").await;
+    assert_eq!(r.status, 200);
+    // The upstream got the whole body; the entry its first 5 bytes.
+    assert_eq!(r.json()["body_len"], 11);
+    let r = post(
+        "/body?log=yes",
+        vec![("transfer-encoding", "chunked".into())],
+        "abcdefg",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["body_len"], 7);
+    let r = post("/body?log=no", vec![], "secret").await;
+    assert_eq!(r.status, 200);
+    let posts = collector.posts(3).await;
+    let entries: Vec<Value> = posts
+        .iter()
+        .map(|(_, b)| harness::serde_json::from_str(b).unwrap())
+        .collect();
+    let body_of = |uri: &str, n: usize| {
+        entries
+            .iter()
+            .filter(|e| e["request"]["uri"] == uri)
+            .nth(n)
+            .map(|e| e["request"]["body"].clone())
+            .unwrap()
+    };
+    assert_eq!(body_of("/body?log=yes", 0), json!("hello"));
+    assert_eq!(body_of("/body?log=yes", 1), json!("abcde"));
+    assert_eq!(body_of("/body?log=no", 0), Value::Null);
+    gw.stop().await;
+}
