@@ -341,7 +341,7 @@ struct Clock {
 
 thread_local! {
     /// The line being formatted: one buffer per thread, reused.
-    static LINE: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+    static LINE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     static CLOCK: std::cell::RefCell<Clock> = const {
         std::cell::RefCell::new(Clock { second: u64::MAX, local: String::new(), iso: String::new(), base: None })
     };
@@ -402,48 +402,91 @@ impl Clock {
     }
 }
 
-/// Appends `value` escaped as `escape` says; `-` when empty.
-fn push_value(out: &mut String, value: &str, escape: Escape) {
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGHS: u64 = 0x8080_8080_8080_8080;
+
+/// Whether some byte of `w` is below `n` (`n` at most 128).
+const fn any_below(w: u64, n: u8) -> bool {
+    w.wrapping_sub(ONES * n as u64) & !w & HIGHS != 0
+}
+
+/// Whether some byte of `w` is `b`.
+const fn any_equal(w: u64, b: u8) -> bool {
+    any_below(w ^ (ONES * b as u64), 1)
+}
+
+/// Whether some byte of `w` is above `n` (`n` at most 127).
+const fn any_above(w: u64, n: u8) -> bool {
+    (w.wrapping_add(ONES * (127 - n) as u64) | w) & HIGHS != 0
+}
+
+/// Whether `bytes` need no escaping: no `"`, no `\`, no control byte and,
+/// when `ascii`, nothing above `~`. Eight bytes at a time: values are
+/// short, but every line has a dozen of them.
+fn all_plain(bytes: &[u8], ascii: bool) -> bool {
+    let scalar = |b: u8| b != b'"' && b != b'\\' && b >= 0x20 && (!ascii || b < 0x7f);
+    let mut words = bytes.chunks_exact(8);
+    for chunk in &mut words {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let w = u64::from_le_bytes(word);
+        if any_equal(w, b'"')
+            || any_equal(w, b'\\')
+            || any_below(w, 0x20)
+            || (ascii && any_above(w, 0x7e))
+        {
+            return false;
+        }
+    }
+    words.remainder().iter().all(|&b| scalar(b))
+}
+
+/// Appends `value` escaped as `escape` says; `-` when empty. `default`
+/// writes bytes outside printable ASCII, `"` and `\\` as `\\xHH`, as nginx
+/// does; `json` escapes as JSON strings do (invalid UTF-8 replaced).
+fn push_value(out: &mut Vec<u8>, value: &[u8], escape: Escape) {
     if value.is_empty() {
-        out.push('-');
+        out.push(b'-');
         return;
     }
     match escape {
-        Escape::None => out.push_str(value),
+        Escape::None => out.extend_from_slice(value),
         Escape::Default => {
-            let plain = |b: u8| b != b'"' && b != b'\\' && (0x20..0x7f).contains(&b);
-            if value.bytes().all(plain) {
-                out.push_str(value);
+            if all_plain(value, true) {
+                out.extend_from_slice(value);
                 return;
             }
-            for b in value.bytes() {
-                if plain(b) {
-                    out.push(b as char);
+            for &b in value {
+                if b != b'"' && b != b'\\' && (0x20..0x7f).contains(&b) {
+                    out.push(b);
                 } else {
                     const HEX: &[u8; 16] = b"0123456789ABCDEF";
-                    out.push_str("\\x");
-                    out.push(HEX[usize::from(b >> 4)] as char);
-                    out.push(HEX[usize::from(b & 0xf)] as char);
+                    out.extend_from_slice(&[
+                        b'\\',
+                        b'x',
+                        HEX[usize::from(b >> 4)],
+                        HEX[usize::from(b & 0xf)],
+                    ]);
                 }
             }
         }
         Escape::Json => {
-            let plain = |c: char| c != '"' && c != '\\' && c >= ' ';
-            if value.chars().all(plain) {
-                out.push_str(value);
+            if all_plain(value, true) {
+                out.extend_from_slice(value);
                 return;
             }
-            for c in value.chars() {
+            let mut buf = [0u8; 4];
+            for c in String::from_utf8_lossy(value).chars() {
                 match c {
-                    '"' => out.push_str("\\\""),
-                    '\\' => out.push_str("\\\\"),
-                    '\n' => out.push_str("\\n"),
-                    '\r' => out.push_str("\\r"),
-                    '\t' => out.push_str("\\t"),
+                    '"' => out.extend_from_slice(b"\\\""),
+                    '\\' => out.extend_from_slice(b"\\\\"),
+                    '\n' => out.extend_from_slice(b"\\n"),
+                    '\r' => out.extend_from_slice(b"\\r"),
+                    '\t' => out.extend_from_slice(b"\\t"),
                     c if (c as u32) < 0x20 => {
                         let _ = write!(out, "\\u{:04x}", c as u32);
                     }
-                    c => out.push(c),
+                    c => out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes()),
                 }
             }
         }
@@ -451,7 +494,7 @@ fn push_value(out: &mut String, value: &str, escape: Escape) {
 }
 
 /// Appends `n` in decimal, without the `fmt` machinery.
-fn push_u64(out: &mut String, mut n: u64) {
+fn push_u64(out: &mut Vec<u8>, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut at = digits.len();
     loop {
@@ -462,19 +505,46 @@ fn push_u64(out: &mut String, mut n: u64) {
             break;
         }
     }
-    for &d in &digits[at..] {
-        out.push(d as char);
-    }
+    out.extend_from_slice(&digits[at..]);
 }
 
 /// Seconds with milliseconds (`0.004`), as nginx writes times.
-fn push_secs(out: &mut String, d: Duration) {
+fn push_secs(out: &mut Vec<u8>, d: Duration) {
     push_u64(out, d.as_secs());
-    out.push('.');
     let ms = d.subsec_millis();
-    out.push((b'0' + (ms / 100) as u8) as char);
-    out.push((b'0' + (ms / 10 % 10) as u8) as char);
-    out.push((b'0' + (ms % 10) as u8) as char);
+    out.extend_from_slice(&[
+        b'.',
+        b'0' + (ms / 100) as u8,
+        b'0' + (ms / 10 % 10) as u8,
+        b'0' + (ms % 10) as u8,
+    ]);
+}
+
+/// Appends `ip` as `Display` writes it; IPv4 digit by digit.
+fn push_ip(out: &mut Vec<u8>, ip: std::net::IpAddr) {
+    let std::net::IpAddr::V4(v4) = ip else {
+        let _ = write!(out, "{ip}");
+        return;
+    };
+    let mut buf = [0u8; 15];
+    let mut len = 0;
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            buf[len] = b'.';
+            len += 1;
+        }
+        if octet >= 100 {
+            buf[len] = b'0' + octet / 100;
+            len += 1;
+        }
+        if octet >= 10 {
+            buf[len] = b'0' + octet / 10 % 10;
+            len += 1;
+        }
+        buf[len] = b'0' + octet % 10;
+        len += 1;
+    }
+    out.extend_from_slice(&buf[..len]);
 }
 
 fn version_text(v: Version) -> &'static str {
@@ -509,20 +579,20 @@ impl AccessLog {
     }
 
     /// Formats the line of a finished request into `out`.
-    fn line(&self, ctx: &Ctx, now: Instant, out: &mut String) {
+    fn line(&self, ctx: &Ctx, now: Instant, out: &mut Vec<u8>) {
         let seen = ctx.data.get::<Seen>();
         let escape = self.escape;
         let since_epoch = CLOCK.with(|c| c.borrow_mut().since_epoch(now));
         for part in &self.format.parts {
             let var = match part {
                 Part::Text(t) => {
-                    out.push_str(t);
+                    out.extend_from_slice(t.as_bytes());
                     continue;
                 }
                 Part::Var(v) => v,
             };
             match var {
-                Var::RemoteAddr => plugins::vars::push_ip(out, ctx.client_ip),
+                Var::RemoteAddr => push_ip(out, ctx.client_ip),
                 Var::RemotePort => push_u64(
                     out,
                     u64::from(ctx.client_port.unwrap_or(ctx.conn.peer.port())),
@@ -534,37 +604,38 @@ impl AccessLog {
                         .map(|i| Self::header(seen, i))
                         .and_then(basic_user)
                         .unwrap_or_default();
-                    push_value(out, &user, escape);
+                    push_value(out, user.as_bytes(), escape);
                 }
                 Var::TimeLocal | Var::TimeIso8601 => CLOCK.with(|c| {
                     let mut c = c.borrow_mut();
                     c.at(since_epoch.as_secs());
-                    out.push_str(if *var == Var::TimeLocal {
-                        &c.local
+                    out.extend_from_slice(if *var == Var::TimeLocal {
+                        c.local.as_bytes()
                     } else {
-                        &c.iso
+                        c.iso.as_bytes()
                     });
                 }),
                 Var::Msec => push_secs(out, since_epoch),
                 Var::Request => match seen {
                     Some(s) => {
                         let target = s.uri.path_and_query().map_or("/", |p| p.as_str());
-                        push_value(out, s.method.as_str(), escape);
-                        out.push(' ');
-                        push_value(out, target, escape);
-                        out.push(' ');
-                        out.push_str(version_text(s.version));
+                        push_value(out, s.method.as_str().as_bytes(), escape);
+                        out.push(b' ');
+                        push_value(out, target.as_bytes(), escape);
+                        out.push(b' ');
+                        out.extend_from_slice(version_text(s.version).as_bytes());
                     }
-                    None => out.push('-'),
+                    None => out.push(b'-'),
                 },
                 Var::RequestMethod => match seen {
-                    Some(s) => out.push_str(s.method.as_str()),
-                    None => out.push('-'),
+                    Some(s) => out.extend_from_slice(s.method.as_str().as_bytes()),
+                    None => out.push(b'-'),
                 },
                 Var::RequestUri => push_value(
                     out,
                     seen.and_then(|s| s.uri.path_and_query())
-                        .map_or("", |p| p.as_str()),
+                        .map_or("", |p| p.as_str())
+                        .as_bytes(),
                     escape,
                 ),
                 Var::Uri => {
@@ -573,62 +644,67 @@ impl AccessLog {
                         .as_deref()
                         .or_else(|| seen.map(|s| s.uri.path()))
                         .unwrap_or("");
-                    push_value(out, path, escape)
+                    push_value(out, path.as_bytes(), escape)
                 }
-                Var::Args => {
-                    push_value(out, seen.and_then(|s| s.uri.query()).unwrap_or(""), escape)
-                }
+                Var::Args => push_value(
+                    out,
+                    seen.and_then(|s| s.uri.query()).unwrap_or("").as_bytes(),
+                    escape,
+                ),
                 Var::ServerProtocol => match seen {
-                    Some(s) => out.push_str(version_text(s.version)),
-                    None => out.push('-'),
+                    Some(s) => out.extend_from_slice(version_text(s.version).as_bytes()),
+                    None => out.push(b'-'),
                 },
                 Var::Status => match ctx.status {
-                    Some(s) => out.push_str(s.as_str()),
-                    None => out.push('-'),
+                    Some(s) => out.extend_from_slice(s.as_str().as_bytes()),
+                    None => out.push(b'-'),
                 },
                 Var::BodyBytesSent => push_u64(out, ctx.body_bytes_sent),
                 Var::BytesSent => push_u64(out, ctx.header_bytes_sent + ctx.body_bytes_sent),
                 Var::RequestLength => push_u64(out, ctx.request_length),
                 Var::RequestTime => push_secs(out, now.saturating_duration_since(ctx.started)),
                 Var::UpstreamAddr => match &ctx.upstream.addr {
-                    Some(a) => out.push_str(a.as_str()),
-                    None => out.push('-'),
+                    Some(a) => out.extend_from_slice(a.as_str().as_bytes()),
+                    None => out.push(b'-'),
                 },
                 Var::UpstreamStatus => match ctx.upstream.status {
                     Some(s) => push_u64(out, u64::from(s)),
-                    None => out.push('-'),
+                    None => out.push(b'-'),
                 },
                 Var::UpstreamResponseTime => match ctx.upstream.started {
                     Some(at) => push_secs(out, now.saturating_duration_since(at)),
-                    None => out.push('-'),
+                    None => out.push(b'-'),
                 },
                 Var::UpstreamHeaderTime => match (ctx.upstream.started, ctx.upstream.header_time) {
                     (Some(at), Some(head)) => push_secs(out, head.saturating_duration_since(at)),
-                    _ => out.push('-'),
+                    _ => out.push(b'-'),
                 },
                 Var::UpstreamScheme => {
-                    out.push_str(ctx.upstream.scheme.unwrap_or("http"));
+                    out.extend_from_slice(ctx.upstream.scheme.unwrap_or("http").as_bytes());
                 }
                 Var::UpstreamHost => push_value(
                     out,
                     seen.and_then(|s| s.upstream_host.as_ref())
-                        .and_then(|h| h.to_str().ok())
-                        .unwrap_or(""),
+                        .map_or(&[][..], |h| h.as_bytes()),
                     escape,
                 ),
                 Var::UpstreamUri => push_value(
                     out,
                     seen.and_then(|s| s.upstream_uri.as_ref())
                         .and_then(|u| u.path_and_query())
-                        .map_or("", |p| p.as_str()),
+                        .map_or("", |p| p.as_str())
+                        .as_bytes(),
                     escape,
                 ),
                 Var::Header(i) => {
-                    let mut value = Self::header(seen, *i);
+                    let mut value = seen
+                        .and_then(|s| s.header(*i))
+                        .map_or(&[][..], |v| v.as_bytes());
                     if value.is_empty() && self.format.headers[*i] == http::header::HOST {
                         value = seen
                             .and_then(|s| s.uri.authority())
-                            .map_or("", |a| a.as_str());
+                            .map_or("", |a| a.as_str())
+                            .as_bytes();
                     }
                     push_value(out, value, escape)
                 }
@@ -637,11 +713,11 @@ impl AccessLog {
                         let s = seen?;
                         ctx.req_ref(&s.method, &s.uri, empty_headers()).var(name)
                     });
-                    push_value(out, v.as_deref().unwrap_or(""), escape)
+                    push_value(out, v.as_deref().unwrap_or("").as_bytes(), escape)
                 }
             }
         }
-        out.push('\n');
+        out.push(b'\n');
     }
 }
 
@@ -653,14 +729,33 @@ impl Plugin for AccessLog {
     fn rewrite(&self, ctx: &mut Ctx, req: &mut request::Parts) -> Flow {
         let wanted = &self.format.headers;
         let mut headers: [Option<HeaderValue>; INLINE_HEADERS] = Default::default();
-        for (slot, name) in headers.iter_mut().zip(wanted) {
-            *slot = req.headers.get(name).cloned();
+        let mut more = Vec::new();
+        if wanted.len() <= INLINE_HEADERS {
+            // One pass over the request's few headers beats a hashed
+            // look-up per wanted name; the first value of a name wins, as
+            // with `get`.
+            let mut missing = wanted.len();
+            for (name, value) in &req.headers {
+                if missing == 0 {
+                    break;
+                }
+                if let Some(i) = wanted.iter().position(|w| w == name) {
+                    if headers[i].is_none() {
+                        headers[i] = Some(value.clone());
+                        missing -= 1;
+                    }
+                }
+            }
+        } else {
+            for (slot, name) in headers.iter_mut().zip(wanted) {
+                *slot = req.headers.get(name).cloned();
+            }
+            more = wanted
+                .iter()
+                .skip(INLINE_HEADERS)
+                .map(|h| req.headers.get(h).cloned())
+                .collect();
         }
-        let more = wanted
-            .iter()
-            .skip(INLINE_HEADERS)
-            .map(|h| req.headers.get(h).cloned())
-            .collect();
         ctx.data.insert(Seen {
             method: req.method.clone(),
             uri: req.uri.clone(),
@@ -690,7 +785,7 @@ impl Plugin for AccessLog {
             let mut line = line.borrow_mut();
             line.clear();
             self.line(ctx, Instant::now(), &mut line);
-            self.sink.push(line.as_bytes());
+            self.sink.push(&line);
         });
     }
 
@@ -858,6 +953,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn word_checks_agree_with_bytes() {
+        let oracle = |bytes: &[u8], ascii: bool| {
+            bytes
+                .iter()
+                .all(|&b| b != b'"' && b != b'\\' && b >= 0x20 && (!ascii || b < 0x7f))
+        };
+        let mut samples: Vec<Vec<u8>> = vec![b"curl/8.5.0 (x86_64) plain text here".to_vec()];
+        for b in 0..=255u8 {
+            for at in [0, 3, 7, 8, 13] {
+                let mut v = b"abcdefghijklmnopq".to_vec();
+                v[at] = b;
+                samples.push(v);
+            }
+        }
+        for s in &samples {
+            for ascii in [true, false] {
+                assert_eq!(all_plain(s, ascii), oracle(s, ascii), "{s:?} {ascii}");
+            }
+        }
+    }
+
+    #[test]
     fn apisix_example_format_is_unquoted() {
         let yaml =
             "\"$remote_addr - $remote_user [$time_local] $http_host \\\"$request\\\" $status\"\n";
@@ -897,15 +1014,22 @@ mod tests {
 
     #[test]
     fn escapes_as_nginx() {
-        let mut out = String::new();
-        push_value(&mut out, "a\"b\\c\u{1}é", Escape::Default);
-        assert_eq!(out, "a\\x22b\\x5Cc\\x01\\xC3\\xA9");
+        let mut out = Vec::new();
+        push_value(&mut out, "a\"b\\c\u{1}é".as_bytes(), Escape::Default);
+        assert_eq!(out, b"a\\x22b\\x5Cc\\x01\\xC3\\xA9");
         out.clear();
-        push_value(&mut out, "a\"b\n", Escape::Json);
-        assert_eq!(out, "a\\\"b\\n");
+        push_value(&mut out, b"a\"b\n\xff", Escape::Json);
+        assert_eq!(String::from_utf8(out.clone()).unwrap(), "a\\\"b\\n\u{fffd}");
         out.clear();
-        push_value(&mut out, "", Escape::None);
-        assert_eq!(out, "-");
+        push_value(&mut out, b"", Escape::None);
+        assert_eq!(out, b"-");
+        out.clear();
+        push_ip(&mut out, "10.20.3.255".parse().unwrap());
+        out.push(b' ');
+        push_ip(&mut out, "2001:db8::1".parse().unwrap());
+        out.push(b' ');
+        push_secs(&mut out, Duration::from_millis(12_345));
+        assert_eq!(out, b"10.20.3.255 2001:db8::1 12.345");
     }
 
     #[test]

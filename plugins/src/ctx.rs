@@ -204,54 +204,68 @@ pub struct Ctx {
 ///
 /// A request holds a handful at most, so a short list searched by type
 /// beats a hash map: no table to allocate and no hashing, where
-/// `http::Extensions` costs both on the first insert of every request.
+/// `http::Extensions` costs both on the first insert of every request. The
+/// first value sits in place, so the usual request (one value: the access
+/// log's, or none) allocates no list.
 #[derive(Default)]
-pub struct Data(Vec<Box<dyn Any + Send + Sync>>);
+pub struct Data {
+    first: Option<Box<dyn Any + Send + Sync>>,
+    rest: Vec<Box<dyn Any + Send + Sync>>,
+}
 
 impl Data {
-    fn position<T: Any>(&self) -> Option<usize> {
-        self.0.iter().position(|v| v.is::<T>())
+    fn slots(&self) -> impl Iterator<Item = &Box<dyn Any + Send + Sync>> {
+        self.first.iter().chain(self.rest.iter())
     }
 
     /// Puts `value` in, returning the one of its type it replaces.
     pub fn insert<T: Any + Send + Sync>(&mut self, value: T) -> Option<T> {
-        match self.position::<T>() {
-            Some(at) => {
-                let old = std::mem::replace(&mut self.0[at], Box::new(value));
-                old.downcast::<T>().ok().map(|b| *b)
-            }
-            None => {
-                self.0.push(Box::new(value));
-                None
-            }
+        if let Some(slot) = self.slot_mut::<T>() {
+            let old = std::mem::replace(slot, Box::new(value));
+            return old.downcast::<T>().ok().map(|b| *b);
         }
+        match self.first {
+            None => self.first = Some(Box::new(value)),
+            Some(_) => self.rest.push(Box::new(value)),
+        }
+        None
+    }
+
+    fn slot_mut<T: Any>(&mut self) -> Option<&mut Box<dyn Any + Send + Sync>> {
+        self.first
+            .iter_mut()
+            .chain(self.rest.iter_mut())
+            .find(|v| (***v).is::<T>())
     }
 
     pub fn get<T: Any>(&self) -> Option<&T> {
-        self.0.iter().find_map(|v| v.downcast_ref::<T>())
+        self.slots().find_map(|v| v.downcast_ref::<T>())
     }
 
     pub fn get_mut<T: Any>(&mut self) -> Option<&mut T> {
-        self.0.iter_mut().find_map(|v| v.downcast_mut::<T>())
+        self.slot_mut::<T>().and_then(|v| v.downcast_mut::<T>())
     }
 
     pub fn remove<T: Any>(&mut self) -> Option<T> {
-        let at = self.position::<T>()?;
-        self.0.swap_remove(at).downcast::<T>().ok().map(|b| *b)
+        if self.first.as_ref().is_some_and(|v| (**v).is::<T>()) {
+            let value = self.first.take()?;
+            if !self.rest.is_empty() {
+                self.first = Some(self.rest.swap_remove(0));
+            }
+            return value.downcast::<T>().ok().map(|b| *b);
+        }
+        let at = self.rest.iter().position(|v| (**v).is::<T>())?;
+        self.rest.swap_remove(at).downcast::<T>().ok().map(|b| *b)
     }
 
     /// The value of type `T`, put in first as `T::default()` if missing.
     pub fn get_or_insert_default<T: Any + Send + Sync + Default>(&mut self) -> &mut T {
-        let at = match self.position::<T>() {
-            Some(at) => at,
-            None => {
-                self.0.push(Box::new(T::default()));
-                self.0.len() - 1
-            }
-        };
-        match self.0[at].downcast_mut::<T>() {
+        if self.get::<T>().is_none() {
+            self.insert(T::default());
+        }
+        match self.get_mut::<T>() {
             Some(v) => v,
-            // The position was found by this very type.
+            // Just inserted.
             None => unreachable!("data slot holds another type"),
         }
     }
@@ -383,5 +397,31 @@ pub struct CtxVars<'a> {
 impl crate::expr::Vars for CtxVars<'_> {
     fn var(&self, name: &str) -> Option<Cow<'_, str>> {
         self.ctx.var(self.req, name)
+    }
+}
+
+#[cfg(test)]
+mod data_tests {
+    use super::Data;
+
+    #[test]
+    fn values_by_type() {
+        let mut d = Data::default();
+        assert_eq!(d.insert(1u32), None);
+        assert_eq!(d.insert("a"), None);
+        assert_eq!(d.insert(2u64), None);
+        assert_eq!(d.insert(3u32), Some(1));
+        assert_eq!(d.get::<u32>(), Some(&3));
+        *d.get_or_insert_default::<u64>() += 1;
+        *d.get_or_insert_default::<i8>() += 5;
+        assert_eq!(d.get::<u64>(), Some(&3));
+        assert_eq!(d.remove::<u32>(), Some(3));
+        assert_eq!(d.get::<u32>(), None);
+        assert_eq!(d.get::<&str>(), Some(&"a"));
+        assert_eq!(d.get::<i8>(), Some(&5));
+        assert_eq!(d.remove::<&str>(), Some("a"));
+        assert_eq!(d.remove::<u64>(), Some(3));
+        assert_eq!(d.remove::<i8>(), Some(5));
+        assert_eq!(d.get::<i8>(), None);
     }
 }

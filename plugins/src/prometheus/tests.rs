@@ -230,3 +230,12 @@ fn log_cost() {
         p.series.len()
     );
 }
+
+#[test]
+fn node_ips_from_authorities() {
+    assert_eq!(authority_ip("10.0.0.1:8080"), "10.0.0.1");
+    assert_eq!(authority_ip("[::1]:80"), "::1");
+    assert_eq!(authority_ip("[2001:db8::1]:443"), "2001:db8::1");
+    assert_eq!(authority_ip("example.com"), "example.com");
+    assert_eq!(authority_ip("[::1]"), "::1");
+}
