@@ -420,25 +420,33 @@ const fn any_above(w: u64, n: u8) -> bool {
     (w.wrapping_add(ONES * (127 - n) as u64) | w) & HIGHS != 0
 }
 
-/// Whether `bytes` need no escaping: no `"`, no `\`, no control byte and,
-/// when `ascii`, nothing above `~`. Eight bytes at a time: values are
-/// short, but every line has a dozen of them.
+/// Whether the eight bytes of `w` need no escaping.
+const fn word_plain(w: u64, ascii: bool) -> bool {
+    !(any_equal(w, b'"')
+        || any_equal(w, b'\\')
+        || any_below(w, 0x20)
+        || (ascii && any_above(w, 0x7e)))
+}
+
+/// Whether `bytes` need no escaping: no `"`, no `\\`, no control byte and,
+/// when `ascii`, nothing above `~`. Eight bytes at a time (the tail padded
+/// with a plain byte): values are short, but every line has a dozen.
 fn all_plain(bytes: &[u8], ascii: bool) -> bool {
-    let scalar = |b: u8| b != b'"' && b != b'\\' && b >= 0x20 && (!ascii || b < 0x7f);
     let mut words = bytes.chunks_exact(8);
     for chunk in &mut words {
         let mut word = [0u8; 8];
         word.copy_from_slice(chunk);
-        let w = u64::from_le_bytes(word);
-        if any_equal(w, b'"')
-            || any_equal(w, b'\\')
-            || any_below(w, 0x20)
-            || (ascii && any_above(w, 0x7e))
-        {
+        if !word_plain(u64::from_le_bytes(word), ascii) {
             return false;
         }
     }
-    words.remainder().iter().all(|&b| scalar(b))
+    let tail = words.remainder();
+    if tail.is_empty() {
+        return true;
+    }
+    let mut word = [b'a'; 8];
+    word[..tail.len()].copy_from_slice(tail);
+    word_plain(u64::from_le_bytes(word), ascii)
 }
 
 /// Appends `value` escaped as `escape` says; `-` when empty. `default`

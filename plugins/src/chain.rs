@@ -234,38 +234,96 @@ fn passes(entry: &Entry, ctx: &Ctx, req: Option<&request::Parts>) -> bool {
     entry.filter.as_ref().is_none_or(|f| f.eval(&ctx.vars(req)))
 }
 
-/// Runs one request-side phase of a set; `Some` when a plugin answered.
-async fn run_phase(
+/// Where one request-side phase of a set stopped.
+enum Step {
+    /// Every plugin went on (`None`), or one answered.
+    Done(Option<Response<ResponseBody>>),
+    /// The plugin at this index waits on the future.
+    Wait(usize, crate::plugin::BoxFuture<Flow>),
+}
+
+/// Runs one request-side phase of a set from plugin `from` on, without a
+/// future: nearly every plugin decides at once, and a future per set and
+/// phase would cost every request its state machine.
+fn phase_step(
     set: &PluginSet,
     phase: Phase,
     ctx: &mut Ctx,
     req: &mut request::Parts,
-) -> Option<Response<ResponseBody>> {
+    from: usize,
+) -> Step {
     let bit = phase.bit();
     if !set.phases.has(bit) {
-        return None;
+        return Step::Done(None);
     }
-    for entry in &set.entries {
+    for (i, entry) in set.entries.iter().enumerate().skip(from) {
         if !entry.phases.has(bit)
             || (phase == Phase::RewriteInConsumer && !entry.from_consumer)
             || !passes(entry, ctx, Some(req))
         {
             continue;
         }
-        let mut flow = match phase {
+        let flow = match phase {
             Phase::Rewrite | Phase::RewriteInConsumer => entry.plugin.rewrite(ctx, req),
             Phase::Access => entry.plugin.access(ctx, req),
             Phase::BeforeProxy => entry.plugin.before_proxy(ctx, req),
         };
+        match flow {
+            Flow::Continue => {}
+            Flow::Respond(resp) => return Step::Done(Some(apply_error_response(entry, resp))),
+            Flow::Wait(fut) => return Step::Wait(i, fut),
+        }
+    }
+    Step::Done(None)
+}
+
+/// The rest of a phase once plugin `at` waits on `fut`.
+async fn finish_phase(
+    set: &PluginSet,
+    phase: Phase,
+    ctx: &mut Ctx,
+    req: &mut request::Parts,
+    mut at: usize,
+    mut fut: crate::plugin::BoxFuture<Flow>,
+) -> Option<Response<ResponseBody>> {
+    loop {
+        let mut flow = fut.await;
         loop {
             match flow {
                 Flow::Continue => break,
-                Flow::Wait(fut) => flow = fut.await,
-                Flow::Respond(resp) => return Some(apply_error_response(entry, resp)),
+                Flow::Wait(next) => flow = next.await,
+                Flow::Respond(resp) => {
+                    return Some(match set.entries.get(at) {
+                        Some(entry) => apply_error_response(entry, resp),
+                        None => resp,
+                    })
+                }
+            }
+        }
+        match phase_step(set, phase, ctx, req, at + 1) {
+            Step::Done(answer) => return answer,
+            Step::Wait(next_at, next) => {
+                at = next_at;
+                fut = next;
             }
         }
     }
-    None
+}
+
+/// Runs a phase of a set inside [`request_phases`], returning from it
+/// when a plugin answered; a future only when a plugin waits.
+macro_rules! run_phase {
+    ($set:expr, $phase:expr, $ctx:expr, $req:expr) => {
+        match phase_step($set, $phase, $ctx, $req, 0) {
+            Step::Done(Some(answer)) => return Some(answer),
+            Step::Done(None) => {}
+            Step::Wait(at, fut) => {
+                if let Some(answer) = finish_phase($set, $phase, $ctx, $req, at, fut).await {
+                    return Some(answer);
+                }
+            }
+        }
+    };
 }
 
 fn apply_error_response(entry: &Entry, resp: Response<ResponseBody>) -> Response<ResponseBody> {
@@ -482,38 +540,27 @@ async fn request_phases(
     let globals = active.globals.clone();
     for (i, set) in globals.rules.iter().enumerate() {
         active.globals_entered = i + 1;
-        if let Some(r) = run_phase(set, Phase::Rewrite, ctx, parts).await {
-            return Some(r);
-        }
-        if let Some(r) = run_phase(set, Phase::Access, ctx, parts).await {
-            return Some(r);
-        }
+        run_phase!(set, Phase::Rewrite, ctx, parts);
+        run_phase!(set, Phase::Access, ctx, parts);
     }
     active.route = Some(route.clone());
-    if let Some(r) = run_phase(&route, Phase::Rewrite, ctx, parts).await {
-        return Some(r);
-    }
+    run_phase!(&route, Phase::Rewrite, ctx, parts);
     let mut set = route;
     if let Some(consumer) = ctx.credential.as_ref().map(|c| c.consumer.clone()) {
         if !consumer.plugins.is_empty() {
             set = Arc::new(set.overlay(&consumer.plugins, true));
             active.route = Some(set.clone());
-            if let Some(r) = run_phase(&set, Phase::RewriteInConsumer, ctx, parts).await {
-                return Some(r);
-            }
+            run_phase!(&set, Phase::RewriteInConsumer, ctx, parts);
         }
     }
-    if let Some(r) = run_phase(&set, Phase::Access, ctx, parts).await {
-        return Some(r);
-    }
+    run_phase!(&set, Phase::Access, ctx, parts);
     if globals.phases.has(Phases::BEFORE_PROXY) {
         for g in &globals.rules {
-            if let Some(r) = run_phase(g, Phase::BeforeProxy, ctx, parts).await {
-                return Some(r);
-            }
+            run_phase!(g, Phase::BeforeProxy, ctx, parts);
         }
     }
-    run_phase(&set, Phase::BeforeProxy, ctx, parts).await
+    run_phase!(&set, Phase::BeforeProxy, ctx, parts);
+    None
 }
 
 fn response_phases(
