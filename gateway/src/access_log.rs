@@ -819,6 +819,10 @@ enum Msg {
 /// Lines on their way to the file.
 pub struct Sink {
     buffer: Mutex<Vec<u8>>,
+    /// Buffers the writer has emptied, for the next swap: reusing them keeps
+    /// requests writing into memory already mapped and cached, rather than a
+    /// fresh allocation every `access_log_buffer` bytes.
+    spare: Mutex<Vec<Vec<u8>>>,
     limit: usize,
     tx: SyncSender<Msg>,
     dropped: AtomicU64,
@@ -833,7 +837,13 @@ impl Sink {
             if buf.len() < self.limit {
                 return;
             }
-            std::mem::replace(&mut *buf, Vec::with_capacity(self.limit + 512))
+            let fresh = self
+                .spare
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop()
+                .unwrap_or_else(|| Vec::with_capacity(self.limit + 512));
+            std::mem::replace(&mut *buf, fresh)
         };
         self.send(Msg::Data(full));
     }
@@ -848,6 +858,15 @@ impl Sink {
                 }
             }
             Err(_) => {}
+        }
+    }
+
+    /// Keeps an emptied buffer for reuse (two at most).
+    fn recycle(&self, mut buf: Vec<u8>) {
+        buf.clear();
+        let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
+        if spare.len() < 2 && buf.capacity() <= self.limit + 512 {
+            spare.push(buf);
         }
     }
 
@@ -893,7 +912,13 @@ fn writer(sink: Weak<Sink>, rx: mpsc::Receiver<Msg>, mut file: File, path: PathB
     };
     loop {
         match rx.recv_timeout(FLUSH_EVERY) {
-            Ok(Msg::Data(bytes)) => write(&mut file, &bytes),
+            Ok(Msg::Data(bytes)) => {
+                write(&mut file, &bytes);
+                match sink.upgrade() {
+                    Some(s) => s.recycle(bytes),
+                    None => return,
+                }
+            }
             Ok(Msg::Reopen) => {
                 if let Some(s) = sink.upgrade() {
                     write(&mut file, &s.take());
@@ -932,6 +957,7 @@ pub fn start(conf: &AccessLogConf) -> Result<Arc<AccessLog>, String> {
     let (tx, rx) = mpsc::sync_channel(QUEUED_BUFFERS);
     let sink = Arc::new(Sink {
         buffer: Mutex::new(Vec::with_capacity(conf.buffer + 512)),
+        spare: Mutex::new(Vec::new()),
         limit: conf.buffer.max(1),
         tx,
         dropped: AtomicU64::new(0),
