@@ -24,8 +24,9 @@
 //!   `include_req_body` the request body (up to `max_req_body_bytes`,
 //!   copied as it streams to the upstream), when `include_req_body_expr`
 //!   holds at the end of the request.
-//!
-//! Refused rather than accepted and ignored: `https` collectors.
+//! - `https://` collectors are reached over TLS; their certificate is
+//!   checked against the system's trust store only with `ssl_verify: true`
+//!   (APISIX's default is false).
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -33,9 +34,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Uri};
 use http_body_util::Full;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
 use crate::batch::{self, BatchConf, SendFuture, Sender};
@@ -93,7 +91,7 @@ pub fn metadata_schema() -> &'static Schema {
 
 /// Sends batches to the collector.
 struct HttpSender {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: crate::tls_client::HttpsClient,
     uri: Uri,
     host: Option<HeaderValue>,
     auth: Option<HeaderValue>,
@@ -140,17 +138,6 @@ impl Sender for HttpSender {
     }
 }
 
-/// Why `conf` cannot run here, though APISIX's schema allows it.
-fn refuse_unsupported(conf: &Value) -> Result<(), String> {
-    let uri = conf.get("uri").and_then(Value::as_str).unwrap_or("");
-    if !uri.starts_with("http://") {
-        return Err(format!(
-            "uri {uri}: only http:// collectors are supported by this gateway yet"
-        ));
-    }
-    Ok(())
-}
-
 /// The registry entry.
 pub struct HttpLoggerSpec;
 
@@ -180,12 +167,10 @@ impl PluginSpec for HttpLoggerSpec {
             return metadata_schema().validate(conf);
         }
         schema().validate(conf)?;
-        logger::check(conf)?;
-        refuse_unsupported(conf)
+        logger::check(conf)
     }
 
     fn compile(&self, conf: &Value, cx: &CompileCx<'_>) -> Result<Arc<dyn Plugin>, String> {
-        refuse_unsupported(conf)?;
         let text = |k: &str| conf.get(k).and_then(Value::as_str);
         let uri: Uri = text("uri")
             .unwrap_or_default()
@@ -197,7 +182,9 @@ impl PluginSpec for HttpLoggerSpec {
         let max_pending = Logger::max_pending(cx);
         let batch_conf = BatchConf::from_conf(conf, NAME, max_pending);
         let sender = HttpSender {
-            client: Client::builder(TokioExecutor::new()).build_http(),
+            client: crate::tls_client::https_client(
+                conf.get("ssl_verify").and_then(Value::as_bool) == Some(true),
+            ),
             host,
             auth: text("auth_header").and_then(|a| HeaderValue::from_str(a).ok()),
             timeout: Duration::from_secs(conf.get("timeout").and_then(Value::as_u64).unwrap_or(3)),
@@ -226,8 +213,9 @@ mod tests {
         assert!(err.contains("batch_max_size"), "{err}");
         let err = testing::refusal(NAME, &json!({"uri": "http://x", "concat_method": "csv"}));
         assert!(err.contains("concat_method"), "{err}");
-        let err = testing::refusal(NAME, &json!({"uri": "https://x"}));
-        assert!(err.contains("only http://"), "{err}");
+        assert!(HttpLoggerSpec
+            .check(&json!({"uri": "https://x"}), SchemaType::Route)
+            .is_ok());
         assert!(HttpLoggerSpec
             .check(
                 &json!({"uri": "http://x", "include_req_body": true}),

@@ -53,6 +53,7 @@ pub mod tcp_logger;
 pub mod template;
 #[doc(hidden)]
 pub mod testing;
+pub mod tls_client;
 pub mod traffic_split;
 pub mod ua_restriction;
 pub mod uri_blocker;

@@ -571,9 +571,10 @@ mod tests {
         let meta = |c: Value| OpenTelemetrySpec.check(&c, SchemaType::Metadata);
         assert!(meta(json!({"collector": {"address": "127.0.0.1:4318"}})).is_ok());
         assert!(meta(json!({"trace_id_source": "header"})).is_err());
-        assert!(meta(json!({"collector": {"address": "https://otel:4318"}}))
+        assert!(meta(json!({"collector": {"address": "https://otel:4318"}})).is_ok());
+        assert!(meta(json!({"collector": {"address": "udp://otel:4318"}}))
             .unwrap_err()
-            .contains("only http"));
+            .contains("unknown scheme"));
     }
 
     #[test]

@@ -12,8 +12,9 @@
 //! 1, else an array): over a new TCP connection per batch (`timeout` in
 //! milliseconds, default 1000), or as one UDP datagram (`timeout` in
 //! seconds, default 3). The entry and the batching are the loggers' (see
-//! [`crate::logger`], [`crate::batch`]). `tls: true` (tcp-logger) is
-//! refused rather than sent in the clear.
+//! [`crate::logger`], [`crate::batch`]). With `tls: true` (tcp-logger) the
+//! connection is TLS, with `tls_options` as the server name (else `host`)
+//! and, as APISIX's `sslhandshake(..., false)`, no certificate check.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -66,6 +67,8 @@ fn metadata_schema() -> &'static Schema {
 struct SocketSender {
     transport: Transport,
     target: String,
+    /// tcp-logger `tls`: the server name to present.
+    tls: Option<rustls::pki_types::ServerName<'static>>,
     timeout: Duration,
     batch_max_size: usize,
 }
@@ -73,15 +76,29 @@ struct SocketSender {
 impl Sender for SocketSender {
     fn send(&self, entries: Vec<Value>) -> SendFuture {
         let (transport, target, timeout) = (self.transport, self.target.clone(), self.timeout);
+        let tls = self.tls.clone();
         let size = self.batch_max_size;
         Box::pin(async move {
             let data = batch::encode_off_thread(entries, size, false).await;
             let io = async {
                 match transport {
                     Transport::Tcp => {
-                        let mut sock = tokio::net::TcpStream::connect(&target).await?;
-                        sock.write_all(data.as_bytes()).await?;
-                        sock.shutdown().await
+                        let sock = tokio::net::TcpStream::connect(&target).await?;
+                        match tls {
+                            Some(name) => {
+                                let connector = tokio_rustls::TlsConnector::from(
+                                    crate::tls_client::client_config(false),
+                                );
+                                let mut sock = connector.connect(name, sock).await?;
+                                sock.write_all(data.as_bytes()).await?;
+                                sock.shutdown().await
+                            }
+                            None => {
+                                let mut sock = sock;
+                                sock.write_all(data.as_bytes()).await?;
+                                sock.shutdown().await
+                            }
+                        }
                     }
                     Transport::Udp => {
                         let sock = tokio::net::UdpSocket::bind(if target.starts_with('[') {
@@ -122,9 +139,24 @@ fn compile(
         (Transport::Udp, t) => Duration::from_secs(t.unwrap_or(3)),
     };
     let batch_conf = BatchConf::from_conf(conf, name, Logger::max_pending(cx));
+    let tls = match (transport, conf.get("tls").and_then(Value::as_bool)) {
+        (Transport::Tcp, Some(true)) => {
+            let name = conf
+                .get("tls_options")
+                .and_then(Value::as_str)
+                .filter(|n| !n.is_empty())
+                .unwrap_or(host);
+            Some(
+                rustls::pki_types::ServerName::try_from(name.trim_matches(['[', ']']).to_string())
+                    .map_err(|e| format!("tls_options {name}: {e}"))?,
+            )
+        }
+        _ => None,
+    };
     let sender = SocketSender {
         transport,
         target,
+        tls,
         timeout,
         batch_max_size: batch_conf.batch_max_size,
     };
@@ -172,11 +204,7 @@ impl PluginSpec for SocketLoggerSpec {
             return metadata_schema().validate(conf);
         }
         self.schema().validate(conf)?;
-        logger::check(conf)?;
-        if conf.get("tls").and_then(Value::as_bool) == Some(true) {
-            return Err("tls is not supported by this gateway's tcp-logger yet".into());
-        }
-        Ok(())
+        logger::check(conf)
     }
 
     fn compile(&self, conf: &Value, cx: &CompileCx<'_>) -> Result<Arc<dyn Plugin>, String> {
@@ -194,8 +222,12 @@ mod tests {
     fn schemas() {
         let err = testing::refusal("tcp-logger", &json!({"host": "h"}));
         assert!(err.contains("\"port\" is required"), "{err}");
-        let err = testing::refusal("tcp-logger", &json!({"host": "h", "port": 1, "tls": true}));
-        assert!(err.contains("tls"), "{err}");
+        assert!(TCP_LOGGER
+            .check(
+                &json!({"host": "h", "port": 1, "tls": true, "tls_options": "logs.example"}),
+                SchemaType::Route
+            )
+            .is_ok());
         let err = testing::refusal("udp-logger", &json!({"host": "h", "port": -1}));
         assert!(err.contains("port"), "{err}");
         assert!(UDP_LOGGER
@@ -215,6 +247,7 @@ mod tests {
         let sender = |transport, addr: std::net::SocketAddr| SocketSender {
             transport,
             target: addr.to_string(),
+            tls: None,
             timeout: Duration::from_secs(2),
             batch_max_size: 10,
         };

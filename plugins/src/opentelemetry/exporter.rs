@@ -33,9 +33,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue, Method, Request, Uri};
 use http_body_util::Full;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue};
 use opentelemetry_proto::tonic::resource::v1::Resource;
@@ -85,14 +82,18 @@ pub fn int_attr(key: &str, value: i64) -> KeyValue {
 }
 
 /// The collector's `/v1/traces` URL for `address` (`host:port`, or an
-/// `http://` URL whose path, if any, is kept).
+/// `http://` or `https://` URL whose path, if any, is kept).
 pub fn endpoint(address: &str) -> Result<Uri, String> {
     let url = match address.split_once("://") {
-        Some(("http", rest)) if rest.contains('/') && !rest.ends_with('/') => address.to_string(),
-        Some(("http", rest)) => format!("http://{}/v1/traces", rest.trim_end_matches('/')),
+        Some((scheme @ ("http" | "https"), rest)) if rest.contains('/') && !rest.ends_with('/') => {
+            format!("{scheme}://{rest}")
+        }
+        Some((scheme @ ("http" | "https"), rest)) => {
+            format!("{scheme}://{}/v1/traces", rest.trim_end_matches('/'))
+        }
         Some((scheme, _)) => {
             return Err(format!(
-                "collector.address {address}: only http collectors are supported by this gateway yet, not {scheme}"
+                "collector.address {address}: unknown scheme {scheme}"
             ))
         }
         None => format!("http://{address}/v1/traces"),
@@ -199,7 +200,7 @@ impl Settings {
 
 /// Posts batches of spans to the collector.
 struct OtlpSender {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: crate::tls_client::HttpsClient,
     endpoint: Uri,
     host: Option<HeaderValue>,
     headers: Vec<(HeaderName, HeaderValue)>,
@@ -274,7 +275,9 @@ pub struct Exporter {
 impl Exporter {
     pub fn new(settings: &Settings) -> Exporter {
         let sender = OtlpSender {
-            client: Client::builder(TokioExecutor::new()).build_http(),
+            // A trace collector's certificate is checked against the
+            // system's trust store.
+            client: crate::tls_client::https_client(true),
             host: settings
                 .endpoint
                 .authority()
@@ -327,7 +330,11 @@ mod tests {
             e("http://otel:4318/custom/traces").unwrap(),
             "http://otel:4318/custom/traces"
         );
-        assert!(e("https://otel:4318").unwrap_err().contains("only http"));
+        assert_eq!(
+            e("https://otel:4318").unwrap(),
+            "https://otel:4318/v1/traces"
+        );
+        assert!(e("ftp://otel:4318").unwrap_err().contains("unknown scheme"));
         assert!(e("").is_err());
     }
 

@@ -327,3 +327,110 @@ async fn request_bodies_in_entries() {
     assert_eq!(body_of("/body?log=no", 0), Value::Null);
     gw.stop().await;
 }
+
+/// A TLS acceptor with a self-signed certificate for `localhost`.
+fn tls_acceptor() -> tokio_rustls::TlsAcceptor {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let cert = ck.cert.der().clone();
+    let key = rustls::pki_types::PrivateKeyDer::try_from(ck.signing_key.serialize_der()).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert], key)
+    .unwrap();
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+#[tokio::test]
+async fn tls_collectors() {
+    let gw = Gateway::start().await;
+    let up = Upstream::start("u").await;
+    let acceptor = tls_acceptor();
+    // An https collector: each POST's body.
+    let https = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let https_port = https.local_addr().unwrap().port();
+    let posts: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sink = posts.clone();
+    let tls = acceptor.clone();
+    let https_task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = https.accept().await {
+            let (tls, sink) = (tls.clone(), sink.clone());
+            tokio::spawn(async move {
+                let Ok(stream) = tls.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let sink = sink.clone();
+                    async move {
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        sink.lock()
+                            .unwrap()
+                            .push(String::from_utf8_lossy(&body).into_owned());
+                        Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from("ok"))))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    // A TLS TCP collector: the server name asked for, and what was sent.
+    let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tcp_port = tcp.local_addr().unwrap().port();
+    let tcp_task = tokio::spawn(async move {
+        let (conn, _) = tcp.accept().await.unwrap();
+        let mut stream = acceptor.accept(conn).await.unwrap();
+        let sni = stream.get_ref().1.server_name().map(str::to_string);
+        let mut got = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut got)
+            .await
+            .unwrap();
+        (sni, got)
+    });
+    let node = up.node();
+    gw.put(
+        "routes/tls-logged",
+        json!({"uri": "/tls-logged", "upstream": upstream(&[(&node, 1)]),
+               "plugins": {
+                   "http-logger": {"uri": format!("https://localhost:{https_port}/logs"),
+                                   "batch_max_size": 1},
+                   "tcp-logger": {"host": "127.0.0.1", "port": tcp_port, "tls": true,
+                                  "tls_options": "logs.test", "batch_max_size": 1,
+                                  "log_format": {"uri": "$uri"}}}}),
+    )
+    .await;
+    // ssl_verify: a self-signed certificate is refused, nothing is sent.
+    gw.put(
+        "routes/verified",
+        json!({"uri": "/verified", "upstream": upstream(&[(&node, 1)]),
+               "plugins": {"http-logger": {"uri": format!("https://localhost:{https_port}/logs"),
+                                           "batch_max_size": 1, "ssl_verify": true,
+                                           "log_format": {"route": "verified"}}}}),
+    )
+    .await;
+    assert_eq!(gw.get("/verified").await.status, 200);
+    assert_eq!(gw.get("/tls-logged").await.status, 200);
+    let (sni, got) = tokio::time::timeout(Duration::from_secs(10), tcp_task)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(sni.as_deref(), Some("logs.test"));
+    let entry: Value = harness::serde_json::from_str(&got).unwrap();
+    assert_eq!(entry["uri"], "/tls-logged");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while posts.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "no POST over https");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let posts = posts.lock().unwrap().clone();
+    assert_eq!(posts.len(), 1, "{posts:?}");
+    let entry: Value = harness::serde_json::from_str(&posts[0]).unwrap();
+    assert_eq!(entry["route_id"], "tls-logged");
+    https_task.abort();
+    gw.stop().await;
+}
