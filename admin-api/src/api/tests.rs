@@ -147,7 +147,7 @@ async fn auth_and_unknown_resources() {
         .map(|n| n.as_str().unwrap())
         .collect();
     // Sorted by priority, highest first, as APISIX lists them.
-    assert_eq!(names[..3], ["real-ip", "request-id", "fault-injection"]);
+    assert_eq!(names[..3], ["real-ip", "request-id", "opentelemetry"]);
     let key_auth = names.iter().position(|n| *n == "key-auth").unwrap();
     let basic_auth = names.iter().position(|n| *n == "basic-auth").unwrap();
     assert!(basic_auth < key_auth, "{names:?}");
