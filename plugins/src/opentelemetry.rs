@@ -236,6 +236,10 @@ struct Recording {
 /// context by shared reference).
 struct Pending(Mutex<Option<Recording>>);
 
+/// Marks a request traced but not recorded; zero-sized, so keeping it
+/// allocates nothing.
+struct Unrecorded;
+
 /// A compiled configuration.
 struct OpenTelemetry {
     sampler: Sampler,
@@ -403,7 +407,7 @@ impl Plugin for OpenTelemetry {
     }
 
     fn rewrite(&self, ctx: &mut Ctx, req: &mut request::Parts) -> Flow {
-        if ctx.data.get::<Pending>().is_some() {
+        if ctx.data.get::<Pending>().is_some() || ctx.data.get::<Unrecorded>().is_some() {
             return Flow::Continue;
         }
         let parent = req
@@ -429,7 +433,11 @@ impl Plugin for OpenTelemetry {
             vars.set("opentelemetry_trace_id", context::hex(&trace_id));
             vars.set("opentelemetry_span_id", context::hex(&span_id));
         }
-        let recording = sampled.then(|| {
+        if !sampled {
+            ctx.data.insert(Unrecorded);
+            return Flow::Continue;
+        }
+        let recording = {
             let (name, attributes) = self.request_attributes(ctx, req);
             let start = ctx.started;
             let start_unix =
@@ -452,8 +460,8 @@ impl Plugin for OpenTelemetry {
                 method: req.method.as_str().to_string(),
                 attributes,
             }
-        });
-        ctx.data.insert(Pending(Mutex::new(recording)));
+        };
+        ctx.data.insert(Pending(Mutex::new(Some(recording))));
         Flow::Continue
     }
 
@@ -575,6 +583,43 @@ mod tests {
         assert!(meta(json!({"collector": {"address": "udp://otel:4318"}}))
             .unwrap_err()
             .contains("unknown scheme"));
+    }
+
+    #[tokio::test]
+    async fn traceparent_goes_upstream_as_sampled() {
+        let run = |sampler: Value, incoming: Option<&'static str>| async move {
+            let set = testing::compile(&json!({"opentelemetry": {"sampler": sampler}}))
+                .expect("compiles");
+            let chain = testing::chain(Vec::new(), set, Default::default());
+            let headers: Vec<(&str, &str)> = incoming
+                .map(|v| vec![("traceparent", v)])
+                .unwrap_or_default();
+            let answer = testing::send(chain, testing::request("10.0.0.1", "/x", &headers)).await;
+            answer.upstream_header("traceparent").expect("traceparent")
+        };
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let on = run(json!({"name": "always_on"}), Some(parent)).await;
+        let p = context::parse_traceparent(on.as_bytes()).expect("valid");
+        assert_eq!(
+            context::hex(&p.trace_id),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_ne!(context::hex(&p.span_id), "00f067aa0ba902b7");
+        assert!(p.sampled());
+        let off = run(json!({"name": "always_off"}), Some(parent)).await;
+        assert!(off.ends_with("-00"), "{off}");
+        let fresh = run(json!({"name": "always_on"}), None).await;
+        let p = context::parse_traceparent(fresh.as_bytes()).expect("valid");
+        assert_ne!(
+            context::hex(&p.trace_id),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        // An invalid client value starts a new trace rather than going on.
+        let bad = run(json!({"name": "always_on"}), Some("00-zz-00-01")).await;
+        assert!(
+            context::parse_traceparent(bad.as_bytes()).is_some(),
+            "{bad}"
+        );
     }
 
     #[test]
