@@ -168,6 +168,9 @@ pub struct GatewayConfig {
     pub prefix: PathBuf,
     pub data_dir: PathBuf,
     pub node_listen: Vec<SocketAddr>,
+    /// The `node_listen` entries with `transparent: true`: their sockets
+    /// get `IP_TRANSPARENT` (TProxy; see [`crate::tproxy`]).
+    pub transparent_listen: Vec<SocketAddr>,
     pub enable_admin: bool,
     pub admin_listen: SocketAddr,
     pub admin_keys: Vec<KeyConf>,
@@ -254,9 +257,18 @@ impl GatewayConfig {
 
     fn from_value(doc: &Value, prefix: PathBuf) -> Result<Self, ConfigError> {
         let get = |path: &str| lookup(doc, path);
+        let mut transparent_listen = Vec::new();
         let node_listen = match get("apisix.node_listen") {
             None => vec![SocketAddr::from(([0, 0, 0, 0], DEFAULT_NODE_PORT))],
-            Some(v) => parse_listen("apisix.node_listen", v)?,
+            Some(v) => {
+                let flagged = parse_listen_flagged("apisix.node_listen", v)?;
+                transparent_listen = flagged
+                    .iter()
+                    .filter(|(_, t)| *t)
+                    .map(|(a, _)| *a)
+                    .collect();
+                flagged.into_iter().map(|(a, _)| a).collect()
+            }
         };
         let admin_listen = {
             let ip = match get("deployment.admin.admin_listen.ip") {
@@ -419,6 +431,7 @@ impl GatewayConfig {
             data_dir: prefix.join("data"),
             prefix,
             node_listen,
+            transparent_listen,
             // A data plane (APISIX's `role: data_plane`) serves no Admin API.
             enable_admin: opt_bool(doc, "apisix.enable_admin")?.unwrap_or(true)
                 && role != "data_plane",
@@ -693,8 +706,16 @@ fn port_of(key: &str, v: &Value) -> Result<u16, ConfigError> {
 }
 
 fn parse_listen(key: &str, v: &Value) -> Result<Vec<SocketAddr>, ConfigError> {
+    Ok(parse_listen_flagged(key, v)?
+        .into_iter()
+        .map(|(addr, _)| addr)
+        .collect())
+}
+
+/// Listen entries with their `transparent` flag (TProxy listeners).
+fn parse_listen_flagged(key: &str, v: &Value) -> Result<Vec<(SocketAddr, bool)>, ConfigError> {
     let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
-    let one = |item: &Value| -> Result<SocketAddr, ConfigError> {
+    let one = |item: &Value| -> Result<(SocketAddr, bool), ConfigError> {
         match item {
             Value::Object(map) => {
                 let port = map
@@ -711,9 +732,19 @@ fn parse_listen(key: &str, v: &Value) -> Result<Vec<SocketAddr>, ConfigError> {
                         .map_err(|_| key_err(key, format!("invalid ip {s}")))?,
                     Some(other) => return Err(key_err(key, format!("invalid ip {other}"))),
                 };
-                Ok(SocketAddr::new(ip, port))
+                let transparent = match map.get("transparent") {
+                    None | Some(Value::Null) => false,
+                    Some(Value::Bool(b)) => *b,
+                    Some(other) => {
+                        return Err(key_err(
+                            key,
+                            format!("transparent: expected a boolean, got {other}"),
+                        ))
+                    }
+                };
+                Ok((SocketAddr::new(ip, port), transparent))
             }
-            other => Ok(SocketAddr::new(any, port_of(key, other)?)),
+            other => Ok((SocketAddr::new(any, port_of(key, other)?), false)),
         }
     };
     match v {

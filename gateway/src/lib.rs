@@ -37,6 +37,7 @@ pub mod snapshot;
 pub mod standalone;
 pub mod tls;
 pub mod tls_edge;
+pub mod tproxy;
 pub mod upstream;
 pub mod vars;
 pub mod websocket;
@@ -99,7 +100,9 @@ impl Running {
         self.edge.store(Arc::new(edge_of(&config)));
         let old = &self.started_with;
         let mut restart = Vec::new();
-        if old.node_listen != config.node_listen {
+        if old.node_listen != config.node_listen
+            || old.transparent_listen != config.transparent_listen
+        {
             restart.push("apisix.node_listen");
         }
         if old.ssl != config.ssl {
@@ -315,7 +318,17 @@ pub async fn start(config: GatewayConfig) -> Result<Running, Error> {
     };
     let mut data_addrs = Vec::new();
     for addr in &config.node_listen {
-        let listener = server::bind(*addr, "data plane").await?;
+        let listener = if config.transparent_listen.contains(addr) {
+            tproxy::bind(*addr)
+                .and_then(tokio::net::TcpListener::from_std)
+                .map_err(|error| Error::Bind {
+                    addr: *addr,
+                    what: "data plane",
+                    error,
+                })?
+        } else {
+            server::bind(*addr, "data plane").await?
+        };
         let bound = listener.local_addr()?;
         tracing::info!(addr = %bound, "data plane listening");
         data_addrs.push(bound);

@@ -30,7 +30,7 @@ struct Args {
     command: Option<Cmd>,
 }
 
-#[derive(clap::Subcommand, Debug, Clone, Copy)]
+#[derive(clap::Subcommand, Debug, Clone)]
 enum Cmd {
     /// Run the gateway in the foreground (the default).
     Start,
@@ -44,6 +44,16 @@ enum Cmd {
     Test,
     /// Print the version.
     Version,
+    /// Print the nftables and `ip` commands that divert TCP traffic to a
+    /// transparent listener on PORT (changes nothing itself).
+    TproxySetup {
+        /// The transparent listener's port.
+        #[arg(long)]
+        port: u16,
+        /// Divert only traffic arriving on this interface.
+        #[arg(long)]
+        interface: Option<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -73,9 +83,19 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(!to_file && std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let command = args.command.unwrap_or(Cmd::Start);
-    if let Cmd::Version = command {
-        println!("ferrogate {}", gateway::VERSION);
-        return Ok(());
+    match &command {
+        Cmd::Version => {
+            println!("ferrogate {}", gateway::VERSION);
+            return Ok(());
+        }
+        Cmd::TproxySetup { port, interface } => {
+            print!(
+                "{}",
+                gateway::tproxy::setup_commands(*port, interface.as_deref())
+            );
+            return Ok(());
+        }
+        _ => {}
     }
     let config = GatewayConfig::load(&args.config)
         .with_context(|| format!("invalid configuration in {}", args.config.display()))?;
@@ -89,7 +109,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Reload => Some(Command::Reload),
         Cmd::Quit => Some(Command::Quit),
         Cmd::Stop => Some(Command::Stop),
-        Cmd::Start | Cmd::Version => None,
+        Cmd::Start | Cmd::Version | Cmd::TproxySetup { .. } => None,
     };
     if let Some(control) = control {
         let pid = gateway::control::send(&config.data_dir, control)?;

@@ -239,7 +239,7 @@ impl Drop for Etcd {
 
 /// The `ferrogate` binary this test run built (`target/<profile>/ferrogate`,
 /// beside the `deps/` directory the test binary runs from).
-fn binary() -> PathBuf {
+pub fn binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let bin = exe
         .parent()

@@ -72,6 +72,20 @@ fn apisix_key_paths() {
 }
 
 #[test]
+fn transparent_listeners() {
+    let c = parse(
+        "apisix:\n  node_listen:\n    - 9080\n    - {ip: \"::\", port: 15001, transparent: true}\n",
+    )
+    .unwrap();
+    assert_eq!(c.node_listen.len(), 2);
+    assert_eq!(c.transparent_listen, vec!["[::]:15001".parse().unwrap()]);
+    let err = parse("apisix:\n  node_listen:\n    - {port: 1, transparent: yes please}\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("transparent"), "{err}");
+}
+
+#[test]
 fn wrong_types_name_the_key() {
     for (text, key) in [
         ("apisix:\n  node_listen: abc\n", "apisix.node_listen"),

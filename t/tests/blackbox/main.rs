@@ -19,6 +19,7 @@ mod routing;
 mod soak;
 mod tls_edge;
 mod tls_upstream;
+mod tproxy;
 mod traces;
 mod traffic_plugins;
 mod upstream_conn;

@@ -1,0 +1,280 @@
+#![allow(clippy::unwrap_used)]
+//! Transparent proxying, end to end, as root: a client namespace connects
+//! to addresses the gateway does not own (203.0.113.10:80 and
+//! [2001:db8:99::10]:80); the gateway namespace diverts those connections
+//! with the nftables and policy-routing commands `ferrogate tproxy-setup`
+//! prints to the real binary's transparent listener, whose routes match
+//! on `$server_addr`/`$server_port` and proxy to a server namespace.
+//! Namespaces get unique names and are removed afterwards; processes are
+//! ended by their PID. Skipped, saying why, when not root or without `ip`
+//! and `nft`.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The namespaces of one test, removed on drop.
+struct Netns {
+    names: Vec<String>,
+    children: Vec<Child>,
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for n in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
+
+fn run(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn ns(name: &str, args: &[&str]) {
+    let mut all = vec!["ip", "netns", "exec", name];
+    all.extend_from_slice(args);
+    run(&all);
+}
+
+/// Why this machine cannot run the test, if it cannot.
+fn unsupported() -> Option<String> {
+    let uid = Command::new("id").arg("-u").output().ok()?;
+    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+        return Some("needs root (network namespaces, nftables)".into());
+    }
+    for tool in ["ip", "nft"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !found {
+            return Some(format!("needs `{tool}`"));
+        }
+    }
+    None
+}
+
+/// A small HTTP server in `ns` on `addr`: answers `server saw PATH`.
+fn server(ns: &str, host: &str, port: u16) -> Child {
+    let script = format!(
+        "import http.server, socket\n\
+         class H(http.server.BaseHTTPRequestHandler):\n\
+         \x20   def do_GET(self):\n\
+         \x20       body = ('server saw ' + self.path).encode()\n\
+         \x20       self.send_response(200); self.send_header('Content-Length', str(len(body))); self.end_headers(); self.wfile.write(body)\n\
+         \x20   def log_message(self, *a): pass\n\
+         class S(http.server.HTTPServer):\n\
+         \x20   address_family = socket.AF_INET6 if ':' in '{host}' else socket.AF_INET\n\
+         S(('{host}', {port}), H).serve_forever()\n"
+    );
+    Command::new("ip")
+        .args(["netns", "exec", ns, "python3", "-c", &script])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// GETs `url` from inside `ns`; the status and body, or the error.
+fn fetch(ns: &str, url: &str) -> String {
+    let script = format!(
+        "import urllib.request, urllib.error\n\
+         try:\n\
+         \x20   r = urllib.request.urlopen('{url}', timeout=5); print(r.status, r.read().decode())\n\
+         except urllib.error.HTTPError as e:\n\
+         \x20   print(e.code, e.read().decode())\n"
+    );
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "python3", "-c", &script])
+        .output()
+        .unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout).trim(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    )
+}
+
+#[test]
+fn transparent_listener_serves_diverted_connections() {
+    if let Some(why) = unsupported() {
+        eprintln!("SKIPPED transparent_listener_serves_diverted_connections: {why}");
+        return;
+    }
+    let tag = std::process::id();
+    let (c, g, s) = (
+        format!("fgc{tag}"),
+        format!("fgg{tag}"),
+        format!("fgs{tag}"),
+    );
+    let mut env = Netns {
+        names: vec![c.clone(), g.clone(), s.clone()],
+        children: Vec::new(),
+    };
+    for n in &env.names {
+        run(&["ip", "netns", "add", n]);
+        ns(n, &["ip", "link", "set", "lo", "up"]);
+    }
+    // client c0 <-> g0 gateway g1 <-> s0 server
+    run(&[
+        "ip", "link", "add", "c0", "netns", &c, "type", "veth", "peer", "name", "g0", "netns", &g,
+    ]);
+    run(&[
+        "ip", "link", "add", "g1", "netns", &g, "type", "veth", "peer", "name", "s0", "netns", &s,
+    ]);
+    for (n, dev, v4, v6) in [
+        (&c, "c0", "192.0.2.1/24", "2001:db8:1::1/64"),
+        (&g, "g0", "192.0.2.2/24", "2001:db8:1::2/64"),
+        (&g, "g1", "198.51.100.2/24", "2001:db8:2::2/64"),
+        (&s, "s0", "198.51.100.1/24", "2001:db8:2::1/64"),
+    ] {
+        ns(n, &["ip", "addr", "add", v4, "dev", dev]);
+        ns(n, &["ip", "-6", "addr", "add", v6, "dev", dev, "nodad"]);
+        ns(n, &["ip", "link", "set", dev, "up"]);
+    }
+    ns(&c, &["ip", "route", "add", "default", "via", "192.0.2.2"]);
+    ns(
+        &c,
+        &[
+            "ip",
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            "2001:db8:1::2",
+        ],
+    );
+    // What tproxy-setup prints, run in the gateway's namespace.
+    let port = 15001;
+    let printed = Command::new(harness::cluster::binary())
+        .args([
+            "tproxy-setup",
+            "--port",
+            &port.to_string(),
+            "--interface",
+            "g0",
+        ])
+        .output()
+        .unwrap();
+    assert!(printed.status.success());
+    for line in String::from_utf8_lossy(&printed.stdout).lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        run(&["ip", "netns", "exec", &g, "sh", "-c", line]);
+    }
+    env.children.push(server(&s, "198.51.100.1", 8080));
+    env.children.push(server(&s, "2001:db8:2::1", 8080));
+    // The gateway: standalone routes matching the original destination.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("conf")).unwrap();
+    std::fs::write(
+        dir.path().join("conf/config.yaml"),
+        format!(
+            "apisix:\n  node_listen:\n    - {{ip: \"::\", port: {port}, transparent: true}}\n  ssl:\n    enable: false\n\
+             deployment:\n  role: data_plane\n  role_data_plane:\n    config_provider: yaml\n\
+             nginx_config:\n  http:\n    enable_access_log: false\n\
+             plugin_attr:\n  prometheus:\n    enable_export_server: false\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("conf/apisix.yaml"),
+        "routes:\n\
+         \x20 - id: v4\n    uri: /hello\n    vars: [[\"server_addr\", \"==\", \"203.0.113.10\"], [\"server_port\", \"==\", \"80\"]]\n\
+         \x20   upstream: {type: roundrobin, nodes: {\"198.51.100.1:8080\": 1}}\n\
+         \x20 - id: v6\n    uri: /hello\n    vars: [[\"server_addr\", \"==\", \"2001:db8:99::10\"]]\n\
+         \x20   upstream: {type: roundrobin, nodes: {\"[2001:db8:2::1]:8080\": 1}}\n\
+         #END\n",
+    )
+    .unwrap();
+    let gateway = Command::new("ip")
+        .args(["netns", "exec", &g])
+        .arg(harness::cluster::binary())
+        .arg("--config")
+        .arg(dir.path().join("conf/config.yaml"))
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    env.children.push(gateway);
+
+    // Both families reach the server through the gateway, by the address
+    // the client dialled; another original destination matches no route.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let v4 = loop {
+        let got = fetch(&c, "http://203.0.113.10/hello?a=1");
+        if got.starts_with("200") || Instant::now() > deadline {
+            break got;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(v4, "200 server saw /hello?a=1");
+    assert_eq!(
+        fetch(&c, "http://[2001:db8:99::10]/hello"),
+        "200 server saw /hello"
+    );
+    let other = fetch(&c, "http://203.0.113.77/hello");
+    assert!(other.starts_with("404"), "{other}");
+}
+
+#[test]
+fn without_the_capability_the_start_fails_naming_it() {
+    if let Some(why) = unsupported() {
+        eprintln!("SKIPPED without_the_capability_the_start_fails_naming_it: {why}");
+        return;
+    }
+    let has_setpriv = Command::new("sh")
+        .args(["-c", "command -v setpriv"])
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !has_setpriv {
+        eprintln!("SKIPPED without_the_capability_the_start_fails_naming_it: needs `setpriv`");
+        return;
+    }
+    // Run as `nobody`: no capabilities at all.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("conf")).unwrap();
+    std::fs::write(
+        dir.path().join("conf/config.yaml"),
+        "apisix:\n  node_listen:\n    - {ip: 127.0.0.1, port: 0, transparent: true}\n  ssl:\n    enable: false\n\
+         deployment:\n  role: data_plane\n  role_data_plane:\n    config_provider: yaml\n\
+         nginx_config:\n  http:\n    enable_access_log: false\n\
+         plugin_attr:\n  prometheus:\n    enable_export_server: false\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("conf/apisix.yaml"), "routes: []\n#END\n").unwrap();
+    run(&["chmod", "-R", "a+rwX", &dir.path().display().to_string()]);
+    let out = Command::new("setpriv")
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .arg(harness::cluster::binary())
+        .arg("--config")
+        .arg(dir.path().join("conf/config.yaml"))
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("127.0.0.1:0"), "{text}");
+    assert!(text.contains("data plane"), "{text}");
+    assert!(text.contains("CAP_NET_ADMIN"), "{text}");
+}
