@@ -316,6 +316,14 @@ pub async fn start(config: GatewayConfig) -> Result<Running, Error> {
         send_timeout: config.send_timeout,
         connections: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
     };
+    // The Admin API's socket is bound before the data plane's: once the
+    // data port answers, the Admin port does too (scripts and orchestrators
+    // wait for one port, then configure through the other).
+    let admin_listener = if config.enable_admin && standalone.is_none() {
+        Some(server::bind(config.admin_listen, "Admin API").await?)
+    } else {
+        None
+    };
     let mut data_addrs = Vec::new();
     for addr in &config.node_listen {
         let listener = if config.transparent_listen.contains(addr) {
@@ -368,7 +376,7 @@ pub async fn start(config: GatewayConfig) -> Result<Running, Error> {
     }
 
     let mut admin_state = None;
-    let admin_addr = if config.enable_admin && standalone.is_none() {
+    let admin_addr = if let Some(listener) = admin_listener {
         let auth = auth_of(&config)?;
         if !config.admin_key_required {
             tracing::warn!(
@@ -380,7 +388,6 @@ pub async fn start(config: GatewayConfig) -> Result<Running, Error> {
         }
         let state = Arc::new(AdminState::new(store.clone(), auth, server_header));
         admin_state = Some(state.clone());
-        let listener = server::bind(config.admin_listen, "Admin API").await?;
         let bound = listener.local_addr()?;
         tracing::info!(addr = %bound, "Admin API listening");
         tasks.spawn(server::serve_admin(
