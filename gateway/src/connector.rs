@@ -8,6 +8,7 @@
 //! [`server_name`] reads back; the prober sends its requests in origin form,
 //! so the user-info never reaches the wire.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use http::uri::Authority;
@@ -35,12 +36,18 @@ pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
 
 /// Connects to `node` (a DNS name is resolved; each address is tried in
-/// turn), then, with `tls` = (config, server name), runs the TLS handshake.
+/// turn), from `source` when given (a client's address, see
+/// [`crate::tproxy::connect_from`]), then, with `tls` = (config, server
+/// name), runs the TLS handshake.
 pub async fn dial(
     node: &Authority,
     tls: Option<(&Arc<ClientConfig>, &str)>,
+    source: Option<IpAddr>,
 ) -> Result<Box<dyn Stream>, ConnectError> {
-    let tcp = TcpStream::connect(node.as_str()).await?;
+    let tcp = match source {
+        None => TcpStream::connect(node.as_str()).await?,
+        Some(source) => connect_from(source, node).await?,
+    };
     let _ = tcp.set_nodelay(true);
     let Some((config, name)) = tls else {
         return Ok(Box::new(tcp));
@@ -51,6 +58,26 @@ pub async fn dial(
         .connect(server_name, tcp)
         .await?;
     Ok(Box::new(stream))
+}
+
+/// Connects from `source` to the first of `node`'s addresses in its family.
+async fn connect_from(source: IpAddr, node: &Authority) -> std::io::Result<TcpStream> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host(node.as_str()).await? {
+        if addr.is_ipv4() != source.is_ipv4() {
+            continue;
+        }
+        match crate::tproxy::connect_from(source, addr).await {
+            Ok(tcp) => return Ok(tcp),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{node} has no address in the family of the client's {source}"),
+        )
+    }))
 }
 
 /// The TLS server name for a connection to `uri` (see the module docs).

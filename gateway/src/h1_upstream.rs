@@ -17,6 +17,7 @@
 //!   out once more on a new connection.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
@@ -48,18 +49,33 @@ pub struct NodeKey {
     node: Authority,
     /// `Some(server name)` for TLS.
     tls: Option<Arc<str>>,
+    /// The address connections come from, when not the gateway's own (a
+    /// client's, under `tproxy.source: client`): pooled connections are
+    /// reused for that client address only.
+    source: Option<IpAddr>,
     hash: u64,
 }
 
 impl NodeKey {
     pub fn new(node: Authority, tls_name: Option<&str>) -> Self {
         let tls: Option<Arc<str>> = tls_name.map(Arc::from);
+        Self::hashed(node, tls, None)
+    }
+
+    /// This node's key for connections from `source`.
+    pub fn from_source(&self, source: IpAddr) -> Self {
+        Self::hashed(self.node.clone(), self.tls.clone(), Some(source))
+    }
+
+    fn hashed(node: Authority, tls: Option<Arc<str>>, source: Option<IpAddr>) -> Self {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         std::hash::Hash::hash(node.as_str().as_bytes(), &mut h);
         std::hash::Hash::hash(&tls, &mut h);
+        std::hash::Hash::hash(&source, &mut h);
         NodeKey {
             node,
             tls,
+            source,
             hash: std::hash::Hasher::finish(&h),
         }
     }
@@ -70,6 +86,7 @@ impl PartialEq for NodeKey {
         self.hash == other.hash
             && self.node.as_str() == other.node.as_str()
             && self.tls == other.tls
+            && self.source == other.source
     }
 }
 
@@ -298,7 +315,7 @@ impl H1Pool {
 
     async fn handshake(&self, key: &NodeKey) -> Result<SendRequest<ProxyBody>, ConnectError> {
         let tls = key.tls.as_deref().map(|name| (&self.0.tls, name));
-        let io = connector::dial(&key.node, tls).await?;
+        let io = connector::dial(&key.node, tls, key.source).await?;
         let (sender, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
         tokio::spawn(drive(key.node.clone(), conn.with_upgrades()));
         Ok(sender)

@@ -117,7 +117,7 @@ impl H2Pool {
         server_name: &str,
     ) -> Result<SendRequest<ProxyBody>, ConnectError> {
         let tls = self.tls.as_ref().map(|config| (config, server_name));
-        let io = connector::dial(node, tls).await?;
+        let io = connector::dial(node, tls, None).await?;
         let mut builder = http2::Builder::new(TokioExecutor::new());
         builder.timer(TokioTimer::new());
         let (sender, conn) = builder.handshake(TokioIo::new(io)).await?;

@@ -144,6 +144,7 @@ mod tests {
             scheme: "http",
             forwarded_trusted: false,
             tls: None,
+            transparent: false,
         }
     }
 

@@ -326,7 +326,8 @@ pub async fn start(config: GatewayConfig) -> Result<Running, Error> {
     };
     let mut data_addrs = Vec::new();
     for addr in &config.node_listen {
-        let listener = if config.transparent_listen.contains(addr) {
+        let transparent = config.transparent_listen.contains(addr);
+        let listener = if transparent {
             tproxy::bind(*addr)
                 .and_then(tokio::net::TcpListener::from_std)
                 .map_err(|error| Error::Bind {
@@ -342,6 +343,7 @@ pub async fn start(config: GatewayConfig) -> Result<Running, Error> {
         data_addrs.push(bound);
         tasks.spawn(server::serve_data_plane(
             listener,
+            transparent,
             plane.clone(),
             shutdown_rx.clone(),
             graceful.clone(),

@@ -16,6 +16,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -151,6 +152,12 @@ struct Prepared {
     /// Present when the client body is streamed: tells a broken client
     /// body from a broken upstream.
     body_state: Option<Arc<BodyState>>,
+    /// The TCP peer's address (`tproxy.source: client`).
+    peer_ip: IpAddr,
+    /// The connection's destination, and whether it came through a
+    /// transparent listener (`discovery_type: original_dst`).
+    destination: SocketAddr,
+    transparent: bool,
 }
 
 impl Prepared {
@@ -173,6 +180,8 @@ impl Prepared {
             .headers
             .get(header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        let peer_ip = plugins::vars::canonical(meta.peer.ip());
+        let (destination, transparent) = (meta.local, meta.transparent);
         let mut headers = parts.headers;
         // X-Forwarded-Host names what the client asked for, even when a
         // plugin changed the Host sent upstream.
@@ -198,7 +207,25 @@ impl Prepared {
             grpc,
             upgrade,
             body_state: parts.extensions.get::<Arc<BodyState>>().cloned(),
+            peer_ip,
+            destination,
+            transparent,
         }
+    }
+
+    /// The one target of an `original_dst` upstream: where the client was
+    /// connecting to. `None` for a connection that did not come through a
+    /// transparent listener: its destination is the gateway itself, and
+    /// proxying there would loop.
+    fn original_dst(&self, up: &CompiledUpstream) -> Option<Target> {
+        if !self.transparent {
+            tracing::warn!(
+                destination = %self.destination,
+                "discovery_type original_dst needs a connection from a transparent listener"
+            );
+            return None;
+        }
+        up.original_dst(self.destination)
     }
 
     /// nginx does not pass a non-idempotent request to the next node once
@@ -358,7 +385,7 @@ fn outcome_of(result: &TryResult) -> Outcome {
 /// be picked at all.
 fn exhausted(
     up: &CompiledUpstream,
-    tried: &[usize],
+    last: Option<Authority>,
     statuses: &[u16],
     started: Instant,
 ) -> Response<ResponseBody> {
@@ -368,9 +395,8 @@ fn exhausted(
                 StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY),
                 Some(statuses),
             );
-            let last = tried.last().and_then(|i| up.targets.get(*i));
             resp.extensions_mut().insert(UpstreamInfo {
-                addr: last.map(|t| t.authority.clone()),
+                addr: last,
                 status: Some(code),
                 header_time: None,
                 started: Some(started),
@@ -430,8 +456,17 @@ impl ProxyTarget {
             let tries = body.tries(up.max_tries);
             let idempotent = request.idempotent();
             let started = Instant::now();
+            let own = if up.original_dst {
+                match request.original_dst(up) {
+                    Some(target) => Some(target),
+                    None => return error_page(StatusCode::BAD_GATEWAY, None),
+                }
+            } else {
+                None
+            };
             let mut tried: Vec<usize> = Vec::with_capacity(tries);
             let mut statuses: Vec<u16> = Vec::with_capacity(tries);
+            let mut last_addr = None;
             for attempt in 0..tries {
                 if attempt > 0
                     && up
@@ -440,18 +475,30 @@ impl ProxyTarget {
                 {
                     break;
                 }
-                let Some(i) = pick_node(up, hash_key, &tried) else {
-                    break;
+                let (node, picked) = match &own {
+                    Some(target) => (None, target),
+                    None => {
+                        let Some(i) = pick_node(up, hash_key, &tried) else {
+                            break;
+                        };
+                        tried.push(i);
+                        (Some(i), &up.targets[i])
+                    }
                 };
-                tried.push(i);
-                let target = &up.targets[i];
+                let sourced;
+                let target = if up.source_client {
+                    sourced = picked.from_source(request.peer_ip);
+                    &sourced
+                } else {
+                    picked
+                };
                 let last = attempt + 1 == tries;
                 let (out, progress) = match request.for_node(up, target, &mut body, last) {
                     Ok(Some(ready)) => ready,
                     Ok(None) => break,
                     Err(BadAuthority) => return error_page(StatusCode::BAD_REQUEST, None),
                 };
-                let failure = match self.send_one(up, i, out, &progress).await {
+                let failure = match self.send_one(up, node, target, out, &progress).await {
                     Ok(Ok((resp, lease))) => {
                         statuses.push(resp.status().as_u16());
                         let upgrade = request.upgrade.take();
@@ -479,27 +526,31 @@ impl ProxyTarget {
                         }
                     }
                 };
+                last_addr = Some(target.authority.clone());
                 statuses.push(failure.kind.status().as_u16());
                 if !idempotent && !failure.connect {
                     break;
                 }
             }
-            exhausted(up, &tried, &statuses, started)
+            exhausted(up, last_addr, &statuses, started)
         }
     }
 
-    /// One try at node `i`, with the balancer's and the passive health
-    /// check's bookkeeping around it.
+    /// One try at `target`; for the balancer's node `i`, with the
+    /// balancer's and the passive health check's bookkeeping around it.
     #[allow(clippy::manual_async_fn)] // see ProxyTarget::forward
     fn send_one<'a>(
         &'a self,
         up: &'a CompiledUpstream,
-        i: usize,
+        node: Option<usize>,
+        target: &'a Target,
         out: Request<ProxyBody>,
         progress: &'a Progress,
     ) -> impl Future<Output = TryResult> + Send + 'a {
         async move {
-            let target = &up.targets[i];
+            let Some(i) = node else {
+                return self.send(out, progress, up, target).await;
+            };
             let sent = Instant::now();
             up.balancer.started(i);
             let result = self.send(out, progress, up, target).await;

@@ -129,6 +129,8 @@ struct ClientConn {
     activity: Arc<Activity>,
     /// HTTPS: what the handshake settled.
     tls: Option<TlsInfo>,
+    /// Accepted on a transparent listener.
+    transparent: bool,
 }
 
 impl ClientConn {
@@ -244,6 +246,7 @@ fn admit<'a>(
             local: SocketAddr::new(plugins::vars::canonical(local.ip()), local.port()),
             scheme: if conn.tls.is_some() { "https" } else { "http" },
             tls: conn.tls.as_ref().map(|t| t.vars.clone()),
+            transparent: conn.transparent,
             forwarded_trusted: edge
                 .trusted_addresses
                 .as_ref()
@@ -381,8 +384,11 @@ fn local_of(stream: &TcpStream, listener: &TcpListener) -> SocketAddr {
 }
 
 /// Serves the data plane on `listener` until `shutdown` flips to true.
+///
+/// `transparent`: the listener is a TProxy one (see [`crate::tproxy`]).
 pub async fn serve_data_plane(
     listener: TcpListener,
+    transparent: bool,
     plane: DataPlane,
     mut shutdown: watch::Receiver<bool>,
     drain: Arc<Drain>,
@@ -405,6 +411,7 @@ pub async fn serve_data_plane(
             framing: None,
             activity,
             tls: None,
+            transparent,
         };
         tokio::spawn(serve_connection(
             stream,
@@ -737,6 +744,7 @@ fn serve_tls_connection(
             framing: None,
             activity,
             tls: Some(info),
+            transparent: false,
         };
         let stream = crate::io::SendTimeout::new(tls, plane.send_timeout);
         let linger_after = client.activity.clone();

@@ -12,7 +12,7 @@
 //! gateway changes no firewall or routing itself.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -50,10 +50,48 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
+/// Connects to `node` from `source`, an address of another host (the
+/// client's), with `IP_TRANSPARENT` / `IPV6_TRANSPARENT`; the kernel picks
+/// the port. The node's answers come back to the gateway only when routing
+/// sends them here (see the README's TProxy section). Fails when the option
+/// is refused (no `CAP_NET_ADMIN`) or the families differ.
+pub async fn connect_from(source: IpAddr, node: SocketAddr) -> io::Result<tokio::net::TcpStream> {
+    if source.is_ipv4() != node.is_ipv4() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("transparent source {source} and node {node} are of different IP families"),
+        ));
+    }
+    let (domain, option) = if source.is_ipv4() {
+        (Domain::IPV4, "IP_TRANSPARENT")
+    } else {
+        (Domain::IPV6, "IPV6_TRANSPARENT")
+    };
+    let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    let set = if source.is_ipv4() {
+        socket.set_ip_transparent_v4(true)
+    } else {
+        socket.set_ip_transparent_v6(true)
+    };
+    set.map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("tproxy source client: setting {option} needs CAP_NET_ADMIN: {e}"),
+        )
+    })?;
+    socket.bind(&SocketAddr::new(source, 0).into())?;
+    socket.set_nonblocking(true)?;
+    let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
+    socket.connect(node).await
+}
+
 /// The nftables and `ip` commands that divert TCP traffic arriving on
 /// `interface` (every interface when `None`) for any destination to a
 /// transparent listener on `port`, for IPv4 and IPv6. Marked packets are
-/// routed to the local host through table 100.
+/// routed to the local host through table 100. Packets of connections the
+/// gateway already holds on a transparent socket are marked on every
+/// interface: the upstreams' answers to connections made from a client's
+/// address (`tproxy.source: client`) come back that way.
 pub fn setup_commands(port: u16, interface: Option<&str>) -> String {
     let iif = interface
         .map(|i| format!("iifname \"{i}\" "))
@@ -63,13 +101,15 @@ pub fn setup_commands(port: u16, interface: Option<&str>) -> String {
          # Run as root; nothing here is run by ferrogate itself.\n\
          nft add table inet ferrogate\n\
          nft add chain inet ferrogate divert '{{ type filter hook prerouting priority mangle; policy accept; }}'\n\
-         nft add rule inet ferrogate divert {iif}meta l4proto tcp socket transparent 1 meta mark set 1 accept\n\
+         nft add rule inet ferrogate divert meta l4proto tcp socket transparent 1 meta mark set 1 accept\n\
          nft add rule inet ferrogate divert {iif}meta nfproto ipv4 meta l4proto tcp tproxy ip to :{port} meta mark set 1 accept\n\
          nft add rule inet ferrogate divert {iif}meta nfproto ipv6 meta l4proto tcp tproxy ip6 to :{port} meta mark set 1 accept\n\
          ip rule add fwmark 1 lookup 100\n\
          ip route add local 0.0.0.0/0 dev lo table 100\n\
          ip -6 rule add fwmark 1 lookup 100\n\
          ip -6 route add local ::/0 dev lo table 100\n\
+         # Upstreams with tproxy.source: client need their replies to client\n\
+         # addresses routed back through this host (e.g. their default route).\n\
          # Then, in conf/config.yaml:\n\
          #   apisix:\n\
          #     node_listen:\n\
@@ -89,6 +129,11 @@ mod tests {
         assert!(text.contains("iifname \"eth1\""), "{text}");
         assert!(text.contains("ip rule add fwmark 1 lookup 100"), "{text}");
         assert!(!setup_commands(80, None).contains("iifname"));
+        // Answers to connections from a client's address come back on the
+        // upstream side: that rule names no interface.
+        assert!(
+            text.contains("divert meta l4proto tcp socket transparent 1 meta mark set 1 accept")
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! policy and the pooled HTTP client that reaches them.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -222,6 +223,55 @@ pub struct Target {
     pub host_header: HeaderValue,
 }
 
+impl Target {
+    /// The target for `host` (a name or an IP address, IPv6 without
+    /// brackets) and `port`. `tls`: the scheme's TLS, with the configured
+    /// server name if any (else the host is the name sent and verified).
+    fn new(
+        host: &str,
+        port: u16,
+        default_port: u16,
+        tls: Option<Option<&str>>,
+    ) -> Result<Self, UpstreamError> {
+        let bracketed = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.to_string()
+        };
+        let authority: Authority = format!("{bracketed}:{port}")
+            .parse()
+            .map_err(|e| UpstreamError(format!("node {bracketed}: {e}")))?;
+        let header = if port == default_port {
+            bracketed.clone()
+        } else {
+            format!("{bracketed}:{port}")
+        };
+        let host_header = HeaderValue::from_str(&header)
+            .map_err(|e| UpstreamError(format!("node {bracketed}: {e}")))?;
+        let tls_name = tls.map(|server_name| {
+            server_name
+                .and_then(connector::dns_name)
+                .unwrap_or(host)
+                .to_string()
+        });
+        Ok(Target {
+            pool_key: NodeKey::new(authority.clone(), tls_name.as_deref()),
+            authority,
+            tls_name,
+            host_header,
+        })
+    }
+
+    /// This target reached from `source` (`tproxy.source: client`): the
+    /// same node, its own pooled connections.
+    pub fn from_source(&self, source: IpAddr) -> Self {
+        Target {
+            pool_key: self.pool_key.from_source(source),
+            ..self.clone()
+        }
+    }
+}
+
 /// An upstream compiled for one snapshot.
 #[derive(Debug)]
 pub struct CompiledUpstream {
@@ -246,6 +296,14 @@ pub struct CompiledUpstream {
     pub retry_timeout: Option<Duration>,
     pub timeouts: Timeouts,
     pub pass_host: PassHost,
+    /// `discovery_type: original_dst`: no `targets`; each request goes to
+    /// the address its client connected to (see [`Self::original_dst`]).
+    pub original_dst: bool,
+    /// `tproxy.source: client`: connections come from the client's address.
+    pub source_client: bool,
+    /// For an `original_dst` TLS upstream: the configured server name
+    /// (`upstream_host` under `pass_host: rewrite`), if any.
+    server_name: Option<Box<str>>,
 }
 
 /// Why an upstream could not be compiled (only a corrupt store gets here).
@@ -423,6 +481,14 @@ impl CompiledUpstream {
         }
     }
 
+    /// The target of an `original_dst` upstream for a connection whose
+    /// original destination is `dst`.
+    pub fn original_dst(&self, dst: SocketAddr) -> Option<Target> {
+        let tls = (self.scheme == http::uri::Scheme::HTTPS).then_some(self.server_name.as_deref());
+        let default = if tls.is_some() { 443 } else { 80 };
+        Target::new(&dst.ip().to_string(), dst.port(), default, tls).ok()
+    }
+
     /// `client_cert`: the certificate `conf.tls` names, resolved by the
     /// caller (it may live in an ssl object).
     pub fn compile(
@@ -450,35 +516,7 @@ impl CompiledUpstream {
         };
         let targets = nodes
             .iter()
-            .map(|n| {
-                let host = if n.host.contains(':') {
-                    format!("[{}]", n.host)
-                } else {
-                    n.host.clone()
-                };
-                let authority: Authority = format!("{host}:{}", n.port)
-                    .parse()
-                    .map_err(|e| UpstreamError(format!("node {host}: {e}")))?;
-                let header = if n.port == default {
-                    host.clone()
-                } else {
-                    format!("{host}:{}", n.port)
-                };
-                let host_header = HeaderValue::from_str(&header)
-                    .map_err(|e| UpstreamError(format!("node {host}: {e}")))?;
-                let tls_name = tls.then(|| {
-                    server_name
-                        .and_then(connector::dns_name)
-                        .unwrap_or(&n.host)
-                        .to_string()
-                });
-                Ok(Target {
-                    pool_key: NodeKey::new(authority.clone(), tls_name.as_deref()),
-                    authority,
-                    tls_name,
-                    host_header,
-                })
-            })
+            .map(|n| Target::new(&n.host, n.port, default, tls.then_some(server_name)))
             .collect::<Result<Vec<_>, UpstreamError>>()?;
         let live = nodes.iter().filter(|n| n.weight > 0).count();
         let pass_host = match conf.pass_host {
@@ -512,7 +550,20 @@ impl CompiledUpstream {
                 "tls.verify is false: upstream certificates are not checked"
             );
         }
+        let original_dst = conf.is_original_dst();
+        let max_tries = if original_dst {
+            // One node, the connection's destination: retries go to it again.
+            conf.retries.map_or(1, |r| (r as usize).saturating_add(1))
+        } else {
+            conf.retries
+                .map_or(live, |r| (r as usize).saturating_add(1))
+                .min(live)
+                .max(1)
+        };
         Ok(CompiledUpstream {
+            original_dst,
+            source_client: conf.source_is_client(),
+            server_name: server_name.map(Box::from),
             scheme: if tls {
                 http::uri::Scheme::HTTPS
             } else {
@@ -526,11 +577,7 @@ impl CompiledUpstream {
             health,
             hash_key: HashKey::from_conf(conf)?,
             targets,
-            max_tries: conf
-                .retries
-                .map_or(live, |r| (r as usize).saturating_add(1))
-                .min(live)
-                .max(1),
+            max_tries,
             retry_timeout: conf
                 .retry_timeout
                 .filter(|t| *t > 0.0)
@@ -657,6 +704,47 @@ mod tests {
         assert_eq!(up.targets[0].tls_name, None);
         let up = compile(json!({"nodes": {"[::1]:8443": 1}, "scheme": "https"}));
         assert_eq!(up.targets[0].tls_name.as_deref(), Some("::1"));
+    }
+
+    #[test]
+    fn original_dst_targets_the_connection_destination() {
+        let up = compile(json!({"discovery_type": "original_dst"}));
+        assert!(up.original_dst && up.targets.is_empty());
+        assert_eq!(up.max_tries, 1);
+        let t = up.original_dst("192.0.2.7:8080".parse().unwrap()).unwrap();
+        assert_eq!(t.authority.as_str(), "192.0.2.7:8080");
+        assert_eq!(t.host_header, "192.0.2.7:8080");
+        assert_eq!(t.tls_name, None);
+        let t = up
+            .original_dst("[2001:db8::7]:80".parse().unwrap())
+            .unwrap();
+        assert_eq!(t.authority.as_str(), "[2001:db8::7]:80");
+        assert_eq!(t.host_header, "[2001:db8::7]", "default port left out");
+        let up = compile(json!({"discovery_type": "original_dst", "scheme": "https",
+            "retries": 2, "pass_host": "rewrite", "upstream_host": "api.example.com"}));
+        assert_eq!(up.max_tries, 3, "retries go to the same destination");
+        let t = up.original_dst("192.0.2.7:443".parse().unwrap()).unwrap();
+        assert_eq!(t.tls_name.as_deref(), Some("api.example.com"));
+        let t = compile(json!({"discovery_type": "original_dst", "scheme": "https"}))
+            .original_dst("192.0.2.7:8443".parse().unwrap())
+            .unwrap();
+        assert_eq!(t.tls_name.as_deref(), Some("192.0.2.7"));
+    }
+
+    #[test]
+    fn a_client_source_keeps_its_own_connections() {
+        let up = compile(json!({"nodes": {"a:80": 1}, "tproxy": {"source": "client"}}));
+        assert!(up.source_client);
+        let plain = &up.targets[0];
+        let a = plain.from_source("192.0.2.1".parse().unwrap());
+        let b = plain.from_source("192.0.2.2".parse().unwrap());
+        assert_ne!(a.pool_key, plain.pool_key);
+        assert_ne!(a.pool_key, b.pool_key);
+        assert_eq!(
+            a.pool_key,
+            plain.from_source("192.0.2.1".parse().unwrap()).pool_key
+        );
+        assert_eq!(a.authority, plain.authority);
     }
 
     #[tokio::test]

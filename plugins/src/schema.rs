@@ -75,6 +75,10 @@ pub struct ObjectRule {
     pub additional: Option<Option<Schema>>,
     /// Exactly one of these `required` sets must be satisfied.
     pub one_of_required: Vec<Vec<&'static str>>,
+    /// `(property, value)`: an object whose `property` is the string
+    /// `value` is exempt from `one_of_required` (a ferrogate extension that
+    /// needs neither set, such as an `original_dst` upstream).
+    pub one_of_waived_by: Option<(&'static str, &'static str)>,
     /// At least one of these `required` sets must be satisfied.
     pub any_of_required: Vec<Vec<&'static str>>,
     /// Whether the `any_of_required` failure lists the sets, as APISIX's
@@ -457,6 +461,11 @@ impl ObjectRule {
         self.one_of_required = sets.iter().map(|s| s.to_vec()).collect();
         self
     }
+    /// Waives `one_of_required` for objects whose `property` is `value`.
+    pub fn one_of_waived_by(mut self, property: &'static str, value: &'static str) -> Self {
+        self.one_of_waived_by = Some((property, value));
+        self
+    }
     pub fn any_of_required(mut self, sets: &[&[&'static str]]) -> Self {
         self.any_of_required = sets.iter().map(|s| s.to_vec()).collect();
         self
@@ -559,7 +568,10 @@ impl ObjectRule {
                 }
             }
         }
-        if !self.one_of_required.is_empty() {
+        let waived = self
+            .one_of_waived_by
+            .is_some_and(|(k, v)| obj.get(k).and_then(Value::as_str) == Some(v));
+        if !self.one_of_required.is_empty() && !waived {
             let matched: Vec<usize> = self
                 .one_of_required
                 .iter()

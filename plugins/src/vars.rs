@@ -65,6 +65,9 @@ pub struct ConnInfo {
     pub forwarded_trusted: bool,
     /// HTTPS connections: what the handshake settled.
     pub tls: Option<std::sync::Arc<TlsVars>>,
+    /// Accepted on a transparent listener: `local` may be another host's
+    /// address (the connection's original destination).
+    pub transparent: bool,
 }
 
 /// The TLS facts of an HTTPS connection, as nginx's `$ssl_*` variables
@@ -91,6 +94,7 @@ impl ConnInfo {
             scheme: "http",
             forwarded_trusted: false,
             tls: None,
+            transparent: false,
         }
     }
 }
@@ -291,6 +295,7 @@ mod tests {
             scheme: "http",
             forwarded_trusted: false,
             tls: None,
+            transparent: false,
         };
         let r = ReqRef {
             client_port: None,

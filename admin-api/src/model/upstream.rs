@@ -55,6 +55,51 @@ pub struct UpstreamConf {
     /// Idle connections kept towards the nodes; APISIX's defaults when absent.
     #[serde(default)]
     pub keepalive_pool: KeepalivePoolConf,
+    /// Where the nodes come from when not listed: a service registry's
+    /// name (with `service_name`), or `original_dst` (each request goes to
+    /// the address its client was connecting to, on a transparent listener).
+    #[serde(default)]
+    pub discovery_type: Option<String>,
+    /// The source address of upstream connections; the gateway's own when
+    /// absent.
+    #[serde(default)]
+    pub tproxy: Option<TproxyConf>,
+}
+
+/// `discovery_type` of an upstream that sends each request to its
+/// connection's original destination.
+pub const ORIGINAL_DST: &str = "original_dst";
+
+/// `tproxy` of an upstream (a ferrogate extension).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+pub struct TproxyConf {
+    /// Default `gateway`.
+    #[serde(default)]
+    pub source: TproxySource,
+}
+
+/// The address upstream connections come from.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TproxySource {
+    /// The gateway's own address, as the kernel picks it (default).
+    #[default]
+    Gateway,
+    /// The client's address (the TCP peer), bound with `IP_TRANSPARENT`.
+    Client,
+}
+
+impl UpstreamConf {
+    /// Whether each request goes to its connection's original destination.
+    pub fn is_original_dst(&self) -> bool {
+        self.discovery_type.as_deref() == Some(ORIGINAL_DST)
+    }
+
+    /// Whether upstream connections come from the client's address.
+    pub fn source_is_client(&self) -> bool {
+        self.tproxy
+            .is_some_and(|t| t.source == TproxySource::Client)
+    }
 }
 
 /// The load-balancing algorithm (`type`).

@@ -8,6 +8,7 @@ use plugins::schema::Schema;
 use super::ssl::{cert_schema, check_client_cert, key_schema};
 use super::{common, host_schema, id_schema, nodes_schema, timeout_schema, Lookup, METHODS};
 use crate::model::health_check::split_header_line;
+use crate::model::upstream::ORIGINAL_DST;
 use crate::model::{id_text, split_host_port, BalancerType, HashOn, Nodes, UpstreamConf};
 use crate::resource::Kind;
 /// Bound of the health-check streak counters (active: from 1, passive: from 0).
@@ -186,8 +187,19 @@ pub(super) fn build_upstream_schema() -> Schema {
         .prop("service_name", Schema::string().min(1).max(256).done())
         .prop("discovery_type", Schema::string().done())
         .prop("discovery_args", Schema::object().done())
+        .prop(
+            "tproxy",
+            Schema::object()
+                .prop(
+                    "source",
+                    Schema::string().enumerated(&["gateway", "client"]).done(),
+                )
+                .no_additional()
+                .done(),
+        )
         .no_additional()
         .one_of_required(&[&["nodes"], &["service_name", "discovery_type"]])
+        .one_of_waived_by("discovery_type", ORIGINAL_DST)
         .done()
 }
 
@@ -242,6 +254,7 @@ pub fn check_upstream(conf: &Value, lookup: &dyn Lookup) -> Result<(), String> {
         }
     }
     check_hash_key(&up)?;
+    check_transparent(&up)?;
     if let Some(checks) = &up.checks {
         for (i, line) in checks.active.req_headers.iter().enumerate() {
             let valid = split_header_line(line).is_some_and(|(name, value)| {
@@ -256,6 +269,36 @@ pub fn check_upstream(conf: &Value, lookup: &dyn Lookup) -> Result<(), String> {
                 ));
             }
         }
+    }
+    Ok(())
+}
+
+/// An `original_dst` upstream takes its one node from each connection, so
+/// it lists none and has none to probe; a client source address is bound
+/// for HTTP/1.1 connections (`http`, `https`) only.
+fn check_transparent(up: &UpstreamConf) -> Result<(), String> {
+    if up.is_original_dst() {
+        if up.nodes.is_some() {
+            return Err(
+                "invalid configuration: an upstream with discovery_type `original_dst` \
+                 takes its node from each connection and lists no `nodes`"
+                    .into(),
+            );
+        }
+        if up.checks.is_some() {
+            return Err(
+                "invalid configuration: an upstream with discovery_type `original_dst` \
+                 has no fixed nodes to health-check: remove `checks`"
+                    .into(),
+            );
+        }
+    }
+    if up.source_is_client() && up.scheme.is_http2() {
+        return Err(format!(
+            "invalid configuration: tproxy source `client` is supported for http and https \
+             upstreams, not `{}`",
+            up.scheme.as_str()
+        ));
     }
     Ok(())
 }

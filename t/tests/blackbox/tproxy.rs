@@ -65,13 +65,14 @@ fn unsupported() -> Option<String> {
     None
 }
 
-/// A small HTTP server in `ns` on `addr`: answers `server saw PATH`.
+/// A small HTTP server in `ns` on `addr`: answers `server saw PATH from
+/// PEER-ADDRESS`.
 fn server(ns: &str, host: &str, port: u16) -> Child {
     let script = format!(
         "import http.server, socket\n\
          class H(http.server.BaseHTTPRequestHandler):\n\
          \x20   def do_GET(self):\n\
-         \x20       body = ('server saw ' + self.path).encode()\n\
+         \x20       body = ('server saw ' + self.path + ' from ' + self.client_address[0]).encode()\n\
          \x20       self.send_response(200); self.send_header('Content-Length', str(len(body))); self.end_headers(); self.wfile.write(body)\n\
          \x20   def log_message(self, *a): pass\n\
          class S(http.server.HTTPServer):\n\
@@ -156,8 +157,26 @@ fn transparent_listener_serves_diverted_connections() {
             "2001:db8:1::2",
         ],
     );
+    // The server answers clients' addresses through the gateway (the
+    // return path of `tproxy.source: client`).
+    ns(
+        &s,
+        &["ip", "route", "add", "default", "via", "198.51.100.2"],
+    );
+    ns(
+        &s,
+        &[
+            "ip",
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            "2001:db8:2::2",
+        ],
+    );
     // What tproxy-setup prints, run in the gateway's namespace.
-    let port = 15001;
+    let (port, plain) = (15001, 15002);
     let printed = Command::new(harness::cluster::binary())
         .args([
             "tproxy-setup",
@@ -183,7 +202,7 @@ fn transparent_listener_serves_diverted_connections() {
     std::fs::write(
         dir.path().join("conf/config.yaml"),
         format!(
-            "apisix:\n  node_listen:\n    - {{ip: \"::\", port: {port}, transparent: true}}\n  ssl:\n    enable: false\n\
+            "apisix:\n  node_listen:\n    - {{ip: \"::\", port: {port}, transparent: true}}\n    - {{ip: 127.0.0.1, port: {plain}}}\n  ssl:\n    enable: false\n\
              deployment:\n  role: data_plane\n  role_data_plane:\n    config_provider: yaml\n\
              nginx_config:\n  http:\n    enable_access_log: false\n\
              plugin_attr:\n  prometheus:\n    enable_export_server: false\n"
@@ -197,6 +216,11 @@ fn transparent_listener_serves_diverted_connections() {
          \x20   upstream: {type: roundrobin, nodes: {\"198.51.100.1:8080\": 1}}\n\
          \x20 - id: v6\n    uri: /hello\n    vars: [[\"server_addr\", \"==\", \"2001:db8:99::10\"]]\n\
          \x20   upstream: {type: roundrobin, nodes: {\"[2001:db8:2::1]:8080\": 1}}\n\
+         \x20 - id: original\n    uri: /original\n    upstream: {discovery_type: original_dst}\n\
+         \x20 - id: as-client\n    uri: /as-client\n\
+         \x20   upstream: {nodes: {\"198.51.100.1:8080\": 1}, tproxy: {source: client}}\n\
+         \x20 - id: invisible\n    uri: /invisible\n\
+         \x20   upstream: {discovery_type: original_dst, tproxy: {source: client}}\n\
          #END\n",
     )
     .unwrap();
@@ -207,7 +231,7 @@ fn transparent_listener_serves_diverted_connections() {
         .arg(dir.path().join("conf/config.yaml"))
         .current_dir(dir.path())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("gateway.log")).unwrap())
         .spawn()
         .unwrap();
     env.children.push(gateway);
@@ -222,13 +246,45 @@ fn transparent_listener_serves_diverted_connections() {
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    assert_eq!(v4, "200 server saw /hello?a=1");
+    assert_eq!(v4, "200 server saw /hello?a=1 from 198.51.100.2");
     assert_eq!(
         fetch(&c, "http://[2001:db8:99::10]/hello"),
-        "200 server saw /hello"
+        "200 server saw /hello from 2001:db8:2::2"
     );
     let other = fetch(&c, "http://203.0.113.77/hello");
     assert!(other.starts_with("404"), "{other}");
+
+    // original_dst: the request goes where the client was connecting to.
+    assert_eq!(
+        fetch(&c, "http://198.51.100.1:8080/original"),
+        "200 server saw /original from 198.51.100.2"
+    );
+    assert_eq!(
+        fetch(&c, "http://[2001:db8:2::1]:8080/original"),
+        "200 server saw /original from 2001:db8:2::2"
+    );
+    // A destination with nothing listening: the gateway's own 502.
+    let closed = fetch(&c, "http://198.51.100.1:8081/original");
+    assert!(closed.starts_with("502"), "{closed}");
+    // On a plain listener the destination is the gateway itself: refused
+    // rather than looped.
+    let looped = fetch(&g, &format!("http://127.0.0.1:{plain}/original"));
+    assert!(looped.starts_with("502"), "{looped}");
+
+    // tproxy.source: client: the server sees the client's own address,
+    // also through a fully invisible hop (original_dst + client source).
+    assert_eq!(
+        fetch(&c, "http://203.0.113.10/as-client"),
+        "200 server saw /as-client from 192.0.2.1"
+    );
+    assert_eq!(
+        fetch(&c, "http://[2001:db8:2::1]:8080/invisible"),
+        "200 server saw /invisible from 2001:db8:1::1"
+    );
+    assert_eq!(
+        fetch(&c, "http://198.51.100.1:8080/invisible?twice"),
+        "200 server saw /invisible?twice from 192.0.2.1"
+    );
 }
 
 #[test]

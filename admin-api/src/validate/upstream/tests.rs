@@ -495,3 +495,42 @@ fn chash_keys_are_checked() {
     // Only chash upstreams use the key.
     assert_eq!(check_field("hash_on", json!("header")), Ok(()));
 }
+
+#[test]
+fn original_dst_upstreams_list_no_nodes() {
+    let ok = |v: Value| check(Kind::Upstreams, &v, &Nothing);
+    ok(json!({"id": "1", "discovery_type": "original_dst"})).unwrap();
+    let up: UpstreamConf = serde_json::from_value(
+        json!({"discovery_type": "original_dst", "tproxy": {"source": "client"}}),
+    )
+    .unwrap();
+    assert!(up.is_original_dst() && up.source_is_client());
+    // Any other discovery type still needs its service name, as in APISIX.
+    assert_eq!(
+        ok(json!({"id": "1", "discovery_type": "dns"})),
+        Err("invalid configuration: value should match only one schema, but matches none".into())
+    );
+    let with_nodes = ok(json!({"id": "1", "discovery_type": "original_dst",
+        "nodes": {"127.0.0.1:80": 1}}));
+    assert!(with_nodes.unwrap_err().contains("lists no `nodes`"));
+    let with_checks = ok(json!({"id": "1", "discovery_type": "original_dst",
+        "checks": {"active": {}}}));
+    assert!(with_checks.unwrap_err().contains("remove `checks`"));
+}
+
+#[test]
+fn tproxy_source() {
+    assert!(!accepted("tproxy", json!({})).source_is_client());
+    assert!(!accepted("tproxy", json!({"source": "gateway"})).source_is_client());
+    assert!(accepted("tproxy", json!({"source": "client"})).source_is_client());
+    refused(
+        "tproxy",
+        json!({"source": "somewhere"}),
+        "property \"source\" validation failed: matches none of the enum values",
+    );
+    let grpc = json!({"id": "1", "nodes": {"127.0.0.1:80": 1}, "scheme": "grpc",
+        "tproxy": {"source": "client"}});
+    assert!(check(Kind::Upstreams, &grpc, &Nothing)
+        .unwrap_err()
+        .contains("not `grpc`"));
+}
