@@ -135,6 +135,8 @@ impl std::fmt::Debug for KeyConf {
 pub struct RealIp {
     /// `real_ip_from`: peers whose header is believed.
     pub trusted: IpSet,
+    /// The same, as prefixes (the in-kernel deny list leaves these out).
+    pub trusted_nets: Vec<ipnet::IpNet>,
     /// `real_ip_header`, lower-cased. Default `x-real-ip`.
     pub header: String,
     /// `real_ip_recursive`. Default off.
@@ -207,6 +209,9 @@ pub struct GatewayConfig {
     /// `plugin_attr`: per-plugin settings from config.yaml, given to each
     /// plugin when it is compiled.
     pub plugin_attr: serde_json::Map<String, Value>,
+    /// `plugin_attr.ip-restriction.xdp` when enabled: the in-kernel deny
+    /// list (see [`crate::xdp`]).
+    pub xdp: Option<crate::xdp::XdpConf>,
     /// `plugins`: the plugins this node runs; `None` when the file has no
     /// list (all of them). Decides whether the Prometheus export server runs.
     pub enabled_plugins: Option<Vec<String>>,
@@ -391,8 +396,13 @@ impl GatewayConfig {
                         ))
                     }
                 };
+                let trusted_nets = ips
+                    .iter()
+                    .filter_map(|e| crate::xdp::parse_entry(e))
+                    .collect();
                 Some(RealIp {
                     trusted,
+                    trusted_nets,
                     header,
                     recursive,
                 })
@@ -413,6 +423,8 @@ impl GatewayConfig {
             Some(Value::Object(map)) => map.clone(),
             Some(_) => return Err(key_err("plugin_attr", "expected a mapping")),
         };
+        let xdp = crate::xdp::XdpConf::from_plugin_attr(&plugin_attr)
+            .map_err(|e| key_err("plugin_attr.ip-restriction.xdp", e))?;
         let enabled_plugins = match get("plugins") {
             None | Some(Value::Null) => None,
             Some(Value::Array(list)) => Some(
@@ -426,6 +438,7 @@ impl GatewayConfig {
         let access_log = access_log_conf(doc, &prefix)?;
         Ok(GatewayConfig {
             plugin_attr,
+            xdp,
             enabled_plugins,
             access_log,
             data_dir: prefix.join("data"),

@@ -41,6 +41,7 @@ pub mod tproxy;
 pub mod upstream;
 pub mod vars;
 pub mod websocket;
+pub mod xdp;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -79,6 +80,8 @@ pub struct Running {
     /// Where the Prometheus export server listens, when it runs.
     pub metrics_addr: Option<SocketAddr>,
     access_log: Option<Arc<access_log::AccessLog>>,
+    /// The in-kernel deny list, when on.
+    deny: Option<Arc<xdp::DenyList>>,
     pub live: SharedSnapshot,
     shutdown: watch::Sender<bool>,
     graceful: Arc<drain::Drain>,
@@ -153,6 +156,9 @@ impl Running {
     /// then returns.
     pub async fn shutdown(mut self, grace: Duration) {
         let _ = self.shutdown.send(true);
+        if let Some(deny) = self.deny.take() {
+            deny.detach();
+        }
         // Listeners stop first; then every connection is told to finish.
         while self.tasks.join_next().await.is_some() {}
         let graceful = Arc::try_unwrap(self.graceful).ok();
@@ -377,6 +383,34 @@ pub async fn start(config: GatewayConfig) -> Result<Running, Error> {
         }
     }
 
+    let deny = config.xdp.as_ref().and_then(|conf| {
+        let ports: std::collections::BTreeSet<u16> = data_addrs
+            .iter()
+            .chain(&tls_addrs)
+            .map(SocketAddr::port)
+            .collect();
+        let ports: Vec<u16> = ports.into_iter().collect();
+        match xdp::DenyList::start(conf, &ports) {
+            Ok(list) => {
+                let list = Arc::new(list);
+                let trusted = config
+                    .real_ip
+                    .as_ref()
+                    .map(|r| r.trusted_nets.clone())
+                    .unwrap_or_default();
+                publisher.follow_with(list.clone(), trusted);
+                tracing::info!(interfaces = ?conf.interfaces, ?ports, native = conf.native,
+                    "in-kernel deny list (XDP) attached");
+                Some(list)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e,
+                    "in-kernel deny list (XDP) is off; ip-restriction keeps enforcing it in user space");
+                None
+            }
+        }
+    });
+
     let mut admin_state = None;
     let admin_addr = if let Some(listener) = admin_listener {
         let auth = auth_of(&config)?;
@@ -409,6 +443,7 @@ pub async fn start(config: GatewayConfig) -> Result<Running, Error> {
                 m,
                 store.clone(),
                 &config,
+                deny.clone(),
                 &shutdown_rx,
                 &graceful,
                 &mut tasks,
@@ -434,6 +469,7 @@ pub async fn start(config: GatewayConfig) -> Result<Running, Error> {
         admin_addr,
         metrics_addr,
         access_log,
+        deny,
         live,
         shutdown,
         graceful,
@@ -457,6 +493,7 @@ fn prometheus_enabled(config: &GatewayConfig) -> bool {
 /// report.
 struct MetricSources {
     store: Arc<dyn Store>,
+    deny: Option<Arc<xdp::DenyList>>,
 }
 
 /// The kinds APISIX reports `apisix_etcd_modify_indexes` for.
@@ -472,6 +509,10 @@ const INDEXED_KINDS: [&str; 8] = [
 ];
 
 impl metrics::Sources for MetricSources {
+    fn xdp_drops(&self) -> Option<(u64, u64)> {
+        self.deny.as_ref().map(|d| d.drops())
+    }
+
     fn upstream_health(&self) -> Vec<metrics::NodeHealth> {
         health::node_statuses()
             .into_iter()
@@ -513,6 +554,7 @@ async fn start_metrics(
     metrics: Arc<plugins::prometheus::Metrics>,
     store: Arc<dyn Store>,
     config: &GatewayConfig,
+    deny: Option<Arc<xdp::DenyList>>,
     shutdown: &watch::Receiver<bool>,
     graceful: &Arc<drain::Drain>,
     tasks: &mut JoinSet<()>,
@@ -520,7 +562,7 @@ async fn start_metrics(
     let etcd = store.remote_reachable().is_some();
     let timer = metrics::start_exporter(
         metrics.clone(),
-        Arc::new(MetricSources { store }),
+        Arc::new(MetricSources { store, deny }),
         etcd,
         shutdown.clone(),
     )

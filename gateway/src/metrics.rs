@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use prometheus::{IntGauge, IntGaugeVec, Opts};
+use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts};
 use tokio::sync::watch;
 
 use plugins::prometheus::Metrics;
@@ -139,6 +139,10 @@ pub trait Sources: Send + Sync + 'static {
     /// `Some` when etcd is the store: whether it answered lately, and the
     /// highest modification index seen per key prefix (`routes`, ...).
     fn etcd(&self) -> Option<(bool, Vec<(String, i64)>)>;
+    /// Packets the in-kernel deny list dropped (IPv4, IPv6), when it is on.
+    fn xdp_drops(&self) -> Option<(u64, u64)> {
+        None
+    }
 }
 
 /// The gauges the gateway fills at each exposition.
@@ -149,6 +153,9 @@ struct Gauges {
     upstream_status: IntGaugeVec,
     etcd_reachable: Option<IntGauge>,
     etcd_modify_indexes: Option<IntGaugeVec>,
+    /// `<prefix>xdp_dropped_packets_total{family}`: only shown once the
+    /// in-kernel deny list reports.
+    xdp_drops: IntCounterVec,
 }
 
 fn gauges(metrics: &Metrics, etcd: bool) -> Result<Gauges, String> {
@@ -183,6 +190,15 @@ fn gauges(metrics: &Metrics, etcd: bool) -> Result<Gauges, String> {
     metrics.register(Box::new(requests.clone()))?;
     metrics.register(Box::new(node_info.clone()))?;
     metrics.register(Box::new(upstream_status.clone()))?;
+    let xdp_drops = IntCounterVec::new(
+        Opts::new(
+            metrics.name("xdp_dropped_packets_total"),
+            "Packets from denied sources dropped in the kernel (XDP) before reaching the gateway",
+        ),
+        &["family"],
+    )
+    .map_err(err)?;
+    metrics.register(Box::new(xdp_drops.clone()))?;
     let (etcd_reachable, etcd_modify_indexes) = if etcd {
         let reachable = IntGauge::new(
             metrics.name("etcd_reachable"),
@@ -210,6 +226,7 @@ fn gauges(metrics: &Metrics, etcd: bool) -> Result<Gauges, String> {
         upstream_status,
         etcd_reachable,
         etcd_modify_indexes,
+        xdp_drops,
     })
 }
 
@@ -255,6 +272,12 @@ impl Gauges {
             self.upstream_status
                 .with_label_values(&[&node.name, &node.ip, &node.port])
                 .set(i64::from(node.healthy));
+        }
+        if let Some((v4, v6)) = sources.xdp_drops() {
+            for (family, total) in [("ipv4", v4), ("ipv6", v6)] {
+                let counter = self.xdp_drops.with_label_values(&[family]);
+                counter.inc_by(total.saturating_sub(counter.get()));
+            }
         }
         if let (Some(reachable), Some(indexes), Some((up, keys))) = (
             &self.etcd_reachable,

@@ -828,6 +828,7 @@ mod tests {
     fn rip(recursive: bool) -> RealIp {
         RealIp {
             trusted: IpSet::from_entries(&["10.0.0.0/8"]).unwrap(),
+            trusted_nets: vec!["10.0.0.0/8".parse().unwrap()],
             header: "x-forwarded-for".into(),
             recursive,
         }

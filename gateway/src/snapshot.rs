@@ -778,6 +778,20 @@ impl Compiler {
         registry::compile_set(confs, owner, &env, skip_auth).map_err(|e| e.to_string())
     }
 
+    /// The deny prefixes of the global rules in force (those that
+    /// compiled), for the in-kernel list.
+    fn global_deny_list(
+        &self,
+        trusted: &[ipnet::IpNet],
+    ) -> std::collections::BTreeSet<ipnet::IpNet> {
+        let plugins = self
+            .global_sets
+            .keys()
+            .filter_map(|id| self.global_rules.get(id))
+            .map(|rule| &rule.plugins);
+        crate::xdp::global_deny_list(plugins, trusted)
+    }
+
     /// Recompiles the global rules that changed (all of them with `all`).
     fn compile_global_rules(&mut self, all: bool) {
         let ids: Vec<String> = self.global_rules.keys().cloned().collect();
@@ -1258,6 +1272,9 @@ pub struct Publisher {
 
 struct Published {
     compiler: Compiler,
+    /// The in-kernel deny list following the global rules, with the
+    /// trusted proxies' prefixes it leaves out.
+    deny: Option<(Arc<crate::xdp::DenyList>, Vec<ipnet::IpNet>)>,
     /// The store revision the live snapshot reflects; older events are
     /// dropped (a remote store may replay what it already sent).
     revision: u64,
@@ -1285,6 +1302,7 @@ impl Publisher {
         let publisher = Arc::new(Publisher {
             state: Mutex::new(Published {
                 compiler,
+                deny: None,
                 revision: 0,
                 loaded: false,
             }),
@@ -1296,6 +1314,14 @@ impl Publisher {
 
     pub fn live(&self) -> SharedSnapshot {
         self.live.clone()
+    }
+
+    /// From now on `deny` holds the global rules' deny list (see
+    /// [`crate::xdp`]), starting with the current one.
+    pub fn follow_with(&self, deny: Arc<crate::xdp::DenyList>, trusted: Vec<ipnet::IpNet>) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        deny.sync(&state.compiler.global_deny_list(&trusted));
+        state.deny = Some((deny, trusted));
     }
 }
 
@@ -1340,6 +1366,9 @@ impl Watcher for Publisher {
         state.revision = revision;
         state.loaded = true;
         self.live.store(Arc::new(next));
+        if let Some((deny, trusted)) = &state.deny {
+            deny.sync(&state.compiler.global_deny_list(trusted));
+        }
     }
 }
 
