@@ -103,14 +103,25 @@ fn stop(child: &mut Child) {
     let _ = child.wait();
 }
 
-#[test]
-fn global_blacklist_is_enforced_in_the_kernel() {
-    if let Some(why) = unsupported() {
-        eprintln!("SKIPPED global_blacklist_is_enforced_in_the_kernel: {why}");
-        return;
-    }
+/// Client and gateway namespaces joined by a veth pair (`c0` with
+/// 192.0.2.1, .66, 2001:db8:1::1, ::66; `g0` with 192.0.2.2, 2001:db8:1::2),
+/// an upstream on the gateway's 127.0.0.1:8080, another service on
+/// 192.0.2.2:8000, and the gateway's config (data on port 15080, Admin API
+/// on 15180, metrics on 15091; XDP on g0 when `xdp`).
+struct Setup {
+    env: Netns,
+    c: String,
+    g: String,
+    dir: tempfile::TempDir,
+}
+
+const DATA: u16 = 15080;
+const ADMIN: u16 = 15180;
+const EXPORT: u16 = 15091;
+
+fn setup(label: &str, xdp: bool) -> Setup {
     let tag = std::process::id();
-    let (c, g) = (format!("fxc{tag}"), format!("fxg{tag}"));
+    let (c, g) = (format!("fx{label}c{tag}"), format!("fx{label}g{tag}"));
     let mut env = Netns {
         names: vec![c.clone(), g.clone()],
         children: Vec::new(),
@@ -148,7 +159,7 @@ fn global_blacklist_is_enforced_in_the_kernel() {
     // Another service of the gateway's host, on a port XDP does not guard.
     env.children.push(server(&g, "192.0.2.2", 8000));
 
-    let (data, admin, export) = (15080, 15180, 15091);
+    let (data, admin, export) = (DATA, ADMIN, EXPORT);
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("conf")).unwrap();
     std::fs::write(
@@ -159,10 +170,26 @@ fn global_blacklist_is_enforced_in_the_kernel() {
              \x20   admin_listen: {{ip: 127.0.0.1, port: {admin}}}\n\
              nginx_config:\n  http:\n    enable_access_log: false\n\
              plugin_attr:\n  prometheus:\n    refresh_interval: 1\n    export_addr: {{ip: 127.0.0.1, port: {export}}}\n\
-             \x20 ip-restriction:\n    xdp:\n      enable: true\n      interfaces: [g0]\n"
+             \x20 ip-restriction:\n    xdp:\n      enable: {xdp}\n      interfaces: [g0]\n"
         ),
     )
     .unwrap();
+    Setup { env, c, g, dir }
+}
+
+#[test]
+fn global_blacklist_is_enforced_in_the_kernel() {
+    if let Some(why) = unsupported() {
+        eprintln!("SKIPPED global_blacklist_is_enforced_in_the_kernel: {why}");
+        return;
+    }
+    let Setup {
+        env: _env,
+        c,
+        g,
+        dir,
+    } = setup("t", true);
+    let (data, admin, export) = (DATA, ADMIN, EXPORT);
     let mut gateway = start_gateway(&g, dir.path(), None);
     let rule =
         r#"{"plugins": {"ip-restriction": {"blacklist": ["192.0.2.66", "2001:db8:1::66/128"]}}}"#;
@@ -267,4 +294,113 @@ fn global_blacklist_is_enforced_in_the_kernel() {
         ),
         "{log}"
     );
+}
+
+/// Process CPU time (user + system) of `pid`, in milliseconds.
+fn cpu_ms(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which is in parentheses.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // USER_HZ is 100 on Linux.
+    ticks * 10
+}
+
+/// A flood of connection attempts from 192.0.2.66 to the data plane, at
+/// `rate` per second for `secs`, each asking for `/hello` once connected and
+/// given up after 0.3 s: the same attempts whether or not anything answers.
+/// Prints `attempts answered`.
+const FLOOD: &str = r#"
+import socket, select, time, sys
+rate, secs, port = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+req = b'GET /hello HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n'
+ep = select.epoll(); pending = {}; made = answered = 0
+start = time.time(); end = start + secs
+def close(fd):
+    s = pending.pop(fd)[0]
+    ep.unregister(fd); s.close()
+while time.time() < end:
+    now = time.time()
+    while made < (now - start) * rate:
+        s = socket.socket(); s.setblocking(False); s.bind(('192.0.2.66', 0))
+        s.connect_ex(('192.0.2.2', port))
+        ep.register(s.fileno(), select.EPOLLOUT)
+        pending[s.fileno()] = [s, now, False]; made += 1
+    for fd, ev in ep.poll(0.005):
+        entry = pending.get(fd)
+        if entry is None: continue
+        s, t, sent = entry
+        if ev & (select.EPOLLERR | select.EPOLLHUP) and not ev & select.EPOLLIN:
+            close(fd); continue
+        if not sent:
+            try: s.send(req)
+            except OSError: close(fd); continue
+            entry[2] = True; ep.modify(fd, select.EPOLLIN); continue
+        try: data = s.recv(65536)
+        except OSError: data = b''
+        if data.startswith(b'HTTP/1.1 '): answered += 1
+        close(fd)
+    for fd in [fd for fd, e in pending.items() if now - e[1] > 0.3]:
+        close(fd)
+print(made, answered)
+"#;
+
+/// What a flood of connection attempts from a denied source costs the
+/// gateway process, with the deny list in the kernel and in user space
+/// only. Prints the figures; run with
+/// `cargo test --release -p ferrogate-tests --test blackbox xdp_flood -- --ignored --nocapture`
+/// (root).
+#[test]
+#[ignore = "benchmark: prints figures, asserts nothing about speed"]
+fn xdp_flood_cost() {
+    if let Some(why) = unsupported() {
+        eprintln!("SKIPPED xdp_flood_cost: {why}");
+        return;
+    }
+    let (rate, secs) = (5000, 4);
+    for xdp in [true, false] {
+        let Setup {
+            env: _env,
+            c,
+            g,
+            dir,
+        } = setup(if xdp { "k" } else { "u" }, xdp);
+        let mut gateway = start_gateway(&g, dir.path(), None);
+        let rule = r#"{"plugins": {"ip-restriction": {"blacklist": ["192.0.2.66"]}}}"#;
+        wait_for("Admin API up", || {
+            let got = admin_put(&g, ADMIN, "global_rules/1", rule);
+            got.starts_with("20").then_some(got)
+        });
+        let route = r#"{"uri": "/hello", "upstream": {"nodes": {"127.0.0.1:8080": 1}}}"#;
+        assert!(admin_put(&g, ADMIN, "routes/1", route).starts_with("20"));
+        let before = cpu_ms(gateway.id());
+        let out = Command::new("ip")
+            .args(["netns", "exec", &c, "python3", "-c", FLOOD])
+            .args([rate.to_string(), secs.to_string(), DATA.to_string()])
+            .output()
+            .unwrap();
+        let spent = cpu_ms(gateway.id()) - before;
+        let flood = String::from_utf8_lossy(&out.stdout);
+        let mut counts = flood
+            .split_whitespace()
+            .map(|n| n.parse::<u64>().unwrap_or(0));
+        let (made, answered) = (counts.next().unwrap_or(0), counts.next().unwrap_or(0));
+        std::thread::sleep(Duration::from_millis(1200));
+        let metrics = python(
+            &g,
+            &format!("import urllib.request\nprint(urllib.request.urlopen('http://127.0.0.1:{EXPORT}/apisix/prometheus/metrics', timeout=5).read().decode())"),
+        );
+        let drops: Vec<&str> = metrics
+            .lines()
+            .filter(|l| l.starts_with("apisix_xdp_dropped_packets_total"))
+            .collect();
+        println!(
+            "deny list {}: {made} attempts in {secs} s, {answered} answered (403); gateway CPU {spent} ms ({:.1} µs per attempt); {}",
+            if xdp { "in the kernel (XDP)" } else { "in user space" },
+            spent as f64 * 1000.0 / made.max(1) as f64,
+            drops.join(", ")
+        );
+        stop(&mut gateway);
+    }
 }
