@@ -111,6 +111,9 @@ impl Running {
         if old.ssl != config.ssl {
             restart.push("apisix.ssl");
         }
+        if old.xdp != config.xdp {
+            restart.push("plugin_attr.ip-restriction.xdp");
+        }
         if old.admin_listen != config.admin_listen || old.enable_admin != config.enable_admin {
             restart.push("deployment.admin.admin_listen");
         }
