@@ -10,6 +10,21 @@ pub struct Netns {
     pub children: Vec<Child>,
 }
 
+impl Netns {
+    /// Creates the namespaces `names`, each with its loopback up.
+    pub fn create(names: Vec<String>) -> Netns {
+        let env = Netns {
+            names,
+            children: Vec::new(),
+        };
+        for n in &env.names {
+            run(&["ip", "netns", "add", n]);
+            ns(n, &["ip", "link", "set", "lo", "up"]);
+        }
+        env
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         for child in &mut self.children {
@@ -88,15 +103,7 @@ pub fn fetch(ns: &str, url: &str) -> String {
          except urllib.error.HTTPError as e:\n\
          \x20   print(e.code, e.read().decode())\n"
     );
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns, "python3", "-c", &script])
-        .output()
-        .unwrap();
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout).trim(),
-        String::from_utf8_lossy(&out.stderr).trim()
-    )
+    python(ns, &script)
 }
 
 /// Runs a Python script inside `ns`; its output, trimmed (stderr after

@@ -26,14 +26,7 @@ fn transparent_listener_serves_diverted_connections() {
         format!("fgg{tag}"),
         format!("fgs{tag}"),
     );
-    let mut env = Netns {
-        names: vec![c.clone(), g.clone(), s.clone()],
-        children: Vec::new(),
-    };
-    for n in &env.names {
-        run(&["ip", "netns", "add", n]);
-        ns(n, &["ip", "link", "set", "lo", "up"]);
-    }
+    let mut env = Netns::create(vec![c.clone(), g.clone(), s.clone()]);
     // client c0 <-> g0 gateway g1 <-> s0 server
     run(&[
         "ip", "link", "add", "c0", "netns", &c, "type", "veth", "peer", "name", "g0", "netns", &g,

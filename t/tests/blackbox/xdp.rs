@@ -122,14 +122,7 @@ const EXPORT: u16 = 15091;
 fn setup(label: &str, xdp: bool) -> Setup {
     let tag = std::process::id();
     let (c, g) = (format!("fx{label}c{tag}"), format!("fx{label}g{tag}"));
-    let mut env = Netns {
-        names: vec![c.clone(), g.clone()],
-        children: Vec::new(),
-    };
-    for n in &env.names {
-        run(&["ip", "netns", "add", n]);
-        ns(n, &["ip", "link", "set", "lo", "up"]);
-    }
+    let mut env = Netns::create(vec![c.clone(), g.clone()]);
     run(&[
         "ip", "link", "add", "c0", "netns", &c, "type", "veth", "peer", "name", "g0", "netns", &g,
     ]);
