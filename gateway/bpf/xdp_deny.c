@@ -9,9 +9,12 @@
 //                     host are never cut off.
 //   DROPS             per-CPU drop counters: 0 IPv4, 1 IPv6.
 //
-// Anything the program does not understand (other protocols, IPv6
-// extension headers before TCP, non-first IPv4 fragments, a truncated
-// header) passes, and user space judges it as before.
+// IPv6 extension headers before TCP (hop-by-hop, routing, destination
+// options, authentication, a first fragment) are skipped, up to
+// MAX_EXTENSIONS of them, so they cannot carry a denied source past the
+// list. Anything the program does not understand (other protocols, longer
+// chains, later fragments, a truncated header) passes, and user space
+// judges it as before.
 //
 // Built by gateway/build.rs when clang with the bpf target is installed:
 //   clang -O2 -g -target bpf -c xdp_deny.c -o xdp_deny.o && llvm-strip -g xdp_deny.o
@@ -79,6 +82,20 @@ struct {
     __uint(max_entries, 2);
 } DROPS SEC(".maps");
 
+// Extension headers looked through before giving up (and passing).
+#define MAX_EXTENSIONS 6
+
+#define EXT_HOP 0
+#define EXT_ROUTING 43
+#define EXT_FRAGMENT 44
+#define EXT_AUTH 51
+#define EXT_DEST 60
+
+struct ext_header {
+    __u8 next;
+    __u8 len;
+};
+
 struct vlan {
     __be16 tci;
     __be16 proto;
@@ -122,9 +139,37 @@ static __always_inline int judge_v4(void *l3, void *end)
 static __always_inline int judge_v6(void *l3, void *end)
 {
     struct ipv6hdr *ip = l3;
-    if ((void *)(ip + 1) > end || ip->nexthdr != IPPROTO_TCP)
+    if ((void *)(ip + 1) > end)
         return XDP_PASS;
-    struct tcphdr *tcp = (void *)(ip + 1);
+    __u8 next = ip->nexthdr;
+    void *at = ip + 1;
+#pragma unroll
+    for (int i = 0; i < MAX_EXTENSIONS; i++) {
+        if (next != EXT_HOP && next != EXT_ROUTING && next != EXT_FRAGMENT &&
+            next != EXT_AUTH && next != EXT_DEST)
+            break;
+        struct ext_header *ext = at;
+        if ((void *)(ext + 1) > end)
+            return XDP_PASS;
+        __u32 len;
+        if (next == EXT_FRAGMENT) {
+            // Offset (13 bits) in bytes 2-3: only the first fragment has
+            // the TCP header.
+            __be16 *offset = at + 2;
+            if ((void *)(offset + 1) > end || (*offset & net16(0xfff8)))
+                return XDP_PASS;
+            len = 8;
+        } else if (next == EXT_AUTH) {
+            len = ((__u32)ext->len + 2) * 4;
+        } else {
+            len = ((__u32)ext->len + 1) * 8;
+        }
+        next = ext->next;
+        at += len;
+    }
+    if (next != IPPROTO_TCP)
+        return XDP_PASS;
+    struct tcphdr *tcp = at;
     if ((void *)(tcp + 1) > end || !guarded(tcp->dest))
         return XDP_PASS;
     struct v6_prefix key = {.prefixlen = 128};

@@ -35,6 +35,27 @@ fn get_from(ns: &str, src: &str, host: &str, port: u16, path: &str, secs: f64) -
     )
 }
 
+/// A TCP connection attempt from `src` to [`dst`]:`port` inside `ns` whose
+/// packets carry an IPv6 Destination Options header (8 bytes of padding)
+/// before TCP: `connected`, `timeout` or the error.
+fn connect_with_dest_options(ns: &str, src: &str, dst: &str, port: u16) -> String {
+    python(
+        ns,
+        &format!(
+            "import socket\n\
+             s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)\n\
+             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_DSTOPTS, bytes([0, 0, 1, 4, 0, 0, 0, 0]))\n\
+             s.bind(('{src}', 0)); s.settimeout(1.5)\n\
+             try:\n\
+             \x20   s.connect(('{dst}', {port})); print('connected')\n\
+             except TimeoutError:\n\
+             \x20   print('timeout')\n\
+             except Exception as e:\n\
+             \x20   print('error', e)\n"
+        ),
+    )
+}
+
 /// An Admin API PUT inside `ns`: `STATUS`.
 fn admin_put(ns: &str, admin: u16, path: &str, body: &str) -> String {
     python(
@@ -208,6 +229,15 @@ fn global_blacklist_is_enforced_in_the_kernel() {
     assert_eq!(
         get_from(&c, "2001:db8:1::66", "2001:db8:1::2", data, "/hello", 1.5),
         "timeout"
+    );
+    // An extension header before TCP does not carry the source past it.
+    assert_eq!(
+        connect_with_dest_options(&c, "2001:db8:1::66", "2001:db8:1::2", data),
+        "timeout"
+    );
+    assert_eq!(
+        connect_with_dest_options(&c, "2001:db8:1::1", "2001:db8:1::2", data),
+        "connected"
     );
     // The rest of the host is not cut off.
     assert_eq!(
