@@ -21,6 +21,12 @@ const OBJECTS: TableDefinition<&str, &[u8]> = TableDefinition::new("objects");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const REVISION: &str = "revision";
 
+/// redb's page cache. Its default (1 GiB) would keep every page a bulk load
+/// touched in memory for good; the data plane never reads the store (it
+/// runs on compiled snapshots), the kernel's page cache serves the Admin
+/// API's occasional reads, and writes touch a few pages each.
+const CACHE_BYTES: usize = 4 * 1024 * 1024;
+
 /// A [`Store`] backed by a redb database file.
 pub struct RedbStore {
     db: Database,
@@ -33,7 +39,10 @@ impl RedbStore {
     /// Opens (or creates) the database at `path`. Fails when another process
     /// holds it open.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(path).map_err(StoreError::backend)?;
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(StoreError::backend)?;
         // Make sure both tables exist so that readers never fail on a fresh file.
         let txn = db.begin_write().map_err(StoreError::backend)?;
         {
