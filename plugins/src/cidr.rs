@@ -4,7 +4,10 @@
 //! Entries are written the way APISIX's `ip_def` accepts them: `10.0.0.1`,
 //! `10.0.0.0/8`, `::1`, `2001:db8::/32`. A set is built once per config
 //! snapshot; [`IpSet::contains`] then walks a multi-bit prefix trie, so a list
-//! of 10,000 CIDRs costs about as much as a list of one.
+//! of 10,000 CIDRs costs about as much as a list of one. Sets of up to
+//! [`SMALL`] entries (most route lists) are a plain list instead: scanning a
+//! few prefixes is as quick as the trie and holds a few dozen bytes where a
+//! trie holds about 500.
 
 use std::net::IpAddr;
 use std::str::FromStr;
@@ -34,13 +37,20 @@ pub fn parse_entry(entry: &str) -> Result<IpNet, InvalidIp> {
     }
 }
 
+/// Entries a set keeps as a list before it builds tries.
+pub const SMALL: usize = 8;
+
 /// A compiled set of IPv4 and IPv6 prefixes.
 ///
-/// Each family's trie is boxed and made only when it gets an entry: a trie
-/// is some 400 bytes before its first entry, and most sets (one per route
-/// with `remote_addrs` and per ip-restriction) use one family or none.
+/// Up to [`SMALL`] entries are a list; past that, each family's trie is
+/// boxed and made only when it gets an entry: a trie is some 400 bytes
+/// before its first entry, and most sets (one per route with
+/// `remote_addrs` and per ip-restriction) use one family or none.
 #[derive(Clone, Default)]
 pub struct IpSet {
+    /// The entries while there are at most [`SMALL`]; empty once the tries
+    /// hold them.
+    small: Vec<IpNet>,
     v4: Option<Box<PrefixSet<Ipv4Net>>>,
     v6: Option<Box<PrefixSet<Ipv6Net>>>,
     len: usize,
@@ -59,11 +69,24 @@ impl IpSet {
         for e in entries {
             set.insert(parse_entry(e.as_ref())?);
         }
+        set.small.shrink_to_fit();
         Ok(set)
     }
 
     pub fn insert(&mut self, net: IpNet) {
         self.len += 1;
+        let in_tries = self.v4.is_some() || self.v6.is_some();
+        if !in_tries && self.small.len() < SMALL {
+            self.small.push(net);
+            return;
+        }
+        for listed in std::mem::take(&mut self.small) {
+            self.insert_in_trie(listed);
+        }
+        self.insert_in_trie(net);
+    }
+
+    fn insert_in_trie(&mut self, net: IpNet) {
         match net {
             IpNet::V4(n) => {
                 self.v4.get_or_insert_with(Box::default).insert(n);
@@ -87,7 +110,11 @@ impl IpSet {
     /// (`::ffff:10.0.0.1`, what a dual-stack socket reports) are matched as
     /// the IPv4 address they carry.
     pub fn contains(&self, ip: IpAddr) -> bool {
-        match ip.to_canonical() {
+        let ip = ip.to_canonical();
+        if !self.small.is_empty() {
+            return self.small.iter().any(|net| net.contains(&ip));
+        }
+        match ip {
             IpAddr::V4(a) => self
                 .v4
                 .as_ref()
@@ -156,6 +183,32 @@ mod tests {
         }
     }
 
+    #[test]
+    fn small_sets_and_the_move_to_tries() {
+        // One entry per /16 of 10.x: 10.0/16 .. 10.(n-1)/16, plus ::1.
+        let entries = |n: usize| -> Vec<String> {
+            let mut e: Vec<String> = (0..n).map(|i| format!("10.{i}.0.0/16")).collect();
+            e.push("::1".into());
+            e
+        };
+        for n in [0, 1, SMALL - 1, SMALL, SMALL + 1, 3 * SMALL] {
+            let s = IpSet::from_entries(&entries(n)).unwrap();
+            assert_eq!(s.len(), n + 1);
+            assert_eq!(s.small.is_empty(), n + 1 > SMALL, "{n} entries");
+            for i in 0..n {
+                assert!(
+                    s.contains(format!("10.{i}.200.1").parse().unwrap()),
+                    "{n}: 10.{i}"
+                );
+                assert!(s.contains(format!("::ffff:10.{i}.0.1").parse().unwrap()));
+            }
+            assert!(!s.contains(format!("10.{n}.0.1").parse().unwrap()), "{n}");
+            assert!(s.contains("::1".parse().unwrap()));
+            assert!(!s.contains("::2".parse().unwrap()));
+            assert!(!s.contains("11.0.0.1".parse().unwrap()));
+        }
+    }
+
     fn linear(nets: &[IpNet], ip: IpAddr) -> bool {
         nets.iter().any(|n| n.contains(&ip.to_canonical()))
     }
@@ -165,9 +218,16 @@ mod tests {
         fn trie_equals_linear_scan(
             v4 in proptest::collection::vec((any::<u32>(), 0u8..=32), 0..40),
             v6 in proptest::collection::vec((any::<u128>(), 0u8..=128), 0..20),
+            // Small sets (a list, not tries) as often as large ones.
+            small in any::<bool>(),
             probes4 in proptest::collection::vec(any::<u32>(), 1..40),
             probes6 in proptest::collection::vec(any::<u128>(), 1..20),
         ) {
+            let (v4, v6) = if small {
+                (v4.into_iter().take(5).collect::<Vec<_>>(), v6.into_iter().take(SMALL - 5).collect::<Vec<_>>())
+            } else {
+                (v4, v6)
+            };
             let mut nets: Vec<IpNet> = Vec::new();
             for (a, l) in v4 {
                 nets.push(IpNet::V4(Ipv4Net::new(a.into(), l).unwrap().trunc()));
