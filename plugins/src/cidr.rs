@@ -38,7 +38,51 @@ pub fn parse_entry(entry: &str) -> Result<IpNet, InvalidIp> {
 }
 
 /// Entries a set keeps as a list before it builds tries.
-pub const SMALL: usize = 8;
+pub const SMALL: usize = 4;
+
+/// A listed prefix, ready for one AND and one compare per lookup.
+#[derive(Clone, Copy)]
+enum Masked {
+    V4 { net: u32, mask: u32 },
+    V6 { net: u128, mask: u128 },
+}
+
+impl Masked {
+    fn of(net: IpNet) -> Self {
+        match net {
+            IpNet::V4(n) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(n.prefix_len()))
+                    .unwrap_or(0);
+                Masked::V4 {
+                    net: u32::from(n.network()) & mask,
+                    mask,
+                }
+            }
+            IpNet::V6(n) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(n.prefix_len()))
+                    .unwrap_or(0);
+                Masked::V6 {
+                    net: u128::from(n.network()) & mask,
+                    mask,
+                }
+            }
+        }
+    }
+
+    fn net(self) -> IpNet {
+        let len = |mask: u128| mask.count_ones() as u8;
+        match self {
+            Masked::V4 { net, mask } => {
+                IpNet::V4(Ipv4Net::new(net.into(), len(u128::from(mask))).unwrap_or_default())
+            }
+            Masked::V6 { net, mask } => {
+                IpNet::V6(Ipv6Net::new(net.into(), len(mask)).unwrap_or_default())
+            }
+        }
+    }
+}
 
 /// A compiled set of IPv4 and IPv6 prefixes.
 ///
@@ -48,9 +92,9 @@ pub const SMALL: usize = 8;
 /// `remote_addrs` and per ip-restriction) use one family or none.
 #[derive(Clone, Default)]
 pub struct IpSet {
-    /// The entries while there are at most [`SMALL`]; empty once the tries
-    /// hold them.
-    small: Vec<IpNet>,
+    /// The entries while there are at most [`SMALL`], as network and mask;
+    /// empty once the tries hold them.
+    small: Vec<Masked>,
     v4: Option<Box<PrefixSet<Ipv4Net>>>,
     v6: Option<Box<PrefixSet<Ipv6Net>>>,
     len: usize,
@@ -77,11 +121,11 @@ impl IpSet {
         self.len += 1;
         let in_tries = self.v4.is_some() || self.v6.is_some();
         if !in_tries && self.small.len() < SMALL {
-            self.small.push(net);
+            self.small.push(Masked::of(net));
             return;
         }
         for listed in std::mem::take(&mut self.small) {
-            self.insert_in_trie(listed);
+            self.insert_in_trie(listed.net());
         }
         self.insert_in_trie(net);
     }
@@ -112,7 +156,20 @@ impl IpSet {
     pub fn contains(&self, ip: IpAddr) -> bool {
         let ip = ip.to_canonical();
         if !self.small.is_empty() {
-            return self.small.iter().any(|net| net.contains(&ip));
+            return match ip {
+                IpAddr::V4(a) => {
+                    let a = u32::from(a);
+                    self.small
+                        .iter()
+                        .any(|m| matches!(*m, Masked::V4 { net, mask } if a & mask == net))
+                }
+                IpAddr::V6(a) => {
+                    let a = u128::from(a);
+                    self.small
+                        .iter()
+                        .any(|m| matches!(*m, Masked::V6 { net, mask } if a & mask == net))
+                }
+            };
         }
         match ip {
             IpAddr::V4(a) => self
@@ -224,7 +281,7 @@ mod tests {
             probes6 in proptest::collection::vec(any::<u128>(), 1..20),
         ) {
             let (v4, v6) = if small {
-                (v4.into_iter().take(5).collect::<Vec<_>>(), v6.into_iter().take(SMALL - 5).collect::<Vec<_>>())
+                (v4.into_iter().take(SMALL / 2).collect::<Vec<_>>(), v6.into_iter().take(SMALL - SMALL / 2).collect::<Vec<_>>())
             } else {
                 (v4, v6)
             };
