@@ -10,7 +10,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rustls::client::ResolvesClientCert;
-use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use rustls::sign::CertifiedKey;
@@ -40,10 +39,6 @@ pub fn trust_store(extra_pem: Option<&Path>) -> Result<RootCertStore, TlsError> 
         }
     }
     Ok(roots)
-}
-
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
 }
 
 /// A certificate an upstream's `tls` asks the gateway to present
@@ -103,7 +98,7 @@ pub fn client_config(
     verify: bool,
     identity: Option<&ClientCert>,
 ) -> ClientConfig {
-    let builder = ClientConfig::builder_with_provider(provider())
+    let builder = ClientConfig::builder_with_provider(plugins::tls_client::provider())
         .with_safe_default_protocol_versions()
         .unwrap_or_else(|_| ClientConfig::builder());
     // hyper-rustls sets ALPN itself (HTTP/1.1 only).
