@@ -212,9 +212,10 @@ TRAFFIC_PLUGINS = {
 class Ferrogate:
     name = "ferrogate-w1"
 
-    def __init__(self, binary, work, upstreams, extra_plugins=None, name=None):
+    def __init__(self, binary, work, upstreams, extra_plugins=None, name=None, access_log=True):
         self.binary, self.work, self.upstreams = binary, work, upstreams
         self.extra_plugins = extra_plugins or {}
+        self.access_log = access_log
         if name:
             self.name = name
 
@@ -228,9 +229,12 @@ class Ferrogate:
                 "apisix:\n  node_listen: %d\n"
                 "nginx_config:\n  worker_processes: 1\n  error_log_level: warn\n"
                 "  event:\n    worker_connections: 32768\n"
+                "  http:\n    enable_access_log: %s\n"
                 "deployment:\n  role: traditional\n"
                 "  admin:\n    admin_key: [{name: admin, key: %s, role: admin}]\n"
-                "    admin_listen: {ip: 127.0.0.1, port: %d}\n" % (self.port, key, admin)
+                "    admin_listen: {ip: 127.0.0.1, port: %d}\n"
+                "plugin_attr:\n  prometheus:\n    export_addr: {ip: 127.0.0.1, port: %d}\n"
+                % (self.port, "true" if self.access_log else "false", key, admin, free_port())
             )
         self.proc = spawn([self.binary, "--config", os.path.join(d, "conf", "config.yaml")], d)
         wait_port(admin, self.proc)
@@ -420,6 +424,9 @@ def main():
     ap.add_argument("--json", help="write the raw figures here")
     ap.add_argument("--traffic", action="store_true",
                     help="also run ferrogate with limit-count, proxy-rewrite and cors on the route")
+    ap.add_argument("--observe", action="store_true",
+                    help="also run ferrogate without its access log, and with the access log plus "
+                         "prometheus on the route: what observability costs per request")
     args = ap.parse_args()
 
     if not shutil.which("wrk"):
@@ -438,6 +445,9 @@ def main():
         peers = [Ferrogate(binary, work, ups)]
         if args.traffic:
             peers.append(Ferrogate(binary, work, ups, TRAFFIC_PLUGINS, "ferrogate-traffic"))
+        if args.observe:
+            peers.append(Ferrogate(binary, work, ups, {}, "ferrogate-dark", access_log=False))
+            peers.append(Ferrogate(binary, work, ups, {"prometheus": {}}, "ferrogate-observed"))
         if nginx:
             peers.append(Nginx(nginx, work, ups))
         else:
@@ -456,7 +466,7 @@ def main():
                         rnd + 1, peer.name, r["rps"], r["user_us"], r["kernel_us"], r["p99_ms"] or 0), flush=True)
                 finally:
                     peer.stop()
-                if args.idle and not getattr(peer, "extra_plugins", None):
+                if args.idle and not getattr(peer, "extra_plugins", None) and getattr(peer, "access_log", True):
                     peer.start()
                     try:
                         r = idle(peer, args)
@@ -465,7 +475,7 @@ def main():
                             rnd + 1, peer.name, r["still_open"], r["pss_per_conn_kib"], r["p99_ratio"]), flush=True)
                     finally:
                         peer.stop()
-                if args.idle and isinstance(peer, Ferrogate) and not peer.extra_plugins:
+                if args.idle and isinstance(peer, Ferrogate) and not peer.extra_plugins and peer.access_log:
                     # nginx serves h2c only on a listener that speaks nothing else.
                     peer.start()
                     try:
@@ -487,6 +497,13 @@ def main():
 
 def report(peers, results, args):
     base = results.get("nginx-w1")
+    if "ferrogate-dark" in results and "ferrogate-observed" in results:
+        # Paired by round: both ran back to back under the same load on the
+        # machine, so the difference is steadier than that of the medians.
+        diffs = [o["user_us"] - d["user_us"] for d, o in
+                 zip(results["ferrogate-dark"]["load"], results["ferrogate-observed"]["load"])]
+        print("\nobservability (access log + prometheus) over none, user-space CPU per request: "
+              "%s us, median %.2f us" % (" ".join("%.2f" % x for x in diffs), median(diffs)))
     rows = [
         ("req/s", "rps", "%.0f"),
         ("p50 ms", "p50_ms", "%.3f"),

@@ -29,7 +29,6 @@
 //! variable the plugins know (`$route_id`, `$consumer_name`, `$server_addr`,
 //! ...). An empty or unknown value is written as `-`. Times are in UTC.
 
-use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -41,7 +40,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use http::{request, HeaderName, HeaderValue, Method, Uri, Version};
 
 use plugins::chain::{Entry, PluginSet};
-use plugins::{Ctx, Flow, Phases, Plugin};
+use plugins::{ctx::Finished, Ctx, Flow, Phases, Plugin};
 
 /// APISIX's default `access_log_format`.
 pub const DEFAULT_FORMAT: &str = "$remote_addr - $remote_user [$time_local] $http_host \"$request\" $status $body_bytes_sent $request_time \"$http_referer\" \"$http_user_agent\" $upstream_addr $upstream_status $upstream_response_time \"$upstream_scheme://$upstream_host$upstream_uri\"";
@@ -163,8 +162,37 @@ enum Var {
 
 #[derive(Debug, Clone, PartialEq)]
 enum Part {
+    /// Text of up to [`BLOCK`] bytes, zero-padded (most of a format's text
+    /// is a space, a quote or a bracket).
+    Short([u8; BLOCK], u8),
     Text(Box<str>),
     Var(Var),
+}
+
+/// Bytes a [`Part::Short`] holds.
+const BLOCK: usize = 16;
+
+impl Part {
+    fn text(t: String) -> Part {
+        let mut block = [0u8; BLOCK];
+        match block.get_mut(..t.len()) {
+            Some(head) => {
+                head.copy_from_slice(t.as_bytes());
+                Part::Short(block, t.len() as u8)
+            }
+            None => Part::Text(t.into()),
+        }
+    }
+}
+
+/// Appends the first `len` bytes of `block`. A copy whose size the
+/// compiler knows is a move or two in place, where `extend_from_slice` of a
+/// few bytes of unknown length is a call to `memcpy` and its dispatch; a
+/// line makes a few dozen such copies.
+fn push_block<const N: usize>(out: &mut Vec<u8>, block: &[u8; N], len: usize) {
+    let end = out.len() + len.min(N);
+    out.extend_from_slice(block);
+    out.truncate(end);
 }
 
 /// A compiled `access_log_format`.
@@ -209,7 +237,7 @@ impl Format {
                 ));
             }
             if !literal.is_empty() {
-                parts.push(Part::Text(std::mem::take(&mut literal).into()));
+                parts.push(Part::text(std::mem::take(&mut literal)));
             }
             let var = match name {
                 "remote_addr" => Var::RemoteAddr,
@@ -270,7 +298,7 @@ impl Format {
         }
         literal.push_str(rest);
         if !literal.is_empty() {
-            parts.push(Part::Text(literal.into()));
+            parts.push(Part::text(literal));
         }
         Ok(Format {
             parts,
@@ -311,8 +339,26 @@ struct Seen {
     /// allocation for the usual formats.
     headers: [Option<HeaderValue>; INLINE_HEADERS],
     more: Vec<Option<HeaderValue>>,
+    /// The request reached `before_proxy`: it went to an upstream.
+    routed: bool,
+    /// The upstream's URI when it is not [`Seen::uri`].
     upstream_uri: Option<Uri>,
     upstream_host: Option<HeaderValue>,
+}
+
+/// The first `Host` header. Clients send it first, so a look at the first
+/// few headers usually finds it without hashing the name.
+fn host_header(headers: &http::HeaderMap) -> Option<&HeaderValue> {
+    const LOOK: usize = 4;
+    let found = headers
+        .iter()
+        .take(LOOK)
+        .find_map(|(name, value)| (name == http::header::HOST).then_some(value));
+    match found {
+        Some(v) => Some(v),
+        None if headers.len() <= LOOK => None,
+        None => headers.get(http::header::HOST),
+    }
 }
 
 /// Request headers a [`Seen`] holds without allocating (APISIX's default
@@ -328,23 +374,62 @@ impl Seen {
     }
 }
 
-/// The time texts of one second, cached per thread, and the wall clock
-/// derived from the monotonic one (read once a second), so a line costs one
-/// clock read.
+/// The time texts of one wall-clock second, cached per thread with the
+/// span of monotonic time that second covers: the wall clock is read and
+/// the calendar worked out once a second, and a line in the same second
+/// costs two comparisons of instants.
 struct Clock {
     second: u64,
-    local: String,
-    iso: String,
-    /// A monotonic instant and the wall-clock time since the epoch then.
-    base: Option<(Instant, Duration)>,
+    /// `[from, to)`: the monotonic instants of `second`.
+    span: Option<(Instant, Instant)>,
+    /// `$time_local` and `$time_iso8601` of `second`, and their lengths
+    /// (26 and 25 bytes until the year 10000).
+    local: ([u8; TIME_BLOCK], usize),
+    iso: ([u8; TIME_BLOCK], usize),
+}
+
+/// The text of the last client address a thread wrote: a connection's
+/// requests, and most requests of a busy client, repeat it.
+struct LastAddr {
+    ip: Option<std::net::IpAddr>,
+    text: ([u8; ADDR_BLOCK], usize),
+}
+
+/// Longest address text (IPv6 with an embedded IPv4 address).
+const ADDR_BLOCK: usize = 48;
+
+/// What a thread keeps between the lines it formats.
+struct Scratch {
+    clock: Clock,
+    addr: LastAddr,
 }
 
 thread_local! {
-    /// The line being formatted: one buffer per thread, reused.
-    static LINE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-    static CLOCK: std::cell::RefCell<Clock> = const {
-        std::cell::RefCell::new(Clock { second: u64::MAX, local: String::new(), iso: String::new(), base: None })
+    static SCRATCH: std::cell::RefCell<Scratch> = const {
+        std::cell::RefCell::new(Scratch {
+            clock: Clock { second: 0, span: None, local: ([0; TIME_BLOCK], 0), iso: ([0; TIME_BLOCK], 0) },
+            addr: LastAddr { ip: None, text: ([0; ADDR_BLOCK], 0) },
+        })
     };
+}
+
+impl LastAddr {
+    fn push(&mut self, out: &mut Vec<u8>, ip: std::net::IpAddr) {
+        if self.ip != Some(ip) {
+            self.text.1 = ip_text(&mut self.text.0, ip);
+            self.ip = Some(ip);
+        }
+        push_block(out, &self.text.0, self.text.1);
+    }
+}
+
+const TIME_BLOCK: usize = 32;
+
+/// Writes `args` into `block`, cut at its size; returns the length.
+fn format_block(block: &mut [u8; TIME_BLOCK], args: std::fmt::Arguments<'_>) -> usize {
+    let mut cursor = std::io::Cursor::new(&mut block[..]);
+    let _ = cursor.write_fmt(args);
+    cursor.position() as usize
 }
 
 const MONTHS: [&str; 12] = [
@@ -366,39 +451,50 @@ fn civil(days: i64) -> (i64, u32, u32) {
 }
 
 impl Clock {
-    /// Wall-clock time since the epoch at `now`.
-    fn since_epoch(&mut self, now: Instant) -> Duration {
-        match self.base {
-            Some((at, wall)) if now.saturating_duration_since(at) < Duration::from_secs(1) => {
-                wall + now.saturating_duration_since(at)
-            }
-            _ => {
-                let wall = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .unwrap_or_default();
-                self.base = Some((Instant::now(), wall));
-                wall
+    /// Makes the texts those of the second `now` falls in.
+    fn follow(&mut self, now: Instant) {
+        if let Some((from, to)) = self.span {
+            if from <= now && now < to {
+                return;
             }
         }
+        // The wall clock at `now`, which may be a moment ago.
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .saturating_sub(Instant::now().saturating_duration_since(now));
+        let into = Duration::from_nanos(u64::from(wall.subsec_nanos()));
+        let from = now.checked_sub(into).unwrap_or(now);
+        let to = from.checked_add(Duration::from_secs(1)).unwrap_or(from);
+        self.span = Some((from, to));
+        self.at(wall.as_secs());
+    }
+
+    /// Wall-clock time since the epoch at `now`, after [`Clock::follow`].
+    fn since_epoch(&self, now: Instant) -> Duration {
+        let into = self.span.map_or(Duration::ZERO, |(from, _)| {
+            now.saturating_duration_since(from)
+        });
+        Duration::from_secs(self.second) + into
     }
 
     fn at(&mut self, secs: u64) {
-        if self.second == secs {
-            return;
-        }
         self.second = secs;
         let days = (secs / 86_400) as i64;
         let rem = secs % 86_400;
         let (y, m, d) = civil(days);
         let (hh, mm, ss) = (rem / 3600, rem % 3600 / 60, rem % 60);
-        self.local.clear();
-        let _ = write!(
-            self.local,
-            "{d:02}/{}/{y}:{hh:02}:{mm:02}:{ss:02} +0000",
-            MONTHS[(m as usize).saturating_sub(1) % 12]
+        self.local.1 = format_block(
+            &mut self.local.0,
+            format_args!(
+                "{d:02}/{}/{y}:{hh:02}:{mm:02}:{ss:02} +0000",
+                MONTHS[(m as usize).saturating_sub(1) % 12]
+            ),
         );
-        self.iso.clear();
-        let _ = write!(self.iso, "{y}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}+00:00");
+        self.iso.1 = format_block(
+            &mut self.iso.0,
+            format_args!("{y}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}+00:00"),
+        );
     }
 }
 
@@ -432,22 +528,41 @@ const fn word_plain(w: u64, ascii: bool) -> bool {
 /// when `ascii`, nothing above `~`. Eight bytes at a time (the tail padded
 /// with a plain byte): values are short, but every line has a dozen.
 fn all_plain(bytes: &[u8], ascii: bool) -> bool {
-    let mut words = bytes.chunks_exact(8);
-    for chunk in &mut words {
+    if bytes.len() < 8 {
+        let table = if ascii { &PLAIN_ASCII } else { &PLAIN_ANY };
+        return bytes.iter().all(|&b| table[usize::from(b)]);
+    }
+    let word = |chunk: &[u8]| {
         let mut word = [0u8; 8];
         word.copy_from_slice(chunk);
-        if !word_plain(u64::from_le_bytes(word), ascii) {
-            return false;
-        }
+        word_plain(u64::from_le_bytes(word), ascii)
+    };
+    let mut words = bytes.chunks_exact(8);
+    if !words.all(word) {
+        return false;
     }
-    let tail = words.remainder();
-    if tail.is_empty() {
-        return true;
-    }
-    let mut word = [b'a'; 8];
-    word[..tail.len()].copy_from_slice(tail);
-    word_plain(u64::from_le_bytes(word), ascii)
+    // The last eight bytes, overlapping the words already checked: a
+    // fixed-size read instead of copying a short tail into a padded word.
+    words.remainder().is_empty() || word(&bytes[bytes.len() - 8..])
 }
+
+/// [`word_plain`] for one byte.
+const fn byte_plain(b: u8, ascii: bool) -> bool {
+    b != b'"' && b != b'\\' && b >= 0x20 && !(ascii && b > 0x7e)
+}
+
+/// [`byte_plain`] as tables: one load per byte of a short value.
+const fn plain_table(ascii: bool) -> [bool; 256] {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = byte_plain(b as u8, ascii);
+        b += 1;
+    }
+    table
+}
+static PLAIN_ASCII: [bool; 256] = plain_table(true);
+static PLAIN_ANY: [bool; 256] = plain_table(false);
 
 /// Appends `value` escaped as `escape` says; `-` when empty. `default`
 /// writes bytes outside printable ASCII, `"` and `\\` as `\\xHH`, as nginx
@@ -460,10 +575,14 @@ fn push_value(out: &mut Vec<u8>, value: &[u8], escape: Escape) {
     match escape {
         Escape::None => out.extend_from_slice(value),
         Escape::Default => {
-            if all_plain(value, true) {
-                out.extend_from_slice(value);
+            // Copied first and checked in place: the usual value needs no
+            // escaping, and is then done.
+            let start = out.len();
+            out.extend_from_slice(value);
+            if all_plain(&out[start..], true) {
                 return;
             }
+            out.truncate(start);
             for &b in value {
                 if b != b'"' && b != b'\\' && (0x20..0x7f).contains(&b) {
                     out.push(b);
@@ -503,6 +622,16 @@ fn push_value(out: &mut Vec<u8>, value: &[u8], escape: Escape) {
 
 /// Appends `n` in decimal, without the `fmt` machinery.
 fn push_u64(out: &mut Vec<u8>, mut n: u64) {
+    // Most numbers in a line (seconds, small bodies) have a digit or two.
+    if n < 10 {
+        out.push(b'0' + n as u8);
+        return;
+    }
+    if n < 100 {
+        out.push(b'0' + (n / 10) as u8);
+        out.push(b'0' + (n % 10) as u8);
+        return;
+    }
     let mut digits = [0u8; 20];
     let mut at = digits.len();
     loop {
@@ -528,41 +657,52 @@ fn push_secs(out: &mut Vec<u8>, d: Duration) {
     ]);
 }
 
-/// Appends `ip` as `Display` writes it; IPv4 digit by digit.
-fn push_ip(out: &mut Vec<u8>, ip: std::net::IpAddr) {
+/// Writes `ip` as `Display` does into `block`; returns the length. IPv4
+/// digit by digit.
+fn ip_text(block: &mut [u8; ADDR_BLOCK], ip: std::net::IpAddr) -> usize {
     let std::net::IpAddr::V4(v4) = ip else {
-        let _ = write!(out, "{ip}");
-        return;
+        let mut cursor = std::io::Cursor::new(&mut block[..]);
+        let _ = write!(cursor, "{ip}");
+        return cursor.position() as usize;
     };
-    let mut buf = [0u8; 15];
     let mut len = 0;
     for (i, octet) in v4.octets().into_iter().enumerate() {
         if i > 0 {
-            buf[len] = b'.';
+            block[len] = b'.';
             len += 1;
         }
         if octet >= 100 {
-            buf[len] = b'0' + octet / 100;
+            block[len] = b'0' + octet / 100;
             len += 1;
         }
         if octet >= 10 {
-            buf[len] = b'0' + octet / 10 % 10;
+            block[len] = b'0' + octet / 10 % 10;
             len += 1;
         }
-        buf[len] = b'0' + octet % 10;
+        block[len] = b'0' + octet % 10;
         len += 1;
     }
-    out.extend_from_slice(&buf[..len]);
+    len
 }
 
-fn version_text(v: Version) -> &'static str {
+fn version_text(v: Version) -> &'static [u8; 8] {
     match v {
-        Version::HTTP_09 => "HTTP/0.9",
-        Version::HTTP_10 => "HTTP/1.0",
-        Version::HTTP_2 => "HTTP/2.0",
-        Version::HTTP_3 => "HTTP/3.0",
-        _ => "HTTP/1.1",
+        Version::HTTP_09 => b"HTTP/0.9",
+        Version::HTTP_10 => b"HTTP/1.0",
+        Version::HTTP_2 => b"HTTP/2.0",
+        Version::HTTP_3 => b"HTTP/3.0",
+        _ => b"HTTP/1.1",
     }
+}
+
+/// A status code's three digits.
+fn status_digits(code: u16) -> [u8; 3] {
+    let code = code % 1000;
+    [
+        b'0' + (code / 100) as u8,
+        b'0' + (code / 10 % 10) as u8,
+        b'0' + (code % 10) as u8,
+    ]
 }
 
 /// The compiled access log: format plus where lines go. It runs as a
@@ -587,12 +727,15 @@ impl AccessLog {
     }
 
     /// Formats the line of a finished request into `out`.
-    fn line(&self, ctx: &Ctx, now: Instant, out: &mut Vec<u8>) {
+    fn line(&self, ctx: &Ctx, finished: Finished, scratch: &mut Scratch, out: &mut Vec<u8>) {
         let seen = ctx.data.get::<Seen>();
         let escape = self.escape;
-        let since_epoch = CLOCK.with(|c| c.borrow_mut().since_epoch(now));
         for part in &self.format.parts {
             let var = match part {
+                Part::Short(block, len) => {
+                    push_block(out, block, usize::from(*len));
+                    continue;
+                }
                 Part::Text(t) => {
                     out.extend_from_slice(t.as_bytes());
                     continue;
@@ -600,7 +743,7 @@ impl AccessLog {
                 Part::Var(v) => v,
             };
             match var {
-                Var::RemoteAddr => push_ip(out, ctx.client_ip),
+                Var::RemoteAddr => scratch.addr.push(out, ctx.client_ip),
                 Var::RemotePort => push_u64(
                     out,
                     u64::from(ctx.client_port.unwrap_or(ctx.conn.peer.port())),
@@ -614,16 +757,20 @@ impl AccessLog {
                         .unwrap_or_default();
                     push_value(out, user.as_bytes(), escape);
                 }
-                Var::TimeLocal | Var::TimeIso8601 => CLOCK.with(|c| {
-                    let mut c = c.borrow_mut();
-                    c.at(since_epoch.as_secs());
-                    out.extend_from_slice(if *var == Var::TimeLocal {
-                        c.local.as_bytes()
+                Var::TimeLocal | Var::TimeIso8601 => {
+                    let clock = &mut scratch.clock;
+                    clock.follow(finished.at);
+                    let (block, len) = if *var == Var::TimeLocal {
+                        &clock.local
                     } else {
-                        c.iso.as_bytes()
-                    });
-                }),
-                Var::Msec => push_secs(out, since_epoch),
+                        &clock.iso
+                    };
+                    push_block(out, block, *len);
+                }
+                Var::Msec => {
+                    scratch.clock.follow(finished.at);
+                    push_secs(out, scratch.clock.since_epoch(finished.at));
+                }
                 Var::Request => match seen {
                     Some(s) => {
                         let target = s.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -631,7 +778,7 @@ impl AccessLog {
                         out.push(b' ');
                         push_value(out, target.as_bytes(), escape);
                         out.push(b' ');
-                        out.extend_from_slice(version_text(s.version).as_bytes());
+                        out.extend_from_slice(version_text(s.version));
                     }
                     None => out.push(b'-'),
                 },
@@ -660,36 +807,39 @@ impl AccessLog {
                     escape,
                 ),
                 Var::ServerProtocol => match seen {
-                    Some(s) => out.extend_from_slice(version_text(s.version).as_bytes()),
+                    Some(s) => out.extend_from_slice(version_text(s.version)),
                     None => out.push(b'-'),
                 },
                 Var::Status => match ctx.status {
-                    Some(s) => out.extend_from_slice(s.as_str().as_bytes()),
+                    Some(s) => out.extend_from_slice(&status_digits(s.as_u16())),
                     None => out.push(b'-'),
                 },
                 Var::BodyBytesSent => push_u64(out, ctx.body_bytes_sent),
                 Var::BytesSent => push_u64(out, ctx.header_bytes_sent + ctx.body_bytes_sent),
                 Var::RequestLength => push_u64(out, ctx.request_length),
-                Var::RequestTime => push_secs(out, now.saturating_duration_since(ctx.started)),
+                Var::RequestTime => push_secs(out, finished.request),
                 Var::UpstreamAddr => match &ctx.upstream.addr {
                     Some(a) => out.extend_from_slice(a.as_str().as_bytes()),
                     None => out.push(b'-'),
                 },
                 Var::UpstreamStatus => match ctx.upstream.status {
+                    Some(s) if (100..1000).contains(&s) => out.extend_from_slice(&status_digits(s)),
                     Some(s) => push_u64(out, u64::from(s)),
                     None => out.push(b'-'),
                 },
-                Var::UpstreamResponseTime => match ctx.upstream.started {
-                    Some(at) => push_secs(out, now.saturating_duration_since(at)),
+                Var::UpstreamResponseTime => match finished.upstream {
+                    Some(d) => push_secs(out, d),
                     None => out.push(b'-'),
                 },
                 Var::UpstreamHeaderTime => match (ctx.upstream.started, ctx.upstream.header_time) {
                     (Some(at), Some(head)) => push_secs(out, head.saturating_duration_since(at)),
                     _ => out.push(b'-'),
                 },
-                Var::UpstreamScheme => {
-                    out.extend_from_slice(ctx.upstream.scheme.unwrap_or("http").as_bytes());
-                }
+                Var::UpstreamScheme => match ctx.upstream.scheme.unwrap_or("http") {
+                    "http" => out.extend_from_slice(b"http"),
+                    "https" => out.extend_from_slice(b"https"),
+                    other => out.extend_from_slice(other.as_bytes()),
+                },
                 Var::UpstreamHost => push_value(
                     out,
                     seen.and_then(|s| s.upstream_host.as_ref())
@@ -698,7 +848,8 @@ impl AccessLog {
                 ),
                 Var::UpstreamUri => push_value(
                     out,
-                    seen.and_then(|s| s.upstream_uri.as_ref())
+                    seen.filter(|s| s.routed)
+                        .and_then(|s| s.upstream_uri.as_ref().or(Some(&s.uri)))
                         .and_then(|u| u.path_and_query())
                         .map_or("", |p| p.as_str())
                         .as_bytes(),
@@ -770,6 +921,7 @@ impl Plugin for AccessLog {
             version: req.version,
             headers,
             more,
+            routed: false,
             upstream_uri: None,
             upstream_host: None,
         });
@@ -782,18 +934,27 @@ impl Plugin for AccessLog {
             return Flow::Continue;
         }
         if let Some(seen) = ctx.data.get_mut::<Seen>() {
-            seen.upstream_uri = Some(req.uri.clone());
-            seen.upstream_host = req.headers.get(http::header::HOST).cloned();
+            seen.routed = true;
+            // The usual request leaves with the target it came with: the
+            // same bytes, nothing to keep.
+            let target = |u: &Uri| {
+                u.path_and_query()
+                    .map(|p| (p.as_str().as_ptr(), p.as_str().len()))
+            };
+            if target(&req.uri) != target(&seen.uri) {
+                seen.upstream_uri = Some(req.uri.clone());
+            }
+            seen.upstream_host = host_header(&req.headers).cloned();
         }
         Flow::Continue
     }
 
     fn log(&self, ctx: &Ctx) {
-        LINE.with(|line| {
-            let mut line = line.borrow_mut();
-            line.clear();
-            self.line(ctx, Instant::now(), &mut line);
-            self.sink.push(&line);
+        let finished = ctx.finished();
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            self.sink
+                .write(|buf| self.line(ctx, finished, &mut scratch, buf));
         });
     }
 
@@ -830,10 +991,12 @@ pub struct Sink {
 }
 
 impl Sink {
-    fn push(&self, line: &[u8]) {
+    /// Appends what `line` writes. It writes into the shared buffer, under
+    /// its lock: formatting elsewhere first would copy every line once more.
+    fn write(&self, line: impl FnOnce(&mut Vec<u8>)) {
         let full = {
             let mut buf = self.buffer.lock().unwrap_or_else(|p| p.into_inner());
-            buf.extend_from_slice(line);
+            line(&mut buf);
             if buf.len() < self.limit {
                 return;
             }
@@ -1001,9 +1164,21 @@ mod tests {
                 samples.push(v);
             }
         }
+        // Every length, so the short path and the overlapping last word are
+        // both checked.
         for s in &samples {
-            for ascii in [true, false] {
-                assert_eq!(all_plain(s, ascii), oracle(s, ascii), "{s:?} {ascii}");
+            for len in 0..=s.len() {
+                let s = &s[..len];
+                for ascii in [true, false] {
+                    assert_eq!(all_plain(s, ascii), oracle(s, ascii), "{s:?} {ascii}");
+                }
+                let mut escaped = Vec::new();
+                push_value(&mut escaped, s, Escape::Default);
+                if oracle(s, true) && !s.is_empty() {
+                    assert_eq!(escaped, s);
+                } else if !s.is_empty() {
+                    assert!(escaped.windows(2).any(|w| w == b"\\x"), "{s:?}");
+                }
             }
         }
     }
@@ -1026,13 +1201,13 @@ mod tests {
             f.parts,
             vec![
                 Part::Var(Var::RemoteAddr),
-                Part::Text(" [".into()),
+                Part::text(" [".into()),
                 Part::Var(Var::Status),
-                Part::Text("] ".into()),
+                Part::text("] ".into()),
                 Part::Var(Var::Header(0)),
-                Part::Text(" ".into()),
+                Part::text(" ".into()),
                 Part::Var(Var::Ctx("route_id".into())),
-                Part::Text(" x".into()),
+                Part::text(" x".into()),
             ]
         );
         assert_eq!(f.headers, vec![HeaderName::from_static("user-agent")]);
@@ -1058,27 +1233,77 @@ mod tests {
         push_value(&mut out, b"", Escape::None);
         assert_eq!(out, b"-");
         out.clear();
-        push_ip(&mut out, "10.20.3.255".parse().unwrap());
+        let mut addr = LastAddr {
+            ip: None,
+            text: ([0; ADDR_BLOCK], 0),
+        };
+        addr.push(&mut out, "10.20.3.255".parse().unwrap());
         out.push(b' ');
-        push_ip(&mut out, "2001:db8::1".parse().unwrap());
+        addr.push(&mut out, "10.20.3.255".parse().unwrap());
+        out.push(b' ');
+        addr.push(&mut out, "2001:db8::1".parse().unwrap());
+        out.push(b' ');
+        addr.push(&mut out, "::ffff:255.255.255.255".parse().unwrap());
         out.push(b' ');
         push_secs(&mut out, Duration::from_millis(12_345));
-        assert_eq!(out, b"10.20.3.255 2001:db8::1 12.345");
+        assert_eq!(
+            out,
+            b"10.20.3.255 10.20.3.255 2001:db8::1 ::ffff:255.255.255.255 12.345".to_vec()
+        );
     }
 
     #[test]
     fn clock_formats_nginx_time() {
         let mut c = Clock {
-            second: u64::MAX,
-            local: String::new(),
-            iso: String::new(),
-            base: None,
+            second: 0,
+            span: None,
+            local: ([0; TIME_BLOCK], 0),
+            iso: ([0; TIME_BLOCK], 0),
         };
         // 2026-12-03 18:30:05 UTC
         c.at(1_796_322_605);
-        assert_eq!(c.local, "03/Dec/2026:18:30:05 +0000");
-        assert_eq!(c.iso, "2026-12-03T18:30:05+00:00");
+        let text = |(block, len): &([u8; TIME_BLOCK], usize)| block[..*len].to_vec();
+        assert_eq!(text(&c.local), b"03/Dec/2026:18:30:05 +0000");
+        assert_eq!(text(&c.iso), b"2026-12-03T18:30:05+00:00");
         c.at(951_782_400); // 2000-02-29 00:00:00
-        assert_eq!(c.local, "29/Feb/2000:00:00:00 +0000");
+        assert_eq!(text(&c.local), b"29/Feb/2000:00:00:00 +0000");
+        let mut out = b"[".to_vec();
+        push_block(&mut out, &c.local.0, c.local.1);
+        out.push(b']');
+        assert_eq!(out, b"[29/Feb/2000:00:00:00 +0000]");
+    }
+
+    #[test]
+    fn clock_follows_the_wall_clock() {
+        let mut c = Clock {
+            second: 0,
+            span: None,
+            local: ([0; TIME_BLOCK], 0),
+            iso: ([0; TIME_BLOCK], 0),
+        };
+        let now = Instant::now();
+        c.follow(now);
+        let wall = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+        let seen = c.since_epoch(now);
+        assert!(
+            wall.saturating_sub(seen) < Duration::from_millis(200),
+            "{wall:?} {seen:?}"
+        );
+        assert!(seen <= wall + Duration::from_millis(1));
+        assert_eq!(c.second, seen.as_secs());
+        let texts = (c.local, c.iso);
+        c.follow(now);
+        assert_eq!((c.local, c.iso), texts);
+        // Two seconds earlier: a second two (or, across a boundary, one or
+        // three) before.
+        if let Some(before) = now.checked_sub(Duration::from_secs(2)) {
+            let second = c.second;
+            c.follow(before);
+            assert!(
+                (1..=3).contains(&(second - c.second)),
+                "{second} {}",
+                c.second
+            );
+        }
     }
 }

@@ -1214,7 +1214,7 @@ impl Service<Request<ClientBody>> for Dispatch {
                 (route.clone(), index)
             })
         };
-        let mut ctx = Ctx::new(client_ip, conn, state.consumers.clone());
+        let mut ctx = Box::new(Ctx::new(client_ip, conn, state.consumers.clone()));
         if let std::borrow::Cow::Owned(p) = path {
             ctx.path = Some(p.into_boxed_str());
         }

@@ -10,7 +10,7 @@ use std::any::Any;
 use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::{request, response, HeaderMap, Method, StatusCode, Uri};
 
@@ -190,6 +190,11 @@ pub struct Ctx {
     pub status: Option<StatusCode>,
     pub upstream: UpstreamInfo,
     pub started: Instant,
+    /// When the response ended and how long it took: set once, just before
+    /// the `log` phase, so every logger reads the same values (and the clock
+    /// is read and subtracted once). `None` before that;
+    /// [`Ctx::finished`] measures then.
+    pub finished: Option<Finished>,
     /// Bytes of response body sent so far.
     pub body_bytes_sent: u64,
     /// Kept for response phases when needed (see [`RequestHead`]).
@@ -198,6 +203,40 @@ pub struct Ctx {
     pub response_headers: Option<Box<HeaderMap>>,
     /// Typed data plugins share (a request id for loggers, ...).
     pub data: Data,
+}
+
+/// The end of a request, for the log phase.
+#[derive(Debug, Clone, Copy)]
+pub struct Finished {
+    pub at: Instant,
+    /// From the request's arrival (`$request_time`).
+    pub request: Duration,
+    /// From the last try's start at the upstream (`$upstream_response_time`),
+    /// when there was one.
+    pub upstream: Option<Duration>,
+}
+
+impl Finished {
+    /// The durations of `ctx` ending `at`.
+    pub fn at(ctx: &Ctx, at: Instant) -> Finished {
+        Finished {
+            at,
+            request: at.saturating_duration_since(ctx.started),
+            upstream: ctx
+                .upstream
+                .started
+                .map(|s| at.saturating_duration_since(s)),
+        }
+    }
+
+    /// `(latency, upstream_latency, apisix_latency)` in milliseconds, as
+    /// APISIX's loggers and metrics report them.
+    pub fn latencies_ms(&self) -> (f64, Option<f64>, f64) {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let total = ms(self.request);
+        let upstream = self.upstream.map(ms);
+        (total, upstream, (total - upstream.unwrap_or(0.0)).max(0.0))
+    }
 }
 
 /// Values by type, one of each, for the plugins of one request.
@@ -290,6 +329,7 @@ impl Ctx {
             status: None,
             upstream: UpstreamInfo::default(),
             started: Instant::now(),
+            finished: None,
             body_bytes_sent: 0,
             request: None,
             response_headers: None,
@@ -304,6 +344,13 @@ impl Ctx {
             .as_ref()
             .and_then(|r| r.uris.get(self.matched_uri as usize))
             .map_or("", |u| u)
+    }
+
+    /// When the response ended and its durations ([`Ctx::finished`]), or
+    /// measured now when it has not ended.
+    pub fn finished(&self) -> Finished {
+        self.finished
+            .unwrap_or_else(|| Finished::at(self, Instant::now()))
     }
 
     /// The authenticated consumer's username.

@@ -19,7 +19,7 @@
 //! added for routed requests.
 
 use std::sync::OnceLock;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::HeaderMap;
 use serde_json::{json, Map, Value};
@@ -102,24 +102,10 @@ fn query_json(query: Option<&str>) -> Value {
     Value::Object(out)
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-/// `(latency, upstream_latency, apisix_latency)` in milliseconds.
-pub fn latencies(ctx: &Ctx, now: Instant) -> (f64, Option<f64>, f64) {
-    let total = ms(now.saturating_duration_since(ctx.started));
-    let upstream = ctx
-        .upstream
-        .started
-        .map(|at| ms(now.saturating_duration_since(at)));
-    (total, upstream, (total - upstream.unwrap_or(0.0)).max(0.0))
-}
-
 /// The full entry of a finished request. `ctx.request` must have been
 /// kept (a logger says so with `reads_request`).
 pub fn full(ctx: &Ctx, include_resp_body: bool) -> Value {
-    let now = Instant::now();
+    let finished = ctx.finished();
     let head = ctx.request.as_deref();
     let uri = head.map(|h| &h.uri);
     let request_uri = uri
@@ -132,11 +118,11 @@ pub fn full(ctx: &Ctx, include_resp_body: bool) -> Value {
         ctx.conn.local.port()
     );
     let started_wall = SystemTime::now()
-        .checked_sub(now.saturating_duration_since(ctx.started))
+        .checked_sub(finished.request)
         .unwrap_or(UNIX_EPOCH)
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
-    let (latency, upstream_latency, apisix_latency) = latencies(ctx, now);
+    let (latency, upstream_latency, apisix_latency) = finished.latencies_ms();
     let mut entry = json!({
         "request": {
             "url": url,

@@ -471,7 +471,7 @@ impl Plugin for OpenTelemetry {
         };
         let taken = pending.0.lock().map(|mut r| r.take()).unwrap_or(None);
         let Some(mut rec) = taken else { return };
-        let end = Instant::now();
+        let end = ctx.finished().at;
         if let Some(client) = self.client_span(ctx, &rec, end) {
             self.exporter.export(|| client);
         }

@@ -210,16 +210,11 @@ impl Plugin for Prometheus {
                 route_info.map_or("", |r| r.matched_host(ctx.host.as_deref())),
             ],
         };
-        let now = std::time::Instant::now();
-        let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
-        let request_ms = ms(now.saturating_duration_since(ctx.started));
-        let upstream_ms = upstream
-            .started
-            .map(|at| ms(now.saturating_duration_since(at)));
+        let (request_ms, upstream_ms, apisix_ms) = ctx.finished().latencies_ms();
         let sample = series::Sample {
             request_ms,
             upstream_ms,
-            apisix_ms: (request_ms - upstream_ms.unwrap_or(0.0)).max(0.0),
+            apisix_ms,
             ingress: ctx.request_length,
             egress: ctx.header_bytes_sent + ctx.body_bytes_sent,
         };

@@ -25,13 +25,23 @@ pub fn request_length(parts: &request::Parts) -> u64 {
     };
     // "GET /path HTTP/1.1\r\n" ... "\r\n"
     let line = parts.method.as_str().len() + 1 + target + 1 + 8 + 2;
-    let body = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .unwrap_or(0);
-    line as u64 + header_lines(&parts.headers) + 2 + body
+    // One pass finds `Content-Length` along the way: a hashed look-up costs
+    // more than the walk over a request's few headers it would save.
+    let mut lines = 0;
+    let mut body = None;
+    for (name, value) in &parts.headers {
+        lines += (name.as_str().len() + 2 + value.len() + 2) as u64;
+        if body.is_none() && name == header::CONTENT_LENGTH {
+            body = Some(
+                value
+                    .to_str()
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .unwrap_or(0),
+            );
+        }
+    }
+    line as u64 + lines + 2 + body.unwrap_or(0)
 }
 
 /// The response head as the plugins left it: the status line and the
