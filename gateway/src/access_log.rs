@@ -331,20 +331,41 @@ fn basic_user(value: &str) -> Option<String> {
 
 /// What the request looked like when it arrived, and as it left for the
 /// upstream; kept in the request's context.
+///
+/// The texts are copied into one buffer rather than kept as clones of the
+/// request's parts: a clone is a reference count changed atomically twice
+/// per value, and it keeps the connection's read buffer shared, where a few
+/// dozen bytes copied once are cheaper.
 struct Seen {
     method: Method,
-    uri: Uri,
     version: Version,
+    /// The first [`SEEN_TEXT`] bytes of texts in place, the rest in `spill`:
+    /// one allocation for the whole record in the usual case.
+    text: [u8; SEEN_TEXT],
+    text_len: usize,
+    spill: Vec<u8>,
+    /// The request target as it came (path and query).
+    target: Span,
+    /// The authority of an absolute-form target.
+    authority: Span,
     /// The first [`INLINE_HEADERS`] of [`Format::headers`], in place: no
     /// allocation for the usual formats.
-    headers: [Option<HeaderValue>; INLINE_HEADERS],
-    more: Vec<Option<HeaderValue>>,
+    headers: [Option<Span>; INLINE_HEADERS],
+    more: Vec<Option<Span>>,
     /// The request reached `before_proxy`: it went to an upstream.
     routed: bool,
-    /// The upstream's URI when it is not [`Seen::uri`].
-    upstream_uri: Option<Uri>,
-    upstream_host: Option<HeaderValue>,
+    /// The target sent upstream when it is not [`Seen::target`].
+    upstream_target: Option<Span>,
+    upstream_host: Option<Span>,
 }
+
+/// Where a text is among a [`Seen`]'s texts: start and end, counted over
+/// `text` then `spill`.
+type Span = (u32, u32);
+
+/// Bytes of texts a [`Seen`] holds in place: a typical target and the
+/// three headers of APISIX's default format fit.
+const SEEN_TEXT: usize = 224;
 
 /// The first `Host` header. Clients send it first, so a look at the first
 /// few headers usually finds it without hashing the name.
@@ -366,10 +387,74 @@ fn host_header(headers: &http::HeaderMap) -> Option<&HeaderValue> {
 const INLINE_HEADERS: usize = 4;
 
 impl Seen {
-    fn header(&self, i: usize) -> Option<&HeaderValue> {
-        match self.headers.get(i) {
-            Some(h) => h.as_ref(),
-            None => self.more.get(i - INLINE_HEADERS)?.as_ref(),
+    fn new(method: Method, version: Version) -> Seen {
+        Seen {
+            method,
+            version,
+            text: [0; SEEN_TEXT],
+            text_len: 0,
+            spill: Vec::new(),
+            target: (0, 0),
+            authority: (0, 0),
+            headers: [None; INLINE_HEADERS],
+            more: Vec::new(),
+            routed: false,
+            upstream_target: None,
+            upstream_host: None,
+        }
+    }
+
+    /// Copies `bytes` in.
+    fn put(&mut self, bytes: &[u8]) -> Span {
+        let start = self.text_len;
+        if self.spill.is_empty() {
+            if let Some(room) = self.text.get_mut(start..start + bytes.len()) {
+                room.copy_from_slice(bytes);
+                self.text_len += bytes.len();
+                return (start as u32, self.text_len as u32);
+            }
+        }
+        let start = SEEN_TEXT + self.spill.len();
+        self.spill.extend_from_slice(bytes);
+        (start as u32, (SEEN_TEXT + self.spill.len()) as u32)
+    }
+
+    fn get(&self, (start, end): Span) -> &[u8] {
+        let (start, end) = (start as usize, end as usize);
+        if end <= SEEN_TEXT {
+            self.text.get(start..end).unwrap_or_default()
+        } else {
+            self.spill
+                .get(start.saturating_sub(SEEN_TEXT)..end - SEEN_TEXT)
+                .unwrap_or_default()
+        }
+    }
+
+    fn header(&self, i: usize) -> Option<&[u8]> {
+        let span = match self.headers.get(i) {
+            Some(h) => *h,
+            None => *self.more.get(i - INLINE_HEADERS)?,
+        };
+        span.map(|s| self.get(s))
+    }
+
+    fn target(&self) -> &[u8] {
+        self.get(self.target)
+    }
+
+    fn path(&self) -> &[u8] {
+        let target = self.target();
+        match target.iter().position(|&b| b == b'?') {
+            Some(q) => &target[..q],
+            None => target,
+        }
+    }
+
+    fn query(&self) -> &[u8] {
+        let target = self.target();
+        match target.iter().position(|&b| b == b'?') {
+            Some(q) => &target[q + 1..],
+            None => &[],
         }
     }
 }
@@ -722,7 +807,7 @@ impl AccessLog {
 
     fn header(seen: Option<&Seen>, i: usize) -> &str {
         seen.and_then(|s| s.header(i))
-            .and_then(|v| v.to_str().ok())
+            .and_then(|v| std::str::from_utf8(v).ok())
             .unwrap_or("")
     }
 
@@ -773,10 +858,13 @@ impl AccessLog {
                 }
                 Var::Request => match seen {
                     Some(s) => {
-                        let target = s.uri.path_and_query().map_or("/", |p| p.as_str());
+                        let target = match s.target() {
+                            b"" => b"/",
+                            t => t,
+                        };
                         push_value(out, s.method.as_str().as_bytes(), escape);
                         out.push(b' ');
-                        push_value(out, target.as_bytes(), escape);
+                        push_value(out, target, escape);
                         out.push(b' ');
                         out.extend_from_slice(version_text(s.version));
                     }
@@ -786,26 +874,15 @@ impl AccessLog {
                     Some(s) => out.extend_from_slice(s.method.as_str().as_bytes()),
                     None => out.push(b'-'),
                 },
-                Var::RequestUri => push_value(
-                    out,
-                    seen.and_then(|s| s.uri.path_and_query())
-                        .map_or("", |p| p.as_str())
-                        .as_bytes(),
-                    escape,
-                ),
+                Var::RequestUri => push_value(out, seen.map_or(&[][..], |s| s.target()), escape),
                 Var::Uri => {
-                    let path = ctx
-                        .path
-                        .as_deref()
-                        .or_else(|| seen.map(|s| s.uri.path()))
-                        .unwrap_or("");
-                    push_value(out, path.as_bytes(), escape)
+                    let path = match ctx.path.as_deref() {
+                        Some(p) => p.as_bytes(),
+                        None => seen.map_or(&[][..], |s| s.path()),
+                    };
+                    push_value(out, path, escape)
                 }
-                Var::Args => push_value(
-                    out,
-                    seen.and_then(|s| s.uri.query()).unwrap_or("").as_bytes(),
-                    escape,
-                ),
+                Var::Args => push_value(out, seen.map_or(&[][..], |s| s.query()), escape),
                 Var::ServerProtocol => match seen {
                     Some(s) => out.extend_from_slice(version_text(s.version)),
                     None => out.push(b'-'),
@@ -842,35 +919,32 @@ impl AccessLog {
                 },
                 Var::UpstreamHost => push_value(
                     out,
-                    seen.and_then(|s| s.upstream_host.as_ref())
-                        .map_or(&[][..], |h| h.as_bytes()),
+                    seen.and_then(|s| Some(s.get(s.upstream_host?)))
+                        .unwrap_or_default(),
                     escape,
                 ),
                 Var::UpstreamUri => push_value(
                     out,
                     seen.filter(|s| s.routed)
-                        .and_then(|s| s.upstream_uri.as_ref().or(Some(&s.uri)))
-                        .and_then(|u| u.path_and_query())
-                        .map_or("", |p| p.as_str())
-                        .as_bytes(),
+                        .map_or(&[][..], |s| s.get(s.upstream_target.unwrap_or(s.target))),
                     escape,
                 ),
                 Var::Header(i) => {
-                    let mut value = seen
-                        .and_then(|s| s.header(*i))
-                        .map_or(&[][..], |v| v.as_bytes());
+                    let mut value = seen.and_then(|s| s.header(*i)).unwrap_or_default();
                     if value.is_empty() && self.format.headers[*i] == http::header::HOST {
-                        value = seen
-                            .and_then(|s| s.uri.authority())
-                            .map_or("", |a| a.as_str())
-                            .as_bytes();
+                        value = seen.map_or(&[][..], |s| s.get(s.authority));
                     }
                     push_value(out, value, escape)
                 }
                 Var::Ctx(name) => {
                     let v = ctx.var(None, name).or_else(|| {
                         let s = seen?;
-                        ctx.req_ref(&s.method, &s.uri, empty_headers()).var(name)
+                        // Rare (a variable of no other kind): the target is
+                        // parsed again only here.
+                        let uri = Uri::try_from(s.target()).ok()?;
+                        ctx.req_ref(&s.method, &uri, empty_headers())
+                            .var(name)
+                            .map(|v| std::borrow::Cow::Owned(v.into_owned()))
                     });
                     push_value(out, v.as_deref().unwrap_or("").as_bytes(), escape)
                 }
@@ -887,8 +961,16 @@ impl Plugin for AccessLog {
 
     fn rewrite(&self, ctx: &mut Ctx, req: &mut request::Parts) -> Flow {
         let wanted = &self.format.headers;
-        let mut headers: [Option<HeaderValue>; INLINE_HEADERS] = Default::default();
-        let mut more = Vec::new();
+        let mut seen = Seen::new(req.method.clone(), req.version);
+        seen.target = seen.put(
+            req.uri
+                .path_and_query()
+                .map_or("", |p| p.as_str())
+                .as_bytes(),
+        );
+        if let Some(a) = req.uri.authority() {
+            seen.authority = seen.put(a.as_str().as_bytes());
+        }
         if wanted.len() <= INLINE_HEADERS {
             // One pass over the request's few headers beats a hashed
             // look-up per wanted name; the first value of a name wins, as
@@ -899,32 +981,22 @@ impl Plugin for AccessLog {
                     break;
                 }
                 if let Some(i) = wanted.iter().position(|w| w == name) {
-                    if headers[i].is_none() {
-                        headers[i] = Some(value.clone());
+                    if seen.headers[i].is_none() {
+                        seen.headers[i] = Some(seen.put(value.as_bytes()));
                         missing -= 1;
                     }
                 }
             }
         } else {
-            for (slot, name) in headers.iter_mut().zip(wanted) {
-                *slot = req.headers.get(name).cloned();
+            for (i, name) in wanted.iter().enumerate() {
+                let span = req.headers.get(name).map(|v| seen.put(v.as_bytes()));
+                match seen.headers.get_mut(i) {
+                    Some(slot) => *slot = span,
+                    None => seen.more.push(span),
+                }
             }
-            more = wanted
-                .iter()
-                .skip(INLINE_HEADERS)
-                .map(|h| req.headers.get(h).cloned())
-                .collect();
         }
-        ctx.data.insert(Seen {
-            method: req.method.clone(),
-            uri: req.uri.clone(),
-            version: req.version,
-            headers,
-            more,
-            routed: false,
-            upstream_uri: None,
-            upstream_host: None,
-        });
+        ctx.data.insert(seen);
         Flow::Continue
     }
 
@@ -935,16 +1007,15 @@ impl Plugin for AccessLog {
         }
         if let Some(seen) = ctx.data.get_mut::<Seen>() {
             seen.routed = true;
-            // The usual request leaves with the target it came with: the
-            // same bytes, nothing to keep.
-            let target = |u: &Uri| {
-                u.path_and_query()
-                    .map(|p| (p.as_str().as_ptr(), p.as_str().len()))
-            };
-            if target(&req.uri) != target(&seen.uri) {
-                seen.upstream_uri = Some(req.uri.clone());
+            // The usual request leaves with the target it came with:
+            // nothing more to keep.
+            let target = req.uri.path_and_query().map_or("", |p| p.as_str());
+            if target.as_bytes() != seen.target() {
+                seen.upstream_target = Some(seen.put(target.as_bytes()));
             }
-            seen.upstream_host = host_header(&req.headers).cloned();
+            if let Some(host) = host_header(&req.headers) {
+                seen.upstream_host = Some(seen.put(host.as_bytes()));
+            }
         }
         Flow::Continue
     }
@@ -1213,6 +1284,27 @@ mod tests {
         assert_eq!(f.headers, vec![HeaderName::from_static("user-agent")]);
         assert!(Format::parse("a $ b").is_err());
         assert!(Format::parse("${x").is_err());
+    }
+
+    #[test]
+    fn seen_texts_in_place_then_spilled() {
+        let mut seen = Seen::new(Method::GET, Version::HTTP_11);
+        seen.target = seen.put(b"/a/b?x=1&y");
+        assert_eq!(seen.target(), b"/a/b?x=1&y");
+        assert_eq!(seen.path(), b"/a/b");
+        assert_eq!(seen.query(), b"x=1&y");
+        let empty = seen.put(b"");
+        let long = vec![b'u'; SEEN_TEXT];
+        let spilled = seen.put(&long);
+        let after = seen.put(b"after");
+        let fits = seen.put(b"z");
+        assert_eq!(seen.get(empty), b"");
+        assert_eq!(seen.get(spilled), &long[..]);
+        assert_eq!(seen.get(after), b"after");
+        // Once spilled, later texts follow in the spill, in order.
+        assert_eq!(seen.get(fits), b"z");
+        assert_eq!(seen.get(seen.target), b"/a/b?x=1&y");
+        assert_eq!(seen.get((0, u32::MAX)), b"");
     }
 
     #[test]
