@@ -18,6 +18,11 @@ pub fn redis_available(test: &str) -> bool {
 }
 
 fn spawn(port: u16, dir: &Path, extra: &[&str]) -> Child {
+    try_spawn(port, dir, extra).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Starts a server on `port`; `Err` with its log when it exits first.
+fn try_spawn(port: u16, dir: &Path, extra: &[&str]) -> Result<Child, String> {
     let log = std::fs::File::create(dir.join(format!("redis-{port}.log"))).unwrap();
     let mut child = Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
@@ -32,13 +37,13 @@ fn spawn(port: u16, dir: &Path, extra: &[&str]) -> Child {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Ok(Some(status)) = child.try_wait() {
-            panic!(
+            return Err(format!(
                 "redis-server exited with {status}: {}",
                 std::fs::read_to_string(dir.join(format!("redis-{port}.log"))).unwrap_or_default()
-            );
+            ));
         }
         if cli_at(port, &["PING"]).trim() == "PONG" {
-            return child;
+            return Ok(child);
         }
         assert!(Instant::now() < deadline, "redis on {port} did not come up");
         std::thread::sleep(Duration::from_millis(20));
@@ -205,25 +210,48 @@ pub struct RedisCluster {
     _dir: tempfile::TempDir,
 }
 
+/// A free port whose cluster bus port (+10000) is free too.
+fn cluster_port() -> u16 {
+    loop {
+        let port = free_port();
+        if port <= 55_535 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
 impl RedisCluster {
     pub fn start() -> RedisCluster {
         let dir = tempfile::tempdir().unwrap();
         let mut ports = Vec::new();
         let mut children = Vec::new();
         for i in 0..3 {
-            let port = free_port();
             let node_dir = dir.path().join(format!("n{i}"));
             std::fs::create_dir_all(&node_dir).unwrap();
-            children.push(spawn(
-                port,
-                &node_dir,
-                &[
+            // A cluster node also listens on its port + 10000 (the cluster
+            // bus), which another test may hold: try other ports then.
+            let mut attempt = 0;
+            let (port, child) = loop {
+                let port = cluster_port();
+                let args = [
                     "--cluster-enabled",
                     "yes",
                     "--cluster-config-file",
                     "nodes.conf",
-                ],
-            ));
+                ];
+                match try_spawn(port, &node_dir, &args) {
+                    Ok(child) => break (port, child),
+                    Err(e) if attempt < 5 => {
+                        attempt += 1;
+                        let _ = std::fs::remove_file(node_dir.join("nodes.conf"));
+                        eprintln!(
+                            "redis cluster node on {port} did not start, trying another port: {e}"
+                        );
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            };
+            children.push(child);
             ports.push(port);
         }
         let mut create = Command::new("redis-cli");
