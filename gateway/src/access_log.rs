@@ -492,13 +492,20 @@ struct Scratch {
 thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = const {
         std::cell::RefCell::new(Scratch {
-            clock: Clock { second: 0, span: None, local: ([0; TIME_BLOCK], 0), iso: ([0; TIME_BLOCK], 0) },
-            addr: LastAddr { ip: None, text: ([0; ADDR_BLOCK], 0) },
+            clock: Clock::new(),
+            addr: LastAddr::new(),
         })
     };
 }
 
 impl LastAddr {
+    const fn new() -> LastAddr {
+        LastAddr {
+            ip: None,
+            text: ([0; ADDR_BLOCK], 0),
+        }
+    }
+
     fn push(&mut self, out: &mut Vec<u8>, ip: std::net::IpAddr) {
         if self.ip != Some(ip) {
             self.text.1 = ip_text(&mut self.text.0, ip);
@@ -536,6 +543,15 @@ fn civil(days: i64) -> (i64, u32, u32) {
 }
 
 impl Clock {
+    const fn new() -> Clock {
+        Clock {
+            second: 0,
+            span: None,
+            local: ([0; TIME_BLOCK], 0),
+            iso: ([0; TIME_BLOCK], 0),
+        }
+    }
+
     /// Makes the texts those of the second `now` falls in.
     fn follow(&mut self, now: Instant) {
         if let Some((from, to)) = self.span {
@@ -1325,10 +1341,7 @@ mod tests {
         push_value(&mut out, b"", Escape::None);
         assert_eq!(out, b"-");
         out.clear();
-        let mut addr = LastAddr {
-            ip: None,
-            text: ([0; ADDR_BLOCK], 0),
-        };
+        let mut addr = LastAddr::new();
         addr.push(&mut out, "10.20.3.255".parse().unwrap());
         out.push(b' ');
         addr.push(&mut out, "10.20.3.255".parse().unwrap());
@@ -1346,12 +1359,7 @@ mod tests {
 
     #[test]
     fn clock_formats_nginx_time() {
-        let mut c = Clock {
-            second: 0,
-            span: None,
-            local: ([0; TIME_BLOCK], 0),
-            iso: ([0; TIME_BLOCK], 0),
-        };
+        let mut c = Clock::new();
         // 2026-12-03 18:30:05 UTC
         c.at(1_796_322_605);
         let text = |(block, len): &([u8; TIME_BLOCK], usize)| block[..*len].to_vec();
@@ -1367,12 +1375,7 @@ mod tests {
 
     #[test]
     fn clock_follows_the_wall_clock() {
-        let mut c = Clock {
-            second: 0,
-            span: None,
-            local: ([0; TIME_BLOCK], 0),
-            iso: ([0; TIME_BLOCK], 0),
-        };
+        let mut c = Clock::new();
         let now = Instant::now();
         c.follow(now);
         let wall = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
