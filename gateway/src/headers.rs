@@ -63,6 +63,36 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Gives the header values their own bytes: one block holding all of
+/// them, each value a slice of it.
+///
+/// An HTTP/2 connection's HPACK encoder keeps the values it indexes for as
+/// long as they stay in its table. Values parsed from an upstream's answer
+/// are slices of that upstream connection's 8 KiB read buffer, so without
+/// this every idle HTTP/2 client would keep a whole read buffer alive (and
+/// one per indexed answer, up to the table's 4 KiB of entries) where the
+/// values themselves are a few dozen bytes.
+pub fn own_values(headers: &mut HeaderMap) {
+    let total: usize = headers.values().map(HeaderValue::len).sum();
+    if total == 0 {
+        return;
+    }
+    let mut block = bytes::BytesMut::with_capacity(total);
+    for value in headers.values() {
+        block.extend_from_slice(value.as_bytes());
+    }
+    let mut block = block.freeze();
+    for value in headers.values_mut() {
+        let own = block.split_to(value.len());
+        // The bytes were a valid value a moment ago; a failure cannot
+        // happen, and would only keep the shared value.
+        if let Ok(mut copy) = HeaderValue::from_maybe_shared(own) {
+            copy.set_sensitive(value.is_sensitive());
+            *value = copy;
+        }
+    }
+}
+
 /// Sets the forwarding headers APISIX's nginx template sets.
 pub fn prepare_request_headers(
     headers: &mut HeaderMap,
@@ -216,5 +246,25 @@ mod tests {
         prepare_request_headers(&mut h, Some("::1".parse().unwrap()), Some(&host), meta());
         assert_eq!(h["x-forwarded-port"], "9080");
         assert_eq!(h["x-forwarded-for"], "::1");
+    }
+
+    #[test]
+    fn own_values_copies_into_one_block_and_keeps_everything_else() {
+        let upstream_buffer = Bytes::from(vec![b'x'; 8192]);
+        let mut headers = HeaderMap::new();
+        let shared = HeaderValue::from_maybe_shared(upstream_buffer.slice(0..3)).unwrap();
+        headers.insert("x-a", shared);
+        headers.append("x-a", HeaderValue::from_static("second"));
+        let mut secret = HeaderValue::from_static("s3cret");
+        secret.set_sensitive(true);
+        headers.insert(header::SET_COOKIE, secret);
+        own_values(&mut headers);
+        let a: Vec<_> = headers.get_all("x-a").iter().collect();
+        assert_eq!(a, ["xxx", "second"]);
+        assert_eq!(headers[header::SET_COOKIE], "s3cret");
+        assert!(headers[header::SET_COOKIE].is_sensitive());
+        // The upstream's buffer is no longer referenced by the map.
+        assert!(upstream_buffer.is_unique());
+        own_values(&mut HeaderMap::new());
     }
 }

@@ -141,7 +141,15 @@ impl<B: Body> Body for Tracked<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        self.project().inner.poll_frame(cx)
+        let mut polled = self.project().inner.poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &mut polled {
+            if let Some(trailers) = frame.trailers_mut() {
+                // As the head's values (see `handle`): trailers go through
+                // HPACK too (gRPC's on every answer).
+                crate::headers::own_values(trailers);
+            }
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

@@ -156,6 +156,7 @@ fn handle(
         // HTTP/1 serves a connection's requests in order, so the index names
         // the request the framing scan saw.
         let (exchange, index) = conn.activity.begin();
+        let h2 = req.version() == http::Version::HTTP_2;
         let admitted = if conn.framing.as_ref().is_some_and(|f| f.is_ambiguous(index)) {
             // Both Content-Length and Transfer-Encoding: refused unread.
             Err(refuse(http::StatusCode::BAD_REQUEST))
@@ -179,6 +180,10 @@ fn handle(
                 refusal
             }
         };
+        if h2 {
+            // HPACK keeps what it indexes: nothing of an upstream's buffer.
+            crate::headers::own_values(resp.headers_mut());
+        }
         resp.headers_mut()
             .insert(http::header::SERVER, plane.server_header.clone());
         Ok(resp.map(|body| Tracked::new(body, exchange)))
