@@ -675,3 +675,22 @@ fn stale_pid_file_after_kill_9_is_not_signalled() {
         p.child.id().to_string()
     );
 }
+
+/// The running gateway has transparent huge pages off (see `main.rs`), so
+/// a touched byte costs a 4 KiB page, not 2 MiB.
+#[test]
+fn transparent_huge_pages_are_off() {
+    if std::env::var_os("MIMALLOC_ALLOW_THP").is_some() {
+        return; // the operator's choice wins; nothing to check
+    }
+    let (dir, _data, admin) = basic_gateway_dir();
+    let mut p = Proc::start(dir.path());
+    p.wait_ready(admin);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", p.child.id())).unwrap();
+    // Kernels before 5.0 do not report the flag.
+    if let Some(line) = status.lines().find(|l| l.starts_with("THP_enabled:")) {
+        assert_eq!(line.split_whitespace().nth(1), Some("0"), "{line}");
+    }
+    p.signal("TERM");
+    assert_clean_exit(&mut p);
+}
