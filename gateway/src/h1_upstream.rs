@@ -102,6 +102,9 @@ struct Idle {
     sender: SendRequest<ProxyBody>,
     requests: u32,
     since: Instant,
+    /// The worker whose runtime drives the connection (see `workers`):
+    /// only it is lent the connection again.
+    worker: u16,
 }
 
 /// The pool's settings and idle connections.
@@ -164,6 +167,7 @@ impl Lease {
             sender: self.sender,
             requests: self.requests,
             since: Instant::now(),
+            worker: crate::workers::current(),
         });
     }
 }
@@ -271,6 +275,7 @@ impl H1Pool {
         let shared = &self.0;
         let mut idle = shared.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(key)?;
+        let worker = crate::workers::current();
         let mut i = list.len();
         while i > 0 {
             i -= 1;
@@ -283,7 +288,7 @@ impl H1Pool {
                 list.remove(i);
                 continue;
             }
-            if entry.sender.is_ready() {
+            if entry.worker == worker && entry.sender.is_ready() {
                 let entry = list.remove(i);
                 let lease = Lease {
                     pool: Arc::downgrade(shared),

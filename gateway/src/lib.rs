@@ -41,6 +41,7 @@ pub mod tproxy;
 pub mod upstream;
 pub mod vars;
 pub mod websocket;
+pub mod workers;
 pub mod xdp;
 
 use std::net::SocketAddr;
@@ -86,6 +87,8 @@ pub struct Running {
     shutdown: watch::Sender<bool>,
     graceful: Arc<drain::Drain>,
     tasks: JoinSet<()>,
+    /// Dropped last: the workers' threads end with it.
+    _workers: Option<workers::Workers>,
 }
 
 impl Running {
@@ -333,56 +336,125 @@ pub async fn start(config: GatewayConfig) -> Result<Running, Error> {
     } else {
         None
     };
+    // worker_processes > 1: that many single-threaded workers, each with
+    // its own listening sockets (see `workers`).
+    let workers = match config.worker_threads {
+        Some(n) if n > 1 => Some(workers::Workers::start(n)?),
+        _ => None,
+    };
     let mut data_addrs = Vec::new();
     for addr in &config.node_listen {
         let transparent = config.transparent_listen.contains(addr);
-        let listener = if transparent {
-            tproxy::bind(*addr)
-                .and_then(tokio::net::TcpListener::from_std)
-                .map_err(|error| Error::Bind {
-                    addr: *addr,
-                    what: "data plane",
-                    error,
-                })?
-        } else {
-            server::bind(*addr, "data plane").await?
+        let bind_error = |error| Error::Bind {
+            addr: *addr,
+            what: "data plane",
+            error,
         };
-        let bound = listener.local_addr()?;
+        let bound = match &workers {
+            Some(workers) => {
+                // A transparent listener stays one socket, on the first worker.
+                let listeners = if transparent {
+                    vec![tproxy::bind(*addr).map_err(bind_error)?]
+                } else {
+                    workers::bind_shared(*addr, workers.len()).map_err(bind_error)?
+                };
+                let bound = listeners[0].local_addr()?;
+                for (i, listener) in listeners.into_iter().enumerate() {
+                    let (plane, rx, graceful) =
+                        (plane.clone(), shutdown_rx.clone(), graceful.clone());
+                    let serving = workers.serve(i, listener, move |l| {
+                        server::serve_data_plane(l, transparent, plane, rx, graceful)
+                    });
+                    tasks.spawn(async move {
+                        let _ = serving.await;
+                    });
+                }
+                bound
+            }
+            None => {
+                let listener = if transparent {
+                    tproxy::bind(*addr)
+                        .and_then(tokio::net::TcpListener::from_std)
+                        .map_err(bind_error)?
+                } else {
+                    server::bind(*addr, "data plane").await?
+                };
+                let bound = listener.local_addr()?;
+                tasks.spawn(server::serve_data_plane(
+                    listener,
+                    transparent,
+                    plane.clone(),
+                    shutdown_rx.clone(),
+                    graceful.clone(),
+                ));
+                bound
+            }
+        };
         tracing::info!(addr = %bound, "data plane listening");
         data_addrs.push(bound);
-        tasks.spawn(server::serve_data_plane(
-            listener,
-            transparent,
-            plane.clone(),
-            shutdown_rx.clone(),
-            graceful.clone(),
-        ));
     }
 
     let mut tls_addrs = Vec::new();
     if let (Some(ssl), Some(edge)) = (&config.ssl, &tls_edge) {
         for addr in &ssl.listen {
-            let listener = match server::bind(*addr, "HTTPS").await {
-                Ok(l) => l,
-                // APISIX listens on 9443 unless told otherwise; a gateway
-                // whose file says nothing of HTTPS still starts when that
-                // port is taken.
-                Err(e) if !ssl.listen_given => {
-                    tracing::warn!(error = %e, "default HTTPS port unavailable; HTTPS not served (set apisix.ssl.listen or apisix.ssl.enable)");
-                    continue;
+            let bound = match &workers {
+                Some(workers) => {
+                    let listeners = match workers::bind_shared(*addr, workers.len()) {
+                        Ok(l) => l,
+                        Err(e) if !ssl.listen_given => {
+                            tracing::warn!(error = %e, "default HTTPS port unavailable; HTTPS not served (set apisix.ssl.listen or apisix.ssl.enable)");
+                            continue;
+                        }
+                        Err(error) => {
+                            return Err(Error::Bind {
+                                addr: *addr,
+                                what: "HTTPS",
+                                error,
+                            })
+                        }
+                    };
+                    let bound = listeners[0].local_addr()?;
+                    for (i, listener) in listeners.into_iter().enumerate() {
+                        let (plane, edge, rx, graceful) = (
+                            plane.clone(),
+                            edge.clone(),
+                            shutdown_rx.clone(),
+                            graceful.clone(),
+                        );
+                        let serving = workers.serve(i, listener, move |l| {
+                            server::serve_tls(l, plane, edge, rx, graceful)
+                        });
+                        tasks.spawn(async move {
+                            let _ = serving.await;
+                        });
+                    }
+                    bound
                 }
-                Err(e) => return Err(e),
+                None => {
+                    let listener = match server::bind(*addr, "HTTPS").await {
+                        Ok(l) => l,
+                        // APISIX listens on 9443 unless told otherwise; a
+                        // gateway whose file says nothing of HTTPS still
+                        // starts when that port is taken.
+                        Err(e) if !ssl.listen_given => {
+                            tracing::warn!(error = %e, "default HTTPS port unavailable; HTTPS not served (set apisix.ssl.listen or apisix.ssl.enable)");
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    let bound = listener.local_addr()?;
+                    tasks.spawn(server::serve_tls(
+                        listener,
+                        plane.clone(),
+                        edge.clone(),
+                        shutdown_rx.clone(),
+                        graceful.clone(),
+                    ));
+                    bound
+                }
             };
-            let bound = listener.local_addr()?;
             tracing::info!(addr = %bound, "HTTPS listening");
             tls_addrs.push(bound);
-            tasks.spawn(server::serve_tls(
-                listener,
-                plane.clone(),
-                edge.clone(),
-                shutdown_rx.clone(),
-                graceful.clone(),
-            ));
         }
     }
 
@@ -477,6 +549,7 @@ pub async fn start(config: GatewayConfig) -> Result<Running, Error> {
         shutdown,
         graceful,
         tasks,
+        _workers: workers,
         edge,
         admin: admin_state,
         started_with: config,

@@ -18,6 +18,17 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `worker_processes: auto` (the default) is one worker per CPU the
+/// process may run on, as nginx counts them; the Admin API and the rest
+/// keep a thread of their own.
+fn workers_for_auto(mut config: GatewayConfig) -> GatewayConfig {
+    if config.worker_threads.is_none() {
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        config.worker_threads = Some(cpus);
+    }
+    config
+}
+
 /// Turns transparent huge pages off for this process, unless
 /// `MIMALLOC_ALLOW_THP` is set (mimalloc's own switch; `1` keeps them).
 ///
@@ -116,6 +127,7 @@ fn main() -> anyhow::Result<()> {
         _ => {}
     }
     let config = GatewayConfig::load(&args.config)
+        .map(workers_for_auto)
         .with_context(|| format!("invalid configuration in {}", args.config.display()))?;
     let control = match command {
         Cmd::Test => {
@@ -137,13 +149,11 @@ fn main() -> anyhow::Result<()> {
     let data_dir = config.data_dir.clone();
     let grace = config.shutdown_grace;
     // worker_processes: 1 runs everything on one thread, like one nginx
-    // worker; more (or auto) gives a work-stealing pool of that size.
+    // worker; N > 1 serves requests on N worker threads of their own
+    // (`gateway::workers`), this one keeping the Admin API and the rest.
+    // (`None` is left only to programs that embed the gateway.)
     let runtime = match config.worker_threads {
-        Some(1) => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build(),
-        Some(n) => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n)
+        Some(_) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build(),
         None => tokio::runtime::Builder::new_multi_thread()
@@ -205,7 +215,7 @@ impl Signals {
                 _ = self.term.recv() => return,
                 _ = self.int.recv() => return,
                 _ = self.quit.recv() => return,
-                _ = self.hup.recv() => match GatewayConfig::load(path) {
+                _ = self.hup.recv() => match GatewayConfig::load(path).map(workers_for_auto) {
                     Ok(config) => {
                         if let Err(e) = running.reload(config) {
                             tracing::error!(error = %e, "reload failed; previous configuration kept");

@@ -694,3 +694,50 @@ fn transparent_huge_pages_are_off() {
     p.signal("TERM");
     assert_clean_exit(&mut p);
 }
+
+/// `worker_processes: 3`: three worker threads, each accepting on its own
+/// socket of the data-plane port; every connection is served, whichever
+/// worker the kernel hands it to, and the gateway still stops cleanly.
+#[test]
+fn worker_processes_run_their_own_listeners() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, admin) = (free_port(), free_port());
+    let config = format!(
+        "{}nginx_config:\n  worker_processes: 3\n",
+        basic_config(data, admin)
+    );
+    write_config(dir.path(), &config);
+    let up = upstream();
+    let mut p = Proc::start(dir.path());
+    p.wait_ready(admin);
+    put_route(admin, "1", "/w", &up.to_string());
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", p.child.id())).unwrap();
+    let workers = tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .filter(|comm| comm.starts_with("ferrogate-work"))
+        .count();
+    assert_eq!(workers, 3);
+    for _ in 0..60 {
+        assert_eq!(
+            http(data, "GET", "/w", None, "").unwrap(),
+            (200, "hello".to_string())
+        );
+    }
+    // Each worker's listening socket is its own: the port has three.
+    let listening = std::fs::read_to_string("/proc/net/tcp").unwrap()
+        + &std::fs::read_to_string("/proc/net/tcp6").unwrap_or_default();
+    let port_hex = format!(":{data:04X}");
+    let sockets = listening
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .is_some_and(|a| a.ends_with(&port_hex))
+        })
+        .filter(|l| l.split_whitespace().nth(3) == Some("0A"))
+        .count();
+    assert_eq!(sockets, 3, "listening sockets on port {data}");
+    p.signal("TERM");
+    assert_clean_exit(&mut p);
+}
