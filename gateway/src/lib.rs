@@ -359,16 +359,16 @@ pub async fn start(config: GatewayConfig) -> Result<Running, Error> {
                     workers::bind_shared(*addr, workers.len()).map_err(bind_error)?
                 };
                 let bound = listeners[0].local_addr()?;
-                for (i, listener) in listeners.into_iter().enumerate() {
-                    let (plane, rx, graceful) =
-                        (plane.clone(), shutdown_rx.clone(), graceful.clone());
-                    let serving = workers.serve(i, listener, move |l| {
-                        server::serve_data_plane(l, transparent, plane, rx, graceful)
-                    });
-                    tasks.spawn(async move {
-                        let _ = serving.await;
-                    });
-                }
+                let (plane, rx, graceful) = (plane.clone(), shutdown_rx.clone(), graceful.clone());
+                workers.serve_each(listeners, &mut tasks, move |l| {
+                    server::serve_data_plane(
+                        l,
+                        transparent,
+                        plane.clone(),
+                        rx.clone(),
+                        graceful.clone(),
+                    )
+                });
                 bound
             }
             None => {
@@ -414,20 +414,21 @@ pub async fn start(config: GatewayConfig) -> Result<Running, Error> {
                         }
                     };
                     let bound = listeners[0].local_addr()?;
-                    for (i, listener) in listeners.into_iter().enumerate() {
-                        let (plane, edge, rx, graceful) = (
+                    let (plane, edge, rx, graceful) = (
+                        plane.clone(),
+                        edge.clone(),
+                        shutdown_rx.clone(),
+                        graceful.clone(),
+                    );
+                    workers.serve_each(listeners, &mut tasks, move |l| {
+                        server::serve_tls(
+                            l,
                             plane.clone(),
                             edge.clone(),
-                            shutdown_rx.clone(),
+                            rx.clone(),
                             graceful.clone(),
-                        );
-                        let serving = workers.serve(i, listener, move |l| {
-                            server::serve_tls(l, plane, edge, rx, graceful)
-                        });
-                        tasks.spawn(async move {
-                            let _ = serving.await;
-                        });
-                    }
+                        )
+                    });
                     bound
                 }
                 None => {

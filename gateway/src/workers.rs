@@ -73,7 +73,7 @@ impl Workers {
 
     /// Runs `serve(listener)` on worker `i`, the listener made a tokio one
     /// there (it must be registered with the worker's own reactor).
-    pub fn serve<F, Fut>(
+    fn serve<F, Fut>(
         &self,
         i: usize,
         listener: std::net::TcpListener,
@@ -90,6 +90,25 @@ impl Workers {
                 Err(e) => tracing::error!(error = %e, "a worker cannot take its listener"),
             }
         })
+    }
+
+    /// Serves each listener on its own worker (the i-th on worker i); the
+    /// caller's `tasks` end when the serving does.
+    pub fn serve_each<F, Fut>(
+        &self,
+        listeners: Vec<std::net::TcpListener>,
+        tasks: &mut tokio::task::JoinSet<()>,
+        serve: F,
+    ) where
+        F: Fn(tokio::net::TcpListener) -> Fut + Clone + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        for (i, listener) in listeners.into_iter().enumerate() {
+            let serving = self.serve(i, listener, serve.clone());
+            tasks.spawn(async move {
+                let _ = serving.await;
+            });
+        }
     }
 }
 
