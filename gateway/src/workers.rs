@@ -113,11 +113,17 @@ impl Workers {
 }
 
 /// `n` listening sockets on `addr` sharing it through `SO_REUSEPORT` (a
-/// port 0 is resolved by the first and taken by the others); each has its
-/// own backlog of 1024, as [`crate::server::bind`] gives one.
+/// port 0 is resolved first and taken by all); each has its own backlog of
+/// 1024, as [`crate::server::bind`] gives one.
+///
+/// Fails with `AddrInUse` when anything already listens there, another
+/// gateway's worker sockets included: the address is first bound by a
+/// socket without `SO_REUSEPORT`, which the kernel refuses beside any
+/// listener, so a second gateway started on the same port fails as it
+/// would with one worker instead of silently taking half the connections.
 pub fn bind_shared(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let at = std::net::TcpListener::bind(addr)?.local_addr()?;
     let mut out = Vec::with_capacity(n);
-    let mut at = addr;
     for _ in 0..n {
         let socket = socket2::Socket::new(
             socket2::Domain::for_address(at),
@@ -129,9 +135,7 @@ pub fn bind_shared(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::
         socket.set_nonblocking(true)?;
         socket.bind(&at.into())?;
         socket.listen(1024)?;
-        let listener: std::net::TcpListener = socket.into();
-        at = listener.local_addr()?;
-        out.push(listener);
+        out.push(socket.into());
     }
     Ok(out)
 }

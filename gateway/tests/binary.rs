@@ -741,3 +741,35 @@ fn worker_processes_run_their_own_listeners() {
     p.signal("TERM");
     assert_clean_exit(&mut p);
 }
+
+/// Two gateways with workers on the same data port: the second fails to
+/// start with a bind error, as with one worker, rather than sharing the
+/// port through the first one's `SO_REUSEPORT` sockets.
+#[test]
+fn a_second_gateway_on_a_taken_port_fails_to_start() {
+    let first = tempfile::tempdir().unwrap();
+    let (data, admin) = (free_port(), free_port());
+    let workers = "nginx_config:\n  worker_processes: 2\n";
+    write_config(
+        first.path(),
+        &format!("{}{workers}", basic_config(data, admin)),
+    );
+    let mut p = Proc::start(first.path());
+    p.wait_ready(admin);
+    let second = tempfile::tempdir().unwrap();
+    write_config(
+        second.path(),
+        &format!("{}{workers}", basic_config(data, free_port())),
+    );
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(second.path().join("conf/config.yaml"))
+        .current_dir(second.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&data.to_string()), "{err}");
+    p.signal("TERM");
+    assert_clean_exit(&mut p);
+}
