@@ -39,25 +39,45 @@ use names::*;
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most requests carry none: one pass over the handful of names present
-    // is cheaper than hashing each of the eight hop-by-hop names.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    // One pass over the handful of names present notes which hop-by-hop
+    // names occur (most requests carry none; most upstream answers carry
+    // `Connection: keep-alive`), so only those are hashed to be removed.
+    let mut present = 0u8;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
+    if present & 1 != 0 {
+        // `HOP_BY_HOP[0]` is `Connection`. The options it lists that name a
+        // hop-by-hop header are removed below anyway, and `close` names
+        // none; anything else is looked up.
+        let mut named: Vec<HeaderName> = Vec::new();
+        let options = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect();
+            .map(str::trim);
+        for option in options {
+            if option.eq_ignore_ascii_case("close") {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(option.as_bytes()) {
+                if !HOP_BY_HOP.contains(&name) {
+                    named.push(name);
+                }
+            }
+        }
         for name in named {
             headers.remove(name);
         }
     }
-    for name in &HOP_BY_HOP {
-        if headers.contains_key(name) {
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
             headers.remove(name);
         }
     }
@@ -246,6 +266,52 @@ mod tests {
         prepare_request_headers(&mut h, Some("::1".parse().unwrap()), Some(&host), meta());
         assert_eq!(h["x-forwarded-port"], "9080");
         assert_eq!(h["x-forwarded-for"], "::1");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_the_ones_connection_names_are_removed() {
+        let mut h = HeaderMap::new();
+        h.append(
+            "connection",
+            HeaderValue::from_static("Keep-Alive, X-Secret"),
+        );
+        h.append(
+            "connection",
+            HeaderValue::from_static("close,upgrade , x-other"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("x-other", HeaderValue::from_static("2"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.insert("expect", HeaderValue::from_static("100-continue"));
+        h.insert("trailer", HeaderValue::from_static("x-sum"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("x-kept", HeaderValue::from_static("3"));
+        h.insert("close", HeaderValue::from_static("not an option's header"));
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<_> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["close", "x-kept"]);
+
+        // An upstream's usual answer: only `Connection: keep-alive`.
+        let mut h = HeaderMap::new();
+        h.insert("content-length", HeaderValue::from_static("2"));
+        h.insert("connection", HeaderValue::from_static("keep-alive"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("content-length"));
+
+        // Nothing to remove; a value that is not text is ignored.
+        let mut h = HeaderMap::new();
+        h.insert("x-a", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_bytes(b"\xff").unwrap());
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty());
     }
 
     #[test]

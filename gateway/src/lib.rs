@@ -8,6 +8,7 @@
 //! on port 0 the same way.
 
 pub mod access_log;
+pub mod alloc;
 pub mod balancer;
 pub mod body;
 pub mod config;

@@ -16,7 +16,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 /// request, from several threads; mimalloc's per-thread free lists make that
 /// markedly cheaper than the system allocator (see README, figures).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: gateway::alloc::Mimalloc = gateway::alloc::Mimalloc;
 
 /// `worker_processes: auto` (the default) is one worker per CPU the
 /// process may run on, as nginx counts them; the Admin API and the rest
