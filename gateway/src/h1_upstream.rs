@@ -276,12 +276,13 @@ impl H1Pool {
         let mut idle = shared.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(key)?;
         let worker = crate::workers::current();
+        let now = Instant::now();
         let mut i = list.len();
         while i > 0 {
             i -= 1;
             let entry = &list[i];
             let stale = entry.sender.is_closed()
-                || entry.since.elapsed() >= shared.idle_timeout
+                || now.saturating_duration_since(entry.since) >= shared.idle_timeout
                 || entry.requests >= max_requests;
             // `remove`, not `swap_remove`: the list stays oldest-first.
             if stale {
@@ -297,7 +298,7 @@ impl H1Pool {
                     requests: entry.requests + 1,
                     max_requests,
                 };
-                return Some((lease, entry.since.elapsed()));
+                return Some((lease, now.saturating_duration_since(entry.since)));
             }
         }
         None

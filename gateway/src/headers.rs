@@ -63,13 +63,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             .flat_map(|v| v.split(','))
             .map(str::trim);
         for option in options {
-            if option.eq_ignore_ascii_case("close") {
+            let known = option.eq_ignore_ascii_case("close")
+                || HOP_BY_HOP
+                    .iter()
+                    .any(|hop| hop.as_str().eq_ignore_ascii_case(option));
+            // Compared as text first: a name outside http's standard set
+            // (`keep-alive` among them) costs an allocation to build.
+            if known {
                 continue;
             }
             if let Ok(name) = HeaderName::from_bytes(option.as_bytes()) {
-                if !HOP_BY_HOP.contains(&name) {
-                    named.push(name);
-                }
+                named.push(name);
             }
         }
         for name in named {
@@ -113,6 +117,82 @@ pub fn own_values(headers: &mut HeaderMap) {
     }
 }
 
+/// The values of `X-Real-IP`/`X-Forwarded-For` and `X-Forwarded-Port` that
+/// this thread made last, kept for the next request: a client's requests
+/// come one after another on its connection, and a listener has one port,
+/// so most requests reuse a value (one reference count) instead of
+/// formatting and allocating it anew.
+mod cached {
+    use std::cell::RefCell;
+    use std::net::IpAddr;
+
+    use bytes::Bytes;
+    use http::HeaderValue;
+
+    struct Last {
+        ip: Option<(IpAddr, HeaderValue)>,
+        /// The port's digits as written (at most five), and their value.
+        port: Option<([u8; 5], usize, HeaderValue)>,
+    }
+
+    thread_local! {
+        static LAST: RefCell<Last> = const { RefCell::new(Last { ip: None, port: None }) };
+    }
+
+    /// `ip` as text, as a header value.
+    pub fn ip(ip: IpAddr) -> HeaderValue {
+        LAST.with_borrow_mut(|last| {
+            if let Some((cached, value)) = &last.ip {
+                if *cached == ip {
+                    return value.clone();
+                }
+            }
+            let text = Bytes::from(plugins::vars::ip_string(ip));
+            // An address's text is always a valid value; the fallback is
+            // never taken.
+            let value = HeaderValue::from_maybe_shared(text)
+                .unwrap_or_else(|_| HeaderValue::from_static(""));
+            last.ip = Some((ip, value.clone()));
+            value
+        })
+    }
+
+    /// A port given as digits, kept exactly as written.
+    pub fn port_text(digits: &str) -> Option<HeaderValue> {
+        LAST.with_borrow_mut(|last| {
+            if let Some((text, len, value)) = &last.port {
+                if text.get(..*len) == Some(digits.as_bytes()) {
+                    return Some(value.clone());
+                }
+            }
+            let value =
+                HeaderValue::from_maybe_shared(Bytes::copy_from_slice(digits.as_bytes())).ok()?;
+            let mut text = [0u8; 5];
+            if let Some(room) = text.get_mut(..digits.len()) {
+                room.copy_from_slice(digits.as_bytes());
+                last.port = Some((text, digits.len(), value.clone()));
+            }
+            Some(value)
+        })
+    }
+
+    /// A port number.
+    pub fn port(port: u16) -> Option<HeaderValue> {
+        let mut digits = [0u8; 5];
+        let mut at = digits.len();
+        let mut rest = port;
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (rest % 10) as u8;
+            rest /= 10;
+            if rest == 0 {
+                break;
+            }
+        }
+        std::str::from_utf8(&digits[at..]).ok().and_then(port_text)
+    }
+}
+
 /// Sets the forwarding headers APISIX's nginx template sets.
 pub fn prepare_request_headers(
     headers: &mut HeaderMap,
@@ -129,28 +209,26 @@ pub fn prepare_request_headers(
         headers.remove(FORWARDED);
     }
     if let Some(ip) = client_ip {
-        // One buffer for both headers when there is nothing to append to.
-        let ip_text = Bytes::from(plugins::vars::ip_string(ip));
+        let ip_text = cached::ip(ip);
         let xff = if headers.contains_key(X_FORWARDED_FOR) {
             let previous: Vec<&str> = headers
                 .get_all(X_FORWARDED_FOR)
                 .iter()
                 .filter_map(|v| v.to_str().ok())
                 .collect();
-            Bytes::from(format!(
+            HeaderValue::from_maybe_shared(Bytes::from(format!(
                 "{}, {}",
                 previous.join(", "),
-                String::from_utf8_lossy(&ip_text)
-            ))
+                String::from_utf8_lossy(ip_text.as_bytes())
+            )))
+            .ok()
         } else {
-            ip_text.clone()
+            Some(ip_text.clone())
         };
-        if let Ok(v) = HeaderValue::from_maybe_shared(xff) {
+        if let Some(v) = xff {
             headers.insert(X_FORWARDED_FOR, v);
         }
-        if let Ok(v) = HeaderValue::from_maybe_shared(ip_text) {
-            headers.insert(X_REAL_IP, v);
-        }
+        headers.insert(X_REAL_IP, ip_text);
     }
     // A trusted proxy's own X-Forwarded-* describe the original client and
     // are passed on; anybody else's are replaced.
@@ -174,10 +252,13 @@ pub fn prepare_request_headers(
         let host_port = client_host.and_then(|h| h.to_str().ok()).and_then(|h| {
             let (_, port) = h.rsplit_once(':')?;
             (!h.ends_with(']') && port.bytes().all(|b| b.is_ascii_digit()) && !port.is_empty())
-                .then(|| port.to_string())
+                .then_some(port)
         });
-        let port = host_port.unwrap_or_else(|| meta.local.port().to_string());
-        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(port)) {
+        let port = match host_port {
+            Some(text) => cached::port_text(text),
+            None => cached::port(meta.local.port()),
+        };
+        if let Some(v) = port {
             headers.insert(X_FORWARDED_PORT, v);
         }
     }
@@ -257,6 +338,47 @@ mod tests {
             h["x-real-ip"], "10.0.0.9",
             "the address headers are still the gateway's"
         );
+    }
+
+    #[test]
+    fn cached_values_follow_the_address_and_the_port() {
+        for port in [0u16, 7, 80, 9080, 65535, 9080, 443] {
+            assert_eq!(cached::port(port).unwrap(), port.to_string().as_str());
+        }
+        for text in ["08080", "8080", "99999", "8080", "123456"] {
+            assert_eq!(cached::port_text(text).unwrap(), text);
+        }
+        let addrs: [std::net::IpAddr; 4] = [
+            "10.0.0.1".parse().unwrap(),
+            "10.0.0.1".parse().unwrap(),
+            "::1".parse().unwrap(),
+            "10.0.0.2".parse().unwrap(),
+        ];
+        for ip in addrs {
+            assert_eq!(cached::ip(ip), plugins::vars::ip_string(ip).as_str());
+        }
+        // Two clients one after another on one thread: each gets its own.
+        let mut h = HeaderMap::new();
+        let host = HeaderValue::from_static("a.test:8443");
+        prepare_request_headers(
+            &mut h,
+            Some("10.9.9.9".parse().unwrap()),
+            Some(&host),
+            meta(),
+        );
+        let mut g = HeaderMap::new();
+        let plain = HeaderValue::from_static("b.test");
+        prepare_request_headers(
+            &mut g,
+            Some("10.8.8.8".parse().unwrap()),
+            Some(&plain),
+            meta(),
+        );
+        let forwarded = |m: &HeaderMap| {
+            ["x-real-ip", "x-forwarded-for", "x-forwarded-port"].map(|n| m[n].clone())
+        };
+        assert_eq!(forwarded(&h), ["10.9.9.9", "10.9.9.9", "8443"]);
+        assert_eq!(forwarded(&g), ["10.8.8.8", "10.8.8.8", "9080"]);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
@@ -551,10 +551,11 @@ impl ProxyTarget {
             let Some(i) = node else {
                 return self.send(out, progress, up, target).await;
             };
-            let sent = Instant::now();
+            let sent = up.balancer.measures_latency().then(Instant::now);
             up.balancer.started(i);
             let result = self.send(out, progress, up, target).await;
-            up.balancer.finished(i, sent.elapsed());
+            up.balancer
+                .finished(i, sent.map_or(Duration::ZERO, |at| at.elapsed()));
             if let Some(checked) = &up.health {
                 checked.health.observe_passive(i, outcome_of(&result));
             }
