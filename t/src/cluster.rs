@@ -248,7 +248,7 @@ pub fn binary() -> PathBuf {
         .join("ferrogate");
     assert!(
         bin.exists(),
-        "{} is missing: run `cargo build --release` first (cargo test --workspace builds it)",
+        "{} is missing: run `cargo build --profile tests` first (cargo test --profile tests --workspace builds it)",
         bin.display()
     );
     bin

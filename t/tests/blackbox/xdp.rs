@@ -372,7 +372,7 @@ print(made, answered)
 /// What a flood of connection attempts from a denied source costs the
 /// gateway process, with the deny list in the kernel and in user space
 /// only. Prints the figures; run with
-/// `cargo test --release -p ferrogate-tests --test blackbox xdp_flood -- --ignored --nocapture`
+/// `cargo test --profile tests -p ferrogate-tests --test blackbox xdp_flood -- --ignored --nocapture`
 /// (root).
 #[test]
 #[ignore = "benchmark: prints figures, asserts nothing about speed"]
