@@ -24,7 +24,9 @@ mod names {
     pub const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
     pub const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
     pub const FORWARDED: HeaderName = header::FORWARDED;
-    pub const HOP_BY_HOP: [HeaderName; 8] = [
+    // A `static`, not a `const`: a `const` array of names would be built
+    // and dropped anew at every use, in a loop over each header present.
+    pub static HOP_BY_HOP: [HeaderName; 8] = [
         header::CONNECTION,
         HeaderName::from_static("keep-alive"),
         HeaderName::from_static("proxy-connection"),
@@ -37,6 +39,24 @@ mod names {
 }
 use names::*;
 
+/// Where the (lowercase) header name `name` is in [`HOP_BY_HOP`]: a match on
+/// the text, which the compiler turns into a switch on the length and one
+/// comparison, where comparing against each `HeaderName` in turn costs a
+/// call per name.
+fn hop_by_hop_index(name: &str) -> Option<usize> {
+    Some(match name {
+        "connection" => 0,
+        "keep-alive" => 1,
+        "proxy-connection" => 2,
+        "te" => 3,
+        "trailer" => 4,
+        "transfer-encoding" => 5,
+        "upgrade" => 6,
+        "expect" => 7,
+        _ => return None,
+    })
+}
+
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the handful of names present notes which hop-by-hop
@@ -44,7 +64,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // `Connection: keep-alive`), so only those are hashed to be removed.
     let mut present = 0u8;
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+        if let Some(i) = hop_by_hop_index(name.as_str()) {
             present |= 1 << i;
         }
     }
@@ -388,6 +408,15 @@ mod tests {
         prepare_request_headers(&mut h, Some("::1".parse().unwrap()), Some(&host), meta());
         assert_eq!(h["x-forwarded-port"], "9080");
         assert_eq!(h["x-forwarded-for"], "::1");
+    }
+
+    #[test]
+    fn hop_by_hop_index_agrees_with_the_list() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_index(name.as_str()), Some(i));
+        }
+        assert_eq!(hop_by_hop_index("host"), None);
+        assert_eq!(hop_by_hop_index("x-forwarded-for"), None);
     }
 
     #[test]
