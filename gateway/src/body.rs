@@ -61,10 +61,16 @@ impl BodyState {
 /// Any body that fails when no frame arrives for `idle` (nginx's
 /// `proxy_read_timeout` and `client_body_timeout` are both "between two
 /// successive reads", not for the whole body).
+///
+/// The timer is made the first time the body has to wait, and moved on from
+/// a frame only when it waits again: a body that is already there (most
+/// answers, read whole with their head) costs no timer and no clock read.
 pub struct IdleTimeout<B> {
     inner: B,
     idle: Duration,
-    timer: Pin<Box<Sleep>>,
+    timer: Option<Pin<Box<Sleep>>>,
+    /// A frame came since the timer was set: it starts over at the next wait.
+    moved: bool,
 }
 
 impl<B> IdleTimeout<B> {
@@ -72,7 +78,8 @@ impl<B> IdleTimeout<B> {
         IdleTimeout {
             inner,
             idle,
-            timer: Box::pin(sleep(idle)),
+            timer: None,
+            moved: false,
         }
     }
 }
@@ -97,16 +104,30 @@ where
         let this = self.get_mut();
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                let deadline = tokio::time::Instant::now() + this.idle;
-                this.timer.as_mut().reset(deadline);
+                this.moved = true;
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
             Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => match this.timer.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(Idle(this.idle))))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending => {
+                let idle = this.idle;
+                let timer = match &mut this.timer {
+                    Some(timer) => {
+                        if std::mem::take(&mut this.moved) {
+                            timer.as_mut().reset(tokio::time::Instant::now() + idle);
+                        }
+                        timer
+                    }
+                    None => {
+                        this.moved = false;
+                        this.timer.insert(Box::pin(sleep(idle)))
+                    }
+                };
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(Idle(idle))))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 
@@ -226,5 +247,52 @@ impl Body for ClientBody {
             ClientBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             ClientBody::Stream(s) => s.inner.size_hint(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, StreamBody};
+    use std::convert::Infallible;
+
+    /// A body whose frames come `gaps` apart.
+    fn paced(gaps: Vec<u64>) -> impl Body<Data = Bytes, Error = Infallible> + Unpin {
+        let frames = futures_util::stream::unfold(gaps.into_iter(), |mut gaps| async move {
+            let gap = gaps.next()?;
+            tokio::time::sleep(Duration::from_millis(gap)).await;
+            Some((Ok(Frame::data(Bytes::from_static(b"x"))), gaps))
+        });
+        StreamBody::new(Box::pin(frames))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn frames_closer_than_the_timeout_never_fail() {
+        let body = IdleTimeout::new(paced(vec![90; 30]), Duration::from_millis(100));
+        let all = body.collect().await.map(|b| b.to_bytes().len());
+        assert_eq!(all.ok(), Some(30));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_gap_longer_than_the_timeout_fails_after_the_timeout() {
+        let mut body = IdleTimeout::new(paced(vec![0, 50, 500]), Duration::from_millis(100));
+        let started = tokio::time::Instant::now();
+        assert!(body.frame().await.is_some_and(|f| f.is_ok()));
+        assert!(body.frame().await.is_some_and(|f| f.is_ok()));
+        let failed = body.frame().await;
+        assert!(matches!(failed, Some(Err(e)) if e.is::<Idle>()));
+        // The third frame's wait began at 50 ms: it failed 100 ms later.
+        assert_eq!(started.elapsed(), Duration::from_millis(150));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_is_already_there_sets_no_timer() {
+        let mut body = IdleTimeout::new(
+            Full::new(Bytes::from_static(b"abc")),
+            Duration::from_millis(100),
+        );
+        assert!(body.frame().await.is_some_and(|f| f.is_ok()));
+        assert!(body.frame().await.is_none());
+        assert!(body.timer.is_none());
     }
 }
