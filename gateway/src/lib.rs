@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod park;
 pub mod phases;
 pub mod proxy;
+pub mod resident;
 pub mod router;
 pub mod server;
 pub mod snapshot;

@@ -18,6 +18,40 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 #[global_allocator]
 static ALLOCATOR: gateway::alloc::Mimalloc = gateway::alloc::Mimalloc;
 
+/// Drops the code pages start-up (or a reload) ran from the process's
+/// resident memory (see `gateway::resident`); `FERROGATE_KEEP_CODE` set in
+/// the environment keeps them.
+fn release_startup_code() {
+    if std::env::var_os("FERROGATE_KEEP_CODE").is_some() {
+        return;
+    }
+    match gateway::resident::release_startup_code() {
+        Ok(bytes) => tracing::debug!(bytes, "start-up code pages released"),
+        Err(e) => tracing::debug!(error = %e, "start-up code pages kept"),
+    }
+}
+
+/// How often configuration changes are looked for by
+/// [`release_code_after_changes`].
+const CODE_RELEASE_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Releases the code pages again once configuration changes have stopped
+/// for a [`CODE_RELEASE_CHECK`] period: the Admin API, the store and the
+/// compiler run code that serving requests never does.
+async fn release_code_after_changes(live: gateway::snapshot::SharedSnapshot) {
+    let mut released = live.load().version;
+    let mut seen = released;
+    loop {
+        tokio::time::sleep(CODE_RELEASE_CHECK).await;
+        let version = live.load().version;
+        if version == seen && version != released {
+            release_startup_code();
+            released = version;
+        }
+        seen = version;
+    }
+}
+
 /// `worker_processes: auto` (the default) is one worker per CPU the
 /// process may run on, as nginx counts them; the Admin API and the rest
 /// keep a thread of their own.
@@ -168,6 +202,8 @@ fn main() -> anyhow::Result<()> {
         let mut signals = Signals::install()?;
         let running = gateway::start(config).await?;
         let _pid_file = PidFile::create(&data_dir)?;
+        release_startup_code();
+        tokio::spawn(release_code_after_changes(running.live.clone()));
         signals.wait_for_stop(&running, &args.config).await;
         tracing::info!(?grace, "shutting down: finishing requests in flight (signal again to stop at once)");
         tokio::select! {
@@ -220,6 +256,7 @@ impl Signals {
                         if let Err(e) = running.reload(config) {
                             tracing::error!(error = %e, "reload failed; previous configuration kept");
                         }
+                        release_startup_code();
                     }
                     Err(e) => tracing::error!(error = %e, "config file invalid; previous configuration kept"),
                 },

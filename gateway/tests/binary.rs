@@ -695,6 +695,58 @@ fn transparent_huge_pages_are_off() {
     assert_clean_exit(&mut p);
 }
 
+/// Resident pages of the gateway's own executable mapping, and its size,
+/// in KiB (from /proc/PID/smaps).
+fn code_rss_kib(pid: u32) -> (u64, u64) {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    let exe = exe.to_string_lossy();
+    let mut in_code = false;
+    let (mut rss, mut size) = (0, 0);
+    for line in smaps.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.first().is_some_and(|f| f.contains('-')) && fields.len() >= 5 {
+            in_code = fields.get(1) == Some(&"r-xp") && line.ends_with(exe.as_ref());
+            continue;
+        }
+        if in_code {
+            match fields.first() {
+                Some(&"Size:") => size += fields[1].parse::<u64>().unwrap(),
+                Some(&"Rss:") => rss += fields[1].parse::<u64>().unwrap(),
+                _ => {}
+            }
+        }
+    }
+    (rss, size)
+}
+
+/// Start-up runs code all over the binary; once it is over the gateway
+/// gives those pages back (and again after Admin API changes settle), so
+/// that only the code serving requests stays resident.
+#[test]
+fn start_up_code_is_not_kept_resident() {
+    let (dir, data, admin) = basic_gateway_dir();
+    let up = upstream();
+    let mut p = Proc::start(dir.path());
+    p.wait_ready(admin);
+    put_route(admin, "1", "/r", &up.to_string());
+    let get = || http(data, "GET", "/r", None, "").map(|(status, _)| status);
+    for _ in 0..20 {
+        assert_eq!(get(), Some(200));
+    }
+    // Changes are looked for every 2 s; released after one quiet period.
+    std::thread::sleep(Duration::from_millis(4500));
+    assert_eq!(get(), Some(200));
+    let (rss, size) = code_rss_kib(p.child.id());
+    assert!(size > 0, "no executable mapping of the binary found");
+    assert!(
+        rss * 100 < size * 40,
+        "{rss} KiB of the {size} KiB of code still resident"
+    );
+    p.signal("TERM");
+    assert_clean_exit(&mut p);
+}
+
 /// `worker_processes: 3`: three worker threads, each accepting on its own
 /// socket of the data-plane port; every connection is served, whichever
 /// worker the kernel hands it to, and the gateway still stops cleanly.
