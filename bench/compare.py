@@ -212,8 +212,10 @@ TRAFFIC_PLUGINS = {
 class Ferrogate:
     name = "ferrogate-w1"
 
-    def __init__(self, binary, work, upstreams, extra_plugins=None, name=None, access_log=True):
+    def __init__(self, binary, work, upstreams, extra_plugins=None, name=None, access_log=True, wrapper=()):
         self.binary, self.work, self.upstreams = binary, work, upstreams
+        # A command the binary runs under (valgrind, for bench/hot_code.py).
+        self.wrapper = list(wrapper)
         self.extra_plugins = extra_plugins or {}
         self.access_log = access_log
         if name:
@@ -236,8 +238,8 @@ class Ferrogate:
                 "plugin_attr:\n  prometheus:\n    export_addr: {ip: 127.0.0.1, port: %d}\n"
                 % (self.port, "true" if self.access_log else "false", key, admin, free_port())
             )
-        self.proc = spawn([self.binary, "--config", os.path.join(d, "conf", "config.yaml")], d)
-        wait_port(admin, self.proc)
+        self.proc = spawn(self.wrapper + [self.binary, "--config", os.path.join(d, "conf", "config.yaml")], d)
+        wait_port(admin, self.proc, timeout=120 if self.wrapper else 20)
         route = {
             "uri": "/hello",
             "plugins": dict({"ip-restriction": {"whitelist": ["127.0.0.0/8"]}}, **self.extra_plugins),
@@ -252,7 +254,7 @@ class Ferrogate:
             method="PUT",
             headers={"X-API-KEY": key, "Content-Type": "application/json"},
         )
-        urllib.request.urlopen(req, timeout=10).read()
+        urllib.request.urlopen(req, timeout=60 if self.wrapper else 10).read()
         wait_port(self.port, self.proc)
 
     def stop(self):

@@ -11,7 +11,7 @@
 //! of at most 16 in practice, so those go to `mi_malloc` and only the rest
 //! to `mi_malloc_aligned`.
 
-#![allow(unsafe_code)] // The one module with `unsafe`: a `GlobalAlloc` cannot be written without it.
+#![allow(unsafe_code)] // A `GlobalAlloc` cannot be written without `unsafe`.
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::ffi::c_void;
@@ -72,6 +72,37 @@ unsafe impl GlobalAlloc for Mimalloc {
             mi::mi_realloc_aligned(ptr.cast::<c_void>(), new_size, align)
         };
         block.cast()
+    }
+}
+
+/// How often a thread that serves requests hands its allocator's empty
+/// pages back to the system (see [`return_free_pages`]).
+pub const TIDY_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Hands the calling thread's empty allocator pages back to the system now.
+///
+/// mimalloc keeps the pages a burst of connections emptied (read buffers,
+/// header maps, request futures) mapped for a while, and only gives them
+/// back when the same thread frees more memory later: a gateway that went
+/// quiet after a load kept 2 MiB or more of them resident for good. Giving
+/// them back at once on every free instead (`MIMALLOC_PURGE_DELAY=0`) costs
+/// a system call and page faults per request, about 1 µs of kernel CPU.
+pub fn return_free_pages() {
+    // SAFETY: `mi_collect` only walks the calling thread's own mimalloc
+    // heap and the process's arenas, under mimalloc's own synchronisation;
+    // no block in use is touched.
+    unsafe { mi::mi_collect(true) }
+}
+
+/// Calls [`return_free_pages`] every [`TIDY_PERIOD`] on the thread of the
+/// (single-threaded) runtime it runs on, forever. Once a second costs a
+/// few microseconds.
+pub async fn return_free_pages_periodically() {
+    let mut tick = tokio::time::interval(TIDY_PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        return_free_pages();
     }
 }
 

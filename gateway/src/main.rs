@@ -204,6 +204,9 @@ fn main() -> anyhow::Result<()> {
         let _pid_file = PidFile::create(&data_dir)?;
         release_startup_code();
         tokio::spawn(release_code_after_changes(running.live.clone()));
+        // The thread that serves requests with one worker (with more, each
+        // worker thread does this itself).
+        tokio::spawn(gateway::alloc::return_free_pages_periodically());
         signals.wait_for_stop(&running, &args.config).await;
         tracing::info!(?grace, "shutting down: finishing requests in flight (signal again to stop at once)");
         tokio::select! {

@@ -53,7 +53,10 @@ impl Workers {
                 .spawn(move || {
                     WORKER.with(|w| w.set(index));
                     runtime.block_on(async {
-                        let _ = rx.await;
+                        tokio::select! {
+                            _ = rx => {}
+                            () = crate::alloc::return_free_pages_periodically() => {}
+                        }
                     });
                 })?;
         }

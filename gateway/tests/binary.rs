@@ -747,6 +747,76 @@ fn start_up_code_is_not_kept_resident() {
     assert_clean_exit(&mut p);
 }
 
+/// KiB of the process's anonymous memory (heap, stacks) that is resident.
+fn anon_rss_kib(pid: u32) -> u64 {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut anon = false;
+    let mut rss = 0;
+    for line in smaps.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.first().is_some_and(|f| f.contains('-')) && fields.len() >= 5 {
+            anon = fields.len() == 5 || fields[5] == "[heap]";
+            continue;
+        }
+        if anon && fields.first() == Some(&"Rss:") {
+            rss += fields[1].parse::<u64>().unwrap();
+        }
+    }
+    rss
+}
+
+/// Memory a burst of connections used is given back once they are gone
+/// (no per-connection state outlives its connection, and the allocator's
+/// emptied pages do not stay resident while the gateway is quiet).
+#[test]
+fn memory_of_a_burst_of_connections_is_given_back() {
+    let (dir, data, admin) = basic_gateway_dir();
+    let up = upstream();
+    let mut p = Proc::start(dir.path());
+    p.wait_ready(admin);
+    put_route(admin, "1", "/r", &up.to_string());
+    assert_eq!(http(data, "GET", "/r", None, "").map(|r| r.0), Some(200));
+    std::thread::sleep(Duration::from_millis(2500));
+    let before = anon_rss_kib(p.child.id());
+
+    // 300 connections open at once, each with a request in hand.
+    let filler = "x".repeat(3000);
+    let mut clients: Vec<TcpStream> = (0..300)
+        .map(|_| TcpStream::connect(("127.0.0.1", data)).unwrap())
+        .collect();
+    for c in &mut clients {
+        write!(
+            c,
+            "GET /r HTTP/1.1\r\nHost: test\r\nX-Filler: {filler}\r\n\r\n"
+        )
+        .unwrap();
+    }
+    for c in &mut clients {
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.ends_with(b"hello") {
+            let n = c.read(&mut buf).unwrap();
+            assert!(n > 0, "connection closed before the answer");
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+    let during = anon_rss_kib(p.child.id());
+    drop(clients);
+    std::thread::sleep(Duration::from_millis(3000));
+    let after = anon_rss_kib(p.child.id());
+    assert!(
+        during > before + 2048,
+        "the burst should have used memory: {before} -> {during} KiB"
+    );
+    assert!(
+        (after - before.min(after)) * 2 < during - before,
+        "resident anonymous memory {before} KiB before, {during} KiB during, {after} KiB after"
+    );
+    p.signal("TERM");
+    assert_clean_exit(&mut p);
+}
+
 /// `worker_processes: 3`: three worker threads, each accepting on its own
 /// socket of the data-plane port; every connection is served, whichever
 /// worker the kernel hands it to, and the gateway still stops cleanly.
