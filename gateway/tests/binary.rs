@@ -8,6 +8,8 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ferrogate");
@@ -765,21 +767,54 @@ fn anon_rss_kib(pid: u32) -> u64 {
     rss
 }
 
-/// Memory a burst of connections used is given back once they are gone
-/// (no per-connection state outlives its connection, and the allocator's
-/// emptied pages do not stay resident while the gateway is quiet).
+/// An upstream that reads each request head and answers only once `open`
+/// is set, so that every request sent before is in flight at once.
+fn gated_upstream(open: Arc<AtomicBool>) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            let open = open.clone();
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                while !open.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                let _ = s.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+                );
+            });
+        }
+    });
+    addr
+}
+
+/// Memory a burst of requests used is given back once their connections
+/// are gone (no per-connection state outlives its connection, and the
+/// allocator's emptied pages do not stay resident while the gateway is
+/// quiet).
 #[test]
 fn memory_of_a_burst_of_connections_is_given_back() {
     let (dir, data, admin) = basic_gateway_dir();
-    let up = upstream();
+    let open = Arc::new(AtomicBool::new(false));
+    let up = gated_upstream(open.clone());
     let mut p = Proc::start(dir.path());
     p.wait_ready(admin);
     put_route(admin, "1", "/r", &up.to_string());
+    open.store(true, Ordering::Release);
     assert_eq!(http(data, "GET", "/r", None, "").map(|r| r.0), Some(200));
+    open.store(false, Ordering::Release);
     std::thread::sleep(Duration::from_millis(2500));
     let before = anon_rss_kib(p.child.id());
 
-    // 300 connections open at once, each with a request in hand.
+    // 300 requests in flight at once, each with a 3 KB header.
     let filler = "x".repeat(3000);
     let mut clients: Vec<TcpStream> = (0..300)
         .map(|_| TcpStream::connect(("127.0.0.1", data)).unwrap())
@@ -791,6 +826,9 @@ fn memory_of_a_burst_of_connections_is_given_back() {
         )
         .unwrap();
     }
+    std::thread::sleep(Duration::from_millis(1500));
+    let during = anon_rss_kib(p.child.id());
+    open.store(true, Ordering::Release);
     for c in &mut clients {
         c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut got = Vec::new();
@@ -801,13 +839,12 @@ fn memory_of_a_burst_of_connections_is_given_back() {
             got.extend_from_slice(&buf[..n]);
         }
     }
-    let during = anon_rss_kib(p.child.id());
     drop(clients);
     std::thread::sleep(Duration::from_millis(3000));
     let after = anon_rss_kib(p.child.id());
     assert!(
         during > before + 2048,
-        "the burst should have used memory: {before} -> {during} KiB"
+        "300 requests in flight should hold memory: {before} -> {during} KiB"
     );
     assert!(
         (after - before.min(after)) * 2 < during - before,
