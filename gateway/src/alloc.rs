@@ -84,7 +84,7 @@ pub const TIDY_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
 /// mimalloc keeps the pages a burst of connections emptied (read buffers,
 /// header maps, request futures) mapped for a while, and only gives them
 /// back when the same thread frees more memory later: a gateway that went
-/// quiet after a load kept 2 MiB or more of them resident for good. Giving
+/// quiet after a load kept 1.5 to 2 MiB of them resident for good. Giving
 /// them back at once on every free instead (`MIMALLOC_PURGE_DELAY=0`) costs
 /// a system call and page faults per request, about 1 µs of kernel CPU.
 pub fn return_free_pages() {
