@@ -1,41 +1,49 @@
 //! HTTP/1.1 keep-alive connections to the nodes of `http` and `https`
-//! upstreams, pooled per node as nginx's `keepalive` does.
+//! upstreams, pooled per node as nginx's `keepalive` does, and the
+//! exchange of one request on them (the wire format is [`crate::h1_codec`]).
 //!
 //! - A request takes the most recently used idle connection to its node
-//!   that is ready for another request, or makes a new one (TCP within the
+//!   that is fit for another request, or makes a new one (TCP within the
 //!   `connect` timeout, then TLS for `https` with the node's or
 //!   `upstream_host`'s name).
+//! - The request is written and the answer's head read by the request's
+//!   own task: no task per connection and no channel between them.
 //! - A connection goes back to the pool once its answer has been read to
-//!   the end ([`Lease`] rides along with the answer's body); an answer that
-//!   is abandoned midway takes its connection down with it.
+//!   the end (the answer's [`H1Body`] gives it back); an answer that is
+//!   abandoned midway takes its connection down with it.
 //! - `keepalive_pool.size` idle connections are kept per node, for
 //!   `keepalive_pool.idle_timeout`; a connection is closed after it has
 //!   carried `keepalive_pool.requests` requests. A sweeper drops idle ones
-//!   that time out while nobody asks for them.
-//! - A pooled connection the node closed just as a request was handed to it
-//!   is detected by hyper before anything is written; the request then goes
-//!   out once more on a new connection.
+//!   that time out or that the node closed while nobody asked for them.
+//! - An idle connection the node has closed is seen before it is lent out
+//!   (the reactor already knows); one the node closes just as the request
+//!   goes out fails before any answer, and the request is then sent once
+//!   more on a new connection if it may be sent twice (idempotent, body in
+//!   memory), as nginx does.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use http::uri::Authority;
-use http::{Request, Response};
+use bytes::{Buf, Bytes, BytesMut};
+use http::uri::{Authority, PathAndQuery};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use http_body_util::{BodyExt, Either, Full};
+use plugins::BoxError;
 use rustls::ClientConfig;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
-use crate::connector::{self, ConnectError};
-
-use crate::body::ProxyBody;
-use http_body_util::Either;
+use crate::body::{ClientBody, ProxyBody};
+use crate::connector::{self, ConnectError, Stream};
+use crate::h1_codec::{
+    self, AnswerFraming, AnswerHead, ChunkedDecoder, Decoded, Invalid, RequestFraming,
+};
+use crate::phases::SendWatch;
 
 /// Which connections a request may use: same node, same TLS name. Built
 /// once per node when the upstream is compiled; cheap to clone.
@@ -98,12 +106,54 @@ impl std::hash::Hash for NodeKey {
     }
 }
 
+/// Space reserved in a connection's read buffer before each read.
+const READ_CHUNK: usize = 8 * 1024;
+/// A body in memory up to this size goes out in one write with its head.
+const INLINE_BODY: usize = 16 * 1024;
+/// A connection's write buffer is kept for its next request up to this size.
+const KEEP_WRITE_BUFFER: usize = 16 * 1024;
+
+/// One connection to a node.
+struct Conn {
+    io: Box<dyn Stream>,
+    /// Bytes read from the node and not used yet.
+    rbuf: BytesMut,
+    /// Kept between requests so that writing a head allocates nothing.
+    wbuf: Vec<u8>,
+}
+
+impl Conn {
+    fn new(io: Box<dyn Stream>) -> Self {
+        Conn {
+            io,
+            rbuf: BytesMut::new(),
+            wbuf: Vec::new(),
+        }
+    }
+
+    /// Whether an idle connection is unfit for a request: the node closed
+    /// or broke it, or sent something nobody asked for. No system call
+    /// while nothing happened on it (the reactor's readiness tells).
+    fn is_stale(&mut self) -> bool {
+        if !self.rbuf.is_empty() {
+            return true;
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut byte = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut byte);
+        !matches!(
+            Pin::new(&mut self.io).poll_read(&mut cx, &mut buf),
+            Poll::Pending
+        )
+    }
+}
+
 struct Idle {
-    sender: SendRequest<ProxyBody>,
+    conn: Conn,
     requests: u32,
     since: Instant,
-    /// The worker whose runtime drives the connection (see `workers`):
-    /// only it is lent the connection again.
+    /// The worker whose runtime's reactor the connection is registered
+    /// with (see `workers`): only it is lent the connection again.
     worker: u16,
 }
 
@@ -130,12 +180,12 @@ impl WeakH1Pool {
     }
 }
 
-/// A connection lent to one request; give it back with [`Lease::release`]
-/// (or let the answer's body do it) once the answer has been read.
-pub struct Lease {
+/// A connection lent to one request, given back by [`Lease::release`] once
+/// its answer has been read to the end.
+struct Lease {
     pool: Weak<Shared>,
     key: NodeKey,
-    sender: SendRequest<ProxyBody>,
+    conn: Conn,
     /// Requests this connection has carried, this one included.
     requests: u32,
     max_requests: u32,
@@ -143,9 +193,9 @@ pub struct Lease {
 
 impl Lease {
     /// Returns the connection to the pool, unless it has carried its share
-    /// or is closed; then it is dropped, which closes it.
-    pub fn release(self) {
-        if self.requests >= self.max_requests || self.sender.is_closed() {
+    /// or holds bytes past the answer; then it is dropped, which closes it.
+    fn release(mut self) {
+        if self.requests >= self.max_requests || !self.conn.rbuf.is_empty() {
             return;
         }
         let Some(shared) = self.pool.upgrade() else {
@@ -154,17 +204,20 @@ impl Lease {
         if shared.max_idle == 0 {
             return;
         }
+        if self.conn.wbuf.capacity() > KEEP_WRITE_BUFFER {
+            self.conn.wbuf = Vec::new();
+        }
         let mut idle = shared.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.entry(self.key).or_default();
         if list.len() >= shared.max_idle {
-            list.retain(|e| !e.sender.is_closed());
+            list.retain_mut(|e| !e.conn.is_stale());
         }
         if list.len() >= shared.max_idle {
             // Full: the longest idle one makes room.
             list.remove(0);
         }
         list.push(Idle {
-            sender: self.sender,
+            conn: self.conn,
             requests: self.requests,
             since: Instant::now(),
             worker: crate::workers::current(),
@@ -207,11 +260,12 @@ impl H1Pool {
         H1Pool(shared)
     }
 
-    /// Sends `req` to the node of `key` (with TLS when it names a server), on a pooled
-    /// connection or a new one. `on_connection(true)` is called when the
-    /// request has a connection, `(false)` when it has to connect again.
-    /// The error says whether connecting failed. The lease goes with the
-    /// answer; release it once its body is read.
+    /// Sends `req` to the node of `key` (with TLS when it names a server),
+    /// on a pooled connection or a new one, and reads the answer's head.
+    /// `on_connection(true)` is called when the request has a connection,
+    /// `(false)` when it has to connect again. The error says whether
+    /// connecting failed. The connection goes back to the pool when the
+    /// answer's body has been read to its end.
     ///
     /// A function returning an `async move` block, so that the request is
     /// held once in the future (an `async fn` keeps its arguments twice).
@@ -220,37 +274,21 @@ impl H1Pool {
         &'a self,
         key: &'a NodeKey,
         max_requests: u32,
-        mut req: Request<ProxyBody>,
+        req: Request<ProxyBody>,
         on_connection: impl Fn(bool) + Send + 'a,
-    ) -> impl std::future::Future<Output = Result<(Response<Incoming>, Lease), SendFailure>> + Send + 'a
-    {
+    ) -> impl std::future::Future<Output = Result<Response<H1Body>, SendFailure>> + Send + 'a {
         async move {
-            if let Some((mut lease, idle_for)) = self.take_idle(key, max_requests) {
+            let mut out = Outgoing::new(req);
+            if let Some(mut lease) = self.take_idle(key, max_requests) {
                 on_connection(true);
-                // A connection idle for a while may be closed by the node just
-                // as the request goes out; keep a copy of a request that can
-                // safely go out twice (as nginx resends on a cached connection).
-                let spare = if idle_for >= RESEND_AFTER_IDLE {
-                    resendable_copy(&req)
-                } else {
-                    None
-                };
-                match lease.sender.try_send_request(req).await {
-                    Ok(resp) => return Ok((resp, lease)),
-                    Err(mut e) => match (e.take_message(), spare) {
-                        // Closed by the node before the request was written:
-                        // safe to send again on a new connection, which is
-                        // connecting time again.
-                        (Some(unsent), _) => {
-                            on_connection(false);
-                            req = unsent;
-                        }
-                        (None, Some(copy)) if closed_by_node(e.error()) => {
-                            on_connection(false);
-                            req = copy;
-                        }
-                        (None, _) => return Err(SendFailure::Request(e.into_error())),
-                    },
+                match out.exchange(&mut lease.conn).await {
+                    Ok(head) => return out.answer(lease, head),
+                    // The node closed the pooled connection before answering
+                    // (as it may at the end of its keep-alive time): a request
+                    // that may go out twice and is whole in memory is sent
+                    // again on a new connection, as nginx does.
+                    Err(H1Error::Closed) if out.resendable() => on_connection(false),
+                    Err(e) => return Err(SendFailure::Request(e)),
                 }
             }
             // Boxed: connecting is the rare path, and its state would otherwise
@@ -259,19 +297,16 @@ impl H1Pool {
                 .await
                 .map_err(SendFailure::Connect)?;
             on_connection(true);
-            let resp = lease
-                .sender
-                .send_request(req)
-                .await
-                .map_err(SendFailure::Request)?;
-            Ok((resp, lease))
+            match out.exchange(&mut lease.conn).await {
+                Ok(head) => out.answer(lease, head),
+                Err(e) => Err(SendFailure::Request(e)),
+            }
         }
     }
 
-    /// The newest idle connection to `key` that is ready, and how long it
-    /// was idle; closed, timed-out and served-out ones met on the way are
-    /// dropped.
-    fn take_idle(&self, key: &NodeKey, max_requests: u32) -> Option<(Lease, Duration)> {
+    /// The newest idle connection to `key` that is fit for a request;
+    /// stale, timed-out and served-out ones met on the way are dropped.
+    fn take_idle(&self, key: &NodeKey, max_requests: u32) -> Option<Lease> {
         let shared = &self.0;
         let mut idle = shared.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(key)?;
@@ -280,26 +315,25 @@ impl H1Pool {
         let mut i = list.len();
         while i > 0 {
             i -= 1;
-            let entry = &list[i];
-            let stale = entry.sender.is_closed()
-                || now.saturating_duration_since(entry.since) >= shared.idle_timeout
-                || entry.requests >= max_requests;
-            // `remove`, not `swap_remove`: the list stays oldest-first.
-            if stale {
-                list.remove(i);
+            let entry = &mut list[i];
+            if entry.worker != worker {
                 continue;
             }
-            if entry.worker == worker && entry.sender.is_ready() {
-                let entry = list.remove(i);
-                let lease = Lease {
-                    pool: Arc::downgrade(shared),
-                    key: key.clone(),
-                    sender: entry.sender,
-                    requests: entry.requests + 1,
-                    max_requests,
-                };
-                return Some((lease, now.saturating_duration_since(entry.since)));
+            let stale = now.saturating_duration_since(entry.since) >= shared.idle_timeout
+                || entry.requests >= max_requests
+                || entry.conn.is_stale();
+            // `remove`, not `swap_remove`: the list stays oldest-first.
+            let entry = list.remove(i);
+            if stale {
+                continue;
             }
+            return Some(Lease {
+                pool: Arc::downgrade(shared),
+                key: key.clone(),
+                conn: entry.conn,
+                requests: entry.requests + 1,
+                max_requests,
+            });
         }
         None
     }
@@ -307,117 +341,47 @@ impl H1Pool {
     async fn connect(&self, key: NodeKey, max_requests: u32) -> Result<Lease, ConnectError> {
         let shared = &self.0;
         let timeout = shared.connect_timeout;
-        let sender = tokio::time::timeout(timeout, self.handshake(&key))
+        let tls = key.tls.as_deref().map(|name| (&shared.tls, name));
+        let io = tokio::time::timeout(timeout, connector::dial(&key.node, tls, key.source))
             .await
             .map_err(|_| ConnectError::TimedOut(timeout))??;
         Ok(Lease {
             pool: Arc::downgrade(shared),
             key,
-            sender,
+            conn: Conn::new(io),
             requests: 1,
             max_requests,
         })
     }
-
-    async fn handshake(&self, key: &NodeKey) -> Result<SendRequest<ProxyBody>, ConnectError> {
-        let tls = key.tls.as_deref().map(|name| (&self.0.tls, name));
-        let io = connector::dial(&key.node, tls, key.source).await?;
-        let (sender, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
-        tokio::spawn(drive(key.node.clone(), conn.with_upgrades()));
-        Ok(sender)
-    }
 }
 
-/// An answer's body that gives its connection back to the pool when it
-/// ends; dropped or failed early, it closes the connection instead.
-pub struct Leased<B> {
-    inner: B,
-    lease: Option<Lease>,
+/// Why a request got no (usable) answer on its connection.
+#[derive(Debug, thiserror::Error)]
+pub enum H1Error {
+    /// Closed or reset by the node before any byte of an answer came.
+    #[error("upstream closed the connection before answering")]
+    Closed,
+    #[error("upstream closed the connection in the middle of its answer")]
+    Incomplete,
+    #[error("upstream connection: {0}")]
+    Io(std::io::Error),
+    #[error("upstream answer: {0}")]
+    Invalid(#[from] Invalid),
+    #[error("request body: {0}")]
+    Body(BoxError),
+    #[error("request body does not match its Content-Length")]
+    BodyLength,
 }
 
-impl<B> Leased<B> {
-    pub fn new(inner: B, lease: Lease) -> Self {
-        Leased {
-            inner,
-            lease: Some(lease),
+impl H1Error {
+    /// An I/O error before any answer: the node going away is `Closed`.
+    fn before_answer(e: std::io::Error) -> Self {
+        use std::io::ErrorKind::*;
+        match e.kind() {
+            BrokenPipe | ConnectionReset | ConnectionAborted | UnexpectedEof => H1Error::Closed,
+            _ => H1Error::Io(e),
         }
     }
-}
-
-impl<B: Body + Unpin> Body for Leased<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = self.get_mut();
-        let poll = Pin::new(&mut this.inner).poll_frame(cx);
-        let ended = match &poll {
-            Poll::Ready(None) => true,
-            // hyper stops polling after trailers: they end the answer too.
-            Poll::Ready(Some(Ok(frame))) => frame.is_trailers() || this.inner.is_end_stream(),
-            Poll::Ready(Some(Err(_))) => {
-                this.lease = None;
-                false
-            }
-            Poll::Pending => false,
-        };
-        if ended {
-            if let Some(lease) = this.lease.take() {
-                lease.release();
-            }
-        }
-        poll
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// Idle time after which a reused connection's request is kept for a
-/// resend, should the node turn out to have closed the connection.
-pub const RESEND_AFTER_IDLE: Duration = Duration::from_secs(1);
-
-/// A copy of `req` if it may be sent twice: an idempotent method and a body
-/// already in memory.
-fn resendable_copy(req: &Request<ProxyBody>) -> Option<Request<ProxyBody>> {
-    let Either::Left(body) = req.body() else {
-        return None;
-    };
-    if !req.method().is_idempotent() {
-        return None;
-    }
-    let mut copy = Request::new(Either::Left(body.clone()));
-    *copy.method_mut() = req.method().clone();
-    *copy.uri_mut() = req.uri().clone();
-    *copy.version_mut() = req.version();
-    *copy.headers_mut() = req.headers().clone();
-    Some(copy)
-}
-
-/// The node closed or reset the connection before any answer came.
-fn closed_by_node(e: &hyper::Error) -> bool {
-    if e.is_incomplete_message() {
-        return true;
-    }
-    let mut source = std::error::Error::source(e);
-    while let Some(err) = source {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            return matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
-            );
-        }
-        source = err.source();
-    }
-    false
 }
 
 /// Why a try got no answer.
@@ -426,28 +390,454 @@ pub enum SendFailure {
     /// No connection could be made.
     Connect(ConnectError),
     /// The request failed on its connection.
-    Request(hyper::Error),
+    Request(H1Error),
 }
 
-/// Drives one connection until it ends.
-async fn drive<F: std::future::Future<Output = Result<(), hyper::Error>>>(
-    node: Authority,
-    conn: F,
-) {
-    if let Err(e) = conn.await {
-        tracing::debug!(%node, error = %e, "upstream connection ended");
+/// A request on its way out: encoded once, so that a resend writes the same
+/// bytes again.
+struct Outgoing {
+    method: Method,
+    target: PathAndQuery,
+    headers: HeaderMap,
+    body: OutBody,
+    /// The head (and a small in-memory body), once encoded.
+    wire: Vec<u8>,
+}
+
+enum OutBody {
+    /// In memory, larger than [`INLINE_BODY`] (a smaller one is in `wire`).
+    Full(Bytes),
+    Inline,
+    Stream(SendWatch<ClientBody>),
+    /// A streamed body already sent (it cannot be sent again).
+    Sent,
+}
+
+impl Outgoing {
+    fn new(req: Request<ProxyBody>) -> Self {
+        let (parts, body) = req.into_parts();
+        let body = match body {
+            Either::Left(full) => OutBody::Full(full_bytes(full)),
+            Either::Right(stream) => OutBody::Stream(stream),
+        };
+        let target = parts
+            .uri
+            .into_parts()
+            .path_and_query
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        Outgoing {
+            method: parts.method,
+            target,
+            headers: parts.headers,
+            body,
+            wire: Vec::new(),
+        }
+    }
+
+    fn resendable(&self) -> bool {
+        self.method.is_idempotent() && matches!(self.body, OutBody::Full(_) | OutBody::Inline)
+    }
+
+    /// The request's bytes, encoded into the connection's spare buffer the
+    /// first time.
+    fn encode(&mut self, conn: &mut Conn) {
+        if !self.wire.is_empty() {
+            return;
+        }
+        self.wire = std::mem::take(&mut conn.wbuf);
+        self.wire.clear();
+        let exact = match &self.body {
+            OutBody::Full(b) => Some(b.len() as u64),
+            _ => None,
+        };
+        let framing = h1_codec::request_framing(&self.method, &self.headers, exact);
+        h1_codec::encode_request_head(
+            &mut self.wire,
+            &self.method,
+            self.target.as_str(),
+            &self.headers,
+            framing,
+        );
+        if let OutBody::Full(b) = &self.body {
+            if b.len() <= INLINE_BODY {
+                self.wire.extend_from_slice(b);
+                self.body = OutBody::Inline;
+            }
+        }
+    }
+
+    /// Writes the request on `conn` and reads the answer's head.
+    async fn exchange(&mut self, conn: &mut Conn) -> Result<AnswerHead, H1Error> {
+        self.encode(conn);
+        conn.io
+            .write_all(&self.wire)
+            .await
+            .map_err(H1Error::before_answer)?;
+        match &mut self.body {
+            OutBody::Full(b) => conn.io.write_all(b).await.map_err(H1Error::before_answer)?,
+            OutBody::Stream(_) => {
+                let OutBody::Stream(body) = std::mem::replace(&mut self.body, OutBody::Sent) else {
+                    return Err(H1Error::BodyLength);
+                };
+                let framing = h1_codec::request_framing(&self.method, &self.headers, None);
+                write_stream(&mut conn.io, body, framing).await?;
+            }
+            OutBody::Inline | OutBody::Sent => {}
+        }
+        conn.io.flush().await.map_err(H1Error::before_answer)?;
+        read_head(conn).await
+    }
+
+    /// The answer to hand back: its head, and a body that reads the rest
+    /// from the connection.
+    fn answer(self, mut lease: Lease, head: AnswerHead) -> Result<Response<H1Body>, SendFailure> {
+        let mut wire = self.wire;
+        wire.clear();
+        lease.conn.wbuf = wire;
+        let upgraded = head.status == StatusCode::SWITCHING_PROTOCOLS;
+        let (framing, reusable) = if upgraded {
+            (AnswerFraming::UntilClose, false)
+        } else {
+            h1_codec::answer_framing(self.method == Method::HEAD, &head)
+                .map_err(|e| SendFailure::Request(e.into()))?
+        };
+        let mut resp = Response::new(());
+        *resp.status_mut() = head.status;
+        *resp.version_mut() = head.version;
+        *resp.headers_mut() = head.headers;
+        if let Some(reason) = head.reason {
+            if let Ok(reason) = hyper::ext::ReasonPhrase::try_from(reason) {
+                resp.extensions_mut().insert(reason);
+            }
+        }
+        let body = if upgraded {
+            H1Body {
+                lease: Some(lease),
+                reading: Reading::Upgrade,
+                reusable: false,
+                failed: None,
+            }
+        } else {
+            H1Body::new(lease, framing, reusable)
+        };
+        Ok(resp.map(|()| body))
     }
 }
 
-/// Drops idle connections that have timed out, until the pool is gone.
+/// The data of a body already in memory.
+fn full_bytes(mut full: Full<Bytes>) -> Bytes {
+    let mut cx = Context::from_waker(Waker::noop());
+    match Pin::new(&mut full).poll_frame(&mut cx) {
+        Poll::Ready(Some(Ok(frame))) => frame.into_data().unwrap_or_default(),
+        _ => Bytes::new(),
+    }
+}
+
+/// Streams a client's body to the node, by `framing`; trailers are not
+/// passed on.
+async fn write_stream(
+    io: &mut Box<dyn Stream>,
+    mut body: SendWatch<ClientBody>,
+    framing: RequestFraming,
+) -> Result<(), H1Error> {
+    let mut left = match framing {
+        RequestFraming::Length(n) => Some(n),
+        RequestFraming::None | RequestFraming::Chunked => None,
+    };
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(H1Error::Body)?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if data.is_empty() {
+            continue;
+        }
+        match &mut left {
+            Some(n) => {
+                *n = n
+                    .checked_sub(data.len() as u64)
+                    .ok_or(H1Error::BodyLength)?;
+                io.write_all(&data).await.map_err(H1Error::before_answer)?;
+            }
+            None => {
+                let mut line = [0; 18];
+                let line = h1_codec::chunk_size_line(data.len(), &mut line);
+                let mut chunk = Buf::chain(Buf::chain(line, data), &b"\r\n"[..]);
+                io.write_all_buf(&mut chunk)
+                    .await
+                    .map_err(H1Error::before_answer)?;
+            }
+        }
+    }
+    match left {
+        Some(0) => Ok(()),
+        Some(_) => Err(H1Error::BodyLength),
+        None => io
+            .write_all(h1_codec::LAST_CHUNK)
+            .await
+            .map_err(H1Error::before_answer),
+    }
+}
+
+/// Reads until a final answer head (informational ones are skipped, except
+/// `101 Switching Protocols`).
+async fn read_head(conn: &mut Conn) -> Result<AnswerHead, H1Error> {
+    let mut answered = false;
+    loop {
+        if !conn.rbuf.is_empty() {
+            if let Some(head) = h1_codec::parse_answer_head(&mut conn.rbuf)? {
+                if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS
+                {
+                    continue;
+                }
+                return Ok(head);
+            }
+        }
+        conn.rbuf.reserve(READ_CHUNK);
+        let read = conn.io.read_buf(&mut conn.rbuf).await;
+        match read {
+            Ok(0) if answered => return Err(H1Error::Incomplete),
+            Ok(0) => return Err(H1Error::Closed),
+            Ok(_) => answered = true,
+            Err(e) if answered => return Err(H1Error::Io(e)),
+            Err(e) => return Err(H1Error::before_answer(e)),
+        }
+    }
+}
+
+/// An answer's body, read from its connection as the client takes it. The
+/// connection goes back to the pool at the body's end (when the node
+/// framed it so that it can carry another request); a body dropped before
+/// its end, or failed, closes it.
+pub struct H1Body {
+    lease: Option<Lease>,
+    reading: Reading,
+    reusable: bool,
+    /// A failure met just after data was handed out, reported at the next
+    /// poll: hyper aborts the client's connection at a body error without
+    /// flushing, and the client should get the data that did come first.
+    failed: Option<H1Error>,
+}
+
+enum Reading {
+    /// Read whole with the head; the connection is already released.
+    Ready(Option<Bytes>),
+    /// This many bytes still to come.
+    Length(u64),
+    Chunked(ChunkedDecoder),
+    UntilClose,
+    /// A `101` answer: the connection now belongs to the upgrade.
+    Upgrade,
+}
+
+impl H1Body {
+    fn new(mut lease: Lease, framing: AnswerFraming, reusable: bool) -> Self {
+        let reading = match framing {
+            AnswerFraming::Empty => Reading::Ready(None),
+            AnswerFraming::Length(n) if lease.conn.rbuf.len() as u64 >= n => {
+                // `n` fits in the buffer, so in usize.
+                Reading::Ready(Some(lease.conn.rbuf.split_to(n as usize).freeze()))
+            }
+            AnswerFraming::Length(n) => Reading::Length(n),
+            AnswerFraming::Chunked => Reading::Chunked(ChunkedDecoder::default()),
+            AnswerFraming::UntilClose => Reading::UntilClose,
+        };
+        let mut body = H1Body {
+            lease: Some(lease),
+            reading,
+            reusable,
+            failed: None,
+        };
+        if let Reading::Ready(_) = body.reading {
+            body.release();
+        }
+        body
+    }
+
+    /// The answer is read: the connection may serve another request.
+    fn release(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            if self.reusable {
+                lease.release();
+            }
+        }
+    }
+
+    /// Reports `e` at the next poll, which comes at once.
+    fn fail(
+        &mut self,
+        e: H1Error,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
+        self.failed = Some(e);
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// The connection of a `101` answer, for the upgraded protocol.
+    pub fn into_upgraded(mut self) -> Option<Upgraded> {
+        if !matches!(self.reading, Reading::Upgrade) {
+            return None;
+        }
+        let conn = self.lease.take()?.conn;
+        Some(Upgraded {
+            io: conn.io,
+            read: conn.rbuf,
+        })
+    }
+}
+
+impl Body for H1Body {
+    type Data = Bytes;
+    type Error = H1Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
+        let this = self.get_mut();
+        if let Some(e) = this.failed.take() {
+            return Poll::Ready(Some(Err(e)));
+        }
+        loop {
+            let Some(lease) = &mut this.lease else {
+                return match &mut this.reading {
+                    Reading::Ready(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+                    _ => Poll::Ready(None),
+                };
+            };
+            let rbuf = &mut lease.conn.rbuf;
+            match &mut this.reading {
+                Reading::Length(left) if !rbuf.is_empty() => {
+                    let take = usize::try_from(*left).unwrap_or(usize::MAX).min(rbuf.len());
+                    let data = rbuf.split_to(take).freeze();
+                    *left -= take as u64;
+                    if *left == 0 {
+                        this.reading = Reading::Ready(None);
+                        this.release();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Reading::Chunked(decoder) if !rbuf.is_empty() || decoder.is_done() => {
+                    match decoder.decode(rbuf) {
+                        Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                        Ok(Decoded::Trailers(trailers)) => {
+                            this.reading = Reading::Ready(None);
+                            this.release();
+                            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                        }
+                        Ok(Decoded::End) => {
+                            this.reading = Reading::Ready(None);
+                            this.release();
+                            return Poll::Ready(None);
+                        }
+                        Ok(Decoded::More) => {}
+                        Err(e) => {
+                            this.lease = None;
+                            this.reading = Reading::Ready(None);
+                            return this.fail(e.into(), cx);
+                        }
+                    }
+                }
+                Reading::UntilClose if !rbuf.is_empty() => {
+                    let data = rbuf.split().freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Reading::Upgrade | Reading::Ready(_) => return Poll::Ready(None),
+                _ => {}
+            }
+            rbuf.reserve(READ_CHUNK);
+            match tokio_util::io::poll_read_buf(Pin::new(&mut lease.conn.io), cx, rbuf) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) => {
+                    let ended = matches!(this.reading, Reading::UntilClose);
+                    this.lease = None;
+                    this.reading = Reading::Ready(None);
+                    if ended {
+                        return Poll::Ready(None);
+                    }
+                    return this.fail(H1Error::Incomplete, cx);
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => {
+                    this.lease = None;
+                    this.reading = Reading::Ready(None);
+                    return this.fail(H1Error::Io(e), cx);
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.reading {
+            Reading::Ready(data) => data.is_none(),
+            Reading::Length(n) => *n == 0,
+            _ => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.reading {
+            Reading::Ready(data) => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            Reading::Length(n) => SizeHint::with_exact(*n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+/// The node's side of an upgraded connection: what it sent after its `101`
+/// first, then the connection itself.
+pub struct Upgraded {
+    io: Box<dyn Stream>,
+    read: BytesMut,
+}
+
+impl AsyncRead for Upgraded {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if !this.read.is_empty() {
+            let n = this.read.len().min(buf.remaining());
+            buf.put_slice(&this.read.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Upgraded {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// Drops idle connections that have timed out or gone stale, until the
+/// pool is gone.
 async fn sweep(pool: Weak<Shared>) {
     loop {
         let period = match pool.upgrade() {
             Some(shared) => {
                 let mut idle = shared.idle.lock().unwrap_or_else(|p| p.into_inner());
                 idle.retain(|_, list| {
-                    list.retain(|e| {
-                        !e.sender.is_closed() && e.since.elapsed() < shared.idle_timeout
+                    list.retain_mut(|e| {
+                        e.since.elapsed() < shared.idle_timeout && !e.conn.is_stale()
                     });
                     !list.is_empty()
                 });
@@ -465,6 +855,7 @@ mod tests {
     use super::*;
     use bytes::Bytes;
     use http_body_util::{BodyExt, Either, Full};
+    use hyper_util::rt::TokioIo;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// An HTTP/1.1 server counting its connections.
@@ -503,7 +894,7 @@ mod tests {
     }
 
     async fn exchange(pool: &H1Pool, node: &Authority, max_requests: u32) {
-        let (resp, lease) = pool
+        let resp = pool
             .send(
                 &NodeKey::new(node.clone(), None),
                 max_requests,
@@ -514,9 +905,6 @@ mod tests {
             .unwrap();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"ok");
-        lease.release();
-        // The connection turns ready once hyper has seen the body's end.
-        tokio::task::yield_now().await;
     }
 
     #[tokio::test]
@@ -548,22 +936,179 @@ mod tests {
         assert_eq!(conns.load(Ordering::SeqCst), 2);
     }
 
+    /// A node that answers every request of a connection with `answer`.
+    async fn raw_node(answer: &'static [u8]) -> (Authority, Arc<AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let counter = conns.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    while s.read(&mut buf).await.unwrap_or(0) > 0 {
+                        if s.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr.to_string().parse().unwrap(), conns)
+    }
+
+    async fn send(p: &H1Pool, node: &Authority) -> Response<H1Body> {
+        p.send(
+            &NodeKey::new(node.clone(), None),
+            1000,
+            request(node),
+            |_| {},
+        )
+        .await
+        .unwrap()
+    }
+
     #[tokio::test]
-    async fn an_unreleased_lease_is_not_reused() {
-        let (node, conns) = node().await;
+    async fn an_answer_dropped_midway_closes_its_connection() {
+        let (node, conns) = raw_node(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf.").await;
         let p = pool(Duration::from_secs(60));
-        let (_resp, lease) = p
+        let mut body = send(&p, &node).await.into_body();
+        assert_eq!(body.size_hint().exact(), Some(10));
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&first[..], b"half.");
+        drop(body);
+        assert_eq!(idle_count(&p), 0);
+        let _ = send(&p, &node).await;
+        assert_eq!(conns.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn an_answer_read_with_its_head_frees_its_connection_at_once() {
+        let (node, conns) = raw_node(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+        let p = pool(Duration::from_secs(60));
+        let resp = send(&p, &node).await;
+        assert_eq!(idle_count(&p), 1, "released before the body is taken");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"ok");
+        let _ = send(&p, &node).await;
+        assert_eq!(conns.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn chunked_answers_end_with_their_trailers_and_free_the_connection() {
+        let (node, conns) = raw_node(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n1\r\nc\r\n0\r\nx-sum: 3\r\n\r\n",
+        )
+        .await;
+        let p = pool(Duration::from_secs(60));
+        for _ in 0..3 {
+            let collected = send(&p, &node).await.into_body().collect().await.unwrap();
+            assert_eq!(collected.trailers().unwrap()["x-sum"], "3");
+            assert_eq!(&collected.to_bytes()[..], b"abc");
+            assert_eq!(idle_count(&p), 1);
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn answers_until_close_are_read_to_the_end_and_not_pooled() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let node: Authority = l.local_addr().unwrap().to_string().parse().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(b"HTTP/1.0 200 OK\r\n\r\nuntil ").await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let _ = s.write_all(b"closed").await;
+            }
+        });
+        let p = pool(Duration::from_secs(60));
+        let body = send(&p, &node).await.into_body().collect().await.unwrap();
+        assert_eq!(&body.to_bytes()[..], b"until closed");
+        assert_eq!(idle_count(&p), 0);
+    }
+
+    #[tokio::test]
+    async fn informational_answers_are_skipped_and_bad_ones_fail() {
+        let (node, _) =
+            raw_node(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n").await;
+        let p = pool(Duration::from_secs(60));
+        assert_eq!(send(&p, &node).await.status(), StatusCode::NO_CONTENT);
+        let (node, _) = raw_node(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n").await;
+        let failure = p
             .send(
                 &NodeKey::new(node.clone(), None),
                 1000,
                 request(&node),
                 |_| {},
             )
-            .await
-            .unwrap();
-        drop(lease);
-        exchange(&p, &node, 1000).await;
-        assert_eq!(conns.load(Ordering::SeqCst), 2);
+            .await;
+        assert!(matches!(
+            failure,
+            Err(SendFailure::Request(H1Error::Invalid(
+                Invalid::ContentLength
+            )))
+        ));
+    }
+
+    #[tokio::test]
+    async fn streamed_bodies_go_chunked_or_by_their_length() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let node: Authority = l.local_addr().unwrap().to_string().parse().unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        let n = s.read(&mut buf).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        seen.extend_from_slice(&buf[..n]);
+                        if seen.ends_with(b"0\r\n\r\n") || seen.ends_with(b"hello") {
+                            let _ = tx.send(String::from_utf8_lossy(&seen).into_owned());
+                            seen.clear();
+                            let _ = s
+                                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                                .await;
+                        }
+                    }
+                });
+            }
+        });
+        let p = pool(Duration::from_secs(60));
+        for length in [None, Some("5")] {
+            let client = ClientBody::full(Bytes::from_static(b"hello"));
+            let (watched, _) = SendWatch::new(client);
+            let mut req = Request::post(format!("http://{node}/up"))
+                .body(Either::Right(watched))
+                .unwrap();
+            if let Some(len) = length {
+                req.headers_mut()
+                    .insert(http::header::CONTENT_LENGTH, len.parse().unwrap());
+            }
+            let resp = p
+                .send(&NodeKey::new(node.clone(), None), 1000, req, |_| {})
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            let wire = rx.recv().await.unwrap();
+            match length {
+                None => assert!(
+                    wire.ends_with("transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"),
+                    "{wire}"
+                ),
+                Some(_) => assert!(wire.ends_with("content-length: 5\r\n\r\nhello"), "{wire}"),
+            }
+        }
     }
 
     #[tokio::test]
@@ -587,33 +1132,6 @@ mod tests {
 
     fn idle_count(p: &H1Pool) -> usize {
         p.0.idle.lock().unwrap().values().map(Vec::len).sum()
-    }
-
-    /// A body ending in trailers gives its connection back: hyper stops
-    /// polling after the trailers, so they count as the end.
-    #[tokio::test]
-    async fn a_body_ending_in_trailers_releases_its_connection() {
-        let (node, _) = node().await;
-        let p = pool(Duration::from_secs(60));
-        let (resp, lease) = p
-            .send(
-                &NodeKey::new(node.clone(), None),
-                1000,
-                request(&node),
-                |_| {},
-            )
-            .await
-            .unwrap();
-        let _ = resp.into_body().collect().await;
-        let frames = futures_util::stream::iter([
-            Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"x"))),
-            Ok(Frame::trailers(http::HeaderMap::new())),
-        ]);
-        let mut body = Leased::new(http_body_util::StreamBody::new(frames), lease);
-        assert!(body.frame().await.is_some());
-        assert_eq!(idle_count(&p), 0);
-        assert!(body.frame().await.is_some(), "the trailers");
-        assert_eq!(idle_count(&p), 1);
     }
 
     /// A node that answers the first request of each connection and, for
@@ -643,11 +1161,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_get_cut_off_on_a_long_idle_connection_is_sent_again() {
+    async fn a_get_cut_off_on_a_pooled_connection_is_sent_again() {
         let (node, conns) = one_shot_node().await;
         let p = pool(Duration::from_secs(60));
         exchange(&p, &node, 1000).await;
-        tokio::time::sleep(RESEND_AFTER_IDLE + Duration::from_millis(100)).await;
         exchange(&p, &node, 1000).await;
         assert_eq!(
             conns.load(Ordering::SeqCst),
@@ -656,13 +1173,15 @@ mod tests {
         );
 
         // A POST is not sent twice.
-        tokio::time::sleep(RESEND_AFTER_IDLE + Duration::from_millis(100)).await;
         let post = Request::post(format!("http://{node}/"))
             .body(Either::Left(Full::new(Bytes::from_static(b"once"))))
             .unwrap();
         let failure = p
             .send(&NodeKey::new(node.clone(), None), 1000, post, |_| {})
             .await;
-        assert!(matches!(failure, Err(SendFailure::Request(_))));
+        assert!(matches!(
+            failure,
+            Err(SendFailure::Request(H1Error::Closed))
+        ));
     }
 }

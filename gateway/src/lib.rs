@@ -20,6 +20,7 @@ pub mod error_log;
 pub mod error_page;
 mod etcd_store;
 pub mod framing;
+pub mod h1_codec;
 pub mod h1_upstream;
 pub mod h2_upstream;
 pub mod headers;

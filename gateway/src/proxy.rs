@@ -39,7 +39,7 @@ use plugins::{ClientIp, ConnInfo, ResponseBody};
 use crate::body::{BodyFault, BodyState, ClientBody, IdleTimeout, ProxyBody};
 use crate::connector::ConnectError;
 use crate::error_page::{error_page, status_list, with_close, X_APISIX_UPSTREAM_STATUS};
-use crate::h1_upstream::{Lease, Leased, SendFailure};
+use crate::h1_upstream::{H1Body, SendFailure};
 use crate::headers::{prepare_request_headers, strip_hop_by_hop};
 use crate::health::Outcome;
 use crate::phases::{within_phases, PhaseTimeout, Progress, SendWatch};
@@ -127,7 +127,7 @@ struct TryFailure {
 
 /// The outcome of one try: an answer (with its pooled connection, for
 /// HTTP/1.1), a failure before any answer, or a timeout phase that ran out.
-type TryResult = Result<Result<(Response<Incoming>, Option<Lease>), SendError>, PhaseTimeout>;
+type TryResult = Result<Result<Response<UpstreamBody>, SendError>, PhaseTimeout>;
 
 /// One try's request to a node, and the progress its timeouts watch.
 type OutRequest = (Request<ProxyBody>, Arc<Progress>);
@@ -373,7 +373,7 @@ fn pick_node(up: &CompiledUpstream, hash_key: Option<&str>, tried: &[usize]) -> 
 /// What a try tells the passive health check.
 fn outcome_of(result: &TryResult) -> Outcome {
     match result {
-        Ok(Ok((resp, _))) => Outcome::Status(resp.status().as_u16()),
+        Ok(Ok(resp)) => Outcome::Status(resp.status().as_u16()),
         Ok(Err(e)) if e.timed_out => Outcome::Timeout,
         Ok(Err(_)) => Outcome::TcpFailure,
         Err(_) => Outcome::Timeout,
@@ -499,11 +499,10 @@ impl ProxyTarget {
                     Err(BadAuthority) => return error_page(StatusCode::BAD_REQUEST, None),
                 };
                 let failure = match self.send_one(up, node, target, out, &progress).await {
-                    Ok(Ok((resp, lease))) => {
+                    Ok(Ok(resp)) => {
                         statuses.push(resp.status().as_u16());
                         let upgrade = request.upgrade.take();
-                        let mut resp =
-                            self.respond(resp, lease, &statuses, target, upgrade, started);
+                        let mut resp = self.respond(resp, &statuses, target, upgrade, started);
                         if let Some(info) = resp.extensions_mut().get_mut::<UpstreamInfo>() {
                             info.scheme = Some(up.scheme_name());
                         }
@@ -567,21 +566,27 @@ impl ProxyTarget {
     /// WebSocket upgrade, anything else streams back.
     fn respond(
         &self,
-        mut resp: Response<Incoming>,
-        lease: Option<Lease>,
+        resp: Response<UpstreamBody>,
         statuses: &[u16],
         target: &Target,
         upgrade: Option<OnUpgrade>,
         started: Instant,
     ) -> Response<ResponseBody> {
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            return match upgrade {
-                Some(client_side) => websocket::splice(client_side, &mut resp),
+            let (parts, body) = resp.into_parts();
+            let upstream_side = match body {
+                UpstreamBody::H1(body) => body.into_upgraded(),
+                UpstreamBody::H2(_) => None,
+            };
+            return match (upgrade, upstream_side) {
+                (Some(client_side), Some(upstream_side)) => {
+                    websocket::splice(client_side, upstream_side, &parts.headers)
+                }
                 // An upgrade nobody asked for cannot be honoured.
-                None => error_page(StatusCode::BAD_GATEWAY, Some(statuses)),
+                _ => error_page(StatusCode::BAD_GATEWAY, Some(statuses)),
             };
         }
-        let mut resp = self.finish(resp, statuses, lease);
+        let mut resp = self.finish(resp, statuses);
         resp.extensions_mut().insert(UpstreamInfo {
             addr: Some(target.authority.clone()),
             status: statuses.last().copied(),
@@ -601,10 +606,8 @@ impl ProxyTarget {
         progress: &'a Progress,
         up: &'a CompiledUpstream,
         target: &'a Target,
-    ) -> impl Future<
-        Output = Result<Result<(Response<Incoming>, Option<Lease>), SendError>, PhaseTimeout>,
-    > + Send
-           + 'a {
+    ) -> impl Future<Output = Result<Result<Response<UpstreamBody>, SendError>, PhaseTimeout>> + Send + 'a
+    {
         async move {
             match &self.client {
                 UpstreamClient::Http1(pool) => {
@@ -617,7 +620,7 @@ impl ProxyTarget {
                     within_phases(exchange, std::future::pending(), progress, &self.timeouts)
                         .await
                         .map(|r| {
-                            r.map(|(resp, lease)| (resp, Some(lease)))
+                            r.map(|resp| resp.map(UpstreamBody::H1))
                                 .map_err(SendError::from_failure)
                         })
                 }
@@ -642,7 +645,10 @@ impl ProxyTarget {
                     };
                     within_phases(exchange, std::future::ready(true), progress, &self.timeouts)
                         .await
-                        .map(|r| r.map(|resp| (resp, None)).map_err(SendError::from_hyper))
+                        .map(|r| {
+                            r.map(|resp| resp.map(UpstreamBody::H2))
+                                .map_err(SendError::from_hyper)
+                        })
                 }
             }
         }
@@ -652,12 +658,7 @@ impl ProxyTarget {
     /// tries listed for a 5xx (or always, by `show_upstream_status`), the
     /// body cut off after `read` without data, the connection pooled again
     /// once the body has been read to the end.
-    fn finish(
-        &self,
-        resp: Response<Incoming>,
-        statuses: &[u16],
-        lease: Option<Lease>,
-    ) -> Response<ResponseBody> {
+    fn finish(&self, resp: Response<UpstreamBody>, statuses: &[u16]) -> Response<ResponseBody> {
         let (mut parts, body) = resp.into_parts();
         // The client gets the gateway's protocol, whatever the upstream spoke
         // (an HTTP/1.0 upstream must not turn the answer into HTTP/1.0).
@@ -670,18 +671,45 @@ impl ProxyTarget {
         }
         // An upstream that stops sending mid-body is cut off after the read
         // timeout; the client connection is then aborted, never left hanging.
-        let body = IdleTimeout::new(body, self.timeouts.read);
         // The connection goes back to its pool once the answer has been
-        // read to the end.
-        let body = match lease {
-            Some(lease) if body.is_end_stream() => {
-                lease.release();
-                body.boxed_unsync()
-            }
-            Some(lease) => Leased::new(body, lease).boxed_unsync(),
-            None => body.boxed_unsync(),
-        };
+        // read to the end (see `H1Body`).
+        let body = IdleTimeout::new(body, self.timeouts.read).boxed_unsync();
         Response::from_parts(parts, body)
+    }
+}
+
+/// An upstream answer's body, by the protocol it came over.
+enum UpstreamBody {
+    H1(H1Body),
+    H2(Incoming),
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = plugins::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            UpstreamBody::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            UpstreamBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::H1(b) => b.is_end_stream(),
+            UpstreamBody::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            UpstreamBody::H1(b) => b.size_hint(),
+            UpstreamBody::H2(b) => b.size_hint(),
+        }
     }
 }
 
@@ -702,7 +730,11 @@ impl SendError {
                 timed_out: matches!(e, ConnectError::TimedOut(_)),
                 error: e.into(),
             },
-            SendFailure::Request(e) => SendError::from_hyper(e),
+            SendFailure::Request(e) => SendError {
+                connect: false,
+                timed_out: false,
+                error: e.into(),
+            },
         }
     }
 

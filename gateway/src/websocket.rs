@@ -9,8 +9,9 @@
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Response, StatusCode};
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
+
+use crate::h1_upstream::Upgraded;
 
 use plugins::{full_body, ResponseBody};
 
@@ -51,13 +52,15 @@ fn wants_websocket(headers: &HeaderMap) -> bool {
 
 /// Answers 101 to the client and copies bytes both ways between the two
 /// upgraded connections until either side closes.
-pub fn splice(client_side: OnUpgrade, resp: &mut Response<Incoming>) -> Response<ResponseBody> {
-    let upstream_side = hyper::upgrade::on(&mut *resp);
+pub fn splice(
+    client_side: OnUpgrade,
+    mut upstream: Upgraded,
+    upstream_headers: &HeaderMap,
+) -> Response<ResponseBody> {
     tokio::spawn(async move {
-        match tokio::try_join!(client_side, upstream_side) {
-            Ok((client, upstream)) => {
+        match client_side.await {
+            Ok(client) => {
                 let mut client = hyper_util::rt::TokioIo::new(client);
-                let mut upstream = hyper_util::rt::TokioIo::new(upstream);
                 if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
                     tracing::debug!(error = %e, "websocket connection ended");
                 }
@@ -67,7 +70,7 @@ pub fn splice(client_side: OnUpgrade, resp: &mut Response<Incoming>) -> Response
     });
     let mut out = Response::new(full_body(Bytes::new()));
     *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    for (name, value) in resp.headers() {
+    for (name, value) in upstream_headers {
         if name != header::CONTENT_LENGTH && name != header::TRANSFER_ENCODING {
             out.headers_mut().append(name.clone(), value.clone());
         }

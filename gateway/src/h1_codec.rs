@@ -1,0 +1,448 @@
+//! HTTP/1.1 on the wire towards upstream nodes: request heads written,
+//! answer heads parsed, answer bodies framed (RFC 9112).
+//!
+//! Pure functions over byte buffers; [`crate::h1_upstream`] does the I/O.
+//!
+//! - Request framing: a body already in memory goes with its exact
+//!   `Content-Length` (none for an empty GET-like request); a streamed body
+//!   keeps the client's `Content-Length` when it has one, else is chunked.
+//! - Answer heads: at most [`MAX_ANSWER_HEAD`] bytes and [`MAX_HEADERS`]
+//!   header lines, or the answer is invalid (the proxy answers 502, as nginx
+//!   does for a head larger than `proxy_buffer_size`).
+//! - Answer bodies: none for HEAD, 1xx, 204 and 304; chunked when the last
+//!   transfer coding is `chunked`; otherwise `Content-Length` (every copy
+//!   must agree); otherwise until the node closes. A connection is kept for
+//!   another request only when both sides framed the answer unambiguously
+//!   and the node did not ask to close.
+
+use std::mem::MaybeUninit;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Method, StatusCode, Version};
+
+/// Largest answer head read from a node.
+pub const MAX_ANSWER_HEAD: usize = 64 * 1024;
+/// Most header lines an answer head (or its trailers) may have.
+pub const MAX_HEADERS: usize = 128;
+/// Longest chunk-size line (with extensions) accepted.
+const MAX_CHUNK_LINE: usize = 4 * 1024;
+
+/// Why a node's answer cannot be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    #[error("invalid answer head")]
+    Head,
+    #[error("answer head larger than {MAX_ANSWER_HEAD} bytes or {MAX_HEADERS} lines")]
+    HeadTooLarge,
+    #[error("invalid Content-Length")]
+    ContentLength,
+    #[error("invalid chunked body")]
+    Chunk,
+}
+
+/// How a request's body is delimited on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestFraming {
+    /// No body and no length header.
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// The framing of a request whose body is `exact` bytes long when known
+/// (in memory), or streamed (`None`).
+pub fn request_framing(method: &Method, headers: &HeaderMap, exact: Option<u64>) -> RequestFraming {
+    match exact {
+        Some(0) if !expects_length(method, headers) => RequestFraming::None,
+        Some(n) => RequestFraming::Length(n),
+        None => match content_length(headers) {
+            Ok(Some(n)) => RequestFraming::Length(n),
+            _ => RequestFraming::Chunked,
+        },
+    }
+}
+
+/// An empty body is announced (`Content-Length: 0`) for the methods that
+/// define one, or when the client announced it itself.
+fn expects_length(method: &Method, headers: &HeaderMap) -> bool {
+    *method == Method::POST
+        || *method == Method::PUT
+        || *method == Method::PATCH
+        || headers.contains_key(header::CONTENT_LENGTH)
+}
+
+/// Appends the request line and headers to `buf`. Framing headers in
+/// `headers` are replaced by those of `framing`.
+pub fn encode_request_head(
+    buf: &mut Vec<u8>,
+    method: &Method,
+    target: &str,
+    headers: &HeaderMap,
+    framing: RequestFraming,
+) {
+    buf.extend_from_slice(method.as_str().as_bytes());
+    buf.push(b' ');
+    buf.extend_from_slice(if target.is_empty() { "/" } else { target }.as_bytes());
+    buf.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        buf.extend_from_slice(name.as_str().as_bytes());
+        buf.extend_from_slice(b": ");
+        buf.extend_from_slice(value.as_bytes());
+        buf.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        RequestFraming::None => {}
+        RequestFraming::Length(n) => {
+            buf.extend_from_slice(b"content-length: ");
+            buf.extend_from_slice(itoa_u64(n, &mut [0; 20]));
+            buf.extend_from_slice(b"\r\n");
+        }
+        RequestFraming::Chunked => buf.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    buf.extend_from_slice(b"\r\n");
+}
+
+/// `n` in decimal, written into `out`.
+fn itoa_u64(mut n: u64, out: &mut [u8; 20]) -> &[u8] {
+    let mut i = out.len();
+    loop {
+        i -= 1;
+        out[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    &out[i..]
+}
+
+/// The size line that starts a chunk of `len` bytes.
+pub fn chunk_size_line(len: usize, out: &mut [u8; 18]) -> &[u8] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut i = 16;
+    let mut n = len;
+    out[16] = b'\r';
+    out[17] = b'\n';
+    loop {
+        i -= 1;
+        out[i] = HEX[n & 0xf];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    &out[i..]
+}
+
+/// The end of a chunked body (no trailers).
+pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+/// A parsed answer head.
+#[derive(Debug)]
+pub struct AnswerHead {
+    pub status: StatusCode,
+    pub version: Version,
+    pub headers: HeaderMap,
+    /// The reason phrase, when it is not the status code's usual one.
+    pub reason: Option<Bytes>,
+}
+
+/// Parses an answer head from the front of `buf`, removing it; `Ok(None)`
+/// while it is incomplete.
+pub fn parse_answer_head(buf: &mut BytesMut) -> Result<Option<AnswerHead>, Invalid> {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let base = buf.as_ptr() as usize;
+    let parsed = httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut resp, buf, &mut slots);
+    let len = match parsed {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_ANSWER_HEAD => {
+            return Err(Invalid::HeadTooLarge)
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(Invalid::HeadTooLarge),
+        Err(_) => return Err(Invalid::Head),
+    };
+    if len > MAX_ANSWER_HEAD {
+        return Err(Invalid::HeadTooLarge);
+    }
+    let status = resp
+        .code
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or(Invalid::Head)?;
+    let version = if resp.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let reason = resp
+        .reason
+        .filter(|r| Some(*r) != status.canonical_reason())
+        .map(|r| Bytes::copy_from_slice(r.as_bytes()));
+    // Header values are slices of the head, which is frozen once: no copy.
+    // Their places are noted first, while the parser still borrows it.
+    let mut spans = Vec::with_capacity(resp.headers.len());
+    for h in resp.headers.iter() {
+        let name = h.name.as_ptr() as usize - base;
+        let value = h.value.as_ptr() as usize - base;
+        spans.push([name, h.name.len(), value, h.value.len()]);
+    }
+    let head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for [name, name_len, value, value_len] in spans {
+        let name =
+            HeaderName::from_bytes(&head[name..name + name_len]).map_err(|_| Invalid::Head)?;
+        let value = head.slice(value..value + value_len);
+        // httparse admits exactly the bytes a header value may hold
+        // (visible ASCII, space, tab and obs-text), as `HeaderValue` does.
+        let value = HeaderValue::from_maybe_shared(value).map_err(|_| Invalid::Head)?;
+        headers.append(name, value);
+    }
+    Ok(Some(AnswerHead {
+        status,
+        version,
+        headers,
+        reason,
+    }))
+}
+
+/// How an answer's body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnswerFraming {
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the node closes the connection.
+    UntilClose,
+}
+
+/// The framing of an answer to a request (`head_request`: a HEAD), and
+/// whether its connection may carry another request afterwards.
+pub fn answer_framing(
+    head_request: bool,
+    head: &AnswerHead,
+) -> Result<(AnswerFraming, bool), Invalid> {
+    let keep_alive = keeps_alive(head.version, &head.headers);
+    let status = head.status.as_u16();
+    if head_request || (100..200).contains(&status) || status == 204 || status == 304 {
+        return Ok((AnswerFraming::Empty, keep_alive));
+    }
+    if head.headers.contains_key(header::TRANSFER_ENCODING) {
+        if !ends_chunked(&head.headers) {
+            return Ok((AnswerFraming::UntilClose, false));
+        }
+        // Both headers: the chunks frame it, and the connection is not
+        // trusted with another request.
+        let both = head.headers.contains_key(header::CONTENT_LENGTH);
+        return Ok((AnswerFraming::Chunked, keep_alive && !both));
+    }
+    match content_length(&head.headers)? {
+        Some(0) => Ok((AnswerFraming::Empty, keep_alive)),
+        Some(n) => Ok((AnswerFraming::Length(n), keep_alive)),
+        None => Ok((AnswerFraming::UntilClose, false)),
+    }
+}
+
+/// Whether the last transfer coding is `chunked`.
+fn ends_chunked(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+        .and_then(|v| v.as_bytes().rsplit(|&b| b == b',').next())
+        .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+}
+
+/// The message's `Content-Length`: every copy and list element must be the
+/// same number.
+fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Invalid> {
+    let mut found = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        for part in value.as_bytes().split(|&b| b == b',') {
+            let n = parse_decimal(part.trim_ascii()).ok_or(Invalid::ContentLength)?;
+            if found.is_some_and(|f| f != n) {
+                return Err(Invalid::ContentLength);
+            }
+            found = Some(n);
+        }
+    }
+    Ok(found)
+}
+
+fn parse_decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 19 {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        d.is_ascii_digit().then(|| n * 10 + u64::from(d - b'0'))
+    })
+}
+
+/// HTTP/1.1 keeps the connection unless `Connection: close`; HTTP/1.0
+/// only with `Connection: keep-alive`.
+fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
+    let has = |token: &[u8]| {
+        headers.get_all(header::CONNECTION).iter().any(|v| {
+            v.as_bytes()
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+        })
+    };
+    if version == Version::HTTP_10 {
+        has(b"keep-alive")
+    } else {
+        !has(b"close")
+    }
+}
+
+/// What [`ChunkedDecoder::decode`] found in the buffer.
+#[derive(Debug, PartialEq)]
+pub enum Decoded {
+    Data(Bytes),
+    /// The body ended with these trailers.
+    Trailers(HeaderMap),
+    /// The body ended without trailers.
+    End,
+    /// More bytes are needed.
+    More,
+}
+
+/// Decodes a chunked body as its bytes arrive.
+#[derive(Debug, Default)]
+pub struct ChunkedDecoder {
+    state: ChunkState,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    /// Expecting a chunk-size line.
+    #[default]
+    Size,
+    /// This many bytes of chunk data remain.
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailer lines up to an empty line.
+    Trailers,
+    Done,
+}
+
+impl ChunkedDecoder {
+    pub fn is_done(&self) -> bool {
+        self.state == ChunkState::Done
+    }
+
+    /// Takes what it can from the front of `buf`.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, Invalid> {
+        loop {
+            match self.state {
+                ChunkState::Size => {
+                    let Some(end) = memchr::memchr(b'\n', buf) else {
+                        return if buf.len() > MAX_CHUNK_LINE {
+                            Err(Invalid::Chunk)
+                        } else {
+                            Ok(Decoded::More)
+                        };
+                    };
+                    let size = parse_chunk_size(&buf[..end])?;
+                    buf.advance(end + 1);
+                    self.state = if size == 0 {
+                        ChunkState::Trailers
+                    } else {
+                        ChunkState::Data(size)
+                    };
+                }
+                ChunkState::Data(left) => {
+                    if buf.is_empty() {
+                        return Ok(Decoded::More);
+                    }
+                    let take = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+                    let data = buf.split_to(take).freeze();
+                    let left = left - take as u64;
+                    self.state = if left == 0 {
+                        ChunkState::DataEnd
+                    } else {
+                        ChunkState::Data(left)
+                    };
+                    return Ok(Decoded::Data(data));
+                }
+                ChunkState::DataEnd => match buf.first() {
+                    None => return Ok(Decoded::More),
+                    Some(b'\n') => {
+                        buf.advance(1);
+                        self.state = ChunkState::Size;
+                    }
+                    Some(b'\r') if buf.len() < 2 => return Ok(Decoded::More),
+                    Some(b'\r') if buf[1] == b'\n' => {
+                        buf.advance(2);
+                        self.state = ChunkState::Size;
+                    }
+                    Some(_) => return Err(Invalid::Chunk),
+                },
+                ChunkState::Trailers => return self.trailers(buf),
+                ChunkState::Done => return Ok(Decoded::End),
+            }
+        }
+    }
+
+    fn trailers(&mut self, buf: &mut BytesMut) -> Result<Decoded, Invalid> {
+        if buf.starts_with(b"\r\n") || buf.starts_with(b"\n") {
+            buf.advance(if buf[0] == b'\r' { 2 } else { 1 });
+            self.state = ChunkState::Done;
+            return Ok(Decoded::End);
+        }
+        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let (used, trailers) = match httparse::parse_headers(buf, &mut slots) {
+            Ok(httparse::Status::Complete((used, lines))) => {
+                let mut trailers = HeaderMap::with_capacity(lines.len());
+                for h in lines {
+                    let name = HeaderName::from_bytes(h.name.as_bytes());
+                    let value = HeaderValue::from_bytes(h.value);
+                    if let (Ok(name), Ok(value)) = (name, value) {
+                        trailers.append(name, value);
+                    }
+                }
+                (used, trailers)
+            }
+            Ok(httparse::Status::Partial) if buf.len() <= MAX_ANSWER_HEAD => {
+                return Ok(Decoded::More)
+            }
+            _ => return Err(Invalid::Chunk),
+        };
+        buf.advance(used);
+        self.state = ChunkState::Done;
+        Ok(Decoded::Trailers(trailers))
+    }
+}
+
+/// The size in a chunk-size line (without its `\n`), extensions ignored.
+fn parse_chunk_size(line: &[u8]) -> Result<u64, Invalid> {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let digits = line
+        .split(|&b| b == b';')
+        .next()
+        .map(<[u8]>::trim_ascii)
+        .unwrap_or_default();
+    if digits.is_empty() || digits.len() > 15 {
+        return Err(Invalid::Chunk);
+    }
+    let mut n = 0u64;
+    for &d in digits {
+        let v = match d {
+            b'0'..=b'9' => d - b'0',
+            b'a'..=b'f' => d - b'a' + 10,
+            b'A'..=b'F' => d - b'A' + 10,
+            _ => return Err(Invalid::Chunk),
+        };
+        n = n << 4 | u64::from(v);
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests;

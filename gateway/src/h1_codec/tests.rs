@@ -1,0 +1,257 @@
+use super::*;
+
+fn head(text: &str) -> AnswerHead {
+    let mut buf = BytesMut::from(text);
+    parse_answer_head(&mut buf).unwrap().unwrap()
+}
+
+#[test]
+fn request_heads_carry_the_framing_of_their_body() {
+    let mut headers = HeaderMap::new();
+    headers.insert(header::HOST, HeaderValue::from_static("example.com"));
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("99"));
+    headers.insert(
+        header::TRANSFER_ENCODING,
+        HeaderValue::from_static("chunked"),
+    );
+    let mut buf = Vec::new();
+    let framing = request_framing(&Method::POST, &headers, Some(5));
+    encode_request_head(&mut buf, &Method::POST, "/a?b=1", &headers, framing);
+    assert_eq!(
+        String::from_utf8(buf).unwrap(),
+        "POST /a?b=1 HTTP/1.1\r\nhost: example.com\r\ncontent-length: 5\r\n\r\n"
+    );
+
+    let get = HeaderMap::new();
+    assert_eq!(
+        request_framing(&Method::GET, &get, Some(0)),
+        RequestFraming::None
+    );
+    assert_eq!(
+        request_framing(&Method::POST, &get, Some(0)),
+        RequestFraming::Length(0)
+    );
+    assert_eq!(
+        request_framing(&Method::POST, &get, None),
+        RequestFraming::Chunked
+    );
+    assert_eq!(
+        request_framing(&Method::PUT, &headers, None),
+        RequestFraming::Length(99)
+    );
+}
+
+#[test]
+fn chunk_size_lines_are_hex() {
+    assert_eq!(chunk_size_line(0, &mut [0; 18]), b"0\r\n");
+    assert_eq!(chunk_size_line(255, &mut [0; 18]), b"ff\r\n");
+    assert_eq!(chunk_size_line(4096, &mut [0; 18]), b"1000\r\n");
+    assert_eq!(itoa_u64(0, &mut [0; 20]), b"0");
+    assert_eq!(
+        itoa_u64(u64::MAX, &mut [0; 20]),
+        u64::MAX.to_string().as_bytes()
+    );
+}
+
+#[test]
+fn answer_heads_are_parsed_and_removed_from_the_buffer() {
+    let mut buf =
+        BytesMut::from("HTTP/1.1 200 Fine\r\nX-A: 1\r\nx-a: 2\r\nContent-Length: 3\r\n\r\nabc");
+    let h = parse_answer_head(&mut buf).unwrap().unwrap();
+    assert_eq!(h.status, StatusCode::OK);
+    assert_eq!(h.reason.as_deref(), Some(&b"Fine"[..]));
+    assert_eq!(h.headers.get_all("x-a").iter().count(), 2);
+    assert_eq!(&buf[..], b"abc");
+    assert_eq!(
+        answer_framing(false, &h),
+        Ok((AnswerFraming::Length(3), true))
+    );
+    assert_eq!(answer_framing(true, &h), Ok((AnswerFraming::Empty, true)));
+
+    let mut partial = BytesMut::from("HTTP/1.1 200 OK\r\nX-A: 1\r\n");
+    assert!(parse_answer_head(&mut partial).unwrap().is_none());
+    assert_eq!(partial.len(), 25, "nothing taken from an incomplete head");
+    assert_eq!(head("HTTP/1.1 404 Not Found\r\n\r\n").reason, None);
+}
+
+#[test]
+fn bad_and_oversized_heads_are_invalid() {
+    let mut bad = BytesMut::from("HTTP/1.1 2000 OK\r\n\r\n");
+    assert_eq!(parse_answer_head(&mut bad).unwrap_err(), Invalid::Head);
+    let mut garbage = BytesMut::from("hello\r\n\r\n");
+    assert!(parse_answer_head(&mut garbage).is_err());
+    let mut many = String::from("HTTP/1.1 200 OK\r\n");
+    for i in 0..=MAX_HEADERS {
+        many.push_str(&format!("x-{i}: v\r\n"));
+    }
+    many.push_str("\r\n");
+    let mut many = BytesMut::from(many.as_str());
+    assert_eq!(
+        parse_answer_head(&mut many).unwrap_err(),
+        Invalid::HeadTooLarge
+    );
+    let mut endless = BytesMut::from("HTTP/1.1 200 OK\r\nx: ");
+    endless.extend_from_slice(&vec![b'v'; MAX_ANSWER_HEAD]);
+    assert_eq!(
+        parse_answer_head(&mut endless).unwrap_err(),
+        Invalid::HeadTooLarge
+    );
+}
+
+#[test]
+fn answer_framing_follows_rfc_9112() {
+    let f = |text: &str| answer_framing(false, &head(text));
+    assert_eq!(
+        f("HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n"),
+        Ok((AnswerFraming::Empty, true))
+    );
+    assert_eq!(
+        f("HTTP/1.1 304 Not Modified\r\n\r\n"),
+        Ok((AnswerFraming::Empty, true))
+    );
+    assert_eq!(
+        f("HTTP/1.1 200 OK\r\n\r\n"),
+        Ok((AnswerFraming::UntilClose, false))
+    );
+    assert_eq!(
+        f("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+        Ok((AnswerFraming::Empty, true))
+    );
+    assert_eq!(
+        f("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"),
+        Ok((AnswerFraming::Chunked, true))
+    );
+    assert_eq!(
+        f("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n"),
+        Ok((AnswerFraming::Chunked, false)),
+        "both: chunks win, the connection is not reused"
+    );
+    assert_eq!(
+        f("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n"),
+        Ok((AnswerFraming::UntilClose, false))
+    );
+    assert_eq!(
+        f("HTTP/1.1 200 OK\r\nContent-Length: 4\r\nContent-Length: 4, 4\r\n\r\n"),
+        Ok((AnswerFraming::Length(4), true))
+    );
+    assert_eq!(
+        f("HTTP/1.1 200 OK\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\n"),
+        Err(Invalid::ContentLength)
+    );
+    assert_eq!(
+        f("HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n"),
+        Err(Invalid::ContentLength)
+    );
+    assert_eq!(
+        f("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n"),
+        Ok((AnswerFraming::Length(1), false))
+    );
+    assert_eq!(
+        f("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n"),
+        Ok((AnswerFraming::Length(1), false))
+    );
+    assert_eq!(
+        f("HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 1\r\n\r\n"),
+        Ok((AnswerFraming::Length(1), true))
+    );
+}
+
+#[test]
+fn chunked_bodies_decode_across_any_split() {
+    let wire: &[u8] = b"3;ext=1\r\nabc\r\n10\r\n0123456789abcdef\r\n0\r\nx-sum: 9\r\n\r\nNEXT";
+    for split in 0..wire.len() {
+        let mut dec = ChunkedDecoder::default();
+        let mut buf = BytesMut::from(&wire[..split]);
+        let mut data = Vec::new();
+        let mut trailers = None;
+        let mut fed = false;
+        loop {
+            match dec.decode(&mut buf).unwrap() {
+                Decoded::Data(d) => data.extend_from_slice(&d),
+                Decoded::Trailers(t) => {
+                    trailers = Some(t);
+                    break;
+                }
+                Decoded::End => break,
+                Decoded::More => {
+                    assert!(!fed, "split {split}: stuck");
+                    buf.extend_from_slice(&wire[split..]);
+                    fed = true;
+                }
+            }
+        }
+        if !fed {
+            buf.extend_from_slice(&wire[split..]);
+        }
+        assert_eq!(data, b"abc0123456789abcdef", "split {split}");
+        assert_eq!(trailers.unwrap()["x-sum"], "9");
+        assert_eq!(&buf[..], b"NEXT", "split {split}");
+        assert!(dec.is_done());
+    }
+}
+
+#[test]
+fn chunked_bodies_without_trailers_end() {
+    let mut dec = ChunkedDecoder::default();
+    let mut buf = BytesMut::from("2\r\nhi\r\n0\r\n\r\n");
+    assert_eq!(
+        dec.decode(&mut buf),
+        Ok(Decoded::Data(Bytes::from_static(b"hi")))
+    );
+    assert_eq!(dec.decode(&mut buf), Ok(Decoded::End));
+    assert!(buf.is_empty());
+}
+
+#[test]
+fn bad_chunks_are_invalid() {
+    for wire in ["zz\r\n", "2\r\nhiX\r\n", "fffffffffffffffff\r\n", ";\r\n"] {
+        let mut dec = ChunkedDecoder::default();
+        let mut buf = BytesMut::from(wire);
+        let mut out = dec.decode(&mut buf);
+        while let Ok(Decoded::Data(_)) = out {
+            out = dec.decode(&mut buf);
+        }
+        assert_eq!(out, Err(Invalid::Chunk), "{wire:?}");
+    }
+    let mut dec = ChunkedDecoder::default();
+    let mut long = BytesMut::from(vec![b'1'; MAX_CHUNK_LINE + 1].as_slice());
+    assert_eq!(dec.decode(&mut long), Err(Invalid::Chunk));
+}
+
+proptest::proptest! {
+    /// Whatever a node sends, parsing neither panics nor takes more than
+    /// the head it reports.
+    #[test]
+    fn any_bytes_parse_without_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+        let mut buf = BytesMut::from(bytes.as_slice());
+        if let Ok(Some(head)) = parse_answer_head(&mut buf) {
+            let _ = answer_framing(false, &head);
+        }
+        let mut buf = BytesMut::from(bytes.as_slice());
+        let mut dec = ChunkedDecoder::default();
+        while let Ok(Decoded::Data(_)) = dec.decode(&mut buf) {}
+    }
+
+    /// Chunks written with `chunk_size_line` decode to the same bytes.
+    #[test]
+    fn chunks_round_trip(chunks in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 1..300), 0..8)) {
+        let mut wire = BytesMut::new();
+        for c in &chunks {
+            wire.extend_from_slice(chunk_size_line(c.len(), &mut [0; 18]));
+            wire.extend_from_slice(c);
+            wire.extend_from_slice(b"\r\n");
+        }
+        wire.extend_from_slice(LAST_CHUNK);
+        let mut dec = ChunkedDecoder::default();
+        let mut out = Vec::new();
+        loop {
+            match dec.decode(&mut wire).unwrap() {
+                Decoded::Data(d) => out.extend_from_slice(&d),
+                Decoded::End => break,
+                other => panic!("{other:?}"),
+            }
+        }
+        proptest::prop_assert_eq!(out, chunks.concat());
+        proptest::prop_assert!(wire.is_empty());
+    }
+}
