@@ -214,3 +214,147 @@ async fn upstream_closing_kept_alive_connections_costs_no_request() {
     }
     gw.stop().await;
 }
+
+/// Whatever framing a node answers with, the client gets the same body in
+/// its own framing; an answer that cannot be framed is a 502.
+#[tokio::test]
+async fn upstream_answers_in_every_framing_reach_the_client() {
+    let gw = Gateway::start().await;
+    let cases: [(&str, &'static [u8], u16, &str); 6] = [
+        (
+            "length",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Up: 1\r\n\r\nhello",
+            200,
+            "hello",
+        ),
+        (
+            "chunked",
+            b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nhel\r\n2\r\nlo\r\n0\r\nx-sum: 5\r\n\r\n",
+            201,
+            "hello",
+        ),
+        (
+            "close",
+            b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nhello until close",
+            200,
+            "hello until close",
+        ),
+        (
+            "continue",
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 202 Accepted\r\nContent-Length: 2\r\n\r\nok",
+            202,
+            "ok",
+        ),
+        (
+            "conflict",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+            502,
+            "",
+        ),
+        ("garbage", b"SMTP ready\r\n\r\n", 502, ""),
+    ];
+    for (name, reply, _, _) in &cases {
+        let node = harness::raw_upstream(reply).await;
+        gw.put(
+            &format!("routes/{name}"),
+            json!({"uri": format!("/{name}"), "upstream": upstream(&[(&node.to_string(), 1)])}),
+        )
+        .await;
+    }
+    for (name, _, status, body) in cases {
+        let resp = gw.get(&format!("/{name}")).await;
+        assert_eq!(resp.status.as_u16(), status, "{name}");
+        if status < 300 {
+            assert_eq!(resp.text(), body, "{name}");
+        }
+        if name == "length" {
+            assert_eq!(resp.headers["x-up"], "1");
+            assert_eq!(resp.headers["content-length"], "5");
+        }
+    }
+    gw.stop().await;
+}
+
+/// A POST streamed by the client reaches the node whole, by length or
+/// in chunks, and the node's answer comes back.
+#[tokio::test]
+async fn streamed_request_bodies_reach_the_node() {
+    let gw = Gateway::start().await;
+    let up = Upstream::start("echo").await;
+    gw.put(
+        "routes/echo",
+        json!({"uri": "/*", "upstream": upstream(&[(&up.node(), 1)])}),
+    )
+    .await;
+    let big = "x".repeat(200_000);
+    let resp = harness::send(gw.data, "POST", "/echo", &[], big, None).await;
+    assert_eq!(resp.status, 200);
+    assert!(
+        resp.text().contains(r#""body_len":200000"#),
+        "{}",
+        resp.text()
+    );
+    let (answer, _) = harness::raw(
+        gw.data,
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+        std::time::Duration::from_secs(5),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains(r#""body_len":11"#), "{answer}");
+    assert!(
+        answer.contains(r#""transfer-encoding":"chunked""#),
+        "sent on in chunks: {answer}"
+    );
+    gw.stop().await;
+}
+
+/// A node that refuses an upload after its head (413, then closes) has
+/// that answer passed on, not turned into a 502.
+#[tokio::test]
+async fn an_early_answer_to_an_upload_is_passed_on() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = Gateway::start().await;
+    let node = harness::raw_upstream(
+        b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big!",
+    )
+    .await;
+    gw.put(
+        "routes/upload",
+        json!({"uri": "/upload", "upstream": upstream(&[(&node.to_string(), 1)])}),
+    )
+    .await;
+    let size = 4 << 20;
+    let stream = tokio::net::TcpStream::connect(gw.data).await.unwrap();
+    let (mut rd, mut wr) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        let head = format!("POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n");
+        let _ = wr.write_all(head.as_bytes()).await;
+        let chunk = vec![b'x'; 64 << 10];
+        for _ in 0..size / chunk.len() {
+            if wr.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = async {
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+            if answer.ends_with(b"too big!") {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), read)
+        .await
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    writer.abort();
+    gw.stop().await;
+}
