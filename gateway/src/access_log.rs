@@ -722,7 +722,8 @@ fn push_value(out: &mut Vec<u8>, value: &[u8], escape: Escape) {
 }
 
 /// Appends `n` in decimal, without the `fmt` machinery.
-fn push_u64(out: &mut Vec<u8>, mut n: u64) {
+/// Appends `n` in decimal.
+pub(crate) fn push_u64(out: &mut Vec<u8>, mut n: u64) {
     // Most numbers in a line (seconds, small bodies) have a digit or two.
     if n < 10 {
         out.push(b'0' + n as u8);

@@ -98,26 +98,12 @@ pub fn encode_request_head(
         RequestFraming::None => {}
         RequestFraming::Length(n) => {
             buf.extend_from_slice(b"content-length: ");
-            buf.extend_from_slice(itoa_u64(n, &mut [0; 20]));
+            crate::access_log::push_u64(buf, n);
             buf.extend_from_slice(b"\r\n");
         }
         RequestFraming::Chunked => buf.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
     buf.extend_from_slice(b"\r\n");
-}
-
-/// `n` in decimal, written into `out`.
-fn itoa_u64(mut n: u64, out: &mut [u8; 20]) -> &[u8] {
-    let mut i = out.len();
-    loop {
-        i -= 1;
-        out[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    &out[i..]
 }
 
 /// The size line that starts a chunk of `len` bytes.

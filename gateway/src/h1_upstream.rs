@@ -963,27 +963,37 @@ mod tests {
         assert_eq!(conns.load(Ordering::SeqCst), 2);
     }
 
-    /// A node that answers every request of a connection with `answer`.
-    async fn raw_node(answer: &'static [u8]) -> (Authority, Arc<AtomicUsize>) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    /// A node whose connections are each served by `serve`; it counts them.
+    async fn tcp_node<F, Fut>(serve: F) -> (Authority, Arc<AtomicUsize>)
+    where
+        F: Fn(tokio::net::TcpStream) -> Fut + Send + Copy + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let conns = Arc::new(AtomicUsize::new(0));
         let counter = conns.clone();
         tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
+            while let Ok((s, _)) = l.accept().await {
                 counter.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 4096];
-                    while s.read(&mut buf).await.unwrap_or(0) > 0 {
-                        if s.write_all(answer).await.is_err() {
-                            return;
-                        }
-                    }
-                });
+                tokio::spawn(serve(s));
             }
         });
         (addr.to_string().parse().unwrap(), conns)
+    }
+
+    /// A node that answers every request of a connection with `answer`.
+    async fn raw_node(answer: &'static [u8]) -> (Authority, Arc<AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        tcp_node(move |mut s| async move {
+            let mut buf = [0u8; 4096];
+            while s.read(&mut buf).await.unwrap_or(0) > 0 {
+                if s.write_all(answer).await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await
     }
 
     async fn send(p: &H1Pool, node: &Authority) -> Response<H1Body> {
@@ -1165,26 +1175,17 @@ mod tests {
     /// any later one, reads it and hangs up without answering.
     async fn one_shot_node() -> (Authority, Arc<AtomicUsize>) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let conns = Arc::new(AtomicUsize::new(0));
-        let counter = conns.clone();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
-                counter.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 4096];
-                    if s.read(&mut buf).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    let _ = s
-                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                        .await;
-                    let _ = s.read(&mut buf).await;
-                });
+        tcp_node(|mut s| async move {
+            let mut buf = [0u8; 4096];
+            if s.read(&mut buf).await.unwrap_or(0) == 0 {
+                return;
             }
-        });
-        (addr.to_string().parse().unwrap(), conns)
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await;
+            let _ = s.read(&mut buf).await;
+        })
+        .await
     }
 
     #[tokio::test]
