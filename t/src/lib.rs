@@ -441,11 +441,11 @@ async fn echo(
 }
 
 /// A loopback address that refuses connections.
+///
+/// Its port is one `cluster::free_port` handed out, so no listener of another
+/// test takes it later.
 pub fn refused_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    drop(l);
-    addr
+    SocketAddr::from(([127, 0, 0, 1], cluster::free_port()))
 }
 
 /// `{"type":"roundrobin","nodes":{...}}` from `(node, weight)` pairs.
