@@ -7,6 +7,9 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::Poll;
 
 use hyper::body::Incoming;
 use hyper::service::HttpService;
@@ -15,12 +18,16 @@ use tokio::sync::watch;
 /// The sending side, held by the gateway.
 pub struct Drain {
     tx: watch::Sender<bool>,
+    /// Set before the signal is sent (and when the drain is dropped): a
+    /// connection reads it on every wake-up instead of polling the signal.
+    stop: Arc<AtomicBool>,
 }
 
 /// One connection's view of the drain signal.
 #[derive(Clone)]
 pub struct Watch {
     rx: watch::Receiver<bool>,
+    stop: Arc<AtomicBool>,
 }
 
 impl Default for Drain {
@@ -33,6 +40,7 @@ impl Drain {
     pub fn new() -> Self {
         Drain {
             tx: watch::Sender::new(false),
+            stop: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -40,14 +48,24 @@ impl Drain {
     pub fn watcher(&self) -> Watch {
         Watch {
             rx: self.tx.subscribe(),
+            stop: self.stop.clone(),
         }
     }
 
     /// Signals every connection, then waits until all their watches are
     /// dropped. Returns at once when there are none.
     pub async fn shutdown(self) {
+        self.stop.store(true, Ordering::Release);
         let _ = self.tx.send(true);
         self.tx.closed().await;
+    }
+}
+
+impl Drop for Drain {
+    /// A drain that goes away stops its connections too (the signal resolves
+    /// when its sender is dropped).
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
     }
 }
 
@@ -59,17 +77,39 @@ impl Watch {
 
     /// Whether a stop was signalled already.
     pub fn is_signalled(&self) -> bool {
-        *self.rx.borrow()
+        self.stop.load(Ordering::Acquire) || *self.rx.borrow()
     }
 
     /// Drives `conn` to its end; when a stop is signalled first, asks it to
     /// finish what it has in hand and keeps driving it until it does.
+    ///
+    /// The signal is polled once, which registers the connection's task to
+    /// be woken by it, and after that only on a wake-up that finds the stop
+    /// flag set: polling it takes a lock, and a connection is woken several
+    /// times per request.
     pub async fn serve<C: Graceful>(mut self, conn: C) -> C::Output {
         let mut conn = std::pin::pin!(conn);
-        tokio::select! {
-            out = conn.as_mut() => return out,
-            _ = self.signalled() => conn.as_mut().graceful_shutdown(),
+        let stop = self.stop.clone();
+        let signalled = self.signalled();
+        let mut signalled = std::pin::pin!(signalled);
+        let mut registered = false;
+        let finished = std::future::poll_fn(|cx| {
+            if let Poll::Ready(out) = conn.as_mut().poll(cx) {
+                return Poll::Ready(Some(out));
+            }
+            if !registered || stop.load(Ordering::Acquire) {
+                registered = true;
+                if signalled.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(None);
+                }
+            }
+            Poll::Pending
+        })
+        .await;
+        if let Some(out) = finished {
+            return out;
         }
+        conn.as_mut().graceful_shutdown();
         conn.await
     }
 }
@@ -130,9 +170,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
-    use std::task::{Context, Poll};
+    use std::task::Context;
     use std::time::Duration;
 
     /// Pending until asked to stop, then ready on the next poll.
@@ -170,6 +208,64 @@ mod tests {
             .expect("drain finished");
         assert!(asked.load(Ordering::SeqCst));
         assert_eq!(conn.await.expect("task"), "finished");
+    }
+
+    /// Pending without asking to be polled again until it is asked to stop.
+    struct Parked {
+        asked: Arc<AtomicBool>,
+        polls: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl Future for Parked {
+        type Output = &'static str;
+        fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<&'static str> {
+            self.polls.fetch_add(1, Ordering::SeqCst);
+            if self.asked.load(Ordering::SeqCst) {
+                Poll::Ready("finished")
+            } else {
+                Poll::Pending
+            }
+        }
+    }
+
+    impl Graceful for Parked {
+        fn graceful_shutdown(self: Pin<&mut Self>) {
+            self.asked.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_parked_connection_is_woken_by_the_shutdown() {
+        let drain = Drain::new();
+        let asked = Arc::new(AtomicBool::new(false));
+        let polls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let conn = tokio::spawn(drain.watcher().serve(Parked {
+            asked: asked.clone(),
+            polls: polls.clone(),
+        }));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(polls.load(Ordering::SeqCst), 1, "polled once, then parked");
+        tokio::time::timeout(Duration::from_secs(5), drain.shutdown())
+            .await
+            .expect("drain finished");
+        assert_eq!(conn.await.expect("task"), "finished");
+    }
+
+    #[tokio::test]
+    async fn a_dropped_drain_stops_its_connections() {
+        let drain = Drain::new();
+        let asked = Arc::new(AtomicBool::new(false));
+        let conn = tokio::spawn(drain.watcher().serve(Parked {
+            asked: asked.clone(),
+            polls: Arc::default(),
+        }));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(drain);
+        let out = tokio::time::timeout(Duration::from_secs(5), conn)
+            .await
+            .expect("stopped");
+        assert_eq!(out.expect("task"), "finished");
+        assert!(asked.load(Ordering::SeqCst));
     }
 
     #[tokio::test]

@@ -128,6 +128,13 @@ pub fn chunk_size_line(len: usize, out: &mut [u8; 18]) -> &[u8] {
 pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 
 /// A parsed answer head.
+///
+/// Its hop-by-hop headers (`Connection`, `Keep-Alive`, `Transfer-Encoding`,
+/// `TE`, `Trailer`, `Upgrade`, `Proxy-Connection`) are read into [`Framing`]
+/// facts while it is parsed and left out of `headers`, as the client must
+/// not see them anyway; a 101 answer keeps them all, for the upgrade, and a
+/// `Connection` that names other headers stays for the proxy to remove
+/// those too.
 #[derive(Debug)]
 pub struct AnswerHead {
     pub status: StatusCode,
@@ -135,6 +142,99 @@ pub struct AnswerHead {
     pub headers: HeaderMap,
     /// The reason phrase, when it is not the status code's usual one.
     pub reason: Option<Bytes>,
+    framing: FramingFacts,
+}
+
+/// What the head said about its body and its connection.
+#[derive(Debug, Default)]
+struct FramingFacts {
+    /// `Connection: close`.
+    close: bool,
+    /// `Connection: keep-alive`.
+    keep_alive: bool,
+    /// `Transfer-Encoding` was present; whether its last coding is `chunked`.
+    transfer_encoding: Option<bool>,
+    /// `Content-Length` was present.
+    has_length: bool,
+    /// Its value: every copy and list element the same number.
+    length: Option<u64>,
+    length_invalid: bool,
+}
+
+/// The hop-by-hop header `name` (in any case) is, if it is one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hop {
+    Connection,
+    TransferEncoding,
+    Other,
+}
+
+fn hop_by_hop(name: &[u8]) -> Option<Hop> {
+    // A match on the length first: most names are ruled out by it.
+    let candidates: &[(&[u8], Hop)] = match name.len() {
+        2 => &[(b"te", Hop::Other)],
+        7 => &[(b"trailer", Hop::Other), (b"upgrade", Hop::Other)],
+        10 => &[
+            (b"connection", Hop::Connection),
+            (b"keep-alive", Hop::Other),
+        ],
+        16 => &[(b"proxy-connection", Hop::Other)],
+        17 => &[(b"transfer-encoding", Hop::TransferEncoding)],
+        _ => return None,
+    };
+    candidates
+        .iter()
+        .find(|(text, _)| name.eq_ignore_ascii_case(text))
+        .map(|&(_, hop)| hop)
+}
+
+impl FramingFacts {
+    /// Notes one hop-by-hop header; true when it must stay in the map
+    /// (a `Connection` that names headers other than hop-by-hop ones).
+    fn note_hop(&mut self, hop: Hop, value: &[u8]) -> bool {
+        match hop {
+            Hop::Connection => {
+                let mut names_others = false;
+                for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        self.close = true;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        self.keep_alive = true;
+                    } else if !token.is_empty() && hop_by_hop(token).is_none() {
+                        names_others = true;
+                    }
+                }
+                names_others
+            }
+            Hop::TransferEncoding => {
+                // The last header's last coding decides.
+                let last = value.rsplit(|&b| b == b',').next().unwrap_or_default();
+                self.transfer_encoding = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                false
+            }
+            Hop::Other => false,
+        }
+    }
+
+    fn note_length(&mut self, value: &[u8]) {
+        self.has_length = true;
+        for part in value.split(|&b| b == b',') {
+            match parse_decimal(part.trim_ascii()) {
+                Some(n) if self.length.is_none_or(|l| l == n) => self.length = Some(n),
+                _ => self.length_invalid = true,
+            }
+        }
+    }
+
+    /// HTTP/1.1 keeps the connection unless `Connection: close`; HTTP/1.0
+    /// only with `Connection: keep-alive`.
+    fn keeps_alive(&self, version: Version) -> bool {
+        if version == Version::HTTP_10 {
+            self.keep_alive
+        } else {
+            !self.close
+        }
+    }
 }
 
 /// Parses an answer head from the front of `buf`, removing it; `Ok(None)`
@@ -179,14 +279,28 @@ pub fn parse_answer_head(buf: &mut BytesMut) -> Result<Option<AnswerHead>, Inval
         spans.push([name, h.name.len(), value, h.value.len()]);
     }
     let head = buf.split_to(len).freeze();
+    let keep_hops = status == StatusCode::SWITCHING_PROTOCOLS;
+    let mut framing = FramingFacts::default();
     let mut headers = HeaderMap::with_capacity(spans.len());
     for [name, name_len, value, value_len] in spans {
-        let name =
-            HeaderName::from_bytes(&head[name..name + name_len]).map_err(|_| Invalid::Head)?;
-        let value = head.slice(value..value + value_len);
+        let name = &head[name..name + name_len];
+        let value_bytes = &head[value..value + value_len];
+        match hop_by_hop(name) {
+            Some(hop) => {
+                if !framing.note_hop(hop, value_bytes) && !keep_hops {
+                    continue;
+                }
+            }
+            None if name.eq_ignore_ascii_case(b"content-length") => {
+                framing.note_length(value_bytes)
+            }
+            None => {}
+        }
+        let name = HeaderName::from_bytes(name).map_err(|_| Invalid::Head)?;
         // httparse admits exactly the bytes a header value may hold
         // (visible ASCII, space, tab and obs-text), as `HeaderValue` does.
-        let value = HeaderValue::from_maybe_shared(value).map_err(|_| Invalid::Head)?;
+        let value = HeaderValue::from_maybe_shared(head.slice(value..value + value_len))
+            .map_err(|_| Invalid::Head)?;
         headers.append(name, value);
     }
     Ok(Some(AnswerHead {
@@ -194,6 +308,7 @@ pub fn parse_answer_head(buf: &mut BytesMut) -> Result<Option<AnswerHead>, Inval
         version,
         headers,
         reason,
+        framing,
     }))
 }
 
@@ -213,51 +328,41 @@ pub fn answer_framing(
     head_request: bool,
     head: &AnswerHead,
 ) -> Result<(AnswerFraming, bool), Invalid> {
-    let keep_alive = keeps_alive(head.version, &head.headers);
+    let facts = &head.framing;
+    let keep_alive = facts.keeps_alive(head.version);
     let status = head.status.as_u16();
     if head_request || (100..200).contains(&status) || status == 204 || status == 304 {
         return Ok((AnswerFraming::Empty, keep_alive));
     }
-    if head.headers.contains_key(header::TRANSFER_ENCODING) {
-        if !ends_chunked(&head.headers) {
+    if let Some(ends_chunked) = facts.transfer_encoding {
+        if !ends_chunked {
             return Ok((AnswerFraming::UntilClose, false));
         }
         // Both headers: the chunks frame it, and the connection is not
         // trusted with another request.
-        let both = head.headers.contains_key(header::CONTENT_LENGTH);
-        return Ok((AnswerFraming::Chunked, keep_alive && !both));
+        return Ok((AnswerFraming::Chunked, keep_alive && !facts.has_length));
     }
-    match content_length(&head.headers)? {
+    if facts.length_invalid {
+        return Err(Invalid::ContentLength);
+    }
+    match facts.length {
         Some(0) => Ok((AnswerFraming::Empty, keep_alive)),
         Some(n) => Ok((AnswerFraming::Length(n), keep_alive)),
         None => Ok((AnswerFraming::UntilClose, false)),
     }
 }
 
-/// Whether the last transfer coding is `chunked`.
-fn ends_chunked(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .next_back()
-        .and_then(|v| v.as_bytes().rsplit(|&b| b == b',').next())
-        .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
-}
-
-/// The message's `Content-Length`: every copy and list element must be the
+/// A request's `Content-Length`: every copy and list element must be the
 /// same number.
 fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Invalid> {
-    let mut found = None;
+    let mut facts = FramingFacts::default();
     for value in headers.get_all(header::CONTENT_LENGTH) {
-        for part in value.as_bytes().split(|&b| b == b',') {
-            let n = parse_decimal(part.trim_ascii()).ok_or(Invalid::ContentLength)?;
-            if found.is_some_and(|f| f != n) {
-                return Err(Invalid::ContentLength);
-            }
-            found = Some(n);
-        }
+        facts.note_length(value.as_bytes());
     }
-    Ok(found)
+    if facts.length_invalid {
+        return Err(Invalid::ContentLength);
+    }
+    Ok(facts.length)
 }
 
 fn parse_decimal(digits: &[u8]) -> Option<u64> {
@@ -267,23 +372,6 @@ fn parse_decimal(digits: &[u8]) -> Option<u64> {
     digits.iter().try_fold(0u64, |n, &d| {
         d.is_ascii_digit().then(|| n * 10 + u64::from(d - b'0'))
     })
-}
-
-/// HTTP/1.1 keeps the connection unless `Connection: close`; HTTP/1.0
-/// only with `Connection: keep-alive`.
-fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
-    let has = |token: &[u8]| {
-        headers.get_all(header::CONNECTION).iter().any(|v| {
-            v.as_bytes()
-                .split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
-        })
-    };
-    if version == Version::HTTP_10 {
-        has(b"keep-alive")
-    } else {
-        !has(b"close")
-    }
 }
 
 /// What [`ChunkedDecoder::decode`] found in the buffer.

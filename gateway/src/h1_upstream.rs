@@ -508,10 +508,7 @@ impl Outgoing {
             OutBody::Inline | OutBody::Sent => {}
         }
         conn.io.flush().await.map_err(H1Error::before_answer)?;
-        let head = read_head(conn).await;
-        // Likewise the answers to clients go out together.
-        tokio::task::yield_now().await;
-        head
+        read_head(conn).await
     }
 
     /// The answer to hand back: its head, and a body that reads the rest

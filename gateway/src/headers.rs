@@ -59,16 +59,34 @@ fn hop_by_hop_index(name: &str) -> Option<usize> {
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the handful of names present notes which hop-by-hop
-    // names occur (most requests carry none; most upstream answers carry
-    // `Connection: keep-alive`), so only those are hashed to be removed.
-    let mut present = 0u8;
+    strip_noted(headers, scan(headers));
+}
+
+/// Bits of [`scan`]'s answer past the hop-by-hop ones.
+const HAS_FORWARDED: u16 = 1 << 8;
+const HAS_X_FORWARDED_FOR: u16 = 1 << 9;
+
+/// One pass over the handful of names present notes which hop-by-hop names
+/// occur (bit `i` for `HOP_BY_HOP[i]`; most requests carry none, most
+/// upstream answers `Connection`) and whether `Forwarded` and
+/// `X-Forwarded-For` do, so that only those are hashed to be looked up.
+fn scan(headers: &HeaderMap) -> u16 {
+    let mut present = 0u16;
     for name in headers.keys() {
-        if let Some(i) = hop_by_hop_index(name.as_str()) {
+        let name = name.as_str();
+        if let Some(i) = hop_by_hop_index(name) {
             present |= 1 << i;
+        } else if name == "forwarded" {
+            present |= HAS_FORWARDED;
+        } else if name == "x-forwarded-for" {
+            present |= HAS_X_FORWARDED_FOR;
         }
     }
-    if present == 0 {
+    present
+}
+
+fn strip_noted(headers: &mut HeaderMap, present: u16) {
+    if present & 0xff == 0 {
         return;
     }
     if present & 1 != 0 {
@@ -220,17 +238,18 @@ pub fn prepare_request_headers(
     client_host: Option<&HeaderValue>,
     meta: ConnInfo,
 ) {
-    strip_hop_by_hop(headers);
+    let present = scan(headers);
+    strip_noted(headers, present);
     // Room for the forwarding headers and the upstream `Host`, made once:
     // a map parsed from a new connection's request is sized to what it
     // holds, and would otherwise grow (and rehash) up to three times here.
     let _ = headers.try_reserve(6);
-    if headers.contains_key(FORWARDED) {
+    if present & HAS_FORWARDED != 0 {
         headers.remove(FORWARDED);
     }
     if let Some(ip) = client_ip {
         let ip_text = cached::ip(ip);
-        let xff = if headers.contains_key(X_FORWARDED_FOR) {
+        let xff = if present & HAS_X_FORWARDED_FOR != 0 {
             let previous: Vec<&str> = headers
                 .get_all(X_FORWARDED_FOR)
                 .iter()

@@ -84,6 +84,37 @@ fn answer_heads_are_parsed_and_removed_from_the_buffer() {
 }
 
 #[test]
+fn hop_by_hop_headers_are_read_but_not_kept() {
+    let h = head(
+        "HTTP/1.1 200 OK\r\nServer: n\r\nCONNECTION: Keep-Alive\r\nKeep-Alive: timeout=5\r\n\
+         Transfer-Encoding: chunked\r\nTE: trailers\r\nUpgrade: h2c\r\n\r\n",
+    );
+    let names: Vec<&str> = h.headers.keys().map(|n| n.as_str()).collect();
+    assert_eq!(names, ["server"]);
+    assert_eq!(
+        answer_framing(false, &h),
+        Ok((AnswerFraming::Chunked, true))
+    );
+
+    // A Connection that names another header stays, for the proxy to strip
+    // that one too; Content-Length is end to end and stays.
+    let h = head("HTTP/1.1 200 OK\r\nConnection: close, X-Secret\r\nX-Secret: 1\r\nContent-Length: 2\r\n\r\n");
+    assert!(h.headers.contains_key("connection"));
+    assert_eq!(h.headers["content-length"], "2");
+    assert_eq!(
+        answer_framing(false, &h),
+        Ok((AnswerFraming::Length(2), false))
+    );
+
+    // A 101 keeps them all: the upgrade needs them.
+    let h = head(
+        "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    );
+    assert_eq!(h.headers["upgrade"], "websocket");
+    assert_eq!(h.headers["connection"], "Upgrade");
+}
+
+#[test]
 fn bad_and_oversized_heads_are_invalid() {
     let mut bad = BytesMut::from("HTTP/1.1 2000 OK\r\n\r\n");
     assert_eq!(parse_answer_head(&mut bad).unwrap_err(), Invalid::Head);
