@@ -71,8 +71,24 @@ impl Drop for Drain {
 
 impl Watch {
     /// Resolves once a stop was signalled (or the [`Drain`] is gone).
+    ///
+    /// The signal itself is polled once, which registers the task to be
+    /// woken by it, and after that only on a wake-up that finds the stop flag
+    /// set: polling it takes a lock, and a connection's task is woken several
+    /// times per request.
     pub async fn signalled(&mut self) {
-        let _ = self.rx.wait_for(|stop| *stop).await;
+        let stop = Arc::clone(&self.stop);
+        let wait = self.rx.wait_for(|stop| *stop);
+        let mut wait = std::pin::pin!(wait);
+        let mut registered = false;
+        std::future::poll_fn(move |cx| {
+            if registered && !stop.load(Ordering::Acquire) {
+                return Poll::Pending;
+            }
+            registered = true;
+            wait.as_mut().poll(cx).map(|_| ())
+        })
+        .await
     }
 
     /// Whether a stop was signalled already.
@@ -82,34 +98,13 @@ impl Watch {
 
     /// Drives `conn` to its end; when a stop is signalled first, asks it to
     /// finish what it has in hand and keeps driving it until it does.
-    ///
-    /// The signal is polled once, which registers the connection's task to
-    /// be woken by it, and after that only on a wake-up that finds the stop
-    /// flag set: polling it takes a lock, and a connection is woken several
-    /// times per request.
     pub async fn serve<C: Graceful>(mut self, conn: C) -> C::Output {
         let mut conn = std::pin::pin!(conn);
-        let stop = self.stop.clone();
-        let signalled = self.signalled();
-        let mut signalled = std::pin::pin!(signalled);
-        let mut registered = false;
-        let finished = std::future::poll_fn(|cx| {
-            if let Poll::Ready(out) = conn.as_mut().poll(cx) {
-                return Poll::Ready(Some(out));
-            }
-            if !registered || stop.load(Ordering::Acquire) {
-                registered = true;
-                if signalled.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(None);
-                }
-            }
-            Poll::Pending
-        })
-        .await;
-        if let Some(out) = finished {
-            return out;
+        tokio::select! {
+            biased;
+            out = conn.as_mut() => return out,
+            () = self.signalled() => conn.as_mut().graceful_shutdown(),
         }
-        conn.as_mut().graceful_shutdown();
         conn.await
     }
 }

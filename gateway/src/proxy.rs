@@ -611,12 +611,15 @@ impl ProxyTarget {
         async move {
             match &self.client {
                 UpstreamClient::Http1(pool) => {
-                    let exchange = pool.send(
+                    // Boxed once here: unboxed, the exchange's state (over a
+                    // kilobyte) was copied at every level it passed up through,
+                    // and sized every future above it.
+                    let exchange = Box::pin(pool.send(
                         &target.pool_key,
                         up.keepalive_pool.requests,
                         out,
                         |connected| progress.mark_connected(connected),
-                    );
+                    ));
                     within_phases(exchange, std::future::pending(), progress, &self.timeouts)
                         .await
                         .map(|r| {

@@ -652,6 +652,7 @@ where
             }
         });
         tokio::select! {
+            biased;
             stretch = drive => return stretch,
             _ = drain.signalled(), if !draining => {
                 draining = true;

@@ -63,6 +63,22 @@ impl RedbStore {
             reason: e.to_string(),
         })
     }
+
+    /// Just the revisions of a stored entry: its value is skipped over, not
+    /// built (a write needs only these of the entry it replaces).
+    fn decode_indexes(key: &str, bytes: &[u8]) -> Result<Indexes, StoreError> {
+        serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+            key: key.to_string(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// The revisions of an [`Entry`].
+#[derive(serde::Deserialize)]
+struct Indexes {
+    created_index: u64,
+    modified_index: u64,
 }
 
 /// Increments and returns the store revision, inside the caller's transaction.
@@ -93,7 +109,7 @@ impl RedbStore {
             let mut meta = txn.open_table(META).map_err(StoreError::backend)?;
             let mut objects = txn.open_table(OBJECTS).map_err(StoreError::backend)?;
             let previous = match objects.get(key).map_err(StoreError::backend)? {
-                Some(v) => Some(Self::decode(key, v.value())?),
+                Some(v) => Some(Self::decode_indexes(key, v.value())?),
                 None => None,
             };
             if expect_modified.is_some()
@@ -140,7 +156,7 @@ impl RedbStore {
                         revision = next_revision(&mut meta)?;
                         let created =
                             match objects.get(key.as_str()).map_err(StoreError::backend)? {
-                                Some(v) => Self::decode(key, v.value())?.created_index,
+                                Some(v) => Self::decode_indexes(key, v.value())?.created_index,
                                 None => revision,
                             };
                         let entry = Entry {
