@@ -95,7 +95,7 @@ impl tower::Service<Request<ClientBody>> for ProxyService {
             Some(pick) => self.0.split.get(pick.0).unwrap_or(&self.0).clone(),
             None => self.0.clone(),
         };
-        Box::pin(async move { Ok(this.forward(req).await) })
+        Box::pin(futures_util::FutureExt::map(this.forward(req), Ok))
     }
 }
 
@@ -415,21 +415,26 @@ impl ProxyTarget {
     /// blocks: an `async fn` keeps a second copy of its arguments in its
     /// future, and these futures nest, so every copy is carried (and moved)
     /// by each level above.
-    #[allow(clippy::manual_async_fn)]
-    fn forward<'a>(
-        &'a self,
+    ///
+    /// What needs no waiting (the request's parts taken apart, its forwarding
+    /// headers) is done before the future is made, so that the future holds
+    /// only what lives across its waits, not the request besides.
+    fn forward(
+        self: Arc<Self>,
         req: Request<ClientBody>,
-    ) -> impl Future<Output = Response<ResponseBody>> + Send + 'a {
-        async move {
-            let Some(up) = self.upstream.clone() else {
-                return error_page(StatusCode::BAD_GATEWAY, None);
-            };
+    ) -> impl Future<Output = Response<ResponseBody>> + Send + 'static {
+        let prepared = self.upstream.clone().map(|up| {
             let hash_key = up.hash_key.as_ref().map(|k| hash_key_of(k, &req));
             let (parts, mut body) = req.into_parts();
             if let Some(capture) = parts.extensions.get::<Arc<RequestBodyCapture>>() {
                 body.tap(capture.clone());
             }
-            let request = Prepared::new(parts, self.websocket);
+            (up, hash_key, Prepared::new(parts, self.websocket), body)
+        });
+        async move {
+            let Some((up, hash_key, request, body)) = prepared else {
+                return error_page(StatusCode::BAD_GATEWAY, None);
+            };
             // A body is kept for a retry only when a retry is possible.
             let retryable = up.max_tries > 1;
             let body = match RequestBody::read(body, retryable, request.body_state.as_deref()).await
@@ -628,10 +633,16 @@ impl ProxyTarget {
                         })
                 }
                 UpstreamClient::Http2(pool) => {
+                    // Boxed, as the HTTP/1.1 exchange above: the state of an
+                    // HTTP/2 connect and exchange would otherwise size every
+                    // request's future, whichever protocol it uses.
                     let server_name = target.tls_name.as_deref().unwrap_or_default();
-                    let sender = pool
-                        .sender(&target.authority, server_name, up.keepalive_pool.requests)
-                        .await;
+                    let sender = Box::pin(pool.sender(
+                        &target.authority,
+                        server_name,
+                        up.keepalive_pool.requests,
+                    ))
+                    .await;
                     let mut sender = match sender {
                         Ok(s) => s,
                         Err(e) => {
@@ -642,10 +653,10 @@ impl ProxyTarget {
                             }))
                         }
                     };
-                    let exchange = async move {
+                    let exchange = Box::pin(async move {
                         sender.ready().await?;
                         sender.send_request(out).await
-                    };
+                    });
                     within_phases(exchange, std::future::ready(true), progress, &self.timeouts)
                         .await
                         .map(|r| {
