@@ -285,16 +285,17 @@ pub fn parse_answer_head(buf: &mut BytesMut) -> Result<Option<AnswerHead>, Inval
     for [name, name_len, value, value_len] in spans {
         let name = &head[name..name + name_len];
         let value_bytes = &head[value..value + value_len];
-        match hop_by_hop(name) {
-            Some(hop) => {
-                if !framing.note_hop(hop, value_bytes) && !keep_hops {
-                    continue;
+        let keep = match hop_by_hop(name) {
+            Some(hop) => framing.note_hop(hop, value_bytes) || keep_hops,
+            None => {
+                if name.eq_ignore_ascii_case(b"content-length") {
+                    framing.note_length(value_bytes);
                 }
+                true
             }
-            None if name.eq_ignore_ascii_case(b"content-length") => {
-                framing.note_length(value_bytes)
-            }
-            None => {}
+        };
+        if !keep {
+            continue;
         }
         let name = HeaderName::from_bytes(name).map_err(|_| Invalid::Head)?;
         // httparse admits exactly the bytes a header value may hold
