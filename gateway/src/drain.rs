@@ -168,20 +168,27 @@ mod tests {
     use std::task::Context;
     use std::time::Duration;
 
-    /// Pending until asked to stop, then ready on the next poll.
+    /// A connection pending until asked to stop, then ready on the next
+    /// poll. `busy`: it asks to be polled again each time (a connection with
+    /// work in hand); otherwise it waits to be woken by somebody else.
+    #[derive(Default)]
     struct Fake {
+        busy: bool,
         asked: Arc<AtomicBool>,
+        polls: Arc<std::sync::atomic::AtomicUsize>,
     }
 
     impl Future for Fake {
         type Output = &'static str;
         fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<&'static str> {
+            self.polls.fetch_add(1, Ordering::SeqCst);
             if self.asked.load(Ordering::SeqCst) {
-                Poll::Ready("finished")
-            } else {
-                cx.waker().wake_by_ref();
-                Poll::Pending
+                return Poll::Ready("finished");
             }
+            if self.busy {
+                cx.waker().wake_by_ref();
+            }
+            Poll::Pending
         }
     }
 
@@ -196,7 +203,9 @@ mod tests {
         let drain = Drain::new();
         let asked = Arc::new(AtomicBool::new(false));
         let conn = tokio::spawn(drain.watcher().serve(Fake {
+            busy: true,
             asked: asked.clone(),
+            ..Fake::default()
         }));
         tokio::time::timeout(Duration::from_secs(5), drain.shutdown())
             .await
@@ -205,38 +214,13 @@ mod tests {
         assert_eq!(conn.await.expect("task"), "finished");
     }
 
-    /// Pending without asking to be polled again until it is asked to stop.
-    struct Parked {
-        asked: Arc<AtomicBool>,
-        polls: Arc<std::sync::atomic::AtomicUsize>,
-    }
-
-    impl Future for Parked {
-        type Output = &'static str;
-        fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<&'static str> {
-            self.polls.fetch_add(1, Ordering::SeqCst);
-            if self.asked.load(Ordering::SeqCst) {
-                Poll::Ready("finished")
-            } else {
-                Poll::Pending
-            }
-        }
-    }
-
-    impl Graceful for Parked {
-        fn graceful_shutdown(self: Pin<&mut Self>) {
-            self.asked.store(true, Ordering::SeqCst);
-        }
-    }
-
     #[tokio::test]
     async fn a_parked_connection_is_woken_by_the_shutdown() {
         let drain = Drain::new();
-        let asked = Arc::new(AtomicBool::new(false));
         let polls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let conn = tokio::spawn(drain.watcher().serve(Parked {
-            asked: asked.clone(),
+        let conn = tokio::spawn(drain.watcher().serve(Fake {
             polls: polls.clone(),
+            ..Fake::default()
         }));
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(polls.load(Ordering::SeqCst), 1, "polled once, then parked");
@@ -250,9 +234,9 @@ mod tests {
     async fn a_dropped_drain_stops_its_connections() {
         let drain = Drain::new();
         let asked = Arc::new(AtomicBool::new(false));
-        let conn = tokio::spawn(drain.watcher().serve(Parked {
+        let conn = tokio::spawn(drain.watcher().serve(Fake {
             asked: asked.clone(),
-            polls: Arc::default(),
+            ..Fake::default()
         }));
         tokio::time::sleep(Duration::from_millis(20)).await;
         drop(drain);
