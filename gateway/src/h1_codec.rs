@@ -130,8 +130,8 @@ pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 /// A parsed answer head.
 ///
 /// Its hop-by-hop headers (`Connection`, `Keep-Alive`, `Transfer-Encoding`,
-/// `TE`, `Trailer`, `Upgrade`, `Proxy-Connection`) are read into [`Framing`]
-/// facts while it is parsed and left out of `headers`, as the client must
+/// `TE`, `Trailer`, `Upgrade`, `Proxy-Connection`) are read into
+/// [`FramingFacts`] while it is parsed and left out of `headers`, as the client must
 /// not see them anyway; a 101 answer keeps them all, for the upgrade, and a
 /// `Connection` that names other headers stays for the proxy to remove
 /// those too.
@@ -169,6 +169,9 @@ enum Hop {
     Other,
 }
 
+///
+/// The names of `headers::HOP_BY_HOP` but `Expect` (a request's), compared
+/// in any case: these come straight from the wire, not from a `HeaderName`.
 fn hop_by_hop(name: &[u8]) -> Option<Hop> {
     // A match on the length first: most names are ruled out by it.
     let candidates: &[(&[u8], Hop)] = match name.len() {

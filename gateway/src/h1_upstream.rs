@@ -8,8 +8,8 @@
 //!   `upstream_host`'s name).
 //! - The request is written and the answer's head read by the request's
 //!   own task: no task per connection and no channel between them. The
-//!   task yields once before writing and once after reading, so that what
-//!   the runtime has ready goes out in one batch (see `Outgoing::exchange`).
+//!   task yields once before writing, so that the requests the runtime has
+//!   ready go out in one batch (see `Outgoing::exchange`).
 //! - A connection goes back to the pool once its answer has been read to
 //!   the end (the answer's [`H1Body`] gives it back); an answer that is
 //!   abandoned midway takes its connection down with it.
