@@ -242,7 +242,17 @@ impl FramingFacts {
 
 /// Parses an answer head from the front of `buf`, removing it; `Ok(None)`
 /// while it is incomplete.
-pub fn parse_answer_head(buf: &mut BytesMut) -> Result<Option<AnswerHead>, Invalid> {
+///
+/// The answer's headers go into `spare`'s allocation (cleared first), which
+/// is left empty: the proxy hands in the map of the request it has just
+/// written, and hyper keeps the answer's map, once written to the client,
+/// for the next request on that connection, so that one map serves a
+/// keep-alive connection's requests and answers without being allocated or
+/// grown again.
+pub fn parse_answer_head(
+    buf: &mut BytesMut,
+    spare: &mut HeaderMap,
+) -> Result<Option<AnswerHead>, Invalid> {
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut []);
     let base = buf.as_ptr() as usize;
@@ -284,7 +294,9 @@ pub fn parse_answer_head(buf: &mut BytesMut) -> Result<Option<AnswerHead>, Inval
     let head = buf.split_to(len).freeze();
     let keep_hops = status == StatusCode::SWITCHING_PROTOCOLS;
     let mut framing = FramingFacts::default();
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    let mut headers = std::mem::take(spare);
+    headers.clear();
+    headers.reserve(spans.len());
     for [name, name_len, value, value_len] in spans {
         let name = &head[name..name + name_len];
         let value_bytes = &head[value..value + value_len];

@@ -402,7 +402,11 @@ pub enum SendFailure {
 struct Outgoing {
     method: Method,
     target: PathAndQuery,
+    /// The request's headers until its head is encoded; then the spare map
+    /// the answer's headers are read into.
     headers: HeaderMap,
+    /// How the body goes out, known once the head is encoded.
+    framing: RequestFraming,
     body: OutBody,
     /// The head (and a small in-memory body), once encoded.
     wire: Vec<u8>,
@@ -435,6 +439,7 @@ impl Outgoing {
             method: parts.method,
             target,
             headers: parts.headers,
+            framing: RequestFraming::None,
             body,
             wire: Vec::new(),
             cut_short: false,
@@ -457,13 +462,13 @@ impl Outgoing {
             OutBody::Full(b) => Some(b.len() as u64),
             _ => None,
         };
-        let framing = h1_codec::request_framing(&self.method, &self.headers, exact);
+        self.framing = h1_codec::request_framing(&self.method, &self.headers, exact);
         h1_codec::encode_request_head(
             &mut self.wire,
             &self.method,
             self.target.as_str(),
             &self.headers,
-            framing,
+            self.framing,
         );
         if let OutBody::Full(b) = &self.body {
             if b.len() <= INLINE_BODY {
@@ -492,15 +497,16 @@ impl Outgoing {
                 let OutBody::Stream(body) = std::mem::replace(&mut self.body, OutBody::Sent) else {
                     return Err(H1Error::BodyLength);
                 };
-                let framing = h1_codec::request_framing(&self.method, &self.headers, None);
-                match write_stream(&mut conn.io, body, framing).await {
+                match write_stream(&mut conn.io, body, self.framing).await {
                     Ok(()) => {}
                     // A node may answer (413, say) and close before taking
                     // the whole body: its answer is passed on, and the
                     // connection, its request unfinished, is not reused.
                     Err(H1Error::Closed) => {
                         self.cut_short = true;
-                        return read_head(conn).await.map_err(|_| H1Error::Closed);
+                        return read_head(conn, &mut self.headers)
+                            .await
+                            .map_err(|_| H1Error::Closed);
                     }
                     Err(e) => return Err(e),
                 }
@@ -508,7 +514,7 @@ impl Outgoing {
             OutBody::Inline | OutBody::Sent => {}
         }
         conn.io.flush().await.map_err(H1Error::before_answer)?;
-        read_head(conn).await
+        read_head(conn, &mut self.headers).await
     }
 
     /// The answer to hand back: its head, and a body that reads the rest
@@ -604,12 +610,13 @@ async fn write_stream(
 }
 
 /// Reads until a final answer head (informational ones are skipped, except
-/// `101 Switching Protocols`).
-async fn read_head(conn: &mut Conn) -> Result<AnswerHead, H1Error> {
+/// `101 Switching Protocols`), its headers into `spare`'s allocation (see
+/// [`h1_codec::parse_answer_head`]).
+async fn read_head(conn: &mut Conn, spare: &mut HeaderMap) -> Result<AnswerHead, H1Error> {
     let mut answered = false;
     loop {
         if !conn.rbuf.is_empty() {
-            if let Some(head) = h1_codec::parse_answer_head(&mut conn.rbuf)? {
+            if let Some(head) = h1_codec::parse_answer_head(&mut conn.rbuf, spare)? {
                 if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS
                 {
                     continue;

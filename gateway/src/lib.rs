@@ -23,6 +23,7 @@ pub mod framing;
 pub mod h1_codec;
 pub mod h1_upstream;
 pub mod h2_upstream;
+pub mod head_wait;
 pub mod headers;
 pub mod health;
 pub mod io;

@@ -90,6 +90,12 @@ impl Activity {
         self.begun.load(Ordering::Relaxed)
     }
 
+    /// Whether no request is being answered and every byte written has
+    /// gone out: the connection waits for its next request head.
+    pub fn is_between_requests(&self) -> bool {
+        self.open.load(Ordering::Relaxed) == 0 && !self.write_open.load(Ordering::Relaxed)
+    }
+
     /// Whether the connection is between requests with nothing in flight.
     pub fn is_quiet(&self) -> bool {
         self.open.load(Ordering::Relaxed) == 0

@@ -32,6 +32,7 @@ use crate::drain::Drain;
 use crate::error::Error;
 use crate::error_page::{error_page, with_close};
 use crate::framing::{FramingScan, Verdict};
+use crate::head_wait::HeadWait;
 use crate::limits::{self, BodyLimits};
 use crate::linger::Lingering;
 use crate::metrics::{ConnGuard, CONNECTIONS};
@@ -48,8 +49,9 @@ pub struct DataPlane {
     pub edge: Arc<ArcSwap<Edge>>,
     /// `client_header_timeout`: time to send a request head.
     pub header_timeout: Duration,
-    /// `keepalive_timeout`: hyper times the wait for the next request head
-    /// with the same timer, so the shorter of the two bounds both.
+    /// `keepalive_timeout`: the wait for the next request head is timed as
+    /// one ([`HeadWait`], or hyper's timer over TLS), so the shorter of the
+    /// two bounds both.
     pub keepalive_timeout: Duration,
     /// `send_timeout`: longest a client may leave a write blocked.
     pub send_timeout: Duration,
@@ -333,25 +335,38 @@ async fn sniff(stream: &TcpStream) -> Option<Protocol> {
 
 /// The hyper connection builders, set up once per listener.
 struct Protocols {
+    /// Plain HTTP/1, whose wait for heads [`HeadWait`] times.
     http1: hyper::server::conn::http1::Builder,
+    /// HTTP/1 over TLS, whose wait for heads hyper times.
+    http1_tls: hyper::server::conn::http1::Builder,
     http2: hyper::server::conn::http2::Builder<TokioExecutor>,
 }
 
 impl Protocols {
     fn new(plane: &DataPlane) -> Self {
         let mut http1 = hyper::server::conn::http1::Builder::new();
+        // The wait for request heads is timed by `HeadWait`, not by hyper
+        // (whose timer costs an allocation and a timer-wheel entry per
+        // request); without a timer hyper times nothing.
         http1
-            .timer(TokioTimer::new())
-            .header_read_timeout(plane.header_timeout.min(plane.keepalive_timeout))
+            .header_read_timeout(None)
             .max_buf_size(limits::READ_BUFFER)
             .keep_alive(true);
+        let mut http1_tls = http1.clone();
+        http1_tls
+            .timer(TokioTimer::new())
+            .header_read_timeout(plane.header_timeout.min(plane.keepalive_timeout));
         let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         http2
             .timer(TokioTimer::new())
             .max_concurrent_streams(limits::H2_MAX_CONCURRENT_STREAMS)
             .max_pending_accept_reset_streams(limits::H2_MAX_PENDING_RESETS)
             .max_header_list_size(limits::H2_MAX_HEADER_LIST);
-        Protocols { http1, http2 }
+        Protocols {
+            http1,
+            http1_tls,
+            http2,
+        }
     }
 }
 
@@ -534,6 +549,8 @@ where
     async move {
         let idle_limit = plane.header_timeout.min(plane.keepalive_timeout);
         let mut quiet_timer = std::pin::pin!(tokio::time::sleep(PARK_AFTER));
+        let head_timer = std::pin::pin!(tokio::time::sleep(idle_limit));
+        let mut head_wait = HeadWait::new(head_timer, idle_limit);
         loop {
             // Everything hyper held dies with this block, before the wait.
             let resumed = {
@@ -549,6 +566,7 @@ where
                     &mut conn,
                     &activity,
                     quiet_timer.as_mut(),
+                    &mut head_wait,
                     &mut drain,
                 ))
                 .await;
@@ -608,6 +626,7 @@ async fn drive_http1<S>(
     conn: &mut Box<Http1Conn<S>>,
     activity: &Activity,
     mut quiet_timer: std::pin::Pin<&mut tokio::time::Sleep>,
+    head_wait: &mut HeadWait<'_>,
     drain: &mut crate::drain::Watch,
 ) -> Stretch
 where
@@ -627,10 +646,17 @@ where
     // connection parks between one and two quiet periods after its last
     // request.
     let mut armed_for = None;
+    head_wait.restart(activity);
     loop {
         let drive = std::future::poll_fn(|cx| {
             if let Poll::Ready(result) = std::pin::Pin::new(&mut **conn).poll(cx) {
                 return Poll::Ready(Stretch::Ended(result));
+            }
+            if head_wait.poll_expired(activity, cx).is_ready() {
+                tracing::debug!(
+                    "no request head within client_header_timeout/keepalive_timeout: closed"
+                );
+                return Poll::Ready(Stretch::Ended(Ok(())));
             }
             if draining || !activity.is_quiet() {
                 return Poll::Pending;
@@ -770,7 +796,7 @@ fn serve_tls_connection(
             Box::pin(
                 drain.serve(
                     protocols
-                        .http1
+                        .http1_tls
                         .serve_connection(TokioIo::new(io), service)
                         .with_upgrades(),
                 ),

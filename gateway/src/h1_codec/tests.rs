@@ -2,7 +2,9 @@ use super::*;
 
 fn head(text: &str) -> AnswerHead {
     let mut buf = BytesMut::from(text);
-    parse_answer_head(&mut buf).unwrap().unwrap()
+    parse_answer_head(&mut buf, &mut HeaderMap::new())
+        .unwrap()
+        .unwrap()
 }
 
 #[test]
@@ -66,7 +68,9 @@ fn lengths_are_written_in_decimal() {
 fn answer_heads_are_parsed_and_removed_from_the_buffer() {
     let mut buf =
         BytesMut::from("HTTP/1.1 200 Fine\r\nX-A: 1\r\nx-a: 2\r\nContent-Length: 3\r\n\r\nabc");
-    let h = parse_answer_head(&mut buf).unwrap().unwrap();
+    let h = parse_answer_head(&mut buf, &mut HeaderMap::new())
+        .unwrap()
+        .unwrap();
     assert_eq!(h.status, StatusCode::OK);
     assert_eq!(h.reason.as_deref(), Some(&b"Fine"[..]));
     assert_eq!(h.headers.get_all("x-a").iter().count(), 2);
@@ -78,7 +82,9 @@ fn answer_heads_are_parsed_and_removed_from_the_buffer() {
     assert_eq!(answer_framing(true, &h), Ok((AnswerFraming::Empty, true)));
 
     let mut partial = BytesMut::from("HTTP/1.1 200 OK\r\nX-A: 1\r\n");
-    assert!(parse_answer_head(&mut partial).unwrap().is_none());
+    assert!(parse_answer_head(&mut partial, &mut HeaderMap::new())
+        .unwrap()
+        .is_none());
     assert_eq!(partial.len(), 25, "nothing taken from an incomplete head");
     assert_eq!(head("HTTP/1.1 404 Not Found\r\n\r\n").reason, None);
 }
@@ -117,9 +123,12 @@ fn hop_by_hop_headers_are_read_but_not_kept() {
 #[test]
 fn bad_and_oversized_heads_are_invalid() {
     let mut bad = BytesMut::from("HTTP/1.1 2000 OK\r\n\r\n");
-    assert_eq!(parse_answer_head(&mut bad).unwrap_err(), Invalid::Head);
+    assert_eq!(
+        parse_answer_head(&mut bad, &mut HeaderMap::new()).unwrap_err(),
+        Invalid::Head
+    );
     let mut garbage = BytesMut::from("hello\r\n\r\n");
-    assert!(parse_answer_head(&mut garbage).is_err());
+    assert!(parse_answer_head(&mut garbage, &mut HeaderMap::new()).is_err());
     let mut many = String::from("HTTP/1.1 200 OK\r\n");
     for i in 0..=MAX_HEADERS {
         many.push_str(&format!("x-{i}: v\r\n"));
@@ -127,13 +136,13 @@ fn bad_and_oversized_heads_are_invalid() {
     many.push_str("\r\n");
     let mut many = BytesMut::from(many.as_str());
     assert_eq!(
-        parse_answer_head(&mut many).unwrap_err(),
+        parse_answer_head(&mut many, &mut HeaderMap::new()).unwrap_err(),
         Invalid::HeadTooLarge
     );
     let mut endless = BytesMut::from("HTTP/1.1 200 OK\r\nx: ");
     endless.extend_from_slice(&vec![b'v'; MAX_ANSWER_HEAD]);
     assert_eq!(
-        parse_answer_head(&mut endless).unwrap_err(),
+        parse_answer_head(&mut endless, &mut HeaderMap::new()).unwrap_err(),
         Invalid::HeadTooLarge
     );
 }
@@ -264,7 +273,7 @@ proptest::proptest! {
     #[test]
     fn any_bytes_parse_without_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
         let mut buf = BytesMut::from(bytes.as_slice());
-        if let Ok(Some(head)) = parse_answer_head(&mut buf) {
+        if let Ok(Some(head)) = parse_answer_head(&mut buf, &mut HeaderMap::new()) {
             let _ = answer_framing(false, &head);
         }
         let mut buf = BytesMut::from(bytes.as_slice());
