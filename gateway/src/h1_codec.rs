@@ -25,6 +25,9 @@ use http::{HeaderMap, Method, StatusCode, Version};
 pub const MAX_ANSWER_HEAD: usize = 64 * 1024;
 /// Most header lines an answer head (or its trailers) may have.
 pub const MAX_HEADERS: usize = 128;
+/// Answer header lines whose places are noted on the stack while the head
+/// is parsed; more take an allocation.
+const INLINE_SPANS: usize = 32;
 /// Longest chunk-size line (with extensions) accepted.
 const MAX_CHUNK_LINE: usize = 4 * 1024;
 
@@ -161,7 +164,7 @@ struct FramingFacts {
     length_invalid: bool,
 }
 
-/// The hop-by-hop header `name` (in any case) is, if it is one.
+/// A hop-by-hop header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Hop {
     Connection,
@@ -169,9 +172,9 @@ enum Hop {
     Other,
 }
 
-///
-/// The names of `headers::HOP_BY_HOP` but `Expect` (a request's), compared
-/// in any case: these come straight from the wire, not from a `HeaderName`.
+/// The hop-by-hop header `name` (in any case) is, if it is one: the names
+/// of `headers::HOP_BY_HOP` but `Expect` (a request's), compared in any
+/// case: these come straight from the wire, not from a `HeaderName`.
 fn hop_by_hop(name: &[u8]) -> Option<Hop> {
     // A match on the length first: most names are ruled out by it.
     let candidates: &[(&[u8], Hop)] = match name.len() {
@@ -189,6 +192,42 @@ fn hop_by_hop(name: &[u8]) -> Option<Hop> {
         .iter()
         .find(|(text, _)| name.eq_ignore_ascii_case(text))
         .map(|&(_, hop)| hop)
+}
+
+/// What an answer header's name is.
+enum AnswerName {
+    Hop(Hop),
+    ContentLength,
+    /// A name answers commonly carry, as its constant: no parse, no copy.
+    Known(HeaderName),
+    Other,
+}
+
+/// Sorts an answer header's name (in any case), by its length first.
+fn answer_name(name: &[u8]) -> AnswerName {
+    let is = |text: &[u8]| name.eq_ignore_ascii_case(text);
+    let known = match name.len() {
+        4 if is(b"date") => header::DATE,
+        4 if is(b"etag") => header::ETAG,
+        4 if is(b"vary") => header::VARY,
+        6 if is(b"server") => header::SERVER,
+        7 if is(b"expires") => header::EXPIRES,
+        8 if is(b"location") => header::LOCATION,
+        10 if is(b"set-cookie") => header::SET_COOKIE,
+        12 if is(b"content-type") => header::CONTENT_TYPE,
+        13 if is(b"cache-control") => header::CACHE_CONTROL,
+        13 if is(b"last-modified") => header::LAST_MODIFIED,
+        13 if is(b"accept-ranges") => header::ACCEPT_RANGES,
+        14 if is(b"content-length") => return AnswerName::ContentLength,
+        16 if is(b"content-encoding") => header::CONTENT_ENCODING,
+        _ => {
+            return match hop_by_hop(name) {
+                Some(hop) => AnswerName::Hop(hop),
+                None => AnswerName::Other,
+            }
+        }
+    };
+    AnswerName::Known(known)
 }
 
 impl FramingFacts {
@@ -284,35 +323,47 @@ pub fn parse_answer_head(
         .filter(|r| Some(*r) != status.canonical_reason())
         .map(|r| Bytes::copy_from_slice(r.as_bytes()));
     // Header values are slices of the head, which is frozen once: no copy.
-    // Their places are noted first, while the parser still borrows it.
-    let mut spans = Vec::with_capacity(resp.headers.len());
-    for h in resp.headers.iter() {
+    // Their places are noted first, while the parser still borrows it (on
+    // the stack for a usual head; offsets fit: the head is at most
+    // MAX_ANSWER_HEAD bytes).
+    let count = resp.headers.len();
+    let mut inline = [[0u32; 4]; INLINE_SPANS];
+    let mut spilled = Vec::new();
+    let spans: &mut [[u32; 4]] = if count <= INLINE_SPANS {
+        &mut inline[..count]
+    } else {
+        spilled.resize(count, [0; 4]);
+        &mut spilled
+    };
+    for (span, h) in spans.iter_mut().zip(resp.headers.iter()) {
         let name = h.name.as_ptr() as usize - base;
         let value = h.value.as_ptr() as usize - base;
-        spans.push([name, h.name.len(), value, h.value.len()]);
+        *span = [name, h.name.len(), value, h.value.len()].map(|n| n as u32);
     }
     let head = buf.split_to(len).freeze();
     let keep_hops = status == StatusCode::SWITCHING_PROTOCOLS;
     let mut framing = FramingFacts::default();
     let mut headers = std::mem::take(spare);
     headers.clear();
-    headers.reserve(spans.len());
-    for [name, name_len, value, value_len] in spans {
-        let name = &head[name..name + name_len];
+    headers.reserve(count);
+    for &[name, name_len, value, value_len] in spans.iter() {
+        let (value, value_len) = (value as usize, value_len as usize);
+        let name = &head[name as usize..(name + name_len) as usize];
         let value_bytes = &head[value..value + value_len];
-        let keep = match hop_by_hop(name) {
-            Some(hop) => framing.note_hop(hop, value_bytes) || keep_hops,
-            None => {
-                if name.eq_ignore_ascii_case(b"content-length") {
-                    framing.note_length(value_bytes);
-                }
-                true
+        let name = match answer_name(name) {
+            AnswerName::Known(known) => known,
+            AnswerName::ContentLength => {
+                framing.note_length(value_bytes);
+                header::CONTENT_LENGTH
             }
+            AnswerName::Hop(hop) => {
+                if !(framing.note_hop(hop, value_bytes) || keep_hops) {
+                    continue;
+                }
+                HeaderName::from_bytes(name).map_err(|_| Invalid::Head)?
+            }
+            AnswerName::Other => HeaderName::from_bytes(name).map_err(|_| Invalid::Head)?,
         };
-        if !keep {
-            continue;
-        }
-        let name = HeaderName::from_bytes(name).map_err(|_| Invalid::Head)?;
         // httparse admits exactly the bytes a header value may hold
         // (visible ASCII, space, tab and obs-text), as `HeaderValue` does.
         let value = HeaderValue::from_maybe_shared(head.slice(value..value + value_len))

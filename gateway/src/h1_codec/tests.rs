@@ -121,6 +121,34 @@ fn hop_by_hop_headers_are_read_but_not_kept() {
 }
 
 #[test]
+fn common_names_in_any_case_and_long_heads_keep_every_header() {
+    let mut text = String::from(
+        "HTTP/1.1 200 OK\r\nDATE: today\r\nContent-TYPE: text/plain\r\nCONTENT-LENGTH: 2\r\n\
+         Set-Cookie: a=1\r\nset-cookie: b=2\r\nX-Custom: yes\r\n",
+    );
+    // More lines than fit on the stack while the head is parsed.
+    for i in 0..INLINE_SPANS + 8 {
+        text.push_str(&format!("x-{i}: {i}\r\n"));
+    }
+    text.push_str("\r\n");
+    let h = head(&text);
+    assert_eq!(h.headers.len(), 6 + INLINE_SPANS + 8);
+    assert_eq!(h.headers[header::DATE], "today");
+    assert_eq!(h.headers[header::CONTENT_TYPE], "text/plain");
+    assert_eq!(h.headers[header::CONTENT_LENGTH], "2");
+    assert_eq!(h.headers.get_all(header::SET_COOKIE).iter().count(), 2);
+    assert_eq!(h.headers["x-custom"], "yes");
+    assert_eq!(
+        h.headers[format!("x-{}", INLINE_SPANS + 7).as_str()],
+        (INLINE_SPANS + 7).to_string().as_str()
+    );
+    assert_eq!(
+        answer_framing(false, &h).unwrap(),
+        (AnswerFraming::Length(2), true)
+    );
+}
+
+#[test]
 fn bad_and_oversized_heads_are_invalid() {
     let mut bad = BytesMut::from("HTTP/1.1 2000 OK\r\n\r\n");
     assert_eq!(
