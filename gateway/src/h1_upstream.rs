@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::uri::{Authority, PathAndQuery};
-use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http::{HeaderMap, Method, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Either, Full};
 use plugins::BoxError;
@@ -278,7 +278,7 @@ impl H1Pool {
         &'a self,
         key: &'a NodeKey,
         max_requests: u32,
-        req: Request<ProxyBody>,
+        req: H1Request<'a>,
         on_connection: impl Fn(bool) + Send + 'a,
     ) -> impl std::future::Future<Output = Result<Response<H1Body>, SendFailure>> + Send + 'a {
         async move {
@@ -395,16 +395,35 @@ pub enum SendFailure {
     Connect(ConnectError),
     /// The request failed on its connection.
     Request(H1Error),
+    /// The node's answer head arrived but cannot be passed on (its framing
+    /// is ambiguous). The request's headers held the answer's and are gone:
+    /// the request is not tried again (nginx does not pass a request to the
+    /// next node for an invalid answer either, by default).
+    Answer(H1Error),
+}
+
+/// A request for a node, as [`H1Pool::send`] takes it.
+///
+/// Its headers are borrowed, not moved: they stay with the caller for a
+/// retry on another node. Once a final answer head has arrived no retry
+/// follows, and the answer's headers are read into their map (see
+/// [`h1_codec::parse_answer_head`]); the caller's map is left empty then.
+pub struct H1Request<'a> {
+    pub method: Method,
+    /// In origin form; the host goes in the `Host` header.
+    pub target: PathAndQuery,
+    pub headers: &'a mut HeaderMap,
+    pub body: ProxyBody,
 }
 
 /// A request on its way out: encoded once, so that a resend writes the same
 /// bytes again.
-struct Outgoing {
+struct Outgoing<'a> {
     method: Method,
     target: PathAndQuery,
-    /// The request's headers until its head is encoded; then the spare map
-    /// the answer's headers are read into.
-    headers: HeaderMap,
+    /// The request's headers; the map a final answer's headers are read
+    /// into.
+    headers: &'a mut HeaderMap,
     /// How the body goes out, known once the head is encoded.
     framing: RequestFraming,
     body: OutBody,
@@ -423,22 +442,16 @@ enum OutBody {
     Sent,
 }
 
-impl Outgoing {
-    fn new(req: Request<ProxyBody>) -> Self {
-        let (parts, body) = req.into_parts();
-        let body = match body {
+impl<'a> Outgoing<'a> {
+    fn new(req: H1Request<'a>) -> Self {
+        let body = match req.body {
             Either::Left(full) => OutBody::Full(full_bytes(full)),
             Either::Right(stream) => OutBody::Stream(stream),
         };
-        let target = parts
-            .uri
-            .into_parts()
-            .path_and_query
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
         Outgoing {
-            method: parts.method,
-            target,
-            headers: parts.headers,
+            method: req.method,
+            target: req.target,
+            headers: req.headers,
             framing: RequestFraming::None,
             body,
             wire: Vec::new(),
@@ -462,12 +475,12 @@ impl Outgoing {
             OutBody::Full(b) => Some(b.len() as u64),
             _ => None,
         };
-        self.framing = h1_codec::request_framing(&self.method, &self.headers, exact);
+        self.framing = h1_codec::request_framing(&self.method, self.headers, exact);
         h1_codec::encode_request_head(
             &mut self.wire,
             &self.method,
             self.target.as_str(),
-            &self.headers,
+            self.headers,
             self.framing,
         );
         if let OutBody::Full(b) = &self.body {
@@ -504,7 +517,7 @@ impl Outgoing {
                     // connection, its request unfinished, is not reused.
                     Err(H1Error::Closed) => {
                         self.cut_short = true;
-                        return read_head(conn, &mut self.headers)
+                        return read_head(conn, self.headers)
                             .await
                             .map_err(|_| H1Error::Closed);
                     }
@@ -514,7 +527,7 @@ impl Outgoing {
             OutBody::Inline | OutBody::Sent => {}
         }
         conn.io.flush().await.map_err(H1Error::before_answer)?;
-        read_head(conn, &mut self.headers).await
+        read_head(conn, self.headers).await
     }
 
     /// The answer to hand back: its head, and a body that reads the rest
@@ -528,7 +541,7 @@ impl Outgoing {
             (AnswerFraming::UntilClose, false)
         } else {
             let (framing, reusable) = h1_codec::answer_framing(self.method == Method::HEAD, &head)
-                .map_err(|e| SendFailure::Request(e.into()))?;
+                .map_err(|e| SendFailure::Answer(e.into()))?;
             (framing, reusable && !self.cut_short)
         };
         let mut resp = Response::new(());
@@ -616,7 +629,17 @@ async fn read_head(conn: &mut Conn, spare: &mut HeaderMap) -> Result<AnswerHead,
     let mut answered = false;
     loop {
         if !conn.rbuf.is_empty() {
-            if let Some(head) = h1_codec::parse_answer_head(&mut conn.rbuf, spare)? {
+            // `spare` holds the request's headers, kept for a retry until a
+            // final answer: an informational head is read into a map of its
+            // own. (A complete head's status code starts at byte 9,
+            // after "HTTP/1.x ".)
+            let mut own = HeaderMap::new();
+            let into = if conn.rbuf.get(9) == Some(&b'1') {
+                &mut own
+            } else {
+                &mut *spare
+            };
+            if let Some(head) = h1_codec::parse_answer_head(&mut conn.rbuf, into)? {
                 if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS
                 {
                     continue;
@@ -885,6 +908,7 @@ async fn sweep(pool: Weak<Shared>) {
 mod tests {
     use super::*;
     use bytes::Bytes;
+    use http::Request;
     use http_body_util::{BodyExt, Either, Full};
     use hyper_util::rt::TokioIo;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -915,16 +939,37 @@ mod tests {
             .unwrap()
     }
 
+    /// `req` sent to `key` through `pool`, its headers held here.
+    async fn send_request(
+        pool: &H1Pool,
+        key: &NodeKey,
+        max_requests: u32,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<H1Body>, SendFailure> {
+        let (parts, body) = req.into_parts();
+        let mut headers = parts.headers;
+        let req = H1Request {
+            method: parts.method,
+            target: parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+            headers: &mut headers,
+            body,
+        };
+        pool.send(key, max_requests, req, |_| {}).await
+    }
+
     async fn exchange(pool: &H1Pool, node: &Authority, max_requests: u32) {
-        let resp = pool
-            .send(
-                &NodeKey::new(node.clone(), None),
-                max_requests,
-                request(node),
-                |_| {},
-            )
-            .await
-            .unwrap();
+        let resp = send_request(
+            pool,
+            &NodeKey::new(node.clone(), None),
+            max_requests,
+            request(node),
+        )
+        .await
+        .unwrap();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"ok");
     }
@@ -992,14 +1037,9 @@ mod tests {
     }
 
     async fn send(p: &H1Pool, node: &Authority) -> Response<H1Body> {
-        p.send(
-            &NodeKey::new(node.clone(), None),
-            1000,
-            request(node),
-            |_| {},
-        )
-        .await
-        .unwrap()
+        send_request(p, &NodeKey::new(node.clone(), None), 1000, request(node))
+            .await
+            .unwrap()
     }
 
     #[tokio::test]
@@ -1071,17 +1111,11 @@ mod tests {
         let p = pool(Duration::from_secs(60));
         assert_eq!(send(&p, &node).await.status(), StatusCode::NO_CONTENT);
         let (node, _) = raw_node(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n").await;
-        let failure = p
-            .send(
-                &NodeKey::new(node.clone(), None),
-                1000,
-                request(&node),
-                |_| {},
-            )
-            .await;
+        let failure =
+            send_request(&p, &NodeKey::new(node.clone(), None), 1000, request(&node)).await;
         assert!(matches!(
             failure,
-            Err(SendFailure::Request(H1Error::Invalid(
+            Err(SendFailure::Answer(H1Error::Invalid(
                 Invalid::ContentLength
             )))
         ));
@@ -1127,8 +1161,7 @@ mod tests {
                 req.headers_mut()
                     .insert(http::header::CONTENT_LENGTH, len.parse().unwrap());
             }
-            let resp = p
-                .send(&NodeKey::new(node.clone(), None), 1000, req, |_| {})
+            let resp = send_request(&p, &NodeKey::new(node.clone(), None), 1000, req)
                 .await
                 .unwrap();
             assert_eq!(resp.status(), StatusCode::OK);
@@ -1148,14 +1181,8 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let node: Authority = l.local_addr().unwrap().to_string().parse().unwrap();
         drop(l);
-        let failure = pool(Duration::from_secs(60))
-            .send(
-                &NodeKey::new(node.clone(), None),
-                10,
-                request(&node),
-                |_| {},
-            )
-            .await;
+        let p = pool(Duration::from_secs(60));
+        let failure = send_request(&p, &NodeKey::new(node.clone(), None), 10, request(&node)).await;
         assert!(matches!(
             failure,
             Err(SendFailure::Connect(ConnectError::Io(_)))
@@ -1199,9 +1226,7 @@ mod tests {
         let post = Request::post(format!("http://{node}/"))
             .body(Either::Left(Full::new(Bytes::from_static(b"once"))))
             .unwrap();
-        let failure = p
-            .send(&NodeKey::new(node.clone(), None), 1000, post, |_| {})
-            .await;
+        let failure = send_request(&p, &NodeKey::new(node.clone(), None), 1000, post).await;
         assert!(matches!(
             failure,
             Err(SendFailure::Request(H1Error::Closed))

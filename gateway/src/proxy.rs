@@ -39,7 +39,7 @@ use plugins::{ClientIp, ConnInfo, ResponseBody};
 use crate::body::{BodyFault, BodyState, ClientBody, IdleTimeout, ProxyBody};
 use crate::connector::ConnectError;
 use crate::error_page::{error_page, status_list, with_close, X_APISIX_UPSTREAM_STATUS};
-use crate::h1_upstream::{H1Body, SendFailure};
+use crate::h1_upstream::{H1Body, H1Request, SendFailure};
 use crate::headers::{prepare_request_headers, strip_hop_by_hop};
 use crate::health::Outcome;
 use crate::phases::{within_phases, PhaseTimeout, Progress, SendWatch};
@@ -129,8 +129,15 @@ struct TryFailure {
 /// HTTP/1.1), a failure before any answer, or a timeout phase that ran out.
 type TryResult = Result<Result<Response<UpstreamBody>, SendError>, PhaseTimeout>;
 
-/// One try's request to a node, and the progress its timeouts watch.
-type OutRequest = (Request<ProxyBody>, Arc<Progress>);
+/// One try's request to a node: for HTTP/1.1 with the prepared headers
+/// borrowed (they stay for the next try), for HTTP/2 a request of its own.
+enum OutRequest<'a> {
+    H1(H1Request<'a>),
+    H2(Request<ProxyBody>),
+}
+
+/// One try's request, and the progress its timeouts watch.
+type Try<'a> = (OutRequest<'a>, Arc<Progress>);
 
 /// The host `pass_host` chose is no valid HTTP/2 authority: the client's
 /// request is at fault (400).
@@ -234,8 +241,9 @@ impl Prepared {
         !matches!(self.method, Method::POST | Method::PATCH) && self.method.as_str() != "LOCK"
     }
 
-    /// The request of one try at `target`, with `Host` by `pass_host`; on
-    /// the `last` try the headers are moved instead of cloned.
+    /// The request of one try at `target`, with `Host` by `pass_host`. An
+    /// HTTP/1.1 try (`h1`) borrows the headers; an HTTP/2 one clones them,
+    /// or moves them on the `last` try.
     ///
     /// `Ok(None)` once a streamed body has gone out with an earlier try.
     fn for_node(
@@ -244,12 +252,8 @@ impl Prepared {
         target: &Target,
         body: &mut RequestBody,
         last: bool,
-    ) -> Result<Option<OutRequest>, BadAuthority> {
-        let mut headers = if last {
-            std::mem::take(&mut self.headers)
-        } else {
-            self.headers.clone()
-        };
+        h1: bool,
+    ) -> Result<Option<Try<'_>>, BadAuthority> {
         let host = match &up.pass_host {
             PassHost::Pass => self.client_host.clone(),
             PassHost::Node => Some(target.host_header.clone()),
@@ -258,6 +262,24 @@ impl Prepared {
         // HTTP/2 carries the host as `:authority`, from the URI; HTTP/1.1
         // as `Host`, with the request target in origin form.
         let host = host.unwrap_or_else(|| target.host_header.clone());
+        if h1 {
+            let Some((out_body, progress)) = body.next() else {
+                return Ok(None);
+            };
+            self.headers.insert(header::HOST, host);
+            let out = H1Request {
+                method: self.method.clone(),
+                target: self.path.clone(),
+                headers: &mut self.headers,
+                body: out_body,
+            };
+            return Ok(Some((OutRequest::H1(out), progress)));
+        }
+        let mut headers = if last {
+            std::mem::take(&mut self.headers)
+        } else {
+            self.headers.clone()
+        };
         let uri = if up.http2 {
             headers.remove(header::HOST);
             let authority = host.to_str().ok().and_then(|h| h.parse::<Authority>().ok());
@@ -293,7 +315,7 @@ impl Prepared {
             Version::HTTP_11
         };
         *out.headers_mut() = headers;
-        Ok(Some((out, progress)))
+        Ok(Some((OutRequest::H2(out), progress)))
     }
 }
 
@@ -498,11 +520,16 @@ impl ProxyTarget {
                     picked
                 };
                 let last = attempt + 1 == tries;
-                let (out, progress) = match request.for_node(up, target, &mut body, last) {
+                let h1 = matches!(self.client, UpstreamClient::Http1(_));
+                let (out, progress) = match request.for_node(up, target, &mut body, last, h1) {
                     Ok(Some(ready)) => ready,
                     Ok(None) => break,
                     Err(BadAuthority) => return error_page(StatusCode::BAD_REQUEST, None),
                 };
+                // The node answered, but unusably: its answer took the place
+                // of the request's headers, and nginx would not try the
+                // next node for an invalid answer either.
+                let mut answered = false;
                 let failure = match self.send_one(up, node, target, out, &progress).await {
                     Ok(Ok(resp)) => {
                         statuses.push(resp.status().as_u16());
@@ -520,6 +547,7 @@ impl ProxyTarget {
                             return with_close(resp);
                         }
                         tracing::warn!(upstream = %target.authority, error = %e.error, "upstream request failed");
+                        answered = e.answered;
                         e.failure()
                     }
                     Err(PhaseTimeout) => {
@@ -532,7 +560,7 @@ impl ProxyTarget {
                 };
                 last_addr = Some(target.authority.clone());
                 statuses.push(failure.kind.status().as_u16());
-                if !idempotent && !failure.connect {
+                if answered || (!idempotent && !failure.connect) {
                     break;
                 }
             }
@@ -548,7 +576,7 @@ impl ProxyTarget {
         up: &'a CompiledUpstream,
         node: Option<usize>,
         target: &'a Target,
-        out: Request<ProxyBody>,
+        out: OutRequest<'a>,
         progress: &'a Progress,
     ) -> impl Future<Output = TryResult> + Send + 'a {
         async move {
@@ -607,15 +635,15 @@ impl ProxyTarget {
     #[allow(clippy::type_complexity)]
     fn send<'a>(
         &'a self,
-        out: Request<ProxyBody>,
+        out: OutRequest<'a>,
         progress: &'a Progress,
         up: &'a CompiledUpstream,
         target: &'a Target,
     ) -> impl Future<Output = Result<Result<Response<UpstreamBody>, SendError>, PhaseTimeout>> + Send + 'a
     {
         async move {
-            match &self.client {
-                UpstreamClient::Http1(pool) => {
+            match (&self.client, out) {
+                (UpstreamClient::Http1(pool), OutRequest::H1(out)) => {
                     // Boxed once here: unboxed, the exchange's state (over a
                     // kilobyte) was copied at every level it passed up through,
                     // and sized every future above it.
@@ -632,7 +660,7 @@ impl ProxyTarget {
                                 .map_err(SendError::from_failure)
                         })
                 }
-                UpstreamClient::Http2(pool) => {
+                (UpstreamClient::Http2(pool), OutRequest::H2(out)) => {
                     // Boxed, as the HTTP/1.1 exchange above: the state of an
                     // HTTP/2 connect and exchange would otherwise size every
                     // request's future, whichever protocol it uses.
@@ -649,6 +677,7 @@ impl ProxyTarget {
                             return Ok(Err(SendError {
                                 timed_out: matches!(e, ConnectError::TimedOut(_)),
                                 connect: true,
+                                answered: false,
                                 error: e.into(),
                             }))
                         }
@@ -664,6 +693,14 @@ impl ProxyTarget {
                                 .map_err(SendError::from_hyper)
                         })
                 }
+                // `try_nodes` builds each try for its client's protocol.
+                (UpstreamClient::Http1(_), OutRequest::H2(_))
+                | (UpstreamClient::Http2(_), OutRequest::H1(_)) => Ok(Err(SendError {
+                    connect: false,
+                    timed_out: false,
+                    answered: false,
+                    error: "a request built for the other protocol".into(),
+                })),
             }
         }
     }
@@ -727,12 +764,14 @@ impl http_body::Body for UpstreamBody {
     }
 }
 
-/// Why one try failed before an answer came.
+/// Why one try failed before a usable answer came.
 #[derive(Debug)]
 struct SendError {
     /// The node could not be reached (a POST may still be retried).
     connect: bool,
     timed_out: bool,
+    /// An answer head came but could not be passed on: no further try.
+    answered: bool,
     error: plugins::BoxError,
 }
 
@@ -742,11 +781,19 @@ impl SendError {
             SendFailure::Connect(e) => SendError {
                 connect: true,
                 timed_out: matches!(e, ConnectError::TimedOut(_)),
+                answered: false,
                 error: e.into(),
             },
             SendFailure::Request(e) => SendError {
                 connect: false,
                 timed_out: false,
+                answered: false,
+                error: e.into(),
+            },
+            SendFailure::Answer(e) => SendError {
+                connect: false,
+                timed_out: false,
+                answered: true,
                 error: e.into(),
             },
         }
@@ -767,6 +814,7 @@ impl SendError {
         SendError {
             connect: false,
             timed_out: e.is_timeout(),
+            answered: false,
             error: e.into(),
         }
     }

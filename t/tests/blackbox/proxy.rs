@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use harness::serde_json::json;
-use harness::{refused_addr, send, upstream, Conn, Gateway, Upstream};
+use harness::{raw_upstream, refused_addr, send, upstream, Conn, Gateway, Upstream};
 
 #[tokio::test]
 async fn forwarding_headers_and_passthrough() {
@@ -175,6 +175,54 @@ async fn failures_map_to_502_504_and_retries() {
     assert_eq!(
         conn.send("GET", "/five", &[], String::new()).await.status,
         200
+    );
+    gw.stop().await;
+}
+
+/// A retry after an unreachable node sends the request whole (its headers
+/// were kept for it); a node whose answer head cannot be passed on is not
+/// followed by another try, as nginx's default `proxy_next_upstream error
+/// timeout` does not retry an invalid header.
+#[tokio::test]
+async fn retries_send_the_whole_request_but_not_after_an_invalid_answer() {
+    let gw = Gateway::start().await;
+    let u1 = Upstream::start("u1").await;
+    let down = refused_addr().to_string();
+    gw.put(
+        "routes/retry",
+        json!({"uri": "/retry", "upstream": upstream(&[(&down, 1), (&u1.node(), 1)])}),
+    )
+    .await;
+    for _ in 0..4 {
+        let sent = [("x-custom", "kept".to_string())];
+        let r = send(gw.data, "GET", "/retry?q=1", &sent, String::new(), None).await;
+        assert_eq!(r.upstream(), "u1");
+        let doc = r.json();
+        assert_eq!(doc["headers"]["x-custom"], "kept", "{doc}");
+        assert_eq!(doc["headers"]["x-real-ip"], "127.0.0.1", "{doc}");
+        assert!(doc["headers"]["host"].is_string(), "{doc}");
+    }
+
+    let invalid = raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n").await;
+    gw.put(
+        "routes/invalid",
+        json!({"uri": "/invalid", "upstream": upstream(&[(&invalid.to_string(), 1), (&u1.node(), 1)])}),
+    )
+    .await;
+    let mut seen = Vec::new();
+    for _ in 0..6 {
+        let r = gw.get("/invalid").await;
+        seen.push((
+            r.status.as_u16(),
+            r.header("x-apisix-upstream-status").map(str::to_string),
+        ));
+    }
+    let refused = seen.iter().filter(|(s, _)| *s == 502).count();
+    assert_eq!(refused, 3, "round robin over both nodes: {seen:?}");
+    assert!(
+        seen.iter()
+            .all(|s| *s == (502, Some("502".to_string())) || *s == (200, None)),
+        "one try for an invalid answer: {seen:?}"
     );
     gw.stop().await;
 }
