@@ -75,20 +75,22 @@ fn expects_length(method: &Method, headers: &HeaderMap) -> bool {
         || headers.contains_key(header::CONTENT_LENGTH)
 }
 
-/// Appends the request line and headers to `buf`. Framing headers in
-/// `headers` are replaced by those of `framing`.
-pub fn encode_request_head(
+/// Appends the request line and headers to `buf`: `headers`, then `extra`
+/// (headers kept beside the map). Framing headers in either are replaced by
+/// those of `framing`.
+pub fn encode_request_head<'a>(
     buf: &mut Vec<u8>,
     method: &Method,
     target: &str,
-    headers: &HeaderMap,
+    headers: &'a HeaderMap,
+    extra: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
     framing: RequestFraming,
 ) {
     buf.extend_from_slice(method.as_str().as_bytes());
     buf.push(b' ');
     buf.extend_from_slice(if target.is_empty() { "/" } else { target }.as_bytes());
     buf.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in headers {
+    for (name, value) in headers.iter().chain(extra) {
         if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
             continue;
         }

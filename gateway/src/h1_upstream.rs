@@ -47,6 +47,7 @@ use crate::connector::{self, ConnectError, Stream};
 use crate::h1_codec::{
     self, AnswerFraming, AnswerHead, ChunkedDecoder, Decoded, Invalid, RequestFraming,
 };
+use crate::headers::Forwarded;
 use crate::phases::SendWatch;
 
 /// Which connections a request may use: same node, same TLS name. Built
@@ -413,6 +414,8 @@ pub struct H1Request<'a> {
     /// In origin form; the host goes in the `Host` header.
     pub target: PathAndQuery,
     pub headers: &'a mut HeaderMap,
+    /// Written after `headers`.
+    pub forwarded: &'a Forwarded,
     pub body: ProxyBody,
 }
 
@@ -424,6 +427,7 @@ struct Outgoing<'a> {
     /// The request's headers; the map a final answer's headers are read
     /// into.
     headers: &'a mut HeaderMap,
+    forwarded: &'a Forwarded,
     /// How the body goes out, known once the head is encoded.
     framing: RequestFraming,
     body: OutBody,
@@ -452,6 +456,7 @@ impl<'a> Outgoing<'a> {
             method: req.method,
             target: req.target,
             headers: req.headers,
+            forwarded: req.forwarded,
             framing: RequestFraming::None,
             body,
             wire: Vec::new(),
@@ -481,6 +486,7 @@ impl<'a> Outgoing<'a> {
             &self.method,
             self.target.as_str(),
             self.headers,
+            self.forwarded.iter(),
             self.framing,
         );
         if let OutBody::Full(b) = &self.body {
@@ -956,6 +962,7 @@ mod tests {
                 .cloned()
                 .unwrap_or_else(|| PathAndQuery::from_static("/")),
             headers: &mut headers,
+            forwarded: &Forwarded::default(),
             body,
         };
         pool.send(key, max_requests, req, |_| {}).await

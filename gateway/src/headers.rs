@@ -65,6 +65,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Bits of [`scan`]'s answer past the hop-by-hop ones.
 const HAS_FORWARDED: u16 = 1 << 8;
 const HAS_X_FORWARDED_FOR: u16 = 1 << 9;
+const HAS_X_REAL_IP: u16 = 1 << 10;
+const HAS_X_FORWARDED_PROTO: u16 = 1 << 11;
+const HAS_X_FORWARDED_HOST: u16 = 1 << 12;
+const HAS_X_FORWARDED_PORT: u16 = 1 << 13;
 
 /// One pass over the handful of names present notes which hop-by-hop names
 /// occur (bit `i` for `HOP_BY_HOP[i]`; most requests carry none, most
@@ -76,10 +80,16 @@ fn scan(headers: &HeaderMap) -> u16 {
         let name = name.as_str();
         if let Some(i) = hop_by_hop_index(name) {
             present |= 1 << i;
-        } else if name == "forwarded" {
-            present |= HAS_FORWARDED;
-        } else if name == "x-forwarded-for" {
-            present |= HAS_X_FORWARDED_FOR;
+        } else {
+            present |= match name {
+                "forwarded" => HAS_FORWARDED,
+                "x-forwarded-for" => HAS_X_FORWARDED_FOR,
+                "x-real-ip" => HAS_X_REAL_IP,
+                "x-forwarded-proto" => HAS_X_FORWARDED_PROTO,
+                "x-forwarded-host" => HAS_X_FORWARDED_HOST,
+                "x-forwarded-port" => HAS_X_FORWARDED_PORT,
+                _ => 0,
+            };
         }
     }
     present
@@ -231,81 +241,133 @@ mod cached {
     }
 }
 
-/// Sets the forwarding headers APISIX's nginx template sets.
+/// The forwarding headers a request carries to its node, kept beside its
+/// header map instead of inserted into it: an HTTP/1.1 try writes them
+/// straight into the request head (five names hashed into the map only to
+/// be read back out cost more than the rest of the header work), an HTTP/2
+/// try inserts them ([`Forwarded::insert_into`]).
+#[derive(Debug, Clone, Default)]
+pub struct Forwarded {
+    /// By [`FORWARDED_NAMES`].
+    values: [Option<HeaderValue>; 5],
+}
+
+static FORWARDED_NAMES: [HeaderName; 5] = [
+    X_FORWARDED_FOR,
+    X_REAL_IP,
+    X_FORWARDED_PROTO,
+    X_FORWARDED_HOST,
+    X_FORWARDED_PORT,
+];
+
+impl Forwarded {
+    /// The headers, in a fixed order.
+    pub fn iter(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+        FORWARDED_NAMES
+            .iter()
+            .zip(&self.values)
+            .filter_map(|(name, value)| Some((name, value.as_ref()?)))
+    }
+
+    /// Puts the headers into `headers`, replacing any of the same names.
+    pub fn insert_into(&self, headers: &mut HeaderMap) {
+        for (name, value) in self.iter() {
+            headers.insert(name.clone(), value.clone());
+        }
+    }
+}
+
+/// Sets the forwarding headers APISIX's nginx template sets: the ones the
+/// gateway sets are removed from `headers` and returned, to go out with
+/// the request; a trusted proxy's X-Forwarded-Proto, -Host and -Port stay
+/// in `headers`. Hop-by-hop headers are removed.
 pub fn prepare_request_headers(
     headers: &mut HeaderMap,
     client_ip: Option<std::net::IpAddr>,
     client_host: Option<&HeaderValue>,
     meta: ConnInfo,
-) {
-    let present = scan(headers);
+) -> Forwarded {
+    let mut present = scan(headers);
     strip_noted(headers, present);
-    // Room for the forwarding headers and the upstream `Host`, made once:
-    // a map parsed from a new connection's request is sized to what it
-    // holds, and would otherwise grow (and rehash) up to three times here.
-    let _ = headers.try_reserve(6);
-    if present & HAS_FORWARDED != 0 {
-        headers.remove(FORWARDED);
+    if present & 1 != 0 {
+        // `Connection` may have named (and so removed) any of them.
+        present = scan(headers);
     }
+    let mut out = Forwarded::default();
+    let [xff, real_ip, proto, host, port] = &mut out.values;
+    // Each one the gateway sets replaces what the client sent.
+    let drop_sent = |headers: &mut HeaderMap, bit: u16, name: HeaderName| {
+        if present & bit != 0 {
+            headers.remove(name);
+        }
+    };
+    drop_sent(headers, HAS_FORWARDED, FORWARDED);
     if let Some(ip) = client_ip {
         let ip_text = cached::ip(ip);
-        let xff = if present & HAS_X_FORWARDED_FOR != 0 {
+        *xff = if present & HAS_X_FORWARDED_FOR != 0 {
             let previous: Vec<&str> = headers
                 .get_all(X_FORWARDED_FOR)
                 .iter()
                 .filter_map(|v| v.to_str().ok())
                 .collect();
-            HeaderValue::from_maybe_shared(Bytes::from(format!(
+            let joined = HeaderValue::from_maybe_shared(Bytes::from(format!(
                 "{}, {}",
                 previous.join(", "),
                 String::from_utf8_lossy(ip_text.as_bytes())
             )))
-            .ok()
+            .ok();
+            if joined.is_some() {
+                headers.remove(X_FORWARDED_FOR);
+            }
+            joined
         } else {
             Some(ip_text.clone())
         };
-        if let Some(v) = xff {
-            headers.insert(X_FORWARDED_FOR, v);
-        }
-        headers.insert(X_REAL_IP, ip_text);
+        drop_sent(headers, HAS_X_REAL_IP, X_REAL_IP);
+        *real_ip = Some(ip_text);
     }
     // A trusted proxy's own X-Forwarded-* describe the original client and
     // are passed on; anybody else's are replaced.
-    let keep = |headers: &HeaderMap, name: &HeaderName| {
-        meta.forwarded_trusted && headers.contains_key(name)
-    };
-    if !keep(headers, &X_FORWARDED_PROTO) {
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(meta.scheme));
+    let keep = |bit: u16| meta.forwarded_trusted && present & bit != 0;
+    if !keep(HAS_X_FORWARDED_PROTO) {
+        drop_sent(headers, HAS_X_FORWARDED_PROTO, X_FORWARDED_PROTO);
+        *proto = Some(HeaderValue::from_static(meta.scheme));
     }
-    if !keep(headers, &X_FORWARDED_HOST) {
-        match client_host {
-            Some(h) => {
-                headers.insert(X_FORWARDED_HOST, h.clone());
-            }
-            None => {
-                headers.remove(X_FORWARDED_HOST);
-            }
-        }
+    if !keep(HAS_X_FORWARDED_HOST) {
+        drop_sent(headers, HAS_X_FORWARDED_HOST, X_FORWARDED_HOST);
+        *host = client_host.cloned();
     }
-    if !keep(headers, &X_FORWARDED_PORT) {
+    if !keep(HAS_X_FORWARDED_PORT) {
         let host_port = client_host.and_then(|h| h.to_str().ok()).and_then(|h| {
             let (_, port) = h.rsplit_once(':')?;
             (!h.ends_with(']') && port.bytes().all(|b| b.is_ascii_digit()) && !port.is_empty())
                 .then_some(port)
         });
-        let port = match host_port {
+        let value = match host_port {
             Some(text) => cached::port_text(text),
             None => cached::port(meta.local.port()),
         };
-        if let Some(v) = port {
-            headers.insert(X_FORWARDED_PORT, v);
+        if value.is_some() {
+            drop_sent(headers, HAS_X_FORWARDED_PORT, X_FORWARDED_PORT);
         }
+        *port = value;
     }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `prepare_request_headers` with its forwarding headers put into `h`.
+    fn prepare(
+        h: &mut HeaderMap,
+        ip: Option<std::net::IpAddr>,
+        host: Option<&HeaderValue>,
+        meta: ConnInfo,
+    ) {
+        prepare_request_headers(h, ip, host, meta).insert_into(h);
+    }
 
     fn meta() -> ConnInfo {
         ConnInfo {
@@ -331,7 +393,7 @@ mod tests {
         h.insert("te", HeaderValue::from_static("trailers"));
         h.insert("forwarded", HeaderValue::from_static("for=1.1.1.1"));
         let host = HeaderValue::from_static("fwd.test:8443");
-        prepare_request_headers(
+        prepare(
             &mut h,
             Some("127.0.0.1".parse().unwrap()),
             Some(&host),
@@ -364,7 +426,7 @@ mod tests {
             ..meta()
         };
         let host = HeaderValue::from_static("internal:9080");
-        prepare_request_headers(
+        prepare(
             &mut h,
             Some("10.0.0.9".parse().unwrap()),
             Some(&host),
@@ -399,7 +461,7 @@ mod tests {
         // Two clients one after another on one thread: each gets its own.
         let mut h = HeaderMap::new();
         let host = HeaderValue::from_static("a.test:8443");
-        prepare_request_headers(
+        prepare(
             &mut h,
             Some("10.9.9.9".parse().unwrap()),
             Some(&host),
@@ -407,7 +469,7 @@ mod tests {
         );
         let mut g = HeaderMap::new();
         let plain = HeaderValue::from_static("b.test");
-        prepare_request_headers(
+        prepare(
             &mut g,
             Some("10.8.8.8".parse().unwrap()),
             Some(&plain),
@@ -424,7 +486,7 @@ mod tests {
     fn forwarded_port_falls_back_to_listener() {
         let mut h = HeaderMap::new();
         let host = HeaderValue::from_static("fwd.test");
-        prepare_request_headers(&mut h, Some("::1".parse().unwrap()), Some(&host), meta());
+        prepare(&mut h, Some("::1".parse().unwrap()), Some(&host), meta());
         assert_eq!(h["x-forwarded-port"], "9080");
         assert_eq!(h["x-forwarded-for"], "::1");
     }

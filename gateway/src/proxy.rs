@@ -40,7 +40,7 @@ use crate::body::{BodyFault, BodyState, ClientBody, IdleTimeout, ProxyBody};
 use crate::connector::ConnectError;
 use crate::error_page::{error_page, status_list, with_close, X_APISIX_UPSTREAM_STATUS};
 use crate::h1_upstream::{H1Body, H1Request, SendFailure};
-use crate::headers::{prepare_request_headers, strip_hop_by_hop};
+use crate::headers::{prepare_request_headers, strip_hop_by_hop, Forwarded};
 use crate::health::Outcome;
 use crate::phases::{within_phases, PhaseTimeout, Progress, SendWatch};
 use crate::upstream::{hash_key_of, CompiledUpstream, PassHost, Target, Timeouts, UpstreamClient};
@@ -151,6 +151,8 @@ struct Prepared {
     path: PathAndQuery,
     /// After the header policy; `Host` is set per try.
     headers: HeaderMap,
+    /// The forwarding headers, which go out after `headers`.
+    forwarded: Forwarded,
     /// The client's `Host`, or the authority of an absolute-form target.
     client_host: Option<HeaderValue>,
     grpc: bool,
@@ -197,7 +199,7 @@ impl Prepared {
             .get::<plugins::ctx::OriginalHost>()
             .map(|h| &h.0)
             .or(client_host.as_ref());
-        prepare_request_headers(&mut headers, client_ip, forwarded_host, meta);
+        let forwarded = prepare_request_headers(&mut headers, client_ip, forwarded_host, meta);
         if upgrade.is_some() {
             websocket::request_upgrade(&mut headers);
         }
@@ -210,6 +212,7 @@ impl Prepared {
             method: parts.method,
             path,
             headers,
+            forwarded,
             client_host,
             grpc,
             upgrade,
@@ -271,6 +274,7 @@ impl Prepared {
                 method: self.method.clone(),
                 target: self.path.clone(),
                 headers: &mut self.headers,
+                forwarded: &self.forwarded,
                 body: out_body,
             };
             return Ok(Some((OutRequest::H1(out), progress)));
@@ -280,6 +284,7 @@ impl Prepared {
         } else {
             self.headers.clone()
         };
+        self.forwarded.insert_into(&mut headers);
         let uri = if up.http2 {
             headers.remove(header::HOST);
             let authority = host.to_str().ok().and_then(|h| h.parse::<Authority>().ok());

@@ -18,7 +18,14 @@ fn request_heads_carry_the_framing_of_their_body() {
     );
     let mut buf = Vec::new();
     let framing = request_framing(&Method::POST, &headers, Some(5));
-    encode_request_head(&mut buf, &Method::POST, "/a?b=1", &headers, framing);
+    encode_request_head(
+        &mut buf,
+        &Method::POST,
+        "/a?b=1",
+        &headers,
+        std::iter::empty(),
+        framing,
+    );
     assert_eq!(
         String::from_utf8(buf).unwrap(),
         "POST /a?b=1 HTTP/1.1\r\nhost: example.com\r\ncontent-length: 5\r\n\r\n"
@@ -55,7 +62,14 @@ fn lengths_are_written_in_decimal() {
     for n in [0, 9, 10, 99, 100, 12345, u64::MAX] {
         let mut buf = Vec::new();
         let framing = RequestFraming::Length(n);
-        encode_request_head(&mut buf, &Method::PUT, "/", &HeaderMap::new(), framing);
+        encode_request_head(
+            &mut buf,
+            &Method::PUT,
+            "/",
+            &HeaderMap::new(),
+            std::iter::empty(),
+            framing,
+        );
         let text = String::from_utf8(buf).unwrap();
         assert!(
             text.ends_with(&format!("content-length: {n}\r\n\r\n")),
