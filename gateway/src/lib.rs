@@ -31,6 +31,7 @@ pub mod keys;
 pub mod limits;
 pub mod linger;
 pub mod metrics;
+pub mod never_fails;
 pub mod park;
 pub mod phases;
 pub mod proxy;

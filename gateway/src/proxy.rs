@@ -40,9 +40,11 @@ use crate::body::{BodyFault, BodyState, ClientBody, IdleTimeout, ProxyBody};
 use crate::connector::ConnectError;
 use crate::error_page::{error_page, status_list, with_close, X_APISIX_UPSTREAM_STATUS};
 use crate::h1_upstream::{H1Body, H1Request, SendFailure};
+use crate::h2_upstream::H2Pool;
 use crate::headers::{prepare_request_headers, strip_hop_by_hop, Forwarded};
 use crate::health::Outcome;
-use crate::phases::{within_phases, PhaseTimeout, Progress, SendWatch};
+use crate::never_fails::NeverFails;
+use crate::phases::{within_phases, PhaseTimeout, Progress, SendWatch, WithinPhases};
 use crate::upstream::{hash_key_of, CompiledUpstream, PassHost, Target, Timeouts, UpstreamClient};
 use crate::websocket;
 
@@ -95,7 +97,7 @@ impl tower::Service<Request<ClientBody>> for ProxyService {
             Some(pick) => self.0.split.get(pick.0).unwrap_or(&self.0).clone(),
             None => self.0.clone(),
         };
-        Box::pin(futures_util::FutureExt::map(this.forward(req), Ok))
+        Box::pin(NeverFails::new(this.forward(req)))
     }
 }
 
@@ -133,7 +135,40 @@ type TryResult = Result<Result<Response<UpstreamBody>, SendError>, PhaseTimeout>
 /// borrowed (they stay for the next try), for HTTP/2 a request of its own.
 enum OutRequest<'a> {
     H1(H1Request<'a>),
-    H2(Request<ProxyBody>),
+    /// Boxed: this is the rare case, and the request would otherwise size
+    /// every try's future.
+    H2(Box<Request<ProxyBody>>),
+}
+
+/// An HTTP/1.1 exchange, boxed (see [`ProxyTarget::send`]).
+type H1Exchange<'a> =
+    Pin<Box<dyn Future<Output = Result<Response<H1Body>, SendFailure>> + Send + 'a>>;
+
+pin_project_lite::pin_project! {
+    /// One try's future (see [`ProxyTarget::send`]): the HTTP/1.1 exchange
+    /// within its timeout phases, or anything else boxed whole.
+    #[project = SendingProj]
+    enum Sending<'a> {
+        H1 { #[pin] within: WithinPhases<'a, H1Exchange<'a>, std::future::Pending<bool>> },
+        Other { boxed: Pin<Box<dyn Future<Output = TryResult> + Send + 'a>> },
+    }
+}
+
+impl Future for Sending<'_> {
+    type Output = TryResult;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<TryResult> {
+        match self.project() {
+            SendingProj::H1 { within } => within.poll(cx).map(|r| {
+                r.map(|answer| {
+                    answer
+                        .map(|resp| resp.map(UpstreamBody::H1))
+                        .map_err(SendError::from_failure)
+                })
+            }),
+            SendingProj::Other { boxed } => boxed.as_mut().poll(cx),
+        }
+    }
 }
 
 /// One try's request, and the progress its timeouts watch.
@@ -320,7 +355,7 @@ impl Prepared {
             Version::HTTP_11
         };
         *out.headers_mut() = headers;
-        Ok(Some((OutRequest::H2(out), progress)))
+        Ok(Some((OutRequest::H2(Box::new(out)), progress)))
     }
 }
 
@@ -458,19 +493,22 @@ impl ProxyTarget {
             }
             (up, hash_key, Prepared::new(parts, self.websocket), body)
         });
+        let mut prepared = prepared;
         async move {
-            let Some((up, hash_key, request, body)) = prepared else {
+            // Borrowed where it lies: moved out, the prepared request would
+            // be held twice in this future.
+            let Some((up, hash_key, request, body)) = &mut prepared else {
                 return error_page(StatusCode::BAD_GATEWAY, None);
             };
             // A body is kept for a retry only when a retry is possible.
             let retryable = up.max_tries > 1;
+            let body = std::mem::replace(body, ClientBody::empty());
             let body = match RequestBody::read(body, retryable, request.body_state.as_deref()).await
             {
                 Ok(body) => body,
                 Err(refusal) => return refusal,
             };
-            self.try_nodes(&up, request, body, hash_key.as_deref())
-                .await
+            self.try_nodes(up, request, body, hash_key.as_deref()).await
         }
     }
 
@@ -480,7 +518,7 @@ impl ProxyTarget {
     fn try_nodes<'a>(
         &'a self,
         up: &'a CompiledUpstream,
-        mut request: Prepared,
+        request: &'a mut Prepared,
         mut body: RequestBody,
         hash_key: Option<&'a str>,
     ) -> impl Future<Output = Response<ResponseBody>> + Send + 'a {
@@ -488,9 +526,10 @@ impl ProxyTarget {
             let tries = body.tries(up.max_tries);
             let idempotent = request.idempotent();
             let started = Instant::now();
+            // Boxed, as `sourced` below: rare, and a target is large.
             let own = if up.original_dst {
                 match request.original_dst(up) {
-                    Some(target) => Some(target),
+                    Some(target) => Some(Box::new(target)),
                     None => return error_page(StatusCode::BAD_GATEWAY, None),
                 }
             } else {
@@ -508,7 +547,7 @@ impl ProxyTarget {
                     break;
                 }
                 let (node, picked) = match &own {
-                    Some(target) => (None, target),
+                    Some(target) => (None, &**target),
                     None => {
                         let Some(i) = pick_node(up, hash_key, &tried) else {
                             break;
@@ -519,7 +558,7 @@ impl ProxyTarget {
                 };
                 let sourced;
                 let target = if up.source_client {
-                    sourced = picked.from_source(request.peer_ip);
+                    sourced = Box::new(picked.from_source(request.peer_ip));
                     &sourced
                 } else {
                     picked
@@ -575,6 +614,9 @@ impl ProxyTarget {
 
     /// One try at `target`; for the balancer's node `i`, with the
     /// balancer's and the passive health check's bookkeeping around it.
+    ///
+    /// The try's future is made (boxed) before this one, so that this one
+    /// holds a pointer to it rather than the request it was made from.
     #[allow(clippy::manual_async_fn)] // see ProxyTarget::forward
     fn send_one<'a>(
         &'a self,
@@ -584,13 +626,14 @@ impl ProxyTarget {
         out: OutRequest<'a>,
         progress: &'a Progress,
     ) -> impl Future<Output = TryResult> + Send + 'a {
+        let sending = self.send(out, progress, up, target);
         async move {
             let Some(i) = node else {
-                return self.send(out, progress, up, target).await;
+                return sending.await;
             };
             let sent = up.balancer.measures_latency().then(Instant::now);
             up.balancer.started(i);
-            let result = self.send(out, progress, up, target).await;
+            let result = sending.await;
             up.balancer
                 .finished(i, sent.map_or(Duration::ZERO, |at| at.elapsed()));
             if let Some(checked) = &up.health {
@@ -636,78 +679,84 @@ impl ProxyTarget {
     }
 
     /// One try: `out` to the node `target`, within the timeout phases.
-    #[allow(clippy::manual_async_fn)] // see ProxyTarget::forward
-    #[allow(clippy::type_complexity)]
+    ///
+    /// The HTTP/1.1 exchange is boxed on its own: unboxed, its state (over a
+    /// kilobyte) sized every future above it and was copied at each level it
+    /// passed up through. Nothing runs before the future is first polled.
     fn send<'a>(
         &'a self,
         out: OutRequest<'a>,
         progress: &'a Progress,
         up: &'a CompiledUpstream,
         target: &'a Target,
-    ) -> impl Future<Output = Result<Result<Response<UpstreamBody>, SendError>, PhaseTimeout>> + Send + 'a
-    {
-        async move {
-            match (&self.client, out) {
-                (UpstreamClient::Http1(pool), OutRequest::H1(out)) => {
-                    // Boxed once here: unboxed, the exchange's state (over a
-                    // kilobyte) was copied at every level it passed up through,
-                    // and sized every future above it.
-                    let exchange = Box::pin(pool.send(
-                        &target.pool_key,
-                        up.keepalive_pool.requests,
-                        out,
-                        |connected| progress.mark_connected(connected),
-                    ));
-                    within_phases(exchange, std::future::pending(), progress, &self.timeouts)
-                        .await
-                        .map(|r| {
-                            r.map(|resp| resp.map(UpstreamBody::H1))
-                                .map_err(SendError::from_failure)
-                        })
+    ) -> Sending<'a> {
+        match (&self.client, out) {
+            (UpstreamClient::Http1(pool), OutRequest::H1(out)) => {
+                let exchange: H1Exchange<'a> = Box::pin(pool.send(
+                    &target.pool_key,
+                    up.keepalive_pool.requests,
+                    out,
+                    move |connected| progress.mark_connected(connected),
+                ));
+                Sending::H1 {
+                    within: within_phases(
+                        exchange,
+                        std::future::pending(),
+                        progress,
+                        &self.timeouts,
+                    ),
                 }
-                (UpstreamClient::Http2(pool), OutRequest::H2(out)) => {
-                    // Boxed, as the HTTP/1.1 exchange above: the state of an
-                    // HTTP/2 connect and exchange would otherwise size every
-                    // request's future, whichever protocol it uses.
-                    let server_name = target.tls_name.as_deref().unwrap_or_default();
-                    let sender = Box::pin(pool.sender(
-                        &target.authority,
-                        server_name,
-                        up.keepalive_pool.requests,
-                    ))
-                    .await;
-                    let mut sender = match sender {
-                        Ok(s) => s,
-                        Err(e) => {
-                            return Ok(Err(SendError {
-                                timed_out: matches!(e, ConnectError::TimedOut(_)),
-                                connect: true,
-                                answered: false,
-                                error: e.into(),
-                            }))
-                        }
-                    };
-                    let exchange = Box::pin(async move {
-                        sender.ready().await?;
-                        sender.send_request(out).await
-                    });
-                    within_phases(exchange, std::future::ready(true), progress, &self.timeouts)
-                        .await
-                        .map(|r| {
-                            r.map(|resp| resp.map(UpstreamBody::H2))
-                                .map_err(SendError::from_hyper)
-                        })
-                }
-                // `try_nodes` builds each try for its client's protocol.
-                (UpstreamClient::Http1(_), OutRequest::H2(_))
-                | (UpstreamClient::Http2(_), OutRequest::H1(_)) => Ok(Err(SendError {
+            }
+            (UpstreamClient::Http2(pool), OutRequest::H2(out)) => Sending::Other {
+                boxed: Box::pin(self.send_h2(pool, *out, progress, up, target)),
+            },
+            // `try_nodes` builds each try for its client's protocol.
+            (UpstreamClient::Http1(_), OutRequest::H2(_))
+            | (UpstreamClient::Http2(_), OutRequest::H1(_)) => Sending::Other {
+                boxed: Box::pin(std::future::ready(Ok(Err(SendError {
                     connect: false,
                     timed_out: false,
                     answered: false,
                     error: "a request built for the other protocol".into(),
-                })),
-            }
+                })))),
+            },
         }
+    }
+
+    /// [`ProxyTarget::send`] over HTTP/2.
+    async fn send_h2(
+        &self,
+        pool: &H2Pool,
+        out: Request<ProxyBody>,
+        progress: &Progress,
+        up: &CompiledUpstream,
+        target: &Target,
+    ) -> TryResult {
+        let server_name = target.tls_name.as_deref().unwrap_or_default();
+        let sender = pool
+            .sender(&target.authority, server_name, up.keepalive_pool.requests)
+            .await;
+        let mut sender = match sender {
+            Ok(s) => s,
+            Err(e) => {
+                return Ok(Err(SendError {
+                    timed_out: matches!(e, ConnectError::TimedOut(_)),
+                    connect: true,
+                    answered: false,
+                    error: e.into(),
+                }))
+            }
+        };
+        let exchange = async move {
+            sender.ready().await?;
+            sender.send_request(out).await
+        };
+        within_phases(exchange, std::future::ready(true), progress, &self.timeouts)
+            .await
+            .map(|r| {
+                r.map(|resp| resp.map(UpstreamBody::H2))
+                    .map_err(SendError::from_hyper)
+            })
     }
 
     /// Streams an upstream's answer back: hop-by-hop headers removed, the

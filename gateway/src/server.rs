@@ -147,7 +147,9 @@ impl ClientConn {
 
 /// One request on a client connection. A function returning an `async
 /// move` block, as the proxy's steps are: an `async fn` keeps its arguments
-/// twice, and hyper moves this future into place for every request.
+/// twice, and hyper moves this future into place for every request, so what
+/// it holds across its waits is kept small (the snapshot's boxed future, not
+/// the request beside it).
 #[allow(clippy::manual_async_fn)]
 fn handle(
     plane: Arc<DataPlane>,
@@ -161,21 +163,26 @@ fn handle(
         let h2 = req.version() == http::Version::HTTP_2;
         let admitted = if conn.framing.as_ref().is_some_and(|f| f.is_ambiguous(index)) {
             // Both Content-Length and Transfer-Encoding: refused unread.
-            Err(refuse(http::StatusCode::BAD_REQUEST))
+            Admitted::Refused(refuse(http::StatusCode::BAD_REQUEST))
         } else if conn
             .tls
             .as_ref()
             .is_some_and(|tls| !client_cert_admits(&plane, tls, &req))
         {
-            Err(refuse(http::StatusCode::BAD_REQUEST))
+            Admitted::Refused(refuse(http::StatusCode::BAD_REQUEST))
         } else {
-            admit(&plane, &conn, req).await
+            admit(&plane, &conn, req)
         };
-        let mut resp = match admitted {
-            Ok(req) => {
-                let snapshot = plane.live.load_full();
-                snapshot.service.clone().oneshot(req).await?
-            }
+        let admitted = match admitted {
+            Admitted::Ready(req) => Ok(req),
+            Admitted::ReadWhole(whole) => Box::pin(whole.read()).await,
+            Admitted::Refused(refusal) => Err(refusal),
+        };
+        // The snapshot is not held while the request runs: its future owns
+        // what it needs.
+        let dispatched = admitted.map(|req| plane.live.load().service.serve(req));
+        let mut resp = match dispatched {
+            Ok(dispatched) => dispatched.await,
             Err(refusal) => {
                 // Answered before the body was read: let the answer arrive.
                 conn.activity.set_linger();
@@ -231,63 +238,95 @@ fn refuse(status: http::StatusCode) -> Response<ResponseBody> {
     with_close(error_page(status, None))
 }
 
-/// Edge checks (see [`crate::limits`]) and the request as the chain sees it:
-/// client address, connection facts, body wrapped for timeouts.
-#[allow(clippy::manual_async_fn)] // see handle
-fn admit<'a>(
-    plane: &'a DataPlane,
-    conn: &'a ClientConn,
-    req: Request<Incoming>,
-) -> impl Future<Output = Result<Request<ClientBody>, Response<ResponseBody>>> + Send + 'a {
-    async move {
-        let (peer, local) = (conn.peer, conn.local);
-        let (mut parts, incoming) = req.into_parts();
-        limits::check_head(&parts.method, &parts.uri, parts.version, &parts.headers)
-            .map_err(refuse)?;
-        // An owned Arc: the guard must not be held across the body read below.
-        let edge = plane.edge.load_full();
-        let ip = client_ip(peer.ip(), &parts.headers, edge.real_ip.as_ref());
-        parts.extensions.insert(ClientIp(ip));
-        parts.extensions.insert(ConnInfo {
-            peer,
-            local: SocketAddr::new(plugins::vars::canonical(local.ip()), local.port()),
-            scheme: if conn.tls.is_some() { "https" } else { "http" },
-            tls: conn.tls.as_ref().map(|t| t.vars.clone()),
-            transparent: conn.transparent,
-            forwarded_trusted: edge
-                .trusted_addresses
-                .as_ref()
-                .is_some_and(|set| set.contains(peer.ip())),
-        });
-        let declared = incoming.size_hint().exact();
-        if let (Some(max), Some(len)) = (edge.body.max_size, declared) {
-            if len > max {
-                return Err(refuse(http::StatusCode::PAYLOAD_TOO_LARGE));
+/// What [`admit`] made of a request.
+enum Admitted {
+    /// Ready for the chain.
+    Ready(Request<ClientBody>),
+    /// Refused at the edge, before its body was read.
+    Refused(Response<ResponseBody>),
+    /// A chunked body under a size limit, read whole before any upstream is
+    /// contacted so that an oversized one is refused first.
+    ReadWhole(ReadWhole),
+}
+
+/// A request whose chunked body must be read whole, up to `max` bytes.
+struct ReadWhole {
+    parts: http::request::Parts,
+    body: ClientBody,
+    max: usize,
+    state: Arc<crate::body::BodyState>,
+}
+
+impl ReadWhole {
+    /// The request with its body in memory; 413 beyond `max`, 408 when the
+    /// client stalled, 400 when the body was broken.
+    async fn read(self) -> Result<Request<ClientBody>, Response<ResponseBody>> {
+        let ReadWhole {
+            parts,
+            body,
+            max,
+            state,
+        } = self;
+        match Limited::new(body, max).collect().await {
+            Ok(collected) => Ok(Request::from_parts(
+                parts,
+                ClientBody::full(collected.to_bytes()),
+            )),
+            Err(e) if e.is::<LengthLimitError>() => {
+                Err(refuse(http::StatusCode::PAYLOAD_TOO_LARGE))
             }
+            Err(_) => Err(refuse(match state.fault() {
+                Some(BodyFault::TimedOut) => http::StatusCode::REQUEST_TIMEOUT,
+                _ => http::StatusCode::BAD_REQUEST,
+            })),
         }
-        if incoming.is_end_stream() || declared == Some(0) {
-            return Ok(Request::from_parts(parts, ClientBody::empty()));
+    }
+}
+
+/// Edge checks (see [`crate::limits`]) and the request as the chain sees it:
+/// client address, connection facts, body wrapped for timeouts. Nothing
+/// here waits; the one case that must read first is [`Admitted::ReadWhole`].
+fn admit(plane: &DataPlane, conn: &ClientConn, req: Request<Incoming>) -> Admitted {
+    let (peer, local) = (conn.peer, conn.local);
+    let (mut parts, incoming) = req.into_parts();
+    if let Err(status) =
+        limits::check_head(&parts.method, &parts.uri, parts.version, &parts.headers)
+    {
+        return Admitted::Refused(refuse(status));
+    }
+    let edge = plane.edge.load();
+    let ip = client_ip(peer.ip(), &parts.headers, edge.real_ip.as_ref());
+    parts.extensions.insert(ClientIp(ip));
+    parts.extensions.insert(ConnInfo {
+        peer,
+        local: SocketAddr::new(plugins::vars::canonical(local.ip()), local.port()),
+        scheme: if conn.tls.is_some() { "https" } else { "http" },
+        tls: conn.tls.as_ref().map(|t| t.vars.clone()),
+        transparent: conn.transparent,
+        forwarded_trusted: edge
+            .trusted_addresses
+            .as_ref()
+            .is_some_and(|set| set.contains(peer.ip())),
+    });
+    let declared = incoming.size_hint().exact();
+    if let (Some(max), Some(len)) = (edge.body.max_size, declared) {
+        if len > max {
+            return Admitted::Refused(refuse(http::StatusCode::PAYLOAD_TOO_LARGE));
         }
-        let (body, state) = ClientBody::stream(incoming, edge.body.idle_timeout);
-        parts.extensions.insert(state.clone());
-        match (edge.body.max_size, declared) {
-            // A chunked body under a size limit is read here, so that an
-            // oversized one is refused before any upstream is contacted.
-            (Some(max), None) => match Limited::new(body, max as usize).collect().await {
-                Ok(collected) => Ok(Request::from_parts(
-                    parts,
-                    ClientBody::full(collected.to_bytes()),
-                )),
-                Err(e) if e.is::<LengthLimitError>() => {
-                    Err(refuse(http::StatusCode::PAYLOAD_TOO_LARGE))
-                }
-                Err(_) => Err(refuse(match state.fault() {
-                    Some(BodyFault::TimedOut) => http::StatusCode::REQUEST_TIMEOUT,
-                    _ => http::StatusCode::BAD_REQUEST,
-                })),
-            },
-            _ => Ok(Request::from_parts(parts, body)),
-        }
+    }
+    if incoming.is_end_stream() || declared == Some(0) {
+        return Admitted::Ready(Request::from_parts(parts, ClientBody::empty()));
+    }
+    let (body, state) = ClientBody::stream(incoming, edge.body.idle_timeout);
+    parts.extensions.insert(state.clone());
+    match (edge.body.max_size, declared) {
+        (Some(max), None) => Admitted::ReadWhole(ReadWhole {
+            parts,
+            body,
+            max: usize::try_from(max).unwrap_or(usize::MAX),
+            state,
+        }),
+        _ => Admitted::Ready(Request::from_parts(parts, body)),
     }
 }
 

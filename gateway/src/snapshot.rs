@@ -27,7 +27,6 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
-use futures_util::FutureExt;
 use http::{Request, Response, StatusCode};
 use serde_json::{json, Map, Value};
 use tower::Service;
@@ -43,7 +42,7 @@ use plugins::consumer::{Consumer, ConsumerIndex, Credential};
 use plugins::expr;
 use plugins::plugin::{PluginKind, StateCache};
 use plugins::registry::{self, CompileEnv};
-use plugins::{json_response, ClientIp, ConnInfo, Ctx, HttpService, ResponseBody};
+use plugins::{json_response, ClientIp, ConnInfo, Ctx, ResponseBody};
 
 use crate::body::ClientBody;
 use crate::proxy::{ProxyOptions, ProxyService, ProxyTarget};
@@ -77,14 +76,15 @@ fn client_cert_for(
     }
 }
 
-/// The service every request goes through.
-pub type GatewayService = HttpService<ClientBody>;
+/// One request's way through [`Dispatch::serve`]: routing is done, the
+/// future runs the plugins and the proxy.
+pub type Dispatched = Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send>>;
 
 /// One immutable, complete compiled configuration.
 pub struct Snapshot {
     /// Increases with every published snapshot.
     pub version: u64,
-    pub service: GatewayService,
+    pub service: Dispatch,
     pub routes: usize,
     /// Server certificates by SNI (empty without an HTTPS listener).
     pub certs: Arc<SniTable<ServedSsl>>,
@@ -1064,11 +1064,11 @@ impl Compiler {
                 .filter(|r| r.compiled.is_some())
                 .count()
         );
-        let dispatch = HttpService::new(Dispatch(Arc::new(DispatchState {
+        let dispatch = Dispatch(Arc::new(DispatchState {
             router,
             globals: self.globals.clone(),
             consumers: self.consumer_index.clone(),
-        })));
+        }));
         Snapshot {
             version: self.version.fetch_add(1, Ordering::Relaxed) + 1,
             service: dispatch,
@@ -1144,8 +1144,11 @@ struct DispatchState {
 /// Finds the route and runs the request through the global rules and the
 /// route's plugins into its proxy; unmatched requests still pass the global
 /// rules before their 404.
+///
+/// Called through `&self` from the snapshot, not as a tower service: that
+/// would clone (box) the service for each request.
 #[derive(Clone)]
-struct Dispatch(Arc<DispatchState>);
+pub struct Dispatch(Arc<DispatchState>);
 
 /// The inner service of an unmatched request.
 #[derive(Clone, Copy)]
@@ -1165,22 +1168,17 @@ impl Service<Request<ClientBody>> for NotFound {
     }
 }
 
-impl Service<Request<ClientBody>> for Dispatch {
-    type Response = Response<ResponseBody>;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<ClientBody>) -> Self::Future {
+impl Dispatch {
+    /// Routes `req`; the future runs its plugins and its proxy (or the
+    /// global rules and the 404 when no route matched). A path that cannot
+    /// be normalised is a 400.
+    pub fn serve(&self, req: Request<ClientBody>) -> Dispatched {
         let state = &self.0;
         let Some(path) = normalize_path(req.uri().path()) else {
-            return Box::pin(std::future::ready(Ok(crate::error_page::error_page(
+            return Box::pin(std::future::ready(crate::error_page::error_page(
                 StatusCode::BAD_REQUEST,
                 None,
-            ))));
+            )));
         };
         let host = request_host(&req).map(normalize_host);
         let conn = req
@@ -1231,10 +1229,7 @@ impl Service<Request<ClientBody>> for Dispatch {
                     consumers: state.consumers.clone(),
                     inner: route.proxy.clone(),
                 };
-                // `map`, not an async block around the await: the block would
-                // hold the chain, context and request beside the chain's own
-                // future, and all of it is copied into the box.
-                Box::pin(chain.run(ctx, req).map(Ok))
+                Box::pin(chain.run(ctx, req))
             }
             None => {
                 let chain = Chain {
@@ -1243,7 +1238,7 @@ impl Service<Request<ClientBody>> for Dispatch {
                     consumers: state.consumers.clone(),
                     inner: NotFound,
                 };
-                Box::pin(chain.run(ctx, req).map(Ok))
+                Box::pin(chain.run(ctx, req))
             }
         }
     }
