@@ -194,6 +194,16 @@ impl<S> ClientIo<S> {
         self.resumed = bytes;
     }
 
+    /// Bytes read from the socket before the connection was framed (the
+    /// protocol sniff): scanned now, served by the next reads.
+    pub fn start_with(&mut self, bytes: Bytes) {
+        if !bytes.is_empty() {
+            self.activity.read_since_end.store(true, Ordering::Relaxed);
+            self.scan.feed(&bytes);
+        }
+        self.resumed = bytes;
+    }
+
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
@@ -211,6 +221,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for ClientIo<S> {
             let n = this.resumed.len().min(buf.remaining());
             buf.put_slice(&this.resumed[..n]);
             this.resumed.advance(n);
+            if this.resumed.is_empty() {
+                // An emptied `Bytes` still holds the buffer it came from.
+                this.resumed = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, Request, Response};
 use http_body::Body as _;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -33,6 +34,7 @@ use crate::error::Error;
 use crate::error_page::{error_page, with_close};
 use crate::framing::{FramingScan, Verdict};
 use crate::head_wait::HeadWait;
+use crate::io::Prefixed;
 use crate::limits::{self, BodyLimits};
 use crate::linger::Lingering;
 use crate::metrics::{ConnGuard, CONNECTIONS};
@@ -355,19 +357,35 @@ fn protocol_of(first: &[u8]) -> Option<Protocol> {
     }
 }
 
-/// Waits for the client's first bytes and tells its protocol, without
-/// consuming them. `None`: the client closed or failed first.
-async fn sniff(stream: &TcpStream) -> Option<Protocol> {
-    let mut first = [0u8; 3];
+/// The most the first read of a connection takes: a request head of
+/// ordinary size arrives whole in one read.
+const FIRST_READ: usize = 4096;
+
+/// Waits for the client's first bytes, reads them and tells the protocol
+/// they open. The bytes are handed to the protocol's connection rather than
+/// peeked at: a peek would cost each connection a second read of the same
+/// bytes. `None`: the client closed or failed first.
+async fn sniff(stream: &mut TcpStream) -> Option<(Protocol, Bytes)> {
+    use tokio::io::AsyncReadExt;
+    let mut first = BytesMut::new();
     loop {
-        match stream.peek(&mut first).await {
+        stream.readable().await.ok()?;
+        // Allocated once bytes are there: a client that connects and says
+        // nothing holds no buffer.
+        if first.capacity() == 0 {
+            first.reserve(FIRST_READ);
+        }
+        // `read_buf`, not `try_read_buf`: a short read tells the runtime the
+        // socket is drained, which spares hyper's next read a system call.
+        match stream.read_buf(&mut first).await {
             Ok(0) | Err(_) => return None,
-            Ok(n) => match protocol_of(&first[..n]) {
-                Some(protocol) => return Some(protocol),
-                // A client that split its first three bytes: rare enough to
-                // poll for the rest (peek would report ready at once).
-                None => tokio::time::sleep(Duration::from_millis(5)).await,
-            },
+            // A client that split its first three bytes ("P", "PR") is read
+            // on until they tell.
+            Ok(_) => {
+                if let Some(protocol) = protocol_of(&first) {
+                    return Some((protocol, first.freeze()));
+                }
+            }
         }
     }
 }
@@ -495,7 +513,7 @@ pub async fn serve_data_plane(
 /// keeps a second copy of its arguments in the task.
 #[allow(clippy::manual_async_fn)]
 fn serve_connection(
-    stream: TcpStream,
+    mut stream: TcpStream,
     mut client: ClientConn,
     plane: Arc<DataPlane>,
     protocols: Arc<Protocols>,
@@ -509,7 +527,7 @@ fn serve_connection(
         // a task is as large as its largest stage for as long as it lives.
         let sniffed = Box::pin(async {
         tokio::select! {
-            sniffed = tokio::time::timeout(plane.header_timeout, sniff(&stream)) => match sniffed {
+            sniffed = tokio::time::timeout(plane.header_timeout, sniff(&mut stream)) => match sniffed {
                 Ok(protocol) => protocol,
                 Err(_) => {
                     tracing::debug!(%peer, "client sent nothing within client_header_timeout");
@@ -520,17 +538,26 @@ fn serve_connection(
         }
     })
     .await;
-        let Some(protocol) = sniffed else { return };
+        let Some((protocol, first)) = sniffed else {
+            return;
+        };
         let stream = crate::io::SendTimeout::new(
             Lingering::new(stream, client.activity.clone()),
             plane.send_timeout,
         );
         let ended = match protocol {
             Protocol::Http1 => {
-                let io = client.framed(stream);
+                let mut io = client.framed(stream);
+                io.start_with(first);
                 let activity = client.activity.clone();
                 let service = service_of(plane.clone(), client);
-                serve_http1(io, service, activity, &plane, &protocols, drain).await
+                // Boxed as well: the task is copied whole when it is spawned
+                // and when it finishes, so it is kept to what every stage
+                // needs (about 300 bytes; HTTP/1's state is 900).
+                Box::pin(serve_http1(
+                    io, service, activity, &plane, &protocols, drain,
+                ))
+                .await
             }
             Protocol::H2c => {
                 let service = service_of(plane, client);
@@ -538,7 +565,7 @@ fn serve_connection(
                     drain.serve(
                         protocols
                             .http2
-                            .serve_connection(TokioIo::new(stream), service),
+                            .serve_connection(TokioIo::new(Prefixed::new(first, stream)), service),
                     ),
                 )
                 .await

@@ -279,6 +279,69 @@ async fn h2c_prior_knowledge() {
     gw.stop().await;
 }
 
+/// The protocol is told from the first bytes a client sends, whichever way
+/// they are split: one byte, then the rest of a pipelined pair of requests;
+/// "P", then the rest of the HTTP/2 preface.
+#[tokio::test]
+async fn first_bytes_split_anywhere_are_served() {
+    use http_body_util::{BodyExt, Empty};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (gw, u1) = gateway_with("").await;
+    let mut s = tokio::net::TcpStream::connect(gw.data).await.unwrap();
+    s.write_all(b"G").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.write_all(b"ET /one HTTP/1.1\r\nHost: x\r\n\r\nGET /two HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answers = String::new();
+    tokio::time::timeout(WAIT, s.read_to_string(&mut answers))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(answers.matches("HTTP/1.1 200 OK").count(), 2, "{answers}");
+    assert!(
+        answers.contains("\"/one\"") && answers.contains("\"/two\""),
+        "{answers}"
+    );
+    assert_eq!(u1.hits(), 2);
+
+    // HTTP/2 with prior knowledge, its preface split after one byte.
+    let (near, far) = tokio::io::duplex(64 * 1024);
+    let mut tcp = tokio::net::TcpStream::connect(gw.data).await.unwrap();
+    tcp.write_all(b"P").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(near),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    // The client wrote "PRI * HTTP/2.0..." into the pipe: pass it on minus
+    // the "P" already sent.
+    tokio::spawn(async move {
+        let (mut far_r, mut far_w) = tokio::io::split(far);
+        let (mut tcp_r, mut tcp_w) = tcp.into_split();
+        let mut p = [0u8; 1];
+        far_r.read_exact(&mut p).await.unwrap();
+        assert_eq!(&p, b"P");
+        let up = tokio::io::copy(&mut far_r, &mut tcp_w);
+        let down = tokio::io::copy(&mut tcp_r, &mut far_w);
+        let _ = tokio::join!(up, down);
+    });
+    let req = http::Request::get(format!("http://{}/h2", gw.data))
+        .body(Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = tokio::time::timeout(WAIT, sender.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("\"/h2\""));
+    gw.stop().await;
+}
+
 /// A raw upstream that sends `head` and `body` (in 64 KiB writes), then
 /// keeps the connection open for `hold`.
 async fn scripted_upstream(head: String, body_len: usize, hold: Duration) -> std::net::SocketAddr {
