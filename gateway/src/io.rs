@@ -103,6 +103,18 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for SendTimeout<S> {
     }
 }
 
+/// Moves as much of `pending` into `buf` as fits. Emptied, `pending` is
+/// replaced by an empty `Bytes`: an advanced one still holds the buffer it
+/// came from.
+pub fn replay(pending: &mut Bytes, buf: &mut ReadBuf<'_>) {
+    let n = pending.len().min(buf.remaining());
+    buf.put_slice(&pending[..n]);
+    pending.advance(n);
+    if pending.is_empty() {
+        *pending = Bytes::new();
+    }
+}
+
 /// A stream whose first reads return bytes already read from it (the
 /// protocol sniff's), then its own.
 pub struct Prefixed<S> {
@@ -126,13 +138,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
         if this.first.is_empty() {
             return Pin::new(&mut this.inner).poll_read(cx, buf);
         }
-        let n = this.first.len().min(buf.remaining());
-        buf.put_slice(&this.first[..n]);
-        this.first.advance(n);
-        if this.first.is_empty() {
-            // An emptied `Bytes` still holds the buffer it came from.
-            this.first = Bytes::new();
-        }
+        replay(&mut this.first, buf);
         Poll::Ready(Ok(()))
     }
 }

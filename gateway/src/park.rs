@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -218,13 +218,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for ClientIo<S> {
         let this = self.get_mut();
         if !this.resumed.is_empty() {
             // Scanned already, when they first came from the socket.
-            let n = this.resumed.len().min(buf.remaining());
-            buf.put_slice(&this.resumed[..n]);
-            this.resumed.advance(n);
-            if this.resumed.is_empty() {
-                // An emptied `Bytes` still holds the buffer it came from.
-                this.resumed = Bytes::new();
-            }
+            crate::io::replay(&mut this.resumed, buf);
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();
