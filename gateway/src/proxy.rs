@@ -32,6 +32,7 @@ use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use plugins::traffic_split::UpstreamPick;
+use smallvec::SmallVec;
 
 use plugins::ctx::{RequestBodyCapture, UpstreamInfo};
 use plugins::{ClientIp, ConnInfo, ResponseBody};
@@ -535,8 +536,10 @@ impl ProxyTarget {
             } else {
                 None
             };
-            let mut tried: Vec<usize> = Vec::with_capacity(tries);
-            let mut statuses: Vec<u16> = Vec::with_capacity(tries);
+            // On the stack for up to four tries: two allocations per request
+            // otherwise, for lists that are nearly always one entry long.
+            let mut tried: SmallVec<[usize; 4]> = SmallVec::new();
+            let mut statuses: SmallVec<[u16; 4]> = SmallVec::new();
             let mut last_addr = None;
             for attempt in 0..tries {
                 if attempt > 0
