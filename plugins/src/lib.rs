@@ -79,11 +79,6 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type of every response in the plugin chain.
 pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
 
-/// The service type plugin layers wrap and produce: every failure has already
-/// become a response, so the error type is [`Infallible`].
-pub type HttpService<ReqBody> =
-    tower::util::BoxCloneSyncService<http::Request<ReqBody>, Response<ResponseBody>, Infallible>;
-
 /// The address the gateway judges a request by: the TCP peer, or the address
 /// a trusted proxy reported. The data plane puts it in the request
 /// extensions before the plugin chain runs.
