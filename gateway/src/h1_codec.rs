@@ -177,6 +177,22 @@ enum Hop {
 /// The hop-by-hop header `name` (in any case) is, if it is one: the names
 /// of `headers::HOP_BY_HOP` but `Expect` (a request's), compared in any
 /// case: these come straight from the wire, not from a `HeaderName`.
+/// `input` equals `lower` (lowercase letters and `-` only) in any case.
+///
+/// Folds case with one OR per byte and looks at every byte, so that short
+/// names compare in a few instructions. Exact for any input without CR
+/// (only `-` and CR fold onto `-`; only a letter and its capital onto the
+/// letter): parsed header names are tokens, and parsed values hold no CR.
+fn same_name(input: &[u8], lower: &[u8]) -> bool {
+    debug_assert!(lower.iter().all(|&b| b.is_ascii_lowercase() || b == b'-'));
+    input.len() == lower.len()
+        && input
+            .iter()
+            .zip(lower)
+            .fold(0u8, |differ, (&i, &l)| differ | ((i | 0x20) ^ l))
+            == 0
+}
+
 fn hop_by_hop(name: &[u8]) -> Option<Hop> {
     // A match on the length first: most names are ruled out by it.
     let candidates: &[(&[u8], Hop)] = match name.len() {
@@ -192,7 +208,7 @@ fn hop_by_hop(name: &[u8]) -> Option<Hop> {
     };
     candidates
         .iter()
-        .find(|(text, _)| name.eq_ignore_ascii_case(text))
+        .find(|(text, _)| same_name(name, text))
         .map(|&(_, hop)| hop)
 }
 
@@ -207,7 +223,7 @@ enum AnswerName {
 
 /// Sorts an answer header's name (in any case), by its length first.
 fn answer_name(name: &[u8]) -> AnswerName {
-    let is = |text: &[u8]| name.eq_ignore_ascii_case(text);
+    let is = |text: &[u8]| same_name(name, text);
     let known = match name.len() {
         4 if is(b"date") => header::DATE,
         4 if is(b"etag") => header::ETAG,
@@ -240,9 +256,9 @@ impl FramingFacts {
             Hop::Connection => {
                 let mut names_others = false;
                 for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-                    if token.eq_ignore_ascii_case(b"close") {
+                    if same_name(token, b"close") {
                         self.close = true;
-                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    } else if same_name(token, b"keep-alive") {
                         self.keep_alive = true;
                     } else if !token.is_empty() && hop_by_hop(token).is_none() {
                         names_others = true;

@@ -441,9 +441,23 @@ impl<T> Router<T> {
 /// a route other than the one the upstream ends up serving. `None` when the
 /// path is malformed (a bad `%` escape, a NUL, `..` above the root): 400.
 /// The upstream still receives the path exactly as the client sent it.
+/// Whether `path` holds a `%`, `//` or `/.`: anything else is already in
+/// normal form. One pass over the bytes, as every request asks.
+fn needs_normalizing(path: &[u8]) -> bool {
+    let mut after_slash = false;
+    for &b in path {
+        match b {
+            b'%' => return true,
+            b'/' | b'.' if after_slash => return true,
+            _ => {}
+        }
+        after_slash = b == b'/';
+    }
+    false
+}
+
 pub fn normalize_path(raw: &str) -> Option<Cow<'_, str>> {
-    let suspicious = raw.contains('%') || raw.contains("//") || raw.contains("/.");
-    if !suspicious {
+    if !needs_normalizing(raw.as_bytes()) {
         return Some(Cow::Borrowed(raw));
     }
     let bytes = raw.as_bytes();

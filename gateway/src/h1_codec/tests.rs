@@ -346,3 +346,35 @@ proptest::proptest! {
         proptest::prop_assert!(wire.is_empty());
     }
 }
+
+#[test]
+fn names_compare_in_any_case_and_nothing_else_matches() {
+    for (input, lower) in [
+        (&b"Content-Length"[..], &b"content-length"[..]),
+        (b"CONNECTION", b"connection"),
+        (b"keep-alive", b"keep-alive"),
+        (b"Keep-Alive", b"keep-alive"),
+    ] {
+        assert!(same_name(input, lower), "{input:?}");
+        assert_eq!(input.eq_ignore_ascii_case(lower), same_name(input, lower));
+    }
+    // Every other byte in any one place fails, as eq_ignore_ascii_case
+    // would (CR, which no parsed name or value holds, aside).
+    let lower = b"keep-alive";
+    for at in 0..lower.len() {
+        for b in 0..=255u8 {
+            if b == b'\r' {
+                continue;
+            }
+            let mut input = *lower;
+            input[at] = b;
+            assert_eq!(
+                same_name(&input, lower),
+                input.eq_ignore_ascii_case(lower),
+                "byte {b:#x} at {at}"
+            );
+        }
+    }
+    assert!(!same_name(b"keep-aliv", lower));
+    assert!(!same_name(b"keep-alivee", lower));
+}

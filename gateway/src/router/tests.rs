@@ -124,6 +124,17 @@ fn path_normalization_like_nginx() {
 }
 
 #[test]
+fn only_paths_with_escapes_or_dot_and_slash_segments_are_rewritten() {
+    for path in ["/", "/hello", "/a.b/c.d", "/a/b.", "/x-y_z/~", "a/b"] {
+        assert!(!super::needs_normalizing(path.as_bytes()), "{path}");
+        assert!(matches!(normalize_path(path), Some(Cow::Borrowed(p)) if p == path));
+    }
+    for path in ["/%61", "//", "/a//b", "/.", "/a/./b", "/a/..", "/a%", "%"] {
+        assert!(super::needs_normalizing(path.as_bytes()), "{path}");
+    }
+}
+
+#[test]
 fn incremental_table_equals_fresh_build() {
     let mut t: RouteTable<&'static str> = RouteTable::default();
     t.add(&["/a", "/b/*"], cand("one", 0, 1, matcher(&[], &[])));
