@@ -114,7 +114,7 @@ where
                 let timer = match &mut this.timer {
                     Some(timer) => {
                         if std::mem::take(&mut this.moved) {
-                            timer.as_mut().reset(tokio::time::Instant::now() + idle);
+                            timer.as_mut().reset(plugins::clock::now() + idle);
                         }
                         timer
                     }

@@ -224,7 +224,7 @@ impl Lease {
         list.push(Idle {
             conn: self.conn,
             requests: self.requests,
-            since: Instant::now(),
+            since: plugins::clock::now(),
             worker: crate::workers::current(),
         });
     }
@@ -316,7 +316,7 @@ impl H1Pool {
         let mut idle = shared.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(key)?;
         let worker = crate::workers::current();
-        let now = Instant::now();
+        let now = plugins::clock::now();
         let mut i = list.len();
         while i > 0 {
             i -= 1;

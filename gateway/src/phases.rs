@@ -98,7 +98,7 @@ pub struct Progress {
 impl Progress {
     fn new(done: bool) -> Self {
         Progress {
-            origin: Instant::now(),
+            origin: plugins::clock::now(),
             stage: AtomicU64::new(if done {
                 COMPLETE_FROM_START
             } else {
@@ -233,7 +233,7 @@ pub fn within_phases<'a, F: Future, C: Future<Output = bool>>(
     WithinPhases {
         exchange,
         connected,
-        timer: tokio::time::sleep_until(next_look(progress, timeouts, step)),
+        timer: tokio::time::sleep_until(next_look(plugins::clock::now(), progress, timeouts, step)),
         connecting: true,
         step,
         progress,
@@ -241,9 +241,9 @@ pub fn within_phases<'a, F: Future, C: Future<Output = bool>>(
     }
 }
 
-/// When to look at the phase deadline next.
-fn next_look(progress: &Progress, timeouts: &Timeouts, step: Duration) -> Instant {
-    let next = Instant::now() + step;
+/// When to look at the phase deadline next, `now` being now.
+fn next_look(now: Instant, progress: &Progress, timeouts: &Timeouts, step: Duration) -> Instant {
+    let next = now + step;
     progress
         .deadline(timeouts)
         .map_or(next, |deadline| deadline.min(next))
@@ -280,16 +280,23 @@ impl<F: Future, C: Future<Output = bool>> Future for WithinPhases<'_, F, C> {
                     this.progress.mark_connected(true);
                 }
                 // The phase changed: so may the deadline.
-                let wake = next_look(this.progress, this.timeouts, *this.step);
+                let wake = next_look(
+                    plugins::clock::now(),
+                    this.progress,
+                    this.timeouts,
+                    *this.step,
+                );
                 this.timer.as_mut().reset(wake);
             }
         }
         while this.timer.as_mut().poll(cx).is_ready() {
+            // A fresh reading, not the poll's: this loop must see time pass.
+            let now = Instant::now();
             let deadline = this.progress.deadline(this.timeouts);
-            if deadline.is_some_and(|d| d <= Instant::now()) {
+            if deadline.is_some_and(|d| d <= now) {
                 return Poll::Ready(Err(PhaseTimeout));
             }
-            let wake = next_look(this.progress, this.timeouts, *this.step);
+            let wake = next_look(now, this.progress, this.timeouts, *this.step);
             this.timer.as_mut().reset(wake);
         }
         Poll::Pending

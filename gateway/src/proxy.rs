@@ -203,6 +203,10 @@ struct Prepared {
     /// transparent listener (`discovery_type: original_dst`).
     destination: SocketAddr,
     transparent: bool,
+    /// The request's extension map, emptied: the answer's extensions
+    /// (see [`UpstreamInfo`]) move into it rather than allocate a map of
+    /// their own.
+    spare_extensions: http::Extensions,
 }
 
 impl Prepared {
@@ -244,6 +248,9 @@ impl Prepared {
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let body_state = parts.extensions.get::<Arc<BodyState>>().cloned();
+        let mut spare_extensions = parts.extensions;
+        spare_extensions.clear();
         Prepared {
             method: parts.method,
             path,
@@ -252,10 +259,11 @@ impl Prepared {
             client_host,
             grpc,
             upgrade,
-            body_state: parts.extensions.get::<Arc<BodyState>>().cloned(),
+            body_state,
             peer_ip,
             destination,
             transparent,
+            spare_extensions,
         }
     }
 
@@ -443,6 +451,16 @@ fn outcome_of(result: &TryResult) -> Outcome {
     }
 }
 
+/// What [`ProxyService::respond`] reports of the try that got an answer.
+struct Answered<'a> {
+    /// Every try's status, the answering one last.
+    statuses: &'a [u16],
+    target: &'a Target,
+    scheme: &'static str,
+    /// When the first try began.
+    started: Instant,
+}
+
 /// The answer when no try got one: the last try's 502/504 with every try
 /// listed, or the gateway's own 502 (no upstream status) when no node could
 /// be picked at all.
@@ -526,7 +544,7 @@ impl ProxyTarget {
         async move {
             let tries = body.tries(up.max_tries);
             let idempotent = request.idempotent();
-            let started = Instant::now();
+            let started = plugins::clock::std_now();
             // Boxed, as `sourced` below: rare, and a target is large.
             let own = if up.original_dst {
                 match request.original_dst(up) {
@@ -581,11 +599,18 @@ impl ProxyTarget {
                     Ok(Ok(resp)) => {
                         statuses.push(resp.status().as_u16());
                         let upgrade = request.upgrade.take();
-                        let mut resp = self.respond(resp, &statuses, target, upgrade, started);
-                        if let Some(info) = resp.extensions_mut().get_mut::<UpstreamInfo>() {
-                            info.scheme = Some(up.scheme_name());
-                        }
-                        return resp;
+                        let answered = Answered {
+                            statuses: &statuses,
+                            target,
+                            scheme: up.scheme_name(),
+                            started,
+                        };
+                        return self.respond(
+                            resp,
+                            answered,
+                            upgrade,
+                            &mut request.spare_extensions,
+                        );
                     }
                     Ok(Err(e)) => {
                         // A client body that broke or stalled is the client's
@@ -634,7 +659,7 @@ impl ProxyTarget {
             let Some(i) = node else {
                 return sending.await;
             };
-            let sent = up.balancer.measures_latency().then(Instant::now);
+            let sent = up.balancer.measures_latency().then(plugins::clock::std_now);
             up.balancer.started(i);
             let result = sending.await;
             up.balancer
@@ -651,11 +676,16 @@ impl ProxyTarget {
     fn respond(
         &self,
         resp: Response<UpstreamBody>,
-        statuses: &[u16],
-        target: &Target,
+        answered: Answered<'_>,
         upgrade: Option<OnUpgrade>,
-        started: Instant,
+        spare_extensions: &mut http::Extensions,
     ) -> Response<ResponseBody> {
+        let Answered {
+            statuses,
+            target,
+            scheme,
+            started,
+        } = answered;
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             let (parts, body) = resp.into_parts();
             let upstream_side = match body {
@@ -671,12 +701,15 @@ impl ProxyTarget {
             };
         }
         let mut resp = self.finish(resp, statuses);
+        if resp.extensions().is_empty() {
+            *resp.extensions_mut() = std::mem::take(spare_extensions);
+        }
         resp.extensions_mut().insert(UpstreamInfo {
             addr: Some(target.authority.clone()),
             status: statuses.last().copied(),
-            header_time: Some(Instant::now()),
+            header_time: Some(plugins::clock::std_now()),
             started: Some(started),
-            scheme: None,
+            scheme: Some(scheme),
         });
         resp
     }

@@ -490,14 +490,14 @@ pub async fn serve_data_plane(
             tls: None,
             transparent,
         };
-        tokio::spawn(serve_connection(
+        tokio::spawn(plugins::clock::Fresh::new(serve_connection(
             stream,
             client,
             plane.clone(),
             protocols.clone(),
             drain.watcher(),
             (permit, counted),
-        ));
+        )));
     }
 }
 
@@ -667,9 +667,7 @@ where
             }
             tracing::trace!("keep-alive connection parked");
             let wait = idle_limit.saturating_sub(PARK_AFTER);
-            quiet_timer
-                .as_mut()
-                .reset(tokio::time::Instant::now() + wait);
+            quiet_timer.as_mut().reset(plugins::clock::now() + wait);
             let Some(socket) = io.get_ref().get_ref().get_ref() else {
                 return Ok(());
             };
@@ -789,7 +787,7 @@ pub async fn serve_tls(
             continue;
         };
         let local = local_of(&stream, &listener);
-        tokio::spawn(serve_tls_connection(
+        tokio::spawn(plugins::clock::Fresh::new(serve_tls_connection(
             stream,
             peer,
             local,
@@ -798,7 +796,7 @@ pub async fn serve_tls(
             protocols.clone(),
             drain.watcher(),
             permit,
-        ));
+        )));
     }
 }
 

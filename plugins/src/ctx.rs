@@ -328,7 +328,7 @@ impl Ctx {
             consumers,
             status: None,
             upstream: UpstreamInfo::default(),
-            started: Instant::now(),
+            started: crate::clock::std_now(),
             finished: None,
             body_bytes_sent: 0,
             request: None,
@@ -350,7 +350,7 @@ impl Ctx {
     /// measured now when it has not ended.
     pub fn finished(&self) -> Finished {
         self.finished
-            .unwrap_or_else(|| Finished::at(self, Instant::now()))
+            .unwrap_or_else(|| Finished::at(self, crate::clock::std_now()))
     }
 
     /// The authenticated consumer's username.

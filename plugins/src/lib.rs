@@ -16,6 +16,7 @@ pub mod basic_auth;
 pub mod batch;
 pub mod chain;
 pub mod cidr;
+pub mod clock;
 pub mod consumer;
 pub mod consumer_restriction;
 pub mod cors;
