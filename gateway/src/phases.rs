@@ -121,8 +121,8 @@ impl Progress {
 
     /// Progress of a request whose body is already complete (buffered or
     /// empty): only `connect` and `read` apply.
-    pub fn complete() -> Arc<Self> {
-        Arc::new(Progress::new(true))
+    pub fn complete() -> Self {
+        Progress::new(true)
     }
 
     fn set(&self, stage: u64) {
@@ -151,6 +151,25 @@ impl Progress {
             // Complete from the start: connecting, then the answer.
             (_, None) => Some(self.origin + t.response_head()),
             (_, Some(at)) => Some(at + t.read),
+        }
+    }
+}
+
+/// One try's [`Progress`]: its own when the body is already complete (no
+/// allocation for the usual request), shared with a [`SendWatch`] when the
+/// body streams.
+pub enum TryProgress {
+    Own(Progress),
+    Shared(Arc<Progress>),
+}
+
+impl std::ops::Deref for TryProgress {
+    type Target = Progress;
+
+    fn deref(&self) -> &Progress {
+        match self {
+            TryProgress::Own(p) => p,
+            TryProgress::Shared(p) => p,
         }
     }
 }

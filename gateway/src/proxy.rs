@@ -45,7 +45,7 @@ use crate::h2_upstream::H2Pool;
 use crate::headers::{prepare_request_headers, strip_hop_by_hop, Forwarded};
 use crate::health::Outcome;
 use crate::never_fails::NeverFails;
-use crate::phases::{within_phases, PhaseTimeout, Progress, SendWatch, WithinPhases};
+use crate::phases::{within_phases, PhaseTimeout, Progress, SendWatch, TryProgress, WithinPhases};
 use crate::upstream::{hash_key_of, CompiledUpstream, PassHost, Target, Timeouts, UpstreamClient};
 use crate::websocket;
 
@@ -173,7 +173,7 @@ impl Future for Sending<'_> {
 }
 
 /// One try's request, and the progress its timeouts watch.
-type Try<'a> = (OutRequest<'a>, Arc<Progress>);
+type Try<'a> = (OutRequest<'a>, TryProgress);
 
 /// The host `pass_host` chose is no valid HTTP/2 authority: the client's
 /// request is at fault (400).
@@ -416,14 +416,15 @@ impl RequestBody {
 
     /// The body of the next try and the progress its timeouts watch;
     /// `None` once a streamed body has been taken.
-    fn next(&mut self) -> Option<(ProxyBody, Arc<Progress>)> {
+    fn next(&mut self) -> Option<(ProxyBody, TryProgress)> {
         match self {
             RequestBody::Buffered(b) => {
-                Some((Either::Left(Full::new(b.clone())), Progress::complete()))
+                let progress = TryProgress::Own(Progress::complete());
+                Some((Either::Left(Full::new(b.clone())), progress))
             }
             RequestBody::Streaming(s) => s.take().map(|b| {
                 let (watched, progress) = SendWatch::new(b);
-                (Either::Right(watched), progress)
+                (Either::Right(watched), TryProgress::Shared(progress))
             }),
         }
     }
