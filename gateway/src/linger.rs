@@ -31,9 +31,17 @@ pub const LINGERING_TIME: Duration = Duration::from_secs(30);
 
 /// A client socket that lingers when dropped if its connection asked for
 /// it ([`Activity::linger`]).
+///
+/// It also sets `TCP_NODELAY` when a second write comes, as nginx sets it
+/// when a connection goes on after its first answer: the first write cannot
+/// be held back by Nagle's algorithm (Linux holds a small segment only while
+/// an earlier small one is unacknowledged), so a connection that closes
+/// after one answer is spared the system call.
 pub struct Lingering {
     stream: Option<TcpStream>,
     activity: Arc<Activity>,
+    /// Write calls so far, counted up to the second.
+    writes: u8,
 }
 
 impl Lingering {
@@ -41,7 +49,24 @@ impl Lingering {
         Lingering {
             stream: Some(stream),
             activity,
+            writes: 0,
         }
+    }
+
+    /// The socket to write to, with `TCP_NODELAY` set from the second
+    /// write on.
+    fn writer(&mut self) -> io::Result<&mut TcpStream> {
+        let stream = self
+            .stream
+            .as_mut()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))?;
+        if self.writes < 2 {
+            self.writes += 1;
+            if self.writes == 2 {
+                let _ = stream.set_nodelay(true);
+            }
+        }
+        Ok(stream)
     }
 
     /// The socket (`None` only while being dropped).
@@ -106,7 +131,7 @@ impl AsyncWrite for Lingering {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut().stream() {
+        match self.get_mut().writer() {
             Ok(s) => Pin::new(s).poll_write(cx, buf),
             Err(e) => Poll::Ready(Err(e)),
         }
@@ -117,7 +142,7 @@ impl AsyncWrite for Lingering {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut().stream() {
+        match self.get_mut().writer() {
             Ok(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Err(e) => Poll::Ready(Err(e)),
         }
@@ -134,8 +159,17 @@ impl AsyncWrite for Lingering {
         }
     }
 
+    /// A real `shutdown` only for a tunnel (a WebSocket's half-close must
+    /// reach the client while the other direction goes on). Otherwise the
+    /// connection is ending and is dropped next: closing the socket sends
+    /// the same FIN (and a lingering close sends its own shutdown first),
+    /// so the system call would buy nothing, as nginx closes without one.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut().stream() {
+        let this = self.get_mut();
+        if !this.activity.is_upgraded() {
+            return Poll::Ready(Ok(()));
+        }
+        match this.stream() {
             Ok(s) => Pin::new(s).poll_shutdown(cx),
             Err(e) => Poll::Ready(Err(e)),
         }

@@ -55,6 +55,9 @@ pub struct Activity {
     /// The connection answered before reading all it was sent: linger on
     /// close (see [`crate::linger`]).
     linger: AtomicBool,
+    /// A response switched protocols: the socket now carries a tunnel,
+    /// whose half-closes must reach the client.
+    upgraded: AtomicBool,
     /// No request has begun yet (nginx's `reading` state; see
     /// [`crate::metrics`]).
     pub(crate) reading: AtomicBool,
@@ -83,6 +86,16 @@ impl Activity {
     /// Whether the connection ends with a lingering close.
     pub fn lingers(&self) -> bool {
         self.linger.load(Ordering::Relaxed)
+    }
+
+    /// Notes a `101 Switching Protocols` answer.
+    pub fn set_upgraded(&self) {
+        self.upgraded.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the connection became a tunnel.
+    pub fn is_upgraded(&self) -> bool {
+        self.upgraded.load(Ordering::Relaxed)
     }
 
     /// Requests begun so far.

@@ -194,6 +194,8 @@ fn handle(
         if h2 {
             // HPACK keeps what it indexes: nothing of an upstream's buffer.
             crate::headers::own_values(resp.headers_mut());
+        } else if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            conn.activity.set_upgraded();
         }
         resp.headers_mut()
             .insert(http::header::SERVER, plane.server_header.clone());
@@ -427,8 +429,8 @@ impl Protocols {
     }
 }
 
-/// The next client of `listener`, with `TCP_NODELAY` set; `None` once
-/// `shutdown` flips. Accept failures (out of file descriptors and the like)
+/// The next client of `listener` (`TCP_NODELAY` comes with its second
+/// write: see [`Lingering`]); `None` once `shutdown` flips. Accept failures (out of file descriptors and the like)
 /// are logged and retried after a short pause instead of spinning.
 async fn next_client(
     listener: &TcpListener,
@@ -437,10 +439,7 @@ async fn next_client(
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    return Some((stream, peer));
-                }
+                Ok((stream, peer)) => return Some((stream, peer)),
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;

@@ -106,3 +106,59 @@ async fn no_upgrade_without_enable_websocket() {
     );
     gw.stop().await;
 }
+
+/// An upstream that upgrades, says "bye" and closes its sending side at
+/// once, then reports what the client still sent until the client closed.
+async fn half_closing_upstream() -> (
+    std::net::SocketAddr,
+    tokio::sync::oneshot::Receiver<Vec<u8>>,
+) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            head.extend_from_slice(&buf[..n]);
+        }
+        s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nbye")
+            .await
+            .unwrap();
+        s.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest).await;
+        let _ = tx.send(rest);
+    });
+    (addr, rx)
+}
+
+#[tokio::test]
+async fn a_half_close_crosses_the_tunnel_while_the_other_way_goes_on() {
+    let gw = Gateway::start().await;
+    let (up, sent_after) = half_closing_upstream().await;
+    gw.put("routes/ws", json!({"uri": "/ws", "enable_websocket": true, "upstream": upstream(&[(&up.to_string(), 1)])})).await;
+    let mut s = TcpStream::connect(gw.data).await.unwrap();
+    s.write_all(UPGRADE).await.unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // The upstream's end of sending reaches the client as an end of file
+    // while the client's side of the tunnel is still open.
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut got))
+        .await
+        .expect("the upstream's half-close reaches the client")
+        .unwrap();
+    assert_eq!(got, b"bye");
+    s.write_all(b"still here").await.unwrap();
+    s.shutdown().await.unwrap();
+    let rest = tokio::time::timeout(Duration::from_secs(3), sent_after)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rest, b"still here");
+    gw.stop().await;
+}
