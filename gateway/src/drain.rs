@@ -122,6 +122,14 @@ impl<C: Graceful + ?Sized> Graceful for Pin<Box<C>> {
     }
 }
 
+/// A connection served through a borrow: its owner keeps it past the end
+/// of the serving (to act on how it ended before the socket closes).
+impl<C: Graceful + ?Sized> Graceful for Pin<&mut C> {
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        self.get_mut().as_mut().graceful_shutdown();
+    }
+}
+
 impl<I, S, B> Graceful for hyper::server::conn::http1::UpgradeableConnection<I, S>
 where
     S: HttpService<Incoming, ResBody = B>,

@@ -843,31 +843,37 @@ fn serve_tls_connection(
         };
         let stream = crate::io::SendTimeout::new(tls, plane.send_timeout);
         let linger_after = client.activity.clone();
+        // Each connection is boxed and kept until the linger flag is set
+        // after an error (hyper may have answered a bad head with more of
+        // the request unread): dropping it closes the socket.
         let ended = if h2 {
             let service = service_of(plane, client);
-            Box::pin(
-                drain.serve(
-                    protocols
-                        .http2
-                        .serve_connection(TokioIo::new(stream), service),
-                ),
-            )
-            .await
+            let mut conn = Box::pin(
+                protocols
+                    .http2
+                    .serve_connection(TokioIo::new(stream), service),
+            );
+            let ended = drain.serve(conn.as_mut()).await;
+            if ended.is_err() {
+                linger_after.set_linger();
+            }
+            ended
         } else {
             let io = client.framed(stream);
             let service = service_of(plane, client);
-            Box::pin(
-                drain.serve(
-                    protocols
-                        .http1_tls
-                        .serve_connection(TokioIo::new(io), service)
-                        .with_upgrades(),
-                ),
-            )
-            .await
+            let mut conn = Box::pin(
+                protocols
+                    .http1_tls
+                    .serve_connection(TokioIo::new(io), service)
+                    .with_upgrades(),
+            );
+            let ended = drain.serve(conn.as_mut()).await;
+            if ended.is_err() {
+                linger_after.set_linger();
+            }
+            ended
         };
         if let Err(e) = ended {
-            linger_after.set_linger();
             tracing::debug!(%peer, error = %e, "HTTPS connection ended with an error");
         }
     }

@@ -635,3 +635,45 @@ async fn tls_connections_count_against_the_cap() {
     assert!(ok, "a slot freed by a closed connection is reused");
     gw.stop().await;
 }
+
+/// hyper answers a malformed head over HTTPS itself (400) and ends the
+/// connection with an error: a client still sending its body reads that
+/// answer instead of a reset, because the connection lingers, as a plain
+/// HTTP one does.
+#[tokio::test]
+async fn a_bad_head_answered_by_hyper_reaches_a_client_still_sending() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = Gateway::start_tls("").await;
+    let tls = gw.tls.unwrap();
+    let ca = Ca::new("Test CA");
+    let (cert, key) = ca.issue(&["a.test"], false);
+    put_ssl(
+        &gw,
+        "a",
+        json!({"cert": cert, "key": key, "snis": ["a.test"]}),
+    )
+    .await;
+    let cfg = client(&ca.pem(), None, &[b"http/1.1"]);
+    let mut s = handshake(tls, "a.test", cfg).await.unwrap();
+    let len = 2 * 1024 * 1024;
+    let head = format!(
+        "POST /x HTTP/1.1\r\nHost: a.test\r\nno colon here\r\nContent-Length: {len}\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    // Let the answer come, then keep sending into the closed end.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let chunk = vec![b'x'; 64 * 1024];
+    let mut sent = 0;
+    while sent < len {
+        match tokio::time::timeout(Duration::from_secs(5), s.write_all(&chunk)).await {
+            Ok(Ok(())) => sent += chunk.len(),
+            _ => break,
+        }
+    }
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(sent >= len, "the upload was cut off (read {text:?})");
+    assert!(text.starts_with("HTTP/1.1 400"), "{text:?}");
+    gw.stop().await;
+}
