@@ -174,9 +174,6 @@ enum Hop {
     Other,
 }
 
-/// The hop-by-hop header `name` (in any case) is, if it is one: the names
-/// of `headers::HOP_BY_HOP` but `Expect` (a request's), compared in any
-/// case: these come straight from the wire, not from a `HeaderName`.
 /// `input` equals `lower` (lowercase letters and `-` only) in any case.
 ///
 /// Folds case with one OR per byte and looks at every byte, so that short
@@ -193,6 +190,9 @@ fn same_name(input: &[u8], lower: &[u8]) -> bool {
             == 0
 }
 
+/// The hop-by-hop header `name` (in any case) is, if it is one: the names
+/// of `headers::HOP_BY_HOP` but `Expect` (a request's), compared in any
+/// case: these come straight from the wire, not from a `HeaderName`.
 fn hop_by_hop(name: &[u8]) -> Option<Hop> {
     // A match on the length first: most names are ruled out by it.
     let candidates: &[(&[u8], Hop)] = match name.len() {

@@ -32,17 +32,22 @@ pub const LINGERING_TIME: Duration = Duration::from_secs(30);
 /// A client socket that lingers when dropped if its connection asked for
 /// it ([`Activity::linger`]).
 ///
-/// It also sets `TCP_NODELAY` when a second write comes, as nginx sets it
-/// when a connection goes on after its first answer: the first write cannot
-/// be held back by Nagle's algorithm (Linux holds a small segment only while
-/// an earlier small one is unacknowledged), so a connection that closes
-/// after one answer is spared the system call.
+/// It also sets `TCP_NODELAY`, on Linux when a second write comes, as nginx
+/// sets it when a connection goes on after its first answer: there the
+/// first write cannot be held back by Nagle's algorithm (Linux holds a small
+/// segment only while an earlier small one is unacknowledged), so a
+/// connection that closes after one answer is spared the system call.
+/// Elsewhere the classic algorithm could hold the tail of a first write
+/// that spans segments, so it is set before the first.
 pub struct Lingering {
     stream: Option<TcpStream>,
     activity: Arc<Activity>,
-    /// Write calls so far, counted up to the second.
+    /// Write calls so far, counted up to [`NODELAY_AT_WRITE`].
     writes: u8,
 }
+
+/// The write call before which `TCP_NODELAY` is set (see [`Lingering`]).
+const NODELAY_AT_WRITE: u8 = if cfg!(target_os = "linux") { 2 } else { 1 };
 
 impl Lingering {
     pub fn new(stream: TcpStream, activity: Arc<Activity>) -> Self {
@@ -53,16 +58,16 @@ impl Lingering {
         }
     }
 
-    /// The socket to write to, with `TCP_NODELAY` set from the second
-    /// write on.
+    /// The socket to write to, with `TCP_NODELAY` set from the
+    /// [`NODELAY_AT_WRITE`]th write on.
     fn writer(&mut self) -> io::Result<&mut TcpStream> {
         let stream = self
             .stream
             .as_mut()
             .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))?;
-        if self.writes < 2 {
+        if self.writes < NODELAY_AT_WRITE {
             self.writes += 1;
-            if self.writes == 2 {
+            if self.writes == NODELAY_AT_WRITE {
                 let _ = stream.set_nodelay(true);
             }
         }

@@ -45,9 +45,14 @@ pub fn now() -> Instant {
     })
 }
 
-/// [`now`] as a `std::time::Instant`.
+/// [`now`] as a `std::time::Instant`, for times measured with `elapsed()`.
+/// Outside a [`Fresh`] poll it is `std::time::Instant::now()`, so that a
+/// test that pauses tokio's clock still measures real time with it.
 pub fn std_now() -> std::time::Instant {
-    now().into_std()
+    SCOPE.with(|scope| match scope.get() {
+        Scope::Outside => std::time::Instant::now(),
+        Scope::Inside(_) => now().into_std(),
+    })
 }
 
 pin_project_lite::pin_project! {
