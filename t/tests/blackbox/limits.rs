@@ -852,8 +852,20 @@ async fn duplicate_host_is_refused() {
 /// reads the answer, as a simple client does; returns whether the whole
 /// body could be sent, and what it could read.
 async fn upload_and_read(target: std::net::SocketAddr, head: String, len: usize) -> (bool, String) {
+    let stream = tokio::net::TcpStream::connect(target).await.unwrap();
+    upload_and_read_over(stream, head, len).await
+}
+
+/// [`upload_and_read`] over a connection already open (TLS, say).
+pub(crate) async fn upload_and_read_over<S>(
+    mut stream: S,
+    head: String,
+    len: usize,
+) -> (bool, String)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(target).await.unwrap();
     let _ = stream.write_all(head.as_bytes()).await;
     // Let the early answer come, then keep sending into the closed end.
     tokio::time::sleep(Duration::from_millis(100)).await;

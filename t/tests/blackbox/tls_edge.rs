@@ -642,7 +642,6 @@ async fn tls_connections_count_against_the_cap() {
 /// HTTP one does.
 #[tokio::test]
 async fn a_bad_head_answered_by_hyper_reaches_a_client_still_sending() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let gw = Gateway::start_tls("").await;
     let tls = gw.tls.unwrap();
     let ca = Ca::new("Test CA");
@@ -654,26 +653,13 @@ async fn a_bad_head_answered_by_hyper_reaches_a_client_still_sending() {
     )
     .await;
     let cfg = client(&ca.pem(), None, &[b"http/1.1"]);
-    let mut s = handshake(tls, "a.test", cfg).await.unwrap();
+    let s = handshake(tls, "a.test", cfg).await.unwrap();
     let len = 2 * 1024 * 1024;
     let head = format!(
         "POST /x HTTP/1.1\r\nHost: a.test\r\nno colon here\r\nContent-Length: {len}\r\n\r\n"
     );
-    s.write_all(head.as_bytes()).await.unwrap();
-    // Let the answer come, then keep sending into the closed end.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let chunk = vec![b'x'; 64 * 1024];
-    let mut sent = 0;
-    while sent < len {
-        match tokio::time::timeout(Duration::from_secs(5), s.write_all(&chunk)).await {
-            Ok(Ok(())) => sent += chunk.len(),
-            _ => break,
-        }
-    }
-    let mut got = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await;
-    let text = String::from_utf8_lossy(&got);
-    assert!(sent >= len, "the upload was cut off (read {text:?})");
+    let (sent, text) = crate::limits::upload_and_read_over(s, head, len).await;
+    assert!(sent, "the upload was cut off (read {text:?})");
     assert!(text.starts_with("HTTP/1.1 400"), "{text:?}");
     gw.stop().await;
 }
