@@ -59,7 +59,7 @@ fn hop_by_hop_index(name: &str) -> Option<usize> {
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    strip_noted(headers, scan(headers));
+    let _ = strip_noted(headers, scan(headers));
 }
 
 /// Bits of [`scan`]'s answer past the hop-by-hop ones.
@@ -95,9 +95,13 @@ fn scan(headers: &HeaderMap) -> u16 {
     present
 }
 
-fn strip_noted(headers: &mut HeaderMap, present: u16) {
+/// Removes the hop-by-hop headers `present` notes and those `Connection`
+/// names; answers whether it named (and so removed) any other header, so
+/// that `present` is out of date.
+fn strip_noted(headers: &mut HeaderMap, present: u16) -> bool {
+    let mut named_others = false;
     if present & 0xff == 0 {
-        return;
+        return named_others;
     }
     if present & 1 != 0 {
         // `HOP_BY_HOP[0]` is `Connection`. The options it lists that name a
@@ -125,7 +129,7 @@ fn strip_noted(headers: &mut HeaderMap, present: u16) {
             }
         }
         for name in named {
-            headers.remove(name);
+            named_others |= headers.remove(name).is_some();
         }
     }
     for (i, name) in HOP_BY_HOP.iter().enumerate() {
@@ -133,6 +137,7 @@ fn strip_noted(headers: &mut HeaderMap, present: u16) {
             headers.remove(name);
         }
     }
+    named_others
 }
 
 /// Gives the header values their own bytes: one block holding all of
@@ -288,9 +293,9 @@ pub fn prepare_request_headers(
     meta: ConnInfo,
 ) -> Forwarded {
     let mut present = scan(headers);
-    strip_noted(headers, present);
-    if present & 1 != 0 {
-        // `Connection` may have named (and so removed) any of them.
+    // `Connection` may have named (and so removed) any of them; it
+    // seldom names more than `close` or `keep-alive`.
+    if strip_noted(headers, present) {
         present = scan(headers);
     }
     let mut out = Forwarded::default();
@@ -498,6 +503,25 @@ mod tests {
         }
         assert_eq!(hop_by_hop_index("host"), None);
         assert_eq!(hop_by_hop_index("x-forwarded-for"), None);
+    }
+
+    #[test]
+    fn a_forwarding_header_connection_names_is_gone_before_it_is_joined() {
+        let ip = Some("10.0.0.9".parse().unwrap());
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.1.2.3"));
+        h.insert("connection", HeaderValue::from_static("X-Forwarded-For"));
+        prepare(&mut h, ip, None, meta());
+        assert_eq!(h["x-forwarded-for"], "10.0.0.9");
+        assert!(!h.contains_key("connection"));
+
+        // `close` names no header: the client's list is kept and extended.
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.1.2.3"));
+        h.insert("connection", HeaderValue::from_static("close"));
+        prepare(&mut h, ip, None, meta());
+        assert_eq!(h["x-forwarded-for"], "10.1.2.3, 10.0.0.9");
+        assert!(!h.contains_key("connection"));
     }
 
     #[test]
