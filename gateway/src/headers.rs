@@ -294,7 +294,8 @@ pub fn prepare_request_headers(
 ) -> Forwarded {
     let mut present = scan(headers);
     // `Connection` may have named (and so removed) any of them; it
-    // seldom names more than `close` or `keep-alive`.
+    // seldom names more than `close` or `keep-alive`. (The hop-by-hop bits
+    // are not read past this point, gone or not.)
     if strip_noted(headers, present) {
         present = scan(headers);
     }
