@@ -92,8 +92,7 @@ pub struct Running {
     shutdown: watch::Sender<bool>,
     graceful: Arc<drain::Drain>,
     tasks: JoinSet<()>,
-    /// Dropped last: the threads end with them.
-    _admin_thread: Option<workers::Workers>,
+    /// Dropped last: the workers' threads end with it.
     _workers: Option<workers::Workers>,
 }
 
@@ -494,7 +493,6 @@ pub async fn start(config: GatewayConfig) -> Result<Running, Error> {
     });
 
     let mut admin_state = None;
-    let mut admin_thread = None;
     let admin_addr = if let Some(listener) = admin_listener {
         let auth = auth_of(&config)?;
         if !config.admin_key_required {
@@ -505,20 +503,16 @@ pub async fn start(config: GatewayConfig) -> Result<Running, Error> {
         if !config.admin_listen.ip().is_loopback() {
             tracing::warn!(addr = %config.admin_listen, "the Admin API listens beyond this machine");
         }
-        let state = Arc::new(AdminState::new(store.clone(), auth, server_header).on_own_thread());
+        let state = Arc::new(AdminState::new(store.clone(), auth, server_header));
         admin_state = Some(state.clone());
         let bound = listener.local_addr()?;
         tracing::info!(addr = %bound, "Admin API listening");
-        let thread = workers::Workers::start_admin()?;
-        let (app, rx, graceful) = (
+        tasks.spawn(server::serve_admin(
+            listener,
             admin_api::router(state),
             shutdown_rx.clone(),
             graceful.clone(),
-        );
-        thread.serve_each(vec![listener.into_std()?], &mut tasks, move |l| {
-            server::serve_admin(l, app.clone(), rx.clone(), graceful.clone())
-        });
-        admin_thread = Some(thread);
+        ));
         Some(bound)
     } else {
         None
@@ -561,7 +555,6 @@ pub async fn start(config: GatewayConfig) -> Result<Running, Error> {
         shutdown,
         graceful,
         tasks,
-        _admin_thread: admin_thread,
         _workers: workers,
         edge,
         admin: admin_state,

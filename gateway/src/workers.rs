@@ -8,8 +8,8 @@
 //! opened): no task moves between threads and no request wakes another
 //! thread, which a work-stealing pool of N threads did on most requests
 //! (measured: 36% more CPU per request with two threads than with one).
-//! The Admin API has a thread of its own ([`Workers::start_admin`]); health
-//! checks, the metrics server and the rest stay on the main runtime.
+//! The Admin API, the config publisher, health checks and the metrics
+//! server stay on the main runtime.
 
 use std::cell::Cell;
 use std::future::Future;
@@ -38,27 +38,6 @@ impl Workers {
     /// Starts `n` worker threads. Fails when a thread or runtime cannot be
     /// created (out of memory or threads).
     pub fn start(n: usize) -> std::io::Result<Workers> {
-        Self::start_threads(n, |i| {
-            let index = u16::try_from(i + 1).unwrap_or(u16::MAX);
-            (format!("ferrogate-worker-{}", i + 1), index)
-        })
-    }
-
-    /// Starts the Admin API's thread: one runtime of its own, off the
-    /// workers (`current()` is 0 there). The Admin API commits each write
-    /// to disk on the thread that serves it (see
-    /// `admin_api::AdminState::on_own_thread`), which would stall every
-    /// request on a thread that also serves the data plane, and its
-    /// requests do not take turns with the data plane's.
-    pub fn start_admin() -> std::io::Result<Workers> {
-        Self::start_threads(1, |_| ("ferrogate-admin".to_string(), 0))
-    }
-
-    /// `n` threads, the i-th named and numbered by `name_of(i)`.
-    fn start_threads(
-        n: usize,
-        name_of: impl Fn(usize) -> (String, u16),
-    ) -> std::io::Result<Workers> {
         let mut handles = Vec::with_capacity(n);
         let mut stop = Vec::with_capacity(n);
         for i in 0..n {
@@ -68,16 +47,18 @@ impl Workers {
             handles.push(runtime.handle().clone());
             let (tx, rx) = oneshot::channel::<()>();
             stop.push(tx);
-            let (name, index) = name_of(i);
-            std::thread::Builder::new().name(name).spawn(move || {
-                WORKER.with(|w| w.set(index));
-                runtime.block_on(async {
-                    tokio::select! {
-                        _ = rx => {}
-                        () = crate::alloc::return_free_pages_periodically() => {}
-                    }
-                });
-            })?;
+            let index = u16::try_from(i + 1).unwrap_or(u16::MAX);
+            std::thread::Builder::new()
+                .name(format!("ferrogate-worker-{}", i + 1))
+                .spawn(move || {
+                    WORKER.with(|w| w.set(index));
+                    runtime.block_on(async {
+                        tokio::select! {
+                            _ = rx => {}
+                            () = crate::alloc::return_free_pages_periodically() => {}
+                        }
+                    });
+                })?;
         }
         Ok(Workers {
             handles,

@@ -8,11 +8,6 @@ use tower::ServiceExt;
 const KEY: &str = "k3y";
 
 fn app() -> Router {
-    app_with(false)
-}
-
-/// The router, its store called on the serving thread when `own_thread`.
-fn app_with(own_thread: bool) -> Router {
     let auth = AuthPolicy {
         keys: vec![AdminKey {
             name: "admin".into(),
@@ -22,16 +17,11 @@ fn app_with(own_thread: bool) -> Router {
         key_required: true,
         allow: Some(IpSet::from_entries(&["127.0.0.0/24"]).unwrap()),
     };
-    let state = AdminState::new(
+    router(Arc::new(AdminState::new(
         Arc::new(MemoryStore::new()),
         auth,
         HeaderValue::from_static("ferrogate/test"),
-    );
-    router(Arc::new(if own_thread {
-        state.on_own_thread()
-    } else {
-        state
-    }))
+    )))
 }
 
 async fn call(
@@ -62,16 +52,7 @@ async fn call(
 
 #[tokio::test]
 async fn crud_round_trip_with_headers() {
-    crud_round_trip(app()).await;
-}
-
-/// The same answers when the store is called on the serving thread.
-#[tokio::test]
-async fn crud_round_trip_on_the_serving_thread() {
-    crud_round_trip(app_with(true)).await;
-}
-
-async fn crud_round_trip(app: Router) {
+    let app = app();
     let body = r#"{"uri":"/hello","upstream":{"type":"roundrobin","nodes":{"127.0.0.1:1980":1}}}"#;
     let (st, h, v) = call(&app, "PUT", "/apisix/admin/routes/1", body, Some(KEY)).await;
     assert_eq!(st, StatusCode::CREATED);
