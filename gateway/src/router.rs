@@ -187,7 +187,11 @@ impl Matched<'_> {
 /// holding the changed paths, so its cost is about `routes / SHARDS` entries.
 pub const SHARDS: usize = 256;
 
-type Shard<T> = HashMap<Box<str>, Vec<Candidate<T>>, RandomState>;
+/// Keys and candidate lists are shared, so copying a shard on write costs
+/// two reference counts per entry rather than two allocations and the
+/// candidates' copies (and dropping the old copy as little). A lookup
+/// follows as many pointers as with owned keys and lists.
+type Shard<T> = HashMap<Arc<str>, Arc<[Candidate<T>]>, RandomState>;
 
 /// One map from path (exact) or prefix to its ordered candidates, split into
 /// shards by the hash of the key.
@@ -212,10 +216,10 @@ impl<T> Table<T> {
         }
     }
 
-    fn get_key_value(&self, hasher: &RandomState, key: &str) -> Option<(&str, &Vec<Candidate<T>>)> {
+    fn get_key_value(&self, hasher: &RandomState, key: &str) -> Option<(&str, &[Candidate<T>])> {
         self.shards[shard_of(hasher, key)]
             .get_key_value(key)
-            .map(|(k, v)| (&**k, v))
+            .map(|(k, v)| (&**k, &**v))
     }
 }
 
@@ -295,11 +299,20 @@ impl<T: Clone> RouteTable<T> {
         for uri in uris {
             let (key, is_prefix) = classify(uri.as_ref());
             let (table, shard) = self.locate(key, is_prefix);
-            let list = Arc::make_mut(&mut table.shards[shard])
-                .entry(key.into())
-                .or_default();
-            let at = list.partition_point(|c| by_precedence(c, &candidate).is_le());
-            list.insert(at, candidate.clone());
+            let map = Arc::make_mut(&mut table.shards[shard]);
+            match map.get_mut(key) {
+                Some(list) => {
+                    let at = list.partition_point(|c| by_precedence(c, &candidate).is_le());
+                    let mut longer = Vec::with_capacity(list.len() + 1);
+                    longer.extend_from_slice(&list[..at]);
+                    longer.push(candidate.clone());
+                    longer.extend_from_slice(&list[at..]);
+                    *list = longer.into();
+                }
+                None => {
+                    map.insert(key.into(), Arc::from([candidate.clone()]));
+                }
+            }
             self.len += 1;
             if is_prefix {
                 *self.prefix_len_counts.entry(key.len()).or_default() += 1;
@@ -317,18 +330,20 @@ impl<T: Clone> RouteTable<T> {
         for uri in uris {
             let (key, is_prefix) = classify(uri.as_ref());
             let (table, shard) = self.locate(key, is_prefix);
-            if !table.shards[shard].contains_key(key) {
-                continue;
-            }
-            let map = Arc::make_mut(&mut table.shards[shard]);
-            let Some(list) = map.get_mut(key) else {
+            let Some(list) = table.shards[shard].get(key) else {
                 continue;
             };
-            let before = list.len();
-            list.retain(|c| !pred(c));
-            let removed = before - list.len();
-            if list.is_empty() {
+            // Only a shard that loses a candidate is copied.
+            if !list.iter().any(&pred) {
+                continue;
+            }
+            let kept: Vec<Candidate<T>> = list.iter().filter(|c| !pred(c)).cloned().collect();
+            let removed = list.len() - kept.len();
+            let map = Arc::make_mut(&mut table.shards[shard]);
+            if kept.is_empty() {
                 map.remove(key);
+            } else if let Some(list) = map.get_mut(key) {
+                *list = kept.into();
             }
             self.len -= removed;
             if is_prefix && removed > 0 {
