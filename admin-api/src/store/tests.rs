@@ -128,6 +128,43 @@ fn redb_store_contract_and_durability() {
 }
 
 #[test]
+fn redb_revision_survives_reopen_whatever_wrote_it_last() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.redb");
+    let reopen = |store: RedbStore| {
+        drop(store);
+        RedbStore::open(&path).unwrap()
+    };
+    let store = RedbStore::open(&path).unwrap();
+    put(&store, "/apisix/routes/1", json!({})).unwrap();
+    put(&store, "/apisix/routes/2", json!({})).unwrap();
+    // The last write a put: its entry carries the revision.
+    let store = reopen(store);
+    assert_eq!(store.revision().unwrap(), 2);
+    // A delete of the newest entry: only `meta` knows revision 3.
+    assert!(delete(&store, "/apisix/routes/2"));
+    let store = reopen(store);
+    assert_eq!(store.revision().unwrap(), 3);
+    // A put after the delete, of an older entry: the entry's 4 beats meta's 3.
+    put(&store, "/apisix/routes/1", json!({"uri": "/a"})).unwrap();
+    let store = reopen(store);
+    assert_eq!(store.revision().unwrap(), 4);
+    let e = store.get("/apisix/routes/1").unwrap().unwrap();
+    assert_eq!((e.created_index, e.modified_index), (1, 4));
+    // Everything deleted: meta alone still holds the last revision.
+    assert!(delete(&store, "/apisix/routes/1"));
+    let store = reopen(store);
+    assert_eq!(store.revision().unwrap(), 5);
+    assert_eq!(
+        put(&store, "/apisix/routes/9", json!({}))
+            .unwrap()
+            .entry
+            .modified_index,
+        6
+    );
+}
+
+#[test]
 fn subscribe_starts_with_the_contents_then_follows() {
     let store = MemoryStore::new();
     put(&store, "/apisix/routes/1", json!({})).unwrap();
