@@ -67,9 +67,12 @@ impl IntoResponse for AdminError {
 
 /// A JSON response body ending in a newline, as APISIX writes them.
 pub fn json_body(status: StatusCode, value: &Value) -> Response {
-    let mut text = value.to_string();
-    text.push('\n');
-    let mut resp = (status, text).into_response();
+    // Written straight into bytes: `to_string` goes through `fmt` one piece
+    // at a time. A `Value` always serialises (its keys are strings).
+    let mut body = Vec::with_capacity(512);
+    let _ = serde_json::to_writer(&mut body, value);
+    body.push(b'\n');
+    let mut resp = (status, body).into_response();
     resp.headers_mut().insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),

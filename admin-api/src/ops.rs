@@ -14,7 +14,7 @@ use serde_json::{json, Map, Value};
 use crate::error::AdminError;
 use crate::model::id_text;
 use crate::resource::{credential_parts, IdSource, Kind};
-use crate::store::{BatchOp, Entry, Store, KEY_PREFIX};
+use crate::store::{BatchOp, Entry, Stamp, Store, KEY_PREFIX};
 use crate::validate::{self, Lookup};
 
 /// Fields a client may not set: the gateway keeps them.
@@ -104,7 +104,7 @@ async fn store_checked(
     kind: Kind,
     id: &str,
     mut conf: Value,
-    previous: Option<&Entry>,
+    previous: Option<&Stamp>,
     conditional: bool,
 ) -> Result<Reply, AdminError> {
     integral_numbers(&mut conf);
@@ -118,7 +118,7 @@ async fn store_checked(
     let t = now();
     if let Value::Object(map) = &mut conf {
         let created = previous
-            .and_then(|p| p.value.get("create_time").cloned())
+            .and_then(|p| p.create_time.clone())
             .unwrap_or_else(|| json!(t));
         map.insert("create_time".into(), created);
         map.insert("update_time".into(), json!(t));
@@ -226,7 +226,7 @@ pub async fn put(
         }
     }
     let previous = if validate_id_text(kind, &id) {
-        store.get(&kind.key(&id))?
+        store.stamp(&kind.key(&id))?
     } else {
         None
     };
@@ -514,7 +514,7 @@ pub async fn patch(
             )));
         }
     }
-    store_checked(store, kind, id, merged, Some(&existing), true).await
+    store_checked(store, kind, id, merged, Some(&Stamp::of(&existing)), true).await
 }
 
 /// The first object still referring to `id` of `kind`, as the refusal

@@ -36,6 +36,23 @@ pub struct Entry {
     pub modified_index: u64,
 }
 
+/// What replacing a stored object needs of it: its `create_time` (kept
+/// across updates) and `modified_index` (for a conditional write).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stamp {
+    pub create_time: Option<Value>,
+    pub modified_index: u64,
+}
+
+impl Stamp {
+    pub fn of(entry: &Entry) -> Self {
+        Stamp {
+            create_time: entry.value.get("create_time").cloned(),
+            modified_index: entry.modified_index,
+        }
+    }
+}
+
 /// What a put did.
 #[derive(Debug, Clone)]
 pub struct PutOutcome {
@@ -138,6 +155,11 @@ pub trait Store: Send + Sync + 'static {
         KEY_PREFIX
     }
     fn get(&self, key: &str) -> Result<Option<Entry>, StoreError>;
+    /// The [`Stamp`] of the object at `key`: [`Store::get`] unless the
+    /// back end can read less than the whole object.
+    fn stamp(&self, key: &str) -> Result<Option<Stamp>, StoreError> {
+        Ok(self.get(key)?.as_ref().map(Stamp::of))
+    }
     /// Every entry whose key starts with `prefix`, in key order.
     fn list(&self, prefix: &str) -> Result<Vec<Entry>, StoreError>;
     /// The revision of the last change applied to this view (0: empty).

@@ -21,7 +21,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde_json::Value;
 
 use super::{
-    done, prefix_end, BatchOp, Change, Entry, Event, PutOutcome, Store, StoreError, Watcher,
+    done, prefix_end, BatchOp, Change, Entry, Event, PutOutcome, Stamp, Store, StoreError, Watcher,
     Watchers, WriteFuture, KEY_PREFIX,
 };
 
@@ -103,6 +103,45 @@ impl RedbStore {
             key: key.to_string(),
             reason: e.to_string(),
         })
+    }
+}
+
+/// An entry read for its [`Stamp`] only: the rest of the stored JSON is
+/// skipped over, not built into a tree.
+#[derive(serde::Deserialize)]
+struct StampOnDisk {
+    value: CreateTime,
+    modified_index: u64,
+}
+
+/// The `create_time` of a stored object (`None` when it has none). A value
+/// that is not a JSON object fails, and is then read whole.
+struct CreateTime(Option<Value>);
+
+impl<'de> serde::Deserialize<'de> for CreateTime {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = CreateTime;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a stored object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<CreateTime, A::Error> {
+                let mut found = None;
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    if key == "create_time" {
+                        found = Some(map.next_value::<Value>()?);
+                    } else {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+                Ok(CreateTime(found))
+            }
+        }
+        d.deserialize_map(Visit)
     }
 }
 
@@ -252,6 +291,21 @@ impl Store for RedbStore {
         match table.get(key).map_err(StoreError::backend)? {
             Some(v) => Ok(Some(Self::decode(key, v.value())?)),
             None => Ok(None),
+        }
+    }
+
+    fn stamp(&self, key: &str) -> Result<Option<Stamp>, StoreError> {
+        let txn = self.db.begin_read().map_err(StoreError::backend)?;
+        let table = txn.open_table(OBJECTS).map_err(StoreError::backend)?;
+        let Some(v) = table.get(key).map_err(StoreError::backend)? else {
+            return Ok(None);
+        };
+        match serde_json::from_slice::<StampOnDisk>(v.value()) {
+            Ok(read) => Ok(Some(Stamp {
+                create_time: read.value.0,
+                modified_index: read.modified_index,
+            })),
+            Err(_) => Ok(Some(Stamp::of(&Self::decode(key, v.value())?))),
         }
     }
 

@@ -200,3 +200,26 @@ fn conditional_put_refuses_a_changed_object() {
         json!({"uri": "/b"})
     );
 }
+
+#[test]
+fn redb_stamp_reads_what_a_whole_get_would() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(&dir.path().join("config.redb")).unwrap();
+    let memory = MemoryStore::new();
+    let values = [
+        json!({"uri": "/a", "create_time": 1700000000, "plugins": {"p": {"create_time": 1}}}),
+        json!({"uri": "/b"}),
+        json!({"create_time": "text", "nested": [1, {"create_time": 2}]}),
+        json!(["not", "an", "object"]),
+        json!("scalar"),
+    ];
+    for (i, value) in values.into_iter().enumerate() {
+        let key = format!("/apisix/routes/{i}");
+        put(&store, &key, value.clone()).unwrap();
+        put(&memory, &key, value).unwrap();
+        let whole = store.get(&key).unwrap().map(|e| Stamp::of(&e));
+        assert_eq!(store.stamp(&key).unwrap(), whole, "{key}");
+        assert_eq!(memory.stamp(&key).unwrap(), whole, "{key}");
+    }
+    assert_eq!(store.stamp("/apisix/routes/none").unwrap(), None);
+}
