@@ -96,9 +96,9 @@ fn forbid_client_timestamps(conf: &Value) -> Result<(), AdminError> {
     Ok(())
 }
 
-/// Sets timestamps (keeping the stored `create_time`), validates and writes.
-/// With `previous`, the write only lands if that object is still the stored
-/// one (PATCH merged into it); a race answers 503 as in APISIX.
+/// Sets timestamps (keeping `previous`'s `create_time`), validates and
+/// writes. With `conditional`, the write only lands if `previous` is still
+/// the stored object (PATCH merged into it); a race answers 503 as in APISIX.
 async fn store_checked(
     store: &dyn Store,
     kind: Kind,

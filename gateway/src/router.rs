@@ -10,7 +10,8 @@
 //!   first candidate that passes wins, else the next shorter prefix is tried.
 //! - Routes with `status: 0` are not in the router at all.
 //!
-//! The router is built once per config snapshot. A lookup costs one hash
+//! A config change copies only the route-table shards of the paths it
+//! touches; each snapshot shares the table's shards. A lookup costs one hash
 //! probe for the exact path plus one per distinct prefix length, whatever
 //! the number of routes.
 
@@ -187,11 +188,14 @@ impl Matched<'_> {
 /// holding the changed paths, so its cost is about `routes / SHARDS` entries.
 pub const SHARDS: usize = 256;
 
-/// Keys and candidate lists are shared, so copying a shard on write costs
-/// two reference counts per entry rather than two allocations and the
-/// candidates' copies (and dropping the old copy as little). A lookup
-/// follows as many pointers as with owned keys and lists.
-type Shard<T> = HashMap<Arc<str>, Arc<[Candidate<T>]>, RandomState>;
+/// Keys and candidate lists are shared between a shard and its copies, so
+/// copying a shard on write costs two reference counts per entry rather
+/// than two allocations and the candidates' copies (and dropping the old copy
+/// as little). A list is itself copied on write: once when a change reaches
+/// it in a shared shard, in place when nothing else holds it (a table being
+/// built, or a second change in one update), so adding many routes on one
+/// path stays linear in memory moves rather than in copies.
+type Shard<T> = HashMap<Arc<str>, Arc<Vec<Candidate<T>>>, RandomState>;
 
 /// One map from path (exact) or prefix to its ordered candidates, split into
 /// shards by the hash of the key.
@@ -219,7 +223,7 @@ impl<T> Table<T> {
     fn get_key_value(&self, hasher: &RandomState, key: &str) -> Option<(&str, &[Candidate<T>])> {
         self.shards[shard_of(hasher, key)]
             .get_key_value(key)
-            .map(|(k, v)| (&**k, &**v))
+            .map(|(k, v)| (&**k, v.as_slice()))
     }
 }
 
@@ -302,15 +306,12 @@ impl<T: Clone> RouteTable<T> {
             let map = Arc::make_mut(&mut table.shards[shard]);
             match map.get_mut(key) {
                 Some(list) => {
+                    let list = Arc::make_mut(list);
                     let at = list.partition_point(|c| by_precedence(c, &candidate).is_le());
-                    let mut longer = Vec::with_capacity(list.len() + 1);
-                    longer.extend_from_slice(&list[..at]);
-                    longer.push(candidate.clone());
-                    longer.extend_from_slice(&list[at..]);
-                    *list = longer.into();
+                    list.insert(at, candidate.clone());
                 }
                 None => {
-                    map.insert(key.into(), Arc::from([candidate.clone()]));
+                    map.insert(key.into(), Arc::new(vec![candidate.clone()]));
                 }
             }
             self.len += 1;
@@ -337,13 +338,16 @@ impl<T: Clone> RouteTable<T> {
             if !list.iter().any(&pred) {
                 continue;
             }
-            let kept: Vec<Candidate<T>> = list.iter().filter(|c| !pred(c)).cloned().collect();
-            let removed = list.len() - kept.len();
             let map = Arc::make_mut(&mut table.shards[shard]);
-            if kept.is_empty() {
+            let Some(list) = map.get_mut(key) else {
+                continue;
+            };
+            let list = Arc::make_mut(list);
+            let before = list.len();
+            list.retain(|c| !pred(c));
+            let removed = before - list.len();
+            if list.is_empty() {
                 map.remove(key);
-            } else if let Some(list) = map.get_mut(key) {
-                *list = kept.into();
             }
             self.len -= removed;
             if is_prefix && removed > 0 {

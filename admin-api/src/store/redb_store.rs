@@ -8,10 +8,13 @@
 //!
 //! The store revision is kept in memory and made durable without a second
 //! table in every commit: a put leaves it in the entry it writes (its
-//! `modified_index`), a delete or batch writes it to the `meta` table. The
-//! last revision is then the larger of `meta`'s and the newest entry's,
-//! which [`RedbStore::open`] reads back. A put touching one table instead of
-//! two dirties a third fewer pages in its commit.
+//! `modified_index`); a write whose last change is a delete writes it to the
+//! `meta` table. The last revision is then the larger of `meta`'s and the
+//! newest entry's, which [`RedbStore::open`] reads back. A put commits one
+//! table instead of two: a page write and a table-root update fewer.
+//!
+//! A database written this way must not be opened by a build that reads the
+//! revision from `meta` alone: it would hand out revisions already used.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -97,7 +100,8 @@ impl RedbStore {
     }
 
     /// Just the revisions of a stored entry: its value is skipped over, not
-    /// built (a write needs only these of the entry it replaces).
+    /// built (a write needs only these of the entry it replaces, and opening
+    /// the store only these of every entry).
     fn decode_indexes(key: &str, bytes: &[u8]) -> Result<Indexes, StoreError> {
         serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
             key: key.to_string(),
@@ -107,7 +111,10 @@ impl RedbStore {
 }
 
 /// An entry read for its [`Stamp`] only: the rest of the stored JSON is
-/// skipped over, not built into a tree.
+/// skipped over, not built into a tree. Skipping checks less than a whole
+/// read (missing fields, bad escapes inside skipped strings): a damaged
+/// entry may give a stamp here and fail [`Store::get`], as it may in the
+/// revision check of a write.
 #[derive(serde::Deserialize)]
 struct StampOnDisk {
     value: CreateTime,
@@ -131,8 +138,8 @@ impl<'de> serde::Deserialize<'de> for CreateTime {
                 mut map: A,
             ) -> Result<CreateTime, A::Error> {
                 let mut found = None;
-                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-                    if key == "create_time" {
+                while let Some(IsCreateTime(wanted)) = map.next_key()? {
+                    if wanted {
                         found = Some(map.next_value::<Value>()?);
                     } else {
                         map.next_value::<serde::de::IgnoredAny>()?;
@@ -142,6 +149,26 @@ impl<'de> serde::Deserialize<'de> for CreateTime {
             }
         }
         d.deserialize_map(Visit)
+    }
+}
+
+/// Whether an object key is `create_time`, decided without copying the key
+/// (serde reads a `Cow<str>` key into an owned `String`).
+struct IsCreateTime(bool);
+
+impl<'de> serde::Deserialize<'de> for IsCreateTime {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl serde::de::Visitor<'_> for Visit {
+            type Value = IsCreateTime;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object key")
+            }
+            fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<IsCreateTime, E> {
+                Ok(IsCreateTime(key == "create_time"))
+            }
+        }
+        d.deserialize_str(Visit)
     }
 }
 
@@ -263,7 +290,7 @@ impl RedbStore {
             txn.abort().map_err(StoreError::backend)?;
             return Ok(events);
         }
-        {
+        if matches!(events.last(), Some(Event::Delete { .. })) {
             // A delete leaves no entry behind to carry the revision.
             let mut meta = txn.open_table(META).map_err(StoreError::backend)?;
             meta.insert(REVISION, revision)

@@ -223,3 +223,94 @@ fn redb_stamp_reads_what_a_whole_get_would() {
     }
     assert_eq!(store.stamp("/apisix/routes/none").unwrap(), None);
 }
+
+#[test]
+fn redb_revision_survives_reopen_after_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.redb");
+    let put_op = |key: &str| BatchOp::Put {
+        key: key.to_string(),
+        value: json!({}),
+    };
+    let delete_op = |key: &str| BatchOp::Delete {
+        key: key.to_string(),
+    };
+    let steps: Vec<(Vec<BatchOp>, u64)> = vec![
+        // Puts only: the last entry written carries the revision.
+        (
+            vec![put_op("/apisix/routes/a"), put_op("/apisix/routes/b")],
+            2,
+        ),
+        // A put then its delete in one batch: only meta can hold 4.
+        (
+            vec![put_op("/apisix/routes/c"), delete_op("/apisix/routes/c")],
+            4,
+        ),
+        // Every route gone by prefix.
+        (
+            vec![BatchOp::DeletePrefix {
+                prefix: "/apisix/routes/".to_string(),
+            }],
+            6,
+        ),
+        // A delete of nothing is no change; the put after it is 7.
+        (
+            vec![delete_op("/apisix/routes/x"), put_op("/apisix/routes/d")],
+            7,
+        ),
+    ];
+    for (ops, revision) in steps {
+        let store = RedbStore::open(&path).unwrap();
+        apply(&store, ops).unwrap();
+        assert_eq!(store.revision().unwrap(), revision);
+        drop(store);
+        let reopened = RedbStore::open(&path).unwrap();
+        assert_eq!(reopened.revision().unwrap(), revision, "after reopen");
+    }
+}
+
+#[test]
+fn redb_stamp_of_entries_written_by_hand() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.redb");
+    drop(RedbStore::open(&path).unwrap());
+    let raw = [
+        // An escaped key is still `create_time`.
+        (
+            "/apisix/routes/1",
+            r#"{"key":"/apisix/routes/1","value":{"uri":"/a","create\u005ftime":5},"created_index":1,"modified_index":2}"#,
+        ),
+        // A null create_time is kept as null.
+        (
+            "/apisix/routes/2",
+            r#"{"key":"/apisix/routes/2","value":{"create_time":null},"created_index":3,"modified_index":3}"#,
+        ),
+        // Repeated keys: the last one counts, as in a parsed object.
+        (
+            "/apisix/routes/3",
+            r#"{"key":"/apisix/routes/3","value":{"create_time":1,"x":{},"create_time":2},"created_index":4,"modified_index":4}"#,
+        ),
+    ];
+    {
+        let db = redb::Database::open(&path).unwrap();
+        let objects: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("objects");
+        let txn = db.begin_write().unwrap();
+        {
+            let mut table = txn.open_table(objects).unwrap();
+            for (key, json) in raw {
+                table.insert(key, json.as_bytes()).unwrap();
+            }
+        }
+        txn.commit().unwrap();
+    }
+    let store = RedbStore::open(&path).unwrap();
+    assert_eq!(store.revision().unwrap(), 4);
+    let stamps: Vec<Option<Stamp>> = raw.iter().map(|(k, _)| store.stamp(k).unwrap()).collect();
+    let wholes: Vec<Option<Stamp>> = raw
+        .iter()
+        .map(|(k, _)| store.get(k).unwrap().as_ref().map(Stamp::of))
+        .collect();
+    assert_eq!(stamps, wholes);
+    let times: Vec<Option<Value>> = stamps.into_iter().map(|s| s.unwrap().create_time).collect();
+    assert_eq!(times, [Some(json!(5)), Some(Value::Null), Some(json!(2))]);
+}

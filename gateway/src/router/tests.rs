@@ -157,6 +157,38 @@ fn incremental_table_equals_fresh_build() {
 }
 
 #[test]
+fn a_path_list_shared_with_a_snapshot_is_copied_not_changed() {
+    let mut t: RouteTable<&'static str> = RouteTable::default();
+    t.add(&["/*"], cand("x", 0, 1, matcher(&[], &["x.test"])));
+    let before = t.router();
+    t.add(&["/*"], cand("y", 0, 2, matcher(&[], &["y.test"])));
+    t.add(&["/*"], cand("z", 0, 3, matcher(&[], &["z.test"])));
+    let middle = t.router();
+    t.remove_where(&["/*"], |c| c.target == "x");
+    let after = t.router();
+    fn at<'a>(r: &'a Router<&'static str>, host: &str) -> Option<&'a str> {
+        find(r, Method::GET, "/p", Some(host))
+    }
+    assert_eq!(
+        (at(&before, "x.test"), at(&before, "y.test")),
+        (Some("x"), None)
+    );
+    assert_eq!(
+        (
+            at(&middle, "x.test"),
+            at(&middle, "y.test"),
+            at(&middle, "z.test")
+        ),
+        (Some("x"), Some("y"), Some("z"))
+    );
+    assert_eq!(
+        (at(&after, "x.test"), at(&after, "z.test")),
+        (None, Some("z"))
+    );
+    assert_eq!((before.len(), middle.len(), after.len()), (1, 3, 2));
+}
+
+#[test]
 fn host_normalization() {
     assert_eq!(normalize_host("FOO.test:8080"), "foo.test");
     assert_eq!(normalize_host("[::1]:80"), "[::1]");
