@@ -3,6 +3,7 @@
 
     python3 bench/compare.py                    # ~2 min: keep-alive load + 10,000 idle connections
     python3 bench/compare.py --rounds 3 --duration 10 --idle 10000
+    python3 bench/compare.py --churn 10000 --idle 0   # also: load while routes change
 
 Needs wrk for the load and nginx for the comparison and the upstreams
 (`apt-get install wrk nginx`); without nginx only ferrogate is measured, with
@@ -20,9 +21,18 @@ PSS after the run, and for the idle test the PSS each idle keep-alive client
 connection holds (N connections, each after one request) and the p99 of the
 load with those connections open against without; for ferrogate also the PSS
 each idle HTTP/2 (h2c, prior knowledge) connection holds.
+
+With --churn N, ferrogate is also measured with N more routes (/r/0..) and
+the same load run twice: quiet, and while one Admin API client PUTs those
+routes --churn-rate times a second (each PUT swaps a route's two upstream
+nodes, a durable write and a new snapshot). Printed: both runs' requests/s,
+CPU per request and p99, the CPU one update costs (the CPU added during the
+second run over the first's per request, divided by the updates), and the
+Admin API's answer times.
 """
 
 import argparse
+import http.client
 import json
 import os
 import re
@@ -238,6 +248,7 @@ class Ferrogate:
                 "plugin_attr:\n  prometheus:\n    export_addr: {ip: 127.0.0.1, port: %d}\n"
                 % (self.port, "true" if self.access_log else "false", key, admin, free_port())
             )
+        self.admin, self.key = admin, key
         self.proc = spawn(self.wrapper + [self.binary, "--config", os.path.join(d, "conf", "config.yaml")], d)
         wait_port(admin, self.proc, timeout=120 if self.wrapper else 20)
         route = {
@@ -308,9 +319,77 @@ def load(peer, args):
         user_us=(u1 - u0) / n * 1e6,
         kernel_us=(s1 - s0) / n * 1e6,
         pss_kib=pss_kib(pid),
+        started=t0,
         elapsed_s=elapsed,
     )
     return r
+
+
+def churn_route(peer, i, flipped):
+    nodes = ["127.0.0.1:%d" % p for p in peer.upstreams]
+    if flipped:
+        nodes.reverse()
+    return json.dumps({
+        "uri": "/r/%d" % i,
+        "plugins": {"ip-restriction": {"whitelist": ["127.0.0.0/8"]}},
+        "upstream": {"type": "roundrobin", "nodes": {n: 1 for n in nodes}},
+    })
+
+
+def put_route(conn, peer, i, flipped):
+    conn.request("PUT", "/apisix/admin/routes/r%d" % i, body=churn_route(peer, i, flipped),
+                 headers={"X-API-KEY": peer.key, "Content-Type": "application/json"})
+    r = conn.getresponse()
+    r.read()
+    if r.status not in (200, 201):
+        raise SystemExit("%s: PUT of route r%d answered %d" % (peer.name, i, r.status))
+
+
+def churn(peer, args):
+    """The load quiet, then while --churn routes are updated --churn-rate times a second."""
+    admin = http.client.HTTPConnection("127.0.0.1", peer.admin, timeout=30)
+    for i in range(args.churn):
+        put_route(admin, peer, i, False)
+    quiet = load(peer, args)
+    done = threading.Event()
+    latencies, finished = [], []
+
+    def updater():
+        # Open loop: update k is due at start + k / rate, whatever the last took.
+        start, k = time.monotonic(), 0
+        while not done.is_set():
+            wait = start + k / args.churn_rate - time.monotonic()
+            if wait > 0 and done.wait(wait):
+                break
+            t = time.monotonic()
+            put_route(admin, peer, k % args.churn, (k // args.churn) % 2 == 0)
+            latencies.append(time.monotonic() - t)
+            finished.append(time.time())
+            k += 1
+
+    thread = threading.Thread(target=updater, daemon=True)
+    thread.start()
+    try:
+        changing = load(peer, args)
+    finally:
+        done.set()
+        thread.join()
+        admin.close()
+    # Only the updates made while the CPU was measured (not in the warm-up).
+    window = (changing["started"], changing["started"] + changing["elapsed_s"])
+    updates = max(sum(1 for t in finished if window[0] <= t <= window[1]), 1)
+    added = (changing["user_us"] + changing["kernel_us"] - quiet["user_us"] - quiet["kernel_us"])
+    lat = sorted(latencies)
+    return {
+        "quiet": quiet,
+        "changing": changing,
+        "rps_ratio": changing["rps"] / quiet["rps"] if quiet["rps"] else None,
+        "added_cpu_us_per_req": added,
+        "cpu_us_per_update": added * changing["requests"] / updates,
+        "updates_per_s": updates / changing["elapsed_s"],
+        "admin_p50_ms": lat[len(lat) // 2] * 1e3 if lat else None,
+        "admin_p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3 if lat else None,
+    }
 
 
 def idle(peer, args):
@@ -424,6 +503,9 @@ def main():
     ap.add_argument("--connections", type=int, default=50, help="wrk keep-alive connections")
     ap.add_argument("--idle", type=int, default=10000, help="idle connections (0: skip)")
     ap.add_argument("--json", help="write the raw figures here")
+    ap.add_argument("--churn", type=int, default=0,
+                    help="also measure ferrogate with this many more routes, quiet and while they change (0: skip)")
+    ap.add_argument("--churn-rate", type=float, default=400.0, help="route updates per second with --churn")
     ap.add_argument("--traffic", action="store_true",
                     help="also run ferrogate with limit-count, proxy-rewrite and cors on the route")
     ap.add_argument("--observe", action="store_true",
@@ -454,7 +536,7 @@ def main():
             peers.append(Nginx(nginx, work, ups))
         else:
             print("nginx not installed: ferrogate only, with Python upstreams (slow)")
-        results = {p.name: {"load": [], "idle": [], "idle_h2": []} for p in peers}
+        results = {p.name: {"load": [], "idle": [], "idle_h2": [], "churn": []} for p in peers}
         for rnd in range(args.rounds):
             for peer in peers:
                 peer.start()
@@ -475,6 +557,18 @@ def main():
                         results[peer.name]["idle"].append(r)
                         print("round %d %-13s %d idle connections: %.2f KiB each, p99 with them %.2fx" % (
                             rnd + 1, peer.name, r["still_open"], r["pss_per_conn_kib"], r["p99_ratio"]), flush=True)
+                    finally:
+                        peer.stop()
+                if args.churn and peer is peers[0]:
+                    peer.start()
+                    try:
+                        r = churn(peer, args)
+                        results[peer.name]["churn"].append(r)
+                        print("round %d %-13s %d routes: %.0f -> %.0f req/s while %.0f updates/s (%.2fx), "
+                              "%.0f us CPU per update, Admin API p99 %.2f ms" % (
+                                  rnd + 1, peer.name, args.churn, r["quiet"]["rps"], r["changing"]["rps"],
+                                  r["updates_per_s"], r["rps_ratio"], r["cpu_us_per_update"],
+                                  r["admin_p99_ms"]), flush=True)
                     finally:
                         peer.stop()
                 if args.idle and isinstance(peer, Ferrogate) and not peer.extra_plugins and peer.access_log:
@@ -548,6 +642,23 @@ def report(peers, results, args):
             v = median([r["pss_per_conn_kib"] for r in results[p.name]["idle_h2"]])
             cells.append("%.2f" % v if v is not None else "-")
         print("| PSS per idle HTTP/2 (h2c) connection, KiB (%d open) | %s |" % (args.idle, " | ".join(cells)))
+    runs = results[peers[0].name]["churn"]
+    if runs:
+        print("\n%s with %d more routes, quiet and while %.0f route updates/s run, medians of %d round(s)\n" % (
+            peers[0].name, args.churn, args.churn_rate, len(runs)))
+        print("| | quiet | while routes change |")
+        print("|---|---:|---:|")
+        for label, key, fmt in (("req/s", "rps", "%.0f"), ("p99 ms", "p99_ms", "%.3f"),
+                                ("CPU us/req, user space", "user_us", "%.2f"),
+                                ("CPU us/req, kernel", "kernel_us", "%.2f")):
+            q = median([r["quiet"][key] for r in runs])
+            c = median([r["changing"][key] for r in runs])
+            ratio = " (%.2fx)" % (c / q) if q and c is not None else ""
+            print("| %s | %s | %s%s |" % (label, fmt % q if q is not None else "-",
+                                          fmt % c if c is not None else "-", ratio))
+        print("| CPU per route update, us | | %.0f |" % median([r["cpu_us_per_update"] for r in runs]))
+        print("| Admin API answer p50 / p99, ms | | %.2f / %.2f |" % (
+            median([r["admin_p50_ms"] for r in runs]), median([r["admin_p99_ms"] for r in runs])))
 
 
 if __name__ == "__main__":
