@@ -10,6 +10,11 @@
 //! wait is cut off at the first check that finds it has lasted a whole
 //! limit: between the limit and one step more after it began. It never
 //! ends early.
+//!
+//! The timer is first armed when the connection is first seen waiting, not
+//! when it is accepted: a client whose request came with its connection
+//! (the usual case) is answered before it ever waits, and one that closes
+//! after that answer never puts a timer into the runtime's wheel at all.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -39,6 +44,9 @@ pub struct HeadWait<'a> {
     was_waiting: bool,
     /// Whole steps the current wait is known to have lasted.
     covered: u32,
+    /// The timer has been set since the last [`HeadWait::restart`]; until
+    /// then no wait has been seen and nothing needs timing.
+    armed: bool,
 }
 
 impl<'a> HeadWait<'a> {
@@ -52,27 +60,42 @@ impl<'a> HeadWait<'a> {
             seen: 0,
             was_waiting: false,
             covered: 0,
+            armed: false,
         }
     }
 
-    /// Counts from now, for a connection that is waiting for a head (a new
-    /// one, or one just taken back from parking).
-    pub fn restart(&mut self, activity: &Activity) {
-        self.seen = activity.begun();
-        self.was_waiting = true;
-        self.covered = 0;
-        self.arm();
+    /// Starts over for a connection that may be waiting for a head (a new
+    /// one, or one just taken back from parking). The count starts at the
+    /// first [`HeadWait::poll_expired`] that finds the connection waiting.
+    pub fn restart(&mut self) {
+        self.armed = false;
     }
 
     fn arm(&mut self) {
         self.timer.as_mut().reset(Instant::now() + self.step);
         self.registered = false;
+        self.armed = true;
     }
 
     /// Ready once the connection has waited a whole limit for a request
     /// head. Cheap while no step has passed: the timer is polled only to
     /// register the task's waker after it is set, not at every wake-up.
+    ///
+    /// Until the connection is first seen waiting, this sets no timer: it
+    /// must be polled again whenever the connection's state may have
+    /// changed, as the connection's own task does after each poll of it.
     pub fn poll_expired(&mut self, activity: &Activity, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.armed {
+            if !activity.is_between_requests() {
+                return Poll::Pending;
+            }
+            // The wait is counted from here, never from earlier: it may
+            // end late by the time since it began, never early.
+            self.seen = activity.begun();
+            self.was_waiting = true;
+            self.covered = 0;
+            self.arm();
+        }
         loop {
             if !self.registered {
                 self.registered = true;
@@ -119,7 +142,7 @@ mod tests {
         let activity = Activity::default();
         let timer = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
         let mut wait = HeadWait::new(timer, Duration::from_secs(8));
-        wait.restart(&activity);
+        wait.restart();
         assert_eq!(expires(&mut wait, &activity).await, Duration::from_secs(8));
     }
 
@@ -128,7 +151,7 @@ mod tests {
         let activity = Arc::new(Activity::default());
         let timer = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
         let mut wait = HeadWait::new(timer, Duration::from_secs(8));
-        wait.restart(&activity);
+        wait.restart();
         let checking = async {
             let start = Instant::now();
             poll_fn(|cx| wait.poll_expired(&activity, cx)).await;
@@ -147,11 +170,28 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn nothing_is_timed_until_the_connection_is_first_seen_waiting() {
+        let activity = Arc::new(Activity::default());
+        let timer = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
+        let mut wait = HeadWait::new(timer, Duration::from_secs(8));
+        wait.restart();
+        // The request came with the connection and takes 20 s to answer.
+        let (exchange, _) = activity.begin();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(wait.poll_expired(&activity, &mut cx).is_pending());
+        assert!(!wait.armed, "a timer was set for a connection not waiting");
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        drop(exchange);
+        // Polled again once the answer is out: the wait counts from there.
+        assert_eq!(expires(&mut wait, &activity).await, Duration::from_secs(8));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_tiny_limit_steps_no_faster_than_the_minimum() {
         let activity = Activity::default();
         let timer = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
         let mut wait = HeadWait::new(timer, Duration::ZERO);
-        wait.restart(&activity);
+        wait.restart();
         assert_eq!(expires(&mut wait, &activity).await, MIN_STEP * STEPS);
     }
 }

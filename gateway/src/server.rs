@@ -709,7 +709,7 @@ where
     // connection parks between one and two quiet periods after its last
     // request.
     let mut armed_for = None;
-    head_wait.restart(activity);
+    head_wait.restart();
     loop {
         let drive = std::future::poll_fn(|cx| {
             if let Poll::Ready(result) = std::pin::Pin::new(&mut **conn).poll(cx) {
