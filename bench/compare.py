@@ -4,6 +4,7 @@
     python3 bench/compare.py                    # ~2 min: keep-alive load + 10,000 idle connections
     python3 bench/compare.py --rounds 3 --duration 10 --idle 10000
     python3 bench/compare.py --churn 10000 --idle 0   # also: load while routes change
+    python3 bench/compare.py --close --idle 0         # also: a new connection per request
 
 Needs wrk for the load and nginx for the comparison and the upstreams
 (`apt-get install wrk nginx`); without nginx only ferrogate is measured, with
@@ -21,6 +22,10 @@ PSS after the run, and for the idle test the PSS each idle keep-alive client
 connection holds (N connections, each after one request) and the p99 of the
 load with those connections open against without; for ferrogate also the PSS
 each idle HTTP/2 (h2c, prior knowledge) connection holds.
+
+With --close, the same load is also run with `Connection: close` on every
+request, so that each request comes on a connection of its own: what a
+connection costs to accept, serve and close, beside nginx.
 
 With --churn N, ferrogate is also measured with N more routes (/r/0..) and
 the same load run twice: quiet, and while one Admin API client PUTs those
@@ -283,11 +288,12 @@ def get(port, path="/hello"):
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
-def wrk(port, seconds, conns):
+def wrk(port, seconds, conns, close=False):
+    # A browser's Origin on every request, so CORS (--traffic) answers it.
+    headers = ["-H", "Origin: https://a.test"] + (["-H", "Connection: close"] if close else [])
     out = subprocess.run(
-        # A browser's Origin on every request, so CORS (--traffic) answers it.
-        ["wrk", "-t1", "-c%d" % conns, "-d%ds" % seconds, "--latency", "-H", "Origin: https://a.test",
-         "http://127.0.0.1:%d/hello" % port],
+        ["wrk", "-t1", "-c%d" % conns, "-d%ds" % seconds, "--latency"] + headers
+        + ["http://127.0.0.1:%d/hello" % port],
         capture_output=True, text=True, timeout=seconds + 30,
     ).stdout
     lat = {}
@@ -305,12 +311,12 @@ def wrk(port, seconds, conns):
     }
 
 
-def load(peer, args):
-    wrk(peer.port, 2, args.connections)  # warm-up: pools, caches, page faults
+def load(peer, args, close=False):
+    wrk(peer.port, 2, args.connections, close)  # warm-up: pools, caches, page faults
     pid = peer.proc.pid
     u0, s0 = cpu(pid)
     t0 = time.time()
-    r = wrk(peer.port, args.duration, args.connections)
+    r = wrk(peer.port, args.duration, args.connections, close)
     elapsed = time.time() - t0
     u1, s1 = cpu(pid)
     n = max(r["requests"], 1)
@@ -506,6 +512,8 @@ def main():
     ap.add_argument("--churn", type=int, default=0,
                     help="also measure ferrogate with this many more routes, quiet and while they change (0: skip)")
     ap.add_argument("--churn-rate", type=float, default=400.0, help="route updates per second with --churn")
+    ap.add_argument("--close", action="store_true",
+                    help="also run the load with a new connection per request (Connection: close)")
     ap.add_argument("--traffic", action="store_true",
                     help="also run ferrogate with limit-count, proxy-rewrite and cors on the route")
     ap.add_argument("--observe", action="store_true",
@@ -536,7 +544,7 @@ def main():
             peers.append(Nginx(nginx, work, ups))
         else:
             print("nginx not installed: ferrogate only, with Python upstreams (slow)")
-        results = {p.name: {"load": [], "idle": [], "idle_h2": [], "churn": []} for p in peers}
+        results = {p.name: {"load": [], "close": [], "idle": [], "idle_h2": [], "churn": []} for p in peers}
         for rnd in range(args.rounds):
             for peer in peers:
                 peer.start()
@@ -548,6 +556,13 @@ def main():
                     results[peer.name]["load"].append(r)
                     print("round %d %-13s %8.0f req/s  user %.1f us  kernel %.1f us  p99 %.2f ms" % (
                         rnd + 1, peer.name, r["rps"], r["user_us"], r["kernel_us"], r["p99_ms"] or 0), flush=True)
+                    if args.close:
+                        r = load(peer, args, close=True)
+                        results[peer.name]["close"].append(r)
+                        print("round %d %-13s %8.0f req/s  user %.1f us  kernel %.1f us  p99 %.2f ms"
+                              "  (a new connection per request)" % (
+                                  rnd + 1, peer.name, r["rps"], r["user_us"], r["kernel_us"], r["p99_ms"] or 0),
+                              flush=True)
                 finally:
                     peer.stop()
                 if args.idle and not getattr(peer, "extra_plugins", None) and getattr(peer, "access_log", True):
@@ -591,6 +606,27 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
 
 
+def table(peers, results, run, rows, base):
+    """One row per figure, one column per proxy; ratios to nginx beside."""
+    print("| | " + " | ".join(p.name for p in peers) + " |")
+    print("|---|" + "---:|" * len(peers))
+    for label, key, fmt in rows:
+        cells = []
+        for p in peers:
+            v = median([r[key] for r in results[p.name][run]])
+            if key == "pss_kib" and v is not None:
+                v = v / 1024
+            cell = fmt % v if v is not None else "-"
+            if base and p.name != "nginx-w1" and v is not None:
+                b = median([r[key] for r in base[run]])
+                if key == "pss_kib":
+                    b = b / 1024
+                if b:
+                    cell += " (%.2fx)" % (v / b)
+            cells.append(cell)
+        print("| %s | %s |" % (label, " | ".join(cells)))
+
+
 def report(peers, results, args):
     base = results.get("nginx-w1")
     if "ferrogate-dark" in results and "ferrogate-observed" in results:
@@ -610,23 +646,10 @@ def report(peers, results, args):
     ]
     print("\nkeep-alive GET /hello, %d connections, %d s, medians of %d round(s)\n" % (
         args.connections, args.duration, args.rounds))
-    print("| | " + " | ".join(p.name for p in peers) + " |")
-    print("|---|" + "---:|" * len(peers))
-    for label, key, fmt in rows:
-        cells = []
-        for p in peers:
-            v = median([r[key] for r in results[p.name]["load"]])
-            if key == "pss_kib" and v is not None:
-                v = v / 1024
-            cell = fmt % v if v is not None else "-"
-            if base and p.name != "nginx-w1" and v is not None:
-                b = median([r[key] for r in base["load"]])
-                if key == "pss_kib":
-                    b = b / 1024
-                if b:
-                    cell += " (%.2fx)" % (v / b)
-            cells.append(cell)
-        print("| %s | %s |" % (label, " | ".join(cells)))
+    table(peers, results, "load", rows, base)
+    if args.close:
+        print("\nthe same with a new connection per request (Connection: close)\n")
+        table(peers, results, "close", rows[:-1], base)
     if args.idle:
         for label, key, fmt in (
             ("PSS per idle connection, KiB (%d open)" % args.idle, "pss_per_conn_kib", "%.2f"),
