@@ -18,6 +18,9 @@ kept 4.5 to 5.5 MiB of it resident in every gateway process; packed together
 it is about 0.6 MiB. Names the binary no longer has (code changed since the
 file was made) are skipped by the linker, so a stale list costs memory, never
 correctness; the script prints how much of the list the binary still has.
+The names carry a hash that changes with the Rust toolchain, so a toolchain
+update leaves most of the list stale: `--check` prints how much of it a
+built binary still has (and exits 1 below 80%) without running anything.
 
 Needs valgrind and wrk (`apt-get install valgrind wrk`; nginx too, or the
 upstreams are Python's). Takes about a minute.
@@ -67,12 +70,38 @@ def functions_by_cost(callgrind_out, binary):
     return [(name, c) for name, c in cost.most_common() if c > 0]
 
 
+def symbol_sizes(binary):
+    """The size of each function the binary's symbol table names."""
+    sizes = {}
+    nm = subprocess.run(["nm", "-S", "--defined-only", binary], capture_output=True, text=True, check=True)
+    for line in nm.stdout.splitlines():
+        f = line.split()
+        if len(f) == 4:
+            sizes.setdefault(f[3], int(f[1], 16))
+    return sizes
+
+
+def check(binary, listed):
+    names = [n.strip() for n in open(listed) if n.strip() and not n.startswith("#")]
+    sizes = symbol_sizes(binary)
+    found = sum(1 for n in names if n in sizes)
+    share = found / max(len(names), 1)
+    print("%s: %d of the %d functions in %s (%.0f%%)%s" % (
+        binary, found, len(names), listed, share * 100,
+        "" if share >= 0.8 else ": stale, regenerate it (see bench/hot_code.py)"))
+    return 0 if share >= 0.8 else 1
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin", default="target/release/ferrogate")
     ap.add_argument("--out", default="gateway/hot-code.txt")
     ap.add_argument("--seconds", type=int, default=15, help="keep-alive load under callgrind")
+    ap.add_argument("--check", action="store_true",
+                    help="only tell how much of --out the binary still has")
     args = ap.parse_args()
+    if args.check:
+        return check(os.path.realpath(args.bin), args.out)
     for tool in ("valgrind", "callgrind_control", "wrk", "nm"):
         if not shutil.which(tool):
             raise SystemExit("%s is needed: apt-get install valgrind wrk binutils" % tool)
@@ -119,12 +148,7 @@ def main():
     if not funcs:
         raise SystemExit("callgrind saw no function of %s" % binary)
 
-    sizes = {}
-    nm = subprocess.run(["nm", "-S", "--defined-only", binary], capture_output=True, text=True, check=True)
-    for line in nm.stdout.splitlines():
-        f = line.split()
-        if len(f) == 4:
-            sizes.setdefault(f[3], int(f[1], 16))
+    sizes = symbol_sizes(binary)
     names = [name for name, _ in funcs.most_common()]
     found = [n for n in names if n in sizes]
     with open(args.out, "w") as f:
@@ -137,4 +161,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
