@@ -647,9 +647,6 @@ def report(peers, results, args):
     print("\nkeep-alive GET /hello, %d connections, %d s, medians of %d round(s)\n" % (
         args.connections, args.duration, args.rounds))
     table(peers, results, "load", rows, base)
-    if args.close:
-        print("\nthe same with a new connection per request (Connection: close)\n")
-        table(peers, results, "close", rows[:-1], base)
     if args.idle:
         for label, key, fmt in (
             ("PSS per idle connection, KiB (%d open)" % args.idle, "pss_per_conn_kib", "%.2f"),
@@ -665,6 +662,9 @@ def report(peers, results, args):
             v = median([r["pss_per_conn_kib"] for r in results[p.name]["idle_h2"]])
             cells.append("%.2f" % v if v is not None else "-")
         print("| PSS per idle HTTP/2 (h2c) connection, KiB (%d open) | %s |" % (args.idle, " | ".join(cells)))
+    if args.close:
+        print("\nthe same with a new connection per request (Connection: close)\n")
+        table(peers, results, "close", rows[:-1], base)
     runs = results[peers[0].name]["churn"]
     if runs:
         print("\n%s with %d more routes, quiet and while %.0f route updates/s run, medians of %d round(s)\n" % (
