@@ -18,9 +18,12 @@ kept 4.5 to 5.5 MiB of it resident in every gateway process; packed together
 it is about 0.6 MiB. Names the binary no longer has (code changed since the
 file was made) are skipped by the linker, so a stale list costs memory, never
 correctness; the script prints how much of the list the binary still has.
-The names carry a hash that changes with the Rust toolchain, so a toolchain
-update leaves most of the list stale: `--check` prints how much of it a
-built binary still has (and exits 1 below 80%) without running anything.
+The names carry a hash of each crate's build settings (the toolchain, the
+features cargo settles on), so the list is made from, and fits, a workspace
+build (`cargo build --release`, as CI and `cargo run --release` build); a
+`-p ferrogate` build differs in half of the names. `--check` prints how much
+of the list a built binary has (and exits 1 below 80%) without running
+anything.
 
 Needs valgrind and wrk (`apt-get install valgrind wrk`; nginx too, or the
 upstreams are Python's). Takes about a minute.
