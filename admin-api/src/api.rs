@@ -16,7 +16,7 @@
 //! not in use) cannot race with each other.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
@@ -34,6 +34,9 @@ use crate::ops::{self, ListQuery, Reply};
 use crate::resource::{Kind, KNOWN_UNSERVED};
 use crate::store::Store;
 use crate::validate::schema_of;
+use writer::Writer;
+
+mod writer;
 
 /// APISIX's Admin API request body limit: 1.5 MiB.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024 * 3 / 2;
@@ -47,7 +50,8 @@ pub struct AdminState {
     pub auth: ArcSwap<AuthPolicy>,
     /// Value of the `Server` header on every answer.
     pub server_header: HeaderValue,
-    writes: Mutex<()>,
+    /// Runs the writes, one at a time (see [`writer`]).
+    writer: Writer,
 }
 
 impl AdminState {
@@ -56,7 +60,7 @@ impl AdminState {
             store,
             auth: ArcSwap::from_pointee(auth),
             server_header,
-            writes: Mutex::new(()),
+            writer: Writer::default(),
         }
     }
 }
@@ -270,8 +274,8 @@ async fn dispatch(state: Arc<AdminState>, req: Request) -> Result<Reply, AdminEr
     // block on its commit; a remote store's I/O is awaited there through
     // the runtime.
     let runtime = tokio::runtime::Handle::current();
-    tokio::task::spawn_blocking(move || {
-        let _writer = state.writes.lock().unwrap_or_else(|p| p.into_inner());
+    let written_by = state.clone();
+    let write = move || {
         let store = state.store.as_ref();
         let id = target.id.as_deref();
         runtime.block_on(async {
@@ -285,9 +289,14 @@ async fn dispatch(state: Arc<AdminState>, req: Request) -> Result<Reply, AdminEr
                 other => Err(ops::not_supported(other.as_str(), kind)),
             }
         })
-    })
-    .await
-    .map_err(failed)?
+    };
+    let writer = &written_by.writer;
+    writer.run(write).await.map_err(|e| {
+        AdminError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("admin task failed: {e}"),
+        )
+    })?
 }
 
 fn plugin_info(
