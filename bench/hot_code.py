@@ -19,9 +19,10 @@ it is about 0.6 MiB. Names the binary no longer has (code changed since the
 file was made) are skipped by the linker, so a stale list costs memory, never
 correctness; the script prints how much of the list the binary still has.
 The names carry a hash of each crate's build settings (the toolchain, the
-features cargo settles on), so the list is made from, and fits, a workspace
-build (`cargo build --release`, as CI and `cargo run --release` build); a
-`-p ferrogate` build differs in half of the names. `--check` prints how much
+features cargo settles on), so the list is made from, and fits, the build of
+the gateway alone: `cargo build --release` (the workspace's default member),
+as CI and `cargo run --release` build, and `-p ferrogate` alike; a build with
+`--workspace` differs in half of the names. `--check` prints how much
 of the list a built binary has (and exits 1 below 80%) without running
 anything.
 
