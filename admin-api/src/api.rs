@@ -253,12 +253,6 @@ async fn dispatch(state: Arc<AdminState>, req: Request) -> Result<Reply, AdminEr
         }
     }
 
-    let failed = |e: tokio::task::JoinError| {
-        AdminError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("admin task failed: {e}"),
-        )
-    };
     if method == Method::GET {
         return tokio::task::spawn_blocking(move || {
             let store = state.store.as_ref();
@@ -268,15 +262,15 @@ async fn dispatch(state: Arc<AdminState>, req: Request) -> Result<Reply, AdminEr
             }
         })
         .await
-        .map_err(failed)?;
+        .map_err(task_failed)?;
     }
     // Writes run one at a time, on a thread where the embedded store may
     // block on its commit; a remote store's I/O is awaited there through
     // the runtime.
     let runtime = tokio::runtime::Handle::current();
-    let written_by = state.clone();
+    let store = state.store.clone();
     let write = move || {
-        let store = state.store.as_ref();
+        let store = store.as_ref();
         let id = target.id.as_deref();
         runtime.block_on(async {
             match method {
@@ -290,13 +284,15 @@ async fn dispatch(state: Arc<AdminState>, req: Request) -> Result<Reply, AdminEr
             }
         })
     };
-    let writer = &written_by.writer;
-    writer.run(write).await.map_err(|e| {
-        AdminError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("admin task failed: {e}"),
-        )
-    })?
+    state.writer.run(write).await.map_err(task_failed)?
+}
+
+/// 500 for a read or write whose task did not run to its end.
+fn task_failed(e: impl std::fmt::Display) -> AdminError {
+    AdminError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!("admin task failed: {e}"),
+    )
 }
 
 fn plugin_info(
