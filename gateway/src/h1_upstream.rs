@@ -162,13 +162,52 @@ struct Idle {
     worker: u16,
 }
 
+/// The idle connections to one node kept for one worker, oldest first.
+#[derive(Default)]
+struct NodeIdle(Mutex<Vec<Idle>>);
+
+/// One worker's idle connections, node by node. Each worker has its own, on
+/// cache lines of its own: taking a connection and giving it back touch
+/// only memory of the worker's core (one shared map cost every request of
+/// two workers a lock and reference counts bouncing between cores).
+#[derive(Default)]
+#[repr(align(128))]
+struct WorkerIdle(Mutex<HashMap<NodeKey, Arc<NodeIdle>>>);
+
 /// The pool's settings and idle connections.
 struct Shared {
     tls: Arc<ClientConfig>,
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle: usize,
-    idle: Mutex<HashMap<NodeKey, Vec<Idle>>>,
+    /// By worker number (see `workers::current`), modulo its length.
+    idle: Box<[WorkerIdle]>,
+}
+
+impl Shared {
+    /// The calling worker's idle list for `key`, made when missing.
+    fn node_idle(&self, key: &NodeKey) -> Arc<NodeIdle> {
+        let slot = usize::from(crate::workers::current()) % self.idle.len();
+        let mut nodes = self.idle[slot].0.lock().unwrap_or_else(|p| p.into_inner());
+        match nodes.get(key) {
+            Some(node) => node.clone(),
+            None => nodes.entry(key.clone()).or_default().clone(),
+        }
+    }
+}
+
+/// Worker slots per pool: one for the threads off the workers and one per
+/// core, which is the number of workers `worker_processes: auto` starts.
+/// More workers than that share slots (correctly: a connection carries its
+/// worker's number and is lent to that worker only).
+fn worker_slots() -> usize {
+    static SLOTS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *SLOTS.get_or_init(|| {
+        1 + std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(255)
+    })
 }
 
 /// Keep-alive HTTP/1.1 connections of one connect timeout, TLS setting and
@@ -187,9 +226,13 @@ impl WeakH1Pool {
 
 /// A connection lent to one request, given back by [`Lease::release`] once
 /// its answer has been read to the end.
+///
+/// It holds its node's idle list rather than the pool: when the pool has
+/// gone (no compiled route uses it any more), the list is the lease's
+/// alone, and the connection given back to it closes with the lease.
 struct Lease {
-    pool: Weak<Shared>,
-    key: NodeKey,
+    node: Arc<NodeIdle>,
+    max_idle: usize,
     conn: Conn,
     /// Requests this connection has carried, this one included.
     requests: u32,
@@ -200,24 +243,17 @@ impl Lease {
     /// Returns the connection to the pool, unless it has carried its share
     /// or holds bytes past the answer; then it is dropped, which closes it.
     fn release(mut self) {
-        if self.requests >= self.max_requests || !self.conn.rbuf.is_empty() {
-            return;
-        }
-        let Some(shared) = self.pool.upgrade() else {
-            return;
-        };
-        if shared.max_idle == 0 {
+        if self.requests >= self.max_requests || !self.conn.rbuf.is_empty() || self.max_idle == 0 {
             return;
         }
         if self.conn.wbuf.capacity() > KEEP_WRITE_BUFFER {
             self.conn.wbuf = Vec::new();
         }
-        let mut idle = shared.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.entry(self.key).or_default();
-        if list.len() >= shared.max_idle {
+        let mut list = self.node.0.lock().unwrap_or_else(|p| p.into_inner());
+        if list.len() >= self.max_idle {
             list.retain_mut(|e| !e.conn.is_stale());
         }
-        if list.len() >= shared.max_idle {
+        if list.len() >= self.max_idle {
             // Full: the longest idle one makes room.
             list.remove(0);
         }
@@ -254,7 +290,7 @@ impl H1Pool {
             connect_timeout,
             idle_timeout,
             max_idle,
-            idle: Mutex::new(HashMap::new()),
+            idle: (0..worker_slots()).map(|_| WorkerIdle::default()).collect(),
         });
         let runtime = runtime
             .cloned()
@@ -284,7 +320,8 @@ impl H1Pool {
     ) -> impl std::future::Future<Output = Result<Response<H1Body>, SendFailure>> + Send + 'a {
         async move {
             let mut out = Outgoing::new(req);
-            if let Some(mut lease) = self.take_idle(key, max_requests) {
+            let node = self.0.node_idle(key);
+            if let Some(mut lease) = self.take_idle(&node, max_requests) {
                 on_connection(true);
                 match out.exchange(&mut lease.conn).await {
                     Ok(head) => return out.answer(lease, head),
@@ -298,7 +335,7 @@ impl H1Pool {
             }
             // Boxed: connecting is the rare path, and its state would otherwise
             // make every proxied request's future (and each copy of it) larger.
-            let mut lease = Box::pin(self.connect(key.clone(), max_requests))
+            let mut lease = Box::pin(self.connect(key, node, max_requests))
                 .await
                 .map_err(SendFailure::Connect)?;
             on_connection(true);
@@ -309,12 +346,10 @@ impl H1Pool {
         }
     }
 
-    /// The newest idle connection to `key` that is fit for a request;
-    /// stale, timed-out and served-out ones met on the way are dropped.
-    fn take_idle(&self, key: &NodeKey, max_requests: u32) -> Option<Lease> {
-        let shared = &self.0;
-        let mut idle = shared.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.get_mut(key)?;
+    /// The newest idle connection of `node` that is fit for a request;
+    /// stale ones met on the way are dropped.
+    fn take_idle(&self, node: &Arc<NodeIdle>, max_requests: u32) -> Option<Lease> {
+        let mut list = node.0.lock().unwrap_or_else(|p| p.into_inner());
         let worker = crate::workers::current();
         let now = plugins::clock::now();
         let mut i = list.len();
@@ -324,7 +359,7 @@ impl H1Pool {
             if entry.worker != worker {
                 continue;
             }
-            let stale = now.saturating_duration_since(entry.since) >= shared.idle_timeout
+            let stale = now.saturating_duration_since(entry.since) >= self.0.idle_timeout
                 || entry.requests >= max_requests
                 || entry.conn.is_stale();
             // `remove`, not `swap_remove`: the list stays oldest-first.
@@ -333,8 +368,8 @@ impl H1Pool {
                 continue;
             }
             return Some(Lease {
-                pool: Arc::downgrade(shared),
-                key: key.clone(),
+                node: node.clone(),
+                max_idle: self.0.max_idle,
                 conn: entry.conn,
                 requests: entry.requests + 1,
                 max_requests,
@@ -343,7 +378,14 @@ impl H1Pool {
         None
     }
 
-    async fn connect(&self, key: NodeKey, max_requests: u32) -> Result<Lease, ConnectError> {
+    /// A new connection to the node of `key`, lent at once; it goes back to
+    /// `node` afterwards.
+    async fn connect(
+        &self,
+        key: &NodeKey,
+        node: Arc<NodeIdle>,
+        max_requests: u32,
+    ) -> Result<Lease, ConnectError> {
         let shared = &self.0;
         let timeout = shared.connect_timeout;
         let tls = key.tls.as_deref().map(|name| (&shared.tls, name));
@@ -351,8 +393,8 @@ impl H1Pool {
             .await
             .map_err(|_| ConnectError::TimedOut(timeout))??;
         Ok(Lease {
-            pool: Arc::downgrade(shared),
-            key,
+            node,
+            max_idle: shared.max_idle,
             conn: Conn::new(io),
             requests: 1,
             max_requests,
@@ -894,13 +936,18 @@ async fn sweep(pool: Weak<Shared>) {
     loop {
         let period = match pool.upgrade() {
             Some(shared) => {
-                let mut idle = shared.idle.lock().unwrap_or_else(|p| p.into_inner());
-                idle.retain(|_, list| {
-                    list.retain_mut(|e| {
-                        e.since.elapsed() < shared.idle_timeout && !e.conn.is_stale()
+                for slot in shared.idle.iter() {
+                    let mut nodes = slot.0.lock().unwrap_or_else(|p| p.into_inner());
+                    nodes.retain(|_, node| {
+                        let mut list = node.0.lock().unwrap_or_else(|p| p.into_inner());
+                        list.retain_mut(|e| {
+                            e.since.elapsed() < shared.idle_timeout && !e.conn.is_stale()
+                        });
+                        // A node's empty list goes, unless a lease holds it
+                        // and will give a connection back to it.
+                        !list.is_empty() || Arc::strong_count(node) > 1
                     });
-                    !list.is_empty()
-                });
+                }
                 // A quarter of the timeout: nothing outlives it by more.
                 (shared.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(15))
             }
@@ -1197,7 +1244,16 @@ mod tests {
     }
 
     fn idle_count(p: &H1Pool) -> usize {
-        p.0.idle.lock().unwrap().values().map(Vec::len).sum()
+        p.0.idle
+            .iter()
+            .map(|slot| {
+                let nodes = slot.0.lock().unwrap();
+                nodes
+                    .values()
+                    .map(|n| n.0.lock().unwrap().len())
+                    .sum::<usize>()
+            })
+            .sum()
     }
 
     /// A node that answers the first request of each connection and, for

@@ -15,7 +15,8 @@
 //! - `waiting`: the rest of `active`, idle keep-alive connections.
 //!
 //! `apisix_shared_dict_*` is not exported: there are no nginx shared dicts.
-//! Request counters are process-wide atomics, updated with relaxed adds.
+//! Request counters are atomics, updated with relaxed adds, one set per
+//! worker and summed when read.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,9 +32,12 @@ use plugins::prometheus::Metrics;
 
 use crate::park::Activity;
 
-/// nginx's `stub_status` counters.
+/// One worker's share of the `stub_status` counters, on cache lines of its
+/// own. A gauge may go below zero in one share (a connection counted in by
+/// one thread and out by another) and is read as the wrapping sum of all.
 #[derive(Debug, Default)]
-pub struct ConnStats {
+#[repr(align(128))]
+struct Share {
     accepted: AtomicU64,
     handled: AtomicU64,
     active: AtomicU64,
@@ -42,15 +46,38 @@ pub struct ConnStats {
     answered: AtomicU64,
 }
 
+impl Share {
+    const fn new() -> Share {
+        Share {
+            accepted: AtomicU64::new(0),
+            handled: AtomicU64::new(0),
+            active: AtomicU64::new(0),
+            reading: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            answered: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Shares per [`ConnStats`]; workers past this many share a share.
+const SHARES: usize = 16;
+
+/// nginx's `stub_status` counters, counted by each worker in its own share
+/// (see `workers::current`): with one set of counters every request of two
+/// workers moved its cache line between their cores twice.
+#[derive(Debug)]
+pub struct ConnStats {
+    shares: [Share; SHARES],
+}
+
+impl Default for ConnStats {
+    fn default() -> Self {
+        ConnStats::new()
+    }
+}
+
 /// The process's counters.
-pub static CONNECTIONS: ConnStats = ConnStats {
-    accepted: AtomicU64::new(0),
-    handled: AtomicU64::new(0),
-    active: AtomicU64::new(0),
-    reading: AtomicU64::new(0),
-    requests: AtomicU64::new(0),
-    answered: AtomicU64::new(0),
-};
+pub static CONNECTIONS: ConnStats = ConnStats::new();
 
 /// A served client connection; counts as active until dropped, and as
 /// reading until its first request begins ([`ConnStats::request_begun`]
@@ -62,16 +89,35 @@ pub struct ConnGuard {
 }
 
 impl ConnStats {
+    const fn new() -> ConnStats {
+        ConnStats {
+            shares: [const { Share::new() }; SHARES],
+        }
+    }
+
+    /// The calling thread's share.
+    fn share(&self) -> &Share {
+        &self.shares[usize::from(crate::workers::current()) % SHARES]
+    }
+
+    /// The sum of `field` over the shares.
+    fn sum(&self, field: impl Fn(&Share) -> &AtomicU64) -> u64 {
+        self.shares.iter().fold(0u64, |total, share| {
+            total.wrapping_add(field(share).load(Ordering::Relaxed))
+        })
+    }
+
     /// A connection was accepted (served or shed).
     pub fn accepted(&self) {
-        self.accepted.fetch_add(1, Ordering::Relaxed);
+        self.share().accepted.fetch_add(1, Ordering::Relaxed);
     }
 
     /// An accepted connection is being served; `activity` is its record.
     pub fn handled(&'static self, activity: Arc<Activity>) -> ConnGuard {
-        self.handled.fetch_add(1, Ordering::Relaxed);
-        self.active.fetch_add(1, Ordering::Relaxed);
-        self.reading.fetch_add(1, Ordering::Relaxed);
+        let share = self.share();
+        share.handled.fetch_add(1, Ordering::Relaxed);
+        share.active.fetch_add(1, Ordering::Relaxed);
+        share.reading.fetch_add(1, Ordering::Relaxed);
         activity.reading.store(true, Ordering::Relaxed);
         ConnGuard {
             stats: self,
@@ -82,29 +128,30 @@ impl ConnStats {
     /// A request's head has arrived on the connection whose flag is
     /// `reading`.
     pub fn request_begun(&self, reading: &AtomicBool) {
-        self.requests.fetch_add(1, Ordering::Relaxed);
+        let share = self.share();
+        share.requests.fetch_add(1, Ordering::Relaxed);
         if reading.load(Ordering::Relaxed) && reading.swap(false, Ordering::Relaxed) {
-            self.reading.fetch_sub(1, Ordering::Relaxed);
+            share.reading.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
     /// A request's response has ended (or was abandoned).
     pub fn request_ended(&self) {
-        self.answered.fetch_add(1, Ordering::Relaxed);
+        self.share().answered.fetch_add(1, Ordering::Relaxed);
     }
 
     /// `(accepted, handled, active, reading, writing, waiting, requests)`.
     pub fn snapshot(&self) -> [u64; 7] {
-        let requests = self.requests.load(Ordering::Relaxed);
-        let answered = self.answered.load(Ordering::Relaxed);
-        let active = self.active.load(Ordering::Relaxed);
-        let reading = self.reading.load(Ordering::Relaxed);
+        let requests = self.sum(|s| &s.requests);
+        let answered = self.sum(|s| &s.answered);
+        let active = self.sum(|s| &s.active);
+        let reading = self.sum(|s| &s.reading);
         // Read apart from each other: keep the derived values sane.
         let writing = requests.saturating_sub(answered);
         let waiting = active.saturating_sub(reading + writing);
         [
-            self.accepted.load(Ordering::Relaxed),
-            self.handled.load(Ordering::Relaxed),
+            self.sum(|s| &s.accepted),
+            self.sum(|s| &s.handled),
             active,
             reading,
             writing,
@@ -116,9 +163,10 @@ impl ConnStats {
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        self.stats.active.fetch_sub(1, Ordering::Relaxed);
+        let share = self.stats.share();
+        share.active.fetch_sub(1, Ordering::Relaxed);
         if self.activity.reading.swap(false, Ordering::Relaxed) {
-            self.stats.reading.fetch_sub(1, Ordering::Relaxed);
+            share.reading.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
@@ -372,6 +420,17 @@ pub fn export_addr(metrics: &Metrics) -> Option<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_gauge_counted_in_and_out_by_different_workers_sums_to_zero() {
+        let stats = ConnStats::new();
+        stats.shares[1].active.fetch_add(1, Ordering::Relaxed);
+        stats.shares[2].active.fetch_sub(1, Ordering::Relaxed);
+        stats.shares[3].requests.fetch_add(2, Ordering::Relaxed);
+        stats.shares[0].requests.fetch_add(1, Ordering::Relaxed);
+        let [_, _, active, _, _, _, requests] = stats.snapshot();
+        assert_eq!((active, requests), (0, 3));
+    }
 
     #[test]
     fn connection_states_add_up() {
