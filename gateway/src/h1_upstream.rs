@@ -13,7 +13,8 @@
 //! - A connection goes back to the pool once its answer has been read to
 //!   the end (the answer's [`H1Body`] gives it back); an answer that is
 //!   abandoned midway takes its connection down with it.
-//! - `keepalive_pool.size` idle connections are kept per node, for
+//! - `keepalive_pool.size` idle connections are kept per node and worker
+//!   (nginx's `keepalive` counts per worker process too), for
 //!   `keepalive_pool.idle_timeout`; a connection is closed after it has
 //!   carried `keepalive_pool.requests` requests. A sweeper drops idle ones
 //!   that time out or that the node closed while nobody asked for them.
