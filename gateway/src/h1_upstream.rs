@@ -181,34 +181,21 @@ struct Shared {
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle: usize,
-    /// By worker number (see `workers::current`), modulo its length.
+    /// By worker (see `workers::slot`); workers that share a slot tell
+    /// their connections apart by the number each carries.
     idle: Box<[WorkerIdle]>,
 }
 
 impl Shared {
     /// The calling worker's idle list for `key`, made when missing.
     fn node_idle(&self, key: &NodeKey) -> Arc<NodeIdle> {
-        let slot = usize::from(crate::workers::current()) % self.idle.len();
+        let slot = crate::workers::slot(self.idle.len());
         let mut nodes = self.idle[slot].0.lock().unwrap_or_else(|p| p.into_inner());
         match nodes.get(key) {
             Some(node) => node.clone(),
             None => nodes.entry(key.clone()).or_default().clone(),
         }
     }
-}
-
-/// Worker slots per pool: one for the threads off the workers and one per
-/// core, which is the number of workers `worker_processes: auto` starts.
-/// More workers than that share slots (correctly: a connection carries its
-/// worker's number and is lent to that worker only).
-fn worker_slots() -> usize {
-    static SLOTS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *SLOTS.get_or_init(|| {
-        1 + std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-            .min(255)
-    })
 }
 
 /// Keep-alive HTTP/1.1 connections of one connect timeout, TLS setting and
@@ -291,7 +278,9 @@ impl H1Pool {
             connect_timeout,
             idle_timeout,
             max_idle,
-            idle: (0..worker_slots()).map(|_| WorkerIdle::default()).collect(),
+            idle: (0..crate::workers::slots())
+                .map(|_| WorkerIdle::default())
+                .collect(),
         });
         let runtime = runtime
             .cloned()
@@ -1027,6 +1016,19 @@ mod tests {
         .unwrap();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"ok");
+    }
+
+    #[tokio::test]
+    async fn a_worker_is_lent_only_the_connections_it_opened() {
+        let (node, conns) = node().await;
+        let p = pool(Duration::from_secs(60));
+        for (worker, opened) in [(1, 1), (2, 2), (1, 2), (2, 2)] {
+            crate::workers::pretend(worker);
+            exchange(&p, &node, 1000).await;
+            assert_eq!(conns.load(Ordering::SeqCst), opened, "worker {worker}");
+        }
+        crate::workers::pretend(0);
+        assert_eq!(idle_count(&p), 2, "one idle connection per worker");
     }
 
     #[tokio::test]

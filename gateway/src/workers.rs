@@ -27,6 +27,30 @@ pub fn current() -> u16 {
     WORKER.with(Cell::get)
 }
 
+/// How many slots state kept per worker has: one for the threads off the
+/// workers and one per core, the number of workers `worker_processes: auto`
+/// starts. More workers than that share slots.
+pub fn slots() -> usize {
+    static SLOTS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *SLOTS.get_or_init(|| {
+        1 + std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(255)
+    })
+}
+
+/// The calling thread's slot among `len` (see [`slots`]).
+pub fn slot(len: usize) -> usize {
+    usize::from(current()) % len.max(1)
+}
+
+/// Makes this thread count as worker `id` (tests of per-worker state).
+#[cfg(test)]
+pub fn pretend(id: u16) {
+    WORKER.with(|w| w.set(id));
+}
+
 /// The running workers; dropping this ends their threads (their runtimes,
 /// and whatever is left on them, are dropped there).
 pub struct Workers {
