@@ -337,7 +337,7 @@ impl H1Pool {
     }
 
     /// The newest idle connection of `node` that is fit for a request;
-    /// stale ones met on the way are dropped.
+    /// stale, timed-out and served-out ones met on the way are dropped.
     fn take_idle(&self, node: &Arc<NodeIdle>, max_requests: u32) -> Option<Lease> {
         let mut list = node.0.lock().unwrap_or_else(|p| p.into_inner());
         let worker = crate::workers::current();

@@ -35,7 +35,7 @@ use crate::park::Activity;
 /// One worker's share of the `stub_status` counters, on cache lines of its
 /// own. A gauge may go below zero in one share (a connection counted in by
 /// one thread and out by another) and is read as the wrapping sum of all.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 #[repr(align(128))]
 struct Share {
     accepted: AtomicU64,
@@ -63,7 +63,7 @@ impl Share {
 const SHARES: usize = 16;
 
 /// nginx's `stub_status` counters, counted by each worker in its own share
-/// (see `workers::current`): with one set of counters every request of two
+/// (see `workers::slot`): with one set of counters every request of two
 /// workers moved its cache line between their cores twice.
 #[derive(Debug)]
 pub struct ConnStats {
@@ -97,7 +97,7 @@ impl ConnStats {
 
     /// The calling thread's share.
     fn share(&self) -> &Share {
-        &self.shares[usize::from(crate::workers::current()) % SHARES]
+        &self.shares[crate::workers::slot(SHARES)]
     }
 
     /// The sum of `field` over the shares.
