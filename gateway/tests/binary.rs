@@ -304,6 +304,13 @@ fn acknowledged_writes_survive_kill_9() {
     drop(p);
     let mut p = Proc::start(dir.path());
     p.wait_ready(admin);
+    // The killed process never closed its database: the writes came back
+    // from the journal, not from the database file.
+    let log = p.log();
+    assert!(
+        log.contains("journaled writes applied") && log.contains("writes=20"),
+        "{log}"
+    );
     for i in 0..20 {
         assert_eq!(
             http(data, "GET", &format!("/r{i}"), None, "").unwrap(),

@@ -11,6 +11,7 @@
 pub mod crypt;
 #[cfg(feature = "etcd")]
 mod etcd;
+mod journal;
 mod memory;
 mod redb_store;
 

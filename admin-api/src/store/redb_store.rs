@@ -1,10 +1,16 @@
-//! The embedded default store: one redb database file in the data directory.
+//! The embedded default store: one redb database file in the data directory,
+//! with a journal file beside it.
 //!
 //! Each object is one key in the `objects` table, so a change costs the same
 //! with 10 or 10,000 routes. Every put and delete is its own write
-//! transaction committed with redb's default immediate durability: when
-//! [`Store::put`] returns, the change survives a crash or `kill -9`, and a
-//! torn write is never visible (redb's commit is atomic).
+//! transaction. When [`Store::put`] returns, the change survives a crash or
+//! `kill -9`, and a torn write is never visible: the change's record was
+//! written and synced to the journal (see [`super::journal`]) before redb
+//! committed it without waiting for the disk, and every
+//! [`super::journal::CHECKPOINT_RECORDS`] records one durable redb commit
+//! makes the journaled commits durable in the database file itself. Opening
+//! the store applies the records the database file does not have yet. A
+//! write too large for the journal is committed durably by redb alone.
 //!
 //! The store revision is kept in memory and made durable without a second
 //! table in every commit: a put leaves it in the entry it writes (its
@@ -14,15 +20,20 @@
 //! table instead of two: a page write and a table-root update fewer.
 //!
 //! A database written this way must not be opened by a build that reads the
-//! revision from `meta` alone: it would hand out revisions already used.
+//! revision from `meta` alone: it would hand out revisions already used; nor,
+//! after a crash, by one that does not read the journal: it would miss the
+//! writes acknowledged since the last checkpoint.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+};
 use serde_json::Value;
 
+use super::journal::{self, Appended, Journal};
 use super::{
     done, prefix_end, BatchOp, Change, Entry, Event, PutOutcome, Stamp, Store, StoreError, Watcher,
     Watchers, WriteFuture, KEY_PREFIX,
@@ -41,8 +52,9 @@ const CACHE_BYTES: usize = 4 * 1024 * 1024;
 /// A [`Store`] backed by a redb database file.
 pub struct RedbStore {
     db: Database,
-    /// Serialises writers so that watchers see changes in commit order.
-    write_lock: Mutex<()>,
+    /// Serialises writers so that watchers see changes in commit order (and
+    /// the journal's records are in that order too).
+    write_lock: Mutex<Journal>,
     /// The revision of the last committed change; advanced only after its
     /// commit succeeded, under `write_lock`.
     revision: AtomicU64,
@@ -50,9 +62,12 @@ pub struct RedbStore {
 }
 
 impl RedbStore {
-    /// Opens (or creates) the database at `path`. Fails when another process
-    /// holds it open.
+    /// Opens (or creates) the database at `path`, and its journal at `path`
+    /// with the extension `journal`, applying the journal's records the
+    /// database does not have yet. Fails when another process holds it open,
+    /// and when the journal cannot be read or written.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let fresh = !path.exists();
         let db = redb::Builder::new()
             .set_cache_size(CACHE_BYTES)
             .create(path)
@@ -64,13 +79,103 @@ impl RedbStore {
             txn.open_table(META).map_err(StoreError::backend)?;
         }
         txn.commit().map_err(StoreError::backend)?;
-        let revision = Self::last_revision(&db)?;
+        let journal_path = path.with_extension("journal");
+        let (mut journal, records) = Journal::open(&journal_path, fresh)
+            .map_err(|e| StoreError::backend(format!("journal {}: {e}", journal_path.display())))?;
+        let mut revision = Self::last_revision(&db)?;
+        let missing: Vec<_> = records.iter().filter(|r| r.revision > revision).collect();
+        if let Some(last) = missing.last() {
+            Self::replay(&db, &missing)?;
+            tracing::info!(
+                writes = missing.len(),
+                revision = last.revision,
+                "config store: journaled writes applied"
+            );
+            revision = last.revision;
+        }
+        // Everything the journal holds is in the database now, durably.
+        journal.restart();
         Ok(RedbStore {
             db,
-            write_lock: Mutex::new(()),
+            write_lock: Mutex::new(journal),
             revision: AtomicU64::new(revision),
             watchers: Watchers::default(),
         })
+    }
+
+    /// Applies journal records (in order) in one durable commit.
+    fn replay(db: &Database, records: &[&journal::Record]) -> Result<(), StoreError> {
+        let txn = db.begin_write().map_err(StoreError::backend)?;
+        {
+            let mut objects = txn.open_table(OBJECTS).map_err(StoreError::backend)?;
+            for op in records.iter().flat_map(|r| &r.ops) {
+                match op {
+                    journal::Op::Put { key, value } => {
+                        objects
+                            .insert(key.as_str(), value.as_slice())
+                            .map_err(StoreError::backend)?;
+                    }
+                    journal::Op::Delete { key } => {
+                        objects.remove(key.as_str()).map_err(StoreError::backend)?;
+                    }
+                }
+            }
+            if let Some(last) = records.last() {
+                // Whatever the last change was, `meta` holds its revision.
+                let mut meta = txn.open_table(META).map_err(StoreError::backend)?;
+                meta.insert(REVISION, last.revision)
+                    .map_err(StoreError::backend)?;
+            }
+        }
+        txn.commit().map_err(StoreError::backend)
+    }
+
+    /// Commits `txn`, whose changes `journal` holds as its record begun last
+    /// (the store at `revision` after it): the record is written and synced,
+    /// then redb commits without waiting for the disk. When the record does
+    /// not fit, or enough have been written, the commit is a durable one
+    /// (which makes the journaled commits before it durable too) and the
+    /// journal starts over. Fails, with nothing changed, when the record
+    /// could not be written or redb could not commit.
+    fn commit(
+        &self,
+        journal: &mut Journal,
+        mut txn: WriteTransaction,
+        revision: u64,
+    ) -> Result<(), StoreError> {
+        let at = match journal.append(revision) {
+            Ok(Appended::At(at)) => at,
+            Ok(Appended::Full) => return Self::commit_durably(journal, txn),
+            Err(e) => {
+                let _ = txn.abort();
+                return Err(StoreError::backend(format!("journal: {e}")));
+            }
+        };
+        if txn.set_durability(Durability::None).is_err() {
+            return Self::commit_durably(journal, txn);
+        }
+        if let Err(e) = txn.commit() {
+            if let Err(io) = journal.retract(at) {
+                tracing::error!(error = %io, "config store: a journaled write redb refused could not be taken back; a restart applies it");
+            }
+            return Err(StoreError::backend(e));
+        }
+        if journal.wants_checkpoint() {
+            // The write is durable already (journaled); a failed checkpoint
+            // leaves the journal to fill up, and the next write to try again.
+            let checkpoint = || -> Result<(), redb::Error> { Ok(self.db.begin_write()?.commit()?) };
+            match checkpoint() {
+                Ok(()) => journal.restart(),
+                Err(e) => tracing::warn!(error = %e, "config store: checkpoint failed"),
+            }
+        }
+        Ok(())
+    }
+
+    fn commit_durably(journal: &mut Journal, txn: WriteTransaction) -> Result<(), StoreError> {
+        txn.commit().map_err(StoreError::backend)?;
+        journal.restart();
+        Ok(())
     }
 
     /// The revision of the last committed change: `meta`'s (written by
@@ -188,7 +293,7 @@ impl RedbStore {
         value: &Value,
         expect_modified: Option<u64>,
     ) -> Result<PutOutcome, StoreError> {
-        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut journal = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
         let txn = self.db.begin_write().map_err(StoreError::backend)?;
         let outcome = {
             let mut objects = txn.open_table(OBJECTS).map_err(StoreError::backend)?;
@@ -213,12 +318,14 @@ impl RedbStore {
             objects
                 .insert(key, bytes.as_slice())
                 .map_err(StoreError::backend)?;
+            journal.begin();
+            journal.put(key, &bytes);
             PutOutcome {
                 entry,
                 created: previous.is_none(),
             }
         };
-        txn.commit().map_err(StoreError::backend)?;
+        self.commit(&mut journal, txn, outcome.entry.modified_index)?;
         self.revision
             .store(outcome.entry.modified_index, Ordering::Release);
         self.watchers.notify(&Change::Events {
@@ -230,8 +337,9 @@ impl RedbStore {
 
     /// [`Store::apply`], done before it returns.
     pub fn apply_now(&self, ops: &[BatchOp]) -> Result<Vec<Event>, StoreError> {
-        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut journal = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
         let txn = self.db.begin_write().map_err(StoreError::backend)?;
+        journal.begin();
         let mut events = Vec::with_capacity(ops.len());
         let mut revision = self.revision.load(Ordering::Acquire);
         {
@@ -255,6 +363,7 @@ impl RedbStore {
                         objects
                             .insert(key.as_str(), bytes.as_slice())
                             .map_err(StoreError::backend)?;
+                        journal.put(key, &bytes);
                         events.push(Event::Put(entry));
                     }
                     BatchOp::Delete { key } => {
@@ -264,6 +373,7 @@ impl RedbStore {
                             .is_some()
                         {
                             revision += 1;
+                            journal.delete(key);
                             events.push(Event::Delete { key: key.clone() });
                         }
                     }
@@ -280,6 +390,7 @@ impl RedbStore {
                         for key in keys {
                             objects.remove(key.as_str()).map_err(StoreError::backend)?;
                             revision += 1;
+                            journal.delete(&key);
                             events.push(Event::Delete { key });
                         }
                     }
@@ -296,7 +407,7 @@ impl RedbStore {
             meta.insert(REVISION, revision)
                 .map_err(StoreError::backend)?;
         }
-        txn.commit().map_err(StoreError::backend)?;
+        self.commit(&mut journal, txn, revision)?;
         self.revision.store(revision, Ordering::Release);
         self.watchers.notify(&Change::Events {
             events: &events,

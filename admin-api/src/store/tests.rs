@@ -314,3 +314,104 @@ fn redb_stamp_of_entries_written_by_hand() {
     let times: Vec<Option<Value>> = stamps.into_iter().map(|s| s.unwrap().create_time).collect();
     assert_eq!(times, [Some(json!(5)), Some(Value::Null), Some(json!(2))]);
 }
+
+/// What a crash leaves behind: records in the journal that the database
+/// file does not have. Opening the store applies the newer ones, once.
+#[test]
+fn redb_applies_the_journaled_writes_its_file_misses() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.redb");
+    {
+        let store = RedbStore::open(&path).unwrap();
+        put(&store, "/apisix/routes/1", json!({"uri": "/a"})).unwrap();
+    }
+    {
+        let (mut journal, found) =
+            journal::Journal::open(&path.with_extension("journal"), false).unwrap();
+        // Everything journaled before the clean close is in the file.
+        assert!(found.iter().all(|r| r.revision <= 1));
+        let entry = |key: &str, uri: &str, rev: u64| {
+            serde_json::to_vec(&Entry {
+                key: key.to_string(),
+                value: json!({ "uri": uri }),
+                created_index: rev,
+                modified_index: rev,
+            })
+            .unwrap()
+        };
+        // Revision 1 is in the file already: not applied again.
+        journal.begin();
+        journal.put("/apisix/routes/1", &entry("/apisix/routes/1", "/stale", 1));
+        journal.append(1).unwrap();
+        journal.begin();
+        journal.put("/apisix/routes/2", &entry("/apisix/routes/2", "/b", 2));
+        journal.append(2).unwrap();
+        journal.begin();
+        journal.delete("/apisix/routes/1");
+        journal.append(3).unwrap();
+    }
+    // Opened twice: the second open finds them applied (and its own write).
+    for revision in [3, 4] {
+        let store = RedbStore::open(&path).unwrap();
+        assert_eq!(store.revision().unwrap(), revision);
+        assert_eq!(store.get("/apisix/routes/1").unwrap(), None);
+        let e = store.get("/apisix/routes/2").unwrap().unwrap();
+        assert_eq!(e.value, json!({"uri": "/b"}));
+        if revision == 3 {
+            let next = put(&store, "/apisix/routes/3", json!({})).unwrap();
+            assert_eq!(next.entry.modified_index, 4);
+        }
+    }
+}
+
+#[test]
+fn redb_keeps_every_write_across_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.redb");
+    let n = u64::from(journal::CHECKPOINT_RECORDS) * 2 + 10;
+    {
+        let store = RedbStore::open(&path).unwrap();
+        for i in 0..n {
+            put(
+                &store,
+                &format!("/apisix/routes/{}", i % 50),
+                json!({ "n": i }),
+            )
+            .unwrap();
+        }
+        assert_eq!(store.revision().unwrap(), n);
+    }
+    let store = RedbStore::open(&path).unwrap();
+    assert_eq!(store.revision().unwrap(), n);
+    let last = store
+        .get(&format!("/apisix/routes/{}", (n - 1) % 50))
+        .unwrap()
+        .unwrap();
+    assert_eq!(last.value, json!({ "n": n - 1 }));
+    assert_eq!(store.list("/apisix/routes/").unwrap().len(), 50);
+}
+
+/// A journal left by a store whose database file was removed is not
+/// applied to the new, empty one.
+#[test]
+fn redb_new_file_ignores_an_old_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.redb");
+    {
+        let store = RedbStore::open(&path).unwrap();
+        put(&store, "/apisix/routes/1", json!({})).unwrap();
+    }
+    {
+        let (mut journal, _) =
+            journal::Journal::open(&path.with_extension("journal"), false).unwrap();
+        journal.begin();
+        journal.delete("/apisix/routes/9");
+        journal.append(2).unwrap();
+    }
+    std::fs::remove_file(&path).unwrap();
+    for _ in 0..2 {
+        let store = RedbStore::open(&path).unwrap();
+        assert_eq!(store.revision().unwrap(), 0);
+        assert!(store.list("/apisix/").unwrap().is_empty());
+    }
+}
