@@ -30,7 +30,7 @@ use std::collections::hash_map::RandomState;
 use std::fs::{File, OpenOptions};
 use std::hash::{BuildHasher, Hasher};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
 /// The journal's size. Records of this many bytes in all (about 8,000 route
@@ -105,6 +105,8 @@ impl Journal {
             .write(true)
             .create(true)
             .truncate(false)
+            // Stored objects may hold secrets (consumers' keys).
+            .mode(0o600)
             .open(path)?;
         let len = file.metadata()?.len();
         if len < CAPACITY {
