@@ -18,12 +18,29 @@ fn write(journal: &mut Journal, revision: u64, ops: &[Op]) -> Appended {
     journal.append(revision).unwrap()
 }
 
-#[test]
-fn records_read_back_in_order_after_reopen() {
+/// A new journal in a directory of its own (kept alive by the `TempDir`).
+fn new_journal() -> (tempfile::TempDir, std::path::PathBuf, Journal) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("j");
-    let (mut j, found) = Journal::open(&path, false).unwrap();
+    let (journal, found) = Journal::open(&path, false).unwrap();
     assert!(found.is_empty());
+    (dir, path, journal)
+}
+
+/// A journal holding `put a` (revision 1) and `put b` (revision 2), and
+/// where the second record starts.
+fn two_records() -> (tempfile::TempDir, std::path::PathBuf, Journal, u64) {
+    let (dir, path, mut j) = new_journal();
+    write(&mut j, 1, &[put("a", "1")]);
+    let Appended::At(at) = write(&mut j, 2, &[put("b", "2")]) else {
+        panic!("full")
+    };
+    (dir, path, j, at)
+}
+
+#[test]
+fn records_read_back_in_order_after_reopen() {
+    let (_dir, path, mut j) = new_journal();
     assert_eq!(std::fs::metadata(&path).unwrap().len(), CAPACITY);
     let one = vec![put("/apisix/routes/1", "{\"a\":1}")];
     let two = vec![
@@ -53,9 +70,7 @@ fn records_read_back_in_order_after_reopen() {
 
 #[test]
 fn a_restart_ends_the_older_records_even_where_they_are_not_overwritten() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("j");
-    let (mut j, _) = Journal::open(&path, false).unwrap();
+    let (_dir, path, mut j) = new_journal();
     // Same sizes, so the new generation's record ends exactly where an
     // older record begins.
     for rev in 1..=3 {
@@ -75,13 +90,7 @@ fn a_restart_ends_the_older_records_even_where_they_are_not_overwritten() {
 
 #[test]
 fn a_torn_record_ends_the_journal() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("j");
-    let (mut j, _) = Journal::open(&path, false).unwrap();
-    write(&mut j, 1, &[put("a", "1")]);
-    let Appended::At(at) = write(&mut j, 2, &[put("b", "2")]) else {
-        panic!("full")
-    };
+    let (_dir, path, mut j, at) = two_records();
     write(&mut j, 3, &[put("c", "3")]);
     drop(j);
     // The second record's last byte never reached the disk.
@@ -95,13 +104,7 @@ fn a_torn_record_ends_the_journal() {
 
 #[test]
 fn a_retracted_record_is_not_read_and_its_place_is_reused() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("j");
-    let (mut j, _) = Journal::open(&path, false).unwrap();
-    write(&mut j, 1, &[put("a", "1")]);
-    let Appended::At(at) = write(&mut j, 2, &[put("b", "2")]) else {
-        panic!("full")
-    };
+    let (_dir, path, mut j, at) = two_records();
     j.retract(at).unwrap();
     let (_, found) = Journal::open(&path, false).unwrap();
     assert_eq!(found.len(), 1);
@@ -112,9 +115,7 @@ fn a_retracted_record_is_not_read_and_its_place_is_reused() {
 
 #[test]
 fn a_fresh_store_does_not_see_an_old_journal_even_after_another_crash() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("j");
-    let (mut j, _) = Journal::open(&path, false).unwrap();
+    let (_dir, path, mut j) = new_journal();
     write(&mut j, 1, &[put("a", "1")]);
     drop(j);
     let (_, found) = Journal::open(&path, true).unwrap();
@@ -126,9 +127,7 @@ fn a_fresh_store_does_not_see_an_old_journal_even_after_another_crash() {
 
 #[test]
 fn a_record_that_does_not_fit_is_not_written() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("j");
-    let (mut j, _) = Journal::open(&path, false).unwrap();
+    let (_dir, path, mut j) = new_journal();
     let big = "x".repeat(CAPACITY as usize / 2);
     assert_eq!(write(&mut j, 1, &[put("a", &big)]), Appended::At(0));
     assert_eq!(write(&mut j, 2, &[put("b", &big)]), Appended::Full);
@@ -141,8 +140,7 @@ fn a_record_that_does_not_fit_is_not_written() {
 
 #[test]
 fn checkpoints_are_asked_for_after_enough_records() {
-    let dir = tempfile::tempdir().unwrap();
-    let (mut j, _) = Journal::open(&dir.path().join("j"), false).unwrap();
+    let (_dir, _path, mut j) = new_journal();
     for rev in 0..u64::from(CHECKPOINT_RECORDS) {
         assert!(!j.wants_checkpoint());
         write(&mut j, rev, &[Op::Delete { key: "k".into() }]);
@@ -154,9 +152,7 @@ fn checkpoints_are_asked_for_after_enough_records() {
 
 #[test]
 fn a_well_sealed_record_that_does_not_parse_is_an_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("j");
-    let (mut j, _) = Journal::open(&path, false).unwrap();
+    let (_dir, path, mut j) = new_journal();
     j.begin();
     j.buf.push(9); // an unknown op tag
     j.ops = 1;
@@ -169,9 +165,7 @@ fn a_well_sealed_record_that_does_not_parse_is_an_error() {
 fn garbage_never_reads_as_records() {
     // Every prefix and every single-byte change of a valid journal reads
     // as some leading part of its records, never as anything else.
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("j");
-    let (mut j, _) = Journal::open(&path, false).unwrap();
+    let (_dir, path, mut j) = new_journal();
     write(&mut j, 1, &[put("a", "1")]);
     write(&mut j, 2, &[Op::Delete { key: "a".into() }]);
     drop(j);
