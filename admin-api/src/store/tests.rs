@@ -415,3 +415,30 @@ fn redb_new_file_ignores_an_old_journal() {
         assert!(store.list("/apisix/").unwrap().is_empty());
     }
 }
+
+/// A checkpoint makes the journaled (non-durable) commits durable in the
+/// database file itself: a copy of the file taken while the store runs, as
+/// a crash would leave it, holds every write up to the last checkpoint and
+/// none after it.
+#[test]
+fn redb_file_alone_holds_every_write_up_to_the_last_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.redb");
+    let store = RedbStore::open(&path).unwrap();
+    let checkpoint = u64::from(journal::CHECKPOINT_RECORDS);
+    for i in 1..=checkpoint + 5 {
+        put(&store, &format!("/apisix/routes/{i}"), json!({ "n": i })).unwrap();
+    }
+    let copy = dir.path().join("crashed.redb");
+    std::fs::copy(&path, &copy).unwrap();
+    drop(store);
+    let crashed = RedbStore::open(&copy).unwrap();
+    assert_eq!(crashed.revision().unwrap(), checkpoint);
+    let last = format!("/apisix/routes/{checkpoint}");
+    assert_eq!(
+        crashed.get(&last).unwrap().unwrap().value,
+        json!({ "n": checkpoint })
+    );
+    let after = format!("/apisix/routes/{}", checkpoint + 1);
+    assert_eq!(crashed.get(&after).unwrap(), None);
+}
