@@ -4,12 +4,12 @@
 //! file and waits for all of them: most of the CPU a route update costs. With
 //! the journal an acknowledged write is durable once its record (the keys and
 //! bytes it stores or deletes) is written and synced at the end of the
-//! journal: one small write. redb commits those writes without durability
-//! (visible to readers, kept in memory), and a durable redb commit every
-//! [`CHECKPOINT_RECORDS`] records, or when the journal is full, makes them
-//! durable at once; the journal then starts over. When the store is opened,
-//! records newer than the redb file's revision are applied again. etcd keeps
-//! its write-ahead log in front of bbolt the same way.
+//! journal: one small write. The store keeps those writes in memory, and one
+//! durable redb commit every [`CHECKPOINT_RECORDS`] records, or when the
+//! journal is full, writes them all to its file; the journal then starts
+//! over. When the store is opened, records newer than the redb file's
+//! revision are applied again. etcd keeps its write-ahead log in front of
+//! bbolt the same way.
 //!
 //! The file is [`CAPACITY`] bytes, written with zeros when it is created, so
 //! a record's write never changes its size or its extents and syncing it
@@ -38,9 +38,9 @@ use std::path::Path;
 /// committed to redb durably instead.
 pub(super) const CAPACITY: u64 = 4 << 20;
 
-/// Records after which the next write also makes redb durable and starts
-/// the journal over. What redb holds in memory for the non-durable commits
-/// before it grows with them, and so does the work of a start-up replay.
+/// Records after which the store writes what they hold to its redb file and
+/// starts the journal over. What the store holds in memory until then grows
+/// with them, and so does the work of a start-up replay.
 pub(super) const CHECKPOINT_RECORDS: u32 = 1024;
 
 const MAGIC: u32 = u32::from_le_bytes(*b"FGJ1");
@@ -192,17 +192,6 @@ impl Journal {
         self.end += total;
         self.records += 1;
         Ok(Appended::At(at))
-    }
-
-    /// Takes back the record written at `at` (the last one), whose change
-    /// the store could not commit after all: its header is zeroed and synced,
-    /// so a restart does not apply it.
-    pub(super) fn retract(&mut self, at: u64) -> io::Result<()> {
-        self.file.write_all_at(&[0; HEADER], at)?;
-        self.file.sync_data()?;
-        self.end = at;
-        self.records = self.records.saturating_sub(1);
-        Ok(())
     }
 }
 

@@ -2,35 +2,36 @@
 //! with a journal file beside it.
 //!
 //! Each object is one key in the `objects` table, so a change costs the same
-//! with 10 or 10,000 routes. Every put and delete is its own write
-//! transaction. When [`Store::put`] returns, the change survives a crash or
-//! `kill -9`, and a torn write is never visible: the change's record was
-//! written and synced to the journal (see [`super::journal`]) before redb
-//! committed it without waiting for the disk, and every
+//! with 10 or 10,000 routes. When [`Store::put`] returns, the change survives
+//! a crash or `kill -9`, and a torn write is never visible: the change's
+//! record was written and synced to the journal (see [`super::journal`]).
+//! The database file gets journaled writes in batches: until then they wait
+//! in memory (`pending`, where reads look first), and every
 //! [`super::journal::CHECKPOINT_RECORDS`] records one durable redb commit
-//! makes the journaled commits durable in the database file itself. Opening
-//! the store applies the records the database file does not have yet. A
-//! write too large for the journal is committed durably by redb alone.
+//! writes them all (each B-tree page they touch once, where a commit per
+//! write copied and wrote about four pages each time); the journal then
+//! starts over. Opening the store applies the records the database file does
+//! not have yet. A write too large for what is left of the journal is
+//! committed to the file at once, durably, with everything pending.
 //!
 //! The store revision is kept in memory and made durable without a second
 //! table in every commit: a put leaves it in the entry it writes (its
-//! `modified_index`); a write whose last change is a delete writes it to the
-//! `meta` table. The last revision is then the larger of `meta`'s and the
-//! newest entry's, which [`RedbStore::open`] reads back. A put commits one
-//! table instead of two: a page write and a table-root update fewer.
+//! `modified_index`), and a checkpoint, like a replay at open, writes it to
+//! the `meta` table. The last revision is then the larger of `meta`'s and the
+//! newest entry's, which [`RedbStore::open`] reads back.
 //!
 //! A database written this way must not be opened by a build that reads the
 //! revision from `meta` alone: it would hand out revisions already used; nor,
 //! after a crash, by one that does not read the journal: it would miss the
 //! writes acknowledged since the last checkpoint.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
-use redb::{
-    Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
-};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde_json::Value;
 
 use super::journal::{self, Appended, Journal};
@@ -46,8 +47,11 @@ const REVISION: &str = "revision";
 /// redb's page cache. Its default (1 GiB) would keep every page a bulk load
 /// touched in memory for good; the data plane never reads the store (it
 /// runs on compiled snapshots), the kernel's page cache serves the Admin
-/// API's occasional reads, and writes touch a few pages each.
+/// API's occasional reads, and a checkpoint touches each page once.
 const CACHE_BYTES: usize = 4 * 1024 * 1024;
+
+/// A key's stored bytes, or `None` where it was deleted.
+type Stored = Option<Arc<[u8]>>;
 
 /// A [`Store`] backed by a redb database file.
 pub struct RedbStore {
@@ -55,6 +59,10 @@ pub struct RedbStore {
     /// Serialises writers so that watchers see changes in commit order (and
     /// the journal's records are in that order too).
     write_lock: Mutex<Journal>,
+    /// Journaled writes the database file does not have yet, the newest per
+    /// key. Changed only under `write_lock`; cleared once a checkpoint has
+    /// committed them. Readers look here before the file.
+    pending: RwLock<BTreeMap<String, Stored>>,
     /// The revision of the last committed change; advanced only after its
     /// commit succeeded, under `write_lock`.
     revision: AtomicU64,
@@ -85,7 +93,11 @@ impl RedbStore {
         let mut revision = Self::last_revision(&db)?;
         let missing: Vec<_> = records.iter().filter(|r| r.revision > revision).collect();
         if let Some(last) = missing.last() {
-            Self::replay(&db, &missing)?;
+            let ops = missing.iter().flat_map(|r| &r.ops).map(|op| match op {
+                journal::Op::Put { key, value } => (key.as_str(), Some(value.as_slice())),
+                journal::Op::Delete { key } => (key.as_str(), None),
+            });
+            Self::commit_to_file(&db, ops, last.revision)?;
             tracing::info!(
                 writes = missing.len(),
                 revision = last.revision,
@@ -98,84 +110,127 @@ impl RedbStore {
         Ok(RedbStore {
             db,
             write_lock: Mutex::new(journal),
+            pending: RwLock::default(),
             revision: AtomicU64::new(revision),
             watchers: Watchers::default(),
         })
     }
 
-    /// Applies journal records (in order) in one durable commit.
-    fn replay(db: &Database, records: &[&journal::Record]) -> Result<(), StoreError> {
+    /// Writes `ops` (in order; `None` deletes) and the store `revision` to
+    /// the database file in one durable commit. Fails, with the file as it
+    /// was, when redb cannot.
+    fn commit_to_file<'a>(
+        db: &Database,
+        ops: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
+        revision: u64,
+    ) -> Result<(), StoreError> {
         let txn = db.begin_write().map_err(StoreError::backend)?;
-        {
-            let mut objects = txn.open_table(OBJECTS).map_err(StoreError::backend)?;
-            for op in records.iter().flat_map(|r| &r.ops) {
-                match op {
-                    journal::Op::Put { key, value } => {
-                        objects
-                            .insert(key.as_str(), value.as_slice())
-                            .map_err(StoreError::backend)?;
-                    }
-                    journal::Op::Delete { key } => {
-                        objects.remove(key.as_str()).map_err(StoreError::backend)?;
-                    }
+        let written = (|| -> Result<(), redb::Error> {
+            let mut objects = txn.open_table(OBJECTS)?;
+            for (key, value) in ops {
+                match value {
+                    Some(bytes) => drop(objects.insert(key, bytes)?),
+                    None => drop(objects.remove(key)?),
                 }
             }
-            if let Some(last) = records.last() {
-                // Whatever the last change was, `meta` holds its revision.
-                let mut meta = txn.open_table(META).map_err(StoreError::backend)?;
-                meta.insert(REVISION, last.revision)
-                    .map_err(StoreError::backend)?;
+            // Whatever the last change was, `meta` holds its revision.
+            txn.open_table(META)?.insert(REVISION, revision)?;
+            Ok(())
+        })();
+        match written {
+            Ok(()) => txn.commit().map_err(StoreError::backend),
+            Err(e) => {
+                let _ = txn.abort();
+                Err(StoreError::backend(e))
             }
         }
-        txn.commit().map_err(StoreError::backend)
     }
 
-    /// Commits `txn`, whose changes `journal` holds as its record begun last
-    /// (the store at `revision` after it): the record is written and synced,
-    /// then redb commits without waiting for the disk. When the record does
-    /// not fit, or enough have been written, the commit is a durable one
-    /// (which makes the journaled commits before it durable too) and the
-    /// journal starts over. Fails, with nothing changed, when the record
-    /// could not be written or redb could not commit.
+    /// Makes a write durable: its record, begun last in `journal` (the store
+    /// at `revision` after it), is written and synced, and `changes` join
+    /// the pending ones; enough records make a checkpoint. A record that does
+    /// not fit in what is left of the journal is not written: the changes
+    /// go to the database file at once, with everything pending. Fails, with
+    /// nothing changed, when neither could be done.
     fn commit(
         &self,
         journal: &mut Journal,
-        mut txn: WriteTransaction,
+        changes: Vec<(String, Stored)>,
         revision: u64,
     ) -> Result<(), StoreError> {
-        let at = match journal.append(revision) {
-            Ok(Appended::At(at)) => at,
-            Ok(Appended::Full) => return Self::commit_durably(journal, txn),
-            Err(e) => {
-                let _ = txn.abort();
-                return Err(StoreError::backend(format!("journal: {e}")));
-            }
-        };
-        if txn.set_durability(Durability::None).is_err() {
-            return Self::commit_durably(journal, txn);
+        match journal.append(revision) {
+            Ok(Appended::At(_)) => {}
+            Ok(Appended::Full) => return self.checkpoint(journal, &changes, revision),
+            Err(e) => return Err(StoreError::backend(format!("journal: {e}"))),
         }
-        if let Err(e) = txn.commit() {
-            if let Err(io) = journal.retract(at) {
-                tracing::error!(error = %io, "config store: a journaled write redb refused could not be taken back; a restart applies it");
-            }
-            return Err(StoreError::backend(e));
-        }
+        self.pending
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(changes);
         if journal.wants_checkpoint() {
             // The write is durable already (journaled); a failed checkpoint
             // leaves the journal to fill up, and the next write to try again.
-            let checkpoint = || -> Result<(), redb::Error> { Ok(self.db.begin_write()?.commit()?) };
-            match checkpoint() {
-                Ok(()) => journal.restart(),
-                Err(e) => tracing::warn!(error = %e, "config store: checkpoint failed"),
+            if let Err(e) = self.checkpoint(journal, &[], revision) {
+                tracing::warn!(error = %e, "config store: checkpoint failed");
             }
         }
         Ok(())
     }
 
-    fn commit_durably(journal: &mut Journal, txn: WriteTransaction) -> Result<(), StoreError> {
-        txn.commit().map_err(StoreError::backend)?;
+    /// Writes the pending changes, then `more`, to the database file in one
+    /// durable commit (the store at `revision` after them), and starts the
+    /// journal over. Fails, with nothing changed, when redb cannot commit.
+    fn checkpoint(
+        &self,
+        journal: &mut Journal,
+        more: &[(String, Stored)],
+        revision: u64,
+    ) -> Result<(), StoreError> {
+        {
+            // Only writers change `pending`, and this is the writer: readers
+            // go on reading it while the file is written.
+            let pending = self.pending.read().unwrap_or_else(|p| p.into_inner());
+            let ops = pending
+                .iter()
+                .chain(more.iter().map(|(k, v)| (k, v)))
+                .map(|(key, value)| (key.as_str(), value.as_deref()));
+            Self::commit_to_file(&self.db, ops, revision)?;
+        }
+        self.pending
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         journal.restart();
         Ok(())
+    }
+
+    /// `read` of the bytes stored under `key`, or `None` when there are none:
+    /// a pending write's, else the database file's.
+    fn read_stored<R>(
+        &self,
+        key: &str,
+        read: impl FnOnce(&[u8]) -> Result<R, StoreError>,
+    ) -> Result<Option<R>, StoreError> {
+        let pending = self
+            .pending
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned();
+        match pending {
+            Some(Some(bytes)) => read(&bytes).map(Some),
+            Some(None) => Ok(None),
+            // Not pending: the file has the newest (a checkpoint writes the
+            // file before it clears `pending`).
+            None => {
+                let txn = self.db.begin_read().map_err(StoreError::backend)?;
+                let table = txn.open_table(OBJECTS).map_err(StoreError::backend)?;
+                match table.get(key).map_err(StoreError::backend)? {
+                    Some(v) => read(v.value()).map(Some),
+                    None => Ok(None),
+                }
+            }
+        }
     }
 
     /// The revision of the last committed change: `meta`'s (written by
@@ -294,43 +349,36 @@ impl RedbStore {
         expect_modified: Option<u64>,
     ) -> Result<PutOutcome, StoreError> {
         let mut journal = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let txn = self.db.begin_write().map_err(StoreError::backend)?;
-        let outcome = {
-            let mut objects = txn.open_table(OBJECTS).map_err(StoreError::backend)?;
-            let previous = match objects.get(key).map_err(StoreError::backend)? {
-                Some(v) => Some(Self::decode_indexes(key, v.value())?),
-                None => None,
-            };
-            if expect_modified.is_some()
-                && previous.as_ref().map(|p| p.modified_index) != expect_modified
-            {
-                return Err(StoreError::Conflict);
-            }
-            // The entry carries the revision to disk (see the module docs).
-            let revision = self.revision.load(Ordering::Acquire) + 1;
-            let entry = Entry {
-                key: key.to_string(),
-                value: value.clone(),
-                created_index: previous.as_ref().map_or(revision, |p| p.created_index),
-                modified_index: revision,
-            };
-            let bytes = serde_json::to_vec(&entry).map_err(StoreError::backend)?;
-            objects
-                .insert(key, bytes.as_slice())
-                .map_err(StoreError::backend)?;
-            journal.begin();
-            journal.put(key, &bytes);
-            PutOutcome {
-                entry,
-                created: previous.is_none(),
-            }
+        let previous = self.read_stored(key, |b| Self::decode_indexes(key, b))?;
+        if expect_modified.is_some()
+            && previous.as_ref().map(|p| p.modified_index) != expect_modified
+        {
+            return Err(StoreError::Conflict);
+        }
+        // The entry carries the revision to disk (see the module docs).
+        let revision = self.revision.load(Ordering::Acquire) + 1;
+        let entry = Entry {
+            key: key.to_string(),
+            value: value.clone(),
+            created_index: previous.as_ref().map_or(revision, |p| p.created_index),
+            modified_index: revision,
         };
-        self.commit(&mut journal, txn, outcome.entry.modified_index)?;
-        self.revision
-            .store(outcome.entry.modified_index, Ordering::Release);
+        let bytes = serde_json::to_vec(&entry).map_err(StoreError::backend)?;
+        journal.begin();
+        journal.put(key, &bytes);
+        self.commit(
+            &mut journal,
+            vec![(entry.key.clone(), Some(bytes.into()))],
+            revision,
+        )?;
+        self.revision.store(revision, Ordering::Release);
+        let outcome = PutOutcome {
+            entry,
+            created: previous.is_none(),
+        };
         self.watchers.notify(&Change::Events {
             events: &[Event::Put(outcome.entry.clone())],
-            revision: outcome.entry.modified_index,
+            revision,
         });
         Ok(outcome)
     }
@@ -338,76 +386,59 @@ impl RedbStore {
     /// [`Store::apply`], done before it returns.
     pub fn apply_now(&self, ops: &[BatchOp]) -> Result<Vec<Event>, StoreError> {
         let mut journal = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let txn = self.db.begin_write().map_err(StoreError::backend)?;
         journal.begin();
+        // This batch's changes so far: its later ops see them.
+        let mut changed: BTreeMap<String, Stored> = BTreeMap::new();
         let mut events = Vec::with_capacity(ops.len());
         let mut revision = self.revision.load(Ordering::Acquire);
-        {
-            let mut objects = txn.open_table(OBJECTS).map_err(StoreError::backend)?;
-            for op in ops {
-                match op {
-                    BatchOp::Put { key, value } => {
+        for op in ops {
+            match op {
+                BatchOp::Put { key, value } => {
+                    revision += 1;
+                    let created = match changed.get(key.as_str()) {
+                        Some(Some(bytes)) => Self::decode_indexes(key, bytes)?.created_index,
+                        Some(None) => revision,
+                        None => self
+                            .read_stored(key, |b| Self::decode_indexes(key, b))?
+                            .map_or(revision, |i| i.created_index),
+                    };
+                    let entry = Entry {
+                        key: key.clone(),
+                        value: value.clone(),
+                        created_index: created,
+                        modified_index: revision,
+                    };
+                    let bytes = serde_json::to_vec(&entry).map_err(StoreError::backend)?;
+                    journal.put(key, &bytes);
+                    changed.insert(key.clone(), Some(bytes.into()));
+                    events.push(Event::Put(entry));
+                }
+                BatchOp::Delete { key } => {
+                    let exists = match changed.get(key.as_str()) {
+                        Some(stored) => stored.is_some(),
+                        None => self.read_stored(key, |_| Ok(()))?.is_some(),
+                    };
+                    if exists {
                         revision += 1;
-                        let created =
-                            match objects.get(key.as_str()).map_err(StoreError::backend)? {
-                                Some(v) => Self::decode_indexes(key, v.value())?.created_index,
-                                None => revision,
-                            };
-                        let entry = Entry {
-                            key: key.clone(),
-                            value: value.clone(),
-                            created_index: created,
-                            modified_index: revision,
-                        };
-                        let bytes = serde_json::to_vec(&entry).map_err(StoreError::backend)?;
-                        objects
-                            .insert(key.as_str(), bytes.as_slice())
-                            .map_err(StoreError::backend)?;
-                        journal.put(key, &bytes);
-                        events.push(Event::Put(entry));
+                        journal.delete(key);
+                        changed.insert(key.clone(), None);
+                        events.push(Event::Delete { key: key.clone() });
                     }
-                    BatchOp::Delete { key } => {
-                        if objects
-                            .remove(key.as_str())
-                            .map_err(StoreError::backend)?
-                            .is_some()
-                        {
-                            revision += 1;
-                            journal.delete(key);
-                            events.push(Event::Delete { key: key.clone() });
-                        }
-                    }
-                    BatchOp::DeletePrefix { prefix } => {
-                        let end = prefix_end(prefix);
-                        let mut keys = Vec::new();
-                        for item in objects
-                            .range(prefix.as_str()..end.as_str())
-                            .map_err(StoreError::backend)?
-                        {
-                            let (k, _) = item.map_err(StoreError::backend)?;
-                            keys.push(k.value().to_string());
-                        }
-                        for key in keys {
-                            objects.remove(key.as_str()).map_err(StoreError::backend)?;
-                            revision += 1;
-                            journal.delete(&key);
-                            events.push(Event::Delete { key });
-                        }
+                }
+                BatchOp::DeletePrefix { prefix } => {
+                    for key in self.keys_with_prefix(prefix, &changed)? {
+                        revision += 1;
+                        journal.delete(&key);
+                        changed.insert(key.clone(), None);
+                        events.push(Event::Delete { key });
                     }
                 }
             }
         }
         if events.is_empty() {
-            txn.abort().map_err(StoreError::backend)?;
             return Ok(events);
         }
-        if matches!(events.last(), Some(Event::Delete { .. })) {
-            // A delete leaves no entry behind to carry the revision.
-            let mut meta = txn.open_table(META).map_err(StoreError::backend)?;
-            meta.insert(REVISION, revision)
-                .map_err(StoreError::backend)?;
-        }
-        self.commit(&mut journal, txn, revision)?;
+        self.commit(&mut journal, changed.into_iter().collect(), revision)?;
         self.revision.store(revision, Ordering::Release);
         self.watchers.notify(&Change::Events {
             events: &events,
@@ -416,48 +447,125 @@ impl RedbStore {
         Ok(events)
     }
 
+    /// The keys under `prefix` that exist, in order, with `changed` (a
+    /// batch's changes so far) over the pending writes over the file.
+    fn keys_with_prefix(
+        &self,
+        prefix: &str,
+        changed: &BTreeMap<String, Stored>,
+    ) -> Result<Vec<String>, StoreError> {
+        let end = prefix_end(prefix);
+        let mut keys = BTreeSet::new();
+        {
+            let txn = self.db.begin_read().map_err(StoreError::backend)?;
+            let table = txn.open_table(OBJECTS).map_err(StoreError::backend)?;
+            for item in table
+                .range(prefix..end.as_str())
+                .map_err(StoreError::backend)?
+            {
+                let (k, _) = item.map_err(StoreError::backend)?;
+                keys.insert(k.value().to_string());
+            }
+        }
+        let pending = self.pending.read().unwrap_or_else(|p| p.into_inner());
+        let range = (Bound::Included(prefix), Bound::Excluded(end.as_str()));
+        for layer in [&*pending, changed] {
+            for (key, stored) in layer.range::<str, _>(range) {
+                match stored {
+                    Some(_) => keys.insert(key.clone()),
+                    None => keys.remove(key),
+                };
+            }
+        }
+        Ok(keys.into_iter().collect())
+    }
+
     /// The revision of the last committed change.
     pub fn current_revision(&self) -> Result<u64, StoreError> {
         Ok(self.revision.load(Ordering::Acquire))
     }
 }
 
+/// Writes what is pending to the database file, so that the next open
+/// finds it there and has nothing to apply.
+impl Drop for RedbStore {
+    fn drop(&mut self) {
+        let journal = self.write_lock.get_mut().unwrap_or_else(|p| p.into_inner());
+        let waiting = !self
+            .pending
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty();
+        if waiting {
+            let revision = self.revision.load(Ordering::Acquire);
+            let pending = std::mem::take(self.pending.get_mut().unwrap_or_else(|p| p.into_inner()));
+            let ops = pending
+                .iter()
+                .map(|(key, value)| (key.as_str(), value.as_deref()));
+            match Self::commit_to_file(&self.db, ops, revision) {
+                Ok(()) => journal.restart(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "config store: pending writes left to the journal at close")
+                }
+            }
+        }
+    }
+}
+
 impl Store for RedbStore {
     fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
-        let txn = self.db.begin_read().map_err(StoreError::backend)?;
-        let table = txn.open_table(OBJECTS).map_err(StoreError::backend)?;
-        match table.get(key).map_err(StoreError::backend)? {
-            Some(v) => Ok(Some(Self::decode(key, v.value())?)),
-            None => Ok(None),
-        }
+        self.read_stored(key, |b| Self::decode(key, b))
     }
 
     fn stamp(&self, key: &str) -> Result<Option<Stamp>, StoreError> {
-        let txn = self.db.begin_read().map_err(StoreError::backend)?;
-        let table = txn.open_table(OBJECTS).map_err(StoreError::backend)?;
-        let Some(v) = table.get(key).map_err(StoreError::backend)? else {
-            return Ok(None);
-        };
-        match serde_json::from_slice::<StampOnDisk>(v.value()) {
-            Ok(read) => Ok(Some(Stamp {
-                create_time: read.value.0,
-                modified_index: read.modified_index,
-            })),
-            Err(_) => Ok(Some(Stamp::of(&Self::decode(key, v.value())?))),
-        }
+        self.read_stored(key, |bytes| {
+            match serde_json::from_slice::<StampOnDisk>(bytes) {
+                Ok(read) => Ok(Stamp {
+                    create_time: read.value.0,
+                    modified_index: read.modified_index,
+                }),
+                Err(_) => Ok(Stamp::of(&Self::decode(key, bytes)?)),
+            }
+        })
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<Entry>, StoreError> {
+        let end = prefix_end(prefix);
+        // Copied first: a checkpoint between this and the file's read below
+        // leaves the same bytes in the file, and these win.
+        let pending: Vec<(String, Stored)> = self
+            .pending
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .range::<str, _>((Bound::Included(prefix), Bound::Excluded(end.as_str())))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut pending = pending.into_iter().peekable();
         let txn = self.db.begin_read().map_err(StoreError::backend)?;
         let table = txn.open_table(OBJECTS).map_err(StoreError::backend)?;
-        let end = prefix_end(prefix);
         let mut out = Vec::new();
+        let mut push = |key: &str, stored: Option<&[u8]>| -> Result<(), StoreError> {
+            if let Some(bytes) = stored {
+                out.push(Self::decode(key, bytes)?);
+            }
+            Ok(())
+        };
         for item in table
             .range(prefix..end.as_str())
             .map_err(StoreError::backend)?
         {
             let (k, v) = item.map_err(StoreError::backend)?;
-            out.push(Self::decode(k.value(), v.value())?);
+            let key = k.value();
+            while let Some((p, stored)) = pending.next_if(|(p, _)| p.as_str() < key) {
+                push(&p, stored.as_deref())?;
+            }
+            match pending.next_if(|(p, _)| p.as_str() == key) {
+                Some((p, stored)) => push(&p, stored.as_deref())?,
+                None => push(key, Some(v.value()))?,
+            }
+        }
+        for (p, stored) in pending {
+            push(&p, stored.as_deref())?;
         }
         Ok(out)
     }

@@ -1,5 +1,6 @@
 use super::*;
 use futures_util::FutureExt;
+use redb::{ReadableDatabase, ReadableTable};
 use serde_json::json;
 use std::sync::Mutex;
 
@@ -441,4 +442,145 @@ fn redb_file_alone_holds_every_write_up_to_the_last_checkpoint() {
     );
     let after = format!("/apisix/routes/{}", checkpoint + 1);
     assert_eq!(crashed.get(&after).unwrap(), None);
+}
+
+/// Reads see the writes still waiting for a checkpoint over the older
+/// bytes in the database file: a get, a list (merged in key order), the
+/// existence a delete checks and the keys a prefix delete removes.
+#[test]
+fn redb_reads_see_pending_writes_over_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(&dir.path().join("config.redb")).unwrap();
+    let checkpoint = u64::from(journal::CHECKPOINT_RECORDS);
+    let key = |i: u64| format!("/apisix/consumers/c/credentials/{i:05}");
+    // The first `checkpoint` writes reach the file; the rest wait.
+    for i in 0..checkpoint + 10 {
+        put(&store, &key(i), json!({ "n": i })).unwrap();
+    }
+    put(&store, &key(3), json!({ "n": "new" })).unwrap();
+    apply(
+        &store,
+        vec![
+            BatchOp::Delete { key: key(4) },
+            BatchOp::Delete {
+                key: key(checkpoint + 1),
+            },
+            // Deleted a second time in the batch: nothing left to delete.
+            BatchOp::Delete { key: key(4) },
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        store.get(&key(3)).unwrap().unwrap().value,
+        json!({"n": "new"})
+    );
+    assert_eq!(store.get(&key(3)).unwrap().unwrap().created_index, 4);
+    assert_eq!(store.get(&key(4)).unwrap(), None);
+    assert_eq!(store.stamp(&key(checkpoint + 1)).unwrap(), None);
+    let listed: Vec<String> = store
+        .list("/apisix/consumers/c/credentials/")
+        .unwrap()
+        .into_iter()
+        .map(|e| e.key)
+        .collect();
+    let expected: Vec<String> = (0..checkpoint + 10)
+        .filter(|&i| i != 4 && i != checkpoint + 1)
+        .map(key)
+        .collect();
+    assert_eq!(listed, expected);
+    // A prefix delete, then a put under the prefix in the same batch.
+    let events = apply(
+        &store,
+        vec![
+            BatchOp::DeletePrefix {
+                prefix: "/apisix/consumers/c/credentials/".into(),
+            },
+            BatchOp::Put {
+                key: key(0),
+                value: json!({ "back": true }),
+            },
+        ],
+    )
+    .unwrap();
+    assert_eq!(events.len(), expected.len() + 1);
+    let left = store.list("/apisix/consumers/c/").unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].value, json!({ "back": true }));
+    // Created anew after its delete in the same batch.
+    assert_eq!(left[0].created_index, left[0].modified_index);
+}
+
+/// A clean close writes the pending writes to the database file: read
+/// alone, without the journal, it has them all.
+#[test]
+fn redb_close_leaves_every_write_in_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.redb");
+    {
+        let store = RedbStore::open(&path).unwrap();
+        for i in 1..=5 {
+            put(&store, &format!("/apisix/routes/{i}"), json!({ "n": i })).unwrap();
+        }
+        apply(
+            &store,
+            vec![BatchOp::Delete {
+                key: "/apisix/routes/2".into(),
+            }],
+        )
+        .unwrap();
+    }
+    let db = redb::Database::open(&path).unwrap();
+    let txn = db.begin_read().unwrap();
+    let objects: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("objects");
+    let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
+    let table = txn.open_table(objects).unwrap();
+    let keys: Vec<String> = table
+        .iter()
+        .unwrap()
+        .map(|item| item.unwrap().0.value().to_string())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "/apisix/routes/1",
+            "/apisix/routes/3",
+            "/apisix/routes/4",
+            "/apisix/routes/5"
+        ]
+    );
+    let revision = txn
+        .open_table(meta)
+        .unwrap()
+        .get("revision")
+        .unwrap()
+        .unwrap()
+        .value();
+    assert_eq!(revision, 6);
+}
+
+/// A write that does not fit in what is left of the journal goes to the
+/// database file at once, with the writes pending before it.
+#[test]
+fn redb_writes_too_large_for_the_journal_go_to_the_file_with_the_pending_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.redb");
+    let store = RedbStore::open(&path).unwrap();
+    let mib = |n: usize| json!({ "desc": "x".repeat(n << 20) });
+    put(&store, "/apisix/routes/small", json!({})).unwrap();
+    put(&store, "/apisix/routes/a", mib(2)).unwrap();
+    // Journaled: a copy of the file alone misses both.
+    let copy = dir.path().join("copy1.redb");
+    std::fs::copy(&path, &copy).unwrap();
+    assert_eq!(RedbStore::open(&copy).unwrap().revision().unwrap(), 0);
+    put(&store, "/apisix/routes/b", mib(3)).unwrap();
+    put(&store, "/apisix/routes/c", mib(5)).unwrap();
+    let copy = dir.path().join("copy2.redb");
+    std::fs::copy(&path, &copy).unwrap();
+    let alone = RedbStore::open(&copy).unwrap();
+    assert_eq!(alone.revision().unwrap(), 4);
+    assert_eq!(alone.list("/apisix/routes/").unwrap().len(), 4);
+    assert_eq!(
+        alone.get("/apisix/routes/c").unwrap().unwrap().value,
+        mib(5)
+    );
 }

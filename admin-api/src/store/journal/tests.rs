@@ -103,17 +103,6 @@ fn a_torn_record_ends_the_journal() {
 }
 
 #[test]
-fn a_retracted_record_is_not_read_and_its_place_is_reused() {
-    let (_dir, path, mut j, at) = two_records();
-    j.retract(at).unwrap();
-    let (_, found) = Journal::open(&path, false).unwrap();
-    assert_eq!(found.len(), 1);
-    assert_eq!(write(&mut j, 2, &[put("c", "3")]), Appended::At(at));
-    let (_, found) = Journal::open(&path, false).unwrap();
-    assert_eq!(found[1].ops, vec![put("c", "3")]);
-}
-
-#[test]
 fn a_fresh_store_does_not_see_an_old_journal_even_after_another_crash() {
     let (_dir, path, mut j) = new_journal();
     write(&mut j, 1, &[put("a", "1")]);
