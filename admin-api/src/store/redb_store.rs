@@ -233,9 +233,10 @@ impl RedbStore {
         }
     }
 
-    /// The revision of the last committed change: `meta`'s (written by
-    /// deletes and batches) or the newest entry's (written by puts),
-    /// whichever is larger. Reads every entry's revisions once, at open.
+    /// The revision of the last change in the file: `meta`'s (written by
+    /// every checkpoint and replay; by deletes and batches in a file an
+    /// earlier build wrote) or the newest entry's, whichever is larger.
+    /// Reads every entry's revisions once, at open.
     fn last_revision(db: &Database) -> Result<u64, StoreError> {
         let txn = db.begin_read().map_err(StoreError::backend)?;
         let meta = txn.open_table(META).map_err(StoreError::backend)?;
@@ -490,24 +491,16 @@ impl RedbStore {
 /// finds it there and has nothing to apply.
 impl Drop for RedbStore {
     fn drop(&mut self) {
-        let journal = self.write_lock.get_mut().unwrap_or_else(|p| p.into_inner());
-        let waiting = !self
-            .pending
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_empty();
-        if waiting {
-            let revision = self.revision.load(Ordering::Acquire);
-            let pending = std::mem::take(self.pending.get_mut().unwrap_or_else(|p| p.into_inner()));
-            let ops = pending
-                .iter()
-                .map(|(key, value)| (key.as_str(), value.as_deref()));
-            match Self::commit_to_file(&self.db, ops, revision) {
-                Ok(()) => journal.restart(),
-                Err(e) => {
-                    tracing::warn!(error = %e, "config store: pending writes left to the journal at close")
-                }
-            }
+        let pending = std::mem::take(self.pending.get_mut().unwrap_or_else(|p| p.into_inner()));
+        if pending.is_empty() {
+            return;
+        }
+        let ops = pending
+            .iter()
+            .map(|(key, value)| (key.as_str(), value.as_deref()));
+        if let Err(e) = Self::commit_to_file(&self.db, ops, *self.revision.get_mut()) {
+            // Still in the journal: the next open applies them.
+            tracing::warn!(error = %e, "config store: pending writes left to the journal at close");
         }
     }
 }
