@@ -346,7 +346,7 @@ impl RedbStore {
     pub fn put_now(
         &self,
         key: &str,
-        value: &Value,
+        value: Value,
         expect_modified: Option<u64>,
     ) -> Result<PutOutcome, StoreError> {
         let mut journal = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -360,7 +360,7 @@ impl RedbStore {
         let revision = self.revision.load(Ordering::Acquire) + 1;
         let entry = Entry {
             key: key.to_string(),
-            value: value.clone(),
+            value,
             created_index: previous.as_ref().map_or(revision, |p| p.created_index),
             modified_index: revision,
         };
@@ -373,15 +373,19 @@ impl RedbStore {
             revision,
         )?;
         self.revision.store(revision, Ordering::Release);
-        let outcome = PutOutcome {
-            entry,
-            created: previous.is_none(),
-        };
+        // The watchers borrow the entry; the caller gets it back, not a copy.
+        let events = [Event::Put(entry)];
         self.watchers.notify(&Change::Events {
-            events: &[Event::Put(outcome.entry.clone())],
+            events: &events,
             revision,
         });
-        Ok(outcome)
+        let [Event::Put(entry)] = events else {
+            unreachable!("built as a put just above")
+        };
+        Ok(PutOutcome {
+            entry,
+            created: previous.is_none(),
+        })
     }
 
     /// [`Store::apply`], done before it returns.
@@ -573,7 +577,7 @@ impl Store for RedbStore {
         value: Value,
         expect_modified: Option<u64>,
     ) -> WriteFuture<'_, PutOutcome> {
-        done(self.put_now(key, &value, expect_modified))
+        done(self.put_now(key, value, expect_modified))
     }
 
     fn apply(&self, ops: Vec<BatchOp>) -> WriteFuture<'_, Vec<Event>> {
