@@ -31,10 +31,11 @@ type Job = Box<dyn FnOnce() + Send>;
 /// cores are all busy, a writer at the data plane's priority takes that time
 /// from the threads serving requests. At nice 10 its weight is a tenth of
 /// theirs, so a burst of changes runs in what the data plane leaves, yet it
-/// never starves: on a saturated machine it still gets several times the
-/// CPU 400 updates a second need (their answers then take a few
-/// milliseconds longer). Databases lower their background threads the same
-/// way (RocksDB's compactions).
+/// never starves: the scheduler still gives it a tenth of a busy thread's
+/// share (on two cores with three busy threads, about what 400 updates a
+/// second need; their answers then take a few milliseconds longer, tens of
+/// milliseconds with two busy workers). Databases lower their background
+/// threads the same way (RocksDB's compactions).
 const WRITER_NICE: i32 = 10;
 
 /// Sets the calling thread's nice value to [`WRITER_NICE`] above the main
@@ -159,8 +160,8 @@ mod tests {
         let main = getpriority_process(Some(getpid())).unwrap();
         let its = writer
             .run(|| {
-                // A second call (a thread started from a lowered one) does
-                // not lower it again.
+                // A second call (as in a thread started from a lowered one)
+                // leaves the value as it is.
                 yield_to_the_data_plane();
                 getpriority_process(None).unwrap()
             })
