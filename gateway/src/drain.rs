@@ -91,6 +91,33 @@ impl Watch {
         .await
     }
 
+    /// Resolves once a stop was signalled, as [`Watch::signalled`] does, but
+    /// waits on the signal only from the first poll that finds `idle()`
+    /// true. A busy connection's task is woken by its own progress, and
+    /// every wake-up looks at the stop flag; only an idle one, which nothing
+    /// else would wake, needs the signal's wake-up. Waiting on it takes a
+    /// lock to start and another to stop, which a connection that is never
+    /// idle (one request, then close) is spared.
+    pub async fn signalled_while(&mut self, idle: impl Fn() -> bool) {
+        let stop = &self.stop;
+        let wait = self.rx.wait_for(|stop| *stop);
+        let mut wait = std::pin::pin!(wait);
+        let mut waiting = false;
+        std::future::poll_fn(move |cx| {
+            if stop.load(Ordering::Acquire) {
+                return Poll::Ready(());
+            }
+            // Waiting already, the signal wakes the task; busy, its own
+            // progress does.
+            if waiting || !idle() {
+                return Poll::Pending;
+            }
+            waiting = true;
+            wait.as_mut().poll(cx).map(|_| ())
+        })
+        .await
+    }
+
     /// Whether a stop was signalled already.
     pub fn is_signalled(&self) -> bool {
         self.stop.load(Ordering::Acquire) || *self.rx.borrow()
@@ -253,6 +280,62 @@ mod tests {
             .expect("stopped");
         assert_eq!(out.expect("task"), "finished");
         assert!(asked.load(Ordering::SeqCst));
+    }
+
+    /// A waker that counts its wake-ups.
+    #[derive(Default)]
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Polls `drain`'s shutdown once: the stop is signalled, and the
+    /// shutdown then waits for the watches.
+    fn signal(drain: Drain) {
+        let mut shutdown = std::pin::pin!(drain.shutdown());
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(shutdown.as_mut().poll(&mut cx).is_pending());
+    }
+
+    #[test]
+    fn a_busy_connection_does_not_wait_on_the_signal_but_sees_it_when_polled() {
+        let drain = Drain::new();
+        let mut watch = drain.watcher();
+        let woken = Arc::new(Count::default());
+        let waker = std::task::Waker::from(woken.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut stopped = std::pin::pin!(watch.signalled_while(|| false));
+        assert!(stopped.as_mut().poll(&mut cx).is_pending());
+        signal(drain);
+        assert_eq!(
+            woken.0.load(Ordering::SeqCst),
+            0,
+            "nothing waited on the signal"
+        );
+        assert!(
+            stopped.as_mut().poll(&mut cx).is_ready(),
+            "its next wake-up sees the stop"
+        );
+    }
+
+    #[test]
+    fn an_idle_connection_is_woken_by_the_signal() {
+        let drain = Drain::new();
+        let mut watch = drain.watcher();
+        let woken = Arc::new(Count::default());
+        let waker = std::task::Waker::from(woken.clone());
+        let mut cx = Context::from_waker(&waker);
+        let idle = std::cell::Cell::new(false);
+        let mut stopped = std::pin::pin!(watch.signalled_while(|| idle.get()));
+        assert!(stopped.as_mut().poll(&mut cx).is_pending());
+        idle.set(true);
+        assert!(stopped.as_mut().poll(&mut cx).is_pending());
+        signal(drain);
+        assert!(woken.0.load(Ordering::SeqCst) > 0, "woken by the signal");
+        assert!(stopped.as_mut().poll(&mut cx).is_ready());
     }
 
     #[tokio::test]

@@ -9,6 +9,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -430,24 +431,50 @@ impl Protocols {
 }
 
 /// The next client of `listener` (`TCP_NODELAY` comes with its second
-/// write: see [`Lingering`]); `None` once `shutdown` flips. Accept failures (out of file descriptors and the like)
+/// write: see [`Lingering`]); `None` once `stop` resolves (see
+/// [`stop_signal`]). Accept failures (out of file descriptors and the like)
 /// are logged and retried after a short pause instead of spinning.
 async fn next_client(
     listener: &TcpListener,
-    shutdown: &mut watch::Receiver<bool>,
+    mut stop: Pin<&mut impl Future<Output = ()>>,
 ) -> Option<(TcpStream, SocketAddr)> {
     loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => return Some((stream, peer)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            _ = shutdown.changed() => return None,
+        // The stop first: a listener that always has a client waiting still
+        // stops.
+        let accepted = std::future::poll_fn(|cx| match stop.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(None),
+            Poll::Pending => listener.poll_accept(cx).map(Some),
+        })
+        .await?;
+        match accepted {
+            Ok(client) => return Some(client),
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
     }
+}
+
+/// Resolves when `shutdown` changes (or its sender is gone): a listener's
+/// stop, awaited across all its accepts. A `changed()` made afresh for each
+/// accept would add a waiter to the channel and take it off again (a lock
+/// each time), and a waiting `changed()` takes that lock whenever it is
+/// polled; this one waits once and, after that, looks at the channel's
+/// version (one atomic load) before it polls the wait.
+async fn stop_signal(mut shutdown: watch::Receiver<bool>) {
+    let probe = shutdown.clone();
+    let changed = shutdown.changed();
+    let mut changed = std::pin::pin!(changed);
+    let mut waiting = false;
+    std::future::poll_fn(move |cx| {
+        if waiting && matches!(probe.has_changed(), Ok(false)) {
+            return Poll::Pending;
+        }
+        waiting = true;
+        changed.as_mut().poll(cx).map(|_| ())
+    })
+    .await
 }
 
 /// Where the socket was dialled: its own local address, which for a
@@ -466,12 +493,13 @@ pub async fn serve_data_plane(
     listener: TcpListener,
     transparent: bool,
     plane: DataPlane,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     drain: Arc<Drain>,
 ) {
     let protocols = Arc::new(Protocols::new(&plane));
     let plane = Arc::new(plane);
-    while let Some((stream, peer)) = next_client(&listener, &mut shutdown).await {
+    let mut stop = std::pin::pin!(stop_signal(shutdown));
+    while let Some((stream, peer)) = next_client(&listener, stop.as_mut()).await {
         CONNECTIONS.accepted();
         let Ok(permit) = plane.connections.clone().try_acquire_owned() else {
             // Over the connection cap: shed at once rather than queue.
@@ -526,6 +554,9 @@ fn serve_connection(
         // a task is as large as its largest stage for as long as it lives.
         let sniffed = Box::pin(async {
         tokio::select! {
+            // The client's bytes first: they are usually there at the first
+            // poll, and the drain signal is then never waited on.
+            biased;
             sniffed = tokio::time::timeout(plane.header_timeout, sniff(&mut stream)) => match sniffed {
                 Ok(protocol) => protocol,
                 Err(_) => {
@@ -743,7 +774,9 @@ where
         tokio::select! {
             biased;
             stretch = drive => return stretch,
-            _ = drain.signalled(), if !draining => {
+            // Waited on only while the connection is quiet: see
+            // `signalled_while`.
+            _ = drain.signalled_while(|| activity.is_quiet()), if !draining => {
                 draining = true;
                 std::pin::Pin::new(&mut **conn).graceful_shutdown();
             }
@@ -773,12 +806,13 @@ pub async fn serve_tls(
     listener: TcpListener,
     plane: DataPlane,
     edge: Arc<TlsEdge>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     drain: Arc<Drain>,
 ) {
     let protocols = Arc::new(Protocols::new(&plane));
     let plane = Arc::new(plane);
-    while let Some((stream, peer)) = next_client(&listener, &mut shutdown).await {
+    let mut stop = std::pin::pin!(stop_signal(shutdown));
+    while let Some((stream, peer)) = next_client(&listener, stop.as_mut()).await {
         CONNECTIONS.accepted();
         let Ok(permit) = plane.connections.clone().try_acquire_owned() else {
             // Over the cap: closed before any handshake work.
@@ -894,14 +928,15 @@ fn shed(stream: TcpStream) {
 pub async fn serve_admin(
     listener: TcpListener,
     app: axum::Router,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     drain: Arc<Drain>,
 ) {
     let mut http1 = hyper::server::conn::http1::Builder::new();
     http1
         .timer(TokioTimer::new())
         .header_read_timeout(crate::config::DEFAULT_CLIENT_HEADER_TIMEOUT);
-    while let Some((stream, peer)) = next_client(&listener, &mut shutdown).await {
+    let mut stop = std::pin::pin!(stop_signal(shutdown));
+    while let Some((stream, peer)) = next_client(&listener, stop.as_mut()).await {
         let activity = Arc::new(Activity::default());
         activity.set_linger();
         let io = TokioIo::new(Lingering::new(stream, activity));
