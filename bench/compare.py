@@ -27,6 +27,14 @@ With --close, the same load is also run with `Connection: close` on every
 request, so that each request comes on a connection of its own: what a
 connection costs to accept, serve and close, beside nginx.
 
+With --floor, hyper alone is measured beside them: the example
+gateway/examples/hyper_floor.rs (`cargo build --release --example
+hyper_floor`), hyper's HTTP/1 server and client on the gateway's runtime
+and allocator, proxying to the first upstream over one upstream connection
+per client connection, with no routing, plugins, access log or timeouts.
+What ferrogate spends above it is the gateway's own; what it spends is
+hyper's and tokio's.
+
 With --churn N, ferrogate is also measured with N more routes (/r/0..) and
 the same load run twice: quiet, and while one Admin API client PUTs those
 routes --churn-rate times a second (each PUT swaps a route's two upstream
@@ -209,6 +217,23 @@ class Nginx:
             "  location / { return 404; } }\n}\n" % (servers, self.port)
         )
         self.proc = start_nginx(self.nginx, d, "worker_processes 1;", http)
+        wait_port(self.port, self.proc)
+
+    def stop(self):
+        stop(self.proc)
+
+
+class HyperFloor:
+    """hyper's server and client and nothing else (gateway/examples/hyper_floor.rs)."""
+    name = "hyper-floor"
+
+    def __init__(self, binary, work, upstreams):
+        self.binary, self.work, self.upstreams = binary, work, upstreams
+
+    def start(self):
+        self.port = free_port()
+        d = tempfile.mkdtemp(dir=self.work, prefix="floor-")
+        self.proc = spawn([self.binary, "127.0.0.1:%d" % self.port, "127.0.0.1:%d" % self.upstreams[0]], d)
         wait_port(self.port, self.proc)
 
     def stop(self):
@@ -519,6 +544,9 @@ def main():
     ap.add_argument("--observe", action="store_true",
                     help="also run ferrogate without its access log, and with the access log plus "
                          "prometheus on the route: what observability costs per request")
+    ap.add_argument("--floor", action="store_true",
+                    help="also run hyper alone as a proxy (gateway/examples/hyper_floor.rs; "
+                         "cargo build --release --example hyper_floor): the CPU hyper and tokio take")
     args = ap.parse_args()
 
     if not shutil.which("wrk"):
@@ -540,6 +568,11 @@ def main():
         if args.observe:
             peers.append(Ferrogate(binary, work, ups, {}, "ferrogate-dark", access_log=False))
             peers.append(Ferrogate(binary, work, ups, {"prometheus": {}}, "ferrogate-observed"))
+        if args.floor:
+            floor = os.path.join(os.path.dirname(binary), "examples", "hyper_floor")
+            if not os.access(floor, os.X_OK):
+                raise SystemExit("%s not found: cargo build --release --example hyper_floor" % floor)
+            peers.append(HyperFloor(floor, work, ups))
         if nginx:
             peers.append(Nginx(nginx, work, ups))
         else:
@@ -565,7 +598,8 @@ def main():
                               flush=True)
                 finally:
                     peer.stop()
-                if args.idle and not getattr(peer, "extra_plugins", None) and getattr(peer, "access_log", True):
+                if (args.idle and not isinstance(peer, HyperFloor) and not getattr(peer, "extra_plugins", None)
+                        and getattr(peer, "access_log", True)):
                     peer.start()
                     try:
                         r = idle(peer, args)
