@@ -77,18 +77,7 @@ impl Watch {
     /// set: polling it takes a lock, and a connection's task is woken several
     /// times per request.
     pub async fn signalled(&mut self) {
-        let stop = Arc::clone(&self.stop);
-        let wait = self.rx.wait_for(|stop| *stop);
-        let mut wait = std::pin::pin!(wait);
-        let mut registered = false;
-        std::future::poll_fn(move |cx| {
-            if registered && !stop.load(Ordering::Acquire) {
-                return Poll::Pending;
-            }
-            registered = true;
-            wait.as_mut().poll(cx).map(|_| ())
-        })
-        .await
+        self.signalled_while(|| true).await
     }
 
     /// Resolves once a stop was signalled, as [`Watch::signalled`] does, but
@@ -292,6 +281,12 @@ mod tests {
         }
     }
 
+    /// A waker and the count of its wake-ups.
+    fn counting_waker() -> (Arc<Count>, std::task::Waker) {
+        let woken = Arc::new(Count::default());
+        (woken.clone(), std::task::Waker::from(woken))
+    }
+
     /// Polls `drain`'s shutdown once: the stop is signalled, and the
     /// shutdown then waits for the watches.
     fn signal(drain: Drain) {
@@ -304,8 +299,7 @@ mod tests {
     fn a_busy_connection_does_not_wait_on_the_signal_but_sees_it_when_polled() {
         let drain = Drain::new();
         let mut watch = drain.watcher();
-        let woken = Arc::new(Count::default());
-        let waker = std::task::Waker::from(woken.clone());
+        let (woken, waker) = counting_waker();
         let mut cx = Context::from_waker(&waker);
         let mut stopped = std::pin::pin!(watch.signalled_while(|| false));
         assert!(stopped.as_mut().poll(&mut cx).is_pending());
@@ -325,8 +319,7 @@ mod tests {
     fn an_idle_connection_is_woken_by_the_signal() {
         let drain = Drain::new();
         let mut watch = drain.watcher();
-        let woken = Arc::new(Count::default());
-        let waker = std::task::Waker::from(woken.clone());
+        let (woken, waker) = counting_waker();
         let mut cx = Context::from_waker(&waker);
         let idle = std::cell::Cell::new(false);
         let mut stopped = std::pin::pin!(watch.signalled_while(|| idle.get()));
