@@ -30,8 +30,9 @@ connection costs to accept, serve and close, beside nginx.
 With --floor, hyper alone is measured beside them: the example
 gateway/examples/hyper_floor.rs (`cargo build --release --example
 hyper_floor`), hyper's HTTP/1 server and client on the gateway's runtime
-and allocator, proxying to the first upstream over one upstream connection
-per client connection, with no routing, plugins, access log or timeouts.
+and allocator, proxying to the first upstream over a plain pool of upstream
+connections (reused with --close too), with no routing, plugins, access log
+or timeouts.
 What ferrogate spends above it is the gateway's own; what it spends is
 hyper's and tokio's.
 

@@ -11,17 +11,25 @@
 //! target/release/examples/hyper_floor 127.0.0.1:9081                  # answers "ok\n" itself
 //! ```
 //!
-//! As a proxy, each client connection gets one upstream connection of its
-//! own, opened at the accept and used for that client's requests one after
-//! the other: no pool, no balancer, no header rewriting, no timeouts. It is a
-//! measuring stick, not a gateway.
+//! As a proxy, it keeps the thread's idle upstream connections in a plain
+//! list: a request takes one (or opens one), and the answer's body puts it
+//! back at its end, so that a load with a new client connection per request
+//! still reuses upstream connections, as the gateway and nginx do. It
+//! removes the request's `Connection` header and touches no other: no
+//! balancer, no other rewriting, no timeouts. It is a measuring stick, not a
+//! gateway.
 
+use std::cell::RefCell;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
-use hyper::body::Incoming;
+use hyper::body::{Frame, Incoming};
+use hyper::client::conn::http1::SendRequest;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
@@ -44,10 +52,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async move {
         let listener = TcpListener::bind(listen).await?;
+        let pool = Pool::default();
         loop {
             let (client, _) = listener.accept().await?;
+            let pool = pool.clone();
             tokio::task::spawn_local(async move {
-                if let Err(e) = serve(client, upstream).await {
+                if let Err(e) = serve(client, upstream, pool).await {
                     eprintln!("connection: {e}");
                 }
             });
@@ -58,6 +68,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 async fn serve(
     client: TcpStream,
     upstream: Option<SocketAddr>,
+    pool: Pool,
 ) -> Result<(), Box<dyn std::error::Error>> {
     client.set_nodelay(true)?;
     let server = hyper::server::conn::http1::Builder::new();
@@ -73,39 +84,104 @@ async fn serve(
             .await?;
         return Ok(());
     };
-    let node = TcpStream::connect(upstream).await?;
-    node.set_nodelay(true)?;
-    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(node)).await?;
-    tokio::task::spawn_local(connection);
-    // hyper's server asks for one answer at a time on a connection, so the
-    // sender is only ever borrowed for a moment, never across a wait.
-    let sender = std::rc::Rc::new(std::cell::RefCell::new(sender));
-    let proxy = hyper::service::service_fn(move |request: Request<Incoming>| {
-        let sender = sender.clone();
+    let proxy = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+        let pool = pool.clone();
+        // The one header rewrite a proxy cannot do without: a client's
+        // `Connection: close` is about its own connection, not the pooled one.
+        request.headers_mut().remove(hyper::header::CONNECTION);
         async move {
-            let ready = std::future::poll_fn(|cx| sender.borrow_mut().poll_ready(cx)).await;
-            let sent = match ready {
-                Ok(()) => {
-                    let sending = sender.borrow_mut().send_request(request);
-                    sending.await
-                }
-                Err(e) => Err(e),
-            };
-            let answer = match sent {
-                Ok(answer) => answer.map(BodyExt::boxed_unsync),
-                Err(_) => {
-                    let mut bad = Response::new(
-                        Full::new(Bytes::new())
-                            .map_err(|never| match never {})
-                            .boxed_unsync(),
-                    );
-                    *bad.status_mut() = hyper::StatusCode::BAD_GATEWAY;
-                    bad
-                }
+            let answer = match take(&pool, upstream).await {
+                Ok(mut sender) => match sender.send_request(request).await {
+                    Ok(answer) => answer.map(|body| Returning {
+                        body: Some(body),
+                        sender: Some(sender),
+                        pool,
+                    }),
+                    Err(_) => bad_gateway(),
+                },
+                Err(_) => bad_gateway(),
             };
             Ok::<_, Infallible>(answer)
         }
     });
     server.serve_connection(TokioIo::new(client), proxy).await?;
     Ok(())
+}
+
+/// Idle upstream connections, shared by every client connection of the
+/// (single) thread.
+type Pool = Rc<RefCell<Vec<SendRequest<Incoming>>>>;
+
+/// An idle connection from `pool`, or a new one.
+async fn take(
+    pool: &Pool,
+    upstream: SocketAddr,
+) -> Result<SendRequest<Incoming>, Box<dyn std::error::Error>> {
+    loop {
+        // Not borrowed across the wait below: the pool is the thread's.
+        let idle = pool.borrow_mut().pop();
+        let Some(mut sender) = idle else { break };
+        // Returned at its answer's end: ready as soon as its task has seen
+        // that end; an error means it closed meanwhile.
+        if sender.ready().await.is_ok() {
+            return Ok(sender);
+        }
+    }
+    let node = TcpStream::connect(upstream).await?;
+    node.set_nodelay(true)?;
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(node)).await?;
+    tokio::task::spawn_local(connection);
+    Ok(sender)
+}
+
+fn bad_gateway() -> Response<Returning> {
+    let mut bad = Response::new(Returning {
+        body: None,
+        sender: None,
+        pool: Pool::default(),
+    });
+    *bad.status_mut() = hyper::StatusCode::BAD_GATEWAY;
+    bad
+}
+
+/// An answer's body that puts its upstream connection back into the pool
+/// once the body has ended (a body dropped before its end takes the
+/// connection with it). No body: an empty one.
+struct Returning {
+    body: Option<Incoming>,
+    sender: Option<SendRequest<Incoming>>,
+    pool: Pool,
+}
+
+impl hyper::body::Body for Returning {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let Some(body) = this.body.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(&mut *body).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) || body.is_end_stream() {
+            if let Some(sender) = this.sender.take() {
+                this.pool.borrow_mut().push(sender);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.as_ref().is_none_or(Incoming::is_end_stream)
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match &self.body {
+            Some(body) => body.size_hint(),
+            None => hyper::body::SizeHint::with_exact(0),
+        }
+    }
 }
