@@ -364,13 +364,52 @@ fn protocol_of(first: &[u8]) -> Option<Protocol> {
 /// ordinary size arrives whole in one read.
 const FIRST_READ: usize = 4096;
 
-/// Waits for the client's first bytes, reads them and tells the protocol
-/// they open. The bytes are handed to the protocol's connection rather than
-/// peeked at: a peek would cost each connection a second read of the same
-/// bytes. `None`: the client closed or failed first.
-async fn sniff(stream: &mut TcpStream) -> Option<(Protocol, Bytes)> {
+/// What a connection's first read found, before any wait.
+enum Early {
+    /// The protocol, told from the bytes read.
+    Told(Protocol, Bytes),
+    /// The client closed, or its socket failed.
+    Gone,
+    /// Nothing yet, or too few bytes to tell (kept here): wait for more.
+    Wait(BytesMut),
+}
+
+/// Reads what the client has already sent, without waiting: usually its
+/// whole request, which it sends right behind the handshake. Only when
+/// nothing is there yet does [`sniff`] wait, with a timer for the wait. A
+/// client that has sent nothing is left holding no buffer.
+///
+/// The read goes through the runtime, not straight to the socket: a short
+/// read tells the runtime the socket is drained, which spares hyper's next
+/// read a system call.
+async fn read_early(stream: &mut TcpStream) -> Early {
     use tokio::io::AsyncReadExt;
-    let mut first = BytesMut::new();
+    let mut first = BytesMut::with_capacity(FIRST_READ);
+    let read = {
+        let mut reading = std::pin::pin!(stream.read_buf(&mut first));
+        // Polled once: `None` when it would wait.
+        std::future::poll_fn(|cx| match reading.as_mut().poll(cx) {
+            Poll::Ready(read) => Poll::Ready(Some(read)),
+            Poll::Pending => Poll::Ready(None),
+        })
+        .await
+    };
+    match read {
+        Some(Ok(0)) | Some(Err(_)) => Early::Gone,
+        Some(Ok(_)) => match protocol_of(&first) {
+            Some(protocol) => Early::Told(protocol, first.freeze()),
+            None => Early::Wait(first),
+        },
+        None => Early::Wait(BytesMut::new()),
+    }
+}
+
+/// Waits for the client's first bytes (after those in `first`), reads them
+/// and tells the protocol they open. The bytes are handed to the protocol's
+/// connection rather than peeked at: a peek would cost each connection a
+/// second read of the same bytes. `None`: the client closed or failed first.
+async fn sniff(stream: &mut TcpStream, mut first: BytesMut) -> Option<(Protocol, Bytes)> {
+    use tokio::io::AsyncReadExt;
     loop {
         stream.readable().await.ok()?;
         // Allocated once bytes are there: a client that connects and says
@@ -552,22 +591,28 @@ fn serve_connection(
         let peer = client.peer;
         // Boxed, as every stage that holds more than a parked connection needs:
         // a task is as large as its largest stage for as long as it lives.
-        let sniffed = Box::pin(async {
-        tokio::select! {
-            // The client's bytes first: they are usually there at the first
-            // poll, and the drain signal is then never waited on.
-            biased;
-            sniffed = tokio::time::timeout(plane.header_timeout, sniff(&mut stream)) => match sniffed {
-                Ok(protocol) => protocol,
-                Err(_) => {
-                    tracing::debug!(%peer, "client sent nothing within client_header_timeout");
-                    None
-                }
-            },
-            _ = drain.signalled() => None,
-        }
-    })
-    .await;
+        let sniffed = match read_early(&mut stream).await {
+            Early::Told(protocol, first) => Some((protocol, first)),
+            Early::Gone => None,
+            Early::Wait(first) => {
+                Box::pin(async {
+                    tokio::select! {
+                        // The client's bytes first: the drain signal is then
+                        // never waited on.
+                        biased;
+                        sniffed = tokio::time::timeout(plane.header_timeout, sniff(&mut stream, first)) => match sniffed {
+                            Ok(protocol) => protocol,
+                            Err(_) => {
+                                tracing::debug!(%peer, "client sent nothing within client_header_timeout");
+                                None
+                            }
+                        },
+                        _ = drain.signalled() => None,
+                    }
+                })
+                .await
+            }
+        };
         let Some((protocol, first)) = sniffed else {
             return;
         };
