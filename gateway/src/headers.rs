@@ -95,6 +95,11 @@ fn scan(headers: &HeaderMap) -> u16 {
     present
 }
 
+/// Whether a whole `Connection` value is `close` or `keep-alive`.
+fn names_no_header(value: &[u8]) -> bool {
+    value.eq_ignore_ascii_case(b"close") || value.eq_ignore_ascii_case(b"keep-alive")
+}
+
 /// Removes the hop-by-hop headers `present` notes and those `Connection`
 /// names; answers whether it named (and so removed) any other header, so
 /// that `present` is out of date.
@@ -111,6 +116,8 @@ fn strip_noted(headers: &mut HeaderMap, present: u16) -> bool {
         let options = headers
             .get_all(header::CONNECTION)
             .iter()
+            // What clients send nearly always: one option naming no header.
+            .filter(|v| !names_no_header(v.as_bytes()))
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .map(str::trim);
@@ -559,6 +566,17 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("content-length"));
+
+        // A client's `Connection: Close`, and a second `Connection` that
+        // names a header: that one is still read.
+        let mut h = HeaderMap::new();
+        h.append("connection", HeaderValue::from_static("Close"));
+        h.append("connection", HeaderValue::from_static("x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("x-kept", HeaderValue::from_static("2"));
+        strip_hop_by_hop(&mut h);
+        let left: Vec<_> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["x-kept"]);
 
         // Nothing to remove; a value that is not text is ignored.
         let mut h = HeaderMap::new();
