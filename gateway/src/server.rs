@@ -11,7 +11,7 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -376,31 +376,23 @@ enum Early {
 
 /// Reads what the client has already sent, without waiting: usually its
 /// whole request, which it sends right behind the handshake. Only when
-/// nothing is there yet does [`sniff`] wait, with a timer for the wait. A
-/// client that has sent nothing is left holding no buffer.
+/// nothing is there yet does [`sniff`] wait, with a timer for the wait (the
+/// read has registered the task for the socket's readiness). A client that
+/// has sent nothing is left holding no buffer.
 ///
 /// The read goes through the runtime, not straight to the socket: a short
 /// read tells the runtime the socket is drained, which spares hyper's next
-/// read a system call.
-async fn read_early(stream: &mut TcpStream) -> Early {
-    use tokio::io::AsyncReadExt;
+/// read a system call. A plain function of the poll's context, so that the
+/// connection's task keeps no state for it.
+fn read_early(stream: &mut TcpStream, cx: &mut Context<'_>) -> Early {
     let mut first = BytesMut::with_capacity(FIRST_READ);
-    let read = {
-        let mut reading = std::pin::pin!(stream.read_buf(&mut first));
-        // Polled once: `None` when it would wait.
-        std::future::poll_fn(|cx| match reading.as_mut().poll(cx) {
-            Poll::Ready(read) => Poll::Ready(Some(read)),
-            Poll::Pending => Poll::Ready(None),
-        })
-        .await
-    };
-    match read {
-        Some(Ok(0)) | Some(Err(_)) => Early::Gone,
-        Some(Ok(_)) => match protocol_of(&first) {
+    match tokio_util::io::poll_read_buf(Pin::new(stream), cx, &mut first) {
+        Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Early::Gone,
+        Poll::Ready(Ok(_)) => match protocol_of(&first) {
             Some(protocol) => Early::Told(protocol, first.freeze()),
             None => Early::Wait(first),
         },
-        None => Early::Wait(BytesMut::new()),
+        Poll::Pending => Early::Wait(BytesMut::new()),
     }
 }
 
@@ -591,7 +583,8 @@ fn serve_connection(
         let peer = client.peer;
         // Boxed, as every stage that holds more than a parked connection needs:
         // a task is as large as its largest stage for as long as it lives.
-        let sniffed = match read_early(&mut stream).await {
+        let early = std::future::poll_fn(|cx| Poll::Ready(read_early(&mut stream, cx))).await;
+        let sniffed = match early {
             Early::Told(protocol, first) => Some((protocol, first)),
             Early::Gone => None,
             Early::Wait(first) => {
