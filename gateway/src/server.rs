@@ -581,13 +581,14 @@ fn serve_connection(
     async move {
         let _permit = &permit;
         let peer = client.peer;
-        // Boxed, as every stage that holds more than a parked connection needs:
-        // a task is as large as its largest stage for as long as it lives.
         let early = std::future::poll_fn(|cx| Poll::Ready(read_early(&mut stream, cx))).await;
         let sniffed = match early {
             Early::Told(protocol, first) => Some((protocol, first)),
             Early::Gone => None,
             Early::Wait(first) => {
+                // Boxed, as every stage that holds more than a parked
+                // connection needs: a task is as large as its largest stage
+                // for as long as it lives.
                 Box::pin(async {
                     tokio::select! {
                         // The client's bytes first: the drain signal is then
