@@ -15,13 +15,12 @@ use std::time::{Duration, Instant};
 const BIN: &str = env!("CARGO_BIN_EXE_ferrogate");
 const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../conf/apisix-examples");
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+// Ports below the ephemeral range, each handed out once per process: a port
+// taken by binding port 0 and released could go to another test's gateway
+// (tests run in parallel) before this one binds it.
+#[path = "../../t/src/ports.rs"]
+mod ports;
+use ports::free_port;
 
 /// One HTTP/1.1 request with `Connection: close`; returns (status, body).
 fn http(

@@ -25,6 +25,7 @@ use tokio::net::{TcpListener, TcpSocket};
 pub use serde_json;
 
 pub mod cluster;
+pub mod ports;
 pub mod redis;
 
 /// The admin key every test gateway uses.
