@@ -36,6 +36,11 @@ or timeouts.
 What ferrogate spends above it is the gateway's own; what it spends is
 hyper's and tokio's.
 
+With --auth, ferrogate is also run with key-auth and consumer-restriction
+after ip-restriction on the route (one consumer, its key sent in an `apikey`
+header on every request), and the user-space CPU those two plugins add per
+request is printed round by round, paired with the plain route's run.
+
 With --churn N, ferrogate is also measured with N more routes (/r/0..) and
 the same load run twice: quiet, and while one Admin API client PUTs those
 routes --churn-rate times a second (each PUT swaps a route's two upstream
@@ -243,6 +248,12 @@ class HyperFloor:
 
 # The plugins a typical public route adds (`--traffic`): a rate limit that
 # never rejects, a rewrite for the upstream and CORS for browsers.
+# What an authenticated public route adds (`--auth`): a consumer's key checked,
+# then the consumer allowed by name.
+AUTH_CONSUMER = {"username": "bench", "plugins": {"key-auth": {"key": "bench-key"}}}
+AUTH_PLUGINS = {"key-auth": {}, "consumer-restriction": {"whitelist": ["bench"]}}
+AUTH_HEADERS = ["-H", "apikey: bench-key"]
+
 TRAFFIC_PLUGINS = {
     "limit-count": {"count": 1000000000, "time_window": 60, "key": "remote_addr"},
     "proxy-rewrite": {"uri": "/v2$uri", "headers": {"set": {"X-Via": "gw"}}},
@@ -253,8 +264,12 @@ TRAFFIC_PLUGINS = {
 class Ferrogate:
     name = "ferrogate-w1"
 
-    def __init__(self, binary, work, upstreams, extra_plugins=None, name=None, access_log=True, wrapper=()):
+    def __init__(self, binary, work, upstreams, extra_plugins=None, name=None, access_log=True, wrapper=(),
+                 consumer=None, headers=()):
         self.binary, self.work, self.upstreams = binary, work, upstreams
+        # Created before the route; `headers` go on every request of the load.
+        self.consumer = consumer
+        self.headers = list(headers)
         # A command the binary runs under (valgrind, for bench/hot_code.py).
         self.wrapper = list(wrapper)
         self.extra_plugins = extra_plugins or {}
@@ -282,6 +297,8 @@ class Ferrogate:
         self.admin, self.key = admin, key
         self.proc = spawn(self.wrapper + [self.binary, "--config", os.path.join(d, "conf", "config.yaml")], d)
         wait_port(admin, self.proc, timeout=120 if self.wrapper else 20)
+        if self.consumer:
+            self.admin_put("/apisix/admin/consumers", self.consumer)
         route = {
             "uri": "/hello",
             "plugins": dict({"ip-restriction": {"whitelist": ["127.0.0.0/8"]}}, **self.extra_plugins),
@@ -290,14 +307,17 @@ class Ferrogate:
                 "nodes": {"127.0.0.1:%d" % p: 1 for p in self.upstreams},
             },
         }
+        self.admin_put("/apisix/admin/routes/1", route)
+        wait_port(self.port, self.proc)
+
+    def admin_put(self, path, body):
         req = urllib.request.Request(
-            "http://127.0.0.1:%d/apisix/admin/routes/1" % admin,
-            data=json.dumps(route).encode(),
+            "http://127.0.0.1:%d%s" % (self.admin, path),
+            data=json.dumps(body).encode(),
             method="PUT",
-            headers={"X-API-KEY": key, "Content-Type": "application/json"},
+            headers={"X-API-KEY": self.key, "Content-Type": "application/json"},
         )
         urllib.request.urlopen(req, timeout=60 if self.wrapper else 10).read()
-        wait_port(self.port, self.proc)
 
     def stop(self):
         stop(self.proc)
@@ -306,17 +326,19 @@ class Ferrogate:
 # --------------------------------------------------------------- measuring
 
 
-def get(port, path="/hello"):
-    with urllib.request.urlopen("http://127.0.0.1:%d%s" % (port, path), timeout=5) as r:
+def get(port, path="/hello", headers=()):
+    names = dict(h.split(": ", 1) for h in headers if h != "-H")
+    req = urllib.request.Request("http://127.0.0.1:%d%s" % (port, path), headers=names)
+    with urllib.request.urlopen(req, timeout=5) as r:
         return r.status, r.read()
 
 
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
-def wrk(port, seconds, conns, close=False):
+def wrk(port, seconds, conns, close=False, extra=()):
     # A browser's Origin on every request, so CORS (--traffic) answers it.
-    headers = ["-H", "Origin: https://a.test"] + (["-H", "Connection: close"] if close else [])
+    headers = ["-H", "Origin: https://a.test"] + (["-H", "Connection: close"] if close else []) + list(extra)
     out = subprocess.run(
         ["wrk", "-t1", "-c%d" % conns, "-d%ds" % seconds, "--latency"] + headers
         + ["http://127.0.0.1:%d/hello" % port],
@@ -338,11 +360,12 @@ def wrk(port, seconds, conns, close=False):
 
 
 def load(peer, args, close=False):
-    wrk(peer.port, 2, args.connections, close)  # warm-up: pools, caches, page faults
+    extra = getattr(peer, "headers", ())
+    wrk(peer.port, 2, args.connections, close, extra)  # warm-up: pools, caches, page faults
     pid = peer.proc.pid
     u0, s0 = cpu(pid)
     t0 = time.time()
-    r = wrk(peer.port, args.duration, args.connections, close)
+    r = wrk(peer.port, args.duration, args.connections, close, extra)
     elapsed = time.time() - t0
     u1, s1 = cpu(pid)
     n = max(r["requests"], 1)
@@ -542,6 +565,9 @@ def main():
                     help="also run the load with a new connection per request (Connection: close)")
     ap.add_argument("--traffic", action="store_true",
                     help="also run ferrogate with limit-count, proxy-rewrite and cors on the route")
+    ap.add_argument("--auth", action="store_true",
+                    help="also run ferrogate with key-auth and consumer-restriction on the route: "
+                         "what the plugin runtime adds per request for an authenticated route")
     ap.add_argument("--observe", action="store_true",
                     help="also run ferrogate without its access log, and with the access log plus "
                          "prometheus on the route: what observability costs per request")
@@ -566,6 +592,9 @@ def main():
         peers = [Ferrogate(binary, work, ups)]
         if args.traffic:
             peers.append(Ferrogate(binary, work, ups, TRAFFIC_PLUGINS, "ferrogate-traffic"))
+        if args.auth:
+            peers.append(Ferrogate(binary, work, ups, AUTH_PLUGINS, "ferrogate-auth",
+                                   consumer=AUTH_CONSUMER, headers=AUTH_HEADERS))
         if args.observe:
             peers.append(Ferrogate(binary, work, ups, {}, "ferrogate-dark", access_log=False))
             peers.append(Ferrogate(binary, work, ups, {"prometheus": {}}, "ferrogate-observed"))
@@ -583,7 +612,7 @@ def main():
             for peer in peers:
                 peer.start()
                 try:
-                    status, body = get(peer.port)
+                    status, body = get(peer.port, headers=getattr(peer, "headers", ()))
                     if status != 200 or body != b"ok\n":
                         raise SystemExit("%s answered %s %r" % (peer.name, status, body))
                     r = load(peer, args)
@@ -670,6 +699,11 @@ def report(peers, results, args):
         diffs = [o["user_us"] - d["user_us"] for d, o in
                  zip(results["ferrogate-dark"]["load"], results["ferrogate-observed"]["load"])]
         print("\nobservability (access log + prometheus) over none, user-space CPU per request: "
+              "%s us, median %.2f us" % (" ".join("%.2f" % x for x in diffs), median(diffs)))
+    if "ferrogate-auth" in results:
+        diffs = [a["user_us"] - p["user_us"] for p, a in
+                 zip(results["ferrogate-w1"]["load"], results["ferrogate-auth"]["load"])]
+        print("\nkey-auth + consumer-restriction over ip-restriction alone, user-space CPU per request: "
               "%s us, median %.2f us" % (" ".join("%.2f" % x for x in diffs), median(diffs)))
     rows = [
         ("req/s", "rps", "%.0f"),
