@@ -428,20 +428,26 @@ fn escape_controls(s: &str, out: &mut String) {
     escape_into(s, out, |b| b < 0x20 || b == 0x7f);
 }
 
+/// Copies `s` to `out` with the bytes `escape` selects as `%XX`. `escape`
+/// must take all bytes of a multi-byte character or none (both callers
+/// escape every non-ASCII byte, or no non-ASCII byte).
 fn escape_into(s: &str, out: &mut String, escape: impl Fn(u8) -> bool) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
     let mut run = 0;
     let bytes = s.as_bytes();
     for (i, &b) in bytes.iter().enumerate() {
         if escape(b) {
-            out.push_str(&s[run..i]);
+            // After an escaped lead byte `run` sits inside its character,
+            // and the run up to the next byte (escaped too) is empty:
+            // indexing there would panic on the character boundary.
+            out.push_str(s.get(run..i).unwrap_or_default());
             out.push('%');
             out.push(HEX[usize::from(b >> 4)] as char);
             out.push(HEX[usize::from(b & 0xf)] as char);
             run = i + 1;
         }
     }
-    out.push_str(&s[run..]);
+    out.push_str(s.get(run..).unwrap_or_default());
 }
 
 fn needs_nginx_escape(path: &str) -> bool {

@@ -159,6 +159,17 @@ fn the_decoded_uri_is_reencoded_like_nginx() {
 }
 
 #[test]
+fn non_ascii_paths_are_percent_encoded_byte_by_byte() {
+    // Each byte of a multi-byte character is escaped on its own, as nginx
+    // does; the decoded path of an invalid sequence holds U+FFFD.
+    let (req, _) = run(json!({"host": "a.com"}), "/api/%C3%A9", Some("/api/\u{e9}"));
+    assert_eq!(req.uri.to_string(), "/api/%C3%A9");
+    let (req, _) = run(json!({"uri": "/p$uri"}), "/x%ff?a=1", Some("/x\u{fffd}"));
+    assert_eq!(req.uri.to_string(), "/p/x%EF%BF%BD?a=1");
+    assert_eq!(target(json!({"uri": "/caf\u{e9}"}), "/old"), "/caf%C3%A9");
+}
+
+#[test]
 fn regex_uri_rewrites_with_captures() {
     let conf = json!({"regex_uri": ["^/api/(.*)/(v\\d)", "/$2/$1"]});
     assert_eq!(target(conf.clone(), "/api/users/v2?x=1"), "/v2/users?x=1");

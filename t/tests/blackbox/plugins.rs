@@ -270,3 +270,36 @@ async fn rewritten_host_keeps_forwarded_host() {
     assert_eq!(seen["x-forwarded-host"], "api.example.com");
     gw.stop().await;
 }
+
+/// A path with non-ASCII characters (percent-encoded by the client, or an
+/// invalid sequence) goes through proxy-rewrite re-encoded byte by byte,
+/// as nginx sends it, and the connection stays usable.
+#[tokio::test]
+async fn rewritten_non_ascii_paths_are_reencoded() {
+    let gw = Gateway::start().await;
+    let u1 = Upstream::start("u1").await;
+    gw.put(
+        "routes/1",
+        json!({"uri": "/api/*", "upstream": upstream(&[(&u1.node(), 1)]), "plugins": {
+            "proxy-rewrite": {"host": "backend.internal"}
+        }}),
+    )
+    .await;
+    gw.put(
+        "routes/2",
+        json!({"uri": "/v1/*", "upstream": upstream(&[(&u1.node(), 1)]), "plugins": {
+            "proxy-rewrite": {"uri": "/v2$uri"}
+        }}),
+    )
+    .await;
+    for (path, expect) in [
+        ("/api/caf%C3%A9", "/api/caf%C3%A9"),
+        ("/api/%ff", "/api/%EF%BF%BD"),
+        ("/v1/%E2%82%AC?x=1", "/v2/v1/%E2%82%AC?x=1"),
+    ] {
+        let r = get(&gw, path, &[]).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        assert_eq!(r.json()["path"], expect, "{path}");
+    }
+    gw.stop().await;
+}
