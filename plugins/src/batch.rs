@@ -187,8 +187,17 @@ impl<T: Clone + Send + 'static> Processor<T> {
         let (Some(first), Some(last)) = (p.first_at, p.last_at) else {
             return Err(None);
         };
-        let deadline = (last + self.conf.inactive_timeout).min(first + self.conf.buffer_duration);
-        if closing || p.entries.len() >= self.conf.batch_max_size || Instant::now() >= deadline {
+        // The schema bounds neither duration: one past what `Instant` holds
+        // is no deadline at all, not a panic.
+        let deadline = match (
+            last.checked_add(self.conf.inactive_timeout),
+            first.checked_add(self.conf.buffer_duration),
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let expired = deadline.is_some_and(|d| Instant::now() >= d);
+        if closing || p.entries.len() >= self.conf.batch_max_size || expired {
             let take = p.entries.len().min(self.conf.batch_max_size);
             let batch: Vec<T> = p.entries.drain(..take).collect();
             if p.entries.is_empty() {
@@ -199,7 +208,7 @@ impl<T: Clone + Send + 'static> Processor<T> {
             }
             Ok(batch)
         } else {
-            Err(Some(deadline))
+            Err(deadline)
         }
     }
 
@@ -389,6 +398,25 @@ mod tests {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(p.sent.load(Ordering::Relaxed), 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn timeouts_beyond_the_clock_wait_for_a_full_batch() {
+        let sink = Arc::new(Collect {
+            got: Mutex::default(),
+            fail: AtomicUsize::new(0),
+        });
+        let huge = u64::MAX;
+        let p = Processor::start(
+            conf(json!({"batch_max_size": 2, "inactive_timeout": huge, "buffer_duration": huge})),
+            sink.clone(),
+        );
+        p.push(json!(1));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(sink.got.lock().expect("lock").is_empty());
+        p.push(json!(2));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(p.sent.load(Ordering::Relaxed), 2);
     }
 
     #[test]

@@ -43,6 +43,9 @@ pub const DEFAULT_HEADER: &str = "X-Request-Id";
 /// APISIX's default `range_id.char_set`, typo included (no `J`, `G` twice):
 /// ids must look the same on both gateways.
 pub const DEFAULT_CHAR_SET: &str = "abcdefghijklmnopqrstuvwxyzABCDEFGHIGKLMNOPQRSTUVWXYZ0123456789";
+/// Longest `range_id.length` accepted: nginx's default limit for one
+/// request header line (`large_client_header_buffers`, 8 KiB).
+const MAX_RANGE_ID_LENGTH: u64 = 8192;
 const ALGORITHMS: &[&str] = &["uuid", "nanoid", "range_id", "ksuid", "uuidv7"];
 const NANOID_ALPHABET: &[u8; 64] =
     b"-_0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
@@ -141,8 +144,16 @@ fn build_schema() -> Schema {
                 .prop(
                     "length",
                     Schema::Custom(
-                        |v| Schema::integer().min(6.0).int().validate(v),
-                        || json!({"type": "integer", "minimum": 6, "default": 16}),
+                        // APISIX sets no maximum; a length no header could
+                        // carry would only exhaust memory on each request.
+                        |v| {
+                            Schema::integer()
+                                .min(6.0)
+                                .max(MAX_RANGE_ID_LENGTH as f64)
+                                .int()
+                                .validate(v)
+                        },
+                        || json!({"type": "integer", "minimum": 6, "maximum": MAX_RANGE_ID_LENGTH, "default": 16}),
                     ),
                 )
                 .prop(
@@ -402,6 +413,11 @@ mod tests {
             "property \"include_in_response\" validation failed: wrong type: expected boolean, got string"
         );
         assert!(reason(json!({"range_id": {"length": 5}})).contains("length"));
+        assert!(
+            reason(json!({"range_id": {"length": 1_000_000_000_000u64}})).contains("length"),
+            "a length no header could carry is refused"
+        );
+        assert!(compile(&json!({"range_id": {"length": 8192}})).is_ok());
         assert_eq!(
             schema().to_json()["properties"]["algorithm"]["default"],
             "uuid"
