@@ -672,14 +672,21 @@ fn opt_bool(doc: &Value, path: &str) -> Result<Option<bool>, ConfigError> {
     }
 }
 
-/// nginx time: `60s`, `500ms`, `2m`, `1h`, or a number of seconds.
+/// The longest time a configuration key takes; longer ones are read as
+/// this. Timers are set at now plus such a time, and a `tokio` or `std`
+/// `Instant` that far ahead panics on overflow; ten years is as good as
+/// never for every key here.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 86_400);
+
+/// nginx time: `60s`, `500ms`, `2m`, `1h`, or a number of seconds; at most
+/// [`MAX_DURATION`].
 fn opt_duration(doc: &Value, path: &str) -> Result<Option<Duration>, ConfigError> {
     let bad = || key_err(path, "expected a duration such as 60s, 500ms, 2m");
     match lookup(doc, path) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => n
             .as_f64()
-            .and_then(|f| Duration::try_from_secs_f64(f).ok())
+            .and_then(seconds_capped)
             .map(Some)
             .ok_or_else(bad),
         Some(Value::String(s)) => parse_duration(s).map(Some).ok_or_else(bad),
@@ -687,7 +694,7 @@ fn opt_duration(doc: &Value, path: &str) -> Result<Option<Duration>, ConfigError
     }
 }
 
-/// Parses nginx time syntax.
+/// Parses nginx time syntax; a time above [`MAX_DURATION`] is read as it.
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
     let split = s
@@ -703,6 +710,14 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         "d" => n * 86400.0,
         _ => return None,
     };
+    seconds_capped(secs)
+}
+
+/// `secs` seconds, at most [`MAX_DURATION`]; `None` when negative or NaN.
+pub fn seconds_capped(secs: f64) -> Option<Duration> {
+    if secs > MAX_DURATION.as_secs_f64() {
+        return Some(MAX_DURATION);
+    }
     Duration::try_from_secs_f64(secs).ok()
 }
 

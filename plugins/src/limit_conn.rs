@@ -282,6 +282,13 @@ pub fn compile(conf: &Value, cx: &CompileCx<'_>) -> Result<LimitConn, String> {
 }
 
 impl LimitConn {
+    /// Requests a key may have in flight: `conn + burst` (neither has a
+    /// maximum in the schema, so the sum saturates instead of wrapping to
+    /// a limit that refuses everything).
+    fn limit(&self) -> u64 {
+        self.conn.saturating_add(self.burst)
+    }
+
     /// Past `conn`, the `n`th request waits its turn.
     fn wait_for(&self, n: u64, unit_delay: f64) -> Flow {
         if n > self.conn {
@@ -322,7 +329,7 @@ impl LimitConn {
             .map(|d| d.as_secs())
             .unwrap_or(0);
         let args = [
-            (self.conn + self.burst).to_string(),
+            self.limit().to_string(),
             key_ttl.to_string(),
             now.to_string(),
             member,
@@ -369,7 +376,7 @@ impl Plugin for LimitConn {
             return self.access_redis(redis, prefix, *key_ttl, ctx, req);
         }
         let key = self.key.resolve(ctx, req).into_owned();
-        let Some(n) = self.conns.enter(&key, self.conn + self.burst) else {
+        let Some(n) = self.conns.enter(&key, self.limit()) else {
             return Flow::Respond(self.rejection.response());
         };
         let slot = Arc::new(Slot {
@@ -461,6 +468,15 @@ mod tests {
             ),
             "else clause did not match"
         );
+    }
+
+    #[tokio::test]
+    async fn limits_at_the_top_of_the_range_let_requests_through() {
+        let conf = json!({NAME: {"conn": u64::MAX, "burst": 1, "default_conn_delay": 0.1, "key": "remote_addr"}});
+        let set = testing::compile(&conf).unwrap();
+        let chain = testing::chain(Vec::new(), set, Default::default());
+        let answer = testing::send(chain, testing::request("10.0.0.1", "/", &[])).await;
+        assert_eq!(answer.status, 200, "{}", answer.body);
     }
 
     #[test]

@@ -233,7 +233,9 @@ impl LimitReq {
             .map(|d| d.as_millis())
             .unwrap_or(0);
         // Drained after burst / rate seconds; a second more for the clock.
-        let ttl = (self.burst / self.rate).ceil() as u64 + 1;
+        // Kept to what Redis's EXPIRE takes (a huge burst over a tiny rate
+        // would otherwise wrap to 0, which deletes the key at once).
+        let ttl = (self.burst / self.rate).ceil().min(f64::from(i32::MAX)) as u64 + 1;
         let args = [
             (self.rate * 1000.0).to_string(),
             (self.burst * 1000.0).to_string(),

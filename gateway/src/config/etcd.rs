@@ -62,7 +62,7 @@ fn seconds(doc: &Value, path: &str, default: u64) -> Result<Duration, ConfigErro
         Some(Value::Number(n)) => n
             .as_f64()
             .filter(|f| *f > 0.0)
-            .and_then(|f| Duration::try_from_secs_f64(f).ok())
+            .and_then(super::seconds_capped)
             .ok_or_else(|| key_err(path, "expected a positive number of seconds")),
         Some(_) => Err(key_err(path, "expected a number of seconds")),
     }

@@ -161,8 +161,25 @@ fn nginx_durations() {
     assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
     assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
     assert_eq!(parse_duration("soon"), None);
-    assert_eq!(parse_duration("99999999999999999999999s"), None);
     assert_eq!(parse_duration("-5s"), None);
+    // Times no timer can be set to are read as the longest one.
+    assert_eq!(
+        parse_duration("99999999999999999999999s"),
+        Some(MAX_DURATION)
+    );
+    assert_eq!(parse_duration("10000000000000000000s"), Some(MAX_DURATION));
+    assert_eq!(parse_duration("200000d"), Some(MAX_DURATION));
+    assert_eq!(
+        parse_duration("3650d"),
+        Some(Duration::from_secs(3650 * 86_400))
+    );
+    let c = parse(
+        "nginx_config:\n  http:\n    client_header_timeout: 1e19\n    keepalive_timeout: 10000000000000000000s\n    client_body_timeout: 1e300\n",
+    )
+    .unwrap();
+    assert_eq!(c.client_header_timeout, MAX_DURATION);
+    assert_eq!(c.keepalive_timeout, MAX_DURATION);
+    assert_eq!(c.client_body_timeout, MAX_DURATION);
 }
 
 #[test]
