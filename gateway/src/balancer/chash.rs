@@ -10,6 +10,11 @@ use super::eligible;
 pub const POINTS_PER_WEIGHT: u64 = 160;
 /// Bound on the points of one node, whatever its weight.
 pub const MAX_POINTS_PER_NODE: u64 = 160 * 100;
+/// Bound on the points of a ring (32 MiB of them). Past it every node's
+/// share is scaled down alike (at least one point each), so an upstream
+/// of tens of thousands of heavy nodes costs memory in proportion to this,
+/// not to nodes times weight.
+pub const MAX_POINTS: u64 = 4 << 20;
 
 /// FNV-1a, 32 bit: stable across processes and releases, which a
 /// consistent hash needs (clients must keep landing on the same node).
@@ -38,10 +43,16 @@ pub struct Ring {
 
 impl Ring {
     pub fn new(ids: &[String], weights: &[u64]) -> Self {
-        let mut points = Vec::new();
+        let wanted = |w: u64| w.saturating_mul(POINTS_PER_WEIGHT).min(MAX_POINTS_PER_NODE);
+        let total: u64 = weights.iter().map(|w| wanted(*w)).sum();
+        let points_of = |w: u64| match wanted(w) {
+            n if total <= MAX_POINTS || n == 0 => n,
+            // n * MAX_POINTS fits: n is at most 16,000.
+            n => (n * MAX_POINTS / total).max(1),
+        };
+        let mut points = Vec::with_capacity(total.min(MAX_POINTS + ids.len() as u64) as usize);
         for (i, (id, w)) in ids.iter().zip(weights).enumerate() {
-            let n = w.saturating_mul(POINTS_PER_WEIGHT).min(MAX_POINTS_PER_NODE);
-            for p in 0..n {
+            for p in 0..points_of(*w) {
                 points.push((hash32(format!("{id}#{p}").as_bytes()), i as u32));
             }
         }
@@ -103,6 +114,22 @@ mod tests {
                 assert_eq!(after.pick(&key, &[]), Some(a), "key {key} moved");
             }
         }
+    }
+
+    #[test]
+    fn a_huge_ring_is_scaled_down_alike() {
+        // 2,000 nodes at the largest per-node share would be 32M points.
+        let n = 2_000;
+        let mut weights = vec![100u64; n];
+        weights[0] = 1;
+        weights[1] = 0;
+        let ring = Ring::new(&ids(n), &weights);
+        assert!(ring.points.len() as u64 <= MAX_POINTS + n as u64);
+        let of = |node: u32| ring.points.iter().filter(|(_, i)| *i == node).count();
+        assert_eq!(of(0), 20, "weights keep their proportions");
+        assert_eq!(of(1), 0, "a node of weight 0 has none");
+        assert!((2000..2200).contains(&of(2)), "{}", of(2));
+        assert_eq!(ring.live(), n - 1);
     }
 
     #[test]

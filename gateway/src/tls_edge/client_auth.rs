@@ -231,10 +231,10 @@ pub fn subject_and_serial(cert: &CertificateDer<'_>) -> Option<(String, String)>
 /// RFC 2253 escaping of an attribute value.
 fn escape_dn(value: &str) -> String {
     let mut out = String::with_capacity(value.len());
-    for (i, c) in value.chars().enumerate() {
+    for (at, c) in value.char_indices() {
         let special = matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';')
-            || (i == 0 && (c == '#' || c == ' '))
-            || (i + 1 == value.chars().count() && c == ' ');
+            || (at == 0 && (c == '#' || c == ' '))
+            || (c == ' ' && at + 1 == value.len());
         if special {
             out.push('\\');
         }
@@ -264,6 +264,8 @@ mod tests {
         assert_eq!(escape_dn("a,b"), "a\\,b");
         assert_eq!(escape_dn(" x "), "\\ x\\ ");
         assert_eq!(escape_dn("plain"), "plain");
+        assert_eq!(escape_dn("#\u{e9} \u{e9} "), "\\#\u{e9} \u{e9}\\ ");
+        assert_eq!(escape_dn(" "), "\\ ");
     }
 
     #[test]
