@@ -103,6 +103,11 @@ impl Activity {
         self.begun.load(Ordering::Relaxed)
     }
 
+    /// Requests (HTTP/2: streams) whose response has not ended yet.
+    pub fn open(&self) -> u32 {
+        self.open.load(Ordering::Relaxed)
+    }
+
     /// Whether no request is being answered and every byte written has
     /// gone out: the connection waits for its next request head.
     pub fn is_between_requests(&self) -> bool {

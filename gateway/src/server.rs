@@ -629,20 +629,77 @@ fn serve_connection(
                 .await
             }
             Protocol::H2c => {
-                let service = service_of(plane, client);
-                Box::pin(
-                    drain.serve(
-                        protocols
-                            .http2
-                            .serve_connection(TokioIo::new(Prefixed::new(first, stream)), service),
-                    ),
-                )
+                let activity = client.activity.clone();
+                let service = service_of(plane.clone(), client);
+                Box::pin(serve_http2(
+                    protocols
+                        .http2
+                        .serve_connection(TokioIo::new(Prefixed::new(first, stream)), service),
+                    &activity,
+                    &plane,
+                    drain,
+                ))
                 .await
             }
         };
         if let Err(e) = ended {
             tracing::debug!(%peer, error = %e, "client connection ended with an error");
         }
+    }
+}
+
+/// How long an HTTP/2 connection closed for being idle has to send its
+/// GOAWAY: a client that reads nothing is not waited for.
+const H2_IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Serves an HTTP/2 connection until it ends, a stop is signalled (then
+/// until its open streams have ended), or it is idle (see [`h2_idle`]).
+async fn serve_http2<C>(
+    conn: C,
+    activity: &Activity,
+    plane: &DataPlane,
+    mut drain: crate::drain::Watch,
+) -> Result<(), hyper::Error>
+where
+    C: crate::drain::Graceful<Output = Result<(), hyper::Error>>,
+{
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        biased;
+        out = conn.as_mut() => return out,
+        () = drain.signalled() => {
+            conn.as_mut().graceful_shutdown();
+            return conn.await;
+        }
+        () = h2_idle(activity, plane.header_timeout, plane.keepalive_timeout) => {
+            conn.as_mut().graceful_shutdown();
+        }
+    }
+    tokio::time::timeout(H2_IDLE_CLOSE_GRACE, conn)
+        .await
+        .unwrap_or(Ok(()))
+}
+
+/// Resolves once an HTTP/2 connection has begun no stream within
+/// `client_header_timeout` of its start, or has had none open for
+/// `keepalive_timeout` since: nginx times the preface and the idle
+/// connection of HTTP/2 with these two. A stream that stays open (a long
+/// poll, a server-sent event stream) keeps the connection. Looked at once
+/// per period, so an idle connection goes after one to two periods; a timer
+/// per stream would cost every request.
+async fn h2_idle(activity: &Activity, header_timeout: Duration, keepalive: Duration) {
+    // A zero keepalive_timeout (keep-alive off) closes at the first quiet look.
+    const FLOOR: Duration = Duration::from_millis(100);
+    let mut seen = 0;
+    let mut period = header_timeout.max(FLOOR);
+    loop {
+        tokio::time::sleep(period).await;
+        let begun = activity.begun();
+        if begun == seen && activity.open() == 0 {
+            return;
+        }
+        seen = begun;
+        period = keepalive.max(FLOOR);
     }
 }
 
@@ -920,13 +977,13 @@ fn serve_tls_connection(
         // after an error (hyper may have answered a bad head with more of
         // the request unread): dropping it closes the socket.
         let ended = if h2 {
-            let service = service_of(plane, client);
+            let service = service_of(plane.clone(), client);
             let mut conn = Box::pin(
                 protocols
                     .http2
                     .serve_connection(TokioIo::new(stream), service),
             );
-            let ended = drain.serve(conn.as_mut()).await;
+            let ended = serve_http2(conn.as_mut(), &linger_after, &plane, drain).await;
             if ended.is_err() {
                 linger_after.set_linger();
             }

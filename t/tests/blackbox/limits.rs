@@ -908,3 +908,124 @@ async fn early_answer_reaches_a_client_still_sending() {
     }
     gw.stop().await;
 }
+
+/// HTTP/2 connections are timed as nginx times them: one that sends only
+/// part of the preface is closed after `client_header_timeout`, and one
+/// with no stream open after `keepalive_timeout`, while a connection with a
+/// stream in progress stays.
+#[tokio::test]
+async fn idle_http2_connections_are_closed() {
+    use http_body_util::{BodyExt, Empty};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (gw, _u1) = gateway_with(
+        "nginx_config:\n  http:\n    client_header_timeout: 1s\n    keepalive_timeout: 1s\n",
+    )
+    .await;
+
+    // The preface's first bytes pick HTTP/2; the rest never comes.
+    let mut s = tokio::net::TcpStream::connect(gw.data).await.unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    let opened = Instant::now();
+    let mut buf = [0u8; 256];
+    let closed = tokio::time::timeout(Duration::from_secs(6), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "half a preface kept the connection 6 s");
+    assert!(
+        opened.elapsed() >= Duration::from_millis(800),
+        "closed after {:?}",
+        opened.elapsed()
+    );
+
+    // One request, then nothing: closed within two keepalive periods and
+    // the grace for its GOAWAY.
+    let stream = tokio::net::TcpStream::connect(gw.data).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = http::Request::get(format!("http://{}/h2", gw.data))
+        .body(Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.into_body().collect().await.unwrap();
+    let idle = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(6), conn).await;
+    assert!(ended.is_ok(), "idle HTTP/2 connection still open after 6 s");
+    let waited = idle.elapsed();
+    assert!(
+        waited >= Duration::from_millis(800) && waited < Duration::from_millis(4500),
+        "closed after {waited:?}"
+    );
+    gw.stop().await;
+}
+
+type Frames = std::pin::Pin<
+    Box<
+        dyn futures_util::Stream<
+                Item = Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>,
+            > + Send,
+    >,
+>;
+
+/// A stream still open keeps its HTTP/2 connection past `keepalive_timeout`.
+#[tokio::test]
+async fn http2_connection_with_an_open_stream_stays() {
+    use http_body_util::BodyExt;
+    let (gw, _u1) = gateway_with("nginx_config:\n  http:\n    keepalive_timeout: 1s\n").await;
+    let stream = tokio::net::TcpStream::connect(gw.data).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    // A request body that takes 3 s to arrive: the stream is open all along.
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
+    let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+        let data = rx.recv().await?;
+        Some((
+            Ok::<_, std::convert::Infallible>(http_body::Frame::data(data)),
+            rx,
+        ))
+    });
+    let req = http::Request::post(format!("http://{}/slow-upload", gw.data))
+        .body(http_body_util::StreamBody::new(Box::pin(frames) as Frames))
+        .unwrap();
+    let mut second = sender.clone();
+    let answer = tokio::spawn(async move { sender.send_request(req).await });
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        tx.send(bytes::Bytes::from_static(b"part")).await.unwrap();
+    }
+    drop(tx);
+    let resp = answer.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        String::from_utf8_lossy(&body).contains(r#""body_len":12"#),
+        "{body:?}"
+    );
+    // No GOAWAY came while the stream was open: a new stream is served.
+    let again = http::Request::get(format!("http://{}/again", gw.data))
+        .body(http_body_util::StreamBody::new(
+            Box::pin(futures_util::stream::empty()) as Frames,
+        ))
+        .unwrap();
+    let resp = second.send_request(again).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    drop(second);
+    let _ = conn.await;
+    gw.stop().await;
+}
