@@ -694,9 +694,12 @@ impl ProxyTarget {
                 UpstreamBody::H2(_) => None,
             };
             return match (upgrade, upstream_side) {
-                (Some(client_side), Some(upstream_side)) => {
-                    websocket::splice(client_side, upstream_side, &parts.headers)
-                }
+                (Some(client_side), Some(upstream_side)) => websocket::splice(
+                    client_side,
+                    upstream_side,
+                    &parts.headers,
+                    self.timeouts.read,
+                ),
                 // An upgrade nobody asked for cannot be honoured.
                 _ => error_page(StatusCode::BAD_GATEWAY, Some(statuses)),
             };

@@ -162,3 +162,49 @@ async fn a_half_close_crosses_the_tunnel_while_the_other_way_goes_on() {
     assert_eq!(rest, b"still here");
     gw.stop().await;
 }
+
+/// A WebSocket on which nothing goes either way for the upstream's `read`
+/// timeout is closed, as nginx's `proxy_read_timeout` closes it; one in use
+/// stays open past it.
+#[tokio::test]
+async fn quiet_websockets_are_closed_after_the_read_timeout() {
+    let gw = Gateway::start().await;
+    let up = echo_upgrade_upstream().await;
+    let mut up_conf = upstream(&[(&up.to_string(), 1)]);
+    up_conf["timeout"] = json!({"connect": 1, "send": 1, "read": 1});
+    gw.put(
+        "routes/ws",
+        json!({"uri": "/ws", "enable_websocket": true, "upstream": up_conf}),
+    )
+    .await;
+
+    let mut busy = TcpStream::connect(gw.data).await.unwrap();
+    busy.write_all(UPGRADE).await.unwrap();
+    assert!(read_head(&mut busy).await.starts_with("HTTP/1.1 101"));
+    let mut quiet = TcpStream::connect(gw.data).await.unwrap();
+    quiet.write_all(UPGRADE).await.unwrap();
+    assert!(read_head(&mut quiet).await.starts_with("HTTP/1.1 101"));
+    let opened = std::time::Instant::now();
+
+    // The busy one sends a frame every half second for 3 s.
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        busy.write_all(b"ping").await.unwrap();
+        let mut got = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(2), busy.read_exact(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&got, b"ping");
+    }
+
+    // By now the quiet one has been closed (after one to two seconds).
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(1), quiet.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "quiet websocket still open after {:?}",
+        opened.elapsed()
+    );
+    gw.stop().await;
+}
