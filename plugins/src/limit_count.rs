@@ -624,6 +624,23 @@ pub struct Counters {
 struct Shard {
     map: HashMap<Box<str>, Window, foldhash::fast::RandomState>,
     sweep_at: usize,
+    /// What the map's entries take, by [`entry_bytes`].
+    bytes: usize,
+}
+
+/// What the counters of one plugin instance may hold, keys included:
+/// APISIX's `lua_shared_dict plugin-limit-count` is 10 MiB. Keys come from
+/// requests (`remote_addr`, a header, a combination), so a client rotating
+/// them must not grow the map without end: past this, live windows are
+/// evicted (any of them, as the shared dictionary evicts its least recently
+/// used), which starts their keys' counts over.
+const MAX_BYTES: usize = 10 << 20;
+const MAX_SHARD_BYTES: usize = MAX_BYTES / SHARDS;
+
+/// An entry's share of [`MAX_BYTES`]: its key, its window and the map's
+/// bookkeeping.
+fn entry_bytes(key: &str) -> usize {
+    key.len() + 64
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -700,13 +717,32 @@ impl Counters {
                 reset,
             };
         }
+        let need = entry_bytes(key);
         if shard.map.len() >= shard.sweep_at.max(MIN_SWEEP) {
-            shard.map.retain(|_, w| w.ends > now);
+            let mut bytes = 0;
+            shard.map.retain(|k, w| {
+                let live = w.ends > now;
+                if live {
+                    bytes += entry_bytes(k);
+                }
+                live
+            });
+            shard.bytes = bytes;
             shard.sweep_at = (shard.map.len() * 2).max(MIN_SWEEP);
+        }
+        // Full of live windows: make room (not a sweep per request, which
+        // would cost a pass over the map each time).
+        while shard.bytes + need > MAX_SHARD_BYTES {
+            let Some(victim) = shard.map.keys().next().cloned() else {
+                break;
+            };
+            shard.map.remove(&victim);
+            shard.bytes = shard.bytes.saturating_sub(entry_bytes(&victim));
         }
         let mut w = Window { used: 0, ends: now };
         let outcome = fresh(&mut w);
         shard.map.insert(key.into(), w);
+        shard.bytes += need;
         outcome
     }
 

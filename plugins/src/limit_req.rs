@@ -98,15 +98,35 @@ struct Bucket {
 /// The buckets of one configuration.
 #[derive(Default)]
 pub struct Buckets {
-    map: Mutex<HashMap<String, Bucket>>,
+    map: Mutex<Held>,
     sweep_at: std::sync::atomic::AtomicUsize,
+}
+
+#[derive(Default)]
+struct Held {
+    map: HashMap<String, Bucket>,
+    /// What the entries take, by [`entry_bytes`].
+    bytes: usize,
+}
+
+/// What the buckets of one plugin instance may hold, keys included:
+/// APISIX's `lua_shared_dict plugin-limit-req` is 10 MiB. Keys come from
+/// requests, so past this a bucket still draining is evicted (any of them,
+/// as the shared dictionary evicts its least recently used).
+const MAX_BYTES: usize = 10 << 20;
+
+/// An entry's share of [`MAX_BYTES`]: its key, its bucket and the map's
+/// bookkeeping.
+fn entry_bytes(key: &str) -> usize {
+    key.len() + 64
 }
 
 impl Buckets {
     /// The delay for one request of `key` at `now`, or `None` when it is
     /// over the burst.
     fn incoming(&self, key: &str, rate: f64, burst: f64, now: Instant) -> Option<f64> {
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let mut held = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let Held { map, bytes } = &mut *held;
         let excess = match map.get(key) {
             Some(b) => {
                 let elapsed = now.saturating_duration_since(b.last).as_secs_f64();
@@ -131,13 +151,30 @@ impl Buckets {
                 if map.len() >= threshold {
                     // A bucket that has drained holds nothing a new one
                     // would not.
-                    map.retain(|_, b| {
-                        b.excess - rate * now.saturating_duration_since(b.last).as_secs_f64() > 0.0
+                    let mut kept = 0;
+                    map.retain(|k, b| {
+                        let draining = b.excess
+                            - rate * now.saturating_duration_since(b.last).as_secs_f64()
+                            > 0.0;
+                        if draining {
+                            kept += entry_bytes(k);
+                        }
+                        draining
                     });
+                    *bytes = kept;
                     self.sweep_at
                         .store(map.len() * 2, std::sync::atomic::Ordering::Relaxed);
                 }
+                let need = entry_bytes(key);
+                while *bytes + need > MAX_BYTES {
+                    let Some(victim) = map.keys().next().cloned() else {
+                        break;
+                    };
+                    map.remove(&victim);
+                    *bytes = bytes.saturating_sub(entry_bytes(&victim));
+                }
                 map.insert(key.to_string(), Bucket { excess, last: now });
+                *bytes += need;
             }
         }
         Some(excess / rate)
@@ -349,6 +386,26 @@ mod tests {
             SchemaType::Route
         )
         .is_ok());
+    }
+
+    #[test]
+    fn keys_a_client_rotates_are_bounded_in_bytes() {
+        // Two requests per 8 KiB key keep each bucket draining for 1000 s.
+        let b = Buckets::default();
+        let t0 = Instant::now();
+        let pad = "x".repeat(8 << 10);
+        for i in 0..3_000 {
+            let key = format!("{i}{pad}");
+            b.incoming(&key, 0.001, 5.0, t0);
+            b.incoming(&key, 0.001, 5.0, t0);
+        }
+        let held = b.map.lock().unwrap();
+        assert!(held.bytes <= MAX_BYTES, "{} bytes", held.bytes);
+        assert!(held.map.len() > 1_000, "only {} kept", held.map.len());
+        assert_eq!(
+            held.bytes,
+            held.map.keys().map(|k| entry_bytes(k)).sum::<usize>()
+        );
     }
 
     #[test]

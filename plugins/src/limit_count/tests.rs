@@ -508,6 +508,26 @@ fn expired_windows_are_swept() {
 }
 
 #[test]
+fn keys_a_client_rotates_are_bounded_in_bytes() {
+    // 8 KiB keys (a header's worth), all in a long window: at most about
+    // 10 MiB of them are kept, however many come.
+    let counters = Counters::default();
+    let t0 = Instant::now();
+    let pad = "x".repeat(8 << 10);
+    for i in 0..5_000 {
+        counters.incoming(&format!("{i}{pad}"), 5, 3600, 1, t0);
+    }
+    let held = counters.len();
+    assert!(held * (8 << 10) <= MAX_BYTES, "{held} keys of 8 KiB held");
+    assert!(held > 1_000, "only {held} keys held");
+    // Short keys still count as they should.
+    for _ in 0..3 {
+        counters.incoming("rose", 5, 3600, 1, t0);
+    }
+    assert_eq!(counters.incoming("rose", 5, 3600, 1, t0).remaining, 1);
+}
+
+#[test]
 fn registered() {
     let spec = crate::find(NAME).expect("registered");
     assert_eq!(spec.priority(), PRIORITY);
