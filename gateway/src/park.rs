@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -61,6 +61,11 @@ pub struct Activity {
     /// No request has begun yet (nginx's `reading` state; see
     /// [`crate::metrics`]).
     pub(crate) reading: AtomicBool,
+    /// HTTP/2: response bodies that handed hyper a chunk it has not sent
+    /// yet (it waits for the client's flow-control window), and how many
+    /// such chunks have gone out since the connection began.
+    awaiting_window: AtomicU32,
+    chunks_sent: AtomicU64,
 }
 
 impl Activity {
@@ -114,6 +119,16 @@ impl Activity {
         self.open.load(Ordering::Relaxed) == 0 && !self.write_open.load(Ordering::Relaxed)
     }
 
+    /// HTTP/2 streams whose next chunk waits for the client's window.
+    pub fn awaiting_window(&self) -> u32 {
+        self.awaiting_window.load(Ordering::Relaxed)
+    }
+
+    /// HTTP/2 chunks sent after waiting their turn (see [`Tracked`]).
+    pub fn chunks_sent(&self) -> u64 {
+        self.chunks_sent.load(Ordering::Relaxed)
+    }
+
     /// Whether the connection is between requests with nothing in flight.
     pub fn is_quiet(&self) -> bool {
         self.open.load(Ordering::Relaxed) == 0
@@ -141,19 +156,53 @@ impl Drop for Exchange {
 pin_project_lite::pin_project! {
     /// A response body that ends its [`Exchange`] when hyper drops it,
     /// which hyper does as soon as the last frame has been taken.
+    ///
+    /// On HTTP/2 it also says when a chunk it handed over waits for the
+    /// client's flow-control window: hyper takes the next chunk only once
+    /// the last one is sent, so from a chunk handed over until the next
+    /// poll the stream waits on the client ([`Activity::awaiting_window`]).
+    /// A client that opens no window never makes a socket write block, so
+    /// `send_timeout` is kept by watching these (see `serve_http2`).
     pub struct Tracked<B> {
         #[pin]
         inner: B,
         exchange: Option<Exchange>,
+        h2: bool,
+        handed: Option<Handed>,
     }
 }
 
 impl<B> Tracked<B> {
-    pub fn new(inner: B, exchange: Exchange) -> Self {
+    pub fn new(inner: B, exchange: Exchange, h2: bool) -> Self {
         Tracked {
             inner,
             exchange: Some(exchange),
+            h2,
+            handed: None,
         }
+    }
+}
+
+/// An HTTP/2 chunk handed to hyper and not sent yet: counted in
+/// [`Activity::awaiting_window`] while it lives.
+#[derive(Debug)]
+pub struct Handed(Arc<Activity>);
+
+impl Handed {
+    fn new(activity: &Arc<Activity>) -> Self {
+        activity.awaiting_window.fetch_add(1, Ordering::Relaxed);
+        Handed(activity.clone())
+    }
+
+    /// The chunk went out: hyper asks for the next one.
+    fn sent(self) {
+        self.0.chunks_sent.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Handed {
+    fn drop(&mut self) {
+        self.0.awaiting_window.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -165,12 +214,20 @@ impl<B: Body> Body for Tracked<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        let mut polled = self.project().inner.poll_frame(cx);
+        let this = self.project();
+        if let Some(handed) = this.handed.take() {
+            handed.sent();
+        }
+        let mut polled = this.inner.poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &mut polled {
             if let Some(trailers) = frame.trailers_mut() {
                 // As the head's values (see `handle`): trailers go through
                 // HPACK too (gRPC's on every answer).
                 crate::headers::own_values(trailers);
+            } else if *this.h2 && frame.data_ref().is_some_and(|d| d.has_remaining()) {
+                if let Some(exchange) = this.exchange.as_ref() {
+                    *this.handed = Some(Handed::new(&exchange.activity));
+                }
             }
         }
         polled

@@ -200,7 +200,7 @@ fn handle(
         }
         resp.headers_mut()
             .insert(http::header::SERVER, plane.server_header.clone());
-        Ok(resp.map(|body| Tracked::new(body, exchange)))
+        Ok(resp.map(|body| Tracked::new(body, exchange, h2)))
     }
 }
 
@@ -674,6 +674,12 @@ where
         () = h2_idle(activity, plane.header_timeout, plane.keepalive_timeout) => {
             conn.as_mut().graceful_shutdown();
         }
+        () = h2_stalled(activity, plane.send_timeout) => {
+            // nginx's send_timeout: the connection goes, streams and all
+            // (their upstream connections with them).
+            tracing::debug!("HTTP/2 client opened no window for send_timeout: closed");
+            return Ok(());
+        }
     }
     tokio::time::timeout(H2_IDLE_CLOSE_GRACE, conn)
         .await
@@ -700,6 +706,28 @@ async fn h2_idle(activity: &Activity, header_timeout: Duration, keepalive: Durat
         }
         seen = begun;
         period = keepalive.max(FLOOR);
+    }
+}
+
+/// Resolves once an HTTP/2 connection has had a response chunk waiting for
+/// the client's flow-control window for a whole `send_timeout` with no
+/// chunk of any stream sent meanwhile: a client that stops reading by not
+/// opening windows, which never blocks a socket write (what `send_timeout`
+/// times on HTTP/1). Looked at once per period, as [`h2_idle`]; a client
+/// that keeps reading one stream keeps the connection.
+async fn h2_stalled(activity: &Activity, send_timeout: Duration) {
+    let period = send_timeout.max(Duration::from_millis(100));
+    let mut sent = activity.chunks_sent();
+    let mut waiting = false;
+    loop {
+        tokio::time::sleep(period).await;
+        let now_sent = activity.chunks_sent();
+        let now_waiting = activity.awaiting_window() > 0;
+        if waiting && now_waiting && now_sent == sent {
+            return;
+        }
+        sent = now_sent;
+        waiting = now_waiting;
     }
 }
 

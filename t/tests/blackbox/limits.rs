@@ -1029,3 +1029,78 @@ async fn http2_connection_with_an_open_stream_stays() {
     let _ = conn.await;
     gw.stop().await;
 }
+
+/// `send_timeout` on HTTP/2: a client that opens no flow-control window
+/// for an answer's body never makes a write block, and is closed after one
+/// to two `send_timeout`s all the same; a client reading slowly is not.
+#[tokio::test]
+async fn http2_client_that_opens_no_window_is_closed() {
+    let (gw, _u1) = gateway_with("nginx_config:\n  http:\n    send_timeout: 1s\n").await;
+    let tcp = tokio::net::TcpStream::connect(gw.data).await.unwrap();
+    let (client, conn) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let (resp, _) = client
+        .send_request(
+            http::Request::get(format!("http://{}/stuck", gw.data))
+                .body(())
+                .unwrap(),
+            true,
+        )
+        .unwrap();
+    // The head needs no window; the body waits for one that never opens.
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let stalled = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(6), conn).await;
+    assert!(
+        ended.is_ok(),
+        "a client with no window kept its connection 6 s"
+    );
+    let waited = stalled.elapsed();
+    assert!(
+        waited >= Duration::from_millis(800) && waited < Duration::from_millis(3500),
+        "closed after {waited:?}"
+    );
+    drop(resp);
+
+    // Reading a body 16 bytes at a time, one window every 400 ms, keeps
+    // the connection past the same 2 s.
+    let tcp = tokio::net::TcpStream::connect(gw.data).await.unwrap();
+    let (client, conn) = h2::client::Builder::new()
+        .initial_window_size(16)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let (resp, _) = client
+        .send_request(
+            http::Request::get(format!("http://{}/slow-reader", gw.data))
+                .body(())
+                .unwrap(),
+            true,
+        )
+        .unwrap();
+    let mut body = resp.await.unwrap().into_body();
+    let started = Instant::now();
+    let mut got = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let chunk = tokio::time::timeout(Duration::from_secs(2), body.data())
+            .await
+            .expect("16 more bytes within 2 s")
+            .expect("the body goes on")
+            .unwrap();
+        got += chunk.len();
+        body.flow_control().release_capacity(chunk.len()).unwrap();
+    }
+    assert!(got >= 16 * 6, "{got} bytes read");
+    assert!(!conn.is_finished(), "a slow reader was closed");
+    drop(client);
+    gw.stop().await;
+}
