@@ -27,6 +27,47 @@ use crate::phases::SendWatch;
 /// and `read` timeouts.
 pub type ProxyBody = Either<Full<Bytes>, SendWatch<ClientBody>>;
 
+/// Why [`read_whole`] gave up.
+#[derive(Debug)]
+pub enum ReadWholeError {
+    /// More than the limit.
+    TooLarge,
+    /// The body failed (see the stream's [`BodyState`] for why).
+    Broken,
+}
+
+/// Reads `body` whole into one buffer of at most `max` bytes (413's case
+/// beyond). Each frame is copied and let go at once: a frame's bytes share
+/// the buffer they were read into, which holds more than the payload (an
+/// HTTP/2 DATA frame may carry 255 bytes of padding per byte of data, and
+/// its flow control gives the padding back), so keeping the frames as
+/// they came would hold what the client sent, not what the limit counts.
+pub async fn read_whole<B>(body: B, max: usize) -> Result<Bytes, ReadWholeError>
+where
+    B: Body<Data = Bytes>,
+{
+    use bytes::Buf;
+    use http_body_util::BodyExt;
+    let hint = usize::try_from(body.size_hint().lower()).unwrap_or(max);
+    let mut out = bytes::BytesMut::with_capacity(hint.min(max).min(64 << 10));
+    let mut body = std::pin::pin!(body);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| ReadWholeError::Broken)?;
+        if let Ok(mut data) = frame.into_data() {
+            if out.len() + data.remaining() > max {
+                return Err(ReadWholeError::TooLarge);
+            }
+            while data.has_remaining() {
+                let chunk = data.chunk();
+                out.extend_from_slice(chunk);
+                let n = chunk.len();
+                data.advance(n);
+            }
+        }
+    }
+    Ok(out.freeze())
+}
+
 /// How a streamed client body ended badly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyFault {
@@ -264,6 +305,29 @@ mod tests {
             Some((Ok(Frame::data(Bytes::from_static(b"x"))), gaps))
         });
         StreamBody::new(Box::pin(frames))
+    }
+
+    #[tokio::test]
+    async fn read_whole_keeps_the_data_not_the_frames_buffers() {
+        // 300 one-byte frames, each a slice of a 256-byte "read buffer".
+        let wire = Bytes::from(vec![7u8; 300 * 256]);
+        let frames: Vec<Result<Frame<Bytes>, Infallible>> = (0..300)
+            .map(|i| Ok(Frame::data(wire.slice(i * 256..i * 256 + 1))))
+            .collect();
+        let body = StreamBody::new(futures_util::stream::iter(frames));
+        let data = read_whole(body, 1000).await.unwrap();
+        assert_eq!(data.len(), 300);
+        assert!(data.iter().all(|b| *b == 7));
+        assert!(wire.is_unique(), "the data still holds the frames' buffer");
+
+        let frames: Vec<Result<Frame<Bytes>, Infallible>> = (0..3)
+            .map(|_| Ok(Frame::data(Bytes::from_static(b"abcd"))))
+            .collect();
+        let body = StreamBody::new(futures_util::stream::iter(frames));
+        assert!(matches!(
+            read_whole(body, 11).await,
+            Err(ReadWholeError::TooLarge)
+        ));
     }
 
     #[tokio::test(start_paused = true)]

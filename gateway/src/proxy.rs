@@ -395,13 +395,18 @@ impl RequestBody {
         Ok(match (body.buffered(), body.size_hint().exact()) {
             (Some(bytes), _) => RequestBody::Buffered(bytes),
             (None, Some(0)) => RequestBody::Buffered(Bytes::new()),
-            (None, Some(n)) if retryable && n <= RETRY_BODY_LIMIT => match body.collect().await {
-                Ok(collected) => RequestBody::Buffered(collected.to_bytes()),
-                Err(_) => {
-                    return Err(client_fault(state)
-                        .unwrap_or_else(|| error_page(StatusCode::BAD_REQUEST, None)))
+            // Copied as it comes (see `read_whole`): the frames themselves
+            // may hold far more than their data.
+            (None, Some(n)) if retryable && n <= RETRY_BODY_LIMIT => {
+                match crate::body::read_whole(body, usize::try_from(n).unwrap_or(usize::MAX)).await
+                {
+                    Ok(bytes) => RequestBody::Buffered(bytes),
+                    Err(_) => {
+                        return Err(client_fault(state)
+                            .unwrap_or_else(|| error_page(StatusCode::BAD_REQUEST, None)))
+                    }
                 }
-            },
+            }
             _ => RequestBody::Streaming(Some(body)),
         })
     }

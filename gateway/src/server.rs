@@ -17,7 +17,6 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, Request, Response};
 use http_body::Body as _;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
@@ -272,15 +271,12 @@ impl ReadWhole {
             max,
             state,
         } = self;
-        match Limited::new(body, max).collect().await {
-            Ok(collected) => Ok(Request::from_parts(
-                parts,
-                ClientBody::full(collected.to_bytes()),
-            )),
-            Err(e) if e.is::<LengthLimitError>() => {
+        match crate::body::read_whole(body, max).await {
+            Ok(bytes) => Ok(Request::from_parts(parts, ClientBody::full(bytes))),
+            Err(crate::body::ReadWholeError::TooLarge) => {
                 Err(refuse(http::StatusCode::PAYLOAD_TOO_LARGE))
             }
-            Err(_) => Err(refuse(match state.fault() {
+            Err(crate::body::ReadWholeError::Broken) => Err(refuse(match state.fault() {
                 Some(BodyFault::TimedOut) => http::StatusCode::REQUEST_TIMEOUT,
                 _ => http::StatusCode::BAD_REQUEST,
             })),
