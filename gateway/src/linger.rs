@@ -11,15 +11,19 @@
 //!
 //! Bounds, nginx's defaults: each wait for more bytes ends after
 //! [`LINGERING_TIMEOUT`], the whole linger after [`LINGERING_TIME`]. The
-//! lingering socket no longer counts against `worker_connections`.
+//! lingering socket no longer counts against `worker_connections`; at most
+//! [`MAX_LINGERING`] linger at once (past that a socket is closed at once,
+//! as if it had nothing unread), and what they read goes into one buffer per
+//! thread, so a lingering socket holds its task and nothing more.
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::park::Activity;
@@ -28,6 +32,11 @@ use crate::park::Activity;
 pub const LINGERING_TIMEOUT: Duration = Duration::from_secs(5);
 /// nginx `lingering_time`: the longest linger in all.
 pub const LINGERING_TIME: Duration = Duration::from_secs(30);
+/// Sockets lingering at once in the process, at most: a client that makes
+/// the gateway answer early over and over cannot pile them up.
+pub const MAX_LINGERING: usize = 4096;
+
+static LINGERING: AtomicUsize = AtomicUsize::new(0);
 
 /// A client socket that lingers when dropped if its connection asked for
 /// it ([`Activity::linger`]).
@@ -94,8 +103,20 @@ impl Drop for Lingering {
         if !self.activity.lingers() {
             return;
         }
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(linger(stream));
+        if LINGERING.fetch_add(1, Ordering::Relaxed) >= MAX_LINGERING {
+            LINGERING.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    linger(stream).await;
+                    LINGERING.fetch_sub(1, Ordering::Relaxed);
+                });
+            }
+            Err(_) => {
+                LINGERING.fetch_sub(1, Ordering::Relaxed);
+            }
         }
     }
 }
@@ -105,16 +126,33 @@ impl Drop for Lingering {
 async fn linger(mut stream: TcpStream) {
     let _ = stream.shutdown().await;
     let until = tokio::time::Instant::now() + LINGERING_TIME;
-    let mut sink = vec![0u8; 16 * 1024];
     loop {
         let wait = until
             .saturating_duration_since(tokio::time::Instant::now())
             .min(LINGERING_TIMEOUT);
-        match tokio::time::timeout(wait, stream.read(&mut sink)).await {
-            Ok(Ok(n)) if n > 0 => continue,
+        match tokio::time::timeout(wait, stream.readable()).await {
+            Ok(Ok(())) => match discard(&stream) {
+                Ok(0) => return,
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(_) => return,
+            },
             _ => return,
         }
     }
+}
+
+/// Reads what `stream` has into the thread's discard buffer.
+fn discard(stream: &TcpStream) -> io::Result<usize> {
+    thread_local! {
+        static SINK: std::cell::RefCell<Box<[u8]>> =
+            std::cell::RefCell::new(vec![0u8; 16 * 1024].into_boxed_slice());
+    }
+    SINK.with(|sink| match sink.try_borrow_mut() {
+        Ok(mut sink) => stream.try_read(&mut sink),
+        // Not reentrant, but a borrow must not panic.
+        Err(_) => stream.try_read(&mut [0u8; 512]),
+    })
 }
 
 impl AsyncRead for Lingering {
