@@ -936,7 +936,12 @@ pub async fn serve_tls(
         CONNECTIONS.accepted();
         let Ok(permit) = plane.connections.clone().try_acquire_owned() else {
             // Over the cap: closed before any handshake work.
-            tracing::warn!("connection limit reached; HTTPS connection shed");
+            if let Some(held) = SHED_LOG.allow() {
+                tracing::warn!(
+                    more_since_last_line = held,
+                    "connection limit reached; HTTPS connection shed"
+                );
+            }
             continue;
         };
         let local = local_of(&stream, &listener);
@@ -981,7 +986,9 @@ fn serve_tls_connection(
         let (tls, info) = match handshake {
             Some(Ok(done)) => done,
             Some(Err(e)) => {
-                tracing::info!(%peer, error = %e, "TLS handshake failed");
+                if let Some(held) = HANDSHAKE_LOG.allow() {
+                    tracing::info!(%peer, error = %e, more_since_last_line = held, "TLS handshake failed");
+                }
                 return;
             }
             None => return,
@@ -1037,8 +1044,20 @@ fn serve_tls_connection(
 fn shed(stream: TcpStream) {
     const BUSY: &[u8] = b"HTTP/1.1 503 Service Temporarily Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
     let _ = stream.try_write(BUSY);
-    tracing::warn!("connection limit reached; connection shed");
+    if let Some(held) = SHED_LOG.allow() {
+        tracing::warn!(
+            more_since_last_line = held,
+            "connection limit reached; connection shed"
+        );
+    }
 }
+
+/// Shed connections are logged at most once a second.
+static SHED_LOG: crate::error_log::Throttle = crate::error_log::Throttle::new();
+
+/// Failed TLS handshakes (a client's doing) are logged at most once a
+/// second.
+static HANDSHAKE_LOG: crate::error_log::Throttle = crate::error_log::Throttle::new();
 
 /// Serves the Admin API until `shutdown` flips to true; connections then
 /// finish their request in hand (see [`Drain`]).
