@@ -107,6 +107,9 @@ async fn store_checked(
     previous: Option<&Stamp>,
     conditional: bool,
 ) -> Result<Reply, AdminError> {
+    if nested_deeper_than(&conf, MAX_DEPTH) {
+        return Err(too_deep());
+    }
     integral_numbers(&mut conf);
     if !validate_id_text(kind, id) {
         return Err(AdminError::bad_request(
@@ -131,6 +134,37 @@ async fn store_checked(
         StatusCode::OK
     };
     Ok((status, single(store, &outcome.entry)))
+}
+
+/// How deeply a stored object may nest. A request body is parsed to at
+/// most 127 levels (serde_json's limit), and the store wraps each object in
+/// a record one level deeper, whose reading back shares the limit: an object
+/// of 127 levels would be stored and never read again (its key unreadable,
+/// the gateway unable to start on it). A PATCH sub-path adds levels the body
+/// did not have.
+const MAX_DEPTH: usize = 100;
+
+fn too_deep() -> AdminError {
+    AdminError::bad_request(format!(
+        "invalid configuration: nested deeper than {MAX_DEPTH} levels"
+    ))
+}
+
+/// Whether `v` nests deeper than `max` levels (a scalar is one level).
+/// Walked with a stack of its own, not by recursion.
+fn nested_deeper_than(v: &Value, max: usize) -> bool {
+    let mut todo = vec![(v, 1usize)];
+    while let Some((v, depth)) = todo.pop() {
+        if depth > max {
+            return true;
+        }
+        match v {
+            Value::Array(items) => todo.extend(items.iter().map(|i| (i, depth + 1))),
+            Value::Object(map) => todo.extend(map.values().map(|i| (i, depth + 1))),
+            _ => {}
+        }
+    }
+    false
 }
 
 /// Turns whole-number floats (`1.0`) into integers, as Lua does not tell
@@ -453,6 +487,11 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
 fn set_at_path(target: &mut Value, path: &str, value: Value) -> Result<(), AdminError> {
     let mut cur = target;
     let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    // Checked before nesting anything: a value tens of thousands of levels
+    // deep could not even be dropped without exhausting the stack.
+    if parts.len() >= MAX_DEPTH {
+        return Err(too_deep());
+    }
     let Some((last, init)) = parts.split_last() else {
         *cur = value;
         return Ok(());

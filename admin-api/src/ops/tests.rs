@@ -146,6 +146,46 @@ fn invalid_input_changes_nothing() {
 }
 
 #[test]
+fn objects_nested_too_deeply_are_refused() {
+    let s = MemoryStore::new();
+    put(&s, Kind::Routes, Some("1"), Some(route("/a"))).unwrap();
+    let rev = s.revision().unwrap();
+    let nested = |levels: usize| {
+        let mut v = json!(["arg_a", "==", "b"]);
+        for _ in 0..levels {
+            v = json!(["AND", v]);
+        }
+        v
+    };
+    // As deep as a body may be parsed: stored, it could not be read back.
+    let mut deep = route("/b");
+    deep["vars"] = nested(120);
+    let (status, msg) = err(put(&s, Kind::Routes, Some("1"), Some(deep)));
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(msg.contains("nested deeper than 100 levels"), "{msg}");
+    // A sub-path of 40,000 levels is refused before anything is built.
+    let long = "a/".repeat(40_000);
+    let (status, _) = err(patch(
+        &s,
+        Kind::Routes,
+        Some("1"),
+        Some(&long),
+        Some(json!(1)),
+    ));
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    // A sub-path and a body each within bounds, too deep together.
+    let (status, _) = err(patch(
+        &s,
+        Kind::Routes,
+        Some("1"),
+        Some(&"a/".repeat(60)),
+        Some(nested(60)),
+    ));
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(s.revision().unwrap(), rev);
+}
+
+#[test]
 fn patch_merges_removes_and_sets_sub_paths() {
     let s = MemoryStore::new();
     let mut r = route("/a");
