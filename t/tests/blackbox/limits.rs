@@ -253,18 +253,34 @@ async fn truncated_upstream_body_aborts_the_client_connection() {
     gw.stop().await;
 }
 
-#[tokio::test]
-async fn h2c_prior_knowledge() {
-    use http_body_util::{BodyExt, Empty};
-    let (gw, _u1) = gateway_with("").await;
+/// A new HTTP/2 (h2c, prior knowledge) connection to the gateway: its
+/// request sender and the task driving it.
+async fn h2c<B>(
+    gw: &Gateway,
+) -> (
+    hyper::client::conn::http2::SendRequest<B>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+)
+where
+    B: http_body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let stream = tokio::net::TcpStream::connect(gw.data).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+    let (sender, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
         hyper_util::rt::TokioIo::new(stream),
     )
     .await
     .unwrap();
-    tokio::spawn(conn);
+    (sender, tokio::spawn(conn))
+}
+
+#[tokio::test]
+async fn h2c_prior_knowledge() {
+    use http_body_util::{BodyExt, Empty};
+    let (gw, _u1) = gateway_with("").await;
+    let (mut sender, _conn) = h2c(&gw).await;
     let req = http::Request::get(format!("http://{}/h2", gw.data))
         .body(Empty::<bytes::Bytes>::new())
         .unwrap();
@@ -945,14 +961,7 @@ async fn idle_http2_connections_are_closed() {
 
     // One request, then nothing: closed within two keepalive periods and
     // the grace for its GOAWAY.
-    let stream = tokio::net::TcpStream::connect(gw.data).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    let conn = tokio::spawn(conn);
+    let (mut sender, conn) = h2c(&gw).await;
     let req = http::Request::get(format!("http://{}/h2", gw.data))
         .body(Empty::<bytes::Bytes>::new())
         .unwrap();
@@ -983,14 +992,7 @@ type Frames = std::pin::Pin<
 async fn http2_connection_with_an_open_stream_stays() {
     use http_body_util::BodyExt;
     let (gw, _u1) = gateway_with("nginx_config:\n  http:\n    keepalive_timeout: 1s\n").await;
-    let stream = tokio::net::TcpStream::connect(gw.data).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    let conn = tokio::spawn(conn);
+    let (mut sender, conn) = h2c(&gw).await;
     // A request body that takes 3 s to arrive: the stream is open all along.
     let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
     let frames = futures_util::stream::unfold(rx, |mut rx| async move {
@@ -1030,30 +1032,39 @@ async fn http2_connection_with_an_open_stream_stays() {
     gw.stop().await;
 }
 
+/// A GET over a new HTTP/2 connection whose streams get `window` bytes of
+/// flow-control window: the answer's head, and the connection's task.
+async fn h2_get_with_window(
+    gw: &Gateway,
+    path: &str,
+    window: u32,
+) -> (
+    http::Response<h2::RecvStream>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let tcp = tokio::net::TcpStream::connect(gw.data).await.unwrap();
+    let (client, conn) = h2::client::Builder::new()
+        .initial_window_size(window)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::get(format!("http://{}{path}", gw.data))
+        .body(())
+        .unwrap();
+    let (resp, _) = client.send_request(req, true).unwrap();
+    (resp.await.unwrap(), conn)
+}
+
 /// `send_timeout` on HTTP/2: a client that opens no flow-control window
 /// for an answer's body never makes a write block, and is closed after one
 /// to two `send_timeout`s all the same; a client reading slowly is not.
 #[tokio::test]
 async fn http2_client_that_opens_no_window_is_closed() {
     let (gw, _u1) = gateway_with("nginx_config:\n  http:\n    send_timeout: 1s\n").await;
-    let tcp = tokio::net::TcpStream::connect(gw.data).await.unwrap();
-    let (client, conn) = h2::client::Builder::new()
-        .initial_window_size(0)
-        .handshake::<_, bytes::Bytes>(tcp)
-        .await
-        .unwrap();
-    let conn = tokio::spawn(conn);
-    let mut client = client.ready().await.unwrap();
-    let (resp, _) = client
-        .send_request(
-            http::Request::get(format!("http://{}/stuck", gw.data))
-                .body(())
-                .unwrap(),
-            true,
-        )
-        .unwrap();
+    let (resp, conn) = h2_get_with_window(&gw, "/stuck", 0).await;
     // The head needs no window; the body waits for one that never opens.
-    let resp = resp.await.unwrap();
     assert_eq!(resp.status(), 200);
     let stalled = Instant::now();
     let ended = tokio::time::timeout(Duration::from_secs(6), conn).await;
@@ -1070,23 +1081,8 @@ async fn http2_client_that_opens_no_window_is_closed() {
 
     // Reading a body 16 bytes at a time, one window every 400 ms, keeps
     // the connection past the same 2 s.
-    let tcp = tokio::net::TcpStream::connect(gw.data).await.unwrap();
-    let (client, conn) = h2::client::Builder::new()
-        .initial_window_size(16)
-        .handshake::<_, bytes::Bytes>(tcp)
-        .await
-        .unwrap();
-    let conn = tokio::spawn(conn);
-    let mut client = client.ready().await.unwrap();
-    let (resp, _) = client
-        .send_request(
-            http::Request::get(format!("http://{}/slow-reader", gw.data))
-                .body(())
-                .unwrap(),
-            true,
-        )
-        .unwrap();
-    let mut body = resp.await.unwrap().into_body();
+    let (resp, conn) = h2_get_with_window(&gw, "/slow-reader", 16).await;
+    let mut body = resp.into_body();
     let started = Instant::now();
     let mut got = 0;
     while started.elapsed() < Duration::from_secs(3) {
@@ -1101,6 +1097,5 @@ async fn http2_client_that_opens_no_window_is_closed() {
     }
     assert!(got >= 16 * 6, "{got} bytes read");
     assert!(!conn.is_finished(), "a slow reader was closed");
-    drop(client);
     gw.stop().await;
 }
