@@ -248,7 +248,7 @@ impl GatewayConfig {
         let mut doc: Value = if text.trim().is_empty() {
             Value::Null
         } else {
-            serde_norway::from_str(text).map_err(|e| ConfigError::Yaml {
+            crate::yaml::parse(text).map_err(|e| ConfigError::Yaml {
                 path: path.to_path_buf(),
                 message: e.to_string(),
             })?

@@ -117,7 +117,7 @@ pub fn settings(path: &Path) -> (Option<PathBuf>, Option<String>) {
     let Ok(text) = std::fs::read_to_string(path) else {
         return (None, None);
     };
-    let Ok(doc) = serde_norway::from_str::<serde_json::Value>(&text) else {
+    let Ok(doc) = crate::yaml::parse(&text) else {
         return (None, None);
     };
     let nginx = doc.get("nginx_config");

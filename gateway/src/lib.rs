@@ -48,6 +48,7 @@ pub mod vars;
 pub mod websocket;
 pub mod workers;
 pub mod xdp;
+pub mod yaml;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -56,7 +56,7 @@ pub fn read_objects(path: &Path) -> Result<BTreeMap<String, Value>, StandaloneEr
     if !text.lines().any(|l| l.trim() == "#END") {
         return Err(StandaloneError::Incomplete(path.to_path_buf()));
     }
-    let doc: Value = serde_norway::from_str(&text)
+    let doc: Value = crate::yaml::parse(&text)
         .map_err(|e| StandaloneError::Yaml(path.to_path_buf(), e.to_string()))?;
     let mut objects = BTreeMap::new();
     // Referenced kinds first, so that reference checks can see them.
