@@ -60,6 +60,7 @@ use serde_json::{json, Value};
 
 use crate::ctx::Ctx;
 use crate::expr::Vars;
+use crate::limit_key::{entry_bytes, make_room, LOCAL_STATE_BYTES};
 use crate::plugin::{CompileCx, Flow, Phases, Plugin, PluginSpec, SchemaType};
 use crate::redis_policy::{self, Redis, RedisConf};
 use crate::registry::cached;
@@ -628,20 +629,8 @@ struct Shard {
     bytes: usize,
 }
 
-/// What the counters of one plugin instance may hold, keys included:
-/// APISIX's `lua_shared_dict plugin-limit-count` is 10 MiB. Keys come from
-/// requests (`remote_addr`, a header, a combination), so a client rotating
-/// them must not grow the map without end: past this, live windows are
-/// evicted (any of them, as the shared dictionary evicts its least recently
-/// used), which starts their keys' counts over.
-const MAX_BYTES: usize = 10 << 20;
-const MAX_SHARD_BYTES: usize = MAX_BYTES / SHARDS;
-
-/// An entry's share of [`MAX_BYTES`]: its key, its window and the map's
-/// bookkeeping.
-fn entry_bytes(key: &str) -> usize {
-    key.len() + 64
-}
+/// What each shard may hold of [`LOCAL_STATE_BYTES`].
+const MAX_SHARD_BYTES: usize = LOCAL_STATE_BYTES / SHARDS;
 
 #[derive(Debug, Clone, Copy)]
 struct Window {
@@ -732,13 +721,8 @@ impl Counters {
         }
         // Full of live windows: make room (not a sweep per request, which
         // would cost a pass over the map each time).
-        while shard.bytes + need > MAX_SHARD_BYTES {
-            let Some(victim) = shard.map.keys().next().cloned() else {
-                break;
-            };
-            shard.map.remove(&victim);
-            shard.bytes = shard.bytes.saturating_sub(entry_bytes(&victim));
-        }
+        let Shard { map, bytes, .. } = &mut *shard;
+        make_room(map, bytes, need, MAX_SHARD_BYTES);
         let mut w = Window { used: 0, ends: now };
         let outcome = fresh(&mut w);
         shard.map.insert(key.into(), w);

@@ -4,7 +4,9 @@
 //! does not have, or a combination that resolves none, falls back to the
 //! client address, as in APISIX.
 
-use std::borrow::Cow;
+use std::borrow::{Borrow, Cow};
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash};
 
 use http::request;
 use serde_json::Value;
@@ -120,6 +122,38 @@ pub fn conf_version(conf: &Value) -> u32 {
 /// the object's key under `/apisix`, such as `/apisix/routes/1`).
 pub fn remote_key_prefix(owner: &str, conf: &Value) -> String {
     format!("/apisix/{owner}:{}:", conf_version(conf))
+}
+
+/// What the local state of one limit plugin instance (limit-count's
+/// windows, limit-req's buckets) may hold, keys included: APISIX's
+/// `lua_shared_dict plugin-limit-count` and `plugin-limit-req` are 10 MiB
+/// each. Keys come from requests (`remote_addr`, a header, a combination),
+/// so a client rotating them must not grow the map without end: past this,
+/// live entries are evicted (any of them, as the shared dictionary evicts
+/// its least recently used), which starts their keys' counts over.
+pub const LOCAL_STATE_BYTES: usize = 10 << 20;
+
+/// An entry's share of [`LOCAL_STATE_BYTES`]: its key, its state and the
+/// map's bookkeeping.
+pub fn entry_bytes(key: &str) -> usize {
+    key.len() + 64
+}
+
+/// Evicts entries of `map`, which holds `bytes` by [`entry_bytes`], until
+/// `need` more fit under `max`. Never a pass over the whole map: it takes
+/// the first entries the map finds.
+pub fn make_room<K, V, S>(map: &mut HashMap<K, V, S>, bytes: &mut usize, need: usize, max: usize)
+where
+    K: Borrow<str> + Hash + Eq + Clone,
+    S: BuildHasher,
+{
+    while *bytes + need > max {
+        let Some(victim) = map.keys().next().cloned() else {
+            break;
+        };
+        map.remove(victim.borrow());
+        *bytes = bytes.saturating_sub(entry_bytes(victim.borrow()));
+    }
 }
 
 #[cfg(test)]

@@ -35,7 +35,7 @@ use http::request;
 use serde_json::{json, Value};
 
 use crate::ctx::Ctx;
-use crate::limit_key::{remote_key_prefix, LimitKey};
+use crate::limit_key::{entry_bytes, make_room, remote_key_prefix, LimitKey, LOCAL_STATE_BYTES};
 use crate::plugin::{CompileCx, Flow, Phases, Plugin, PluginSpec, SchemaType};
 use crate::redis_policy::{self, Redis, RedisConf};
 use crate::registry::cached;
@@ -109,18 +109,6 @@ struct Held {
     bytes: usize,
 }
 
-/// What the buckets of one plugin instance may hold, keys included:
-/// APISIX's `lua_shared_dict plugin-limit-req` is 10 MiB. Keys come from
-/// requests, so past this a bucket still draining is evicted (any of them,
-/// as the shared dictionary evicts its least recently used).
-const MAX_BYTES: usize = 10 << 20;
-
-/// An entry's share of [`MAX_BYTES`]: its key, its bucket and the map's
-/// bookkeeping.
-fn entry_bytes(key: &str) -> usize {
-    key.len() + 64
-}
-
 impl Buckets {
     /// The delay for one request of `key` at `now`, or `None` when it is
     /// over the burst.
@@ -166,13 +154,7 @@ impl Buckets {
                         .store(map.len() * 2, std::sync::atomic::Ordering::Relaxed);
                 }
                 let need = entry_bytes(key);
-                while *bytes + need > MAX_BYTES {
-                    let Some(victim) = map.keys().next().cloned() else {
-                        break;
-                    };
-                    map.remove(&victim);
-                    *bytes = bytes.saturating_sub(entry_bytes(&victim));
-                }
+                make_room(map, bytes, need, LOCAL_STATE_BYTES);
                 map.insert(key.to_string(), Bucket { excess, last: now });
                 *bytes += need;
             }
@@ -400,7 +382,7 @@ mod tests {
             b.incoming(&key, 0.001, 5.0, t0);
         }
         let held = b.map.lock().unwrap();
-        assert!(held.bytes <= MAX_BYTES, "{} bytes", held.bytes);
+        assert!(held.bytes <= LOCAL_STATE_BYTES, "{} bytes", held.bytes);
         assert!(held.map.len() > 1_000, "only {} kept", held.map.len());
         assert_eq!(
             held.bytes,
